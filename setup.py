@@ -1,0 +1,24 @@
+"""Installs the megatron_unipool library (launch/, tools/ and benchmarks/ are run as scripts)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_unipool",
+    version="0.1.0",
+    description="Pretraining backend for Mixture-of-Experts LLMs with one expert pool shared by all layers",
+    packages=find_packages(include=["megatron_unipool", "megatron_unipool.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "tokenizers>=0.15",
+        "tiktoken",
+        "tensorboard",
+        "matplotlib",
+        "nvidia-ml-py",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "deepspeed": ["deepspeed>=0.15"],
+    },
+)
