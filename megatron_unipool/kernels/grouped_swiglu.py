@@ -1,0 +1,28 @@
+"""SwiGLU experts applied to tokens already sorted by expert (dropless grouped GEMM).
+
+Shapes: S sorted token slots, D hidden, F expert width, M experts.
+x_SD holds expert 0's tokens first, then expert 1's, ...; counts_M says how many each has.
+Each expert's tokens are one contiguous slice, so the work is M dense GEMMs, never a per-token loop.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_swiglu(
+    x_SD: torch.Tensor, counts_M: torch.Tensor, w_gate_MFD: torch.Tensor, w_up_MFD: torch.Tensor, w_down_MDF: torch.Tensor
+) -> torch.Tensor:
+    """out[s] = W_down[e] (silu(W_gate[e] x[s]) * W_up[e] x[s]) for the expert e owning slot s."""
+    outputs = []
+    start = 0
+    for expert, count in enumerate(counts_M.tolist()):
+        if count == 0:
+            continue
+        x = x_SD[start : start + count]
+        hidden = F.silu(x @ w_gate_MFD[expert].t()) * (x @ w_up_MFD[expert].t())
+        outputs.append(hidden @ w_down_MDF[expert].t())
+        start += count
+    if not outputs:
+        return x_SD.new_zeros(0, w_down_MDF.shape[1])
+    return torch.cat(outputs)

@@ -1,0 +1,36 @@
+"""Causal grouped-query self-attention with RoPE.
+
+Shapes: B batch, S sequence, D hidden, H query heads, G key/value heads, K head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..kernels import causal_attention
+from .rope import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, output_std: float):
+        super().__init__()
+        self.config = config
+        d, k = config.hidden_size, config.head_dim
+        self.wq = nn.Linear(d, config.num_heads * k, bias=False)
+        self.wk = nn.Linear(d, config.num_kv_heads * k, bias=False)
+        self.wv = nn.Linear(d, config.num_kv_heads * k, bias=False)
+        self.wo = nn.Linear(config.num_heads * k, d, bias=False)
+        for w in (self.wq, self.wk, self.wv):
+            nn.init.normal_(w.weight, 0.0, config.init_std)
+        nn.init.normal_(self.wo.weight, 0.0, output_std)
+        object.__setattr__(self, "rope", rope)  # one table shared by all layers, owned by the model
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x_BSD.shape
+        cfg = self.config
+        q = self.wq(x_BSD).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        out = causal_attention(self.rope(q), self.rope(k), v, cfg.attention)
+        return self.wo(out.transpose(1, 2).reshape(b, s, cfg.num_heads * cfg.head_dim))

@@ -1,0 +1,107 @@
+"""The decoder-only language model: dense LLaMA, vanilla MoE or UniPool, by config.
+
+The model owns the expert pools (one per group of MoE layers: one per layer for vanilla, one
+for all of them for UniPool) and their routing statistics; each MoE layer holds only its
+router and a reference to its pool.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig, MoEConfig
+from ..moe import ExpertPool, MoELayer, PoolStats, SwiGLU
+from ..moe.balance import Reduce
+from .attention import Attention
+from .rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding, ffn: nn.Module, output_std: float):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attention = Attention(config, rope, output_std)
+        self.ffn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = x + self.attention(self.attention_norm(x))
+        if isinstance(self.ffn, MoELayer):
+            out, losses = self.ffn(self.ffn_norm(x))
+            return x + out, losses
+        return x + self.ffn(self.ffn_norm(x)), {}
+
+
+@dataclass
+class RoutingStepStats:
+    """One optimizer step's routing, summed over ranks: tokens per (MoE layer, expert) of each pool."""
+
+    counts_per_pool: list[torch.Tensor] = field(default_factory=list)  # [layers in pool, experts]
+    dropped: int = 0
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, model: ModelConfig, moe: MoEConfig):
+        super().__init__()
+        self.config, self.moe_config = model, moe
+        output_std = model.init_std / math.sqrt(2 * model.num_layers)
+        self.embedding = nn.Embedding(model.vocab_size, model.hidden_size)
+        nn.init.normal_(self.embedding.weight, 0.0, model.init_std)
+        self.rope = RotaryEmbedding(model.head_dim, model.seq_len, model.rope_base)
+        self.expert_pools = nn.ModuleList()
+        self.pool_stats = nn.ModuleList()
+        ffns: dict[int, nn.Module] = {}
+        for layers in moe.pool_layout(model.num_layers):
+            experts = moe.experts_per_pool(model.num_layers)
+            pool = ExpertPool(experts, model.hidden_size, moe.expert_width(model.ffn_hidden_size), model.init_std, output_std)
+            stats = PoolStats(len(layers), experts, moe.pool_aux_lag)
+            self.expert_pools.append(pool)
+            self.pool_stats.append(stats)
+            for slot, layer in enumerate(layers):
+                ffns[layer] = MoELayer(moe, model.hidden_size, pool, stats, slot, len(layers), model.init_std, output_std)
+        self.layers = nn.ModuleList(
+            Block(model, self.rope, ffns.get(i) or SwiGLU(model.hidden_size, model.ffn_hidden_size, model.init_std, output_std), output_std)
+            for i in range(model.num_layers)
+        )
+        self.final_norm = nn.RMSNorm(model.hidden_size, eps=model.norm_eps)
+        self.output = nn.Linear(model.hidden_size, model.vocab_size, bias=False)
+        if model.tie_embeddings:
+            self.output.weight = self.embedding.weight
+        else:
+            nn.init.normal_(self.output.weight, 0.0, model.init_std)
+
+    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits [B, S, V] and the MoE losses summed over layers (aux_loss, z_loss, as configured)."""
+        x = self.embedding(tokens_BS)
+        losses: dict[str, torch.Tensor] = {}
+        for block in self.layers:
+            x, layer_losses = block(x)
+            for name, value in layer_losses.items():
+                losses[name] = losses[name] + value if name in losses else value
+        return self.output(self.final_norm(x)), losses
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [block.ffn for block in self.layers if isinstance(block.ffn, MoELayer)]
+
+    def end_micro_batch(self, reduce: Optional[Reduce] = None) -> None:
+        for stats in self.pool_stats:
+            stats.end_micro_batch(reduce)
+
+    def end_optimizer_step(self, reduce: Optional[Reduce] = None) -> RoutingStepStats:
+        """Close the step's routing statistics: f_bar for the next step, aux-free bias updates."""
+        result = RoutingStepStats()
+        for stats in self.pool_stats:
+            counts, dropped = stats.end_step(reduce)
+            result.counts_per_pool.append(counts)
+            result.dropped += dropped
+        if self.moe_config.bias_balancing:
+            for layer in self.moe_layers():
+                layer.router.update_bias(result.counts_per_pool[self._pool_index(layer)][layer.layer_slot])
+        return result
+
+    def _pool_index(self, layer: MoELayer) -> int:
+        return next(i for i, pool in enumerate(self.expert_pools) if pool is layer.pool)

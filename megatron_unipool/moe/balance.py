@@ -1,0 +1,60 @@
+"""Routing statistics of one pool: the lagged pool-level load f_bar and per-step token counts.
+
+Shapes: L layers sharing the pool, M experts.
+The pool aux loss needs f_bar over a whole optimizer step (all micro-batches, all ranks and
+stages); it is therefore computed when the step ends and used during the next one, so each
+layer only reads one global vector. With no completed step yet there is no f_bar and the pool
+loss is zero (the documented choice for step 1).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .losses import pool_load_fraction
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PoolStats(nn.Module):
+    def __init__(self, num_layers: int, num_experts: int, lag: str):
+        super().__init__()
+        self.lag = lag
+        self.register_buffer("load_fraction", torch.zeros(num_experts))  # f_bar, checkpointed
+        self.register_buffer("has_load_fraction", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("step_counts", torch.zeros(num_layers, num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("micro_batch_counts", torch.zeros(num_layers, num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("step_dropped", torch.zeros((), dtype=torch.long), persistent=False)
+
+    @torch.no_grad()
+    def record(self, layer_slot: int, routed_per_expert: torch.Tensor, dropped: int) -> None:
+        self.micro_batch_counts[layer_slot] = routed_per_expert
+        self.step_counts[layer_slot] += routed_per_expert
+        self.step_dropped += dropped
+
+    def f_bar(self) -> Optional[torch.Tensor]:
+        return self.load_fraction if bool(self.has_load_fraction) else None
+
+    @torch.no_grad()
+    def end_micro_batch(self, reduce: Optional[Reduce] = None) -> None:
+        if self.lag == "micro_batch":
+            self._set_f_bar(self.micro_batch_counts, reduce)
+
+    @torch.no_grad()
+    def end_step(self, reduce: Optional[Reduce] = None) -> tuple[torch.Tensor, int]:
+        """Close the optimizer step: returns (this step's counts [L, M], dropped slots), summed over ranks."""
+        counts = reduce(self.step_counts.clone()) if reduce else self.step_counts.clone()
+        dropped = reduce(self.step_dropped.clone()) if reduce else self.step_dropped.clone()
+        if self.lag == "step":
+            self._set_f_bar(counts, None)
+        self.step_counts.zero_()
+        self.step_dropped.zero_()
+        return counts, int(dropped)
+
+    def _set_f_bar(self, counts: torch.Tensor, reduce: Optional[Reduce]) -> None:
+        counts = reduce(counts.clone()) if reduce else counts
+        if counts.sum() > 0:
+            self.load_fraction.copy_(pool_load_fraction(counts))
+            self.has_load_fraction.fill_(True)

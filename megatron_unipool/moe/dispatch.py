@@ -1,0 +1,46 @@
+"""Token permutation: sort routing slots by expert, drop over capacity, scatter results back.
+
+Shapes: T tokens, k slots per token, M experts, S kept slots (S = T*k when dropless), D hidden.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DispatchPlan:
+    token_S: torch.Tensor  # source token of each kept slot, grouped by expert
+    slot_S: torch.Tensor  # its position in the flattened [T*k] routing, to find its gate
+    kept_per_expert_M: torch.Tensor  # slots each expert computes
+    routed_per_expert_M: torch.Tensor  # slots routed to each expert before any drop
+    dropped: int
+
+
+def plan_dispatch(indices_TK: torch.Tensor, num_experts: int, capacity: int | None) -> DispatchPlan:
+    """Group slots by expert (stable, so within an expert earlier tokens come first and win capacity)."""
+    k = indices_TK.shape[1]
+    experts = indices_TK.reshape(-1)
+    slot = torch.argsort(experts, stable=True)
+    routed = torch.bincount(experts, minlength=num_experts)
+    if capacity is None:
+        return DispatchPlan(slot // k, slot, routed, routed, 0)
+    sorted_experts = experts[slot]
+    first_slot_of_expert = torch.cumsum(routed, 0) - routed
+    rank_in_expert = torch.arange(slot.numel(), device=slot.device) - first_slot_of_expert[sorted_experts]
+    keep = rank_in_expert < capacity
+    slot = slot[keep]
+    kept = routed.clamp(max=capacity)
+    return DispatchPlan(slot // k, slot, kept, routed, int(experts.numel() - slot.numel()))
+
+
+def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    return x_TD[plan.token_S]
+
+
+def unpermute(y_SD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    """sum over a token's kept slots of gate * expert output; dropped slots contribute nothing."""
+    weighted = y_SD * gates_TK.reshape(-1)[plan.slot_S].unsqueeze(-1).to(y_SD.dtype)
+    out = y_SD.new_zeros(num_tokens, y_SD.shape[-1])
+    return out.index_add(0, plan.token_S, weighted)

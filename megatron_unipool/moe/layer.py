@@ -1,0 +1,66 @@
+"""The MoE feed-forward block: route -> dispatch -> experts -> combine (+ shared expert).
+
+Shapes: T tokens, D hidden, M experts in the pool, k experts per token.
+The expert pool is NOT a submodule of the layer: the model owns it once and several layers
+call it, so it appears once in parameters() and the state dict and autograd sums every
+layer's contribution into the same gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import MoEConfig
+from .balance import PoolStats
+from .dispatch import permute, plan_dispatch, unpermute
+from .experts import ExpertPool, SwiGLU
+from .losses import load_balancing_loss, z_loss
+from .router import Router, capacity
+
+
+class MoELayer(nn.Module):
+    def __init__(self, config: MoEConfig, hidden_size: int, pool: ExpertPool, stats: PoolStats, layer_slot: int,
+                 layers_in_pool: int, init_std: float, output_std: float):
+        super().__init__()
+        self.config = config
+        self.router = Router(hidden_size, pool.num_experts, config, init_std)
+        object.__setattr__(self, "pool", pool)  # shared, owned by the model
+        object.__setattr__(self, "stats", stats)
+        self.layer_slot = layer_slot
+        self.layers_in_pool = layers_in_pool
+        self.shared_expert = (
+            SwiGLU(hidden_size, config.shared_expert_ffn_hidden_size, init_std, output_std)
+            if config.shared_expert_ffn_hidden_size
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.config
+        x_TD = x.reshape(-1, x.shape[-1])
+        num_tokens, num_experts = x_TD.shape[0], self.pool.num_experts
+        routing = self.router(x_TD)
+        plan = plan_dispatch(routing.indices_TK, num_experts, capacity(num_tokens, cfg.top_k, num_experts, cfg.capacity_factor))
+        y_SD = self.pool(permute(x_TD, plan), plan.kept_per_expert_M)
+        out_TD = unpermute(y_SD, routing.gates_TK, plan, num_tokens)
+        if self.shared_expert is not None:
+            out_TD = out_TD + self.shared_expert(x_TD)
+        if self.training:
+            self.stats.record(self.layer_slot, plan.routed_per_expert_M, plan.dropped)
+        return out_TD.view_as(x), self._losses(routing, plan.routed_per_expert_M, num_tokens)
+
+    def _losses(self, routing, routed_M: torch.Tensor, num_tokens: int) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        losses = {}
+        if cfg.aux_loss == "layer":
+            load = routed_M.float() / (num_tokens * cfg.top_k)
+            losses["aux_loss"] = load_balancing_loss(routing.scores_TM, load, cfg.aux_loss_coeff)
+        elif cfg.aux_loss == "pool":
+            f_bar = self.stats.f_bar()
+            losses["aux_loss"] = (
+                load_balancing_loss(routing.scores_TM, f_bar, cfg.aux_loss_coeff) / self.layers_in_pool
+                if f_bar is not None
+                else routing.scores_TM.new_zeros(())
+            )
+        if cfg.z_loss_coeff > 0:
+            losses["z_loss"] = z_loss(routing.logits_TM, cfg.z_loss_coeff)
+        return losses

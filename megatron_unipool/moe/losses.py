@@ -1,0 +1,25 @@
+"""Balancing losses as stateless functions (formulas in shared/design/unipool.md)."""
+from __future__ import annotations
+
+import torch
+
+
+def load_balancing_loss(scores_TM: torch.Tensor, load_fraction_M: torch.Tensor, coeff: float) -> torch.Tensor:
+    """coeff * M * sum_i f_i * P_i with P_i the mean score of expert i and f_i the (gradient-free) load.
+
+    Per-layer Switch loss: f is this layer's share of the T*k routing slots. Pool loss: f is the
+    pool-wide f_bar, and the caller divides by the number of layers sharing the pool.
+    """
+    num_experts = scores_TM.shape[-1]
+    return coeff * num_experts * torch.sum(load_fraction_M.detach() * scores_TM.mean(dim=0))
+
+
+def z_loss(logits_TM: torch.Tensor, coeff: float) -> torch.Tensor:
+    """ST-MoE router z-loss: coeff * mean over tokens of logsumexp(logits)^2."""
+    return coeff * torch.logsumexp(logits_TM, dim=-1).square().mean()
+
+
+def pool_load_fraction(counts_LM: torch.Tensor) -> torch.Tensor:
+    """f_bar: each layer's share of its routing slots per expert, averaged over the pool's layers."""
+    per_layer = counts_LM.float() / counts_LM.sum(dim=-1, keepdim=True).clamp_min(1)
+    return per_layer.mean(dim=0)

@@ -1,0 +1,106 @@
+"""Routers: per-layer scores over the experts of a pool, top-k selection and gates.
+
+Shapes: T tokens, D hidden, M experts in the pool, k experts per token.
+Routing runs in fp32 whatever the model precision: top-k and softmax are sensitive to rounding.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import MoEConfig
+
+NORM_EPS = 1e-8
+
+
+@functools.lru_cache(maxsize=None)
+def norm_router_constant(num_experts: int, top_k: int, samples: int = 100_000, seed: int = 0) -> float:
+    """c = E[1 / ||top-k of relu(x / ||x||)||], x ~ N(0, I_M): selected scores have unit norm at init.
+
+    A draw with no positive entry (probability 2^-M) has no defined value and is dropped; if
+    every draw is dropped the constant falls back to 1, so it is finite for any M.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    total, kept = 0.0, 0
+    chunk = max(1, 2**22 // num_experts)
+    for start in range(0, samples, chunk):
+        x = torch.randn(min(chunk, samples - start), num_experts, generator=generator, dtype=torch.float64)
+        y = torch.relu(x / x.norm(dim=-1, keepdim=True))
+        top = y.topk(min(top_k, num_experts), dim=-1).values
+        norm = top.norm(dim=-1)
+        valid = norm > 0
+        total += (1.0 / norm[valid]).sum().item()
+        kept += int(valid.sum())
+    return total / kept if kept else 1.0
+
+
+@dataclass
+class Routing:
+    """One layer's routing of T tokens."""
+
+    indices_TK: torch.Tensor  # chosen experts
+    gates_TK: torch.Tensor  # weights of their outputs
+    scores_TM: torch.Tensor  # the P of the balancing losses: probabilities or router scores
+    logits_TM: torch.Tensor  # raw router logits, for the z-loss
+
+
+class Router(nn.Module):
+    """Linear router into a pool of `num_experts`, with softmax, sigmoid or NormRouter scoring.
+
+    `expert_bias` is the aux-loss-free balancing bias: it only shifts which experts are
+    selected, never the gates, and is updated outside autograd after each optimizer step.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, config: MoEConfig, init_std: float):
+        super().__init__()
+        self.config = config
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size).normal_(0.0, init_std))
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        if config.router == "norm":
+            self.scale = nn.Parameter(torch.ones(()))
+            c = config.norm_router_c if config.norm_router_c is not None else norm_router_constant(num_experts, config.top_k)
+            self.norm_constant = float(c)
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return self._route(x_TD.float())
+
+    def _route(self, x_TD: torch.Tensor) -> Routing:
+        cfg, k = self.config, self.config.top_k
+        logits = F.linear(x_TD, self.weight.float())
+        if cfg.router == "softmax":
+            scores = logits.softmax(dim=-1)
+        elif cfg.router == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            unit = logits / (logits.norm(dim=-1, keepdim=True) + NORM_EPS)
+            scores = self.scale * self.norm_constant * torch.relu(unit)
+        selection = scores + self.expert_bias if cfg.bias_balancing else scores
+        indices = selection.topk(k, dim=-1).indices
+        if cfg.router == "softmax" and not cfg.softmax_before_topk:
+            gates = logits.gather(-1, indices).softmax(dim=-1)
+        else:
+            gates = scores.gather(-1, indices)
+            if cfg.normalize_gates and cfg.router != "norm":
+                gates = gates / gates.sum(dim=-1, keepdim=True)
+        balance_scores = scores / scores.sum(dim=-1, keepdim=True) if cfg.router == "sigmoid" else scores
+        return Routing(indices, gates, balance_scores, logits)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_M: torch.Tensor) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+        counts = tokens_per_expert_M.float()
+        self.expert_bias += self.config.bias_update_rate * torch.sign(counts.mean() - counts)
+
+
+def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:
+    """Slots per expert in capacity mode, ceil(C * T * k / M); None when dropless."""
+    if factor is None:
+        return None
+    return math.ceil(factor * num_tokens * top_k / num_experts)

@@ -1,0 +1,96 @@
+"""Checkpoints of everything a run needs to continue the same loss curve.
+
+Layout: <run_dir>/checkpoints/step_000100/state.pt and a `latest` file naming the newest. A
+checkpoint is written under a temporary name, fsynced and renamed, and `latest` is replaced
+last, so a crash while saving leaves the previous checkpoint loadable. The last `keep_last`
+are kept.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_last: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    final, temporary = directory / name, directory / f".{name}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    with open(temporary / "state.pt", "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    _fsync_write(directory / f".{LATEST}.tmp", name.encode())
+    os.replace(directory / f".{LATEST}.tmp", directory / LATEST)
+    for old in sorted(p for p in directory.glob("step_*") if p.is_dir())[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Optional[Path]:
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    path = directory / pointer.read_text().strip()
+    if not (path / "state.pt").is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which has no state.pt")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint directory (or its state.pt)."""
+    path = Path(path)
+    file = path / "state.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint at {path} (expected a step_* directory holding state.pt)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which
+        raise CheckpointError(f"checkpoint {file} cannot be read ({e})") from e
+
+
+def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load weights, naming every missing, unexpected or differently shaped tensor."""
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit this model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state)

@@ -1,0 +1,38 @@
+"""Training and validation samples for a config: the built-in corpus or preprocessed prefixes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config
+from ..data import IndexedDataset, TokenSampleDataset, prepare_default_corpus
+
+
+@dataclass
+class RunData:
+    train: TokenSampleDataset
+    valid: TokenSampleDataset
+    vocab_size: int  # of the tokenizer that wrote the files
+    eod_id: int
+
+
+def build_datasets(config: Config) -> RunData:
+    data, model = config.data, config.model
+    if data.corpus is not None:
+        train_prefix, valid_prefix = prepare_default_corpus(data.tokenizer, data.cache_dir)
+    else:
+        train_prefix, valid_prefix = data.train_prefix, data.valid_prefix
+    train, valid = IndexedDataset(train_prefix), IndexedDataset(valid_prefix)
+    for name, split in (("data.train_prefix", train), ("data.valid_prefix", valid)):
+        if split.vocab_size > model.vocab_size:
+            raise ValueError(
+                f"{name} was tokenised with a vocabulary of {split.vocab_size} tokens, larger than"
+                f" model.vocab_size={model.vocab_size}: raise model.vocab_size to at least {split.vocab_size}"
+            )
+    if train.vocab_size != valid.vocab_size or train.eod_id != valid.eod_id:
+        raise ValueError(f"train and validation files come from different tokenizers ({train_prefix}, {valid_prefix})")
+    return RunData(
+        train=TokenSampleDataset(train, model.seq_len, config.train.seed),
+        valid=TokenSampleDataset(valid, model.seq_len, config.train.seed, unshuffled=True),
+        vocab_size=train.vocab_size,
+        eod_id=train.eod_id,
+    )

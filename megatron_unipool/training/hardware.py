@@ -1,0 +1,49 @@
+"""GPU facts for the logs: utilisation/memory/power via nvidia-ml-py, and peak FLOP/s for MFU."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched on the device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_flops() -> Optional[float]:
+    """Peak dense bf16 FLOP/s of the current CUDA device, or None (CPU or unknown GPU: no MFU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+class GpuMonitor:
+    """Reads NVML counters of the current device; does nothing without a GPU or pynvml."""
+
+    def __init__(self):
+        self.handle = None
+        if not torch.cuda.is_available():
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self.nvml = pynvml
+        except Exception:  # NVML missing or refused: logs simply lack GPU stats
+            self.handle = None
+
+    def read(self) -> dict[str, float]:
+        if self.handle is None:
+            return {}
+        nvml = self.nvml
+        memory = nvml.nvmlDeviceGetMemoryInfo(self.handle)
+        return {
+            "gpu/utilisation_percent": float(nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu),
+            "gpu/memory_used_gib": memory.used / 2**30,
+            "gpu/power_watts": nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0,
+            "gpu/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+        }

@@ -1,0 +1,98 @@
+"""What a run reports: a Megatron-style console line per log interval (with ETA), TensorBoard
+scalars, histograms and the pool heatmap, and `summary.json` at the end."""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..config import LoggingConfig
+from .hardware import GpuMonitor
+from .plots import utilisation_figure
+
+
+def _scalar(value) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, config: LoggingConfig, max_steps: int, enabled: bool = True):
+        self.config, self.max_steps, self.enabled = config, max_steps, enabled
+        self.run_dir = run_dir
+        self.writer = None
+        if enabled and config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.gpu = GpuMonitor()
+        self.window: list[dict[str, float]] = []
+        self.started = time.perf_counter()
+        self.first_step: Optional[int] = None
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        """Record one optimizer step (1-based `step`); print the mean of the window every log interval."""
+        if not self.enabled:
+            return
+        if self.first_step is None:
+            self.first_step, self.started = step - 1, time.perf_counter() - metrics.get("step_time_s", 0.0)
+        metrics = {k: _scalar(v) for k, v in metrics.items()}
+        metrics.update(self.gpu.read())
+        if self.writer:
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"train/{name}" if "/" not in name else name, value, step)
+        self.window.append(metrics)
+        if step % self.config.log_interval == 0 or step == self.max_steps:
+            self._print(step)
+
+    def _print(self, step: int) -> None:
+        mean = {k: float(np.mean([m[k] for m in self.window if k in m])) for k in self.window[-1]}
+        self.window.clear()
+        elapsed = time.perf_counter() - self.started
+        done = step - self.first_step
+        eta = datetime.timedelta(seconds=round(elapsed / max(done, 1) * (self.max_steps - step)))
+        parts = [f"step {step:>{len(str(self.max_steps))}}/{self.max_steps}"]
+        formats = [("lr", "lr", "{:.3e}"), ("lm_loss", "lm loss", "{:.4f}"), ("aux_loss", "aux loss", "{:.3e}"),
+                   ("z_loss", "z loss", "{:.3e}"), ("grad_norm", "grad norm", "{:.3f}"),
+                   ("step_time_s", "ms/step", None), ("tokens_per_second", "tokens/s", "{:,.0f}"),
+                   ("tflops", "TFLOP/s", "{:.3f}"), ("mfu_percent", "MFU %", "{:.1f}"),
+                   ("dropped_fraction", "dropped", "{:.2%}")]
+        for key, label, fmt in formats:
+            if key in mean:
+                text = f"{mean[key] * 1000:.1f}" if fmt is None else fmt.format(mean[key])
+                parts.append(f"{label} {text}")
+        parts.append(f"ETA {eta}")
+        print(" | ".join(parts), flush=True)
+
+    def evaluation(self, step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        perplexity = math.exp(min(loss, 50.0))
+        print(f"validation at step {step} | loss {loss:.4f} | perplexity {perplexity:.3f}", flush=True)
+        if self.writer:
+            self.writer.add_scalar("validation/loss", loss, step)
+            self.writer.add_scalar("validation/perplexity", perplexity, step)
+
+    def utilisation(self, step: int, counts_per_pool: list[torch.Tensor], image: bool) -> None:
+        """Per-expert load over all layers as a histogram every step; the heatmap when `image`."""
+        if not (self.enabled and self.writer and counts_per_pool):
+            return
+        for p, counts in enumerate(counts_per_pool):
+            load = counts.sum(dim=0).float()
+            self.writer.add_histogram(f"pool{p}/expert_load", load / load.sum().clamp_min(1), step)
+            self.writer.add_scalar(f"pool{p}/max_over_mean_load", (load.max() / load.mean().clamp_min(1e-9)).item(), step)
+        if image:
+            figure = utilisation_figure([c.cpu().numpy() for c in counts_per_pool], f"pool utilisation, step {step}")
+            self.writer.add_figure("pool/utilisation", figure, step)
+
+    def close(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.writer:
+            self.writer.close()

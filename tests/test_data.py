@@ -1,0 +1,498 @@
+"""Data pipeline: indexed files, tokenizers, sample order, default corpus, preprocessing CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tokenizers as hf_tokenizers
+import torch
+
+from megatron_unipool.data import (
+    VALIDATION_PLAYS,
+    ByteTokenizer,
+    GPT2Tokenizer,
+    HFTokenizer,
+    IndexedDataset,
+    IndexedDatasetWriter,
+    TokenSampleDataset,
+    build_tokenizer,
+    play_of,
+    prepare_default_corpus,
+    shakespeare_documents,
+    split_shakespeare,
+    train_bpe_tokenizer,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UNICODE_TEXT = "Ünïcödé: naïve café, 日本語, emoji 🎭🐍, combining e\u0301, tab\tand\nnewline."
+
+
+def random_documents(rng: np.random.Generator, vocab_size: int, eod_id: int, count: int) -> list[np.ndarray]:
+    """Documents of ids in [0, vocab_size) other than EOD, including an empty one."""
+    documents = [rng.integers(0, vocab_size, size=rng.integers(0, 40)) for _ in range(count)]
+    documents[1] = np.array([], dtype=np.int64)
+    return [doc[doc != eod_id] for doc in documents]
+
+
+def write_documents(prefix, documents, vocab_size, eod_id) -> None:
+    with IndexedDatasetWriter(prefix, vocab_size, eod_id) as writer:
+        for doc in documents:
+            writer.add_document(doc)
+
+
+def flat_stream(documents, eod_id) -> np.ndarray:
+    return np.concatenate([np.append(doc, eod_id) for doc in documents]).astype(np.int64)
+
+
+# ------------------------------------------------------------------ indexed dataset
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "expected_dtype"), [(1000, np.uint16), (65536, np.uint16), (70000, np.uint32)]
+)
+def test_indexed_round_trip_appends_eod(tmp_path, vocab_size, expected_dtype):
+    rng = np.random.default_rng(0)
+    eod_id = vocab_size - 1
+    documents = random_documents(rng, vocab_size, eod_id, count=25)
+    documents[2] = np.array([0, vocab_size - 2])  # the extreme ids survive the storage dtype
+    write_documents(
+        tmp_path / "ds",
+        [doc.tolist() if i % 2 else doc for i, doc in enumerate(documents)],
+        vocab_size,
+        eod_id,
+    )
+
+    dataset = IndexedDataset(tmp_path / "ds")
+    assert dataset.dtype == expected_dtype
+    assert (dataset.vocab_size, dataset.eod_id) == (vocab_size, eod_id)
+    assert len(dataset) == dataset.num_documents == len(documents)
+    np.testing.assert_array_equal(dataset.document_lengths, [len(doc) + 1 for doc in documents])
+    for index, doc in enumerate(documents):
+        stored = dataset.document(index)
+        np.testing.assert_array_equal(stored[:-1], doc)
+        assert stored[-1] == eod_id
+    expected_stream = flat_stream(documents, eod_id)
+    assert dataset.num_tokens == len(expected_stream)
+    np.testing.assert_array_equal(dataset.tokens(0, dataset.num_tokens), expected_stream)
+    np.testing.assert_array_equal(dataset.tokens(5, 60), expected_stream[5:60])
+    assert (tmp_path / "ds.bin").stat().st_size == len(expected_stream) * np.dtype(expected_dtype).itemsize
+    with pytest.raises(IndexError):
+        dataset.document(len(documents))
+
+
+@pytest.fixture
+def small_dataset_prefix(tmp_path) -> Path:
+    write_documents(tmp_path / "ds", [[1, 2, 3], [4, 5], [6]], vocab_size=100, eod_id=0)
+    return tmp_path / "ds"
+
+
+def test_truncated_and_oversized_bin_are_reported(small_dataset_prefix):
+    bin_path = Path(f"{small_dataset_prefix}.bin")
+    original = bin_path.read_bytes()
+    bin_path.write_bytes(original[:-2])
+    with pytest.raises(ValueError, match=r"truncated.*16 bytes.*18 bytes"):
+        IndexedDataset(small_dataset_prefix)
+    bin_path.write_bytes(original + b"\0\0")
+    with pytest.raises(ValueError, match=r"mismatched.*20 bytes.*18 bytes"):
+        IndexedDataset(small_dataset_prefix)
+
+
+@pytest.mark.parametrize("suffix", [".idx", ".bin"])
+def test_missing_file_is_named(small_dataset_prefix, suffix):
+    Path(f"{small_dataset_prefix}{suffix}").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"ds\{suffix}"):
+        IndexedDataset(small_dataset_prefix)
+
+
+def test_corrupted_magic_is_rejected(small_dataset_prefix):
+    idx_path = Path(f"{small_dataset_prefix}.idx")
+    raw = bytearray(idx_path.read_bytes())
+    raw[0:4] = b"GPT2"
+    idx_path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="bad magic"):
+        IndexedDataset(small_dataset_prefix)
+
+
+def test_non_increasing_offsets_are_rejected(small_dataset_prefix):
+    idx_path = Path(f"{small_dataset_prefix}.idx")
+    raw = bytearray(idx_path.read_bytes())
+    offsets = np.frombuffer(bytes(raw[48:]), dtype="<i8").copy()  # header is 48 bytes
+    np.testing.assert_array_equal(offsets, [0, 4, 7, 9])
+    offsets[2] = 3
+    raw[48:] = offsets.tobytes()
+    idx_path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="not increasing at document 1"):
+        IndexedDataset(small_dataset_prefix)
+
+
+def test_out_of_vocab_token_names_document_and_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match=r"document 1: token id 100 is outside the vocabulary \[0, 100\)"):
+        write_documents(tmp_path / "ds", [[1, 2], [3, 100]], vocab_size=100, eod_id=0)
+    with pytest.raises(ValueError, match=r"document 0: token id -1"):
+        write_documents(tmp_path / "ds", [[-1]], vocab_size=100, eod_id=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rewrite_leaves_previous_pair_intact(small_dataset_prefix):
+    before = IndexedDataset(small_dataset_prefix).tokens(0, 9).copy()
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        IndexedDatasetWriter(small_dataset_prefix, vocab_size=100, eod_id=0) as writer,
+    ):
+        writer.add_document([7, 7, 7, 7, 7])
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in small_dataset_prefix.parent.iterdir()) == ["ds.bin", "ds.idx"]
+    np.testing.assert_array_equal(IndexedDataset(small_dataset_prefix).tokens(0, 9), before)
+
+
+def test_empty_writer_is_an_error_and_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="no documents"):
+        write_documents(tmp_path / "ds", [], vocab_size=100, eod_id=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ tokenizers
+
+
+def test_byte_tokenizer_round_trips_unicode():
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode(UNICODE_TEXT)
+    assert ids == list(UNICODE_TEXT.encode("utf-8"))
+    np.testing.assert_array_equal(tokenizer.encode_as_array(UNICODE_TEXT), ids)
+    assert tokenizer.decode(ids) == UNICODE_TEXT
+    assert tokenizer.decode([*ids, tokenizer.eod_id, *ids]) == UNICODE_TEXT + "<|endoftext|>" + UNICODE_TEXT
+    assert (tokenizer.vocab_size, tokenizer.eod_id) == (257, 256)
+
+
+TRAINING_TEXTS = [
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n",
+    "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n",
+] * 20
+
+
+def test_trained_bpe_round_trips_and_is_deterministic(tmp_path):
+    first = train_bpe_tokenizer(iter(TRAINING_TEXTS), 400, tmp_path / "a" / "tokenizer.json")
+    second = train_bpe_tokenizer(iter(TRAINING_TEXTS), 400, tmp_path / "b" / "tokenizer.json")
+    first_model = json.loads((tmp_path / "a" / "tokenizer.json").read_text())["model"]
+    second_model = json.loads((tmp_path / "b" / "tokenizer.json").read_text())["model"]
+    assert first_model["vocab"] == second_model["vocab"]
+    assert first_model["merges"] == second_model["merges"]
+    assert first.name == second.name
+
+    text = TRAINING_TEXTS[0]
+    ids = first.encode(text)
+    assert len(ids) < len(text.encode("utf-8")) / 2, "training learned no useful merges"
+    assert first.decode(ids) == text
+    # Byte-level: characters never seen in training still round-trip exactly,
+    # and a literal "<|endoftext|>" in the text stays text.
+    unseen = UNICODE_TEXT + " <|endoftext|>"
+    assert first.eod_id not in first.encode(unseen)
+    assert first.decode(first.encode(unseen)) == unseen
+    assert first.decode([first.eod_id]) == "<|endoftext|>"
+
+
+def save_hf_tokenizer(path: Path, special_tokens: list[str]) -> Path:
+    tokenizer = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special_tokens, show_progress=False
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXTS, trainer)
+    tokenizer.save(str(path))
+    return path
+
+
+def test_hf_tokenizer_finds_eod_or_explains(tmp_path):
+    with_eos = HFTokenizer(save_hf_tokenizer(tmp_path / "eos.json", ["<pad>", "</s>"]))
+    assert with_eos.eod_id == 1  # "</s>", the second special token
+    without_eos = save_hf_tokenizer(tmp_path / "no_eos.json", ["<pad>"])
+    with pytest.raises(ValueError, match=r"no_eos\.json: no end-of-document token.*<\|endoftext\|>"):
+        HFTokenizer(without_eos)
+    with pytest.raises(FileNotFoundError, match=r"missing\.json"):
+        HFTokenizer(tmp_path / "missing.json")
+
+
+def test_build_tokenizer_specs(tmp_path):
+    assert isinstance(build_tokenizer("byte"), ByteTokenizer)
+    path = save_hf_tokenizer(tmp_path / "tok.json", ["<|endoftext|>"])
+    assert isinstance(build_tokenizer(str(path)), HFTokenizer)
+    with pytest.raises(ValueError, match=r"unknown tokenizer 'bpe'.*'byte', 'gpt2'.*tokenizer\.json"):
+        build_tokenizer("bpe")
+
+
+def test_gpt2_tokenizer_matches_reference_ids():
+    try:
+        tokenizer = GPT2Tokenizer()
+    except FileNotFoundError as error:
+        pytest.skip(f"GPT-2 ranks unavailable offline: {error}")
+    assert tokenizer.encode("Hello world") == [15496, 995]
+    assert tokenizer.encode(" the") == [262]
+    assert (tokenizer.vocab_size, tokenizer.eod_id) == (50257, 50256)
+    assert tokenizer.decode(tokenizer.encode(UNICODE_TEXT)) == UNICODE_TEXT
+    assert 50256 not in tokenizer.encode("a <|endoftext|> b")
+
+
+def test_gpt2_tokenizer_missing_ranks_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_UNIPOOL_GPT2_RANKS", str(tmp_path / "absent.tiktoken"))
+    with pytest.raises(FileNotFoundError, match=r"absent\.tiktoken.*pip install --no-deps openai-whisper"):
+        GPT2Tokenizer()
+
+
+# ------------------------------------------------------------------ samples
+
+
+@pytest.fixture
+def sample_source(tmp_path):
+    """An indexed dataset plus its token stream, rebuilt here from the documents."""
+    documents = random_documents(np.random.default_rng(1), vocab_size=500, eod_id=499, count=30)
+    write_documents(tmp_path / "ds", documents, vocab_size=500, eod_id=499)
+    return IndexedDataset(tmp_path / "ds"), flat_stream(documents, 499)
+
+
+def test_samples_are_shifted_windows_of_the_stream(sample_source):
+    dataset, stream = sample_source
+    seq_len = 7
+    samples = TokenSampleDataset(dataset, seq_len=seq_len, seed=0, unshuffled=True)
+    assert len(samples) == (len(stream) - 1) // seq_len
+    for g in range(2 * len(samples)):
+        window = g % len(samples)
+        np.testing.assert_array_equal(
+            samples.sample(g), stream[window * seq_len : (window + 1) * seq_len + 1]
+        )
+    batch = samples.batch(3, 4)
+    assert batch.dtype == torch.int64 and batch.shape == (4, seq_len + 1)
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+    np.testing.assert_array_equal(inputs[0].numpy(), stream[3 * seq_len : 4 * seq_len])
+    np.testing.assert_array_equal(labels[0].numpy(), stream[3 * seq_len + 1 : 4 * seq_len + 1])
+    # Neighbouring windows share one token, so every token but the first is a label once.
+    assert batch[0, -1] == batch[1, 0]
+
+
+def test_each_epoch_is_a_fresh_permutation_of_all_windows(sample_source):
+    dataset, stream = sample_source
+    seq_len = 5
+    samples = TokenSampleDataset(dataset, seq_len=seq_len, seed=123)
+    n = len(samples)
+    windows = {tuple(stream[w * seq_len : (w + 1) * seq_len + 1]): w for w in range(n)}
+    assert len(windows) == n, "test stream should have distinct windows"
+    epoch_orders = [[windows[tuple(samples.sample(e * n + j))] for j in range(n)] for e in range(3)]
+    for order in epoch_orders:
+        assert sorted(order) == list(range(n))
+        assert order != list(range(n))
+    assert epoch_orders[0] != epoch_orders[1] != epoch_orders[2]
+
+
+def test_resuming_from_a_sample_offset_reproduces_batches(sample_source):
+    dataset, _ = sample_source
+    batch_size, num_batches, resume_at = 6, 40, 17  # 40 * 6 samples span several epochs
+    uninterrupted = TokenSampleDataset(dataset, seq_len=8, seed=7)
+    assert batch_size * num_batches > 2 * len(uninterrupted)
+    reference = [uninterrupted.batch(b * batch_size, batch_size) for b in range(num_batches)]
+    resumed = TokenSampleDataset(dataset, seq_len=8, seed=7)
+    for b in range(resume_at, num_batches):
+        assert torch.equal(resumed.batch(b * batch_size, batch_size), reference[b]), f"batch {b} differs"
+
+
+def test_seeds_give_different_orders(sample_source):
+    dataset, _ = sample_source
+    orders = [TokenSampleDataset(dataset, seq_len=8, seed=seed).batch(0, 20) for seed in (0, 1)]
+    assert not torch.equal(orders[0], orders[1])
+    assert torch.equal(TokenSampleDataset(dataset, seq_len=8, seed=0).batch(0, 20), orders[0])
+
+
+def test_too_short_stream_is_an_error(small_dataset_prefix):
+    dataset = IndexedDataset(small_dataset_prefix)  # 9 tokens
+    with pytest.raises(ValueError, match=r"9 tokens.*seq_len=9"):
+        TokenSampleDataset(dataset, seq_len=9, seed=0)
+    only_sample = TokenSampleDataset(dataset, seq_len=8, seed=0)
+    assert len(only_sample) == 1
+    np.testing.assert_array_equal(only_sample.sample(5), [1, 2, 3, 0, 4, 5, 0, 6, 0])
+
+
+# ------------------------------------------------------------------ default corpus
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    return shakespeare_documents()
+
+
+def test_corpus_files_are_plain_text_without_licence_boilerplate(shakespeare):
+    assert len(shakespeare) == 77  # 78 files minus metadata.txt
+    names = [name for name, _ in shakespeare]
+    assert names == sorted(names) and "metadata" not in names
+    licence_markers = ("gutenberg", "*** start of", "*** end of", "this etext", "copyright")
+    for name, text in shakespeare:
+        assert not [marker for marker in licence_markers if marker in text.lower()], name
+    texts = dict(shakespeare)
+    assert texts["hamlet_gut"].startswith("HAMLET, PRINCE OF DENMARK\n")
+    assert texts["hamlet_gut_f"].startswith("The Tragedie of Hamlet\n")
+
+
+def test_validation_split_holds_out_whole_plays(shakespeare):
+    train, valid = split_shakespeare(shakespeare)
+    train_names, valid_names = {name for name, _ in train}, {name for name, _ in valid}
+    assert not train_names & valid_names
+    assert train_names | valid_names == {name for name, _ in shakespeare}
+    assert len(train) + len(valid) == len(shakespeare)
+    assert valid_names == {
+        "comedy_of_errors_gut",
+        "comedy_of_errours_gut_f",
+        "macbeth_gut",
+        "macbeth_gut_f",
+        "tempest_gut",
+        "tempest_gut_f",
+    }
+    assert not {play_of(name) for name in train_names} & set(VALIDATION_PLAYS)
+    valid_share = sum(len(text) for _, text in valid) / sum(len(text) for _, text in shakespeare)
+    assert 0.05 < valid_share < 0.08
+
+
+def test_every_folio_text_pairs_with_its_modern_edition(shakespeare):
+    modern = {play_of(name) for name, _ in shakespeare if name.endswith("_gut")}
+    folio = {play_of(name) for name, _ in shakespeare if name.endswith("_gut_f")}
+    assert len(folio) == sum(name.endswith("_gut_f") for name, _ in shakespeare) == 35
+    assert folio <= modern, f"Folio texts with no modern partner: {sorted(folio - modern)}"
+    assert play_of("twelfe-night_gut_f") == play_of("twelfth_night_gut") == "twelfth_night"
+    with pytest.raises(ValueError, match="metadata"):
+        play_of("metadata")
+
+
+def test_prepare_default_corpus_is_cached_and_decodes_to_source(tmp_path, shakespeare, capsys):
+    train_prefix, valid_prefix = prepare_default_corpus("byte", tmp_path)
+    assert capsys.readouterr().out.count("documents") == 2  # one line per split
+    files = [
+        Path(f"{prefix}{suffix}") for prefix in (train_prefix, valid_prefix) for suffix in (".bin", ".idx")
+    ]
+    stamps = [path.stat().st_mtime_ns for path in files]
+
+    assert prepare_default_corpus("byte", tmp_path) == (train_prefix, valid_prefix)
+    assert [path.stat().st_mtime_ns for path in files] == stamps
+    assert capsys.readouterr().out == ""
+
+    tokenizer = ByteTokenizer()
+    for prefix, documents in zip((train_prefix, valid_prefix), split_shakespeare(shakespeare), strict=True):
+        dataset = IndexedDataset(prefix)
+        assert dataset.num_documents == len(documents)
+        for index, (name, text) in enumerate(documents):
+            assert tokenizer.decode(dataset.document(index)[:-1]) == text, name
+
+
+def test_prepare_default_corpus_rebuilds_damaged_files(tmp_path):
+    train_prefix, _ = prepare_default_corpus("byte", tmp_path)
+    bin_path = Path(f"{train_prefix}.bin")
+    expected = bin_path.read_bytes()
+    bin_path.write_bytes(expected[: len(expected) // 2])
+    prepare_default_corpus("byte", tmp_path)
+    assert bin_path.read_bytes() == expected
+
+
+def test_concurrent_prepares_agree(tmp_path):
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=prepare_default_corpus, args=("byte", tmp_path)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
+    train_prefix, valid_prefix = prepare_default_corpus("byte", tmp_path)
+    assert IndexedDataset(train_prefix).num_documents + IndexedDataset(valid_prefix).num_documents == 77
+
+
+# ------------------------------------------------------------------ preprocess_data CLI
+
+
+PREPROCESS_SCRIPT = REPO_ROOT / "tools" / "preprocess_data.py"
+
+
+def run_preprocess(*args: str) -> subprocess.CompletedProcess:
+    """The real command line; each run pays a fresh interpreter's torch import (~3 s)."""
+    return subprocess.run(
+        [sys.executable, str(PREPROCESS_SCRIPT), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def preprocess_main():
+    """The tool's ``main(argv)`` in-process, for cases that need no fresh interpreter."""
+    spec = importlib.util.spec_from_file_location("preprocess_data", PREPROCESS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def decoded_documents(prefix, tokenizer) -> list[str]:
+    dataset = IndexedDataset(prefix)
+    assert (dataset.vocab_size, dataset.eod_id) == (tokenizer.vocab_size, tokenizer.eod_id)
+    return [tokenizer.decode(dataset.document(i)[:-1]) for i in range(len(dataset))]
+
+
+def test_cli_jsonl_with_validation_split(tmp_path):
+    texts = [f"document {i}: {UNICODE_TEXT * (i + 1)}" for i in range(9)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "body": text}) + "\n" for i, text in enumerate(texts)))
+    result = run_preprocess(
+        "--input", str(corpus), "--json-key", "body", "--output-prefix", str(tmp_path / "out" / "c"),
+        "--tokenizer", "byte", "--valid-fraction", "0.2", "--workers", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "7 documents" in result.stdout and "2 documents" in result.stdout
+    # ceil(0.2 * 9) = 2 trailing documents are held out.
+    assert decoded_documents(tmp_path / "out" / "c_train", ByteTokenizer()) == texts[:7]
+    assert decoded_documents(tmp_path / "out" / "c_valid", ByteTokenizer()) == texts[7:]
+
+
+def test_cli_txt_trains_tokenizer_and_splits_on_blank_lines(tmp_path):
+    blocks = ["First block,\nover two lines.", "Second block " + UNICODE_TEXT, "Third."]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(blocks[:2]) + "\n \n\n" + blocks[2])
+    tokenizer_path = tmp_path / "tok" / "tokenizer.json"
+    result = run_preprocess(
+        "--input", str(corpus), "--split-on-blank-lines", "--output-prefix", str(tmp_path / "c"),
+        "--train-tokenizer-vocab", "300", "--tokenizer-output", str(tokenizer_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert decoded_documents(tmp_path / "c", HFTokenizer(tokenizer_path)) == blocks
+
+
+def test_cli_reports_bad_jsonl_line_and_writes_nothing(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "fine"}\n\n{"text": "broken\n{"text": "fine"}\n')
+    result = run_preprocess(
+        "--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte"
+    )
+    assert result.returncode != 0
+    assert "corpus.jsonl:3: invalid JSON" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_cli_txt_is_one_document(tmp_path, preprocess_main):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Para one.\n\nPara two.\n")
+    preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte"])
+    assert decoded_documents(tmp_path / "c", ByteTokenizer()) == ["Para one.\n\nPara two.\n"]
+
+
+@pytest.mark.parametrize(
+    ("content", "extra_args", "error"),
+    [
+        ("\n \n", [], r"corpus\.jsonl contains no \(non-blank\) documents"),
+        ('{"text": "a"}\n{"text": "b"}\n', ["--valid-fraction", "0.6"], "leaving no training document"),
+        ('{"text": "a"}\n{"body": "b"}\n', [], r"corpus\.jsonl:2: missing key 'text'"),
+    ],
+)
+def test_cli_bad_input_errors_and_writes_nothing(tmp_path, preprocess_main, content, extra_args, error):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(content)
+    argv = ["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte"]
+    with pytest.raises(ValueError, match=error):
+        preprocess_main(argv + extra_args)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
