@@ -18,12 +18,20 @@ class DispatchPlan:
     dropped: int
 
 
-def plan_dispatch(indices_TK: torch.Tensor, num_experts: int, capacity: int | None) -> DispatchPlan:
-    """Group slots by expert (stable, so within an expert earlier tokens come first and win capacity)."""
+def plan_dispatch(
+    indices_TK: torch.Tensor, num_experts: int, capacity: int | None, active_TK: torch.Tensor | None = None
+) -> DispatchPlan:
+    """Group slots by expert (stable, so within an expert earlier tokens come first and win capacity).
+
+    Inactive slots (`active_TK` False) are neither computed nor counted as routed or dropped.
+    """
     k = indices_TK.shape[1]
     experts = indices_TK.reshape(-1)
+    if active_TK is not None:
+        experts = torch.where(active_TK.reshape(-1), experts, num_experts)  # sorts after every real expert
     slot = torch.argsort(experts, stable=True)
-    routed = torch.bincount(experts, minlength=num_experts)
+    routed = torch.bincount(experts, minlength=num_experts + 1)
+    slot, routed = slot[: slot.numel() - int(routed[num_experts])], routed[:num_experts]
     if capacity is None:
         return DispatchPlan(slot // k, slot, routed, routed, 0)
     sorted_experts = experts[slot]
@@ -32,7 +40,7 @@ def plan_dispatch(indices_TK: torch.Tensor, num_experts: int, capacity: int | No
     keep = rank_in_expert < capacity
     slot = slot[keep]
     kept = routed.clamp(max=capacity)
-    return DispatchPlan(slot // k, slot, kept, routed, int(experts.numel() - slot.numel()))
+    return DispatchPlan(slot // k, slot, kept, routed, int(keep.numel() - slot.numel()))
 
 
 def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

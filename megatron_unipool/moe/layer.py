@@ -39,7 +39,8 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         num_tokens, num_experts = x_TD.shape[0], self.pool.num_experts
         routing = self.router(x_TD)
-        plan = plan_dispatch(routing.indices_TK, num_experts, capacity(num_tokens, cfg.top_k, num_experts, cfg.capacity_factor))
+        slots = capacity(num_tokens, cfg.top_k, num_experts, cfg.capacity_factor)
+        plan = plan_dispatch(routing.indices_TK, num_experts, slots, routing.active_TK)
         y_SD = self.pool(permute(x_TD, plan), plan.kept_per_expert_M)
         out_TD = unpermute(y_SD, routing.gates_TK, plan, num_tokens)
         if self.shared_expert is not None:

@@ -1,0 +1,346 @@
+"""MoE layer forward/backward against a slow per-token reference written here with plain torch ops.
+
+The reference follows the semantics of shared/design/unipool.md: fp32 router logits x W^T, softmax /
+sigmoid / NormRouter scores, top-k selection (on score + expert_bias when bias balancing), gates,
+SwiGLU experts from the pool's [M, F, D] / [M, D, F] weights, capacity ceil(C T k / M) filled in
+token order then slot order, plus an optional dense shared expert. Nothing in the reference calls the
+library's router, dispatch, expert or loss code.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_unipool.config import MoEConfig
+from megatron_unipool.moe import ExpertPool, MoELayer, PoolStats, plan_dispatch
+
+M, D, F = 8, 16, 24  # experts, hidden, expert width
+B, S = 2, 12  # T = 24 tokens
+T = B * S
+SHARED_F = 12
+TOL = {"rtol": 1e-5, "atol": 1e-6}  # routing runs in fp32 by design; everything else is float64
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny float64 matmuls: intra-op threads only add contention (seconds per test on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def ref_silu(h):
+    return h * (1.0 / (1.0 + torch.exp(-h)))
+
+
+def ref_softmax(v):
+    e = torch.exp(v - v.max(dim=-1, keepdim=True).values)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def ref_routing(x_TD, router, cfg):
+    """(indices [T,k], gates [T,k] float64, balance scores P [T,M], logits [T,M])."""
+    k = cfg.top_k
+    logits = x_TD.float() @ router.weight.float().t()
+    if cfg.router == "softmax":
+        scores = ref_softmax(logits)
+        balance = scores
+    elif cfg.router == "sigmoid":
+        scores = 1.0 / (1.0 + torch.exp(-logits))
+        balance = scores / scores.sum(dim=-1, keepdim=True)
+    else:
+        length = torch.sqrt((logits * logits).sum(dim=-1, keepdim=True))
+        scores = router.scale * router.norm_constant * torch.clamp(logits / (length + 1e-8), min=0.0)
+        balance = scores
+    selection = scores + router.expert_bias if cfg.bias_balancing else scores
+    # torch.topk on the selection values: NormRouter scores have exact zeros (relu), whose order is
+    # unspecified; using the same op keeps the reference's choice among tied zeros identical.
+    indices = torch.topk(selection.detach(), k, dim=-1).indices
+    if cfg.router == "softmax" and not cfg.softmax_before_topk:
+        gates = ref_softmax(torch.gather(logits, 1, indices))
+    else:
+        gates = torch.gather(scores, 1, indices)
+        if cfg.normalize_gates and cfg.router != "norm":
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+    return indices, gates.to(torch.float64), balance, logits
+
+
+def ref_expert(pool, e, x_D):
+    gate = pool.w_gate[e] @ x_D
+    up = pool.w_up[e] @ x_D
+    return pool.w_down[e] @ (ref_silu(gate) * up)
+
+
+def ref_shared(swiglu, x_D):
+    gate = swiglu.w_gate.weight @ x_D
+    up = swiglu.w_up.weight @ x_D
+    return swiglu.w_down.weight @ (ref_silu(gate) * up)
+
+
+def ref_layer(layer, x):
+    """Slow loop over tokens and slots: (output like x, routed counts [M], dropped slots, indices)."""
+    cfg = layer.config
+    x_TD = x.reshape(-1, x.shape[-1])
+    num_tokens, k = x_TD.shape[0], cfg.top_k
+    indices, gates, _, _ = ref_routing(x_TD, layer.router, cfg)
+    cap = None if cfg.capacity_factor is None else math.ceil(cfg.capacity_factor * num_tokens * k / M)
+    kept = [0] * M
+    routed = [0] * M
+    dropped = 0
+    rows = []
+    for t in range(num_tokens):
+        acc = torch.zeros(x_TD.shape[1], dtype=x_TD.dtype)
+        for j in range(k):
+            e = int(indices[t, j])
+            if cfg.router == "norm" and gates[t, j] == 0:
+                continue  # NormRouter slot with no weight: not dispatched, not counted
+            routed[e] += 1
+            if cap is not None and kept[e] >= cap:
+                dropped += 1
+                continue
+            kept[e] += 1
+            acc = acc + gates[t, j] * ref_expert(layer.pool, e, x_TD[t])
+        if layer.shared_expert is not None:
+            acc = acc + ref_shared(layer.shared_expert, x_TD[t])
+        rows.append(acc)
+    return torch.stack(rows).reshape(x.shape), torch.tensor(routed), dropped, indices
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def build(seed=0, imbalance=True, **overrides):
+    """A float64 standalone layer with its own pool and stats, and an input x [B, S, D]."""
+    settings = {"kind": "unipool", "router": "softmax", "top_k": 2, "aux_loss": "none"}
+    settings.update(overrides)
+    cfg = MoEConfig(**settings)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    pool = ExpertPool(M, D, F, 0.2, 0.2)
+    stats = PoolStats(1, M, "step")
+    layer = MoELayer(cfg, D, pool, stats, 0, 1, 0.3, 0.2)
+    pool.double()
+    stats.double()
+    layer.double()
+    x = torch.randn(B, S, D, generator=gen, dtype=torch.float64)
+    if imbalance:  # push many tokens to expert 0 so that capacity 1.0 really drops slots
+        u = torch.randn(D, generator=gen, dtype=torch.float64)
+        u = u / u.norm()
+        x = x + 1.0 * u
+        with torch.no_grad():
+            layer.router.weight[0] += 1.5 * u
+    return layer, x.requires_grad_(True)
+
+
+def params_of(layer):
+    params = {"x": None, "router.weight": layer.router.weight}
+    if layer.config.router == "norm":
+        params["router.scale"] = layer.router.scale
+    for name in ("w_gate", "w_up", "w_down"):
+        params["pool." + name] = getattr(layer.pool, name)
+    if layer.shared_expert is not None:
+        for name in ("w_gate", "w_up", "w_down"):
+            params["shared." + name] = getattr(layer.shared_expert, name).weight
+    return params
+
+
+def check_against_reference(layer, x):
+    """Compares output, gradients, routed counts and dropped count; returns the dropped count."""
+    layer.train()
+    layer.stats.step_dropped.zero_()
+    layer.stats.step_counts.zero_()
+    out, _ = layer(x)
+    ref_out, ref_routed, ref_dropped, _ = ref_layer(layer, x)
+    assert out.shape == x.shape and out.dtype == torch.float64
+    torch.testing.assert_close(out, ref_out, **TOL)
+
+    # dropped and routed counts as recorded by the layer (training mode records them)
+    assert int(layer.stats.step_dropped) == ref_dropped
+    assert torch.equal(layer.stats.micro_batch_counts[0].cpu(), ref_routed)
+    assert torch.equal(layer.stats.step_counts[0].cpu(), ref_routed)
+
+    # gradients through a fixed random projection of the output
+    projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
+    named = params_of(layer)
+    named["x"] = x
+    names, tensors = list(named), list(named.values())
+    grads = torch.autograd.grad((out * projection).sum(), tensors)
+    ref_grads = torch.autograd.grad((ref_out * projection).sum(), tensors)
+    for name, g, rg in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g, rg, **TOL, msg=lambda m, name=name: f"gradient of {name}: {m}")
+    return ref_dropped
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5], ids=["dropless", "cap1.0", "cap0.5"])
+@pytest.mark.parametrize("shared", [0, SHARED_F], ids=["noshared", "shared"])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
+def test_layer_matches_per_token_reference(router, top_k, shared, capacity_factor):
+    layer, x = build(router=router, top_k=top_k, shared_expert_ffn_hidden_size=shared,
+                     capacity_factor=capacity_factor)
+    dropped = check_against_reference(layer, x)
+    if capacity_factor is None:
+        assert dropped == 0
+    else:
+        assert dropped > 0, "the capacity case must actually drop slots"
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "cap1.0"])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize(
+    "router,softmax_before_topk,normalize_gates",
+    [("softmax", False, False), ("softmax", False, True), ("softmax", True, True), ("sigmoid", True, True),
+     ("norm", True, True)],
+    ids=["mixtral", "mixtral-normalize", "softmax-normalize", "sigmoid-normalize", "norm-normalize-ignored"],
+)
+def test_gate_variants_match_reference(router, softmax_before_topk, normalize_gates, top_k, capacity_factor):
+    layer, x = build(seed=1, router=router, top_k=top_k, softmax_before_topk=softmax_before_topk,
+                     normalize_gates=normalize_gates, capacity_factor=capacity_factor)
+    check_against_reference(layer, x)
+
+    x_TD = x.detach().reshape(-1, D)
+    routing = layer.router(x_TD)
+    logits = x_TD.float() @ layer.router.weight.float().t()
+    if router == "softmax" and not softmax_before_topk:
+        # Mixtral: top-k of the logits, softmax over the k chosen logits
+        assert torch.equal(routing.indices_TK.sort(dim=-1).values, logits.topk(top_k, dim=-1).indices.sort(dim=-1).values)
+        expected = torch.exp(torch.gather(logits, 1, routing.indices_TK))
+        torch.testing.assert_close(routing.gates_TK, expected / expected.sum(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+    if router != "norm":
+        # every variant except the NormRouter produces gates summing to 1
+        torch.testing.assert_close(routing.gates_TK.sum(-1).double(), torch.ones(T, dtype=torch.float64),
+                                   rtol=0, atol=1e-6)
+    else:
+        # NormRouter gates stay the raw scores whatever normalize_gates says
+        length = logits.norm(dim=-1, keepdim=True)
+        raw = layer.router.scale * layer.router.norm_constant * torch.clamp(logits / (length + 1e-8), min=0)
+        torch.testing.assert_close(routing.gates_TK, torch.gather(raw, 1, routing.indices_TK), rtol=1e-5, atol=1e-7)
+        if top_k > 1:
+            assert not torch.allclose(routing.gates_TK.sum(-1).double(), torch.ones(T, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "cap1.0"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
+def test_bias_balancing_changes_selection_not_gates(router, top_k, capacity_factor):
+    layer, x = build(seed=2, imbalance=False, router=router, top_k=top_k, bias_balancing=True,
+                     capacity_factor=capacity_factor)
+    x_TD = x.detach().reshape(-1, D)
+    unbiased = layer.router(x_TD)
+    bias = torch.tensor([-0.4, 0.5, 0.0, 0.3, -0.2, 0.6, 0.1, -0.5], dtype=torch.float64)
+    if router == "norm":  # NormRouter scores are O(c) ~ 2.5, so use a larger bias
+        bias = 4 * bias
+    layer.router.expert_bias.copy_(bias)
+    biased = layer.router(x_TD)
+
+    # selection follows score + bias ...
+    logits = x_TD.float() @ layer.router.weight.float().t()
+    if router == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif router == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        scores = layer.router.scale * layer.router.norm_constant * torch.relu(logits / (logits.norm(dim=-1, keepdim=True) + 1e-8))
+    expected_idx = (scores + bias).topk(top_k, dim=-1).indices
+    assert torch.equal(biased.indices_TK.sort(-1).values, expected_idx.sort(-1).values)
+    changed = (biased.indices_TK.sort(-1).values != unbiased.indices_TK.sort(-1).values).any(-1)
+    assert changed.sum() >= 3, "the bias must change which experts are selected"
+    # ... but the gates are the unbiased scores of the selected experts
+    torch.testing.assert_close(biased.gates_TK.double(), torch.gather(scores, 1, biased.indices_TK).double(),
+                               rtol=1e-5, atol=1e-7)
+    # the balance scores P are unaffected by the bias
+    torch.testing.assert_close(biased.scores_TM, unbiased.scores_TM, rtol=0, atol=0)
+    # and the whole layer agrees with the reference using biased selection, unbiased gates
+    check_against_reference(layer, x)
+
+
+def test_bias_ignored_without_bias_balancing():
+    layer, x = build(seed=3, router="softmax", top_k=2, bias_balancing=False)
+    x_TD = x.detach().reshape(-1, D)
+    before = layer.router(x_TD).indices_TK.clone()
+    layer.router.expert_bias.copy_(torch.linspace(-5, 5, M, dtype=torch.float64))
+    assert torch.equal(layer.router(x_TD).indices_TK, before)
+
+
+def test_plan_dispatch_hand_example():
+    # 4 tokens, k=2, 3 experts, capacity 2. Slots in token-then-slot order:
+    # s0 (t0) -> e0 keep [e0:1]; s1 (t0) -> e1 keep [e1:1]; s2 (t1) -> e0 keep [e0:2]; s3 (t1) -> e2 keep;
+    # s4 (t2) -> e0 DROP (full); s5 (t2) -> e1 keep [e1:2]; s6 (t3) -> e1 DROP; s7 (t3) -> e0 DROP.
+    indices = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
+    plan = plan_dispatch(indices, 3, 2)
+    assert plan.dropped == 3
+    assert plan.routed_per_expert_M.tolist() == [4, 3, 1]
+    assert plan.kept_per_expert_M.tolist() == [2, 2, 1]
+    assert sorted(plan.slot_S.tolist()) == [0, 1, 2, 3, 5]
+    # grouped by expert, token order within an expert
+    assert plan.slot_S.tolist() == [0, 2, 1, 5, 3]
+    assert plan.token_S.tolist() == [0, 1, 0, 2, 1]
+    dropless = plan_dispatch(indices, 3, None)
+    assert dropless.dropped == 0 and dropless.kept_per_expert_M.tolist() == [4, 3, 1]
+    assert sorted(dropless.slot_S.tolist()) == list(range(8))
+
+
+def test_capacity_keeps_earliest_tokens():
+    """Every token prefers expert 0 first: with capacity c only the first c tokens get it."""
+    layer, x = build(seed=4, imbalance=False, router="softmax", top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 50.0
+        x[..., 0] = x[..., 0].abs() + 1.0  # logit of expert 0 dominates for every token
+    cap = math.ceil(1.0 * T * 1 / M)  # 3
+    out, _ = layer(x)
+    x_TD = x.reshape(-1, D)
+    expected = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(cap):
+        expected[t] = ref_expert(layer.pool, 0, x_TD[t])  # gate ~ 1
+    torch.testing.assert_close(out.reshape(T, D), expected, rtol=1e-6, atol=1e-6)
+    assert int(layer.stats.step_dropped) == T - cap
+
+
+def test_eval_mode_records_nothing():
+    layer, x = build(seed=5, router="sigmoid", top_k=2, capacity_factor=0.5)
+    layer.eval()
+    out_eval, _ = layer(x)
+    assert int(layer.stats.step_counts.sum()) == 0 and int(layer.stats.step_dropped) == 0
+    layer.train()
+    out_train, _ = layer(x)
+    torch.testing.assert_close(out_eval, out_train, rtol=0, atol=0)
+    assert int(layer.stats.step_counts.sum()) == T * 2
+
+
+def test_zero_token_input():
+    layer, _ = build(seed=6, router="softmax", top_k=2, shared_expert_ffn_hidden_size=SHARED_F)
+    x = torch.zeros(0, 5, D, dtype=torch.float64)
+    out, _ = layer(x)
+    assert out.shape == x.shape
+
+
+def test_norm_router_zero_gate_slots_neither_dispatched_nor_counted():
+    """A token with fewer than k positive NormRouter scores must not spend capacity on zero-gate
+    experts: here token 3's only real slot (expert 2) survives capacity 2 although two other
+    tokens fill their second slot with a zero-score expert."""
+    cfg = MoEConfig(kind="unipool", router="norm", top_k=2, capacity_factor=1.0, aux_loss="none")
+    pool = ExpertPool(4, 4, 3, 0.2, 0.2).double()
+    layer = MoELayer(cfg, 4, pool, PoolStats(1, 4, "step"), 0, 1, 0.3, 0.2).double()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4))
+    x = torch.tensor([[1.0, -1, -2, -3], [1, -1, -2, -3], [-1, 2, -2, -3], [-1, -1, 3, -3]], dtype=torch.float64)
+    layer.train()
+    out, _ = layer(x.unsqueeze(0))
+    assert torch.equal(layer.stats.micro_batch_counts[0], torch.tensor([2, 1, 1, 0]))
+    assert int(layer.stats.step_dropped) == 0
+    scale = layer.router.scale * layer.router.norm_constant
+    with torch.no_grad():
+        for t, e in ((0, 0), (1, 0), (2, 1), (3, 2)):  # each token's single positive expert
+            gate = scale * x[t, e] / x[t].norm()
+            torch.testing.assert_close(out[0, t], gate * ref_expert(pool, e, x[t]), rtol=1e-5, atol=1e-7)
