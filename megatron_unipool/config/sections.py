@@ -185,8 +185,6 @@ class Config:
              f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
         need(m.head_dim % 2 == 0, f"head dim model.hidden_size/model.num_heads={m.head_dim} must be even for RoPE")
         need(t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}")
-        need(t.warmup_steps <= t.max_steps,
-             f"train.warmup_steps={t.warmup_steps} must not exceed train.max_steps={t.max_steps}")
         if world_size is not None:
             need(world_size % (p.tp * p.pp) == 0,
                  f"world size {world_size} must be divisible by parallel.tp={p.tp} x parallel.pp={p.pp}")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,13 +59,15 @@ def lm_loss_sum(model: LanguageModel, batch: torch.Tensor, config: Config, devic
 
 @torch.no_grad()
 def evaluate(model: LanguageModel, data: RunData, config: Config, device: torch.device) -> float:
-    """Mean token loss over the first `eval_batches` micro-batches of the validation split."""
+    """Mean token loss over `eval_batches` micro-batches of samples spread evenly over the validation
+    split (its first samples alone would be one play's cast list)."""
     model.eval()
-    total, tokens = 0.0, 0
     micro = config.train.micro_batch
-    batches = min(config.train.eval_batches, max(1, len(data.valid) // micro))
-    for i in range(batches):
-        batch = data.valid.batch(i * micro, micro)
+    count = min(config.train.eval_batches * micro, len(data.valid))
+    positions = np.linspace(0, len(data.valid) - 1, count).round().astype(np.int64)
+    total, tokens = 0.0, 0
+    for start in range(0, count, micro):
+        batch = torch.from_numpy(np.stack([data.valid.sample(int(g)) for g in positions[start : start + micro]]))
         loss, _ = lm_loss_sum(model, batch, config, device)
         total += loss.item()
         tokens += batch[:, 1:].numel()

@@ -1,0 +1,21 @@
+"""Shared fixtures: the default corpus is tokenised once per test session into a temporary cache."""
+import pytest
+
+from megatron_unipool.config import load_config
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture
+def tiny_config(data_cache):
+    """A small, fast variant of the default config; keyword args are `section.key` overrides."""
+
+    def make(config_file="configs/tiny_unipool_cpu.json", *overrides):
+        base = [f"data.cache_dir={data_cache}", "logging.tensorboard=false", "model.seq_len=64",
+                "train.global_batch=8", "train.micro_batch=4", "train.eval_batches=2", "checkpoint.save_interval=0"]
+        return load_config(config_file, base + list(overrides))
+
+    return make

@@ -1,0 +1,131 @@
+"""Config loading: every bad field is named; overrides are type-checked; shipped configs load."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_unipool.config import ConfigError, load_config
+from megatron_unipool.model import LanguageModel, param_budget
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("moe.kind=mixture", "moe.kind: 'mixture' is not one of 'dense', 'vanilla', 'unipool'"),
+        ("moe.router=top2", "moe.router"),
+        ("moe.top_k=1.5", "moe.top_k: expected int, got float"),
+        ("moe.top_k=0", "moe.top_k: 0 must be >= 1"),
+        ("moe.top_k=33", "moe.top_k=33 exceeds the 32 experts"),
+        ("moe.pool_size=0", "moe.pool_size: 0 must be >= 1"),
+        ("moe.capacity_factor=0", "moe.capacity_factor: 0.0 must be > 0.0"),
+        ("moe.layers_per_pool=3", "moe.layers_per_pool=3 must divide the 4 MoE layers"),
+        ("moe.aux_loss=global", "moe.aux_loss"),
+        ("moe.flavour=1", "unknown key moe.flavour"),
+        ("model.num_heads=3", "model.hidden_size=128 must be divisible by model.num_heads=3"),
+        ("model.num_kv_heads=3", "model.num_heads=4 must be divisible by model.num_kv_heads=3"),
+        ("model.hidden_size=true", "model.hidden_size: expected int, got bool"),
+        ("model.init_std=0", "model.init_std: 0.0 must be > 0.0"),
+        ("model.attention=xformers", "model.attention"),
+        ("train.max_steps=0", "train.max_steps: 0 must be >= 1"),
+        ("train.precision=fp16", "train.precision: 'fp16' is not one of 'fp32', 'bf16'"),
+        ("train.global_batch=10", "train.global_batch=10 must be a multiple of train.micro_batch=16"),
+        ("train.lr=-1", "train.lr: -1.0 must be >= 0.0"),
+        ("train.beta2=1.5", "train.beta2: 1.5 must be <= 1.0"),
+        ("train.min_lr=1", "train.min_lr=1.0 must not exceed train.lr"),
+        ("parallel.tp=2", "world size 1 must be divisible by parallel.tp=2"),
+        ("parallel.ep=3", "32 experts per pool must be divisible by parallel.ep=3"),
+        ("data.corpus=null", "data.train_prefix and data.valid_prefix are required"),
+        ("data.corpus=wikipedia", "data.corpus"),
+        ("logging.log_interval=0", "logging.log_interval: 0 must be >= 1"),
+        ("checkpoint.keep_last=x", "checkpoint.keep_last: expected int, got str"),
+        ("optimizer.lr=1", "unknown section 'optimizer'"),
+    ],
+)
+def test_bad_field_is_named(override, named):
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "configs/tiny_unipool_cpu.json", [override])
+    assert named in str(error.value)
+
+
+def test_all_problems_reported_together(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"moe": {"kind": "x", "top_k": "two"}, "train": {"nope": 1}}))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "moe.kind" in message and "moe.top_k" in message and "unknown key train.nope" in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path / "broken.json")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["max_steps=3"])
+
+
+def test_overrides_are_typed_like_the_file():
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json",
+                         ["train.max_steps=7", "moe.router=softmax", "train.lr=1", "moe.capacity_factor=1.25"])
+    assert config.train.max_steps == 7 and config.moe.router == "softmax"
+    assert isinstance(config.train.lr, float) and config.train.lr == 1.0
+    assert config.moe.capacity_factor == 1.25
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_are_valid(path):
+    config = load_config(path, world_size=None)
+    expected_kind = path.stem.split("_")[0] if not path.stem.startswith("tiny") else path.stem.split("_")[1]
+    assert config.moe.kind == expected_kind
+    if "_pool" in path.stem:
+        assert config.moe.pool_size == int(path.stem.rsplit("pool", 1)[1])
+
+
+def test_tiny_twins_have_equal_active_parameters():
+    budgets = {kind: param_budget(c.model, c.moe) for kind in ("dense", "vanilla", "unipool")
+               for c in [load_config(REPO / f"configs/tiny_{kind}_cpu.json")]}
+    dense = budgets["dense"].active_params
+    for kind in ("vanilla", "unipool"):  # MoE adds only the routers to the active path
+        assert abs(budgets[kind].active_params - dense) / dense < 0.02
+    assert budgets["vanilla"].expert_params == budgets["unipool"].expert_params
+
+
+@pytest.mark.parametrize("overrides", [[], ["moe.kind=dense"], ["moe.pool_size=16", "moe.top_k=2"],
+                                       ["moe.kind=vanilla", "moe.aux_loss=layer", "model.tie_embeddings=true"],
+                                       ["moe.shared_expert_ffn_hidden_size=64", "moe.moe_layer_interval=2"]])
+def test_param_budget_counts_the_built_model(overrides):
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+    model = LanguageModel(config.model, config.moe)
+    budget = param_budget(config.model, config.moe)
+    assert budget.total_params == sum(p.numel() for p in model.parameters())
+    # active = everything except the experts a token does not visit
+    pools = config.moe.pool_layout(config.model.num_layers)
+    per_expert = sum(p[0].numel() for pool in model.expert_pools for p in pool.parameters()) // max(1, len(pools))
+    unvisited = sum(p.numel() for p in model.expert_pools.parameters()) - len(config.moe.moe_layers(config.model.num_layers)) * config.moe.top_k * per_expert
+    assert budget.active_params == budget.total_params - unvisited
+
+
+def test_param_budget_tool_reproduces_the_paper_figure():
+    """UniPool-182M has 777.9M parameters in the paper (GPT-2 vocabulary padded to 51,200)."""
+    out = subprocess.run([sys.executable, str(REPO / "tools/param_budget.py"), "--config",
+                          str(REPO / "configs/unipool_182m.json"), "--json"], capture_output=True, text=True, check=True)
+    budget = json.loads(out.stdout)
+    assert round(budget["total_params"] / 1e6, 1) == 777.9
+    reduced = param_budget(*(lambda c: (c.model, c.moe))(load_config(REPO / "configs/unipool_182m_pool48.json", world_size=None)))
+    assert reduced.expert_budget_percent == pytest.approx(50.0)
+
+
+def test_cli_reports_config_errors_and_exits_2(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "launch/pretrain.py"), "--run-dir", str(tmp_path),
+                          "--set", "moe.top_k=99"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "moe.top_k=99 exceeds" in out.stderr
+    assert not (tmp_path / "summary.json").exists()

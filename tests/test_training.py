@@ -1,0 +1,103 @@
+"""Training runs on the default corpus: learning, exact resume, layout-invariant accumulation,
+what a run writes, and the errors a user sees for data that does not fit the model."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_unipool.data import IndexedDataset, prepare_default_corpus
+from megatron_unipool.training import Trainer, latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def unigram_entropy(prefix: str) -> float:
+    dataset = IndexedDataset(prefix)
+    counts = np.bincount(np.asarray(dataset.tokens(0, dataset.num_tokens)), minlength=dataset.vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.mark.parametrize("kind", ["dense", "vanilla", "unipool"])
+def test_loss_falls_well_below_unigram_entropy(kind, tiny_config, data_cache, tmp_path):
+    config = tiny_config(f"configs/tiny_{kind}_cpu.json", "train.max_steps=200", "train.eval_interval=0",
+                         "train.warmup_steps=10")
+    summary = Trainer(config, tmp_path).train()
+    entropy = unigram_entropy(prepare_default_corpus("byte", data_cache)[0])
+    assert summary["final_val_loss"] < entropy - 0.5, (summary["final_val_loss"], entropy)
+    assert np.mean(summary["train_losses"][-10:]) < entropy - 0.5
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_config, tmp_path):
+    overrides = ["train.max_steps=6", "checkpoint.save_interval=3", "train.eval_interval=3", "moe.bias_balancing=true"]
+    full = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path / "full").train()
+    midway = tmp_path / "full" / "checkpoints" / "step_0000003"
+    assert midway.is_dir() and latest_checkpoint(tmp_path / "full" / "checkpoints").name == "step_0000006"
+    resumed = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides, f"checkpoint.load={midway}"),
+                      tmp_path / "resumed").train()
+    assert resumed["train_losses"] == full["train_losses"]
+    assert resumed["val_losses"] == full["val_losses"]
+    # a second start in a finished run directory resumes at the end and trains nothing more
+    again = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path / "full")
+    assert again.state.step == 6 and again.state.train_losses == full["train_losses"]
+
+
+@pytest.mark.parametrize("kind", ["unipool", "vanilla"])
+def test_gradient_accumulation_does_not_change_the_math(kind, tiny_config, tmp_path):
+    """One micro-batch of 8 or two of 4: same global batch, same losses (the step-lagged pool
+    statistics and the global-token loss normalisation make the split irrelevant)."""
+    runs = [Trainer(tiny_config(f"configs/tiny_{kind}_cpu.json", "train.max_steps=4", "train.eval_interval=0",
+                                f"train.micro_batch={micro}"), tmp_path / str(micro)).train()
+            for micro in (8, 4, 2)]
+    for other in runs[1:]:
+        np.testing.assert_allclose(other["train_losses"], runs[0]["train_losses"], rtol=1e-5)
+
+
+def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch/pretrain.py"), "--run-dir", str(run_dir), "--set", "train.max_steps=4",
+         "--set", f"data.cache_dir={data_cache}", "--set", "logging.log_interval=2", "--set", "train.eval_interval=2",
+         "--set", "logging.utilisation_interval=2", "--set", "model.seq_len=32"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "step 2/4" in out.stdout and "lm loss" in out.stdout and "tokens/s" in out.stdout and "ETA" in out.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("final_train_loss", "final_val_loss", "train_losses", "vocab_size", "total_params",
+                "active_params", "tokens_per_second", "steps"):
+        assert key in summary
+    assert summary["steps"] == 4 and len(summary["train_losses"]) == 4 and summary["vocab_size"] == 320
+    assert summary["final_train_loss"] == summary["train_losses"][-1]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "histograms": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/lm_loss", "train/aux_loss", "train/grad_norm", "train/tokens_per_second", "train/tflops",
+            "validation/loss"} <= set(tags["scalars"])
+    assert [e.value for e in events.Scalars("train/lm_loss")] == pytest.approx(summary["train_losses"])
+    assert "pool0/expert_load" in tags["histograms"] and "pool/utilisation" in tags["images"]
+
+
+def test_bf16_and_capacity_runs(tiny_config, tmp_path):
+    config = tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=8", "train.precision=bf16",
+                         "moe.capacity_factor=0.5", "moe.router=softmax", "moe.top_k=2", "train.eval_interval=0",
+                         "moe.z_loss_coeff=0.001")
+    trainer = Trainer(config, tmp_path)
+    summary = trainer.train()
+    assert all(math.isfinite(x) for x in summary["train_losses"])
+    assert summary["train_losses"][-1] < summary["train_losses"][0]
+
+
+def test_data_that_does_not_fit_the_model_is_refused(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match="vocabulary of 257 tokens, larger than model.vocab_size=200"):
+        Trainer(tiny_config("configs/tiny_unipool_cpu.json", "model.vocab_size=200"), tmp_path)
+    with pytest.raises(ValueError, match="seq_len|too short"):
+        Trainer(tiny_config("configs/tiny_unipool_cpu.json", "model.seq_len=1000000"), tmp_path)
+    with pytest.raises(FileNotFoundError):
+        Trainer(tiny_config("configs/tiny_unipool_cpu.json", "data.corpus=null",
+                            f"data.train_prefix={tmp_path}/none", f"data.valid_prefix={tmp_path}/none"), tmp_path)
