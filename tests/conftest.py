@@ -1,5 +1,6 @@
 """Shared fixtures: the default corpus is tokenised once per test session into a temporary cache."""
 import pytest
+import torch
 
 from megatron_unipool.config import load_config
 
@@ -19,3 +20,12 @@ def tiny_config(data_cache):
         return load_config(config_file, base + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: intra-op threads only add contention on a 2-core machine (seconds per test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,13 +24,7 @@ TOL = {"rtol": 1e-5, "atol": 1e-6}  # routing runs in fp32 by design; everything
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny float64 matmuls: intra-op threads only add contention (seconds per test on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------- reference

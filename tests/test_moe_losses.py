@@ -25,13 +25,7 @@ from megatron_unipool.moe import (
 LN5, LN3, LN2 = math.log(5.0), math.log(3.0), math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------ hand-made 4 tokens x 4 experts

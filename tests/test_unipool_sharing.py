@@ -20,13 +20,7 @@ POOL_PARAMS = ("w_gate", "w_up", "w_down")
 VOCAB = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def model_config(num_layers=4, **overrides):
