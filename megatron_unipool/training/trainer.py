@@ -75,8 +75,8 @@ def evaluate(model: LanguageModel, data: RunData, config: Config, device: torch.
     return total / tokens
 
 
-def train_step(model, optimizer, data: RunData, state: TrainState, config: Config, device) -> dict[str, float]:
-    """One optimizer step over the global batch; returns the step's metrics."""
+def train_step(model, optimizer, data: RunData, state: TrainState, config: Config, device):
+    """One optimizer step over the global batch: (metrics, the step's routing statistics)."""
     train = config.train
     accumulation = train.global_batch // train.micro_batch
     global_tokens = train.global_batch * config.model.seq_len
@@ -100,8 +100,10 @@ def train_step(model, optimizer, data: RunData, state: TrainState, config: Confi
     state.step += 1
     state.consumed_samples += train.global_batch
     routed = sum(int(c.sum()) for c in routing.counts_per_pool)
-    return {"lr": lr, "lm_loss": lm_total, "grad_norm": grad_norm, **moe_totals,
-            **({"dropped_fraction": routing.dropped / routed} if routed else {}), "_routing": routing}
+    metrics = {"lr": lr, "lm_loss": lm_total, "grad_norm": grad_norm, **moe_totals}
+    if routed:
+        metrics["dropped_fraction"] = routing.dropped / routed
+    return metrics, routing
 
 
 class Trainer:
@@ -151,8 +153,7 @@ class Trainer:
               f"{cfg.model.seq_len} tokens; run directory {self.run_dir}", flush=True)
         while self.state.step < cfg.train.max_steps:
             started = time.perf_counter()
-            metrics = train_step(self.model, self.optimizer, self.data, self.state, cfg, self.device)
-            routing = metrics.pop("_routing")
+            metrics, routing = train_step(self.model, self.optimizer, self.data, self.state, cfg, self.device)
             elapsed = time.perf_counter() - started
             step = self.state.step
             self.state.train_losses.append(metrics["lm_loss"])
