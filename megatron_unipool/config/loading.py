@@ -19,8 +19,8 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message lists every problem."""
 
 
-def _allowed(annotation) -> tuple[list[type], list[Any] | None, bool]:
-    """(python types, literal choices or None, accepts None) of a field annotation."""
+def _allowed(annotation) -> tuple[type, list[Any] | None, bool]:
+    """(python type, literal choices or None, accepts None) of a field annotation."""
     optional = False
     args = [annotation]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -29,16 +29,15 @@ def _allowed(annotation) -> tuple[list[type], list[Any] | None, bool]:
     (inner,) = args
     if typing.get_origin(inner) is typing.Literal:
         choices = list(typing.get_args(inner))
-        return [type(choices[0])], choices, optional
-    return [inner], None, optional
+        return type(choices[0]), choices, optional
+    return inner, None, optional
 
 
 def _check_value(name: str, f: dataclasses.Field, annotation, value: Any) -> tuple[Any, str | None]:
     """The value converted to the field's type, or an error message naming the field."""
-    kinds, choices, optional = _allowed(annotation)
+    kind, choices, optional = _allowed(annotation)
     if value is None:
         return (None, None) if optional else (None, f"{name}: null is not allowed")
-    kind = kinds[0]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

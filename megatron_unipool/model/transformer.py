@@ -94,14 +94,13 @@ class LanguageModel(nn.Module):
     def end_optimizer_step(self, reduce: Optional[Reduce] = None) -> RoutingStepStats:
         """Close the step's routing statistics: f_bar for the next step, aux-free bias updates."""
         result = RoutingStepStats()
+        counts_of = {}
         for stats in self.pool_stats:
             counts, dropped = stats.end_step(reduce)
+            counts_of[stats] = counts
             result.counts_per_pool.append(counts)
             result.dropped += dropped
         if self.moe_config.bias_balancing:
             for layer in self.moe_layers():
-                layer.router.update_bias(result.counts_per_pool[self._pool_index(layer)][layer.layer_slot])
+                layer.router.update_bias(counts_of[layer.stats][layer.layer_slot])
         return result
-
-    def _pool_index(self, layer: MoELayer) -> int:
-        return next(i for i, pool in enumerate(self.expert_pools) if pool is layer.pool)
