@@ -16,9 +16,9 @@ setup(
         "matplotlib",
         "nvidia-ml-py",
         "safetensors",
+        "deepspeed>=0.15",  # the launcher and init_distributed
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout"],
-        "deepspeed": ["deepspeed>=0.15"],
     },
 )

@@ -1,14 +1,23 @@
-"""Pretrain a dense, vanilla-MoE or UniPool model from a JSON config.
+"""Pretrain a dense, vanilla-MoE or UniPool model from a JSON config, on one process or many.
 
     python launch/pretrain.py [--config PATH] [--run-dir DIR] [--set section.key=value ...]
+    torchrun --nproc_per_node 4 launch/pretrain.py --set parallel.tp=2 --set parallel.pp=2
+    deepspeed --num_gpus 8 launch/pretrain.py --config configs/unipool_182m.json
+    deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 launch/pretrain.py --config ...
 
-Without --config it trains configs/tiny_unipool_cpu.json (a few minutes on 2 CPU cores).
+Without --config it trains configs/tiny_unipool_cpu.json (a few minutes on 2 CPU cores). The
+launchers describe the job in the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...); the
+parallel degrees come from the config's `parallel` section, data parallelism takes the rest.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 try:
@@ -17,7 +26,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 from megatron_unipool.config import ConfigError, load_config  # noqa: E402
-from megatron_unipool.training import Trainer  # noqa: E402
+from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
+from megatron_unipool.training import Trainer, init_parallel  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "tiny_unipool_cpu.json"
 
@@ -28,17 +38,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="checkpoints, TensorBoard events, summary.json (default: runs/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field, type-checked like the file; repeatable")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, world_size=world_size)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
-    summary = Trainer(config, run_dir).train()
-    print(f"done: {summary['steps']} steps, final train loss {summary['final_train_loss']:.4f}, "
-          f"validation loss {summary['final_val_loss']:.4f}, {summary['tokens_per_second']:,.0f} tokens/s; "
-          f"summary in {run_dir / 'summary.json'}")
+    init_distributed_from_env(config.parallel.timeout_s)
+    try:
+        parallel = init_parallel(config)
+        device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None
+        summary = Trainer(config, run_dir, device=device, parallel=parallel).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if parallel.layout.rank == 0:
+        print(f"done: {summary['steps']} steps, final train loss {summary['final_train_loss']:.4f}, "
+              f"validation loss {summary['final_val_loss']:.4f}, {summary['tokens_per_second']:,.0f} tokens/s; "
+              f"summary in {run_dir / 'summary.json'}")
     return 0
 
 

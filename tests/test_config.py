@@ -34,7 +34,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.json"))
         ("model.attention=xformers", "model.attention"),
         ("train.max_steps=0", "train.max_steps: 0 must be >= 1"),
         ("train.precision=fp16", "train.precision: 'fp16' is not one of 'fp32', 'bf16'"),
-        ("train.global_batch=10", "train.global_batch=10 must be a multiple of train.micro_batch=16"),
+        ("train.global_batch=10", "train.global_batch=10 must be a multiple of train.micro_batch=4"),
         ("train.lr=-1", "train.lr: -1.0 must be >= 0.0"),
         ("train.beta2=1.5", "train.beta2: 1.5 must be <= 1.0"),
         ("train.min_lr=1", "train.min_lr=1.0 must not exceed train.lr"),
@@ -87,6 +87,14 @@ def test_shipped_configs_are_valid(path):
     assert config.moe.kind == expected_kind
     if "_pool" in path.stem:
         assert config.moe.pool_size == int(path.stem.rsplit("pool", 1)[1])
+    # the paper scales are laid out for 8-GPU nodes (one node, or two with the same ep); the tiny ones
+    # divide by tp, pp and ep of 2 on 4 processes
+    worlds = [4] if path.stem.startswith("tiny") else [8, 16]
+    for world in worlds:
+        load_config(path, world_size=world)
+    if path.stem.startswith("tiny"):
+        for layout in (["parallel.tp=2", "parallel.pp=2"], ["parallel.ep=2"], ["parallel.pp=2", "parallel.ep=2"]):
+            load_config(path, layout, world_size=4)
 
 
 def test_tiny_twins_have_equal_active_parameters():

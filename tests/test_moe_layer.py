@@ -319,6 +319,15 @@ def test_zero_token_input():
     assert out.shape == x.shape
 
 
+def test_empty_expert_input_stays_in_the_graph():
+    """A rank whose experts receive no tokens must still backpropagate through its (empty) result:
+    under expert parallelism the reverse all-to-all needs every rank to take part."""
+    pool = ExpertPool(4, D, 8, 0.02, 0.02)
+    x = torch.zeros(0, D, requires_grad=True)
+    y = pool(x, torch.zeros(4, dtype=torch.long))
+    assert y.shape == (0, D) and y.requires_grad
+
+
 def test_norm_router_zero_gate_slots_neither_dispatched_nor_counted():
     """A token with fewer than k positive NormRouter scores must not spend capacity on zero-gate
     experts: here token 3's only real slot (expert 2) survives capacity 2 although two other

@@ -138,7 +138,8 @@ class ParallelConfig:
 
     tp: int = bounded(1, 1)
     pp: int = bounded(1, 1)
-    ep: int = bounded(1, 1)
+    ep: int = bounded(1, 1)  # expert-parallel ranks sharing one copy of each pool; divides dp
+    timeout_s: float = bounded(600.0, 1.0)  # a collective waiting longer ends the job (a rank died)
 
 
 @dataclass
@@ -198,6 +199,14 @@ class Config:
         need(m.num_kv_heads % p.tp == 0,
              f"model.num_kv_heads={m.num_kv_heads} must be divisible by parallel.tp={p.tp}")
         need(m.num_layers % p.pp == 0, f"model.num_layers={m.num_layers} must be divisible by parallel.pp={p.pp}")
+        need(m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} must be divisible by parallel.tp={p.tp}"
+             " (the vocabulary is split over tensor-parallel ranks)")
+        need(not (m.tie_embeddings and p.pp > 1),
+             f"model.tie_embeddings needs parallel.pp=1 (the embedding and output layer are on different stages"
+             f" at pp={p.pp})")
+        need(moe.pool_aux_lag != "micro_batch" or p.pp == 1,
+             "moe.pool_aux_lag='micro_batch' needs parallel.pp=1: pipeline stages do not finish a micro-batch"
+             " together; use 'step'")
         if d.corpus is None:
             need(d.train_prefix is not None and d.valid_prefix is not None,
                  "data.train_prefix and data.valid_prefix are required when data.corpus is null")

@@ -23,6 +23,6 @@ def grouped_swiglu(
     ):
         if count:
             outputs.append((F.silu(x @ w_gate.t()) * (x @ w_up.t())) @ w_down.t())
-    if not outputs:
-        return x_SD.new_zeros(0, w_down_MDF.shape[1])
+    if not outputs:  # no slots: an empty result still tied to x_SD, so every rank's backward has the same steps
+        return x_SD * 0
     return torch.cat(outputs)

@@ -29,8 +29,9 @@ class Attention(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         b, s, _ = x_BSD.shape
         cfg = self.config
-        q = self.wq(x_BSD).view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        # -1 heads: this rank's share of them under tensor parallelism
+        q = self.wq(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
         out = causal_attention(self.rope(q), self.rope(k), v, cfg.attention)
-        return self.wo(out.transpose(1, 2).reshape(b, s, cfg.num_heads * cfg.head_dim))
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))

@@ -67,6 +67,7 @@ class LanguageModel(nn.Module):
             Block(model, self.rope, ffns.get(i) or SwiGLU(model.hidden_size, model.ffn_hidden_size, model.init_std, output_std), output_std)
             for i in range(model.num_layers)
         )
+        self.local_layers = list(range(model.num_layers))  # this pipeline stage's layers
         self.final_norm = nn.RMSNorm(model.hidden_size, eps=model.norm_eps)
         self.output = nn.Linear(model.hidden_size, model.vocab_size, bias=False)
         if model.tie_embeddings:
@@ -74,18 +75,25 @@ class LanguageModel(nn.Module):
         else:
             nn.init.normal_(self.output.weight, 0.0, model.init_std)
 
-    def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits [B, S, V] and the MoE losses summed over layers (aux_loss, z_loss, as configured)."""
-        x = self.embedding(tokens_BS)
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits [B, S, V] and the MoE losses summed over layers (aux_loss, z_loss, as configured).
+
+        `inputs` are tokens [B, S]; a pipeline stage without the embedding takes the previous
+        stage's hidden states [B, S, D] and, without the output layer, returns its own.
+        """
+        x = self.embedding(inputs) if self.embedding is not None else inputs
         losses: dict[str, torch.Tensor] = {}
-        for block in self.layers:
-            x, layer_losses = block(x)
+        for i in self.local_layers:
+            x, layer_losses = self.layers[i](x)
             for name, value in layer_losses.items():
                 losses[name] = losses[name] + value if name in losses else value
+        if self.output is None:
+            return x, losses
         return self.output(self.final_norm(x)), losses
 
     def moe_layers(self) -> list[MoELayer]:
-        return [block.ffn for block in self.layers if isinstance(block.ffn, MoELayer)]
+        blocks = (self.layers[i] for i in self.local_layers)
+        return [block.ffn for block in blocks if isinstance(block.ffn, MoELayer)]
 
     def end_micro_batch(self, reduce: Optional[Reduce] = None) -> None:
         for stats in self.pool_stats:

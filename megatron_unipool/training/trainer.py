@@ -1,9 +1,12 @@
-"""The training loop on one process: gradient accumulation, balancing-statistics bookkeeping,
-evaluation, logging and checkpoints.
+"""The training loop, on one process or many: gradient accumulation or the 1F1B pipeline
+schedule, gradient reduction, balancing-statistics bookkeeping, evaluation, logging and checkpoints.
 
 Loss normalisation follows the layout-invariance rules of the design note: the LM loss is the
 sum of token losses divided by the tokens of the whole global batch, and each micro-batch's MoE
-losses are averaged over the micro-batches of the step.
+losses are averaged over all micro-batches of the step (on every data-parallel rank). Each rank
+backpropagates its share, so gradients are summed across ranks and any layout computes the same
+step as one process. Data-parallel rank r takes the r-th contiguous slice of the global batch,
+`train.micro_batch` sequences at a time: the micro-batches are those of a single-process run.
 """
 from __future__ import annotations
 
@@ -15,15 +18,22 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from ..config import Config, config_to_dict
-from ..model import LanguageModel, param_budget
+from ..model import LanguageModel, RoutingStepStats, param_budget
+from ..model.sharding import shard_model
+from ..parallel import ParallelState, all_reduce
+from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
+from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_model, rng_state, save_checkpoint, set_rng_state
 from .datasets import RunData, build_datasets
+from .distributed import clip_gradients, gather_full_state, load_optimizer_state, reduce_gradients
 from .hardware import peak_flops
 from .metrics import MetricsLogger
 from .optimizer import build_optimizer, learning_rate, set_learning_rate
+
+MOE_LOSSES = ("aux_loss", "z_loss")
 
 
 @dataclass
@@ -48,112 +58,168 @@ def autocast(config: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-def lm_loss_sum(model: LanguageModel, batch: torch.Tensor, config: Config, device: torch.device):
-    """(sum of next-token losses, MoE losses) of one micro-batch [B, S + 1]."""
-    batch = batch.to(device)
-    with autocast(config, device):
-        logits, moe_losses = model(batch[:, :-1])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-    return loss, moe_losses
-
-
-@torch.no_grad()
-def evaluate(model: LanguageModel, data: RunData, config: Config, device: torch.device) -> float:
-    """Mean token loss over `eval_batches` micro-batches of samples spread evenly over the validation
-    split (its first samples alone would be one play's cast list)."""
-    model.eval()
-    micro = config.train.micro_batch
-    count = min(config.train.eval_batches * micro, len(data.valid))
-    positions = np.linspace(0, len(data.valid) - 1, count).round().astype(np.int64)
-    total, tokens = 0.0, 0
-    for start in range(0, count, micro):
-        batch = torch.from_numpy(np.stack([data.valid.sample(int(g)) for g in positions[start : start + micro]]))
-        loss, _ = lm_loss_sum(model, batch, config, device)
-        total += loss.item()
-        tokens += batch[:, 1:].numel()
-    model.train()
-    return total / tokens
-
-
-def train_step(model, optimizer, data: RunData, state: TrainState, config: Config, device):
-    """One optimizer step over the global batch: (metrics, the step's routing statistics)."""
-    train = config.train
-    accumulation = train.global_batch // train.micro_batch
-    global_tokens = train.global_batch * config.model.seq_len
-    lr = learning_rate(state.step, train)
-    set_learning_rate(optimizer, lr)
-    optimizer.zero_grad(set_to_none=True)
-    lm_total, moe_totals = 0.0, {}
-    for micro in range(accumulation):
-        batch = data.train.batch(state.consumed_samples + micro * train.micro_batch, train.micro_batch)
-        lm_sum, moe_losses = lm_loss_sum(model, batch, config, device)
-        loss = lm_sum / global_tokens + sum(moe_losses.values(), torch.zeros((), device=device)) / accumulation
-        loss.backward()
-        model.end_micro_batch()
-        lm_total += lm_sum.item() / global_tokens
-        for name, value in moe_losses.items():
-            moe_totals[name] = moe_totals.get(name, 0.0) + value.item() / accumulation
-    max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-    optimizer.step()
-    routing = model.end_optimizer_step()
-    state.step += 1
-    state.consumed_samples += train.global_batch
-    routed = sum(int(c.sum()) for c in routing.counts_per_pool)
-    metrics = {"lr": lr, "lm_loss": lm_total, "grad_norm": grad_norm, **moe_totals}
-    if routed:
-        metrics["dropped_fraction"] = routing.dropped / routed
-    return metrics, routing
-
-
 class Trainer:
-    def __init__(self, config: Config, run_dir: str | Path, device: Optional[torch.device] = None):
+    """Trains this rank's part of the model; `parallel` holds the layout (one process by default)."""
+
+    def __init__(self, config: Config, run_dir: str | Path, device: Optional[torch.device] = None,
+                 parallel: Optional[ParallelState] = None):
         self.config = config
+        self.parallel = parallel or ParallelState()
+        self.layout = self.parallel.layout
+        self.is_logger = self.layout.rank == 0
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_logger:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         seed_everything(config.train.seed)
         self.data = build_datasets(config)
-        self.model = LanguageModel(config.model, config.moe).to(self.device)
-        self.optimizer = build_optimizer(self.model, config.train)
-        self.budget = param_budget(config.model, config.moe)
+        model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
         self.state = TrainState()
         self.checkpoints = self.run_dir / "checkpoints"
-        self._resume()
+        payload, source = self._checkpoint_to_resume()
+        if payload is not None:
+            restore_model(model, payload["model"], source)
+        self.specs = shard_model(model, self.parallel)
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(self.model, config.train)
+        if payload is not None:
+            load_optimizer_state(self.model, self.optimizer, payload["optimizer"], self.specs)
+            self.state = TrainState(**payload["train_state"])
+            set_rng_state(payload["rng"])
+            if self.is_logger:
+                print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
+                      flush=True)
+        self.budget = param_budget(config.model, config.moe)
+        micro = config.train.micro_batch
+        self.channel = StageChannel(self.parallel, (micro, config.model.seq_len, config.model.hidden_size),
+                                    torch.float32, self.device)
 
-    def _resume(self) -> None:
+    def _checkpoint_to_resume(self):
         ckpt = self.config.checkpoint
         path = Path(ckpt.load) if ckpt.load else (latest_checkpoint(self.checkpoints) if ckpt.resume else None)
-        if path is None:
-            return
-        payload = load_checkpoint(path)
-        restore_model(self.model, payload["model"], path)
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.state = TrainState(**payload["train_state"])
-        set_rng_state(payload["rng"])
-        print(f"resumed from {path} at step {self.state.step} ({self.state.consumed_samples} samples)", flush=True)
+        return (None, None) if path is None else (load_checkpoint(path), path)
 
-    def save(self) -> Path:
+    def save(self) -> Optional[Path]:
+        """Gather the full model and optimizer state and write them (rank 0); every rank must call it."""
+        full = gather_full_state(self.model, self.optimizer, self.specs, self.parallel)
+        if full is None:
+            return None
         payload = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": full[0],
+            "optimizer": full[1],
             "train_state": asdict(self.state),
             "rng": rng_state(),
             "config": config_to_dict(self.config),
         }
         return save_checkpoint(self.checkpoints, self.state.step, payload, self.config.checkpoint.keep_last)
 
+    def _reduce_routing(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce(tensor, self.parallel.routing_group)
+
+    def _run_micro_batches(self, batches: list[torch.Tensor], train: bool) -> torch.Tensor:
+        """Forward (and backward) every micro-batch through this rank's stage.
+
+        Returns this rank's share of [lm loss, aux loss, z loss], each already divided as in the
+        training loss (summed over ranks it gives the step's totals).
+        """
+        cfg = self.config
+        global_tokens = len(batches) * self.layout.dp * batches[0][:, 1:].numel()
+        micro_batches_in_step = len(batches) * self.layout.dp
+        totals = torch.zeros(1 + len(MOE_LOSSES), device=self.device)
+
+        def forward_step(i: int, hidden: Optional[torch.Tensor]):
+            if train and i > 0:
+                self.model.end_micro_batch(self._reduce_routing)
+            tokens = batches[i].to(self.device)
+            with autocast(cfg, self.device):
+                out, moe_losses = self.model(tokens[:, :-1] if hidden is None else hidden)
+            loss = None
+            for j, name in enumerate(MOE_LOSSES, start=1):
+                if name in moe_losses:
+                    share = moe_losses[name] / micro_batches_in_step
+                    totals[j] += share.detach()
+                    loss = share if loss is None else loss + share
+            if not self.channel.last:
+                return out, loss
+            lm = vocab_parallel_cross_entropy_sum(out.flatten(0, 1), tokens[:, 1:].flatten(), self.parallel.tp_group)
+            totals[0] += lm.detach() / global_tokens
+            loss = lm / global_tokens if loss is None else lm / global_tokens + loss
+            return None, loss
+
+        if train:
+            one_forward_one_backward(len(batches), forward_step, self.channel)
+            self.model.end_micro_batch(self._reduce_routing)
+        else:
+            with torch.no_grad():
+                forward_only(len(batches), forward_step, self.channel)
+        if self.layout.tp_rank != 0:  # tensor-parallel ranks computed the same values
+            totals.zero_()
+        if self.parallel.distributed:
+            dist.all_reduce(totals)
+        return totals
+
+    def compute_gradients(self) -> torch.Tensor:
+        """Forward and backward of this rank's share of the next global batch, gradients reduced over
+        their replicas: afterwards every rank holds its slice of the single-process gradient."""
+        train, layout = self.config.train, self.layout
+        per_rank = train.global_batch // layout.dp
+        first = self.state.consumed_samples + layout.dp_rank * per_rank
+        batches = [self.data.train.batch(first + i, train.micro_batch) for i in range(0, per_rank, train.micro_batch)]
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = self._run_micro_batches(batches, train=True)
+        reduce_gradients(self.model, self.specs, self.parallel)
+        return totals
+
+    def train_step(self) -> tuple[dict, RoutingStepStats]:
+        """One optimizer step over the global batch: (metrics, the step's routing statistics)."""
+        train = self.config.train
+        lr = learning_rate(self.state.step, train)
+        set_learning_rate(self.optimizer, lr)
+        totals = self.compute_gradients()
+        grad_norm = clip_gradients(self.model, self.specs, self.parallel, train.grad_clip)
+        self.optimizer.step()
+        routing = self.model.end_optimizer_step(self._reduce_routing)
+        self.state.step += 1
+        self.state.consumed_samples += train.global_batch
+        metrics = {"lr": lr, "lm_loss": totals[0].item(), "grad_norm": grad_norm}
+        moe = self.config.moe
+        if moe.kind != "dense":
+            active = {"aux_loss": moe.aux_loss != "none", "z_loss": moe.z_loss_coeff > 0}
+            metrics.update({name: totals[j].item() for j, name in enumerate(MOE_LOSSES, start=1) if active[name]})
+        routed = sum(int(c.sum()) for c in routing.counts_per_pool)
+        if routed:
+            metrics["dropped_fraction"] = routing.dropped / routed
+        return metrics, routing
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over `eval_batches` micro-batches of samples spread evenly over the
+        validation split (its first samples alone would be one play's cast list). Every
+        data-parallel replica evaluates the same samples."""
+        self.model.eval()
+        micro, valid = self.config.train.micro_batch, self.data.valid
+        count = min(self.config.train.eval_batches * micro, len(valid)) // micro * micro
+        positions = np.linspace(0, len(valid) - 1, count).round().astype(np.int64)
+        batches = [torch.from_numpy(np.stack([valid.sample(int(g)) for g in positions[i: i + micro]]))
+                   for i in range(0, count, micro)]
+        totals = self._run_micro_batches(batches, train=False)
+        self.model.train()
+        return totals[0].item()  # each replica's share is its 1/dp of the same mean
+
     def train(self) -> dict:
         cfg = self.config
-        logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps)
-        peak = peak_flops()
+        logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps, enabled=self.is_logger)
+        peak = peak_flops() * self.layout.world_size if peak_flops() else None
         tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
-        print(f"training {cfg.moe.kind} model: {self.budget.total_params:,} parameters, "
-              f"{self.budget.active_params:,} active per token, {len(self.data.train):,} training samples of "
-              f"{cfg.model.seq_len} tokens; run directory {self.run_dir}", flush=True)
+        if self.is_logger:
+            L = self.layout
+            print(f"training {cfg.moe.kind} model: {self.budget.total_params:,} parameters, "
+                  f"{self.budget.active_params:,} active per token, {len(self.data.train):,} training samples of "
+                  f"{cfg.model.seq_len} tokens, layout tp {L.tp} pp {L.pp} dp {L.dp} ep {L.ep}; "
+                  f"run directory {self.run_dir}", flush=True)
         while self.state.step < cfg.train.max_steps:
             started = time.perf_counter()
-            metrics, routing = train_step(self.model, self.optimizer, self.data, self.state, cfg, self.device)
+            metrics, routing = self.train_step()
             elapsed = time.perf_counter() - started
             step = self.state.step
             self.state.train_losses.append(metrics["lm_loss"])
@@ -168,7 +234,7 @@ class Trainer:
             interval = cfg.logging.utilisation_interval
             logger.utilisation(step, routing.counts_per_pool, image=last or (interval and step % interval == 0))
             if last or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
-                self.state.val_losses.append((step, evaluate(self.model, self.data, cfg, self.device)))
+                self.state.val_losses.append((step, self.evaluate()))
                 logger.evaluation(step, self.state.val_losses[-1][1])
             if last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
                 self.save()

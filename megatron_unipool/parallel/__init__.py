@@ -1,0 +1,13 @@
+"""Process groups and the communication of tensor, pipeline, data and expert parallelism.
+
+Knows no model: the model package shards itself with these layers and collectives.
+"""
+from .state import (
+    Layout,
+    ParallelState,
+    all_reduce,
+    build_parallel_state,
+    group_ranks,
+    init_distributed_from_env,
+    layout_errors,
+)

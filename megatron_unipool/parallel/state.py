@@ -1,0 +1,183 @@
+"""Every process group of a run, built once from (tp, pp, ep, world size) and held here.
+
+Rank layout (Megatron's, and DeepSpeed's pipe/data/model topology): tensor-parallel ranks are
+neighbours, then data-parallel, then pipeline stages:
+
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank),     dp = world / (tp * pp)
+
+Experts are sharded over data-parallel replicas: within one (pp stage, tp rank), the dp ranks
+form dp/ep expert-parallel groups of ep neighbours; `ep_rank = dp_rank % ep` says which shard
+of every pool a rank holds, in every stage alike, so every stage routes into the same ep ranks.
+A shard's replicas (the expert-data-parallel group) are the dp ranks with the same ep_rank.
+
+Groups are created by every rank in the same order (torch.distributed requires it); a
+single-process run has no groups at all and every collective below is skipped.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+Group = Optional[dist.ProcessGroup]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parallel degrees and this rank's coordinates."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    rank: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """(tp_rank, dp_rank, pp_rank) of `rank`."""
+        return rank % self.tp, (rank // self.tp) % self.dp, rank // (self.tp * self.dp)
+
+    def rank_of(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coordinates(self.rank)[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coordinates(self.rank)[1]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coordinates(self.rank)[2]
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
+
+    @property
+    def edp_rank(self) -> int:
+        """Which replica of its expert shard this rank is."""
+        return self.dp_rank // self.ep
+
+    def ranks(self, tp=None, dp=None, pp=None) -> list[int]:
+        """Ranks whose coordinates lie in the given sets (None: all values)."""
+        tps = range(self.tp) if tp is None else tp
+        dps = range(self.dp) if dp is None else dp
+        pps = range(self.pp) if pp is None else pp
+        return sorted(self.rank_of(t, d, p) for t, d, p in itertools.product(tps, dps, pps))
+
+
+def layout_errors(tp: int, pp: int, ep: int, world_size: int) -> list[str]:
+    errors = []
+    if world_size % (tp * pp):
+        errors.append(f"world size {world_size} is not divisible by tp {tp} x pp {pp}")
+    elif (world_size // (tp * pp)) % ep:
+        errors.append(f"ep {ep} does not divide the data-parallel size {world_size // (tp * pp)} "
+                      f"(world {world_size} / tp {tp} / pp {pp})")
+    return errors
+
+
+@dataclass
+class ParallelState:
+    """The layout and its process groups (None where the group would have one rank)."""
+
+    layout: Layout = field(default_factory=Layout)
+    tp_group: Group = None
+    pp_group: Group = None  # this rank's pipeline: same tp and dp rank, every stage
+    dp_group: Group = None  # replicas of this rank's dense weights
+    ep_group: Group = None  # ranks holding the shards of one copy of each pool
+    edp_group: Group = None  # replicas of this rank's expert shard within its stage
+    routing_group: Group = None  # every rank that routes tokens into the pools (one tp rank of each)
+    _pool_groups: dict = field(default_factory=dict)  # frozenset of stages -> replicas of this rank's shard
+
+    @property
+    def distributed(self) -> bool:
+        return self.layout.world_size > 1
+
+    def pool_group(self, stages: Iterable[int]) -> Group:
+        """Every replica of this rank's pool shard in a pool used by `stages`: over the expert-data-parallel
+        ranks of each of those stages. Gradients of the pool are summed over it."""
+        return self._pool_groups.get(frozenset(stages))
+
+
+def group_ranks(layout: Layout, pool_stage_sets: Iterable[Iterable[int]] = ()) -> dict:
+    """Every group of the layout as rank lists: {kind: [ranks, ...]}, pool groups under ("pool", stages)."""
+    L = layout
+    blocks = [range(b * L.ep, (b + 1) * L.ep) for b in range(L.dp // L.ep)]
+    replicas = [range(e, L.dp, L.ep) for e in range(L.ep)]
+    groups = {
+        "tp": [L.ranks(dp=[d], pp=[p]) for p in range(L.pp) for d in range(L.dp)],
+        "dp": [L.ranks(tp=[t], pp=[p]) for p in range(L.pp) for t in range(L.tp)],
+        "pp": [L.ranks(tp=[t], dp=[d]) for d in range(L.dp) for t in range(L.tp)],
+        "ep": [L.ranks(tp=[t], dp=b, pp=[p]) for p in range(L.pp) for t in range(L.tp) for b in blocks],
+        "edp": [L.ranks(tp=[t], dp=r, pp=[p]) for p in range(L.pp) for t in range(L.tp) for r in replicas],
+        "routing": [L.ranks(tp=[t]) for t in range(L.tp)],
+    }
+    for stages in sorted({tuple(sorted(set(s))) for s in pool_stage_sets}):
+        groups[("pool", stages)] = [L.ranks(tp=[t], dp=r, pp=stages) for t in range(L.tp) for r in replicas]
+    return groups
+
+
+def build_parallel_state(tp: int, pp: int, ep: int, pool_stage_sets: Iterable[Iterable[int]] = ()) -> ParallelState:
+    """Create all groups on an initialised default group (a no-op layout when there is none).
+
+    `pool_stage_sets` lists, for each pool, the pipeline stages whose layers use it; a group is
+    created for each distinct set so that a pool's gradients reduce over exactly its replicas.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    errors = layout_errors(tp, pp, ep, world)
+    if errors:
+        raise ValueError("; ".join(errors))
+    layout = Layout(tp=tp, pp=pp, dp=world // (tp * pp), ep=ep, rank=dist.get_rank() if world > 1 else 0)
+    state = ParallelState(layout)
+    if world == 1:
+        return state
+    mine = {}
+    for kind, rank_sets in group_ranks(layout, pool_stage_sets).items():
+        for ranks in rank_sets:  # every rank creates every group, in the same order
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if layout.rank in ranks:
+                mine[kind] = group
+    for kind in ("tp", "dp", "pp", "ep", "edp", "routing"):
+        setattr(state, f"{kind}_group", mine[kind])
+    state._pool_groups = {frozenset(kind[1]): group for kind, group in mine.items() if isinstance(kind, tuple)}
+    return state
+
+
+def init_distributed_from_env(timeout_s: float) -> int:
+    """Join the job the launcher (deepspeed, torchrun) described in the environment; returns the world size.
+
+    NCCL on GPUs, gloo on CPU. Collectives time out after `timeout_s`, so a dead rank ends the
+    job with an error instead of a hang.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return dist.get_world_size() if dist.is_initialized() else 1
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        import deepspeed
+    except ImportError:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    return dist.get_world_size()
+
+
+def all_reduce(tensor: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce that is a no-op without a group (single rank)."""
+    if group is not None:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor

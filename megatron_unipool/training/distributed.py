@@ -1,0 +1,149 @@
+"""What an optimizer step needs across ranks: gradient reduction, the global gradient norm, and
+checkpoint state gathered into (and scattered from) full-model tensors.
+
+Each rank's loss is its share of the global loss (its tokens over the tokens of the whole
+global batch), so every reduction is a plain sum:
+- dense weights over the data-parallel group;
+- a pool shard over every replica of it: the expert-data-parallel ranks of every stage that
+  uses the pool (the all-to-all has already summed the expert-parallel ranks' tokens into it).
+  This is how the pool stays identical in every pipeline stage;
+- tensor-parallel replicas (norms, routers, experts) see identical inputs and need nothing.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..config import Config
+from ..model.sharding import REPLICATED, ShardSpec, pool_stages
+from ..parallel import ParallelState, build_parallel_state
+
+
+def _sum_over(tensors: list[torch.Tensor], group) -> None:
+    """All-reduce a list of tensors as one flat buffer per dtype (one collective, not one per tensor)."""
+    by_dtype = defaultdict(list)
+    for t in tensors:
+        by_dtype[t.dtype].append(t)
+    for same in by_dtype.values():
+        flat = _flatten_dense_tensors(same)
+        dist.all_reduce(flat, group=group)
+        for t, reduced in zip(same, _unflatten_dense_tensors(flat, same)):
+            t.copy_(reduced)
+
+
+def reduce_gradients(model: nn.Module, specs: dict[str, ShardSpec], state: ParallelState) -> None:
+    if not state.distributed:
+        return
+    dense, pools = [], defaultdict(list)
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        stages = specs.get(name, REPLICATED).pool_stages
+        (dense if stages is None else pools[stages]).append(param.grad)
+    if state.dp_group is not None:
+        _sum_over(dense, state.dp_group)
+    for stages in sorted(pools):
+        group = state.pool_group(stages)
+        if group is not None:
+            _sum_over(pools[stages], group)
+
+
+def global_grad_norm(model: nn.Module, specs: dict[str, ShardSpec], state: ParallelState) -> torch.Tensor:
+    """L2 norm of the full model's gradient, each distinct slice counted once over all ranks."""
+    squares = [
+        param.grad.detach().float().pow(2).sum()
+        for name, param in model.named_parameters()
+        if param.grad is not None and specs.get(name, REPLICATED).holds_canonical_copy(state.layout)
+    ]
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if state.distributed:
+        dist.all_reduce(total)
+    return total.sqrt()
+
+
+def clip_gradients(model: nn.Module, specs, state: ParallelState, max_norm: float) -> float:
+    norm = global_grad_norm(model, specs, state)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    return norm.item()
+
+
+def _assemble(pieces: list[tuple[ShardSpec, torch.Tensor]]) -> torch.Tensor:
+    """Full tensor from the canonical slices of one name (a replicated one is its own full tensor)."""
+    spec = pieces[0][0]
+    if spec.dim is None:
+        return pieces[0][1]
+    by_index = {s.index: t for s, t in pieces}
+    return torch.cat([by_index[i] for i in range(spec.parts)], dim=spec.dim)
+
+
+def gather_full_tensors(tensors: dict[str, torch.Tensor], specs: dict[str, ShardSpec],
+                        state: ParallelState) -> Optional[dict[str, torch.Tensor]]:
+    """The full-model tensors of named shards (weights, gradients, optimizer moments), on rank 0 only."""
+    layout = state.layout
+    pieces = {name: (specs.get(name, REPLICATED), t.detach().cpu()) for name, t in tensors.items()
+              if specs.get(name, REPLICATED).holds_canonical_copy(layout)}
+    everyone = [pieces]
+    if state.distributed:
+        everyone = [None] * layout.world_size if layout.rank == 0 else None
+        dist.gather_object(pieces, everyone, dst=0)
+        if layout.rank != 0:
+            return None
+    by_name = defaultdict(list)
+    for rank_pieces in everyone:
+        for name, piece in rank_pieces.items():
+            by_name[name].append(piece)
+    return {name: _assemble(p) for name, p in by_name.items()}
+
+
+OPTIMIZER_KEY = "{name}::{key}"
+
+
+def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, specs: dict[str, ShardSpec],
+                      state: ParallelState) -> Optional[tuple[dict, dict]]:
+    """(model state dict, optimizer state by parameter name) of the full model, on rank 0 only.
+
+    Both are layout independent, the same as a single-process run's, so a checkpoint loads at
+    any layout.
+    """
+    tensors, optimizer_specs = dict(model.state_dict()), dict(specs)
+    for name, param in model.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            flat = OPTIMIZER_KEY.format(name=name, key=key)
+            tensors[flat] = value
+            optimizer_specs[flat] = specs.get(name, REPLICATED) if value.shape == param.shape else REPLICATED
+    full = gather_full_tensors(tensors, optimizer_specs, state)
+    if full is None:
+        return None
+    model_state, optimizer_state = {}, defaultdict(dict)
+    for flat, value in full.items():
+        if "::" in flat:
+            name, key = flat.split("::")
+            optimizer_state[name][key] = value
+        else:
+            model_state[flat] = value
+    return model_state, dict(optimizer_state)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full_state: dict[str, dict],
+                         specs: dict[str, ShardSpec]) -> None:
+    """Give each local parameter its slice of the saved full-model optimizer state."""
+    for name, param in model.named_parameters():
+        if name not in full_state:
+            continue
+        spec = specs.get(name, REPLICATED)
+        optimizer.state[param] = {
+            key: (spec.take(value) if value.dim() else value).clone().to(param.device)
+            for key, value in full_state[name].items()
+        }
+
+
+def init_parallel(config: Config) -> ParallelState:
+    """The process groups of `config.parallel` on the already initialised default group."""
+    p = config.parallel
+    return build_parallel_state(p.tp, p.pp, p.ep, pool_stages(config.model, config.moe, p.pp))

@@ -1,0 +1,66 @@
+"""Run training jobs on several CPU processes (gloo) and collect what rank 0 sees.
+
+A job is (name, config overrides, steps[, checkpoint]): train `steps` steps at the config's
+layout, then compute one more step's gradients and gather them into full-model tensors. Rank
+0 saves {"losses", "val_losses", "grads"} to <out>/<name>.pt. The same function run without
+processes (`run_job(..., parallel=None)`) is the single-process reference.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_unipool.config import load_config
+from megatron_unipool.training import Trainer, init_parallel
+from megatron_unipool.training.distributed import gather_full_tensors
+
+# small enough for 8 processes on 2 cores; heads, layers, vocabulary and pool divide by 2 and 4
+BASE = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=128",
+        "model.seq_len=32", "train.global_batch=8", "train.micro_batch=2", "train.warmup_steps=1",
+        "train.eval_batches=2", "train.eval_interval=0", "logging.tensorboard=false", "checkpoint.save_interval=0",
+        "checkpoint.resume=false", "train.lr=0.003"]
+
+
+def job_config(kind: str, overrides, data_cache: str, world_size: int):
+    return load_config(f"configs/tiny_{kind}_cpu.json", BASE + [f"data.cache_dir={data_cache}"] + list(overrides),
+                       world_size=world_size)
+
+
+def run_job(config, run_dir: Path, parallel=None) -> dict | None:
+    trainer = Trainer(config, run_dir, device=torch.device("cpu"), parallel=parallel)
+    summary = trainer.train()
+    trainer.compute_gradients()
+    grads = gather_full_tensors({n: p.grad for n, p in trainer.model.named_parameters()}, trainer.specs,
+                                trainer.parallel)
+    if grads is None:
+        return None
+    return {"losses": summary["train_losses"], "val_losses": summary["val_losses"], "grads": grads}
+
+
+def _worker(rank: int, world_size: int, init_file: str, jobs: list, data_cache: str, out_dir: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        for name, kind, overrides in jobs:
+            config = job_config(kind, overrides, data_cache, world_size)
+            result = run_job(config, Path(out_dir) / name, init_parallel(config))
+            if rank == 0:
+                torch.save(result, Path(out_dir) / f"{name}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_parallel(world_size: int, jobs: list, data_cache: str, out_dir: Path) -> dict[str, dict]:
+    """Run every job on `world_size` processes, one after another; {name: rank 0's result}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    init_file = out_dir / f"init_{os.getpid()}_{len(list(out_dir.iterdir()))}"
+    mp.start_processes(_worker, args=(world_size, str(init_file), jobs, data_cache, str(out_dir)),
+                       nprocs=world_size, join=True, start_method="spawn")
+    return {name: torch.load(out_dir / f"{name}.pt", weights_only=False) for name, _, _ in jobs}

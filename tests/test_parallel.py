@@ -1,0 +1,243 @@
+"""Parallel layouts on CPU (gloo, several processes) against the single-process run.
+
+The default suite runs a representative subset; the full layout matrix is
+    python -m pytest -m slow tests/test_parallel.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_unipool.config import ConfigError, load_config
+from megatron_unipool.model import LanguageModel
+from megatron_unipool.model.sharding import ShardSpec, pool_stages
+from megatron_unipool.parallel import Layout, group_ranks
+from parallel_harness import job_config, run_job, run_parallel
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+LAYOUTS = {  # name: (world size, overrides)
+    "tp2": (2, ["parallel.tp=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "ep2": (2, ["parallel.ep=2"]),
+    "tp2pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "pp2ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
+    "tp2pp2ep2": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2"]),
+}
+# extra knobs so the matrix also covers routing variants that change what travels between ranks
+VARIANTS = {
+    "unipool": ["moe.bias_balancing=true", "moe.top_k=2", "moe.router=softmax", "moe.aux_loss=pool"],
+    "vanilla": ["moe.capacity_factor=1.0", "moe.shared_expert_ffn_hidden_size=64"],
+}
+FAST = {("unipool", "tp2pp2"), ("vanilla", "pp2ep2"), ("unipool", "ep2"), ("vanilla", "tp2")}
+
+
+def _jobs(world: int, fast: bool):
+    return [(f"{kind}_{layout}", kind, [f"train.max_steps={STEPS}"] + VARIANTS[kind] + overrides)
+            for layout, (size, overrides) in LAYOUTS.items() for kind in VARIANTS
+            if size == world and ((kind, layout) in FAST) == fast]
+
+
+@pytest.fixture(scope="module")
+def reference(data_cache, tmp_path_factory, single_thread):
+    """Single-process results, one per model kind (computed on first use)."""
+    results = {}
+
+    def get(kind: str, extra=()):
+        key = (kind, tuple(extra))
+        if key not in results:
+            config = job_config(kind, [f"train.max_steps={STEPS}"] + VARIANTS[kind] + list(extra), data_cache, 1)
+            results[key] = run_job(config, tmp_path_factory.mktemp(f"single_{kind}"))
+        return results[key]
+
+    return get
+
+
+def assert_same_run(parallel: dict, single: dict, name: str):
+    torch.testing.assert_close(torch.tensor(parallel["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"{name} train losses: {m}")
+    torch.testing.assert_close(torch.tensor(parallel["val_losses"]), torch.tensor(single["val_losses"]), rtol=1e-5,
+                               atol=1e-6, msg=lambda m: f"{name} validation loss: {m}")
+    assert parallel["grads"].keys() == single["grads"].keys(), name
+    for key, grad in single["grads"].items():
+        torch.testing.assert_close(parallel["grads"][key], grad, rtol=1e-4, atol=1e-7,
+                                   msg=lambda m: f"{name} gradient of {key}: {m}")
+    assert any(k.startswith("expert_pools") for k in single["grads"])
+
+
+@pytest.mark.parametrize("world, fast", [
+    (2, True), (4, True),
+    pytest.param(2, False, marks=pytest.mark.slow), pytest.param(4, False, marks=pytest.mark.slow),
+    pytest.param(8, False, marks=pytest.mark.slow),
+])
+def test_layouts_match_single_process(world, fast, reference, data_cache, tmp_path):
+    jobs = _jobs(world, fast)
+    results = run_parallel(world, jobs, data_cache, tmp_path)
+    for name, kind, _ in jobs:
+        assert_same_run(results[name], reference(kind), name)
+
+
+@pytest.mark.parametrize("save_layout, load_layout", [
+    ("tp2pp2", "ep2"),
+    pytest.param("tp2pp2ep2", "ep4", marks=pytest.mark.slow),
+])
+def test_checkpoint_saved_at_one_layout_resumes_at_another(save_layout, load_layout, reference, data_cache, tmp_path):
+    layouts = dict(LAYOUTS, ep4=(4, ["parallel.ep=4"]))
+    save_world, save_overrides = layouts[save_layout]
+    load_world, load_overrides = layouts[load_layout]
+    base = [f"train.max_steps={STEPS}"] + VARIANTS["unipool"]
+    run_parallel(save_world, [("save", "unipool", base + save_overrides + ["checkpoint.save_interval=2"])],
+                 data_cache, tmp_path)
+    midway = tmp_path / "save" / "checkpoints" / "step_0000002"
+    assert (midway / "state.pt").is_file()
+    resumed = run_parallel(load_world, [("resume", "unipool", base + load_overrides + [f"checkpoint.load={midway}"])],
+                           data_cache, tmp_path)["resume"]
+    assert_same_run(resumed, reference("unipool"), f"{save_layout} -> {load_layout}")
+
+
+def test_group_layout_covers_every_rank_once():
+    layout = Layout(tp=2, pp=2, dp=4, ep=2)
+    groups = group_ranks(layout, pool_stage_sets=[(0, 1), (0,), (1,)])
+    for kind, rank_sets in groups.items():
+        members = sorted(r for ranks in rank_sets for r in ranks)
+        expected = 16 if kind in ("tp", "dp", "pp", "ep", "edp", "routing", ("pool", (0, 1))) else 8
+        assert members == sorted(set(members)) and len(members) == expected, kind
+    for ranks in groups["ep"]:  # an expert-parallel group: one stage, one tp rank, ep consecutive dp ranks
+        coords = [layout.coordinates(r) for r in ranks]
+        assert len({c[0] for c in coords}) == 1 and len({c[2] for c in coords}) == 1
+        assert sorted(Layout(2, 2, 4, 2, r).ep_rank for r in ranks) == [0, 1]
+    for ranks in groups[("pool", (0, 1))]:  # replicas of one shard of the shared pool: same ep rank, both stages
+        assert len({Layout(2, 2, 4, 2, r).ep_rank for r in ranks}) == 1
+        assert {Layout(2, 2, 4, 2, r).pp_rank for r in ranks} == {0, 1} and len(ranks) == 4
+    assert groups["tp"][0] == [0, 1] and groups["pp"][0] == [0, 8]
+
+
+def test_pool_stages_and_shard_specs():
+    config = load_config("configs/tiny_unipool_cpu.json", ["parallel.pp=2"], world_size=None)
+    assert pool_stages(config.model, config.moe, 2) == [(0, 1)]
+    vanilla = load_config("configs/tiny_vanilla_cpu.json", ["parallel.pp=2"], world_size=None)
+    assert pool_stages(vanilla.model, vanilla.moe, 2) == [(0,), (0,), (1,), (1,)]
+    full = torch.arange(24.0).view(4, 6)
+    halves = [ShardSpec(1, i, 2).take(full) for i in range(2)]
+    assert torch.equal(torch.cat(halves, dim=1), full)
+    on_stage_1 = Layout(tp=2, pp=2, dp=2, ep=2, rank=Layout(2, 2, 2, 2).rank_of(0, 0, 1))
+    assert not ShardSpec(0, 0, 2, (0, 1)).holds_canonical_copy(on_stage_1)  # stage 0 answers for the shared pool
+    assert ShardSpec(0, 0, 2, (1,)).holds_canonical_copy(on_stage_1)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["parallel.ep=3"], "32 experts per pool must be divisible by parallel.ep=3"),
+    (["parallel.tp=8"], "model.num_heads=4 must be divisible by parallel.tp=8"),
+    (["parallel.pp=3"], "model.num_layers=4 must be divisible by parallel.pp=3"),
+    (["parallel.tp=2", "model.vocab_size=321"], "model.vocab_size=321 must be divisible by parallel.tp=2"),
+    (["parallel.pp=2", "model.tie_embeddings=true"], "model.tie_embeddings needs parallel.pp=1"),
+    (["parallel.pp=2", "moe.pool_aux_lag=micro_batch"], "pool_aux_lag='micro_batch' needs parallel.pp=1"),
+])
+def test_invalid_layouts_fail_at_start_naming_the_sizes(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("configs/tiny_unipool_cpu.json", override, world_size=None)
+
+
+def test_world_size_must_fit_the_layout():
+    with pytest.raises(ConfigError, match=r"parallel.ep=4 must divide the data-parallel size 2"):
+        load_config("configs/tiny_unipool_cpu.json", ["parallel.ep=4"], world_size=2)
+    with pytest.raises(ConfigError, match=r"train.global_batch=16 must be a multiple of train.micro_batch=4 x data-parallel size 8"):
+        load_config("configs/tiny_unipool_cpu.json", [], world_size=8)
+
+
+def test_sharded_model_keeps_full_model_names(data_cache):
+    """Every local tensor of every rank has its full-model name; the slices tile the full tensors."""
+    from megatron_unipool.model.sharding import shard_model
+    from megatron_unipool.parallel import ParallelState
+
+    config = job_config("unipool", VARIANTS["unipool"], data_cache, None)
+    torch.manual_seed(0)
+    full = LanguageModel(config.model, config.moe).state_dict()
+    slices: dict[str, list] = {}
+    for rank in range(8):  # tp2 pp2 dp2 ep2, without communication: only the cut is checked
+        torch.manual_seed(0)
+        model = LanguageModel(config.model, config.moe)
+        layout = Layout(tp=2, pp=2, dp=2, ep=2, rank=rank)
+        specs = shard_model(model, ParallelState(layout))
+        for name, tensor in model.state_dict().items():
+            assert name in full, name
+            spec = specs.get(name, ShardSpec())
+            torch.testing.assert_close(tensor, spec.take(full[name]))
+            if spec.holds_canonical_copy(layout):
+                slices.setdefault(name, []).append(spec)
+    assert set(slices) == set(full)  # every tensor of the full model is held canonically somewhere
+    for name, held in slices.items():  # each slice of a sharded tensor exactly once
+        if held[0].dim is not None:
+            assert sorted(s.index for s in held) == list(range(held[0].parts)), name
+
+
+def _launch(nproc: int, run_dir: Path, data_cache: str, overrides: list[str]) -> list[float]:
+    sets = [a for o in [f"train.max_steps=6", f"data.cache_dir={data_cache}", "logging.tensorboard=false",
+                        "train.eval_interval=0", "train.eval_batches=1", "checkpoint.save_interval=0"] + overrides
+            for a in ("--set", o)]
+    script = [str(REPO / "launch" / "pretrain.py"), "--run-dir", str(run_dir)] + sets
+    command = ([sys.executable] + script if nproc == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(29500 + os.getpid() % 1000)] + script)
+    done = subprocess.run(command, cwd=run_dir.parent, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())["train_losses"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["parallel.tp=2", "parallel.pp=2"],
+    pytest.param(["parallel.ep=2"], marks=pytest.mark.slow),
+])
+def test_torchrun_launch_matches_one_process(overrides, data_cache, tmp_path):
+    """The README's commands: the default config under torchrun with 4 processes, 6 steps."""
+    single = _launch(1, tmp_path / "single", data_cache, [])
+    parallel = _launch(4, tmp_path / "parallel", data_cache, overrides)
+    assert len(single) == len(parallel) == 6
+    assert max(abs(a - b) for a, b in zip(single, parallel)) < 1e-3
+
+
+def test_a_dead_rank_ends_the_job_with_an_error(data_cache, tmp_path):
+    """Rank 1 is killed mid-run; rank 0 must exit with an error (not hang) within its collective timeout."""
+    port = str(30500 + os.getpid() % 1000)
+    procs, lines = [], queue.Queue()
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--run-dir", str(tmp_path / "run"),
+                   "--set", "parallel.pp=2", "--set", "parallel.timeout_s=20", "--set", "logging.log_interval=1",
+                   "--set", f"data.cache_dir={data_cache}", "--set", "logging.tensorboard=false",
+                   "--set", "train.max_steps=1000", "--set", "checkpoint.save_interval=0"]
+        procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    threading.Thread(target=lambda: [lines.put(line) for line in procs[0].stdout], daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if re.match(r"step\s+1/", lines.get(timeout=5)):
+                    break
+            except queue.Empty:
+                assert procs[0].poll() is None, "rank 0 ended before training"
+        else:
+            pytest.fail("training never started")
+        procs[1].send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        code = procs[0].wait(timeout=120)
+        assert code != 0
+        assert time.monotonic() - started < 120
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
