@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
-    init_distributed_from_env(config.parallel.timeout_s)
+    init_distributed_from_env(config.parallel.timeout_s, even_alone=config.deepspeed.enabled)
     try:
         parallel = init_parallel(config)
         device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None

@@ -1,8 +1,8 @@
 """Run training jobs on several CPU processes (gloo) and collect what rank 0 sees.
 
-A job is (name, config overrides, steps[, checkpoint]): train `steps` steps at the config's
-layout, then compute one more step's gradients and gather them into full-model tensors. Rank
-0 saves {"losses", "val_losses", "grads"} to <out>/<name>.pt. The same function run without
+A job is (name, model kind, config overrides): train at the config's layout, then compute one
+more step's gradients and gather them into full-model tensors (not under DeepSpeed, whose ZeRO
+keeps them partitioned). Rank 0 saves {"losses", "val_losses", "grads"} to <out>/<name>.pt. The same function run without
 processes (`run_job(..., parallel=None)`) is the single-process reference.
 """
 from __future__ import annotations
@@ -34,16 +34,19 @@ def job_config(kind: str, overrides, data_cache: str, world_size: int):
 def run_job(config, run_dir: Path, parallel=None) -> dict | None:
     trainer = Trainer(config, run_dir, device=torch.device("cpu"), parallel=parallel)
     summary = trainer.train()
-    trainer.compute_gradients()
-    grads = gather_full_tensors({n: p.grad for n, p in trainer.model.named_parameters()}, trainer.specs,
-                                trainer.parallel)
-    if grads is None:
+    grads = {}
+    if not config.deepspeed.enabled:  # ZeRO keeps reduced gradients in its own partitions
+        trainer.compute_gradients()
+        grads = gather_full_tensors({n: p.grad for n, p in trainer.model.named_parameters()}, trainer.specs,
+                                    trainer.parallel)
+    if trainer.layout.rank != 0:
         return None
     return {"losses": summary["train_losses"], "val_losses": summary["val_losses"], "grads": grads}
 
 
 def _worker(rank: int, world_size: int, init_file: str, jobs: list, data_cache: str, out_dir: str):
     torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # as a launcher would
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=300))
     try:

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_unipool.config import ConfigError, load_config
 from megatron_unipool.model import LanguageModel, param_budget

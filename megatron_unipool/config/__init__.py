@@ -4,6 +4,7 @@ from .sections import (
     CheckpointConfig,
     Config,
     DataConfig,
+    DeepSpeedConfig,
     LoggingConfig,
     ModelConfig,
     MoEConfig,

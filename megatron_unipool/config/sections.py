@@ -143,6 +143,20 @@ class ParallelConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """The optimizer through `deepspeed.initialize` (engine, ZeRO) instead of the built-in AdamW.
+
+    Batch sizes, AdamW hyperparameters, clipping and precision come from `train`, so they are
+    written once; `config_file` names a ds_config JSON whose other keys (communication,
+    logging, ZeRO bucket sizes, ...) are merged in.
+    """
+
+    enabled: bool = False
+    zero_stage: int = bounded(0, 0, 2)  # 1 shards optimizer states, 2 also gradients (not with pp > 1)
+    config_file: Optional[str] = None
+
+
+@dataclass
 class LoggingConfig:
     log_interval: int = bounded(10, 1)
     tensorboard: bool = True
@@ -164,6 +178,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -204,6 +219,11 @@ class Config:
         need(not (m.tie_embeddings and p.pp > 1),
              f"model.tie_embeddings needs parallel.pp=1 (the embedding and output layer are on different stages"
              f" at pp={p.pp})")
+        ds = self.deepspeed
+        need(not (ds.enabled and ds.zero_stage == 2 and p.pp > 1),
+             f"deepspeed.zero_stage=2 needs parallel.pp=1 (it reduces gradients during each backward, which"
+             f" pipeline stages run at different times; use zero_stage 1 with pp={p.pp})")
+        need(ds.config_file is None or ds.enabled, "deepspeed.config_file is set but deepspeed.enabled is false")
         need(moe.pool_aux_lag != "micro_batch" or p.pp == 1,
              "moe.pool_aux_lag='micro_batch' needs parallel.pp=1: pipeline stages do not finish a micro-batch"
              " together; use 'step'")

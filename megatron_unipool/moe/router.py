@@ -69,7 +69,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size).normal_(0.0, init_std))
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         if config.router == "norm":
-            self.scale = nn.Parameter(torch.ones(()))
+            self.scale = nn.Parameter(torch.ones(1))  # shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes
             c = config.norm_router_c if config.norm_router_c is not None else norm_router_constant(num_experts, config.top_k)
             self.norm_constant = float(c)
 

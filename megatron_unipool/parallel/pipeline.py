@@ -21,6 +21,7 @@ from .state import ParallelState
 # forward_step(micro_batch_index, input activation or None on the first stage)
 #   -> (activation for the next stage or None on the last, this stage's loss share or None)
 ForwardStep = Callable[[int, Optional[torch.Tensor]], tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]
+Backward = Callable[[torch.Tensor], None]
 
 
 class StageChannel:
@@ -73,17 +74,19 @@ class StageChannel:
         return self._exchange(grad, self.prev, self.prev)
 
 
-def _backward(x, y, loss, grad_y) -> Optional[torch.Tensor]:
-    """Backpropagate this stage's part: the gradient from the next stage and the local loss share."""
-    tensors, grads = [], []
+def _backward(x, y, loss, grad_y, backward: Backward) -> Optional[torch.Tensor]:
+    """Backpropagate this stage's part: the gradient from the next stage and the local loss share.
+
+    Both go into one scalar, sum(y * grad_y) + loss, whose gradient is exactly theirs, so an
+    engine that only backpropagates scalar losses (DeepSpeed's) can run it.
+    """
+    scalar = None
     if y is not None:
-        tensors.append(y)
-        grads.append(grad_y)
+        scalar = (y * grad_y).sum()
     if loss is not None and loss.requires_grad:
-        tensors.append(loss)
-        grads.append(torch.ones_like(loss))
-    if tensors:
-        torch.autograd.backward(tensors, grads)
+        scalar = loss if scalar is None else scalar + loss
+    if scalar is not None:
+        backward(scalar)
     return None if x is None else x.grad
 
 
@@ -93,8 +96,10 @@ def _forward(forward_step: ForwardStep, index: int, x):
     return forward_step(index, x)
 
 
-def one_forward_one_backward(num_micro_batches: int, forward_step: ForwardStep, channel: StageChannel) -> None:
-    """Run forward and backward of every micro-batch on this stage in 1F1B order."""
+def one_forward_one_backward(num_micro_batches: int, forward_step: ForwardStep, channel: StageChannel,
+                             backward: Backward = torch.Tensor.backward) -> None:
+    """Run forward and backward of every micro-batch on this stage in 1F1B order; `backward(scalar)`
+    backpropagates one micro-batch."""
     warmup = min(channel.stages_after, num_micro_batches)
     alive: list[tuple] = []
     for i in range(warmup):
@@ -108,14 +113,14 @@ def one_forward_one_backward(num_micro_batches: int, forward_step: ForwardStep, 
         y, loss = _forward(forward_step, warmup + j, x)
         grad_y = channel.send_forward_recv_backward(y) if not channel.last else None
         alive.append((x, y, loss))
-        grad_x = _backward(*alive.pop(0), grad_y)
+        grad_x = _backward(*alive.pop(0), grad_y, backward)
         if j == remaining - 1:
             channel.send_backward(grad_x)
         else:
             x = channel.send_backward_recv_forward(grad_x)
     for _ in range(warmup):
         old = alive.pop(0)
-        grad_x = _backward(*old, channel.recv_backward())
+        grad_x = _backward(*old, channel.recv_backward(), backward)
         channel.send_backward(grad_x)
 
 

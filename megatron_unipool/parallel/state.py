@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -154,15 +155,25 @@ def build_parallel_state(tp: int, pp: int, ep: int, pool_stage_sets: Iterable[It
     return state
 
 
-def init_distributed_from_env(timeout_s: float) -> int:
+def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int:
     """Join the job the launcher (deepspeed, torchrun) described in the environment; returns the world size.
 
     NCCL on GPUs, gloo on CPU. Collectives time out after `timeout_s`, so a dead rank ends the
-    job with an error instead of a hang.
+    job with an error instead of a hang. A single process gets a process group of its own only
+    with `even_alone` (DeepSpeed's engine needs one).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or dist.is_initialized():
-        return dist.get_world_size() if dist.is_initialized() else 1
+    if dist.is_initialized():
+        return dist.get_world_size()
+    if world == 1 and not even_alone:
+        return 1
+    if world == 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(port))):
+            os.environ.setdefault(key, value)
     timeout = datetime.timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -66,7 +66,7 @@ def global_grad_norm(model: nn.Module, specs: dict[str, ShardSpec], state: Paral
     return total.sqrt()
 
 
-def clip_gradients(model: nn.Module, specs, state: ParallelState, max_norm: float) -> float:
+def clip_gradients(model: nn.Module, specs: dict[str, ShardSpec], state: ParallelState, max_norm: float) -> float:
     norm = global_grad_norm(model, specs, state)
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
@@ -104,20 +104,20 @@ def gather_full_tensors(tensors: dict[str, torch.Tensor], specs: dict[str, Shard
 OPTIMIZER_KEY = "{name}::{key}"
 
 
-def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, specs: dict[str, ShardSpec],
-                      state: ParallelState) -> Optional[tuple[dict, dict]]:
+def gather_full_state(model: nn.Module, model_tensors: dict[str, torch.Tensor], optimizer_tensors: dict[str, torch.Tensor],
+                      specs: dict[str, ShardSpec], state: ParallelState) -> Optional[tuple[dict, dict]]:
     """(model state dict, optimizer state by parameter name) of the full model, on rank 0 only.
 
-    Both are layout independent, the same as a single-process run's, so a checkpoint loads at
-    any layout.
+    `optimizer_tensors` are named OPTIMIZER_KEY; a moment shaped like its parameter is sliced
+    like it. Both results are layout independent, the same as a single-process run's, so a
+    checkpoint loads at any layout.
     """
-    tensors, optimizer_specs = dict(model.state_dict()), dict(specs)
-    for name, param in model.named_parameters():
-        for key, value in optimizer.state.get(param, {}).items():
-            flat = OPTIMIZER_KEY.format(name=name, key=key)
-            tensors[flat] = value
-            optimizer_specs[flat] = specs.get(name, REPLICATED) if value.shape == param.shape else REPLICATED
-    full = gather_full_tensors(tensors, optimizer_specs, state)
+    tensors, all_specs = dict(model_tensors), dict(specs)
+    for flat, value in optimizer_tensors.items():
+        name = flat.split("::")[0]
+        tensors[flat] = value
+        all_specs[flat] = specs.get(name, REPLICATED) if value.shape == model.get_parameter(name).shape else REPLICATED
+    full = gather_full_tensors(tensors, all_specs, state)
     if full is None:
         return None
     model_state, optimizer_state = {}, defaultdict(dict)
@@ -128,19 +128,6 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, specs:
         else:
             model_state[flat] = value
     return model_state, dict(optimizer_state)
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, full_state: dict[str, dict],
-                         specs: dict[str, ShardSpec]) -> None:
-    """Give each local parameter its slice of the saved full-model optimizer state."""
-    for name, param in model.named_parameters():
-        if name not in full_state:
-            continue
-        spec = specs.get(name, REPLICATED)
-        optimizer.state[param] = {
-            key: (spec.take(value) if value.dim() else value).clone().to(param.device)
-            for key, value in full_state[name].items()
-        }
 
 
 def init_parallel(config: Config) -> ParallelState:

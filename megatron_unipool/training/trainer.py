@@ -27,11 +27,12 @@ from ..parallel import ParallelState, all_reduce
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_model, rng_state, save_checkpoint, set_rng_state
-from .datasets import RunData, build_datasets
-from .distributed import clip_gradients, gather_full_state, load_optimizer_state, reduce_gradients
+from .datasets import build_datasets
+from .backends import build_backend
+from .distributed import gather_full_state
 from .hardware import peak_flops
 from .metrics import MetricsLogger
-from .optimizer import build_optimizer, learning_rate, set_learning_rate
+from .optimizer import learning_rate
 
 MOE_LOSSES = ("aux_loss", "z_loss")
 
@@ -81,18 +82,19 @@ class Trainer:
             restore_model(model, payload["model"], source)
         self.specs = shard_model(model, self.parallel)
         self.model = model.to(self.device)
-        self.optimizer = build_optimizer(self.model, config.train)
+        train = config.train
+        self.backend = build_backend(self.model, config, self.specs, self.parallel,
+                                     micro_batches=train.global_batch // (train.micro_batch * self.layout.dp))
         if payload is not None:
-            load_optimizer_state(self.model, self.optimizer, payload["optimizer"], self.specs)
+            self.backend.load_state(payload["model"], payload["optimizer"])
             self.state = TrainState(**payload["train_state"])
             set_rng_state(payload["rng"])
             if self.is_logger:
                 print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
                       flush=True)
         self.budget = param_budget(config.model, config.moe)
-        micro = config.train.micro_batch
-        self.channel = StageChannel(self.parallel, (micro, config.model.seq_len, config.model.hidden_size),
-                                    torch.float32, self.device)
+        self.channel = StageChannel(self.parallel, (train.micro_batch, config.model.seq_len, config.model.hidden_size),
+                                    self.backend.activation_dtype, self.device)
 
     def _checkpoint_to_resume(self):
         ckpt = self.config.checkpoint
@@ -101,7 +103,8 @@ class Trainer:
 
     def save(self) -> Optional[Path]:
         """Gather the full model and optimizer state and write them (rank 0); every rank must call it."""
-        full = gather_full_state(self.model, self.optimizer, self.specs, self.parallel)
+        full = gather_full_state(self.model, self.backend.model_tensors(), self.backend.optimizer_tensors(), self.specs,
+                                 self.parallel)
         if full is None:
             return None
         payload = {
@@ -139,15 +142,16 @@ class Trainer:
                     share = moe_losses[name] / micro_batches_in_step
                     totals[j] += share.detach()
                     loss = share if loss is None else loss + share
-            if not self.channel.last:
-                return out, loss
-            lm = vocab_parallel_cross_entropy_sum(out.flatten(0, 1), tokens[:, 1:].flatten(), self.parallel.tp_group)
-            totals[0] += lm.detach() / global_tokens
-            loss = lm / global_tokens if loss is None else lm / global_tokens + loss
-            return None, loss
+            if self.channel.last:
+                lm = vocab_parallel_cross_entropy_sum(out.flatten(0, 1), tokens[:, 1:].flatten(),
+                                                      self.parallel.tp_group)
+                totals[0] += lm.detach() / global_tokens
+                loss = lm / global_tokens if loss is None else lm / global_tokens + loss
+                out = None
+            return out, (loss * self.backend.loss_scale if loss is not None else None)
 
         if train:
-            one_forward_one_backward(len(batches), forward_step, self.channel)
+            one_forward_one_backward(len(batches), forward_step, self.channel, self.backend.backward)
             self.model.end_micro_batch(self._reduce_routing)
         else:
             with torch.no_grad():
@@ -165,19 +169,18 @@ class Trainer:
         per_rank = train.global_batch // layout.dp
         first = self.state.consumed_samples + layout.dp_rank * per_rank
         batches = [self.data.train.batch(first + i, train.micro_batch) for i in range(0, per_rank, train.micro_batch)]
-        self.optimizer.zero_grad(set_to_none=True)
+        self.backend.zero_grad()
         totals = self._run_micro_batches(batches, train=True)
-        reduce_gradients(self.model, self.specs, self.parallel)
+        self.backend.reduce()
         return totals
 
     def train_step(self) -> tuple[dict, RoutingStepStats]:
         """One optimizer step over the global batch: (metrics, the step's routing statistics)."""
         train = self.config.train
         lr = learning_rate(self.state.step, train)
-        set_learning_rate(self.optimizer, lr)
+        self.backend.set_lr(lr)
         totals = self.compute_gradients()
-        grad_norm = clip_gradients(self.model, self.specs, self.parallel, train.grad_clip)
-        self.optimizer.step()
+        grad_norm = self.backend.step()
         routing = self.model.end_optimizer_step(self._reduce_routing)
         self.state.step += 1
         self.state.consumed_samples += train.global_batch

@@ -1,0 +1,327 @@
+"""How gradients become an update: the built-in AdamW, or DeepSpeed's engine with ZeRO 0/1/2.
+
+Both take this rank's loss share per micro-batch (`backward`), then `step` reduces the
+gradients over their replicas, clips by the global norm and updates; both read and write the
+optimizer state as full-model tensors by parameter name, so checkpoints do not depend on the
+backend or the layout.
+
+DeepSpeed sees our process groups through `DeepSpeedTopology` (its `mpu` interface). Pool
+parameters are DeepSpeed "expert" parameters whose expert-data-parallel group is the pool group
+of `ParallelState`: every replica of the shard in every stage that uses the pool, so ZeRO
+reduces (and partitions) them across stages too and the pool stays identical everywhere.
+DeepSpeed averages gradients over the data-parallel size, so it is given the loss share times dp
+(`loss_scale`, applied where the loss arises so that gradients crossing stages carry it once).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import Config
+from ..model.sharding import REPLICATED, ShardSpec
+from ..moe import ExpertPool
+from ..parallel import ParallelState
+from .distributed import OPTIMIZER_KEY, clip_gradients, reduce_gradients
+from .optimizer import build_optimizer, decay_groups, set_learning_rate
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+class NativeBackend:
+    """AdamW on every rank (no optimizer-state sharding); our own reductions and clipping."""
+
+    def __init__(self, model: nn.Module, config: Config, specs: dict[str, ShardSpec], parallel: ParallelState):
+        self.model, self.config, self.specs, self.parallel = model, config, specs, parallel
+        self.optimizer = build_optimizer(model, config.train)
+        self.activation_dtype = torch.float32  # what travels between pipeline stages
+        self.loss_scale = 1.0  # applied to each micro-batch's loss share before the pipeline's backward
+
+    def set_lr(self, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def reduce(self) -> None:
+        reduce_gradients(self.model, self.specs, self.parallel)
+
+    def step(self) -> float:
+        """Clip the reduced gradients and update; returns the global gradient norm before clipping."""
+        norm = clip_gradients(self.model, self.specs, self.parallel, self.config.train.grad_clip)
+        self.optimizer.step()
+        return norm
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's weights and buffers at full precision, by full-model name."""
+        return dict(self.model.state_dict())
+
+    def load_state(self, full_model: dict[str, torch.Tensor], full_optimizer: dict[str, dict]) -> None:
+        """After the weights were loaded into the full model before sharding: the optimizer's part."""
+        self.load_optimizer_state(full_optimizer)
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's optimizer state by OPTIMIZER_KEY name (same shapes as the parameters, or scalars)."""
+        return {OPTIMIZER_KEY.format(name=name, key=key): value
+                for name, param in self.model.named_parameters() for key, value in self.optimizer.state.get(param, {}).items()}
+
+    def load_optimizer_state(self, full_state: dict[str, dict]) -> None:
+        """Give each local parameter its slice of the saved full-model optimizer state."""
+        for name, param in self.model.named_parameters():
+            if name in full_state:
+                spec = self.specs.get(name, REPLICATED)
+                self.optimizer.state[param] = {
+                    key: (spec.take(value) if value.dim() else value).clone().to(param.device)
+                    for key, value in full_state[name].items()
+                }
+
+
+class DeepSpeedTopology:
+    """Our groups in the shape DeepSpeed's engine and ZeRO ask for (Megatron's `mpu`).
+
+    "Model parallel" is every rank holding a different part of one model replica: the tp ranks
+    of every stage (DeepSpeed sums gradient norms over it).
+    """
+
+    def __init__(self, parallel: ParallelState):
+        layout = parallel.layout
+        self.layout = layout
+        ranks = lambda **kw: layout.ranks(**kw)  # noqa: E731
+        self._dp, self._mp, self._tp = None, None, None
+        for d in range(layout.dp):  # every rank creates every group
+            group = dist.new_group(ranks(dp=[d]))
+            if d == layout.dp_rank:
+                self._mp = group
+        for t in range(layout.tp):
+            for p in range(layout.pp):
+                group = dist.new_group(ranks(tp=[t], pp=[p]))
+                if (t, p) == (layout.tp_rank, layout.pp_rank):
+                    self._dp = group
+        for p in range(layout.pp):
+            for d in range(layout.dp):
+                group = dist.new_group(ranks(dp=[d], pp=[p]))
+                if (d, p) == (layout.dp_rank, layout.pp_rank):
+                    self._tp = group
+        self._dp_ranks = ranks(tp=[layout.tp_rank], pp=[layout.pp_rank])
+        self.own_rank = None  # DeepSpeed needs a real group where ours would have a single rank
+        for rank in range(layout.world_size):
+            group = dist.new_group([rank])
+            if rank == layout.rank:
+                self.own_rank = group
+
+    def get_data_parallel_group(self):
+        return self._dp
+
+    def get_data_parallel_world_size(self):
+        return self.layout.dp
+
+    def get_data_parallel_rank(self):
+        return self.layout.dp_rank
+
+    def get_data_parallel_group_ranks(self):
+        return self._dp_ranks
+
+    def get_model_parallel_group(self):
+        return self._mp
+
+    def get_model_parallel_world_size(self):
+        return self.layout.tp * self.layout.pp
+
+    def get_model_parallel_rank(self):
+        return self.layout.tp_rank + self.layout.tp * self.layout.pp_rank
+
+    def get_tensor_model_parallel_group(self):
+        return self._tp
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.layout.tp
+
+    def get_tensor_model_parallel_rank(self):
+        return self.layout.tp_rank
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.layout.rank - self.layout.tp_rank
+
+
+def pool_group_name(stages: tuple[int, ...]) -> str:
+    return "pool_stages_" + "_".join(map(str, stages))
+
+
+@contextmanager
+def _expert_pools_count_as_moe_layers():
+    """DeepSpeed enables its expert-gradient handling when the model holds its own MoE class;
+    our pools are the expert layers here."""
+    import deepspeed.runtime.engine as ds_engine
+
+    original = ds_engine.MoE
+    ds_engine.MoE = ExpertPool
+    try:
+        yield
+    finally:
+        ds_engine.MoE = original
+
+
+def deepspeed_config(config: Config, micro_batches: int) -> dict:
+    train, ds = config.train, config.deepspeed
+    generated = {
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": micro_batches,
+        "gradient_clipping": train.grad_clip if ds.zero_stage > 0 else 0.0,  # stage 0: we clip (see step)
+        "managed_gradient_accumulation": True,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if ds.config_file:
+        with open(ds.config_file) as f:
+            extra = json.load(f)
+        for key, value in extra.items():
+            if key == "zero_optimization":
+                generated[key] = {**value, "stage": ds.zero_stage}
+            elif key not in generated:
+                generated[key] = value
+    return generated
+
+
+class DeepSpeedBackend(NativeBackend):
+    """`deepspeed.initialize` owns the optimizer: ZeRO stage 0, 1 or 2 from the config."""
+
+    def __init__(self, model: nn.Module, config: Config, specs: dict[str, ShardSpec], parallel: ParallelState,
+                 micro_batches: int):
+        import deepspeed
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        from deepspeed.utils import groups
+
+        self.model, self.config, self.specs, self.parallel = model, config, specs, parallel
+        layout = parallel.layout
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)  # wraps our group
+        topology = DeepSpeedTopology(parallel)
+        for name, param in model.named_parameters():
+            spec = specs.get(name, REPLICATED)
+            # count each distinct slice once in DeepSpeed's gradient norm (see DeepSpeedTopology)
+            param.model_parallel = spec.dim is not None or layout.tp_rank == 0
+            if spec.pool_stages is not None:
+                group_name = pool_group_name(spec.pool_stages)
+                param.allreduce, param.group_name = False, group_name
+                groups._EXPERT_PARALLEL_GROUP[group_name] = parallel.ep_group or topology.own_rank
+                groups._EXPERT_DATA_PARALLEL_GROUP[group_name] = parallel.pool_group(spec.pool_stages) or topology.own_rank
+        param_groups = split_params_into_different_moe_groups_for_optimizer(decay_groups(model, config.train))
+        with _expert_pools_count_as_moe_layers():
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=build_optimizer(model, config.train, param_groups), mpu=topology,
+                dist_init_required=False, config=deepspeed_config(config, micro_batches))
+        # ZeRO and bf16 keep fp32 master weights and moments in their own partitions
+        self.partitioned = hasattr(next(model.parameters()), "_hp_mapping")
+        self.activation_dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+        self.loss_scale = float(layout.dp)  # DeepSpeed averages over data-parallel ranks; we hand it sums
+        self.zero_stage, self.micro_batches, self.backward_calls = config.deepspeed.zero_stage, micro_batches, 0
+
+    def set_lr(self, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+        self.backward_calls = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Stages 0/1 accumulate only: reducing inside the last backward would make that stage wait for
+        the pool's replicas in stages still running their own backward (a deadlock under 1F1B). Stage 2
+        reduces in every backward anyway (so it needs pp = 1); its last one is the boundary."""
+        last = self.backward_calls == self.micro_batches - 1
+        self.engine.set_gradient_accumulation_boundary(self.zero_stage == 2 and last)
+        self.backward_calls += 1
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def reduce(self) -> None:
+        """After every stage's last backward: the accumulation boundary, where DeepSpeed reduces."""
+        if self.zero_stage < 2:
+            self.engine.set_gradient_accumulation_boundary(True)
+            self.engine.allreduce_gradients()
+
+    def step(self) -> float:
+        if self.zero_stage > 0:  # the reduced gradients live in ZeRO's partitions: it clips
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        # stage 0: gradients are whole on every replica, and DeepSpeed's own norm would average the
+        # expert shards' norms over data-parallel ranks instead of summing them
+        norm = clip_gradients(self.model, self.specs, self.parallel, self.config.train.grad_clip)
+        self.engine.step()
+        return norm
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().model_tensors()
+        if self.partitioned:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            for name, param in self.model.named_parameters():  # collectives: same order on every rank
+                tensors[name] = safe_get_full_fp32_param(param)
+        return tensors
+
+    def load_state(self, full_model: dict[str, torch.Tensor], full_optimizer: dict[str, dict]) -> None:
+        if self.partitioned:  # the masters were made from the (maybe bf16) weights: restore them exactly
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for name, param in self.model.named_parameters():
+                spec = self.specs.get(name, REPLICATED)
+                safe_set_full_fp32_param(param, spec.take(full_model[name]).to(param.device, torch.float32))
+        self.load_optimizer_state(full_optimizer)
+
+    def _link_moments(self) -> None:
+        """Point every parameter's fragment at its AdamW moments, creating empty ones before the first step.
+
+        DeepSpeed 0.19 links the fragments after the first parameter group's first update, so the
+        other groups' fragments never see their moments; linking again fixes that.
+        """
+        base = self.optimizer.optimizer
+        for group in base.param_groups:
+            for flat in group["params"]:
+                if not base.state.get(flat):
+                    base.state[flat] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(flat),
+                                        "exp_avg_sq": torch.zeros_like(flat)}
+        self.optimizer._hp_optimizer_states_linked = False
+        self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.partitioned:
+            return super().optimizer_tensors()
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self._link_moments()
+        tensors = {}
+        for name, param in self.model.named_parameters():  # collectives: same order on every rank
+            for key in ADAM_MOMENTS:
+                tensors[OPTIMIZER_KEY.format(name=name, key=key)] = safe_get_full_optimizer_state(param, key)
+        step = next(iter(self.optimizer.optimizer.state.values()))["step"]
+        for name, _ in self.model.named_parameters():
+            tensors[OPTIMIZER_KEY.format(name=name, key="step")] = step
+        return tensors
+
+    def load_optimizer_state(self, full_state: dict[str, dict]) -> None:
+        if not self.partitioned:
+            return super().load_optimizer_state(full_state)
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._link_moments()
+        for name, param in self.model.named_parameters():
+            spec = self.specs.get(name, REPLICATED)
+            for key in ADAM_MOMENTS:
+                safe_set_full_optimizer_state(param, spec.take(full_state[name][key]).to(param.device), key)
+        step = next(iter(full_state.values()))["step"]
+        for state in self.optimizer.optimizer.state.values():  # ZeRO's flat partitions
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+
+def build_backend(model: nn.Module, config: Config, specs: dict[str, ShardSpec], parallel: ParallelState,
+                  micro_batches: int) -> NativeBackend:
+    if config.deepspeed.enabled:
+        return DeepSpeedBackend(model, config, specs, parallel, micro_batches)
+    return NativeBackend(model, config, specs, parallel)
