@@ -2,7 +2,7 @@
 
 A job is (name, model kind, config overrides): train at the config's layout, then compute one
 more step's gradients and gather them into full-model tensors (not under DeepSpeed, whose ZeRO
-keeps them partitioned). Rank 0 saves {"losses", "val_losses", "grads"} to <out>/<name>.pt. The same function run without
+keeps them partitioned). Rank 0 saves {"losses", "val_losses", "grads", "pool_replica_gap"} to <out>/<name>.pt. The same function run without
 processes (`run_job(..., parallel=None)`) is the single-process reference.
 """
 from __future__ import annotations
@@ -31,9 +31,25 @@ def job_config(kind: str, overrides, data_cache: str, world_size: int):
                        world_size=world_size)
 
 
+def pool_replica_gap(trainer) -> float:
+    """Largest difference between a pool shard and its replicas (other stages, other dp ranks), over all ranks."""
+    gap = torch.zeros(())
+    for name, param in trainer.model.named_parameters():
+        spec = trainer.specs.get(name)
+        group = trainer.parallel.pool_group(spec.pool_stages) if spec and spec.pool_stages else None
+        if group is not None:
+            first = param.detach().clone()
+            dist.broadcast(first, dist.get_global_rank(group, 0), group=group)
+            gap = torch.maximum(gap, (param.detach() - first).abs().max())
+    if trainer.parallel.distributed:
+        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    return gap.item()
+
+
 def run_job(config, run_dir: Path, parallel=None) -> dict | None:
     trainer = Trainer(config, run_dir, device=torch.device("cpu"), parallel=parallel)
     summary = trainer.train()
+    replica_gap = pool_replica_gap(trainer)
     grads = {}
     if not config.deepspeed.enabled:  # ZeRO keeps reduced gradients in its own partitions
         trainer.compute_gradients()
@@ -41,7 +57,8 @@ def run_job(config, run_dir: Path, parallel=None) -> dict | None:
                                     trainer.parallel)
     if trainer.layout.rank != 0:
         return None
-    return {"losses": summary["train_losses"], "val_losses": summary["val_losses"], "grads": grads}
+    return {"losses": summary["train_losses"], "val_losses": summary["val_losses"], "grads": grads,
+            "pool_replica_gap": replica_gap}
 
 
 def _worker(rank: int, world_size: int, init_file: str, jobs: list, data_cache: str, out_dir: str):

@@ -77,6 +77,7 @@ def reference(data_cache, tmp_path_factory, single_thread):
 
 
 def assert_same_run(parallel: dict, single: dict, name: str):
+    assert parallel["pool_replica_gap"] == 0.0, f"{name}: replicas of the pool drifted apart"
     torch.testing.assert_close(torch.tensor(parallel["losses"]), torch.tensor(single["losses"]), rtol=1e-5, atol=1e-6,
                                msg=lambda m: f"{name} train losses: {m}")
     torch.testing.assert_close(torch.tensor(parallel["val_losses"]), torch.tensor(single["val_losses"]), rtol=1e-5,
@@ -101,6 +102,17 @@ def test_layouts_match_single_process(world, fast, reference, data_cache, tmp_pa
     results = run_parallel(world, jobs, data_cache, tmp_path)
     for name, kind, _ in jobs:
         assert_same_run(results[name], reference(kind), name)
+
+
+@pytest.mark.slow
+def test_bf16_under_zero1_tracks_the_fp32_run(reference, data_cache, tmp_path):
+    """DeepSpeed's bf16 mode (bf16 weights, fp32 masters) at tp2 pp2: bf16 rounding, not a different run."""
+    job = ("bf16", "unipool", [f"train.max_steps={STEPS}", "train.precision=bf16"] + VARIANTS["unipool"]
+           + LAYOUTS["tp2pp2"][1] + ZERO["zero1"])
+    result = run_parallel(4, [job], data_cache, tmp_path)["bf16"]
+    assert result["pool_replica_gap"] == 0.0
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference("unipool")["losses"]),
+                               rtol=0, atol=2e-2)
 
 
 @pytest.mark.parametrize("save_layout, load_layout", [
@@ -207,28 +219,34 @@ def test_sharded_model_keeps_full_model_names(data_cache):
             assert sorted(s.index for s in held) == list(range(held[0].parts)), name
 
 
-def _launch(nproc: int, run_dir: Path, data_cache: str, overrides: list[str]) -> list[float]:
+def _launch(nproc: int, run_dir: Path, data_cache: str, overrides: list[str], launcher: str = "torchrun") -> list[float]:
     sets = [a for o in ["train.max_steps=6", f"data.cache_dir={data_cache}", "logging.tensorboard=false",
                         "train.eval_interval=0", "train.eval_batches=1", "checkpoint.save_interval=0"] + overrides
             for a in ("--set", o)]
     script = [str(REPO / "launch" / "pretrain.py"), "--run-dir", str(run_dir)] + sets
-    command = ([sys.executable] + script if nproc == 1 else
-               [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29500 + os.getpid() % 1000)] + script)
+    port = str(29500 + os.getpid() % 1000)
+    if nproc == 1:
+        command = [sys.executable] + script
+    elif launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
+        command += script
+    else:  # the deepspeed launcher starts one process per "GPU", on CPU too
+        command = ["deepspeed", "--num_gpus", str(nproc), "--master_port", port] + script
     done = subprocess.run(command, cwd=run_dir.parent, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())["train_losses"]
 
 
-@pytest.mark.parametrize("overrides", [
-    ["parallel.tp=2", "parallel.pp=2"],
-    pytest.param(["parallel.ep=2"], marks=pytest.mark.slow),
+@pytest.mark.parametrize("launcher, nproc, overrides", [
+    ("torchrun", 4, ["parallel.tp=2", "parallel.pp=2"]),
+    pytest.param("torchrun", 4, ["parallel.ep=2"], marks=pytest.mark.slow),
+    pytest.param("deepspeed", 2, ["parallel.ep=2"], marks=pytest.mark.slow),
 ])
-def test_torchrun_launch_matches_one_process(overrides, data_cache, tmp_path):
-    """The README's commands: the default config under torchrun with 4 processes, 6 steps."""
+def test_launchers_match_one_process(launcher, nproc, overrides, data_cache, tmp_path):
+    """The README's commands: the default config on several processes, 6 steps, against one process."""
     single = _launch(1, tmp_path / "single", data_cache, [])
-    parallel = _launch(4, tmp_path / "parallel", data_cache, overrides)
+    parallel = _launch(nproc, tmp_path / "parallel", data_cache, overrides, launcher)
     assert len(single) == len(parallel) == 6
     assert max(abs(a - b) for a, b in zip(single, parallel)) < 1e-3
 
