@@ -1,0 +1,145 @@
+"""Forward + backward throughput of one MoE layer: ours vs DeepSpeed's MoE vs a per-expert loop vs
+a dense SwiGLU of equal active FLOPs, over token and expert counts, measured in one run.
+
+    python benchmarks/moe_layer.py [--tokens 2048 8192] [--experts 8 32] [--json results.json]
+
+Prints a table (tokens/s and the ratio to DeepSpeed's layer) and writes one JSON row per
+measurement: impl (ours | deepspeed | loop | dense), tokens, experts, top_k, hidden, ffn,
+tokens_per_second, ms, device. Routing is softmax top-k; DeepSpeed's layer needs a capacity, so
+it gets `--capacity-factor` while ours and the loop are dropless (DeepSpeed computes padded
+capacity slots, we compute only routed ones: part of what is being compared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import megatron_unipool  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from megatron_unipool.config import MoEConfig  # noqa: E402
+from megatron_unipool.moe import ExpertPool, MoELayer, PoolStats, SwiGLU  # noqa: E402
+from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
+
+INIT_STD = 0.02
+
+
+def build_ours(hidden, ffn, experts, top_k):
+    config = MoEConfig(kind="vanilla", num_experts=experts, top_k=top_k, router="softmax", aux_loss="layer")
+    pool = ExpertPool(experts, hidden, ffn, INIT_STD, INIT_STD)
+    layer = MoELayer(config, hidden, pool, PoolStats(1, experts, "step"), 0, 1, INIT_STD, INIT_STD)
+    return layer, lambda x: layer(x)[0], list(layer.parameters()) + list(pool.parameters())
+
+
+def build_loop(hidden, ffn, experts, top_k):
+    """The textbook per-expert loop: gather each expert's tokens by mask, run it, scatter-add."""
+    router = torch.nn.Linear(hidden, experts, bias=False)
+    mlps = torch.nn.ModuleList(SwiGLU(hidden, ffn, INIT_STD, INIT_STD) for _ in range(experts))
+
+    def forward(x):
+        x = x.reshape(-1, hidden)
+        gates, indices = F.softmax(router(x), dim=-1).topk(top_k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, mlp in enumerate(mlps):
+            token, slot = (indices == e).nonzero(as_tuple=True)
+            if token.numel():
+                out = out.index_add(0, token, mlp(x[token]) * gates[token, slot].unsqueeze(-1))
+        return out
+
+    return mlps, forward, list(router.parameters()) + list(mlps.parameters())
+
+
+def build_deepspeed(hidden, ffn, experts, top_k, capacity_factor):
+    from deepspeed.moe.layer import MoE
+
+    layer = MoE(hidden_size=hidden, expert=SwiGLU(hidden, ffn, INIT_STD, INIT_STD), num_experts=experts, ep_size=1,
+                k=top_k, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, min_capacity=4,
+                drop_tokens=True)
+    layer.set_deepspeed_parallelism()
+    return layer, lambda x: layer(x)[0], list(layer.parameters())
+
+
+def build_dense(hidden, ffn, experts, top_k):
+    mlp = SwiGLU(hidden, top_k * ffn, INIT_STD, INIT_STD)  # the FLOPs of k experts per token
+    return mlp, mlp, list(mlp.parameters())
+
+
+def time_forward_backward(forward, params, x, repeats: int, warmup: int) -> float:
+    """Median seconds of one forward + backward."""
+    times = []
+    for i in range(warmup + repeats):
+        for p in params:
+            p.grad = None
+        x.grad = None
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        forward(x).float().pow(2).mean().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--top-k", type=int, default=2, choices=[1, 2], help="DeepSpeed's layer supports 1 and 2")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=512, help="expert width")
+    parser.add_argument("--capacity-factor", type=float, default=1.25, help="for DeepSpeed's layer")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--impls", nargs="+", default=["ours", "deepspeed", "loop", "dense"])
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    if "deepspeed" in args.impls:
+        init_distributed_from_env(600, even_alone=True)  # DeepSpeed's layer asks for its process groups
+    builders = {"ours": build_ours, "loop": build_loop, "dense": build_dense,
+                "deepspeed": lambda *a: build_deepspeed(*a, args.capacity_factor)}
+    rows = []
+    for experts in args.experts:
+        for tokens in args.tokens:
+            for impl in args.impls:
+                torch.manual_seed(0)
+                module, forward, params = builders[impl](args.hidden, args.ffn, experts, args.top_k)
+                module.to(device)
+                x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
+                seconds = time_forward_backward(forward, params, x, args.repeats, args.warmup)
+                rows.append({"impl": impl, "tokens": tokens, "experts": experts, "top_k": args.top_k,
+                             "hidden": args.hidden, "ffn": args.ffn, "tokens_per_second": tokens / seconds,
+                             "ms": 1e3 * seconds, "device": device_name})
+                print(f"  measured {impl:9s} tokens {tokens:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
+                      file=sys.stderr, flush=True)
+    print(f"MoE layer forward+backward on {device_name}: d={args.hidden}, expert width {args.ffn}, top-{args.top_k}")
+    print(f"{'experts':>7} {'tokens':>7} {'impl':>10} {'tokens/s':>12} {'ms':>9} {'vs deepspeed':>13}")
+    for row in rows:
+        reference = next((r for r in rows if r["impl"] == "deepspeed" and r["tokens"] == row["tokens"]
+                          and r["experts"] == row["experts"]), None)
+        ratio = f"{row['tokens_per_second'] / reference['tokens_per_second']:.2f}x" if reference else "-"
+        print(f"{row['experts']:>7} {row['tokens']:>7} {row['impl']:>10} {row['tokens_per_second']:>12,.0f} "
+              f"{row['ms']:>9.2f} {ratio:>13}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
