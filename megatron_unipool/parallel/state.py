@@ -129,6 +129,17 @@ def group_ranks(layout: Layout, pool_stage_sets: Iterable[Iterable[int]] = ()) -
     return groups
 
 
+def create_groups(rank_sets: list[list[int]], rank: int, single_rank: bool = False) -> Group:
+    """Create one group per rank set (every rank creates all of them, in the same order) and return
+    the one holding `rank`. Sets of one rank get no group (None) unless `single_rank`."""
+    found = None
+    for ranks in rank_sets:
+        group = dist.new_group(ranks) if len(ranks) > 1 or single_rank else None
+        if rank in ranks:
+            found = group
+    return found
+
+
 def build_parallel_state(tp: int, pp: int, ep: int, pool_stage_sets: Iterable[Iterable[int]] = ()) -> ParallelState:
     """Create all groups on an initialised default group (a no-op layout when there is none).
 
@@ -143,12 +154,7 @@ def build_parallel_state(tp: int, pp: int, ep: int, pool_stage_sets: Iterable[It
     state = ParallelState(layout)
     if world == 1:
         return state
-    mine = {}
-    for kind, rank_sets in group_ranks(layout, pool_stage_sets).items():
-        for ranks in rank_sets:  # every rank creates every group, in the same order
-            group = dist.new_group(ranks) if len(ranks) > 1 else None
-            if layout.rank in ranks:
-                mine[kind] = group
+    mine = {kind: create_groups(rank_sets, layout.rank) for kind, rank_sets in group_ranks(layout, pool_stage_sets).items()}
     for kind in ("tp", "dp", "pp", "ep", "edp", "routing"):
         setattr(state, f"{kind}_group", mine[kind])
     state._pool_groups = {frozenset(kind[1]): group for kind, group in mine.items() if isinstance(kind, tuple)}

@@ -25,6 +25,7 @@ from ..config import Config
 from ..model.sharding import REPLICATED, ShardSpec
 from ..moe import ExpertPool
 from ..parallel import ParallelState
+from ..parallel.state import create_groups, group_ranks
 from .distributed import OPTIMIZER_KEY, clip_gradients, reduce_gradients
 from .optimizer import build_optimizer, decay_groups, set_learning_rate
 
@@ -90,30 +91,14 @@ class DeepSpeedTopology:
     """
 
     def __init__(self, parallel: ParallelState):
-        layout = parallel.layout
-        self.layout = layout
-        ranks = lambda **kw: layout.ranks(**kw)  # noqa: E731
-        self._dp, self._mp, self._tp = None, None, None
-        for d in range(layout.dp):  # every rank creates every group
-            group = dist.new_group(ranks(dp=[d]))
-            if d == layout.dp_rank:
-                self._mp = group
-        for t in range(layout.tp):
-            for p in range(layout.pp):
-                group = dist.new_group(ranks(tp=[t], pp=[p]))
-                if (t, p) == (layout.tp_rank, layout.pp_rank):
-                    self._dp = group
-        for p in range(layout.pp):
-            for d in range(layout.dp):
-                group = dist.new_group(ranks(dp=[d], pp=[p]))
-                if (d, p) == (layout.dp_rank, layout.pp_rank):
-                    self._tp = group
-        self._dp_ranks = ranks(tp=[layout.tp_rank], pp=[layout.pp_rank])
-        self.own_rank = None  # DeepSpeed needs a real group where ours would have a single rank
-        for rank in range(layout.world_size):
-            group = dist.new_group([rank])
-            if rank == layout.rank:
-                self.own_rank = group
+        layout = self.layout = parallel.layout
+        kinds = group_ranks(layout)
+        # DeepSpeed needs real groups where ours would have a single rank (None)
+        self._dp = create_groups(kinds["dp"], layout.rank, single_rank=True)
+        self._tp = create_groups(kinds["tp"], layout.rank, single_rank=True)
+        self._mp = create_groups([layout.ranks(dp=[d]) for d in range(layout.dp)], layout.rank, single_rank=True)
+        self.own_rank = create_groups([[r] for r in range(layout.world_size)], layout.rank, single_rank=True)
+        self._dp_ranks = layout.ranks(tp=[layout.tp_rank], pp=[layout.pp_rank])
 
     def get_data_parallel_group(self):
         return self._dp

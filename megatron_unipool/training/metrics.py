@@ -30,7 +30,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.gpu = GpuMonitor()
+        self.gpu = GpuMonitor() if enabled else None  # only the logging rank reads NVML
         self.window: list[dict[str, float]] = []
         self.started = time.perf_counter()
         self.first_step: Optional[int] = None

@@ -212,7 +212,8 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.config
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps, enabled=self.is_logger)
-        peak = peak_flops() * self.layout.world_size if peak_flops() else None
+        peak = peak_flops()
+        peak = peak * self.layout.world_size if peak else None  # the job's devices together
         tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
         if self.is_logger:
             L = self.layout
