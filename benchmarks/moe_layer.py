@@ -4,8 +4,9 @@ a dense SwiGLU of equal active FLOPs, over token and expert counts, measured in 
     python benchmarks/moe_layer.py [--tokens 2048 8192] [--experts 8 32] [--json results.json]
 
 Prints a table (tokens/s and the ratio to DeepSpeed's layer) and writes one JSON row per
-measurement: impl (ours | deepspeed | loop | dense), tokens, experts, top_k, hidden, ffn,
-tokens_per_second, ms, device. Routing is softmax top-k; DeepSpeed's layer needs a capacity, so
+measurement: impl (ours | ours_grouped_mm | deepspeed | loop | dense), tokens, experts, top_k,
+hidden, ffn, tokens_per_second, ms, device. `ours` uses the expert GEMM that model.expert_gemm='auto'
+picks on this device, `ours_grouped_mm` forces torch._grouped_mm. Routing is softmax top-k; DeepSpeed's layer needs a capacity, so
 it gets `--capacity-factor` while ours and the loop are dropless (DeepSpeed computes padded
 capacity slots, we compute only routed ones: part of what is being compared).
 """
@@ -35,9 +36,9 @@ from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 INIT_STD = 0.02
 
 
-def build_ours(hidden, ffn, experts, top_k):
+def build_ours(hidden, ffn, experts, top_k, gemm="auto"):
     config = MoEConfig(kind="vanilla", num_experts=experts, top_k=top_k, router="softmax", aux_loss="layer")
-    pool = ExpertPool(experts, hidden, ffn, INIT_STD, INIT_STD)
+    pool = ExpertPool(experts, hidden, ffn, INIT_STD, INIT_STD, gemm)
     layer = MoELayer(config, hidden, pool, PoolStats(1, experts, "step"), 0, 1, INIT_STD, INIT_STD)
     return layer, lambda x: layer(x)[0], list(layer.parameters()) + list(pool.parameters())
 
@@ -103,14 +104,15 @@ def main(argv=None) -> int:
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="for DeepSpeed's layer")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--impls", nargs="+", default=["ours", "deepspeed", "loop", "dense"])
+    parser.add_argument("--impls", nargs="+", default=["ours", "ours_grouped_mm", "deepspeed", "loop", "dense"])
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     if "deepspeed" in args.impls:
         init_distributed_from_env(600, even_alone=True)  # DeepSpeed's layer asks for its process groups
-    builders = {"ours": build_ours, "loop": build_loop, "dense": build_dense,
+    builders = {"ours": build_ours, "ours_grouped_mm": lambda *a: build_ours(*a, gemm="grouped_mm"),
+                "loop": build_loop, "dense": build_dense,
                 "deepspeed": lambda *a: build_deepspeed(*a, args.capacity_factor)}
     rows = []
     for experts in args.experts:
@@ -124,15 +126,15 @@ def main(argv=None) -> int:
                 rows.append({"impl": impl, "tokens": tokens, "experts": experts, "top_k": args.top_k,
                              "hidden": args.hidden, "ffn": args.ffn, "tokens_per_second": tokens / seconds,
                              "ms": 1e3 * seconds, "device": device_name})
-                print(f"  measured {impl:9s} tokens {tokens:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
+                print(f"  measured {impl:15s} tokens {tokens:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
                       file=sys.stderr, flush=True)
     print(f"MoE layer forward+backward on {device_name}: d={args.hidden}, expert width {args.ffn}, top-{args.top_k}")
-    print(f"{'experts':>7} {'tokens':>7} {'impl':>10} {'tokens/s':>12} {'ms':>9} {'vs deepspeed':>13}")
+    print(f"{'experts':>7} {'tokens':>7} {'impl':>15} {'tokens/s':>12} {'ms':>9} {'vs deepspeed':>13}")
     for row in rows:
         reference = next((r for r in rows if r["impl"] == "deepspeed" and r["tokens"] == row["tokens"]
                           and r["experts"] == row["experts"]), None)
         ratio = f"{row['tokens_per_second'] / reference['tokens_per_second']:.2f}x" if reference else "-"
-        print(f"{row['experts']:>7} {row['tokens']:>7} {row['impl']:>10} {row['tokens_per_second']:>12,.0f} "
+        print(f"{row['experts']:>7} {row['tokens']:>7} {row['impl']:>15} {row['tokens_per_second']:>12,.0f} "
               f"{row['ms']:>9.2f} {ratio:>13}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -1,4 +1,5 @@
-"""The benchmark scripts run and write the rows their docs promise (tiny sizes; timings are not checked)."""
+"""The benchmark scripts run and write the rows their docs promise (tiny sizes; timings are not checked,
+byte counts are: they follow from the shapes)."""
 import json
 import subprocess
 import sys
@@ -15,8 +16,44 @@ def test_moe_layer_benchmark_writes_one_row_per_measurement(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert sorted((r["impl"], r["tokens"]) for r in rows) == sorted(
-        (impl, tokens) for impl in ("ours", "deepspeed", "loop", "dense") for tokens in (64, 128))
+        (impl, tokens) for impl in ("ours", "ours_grouped_mm", "deepspeed", "loop", "dense") for tokens in (64, 128))
     for row in rows:
         assert {"impl", "tokens", "experts", "top_k", "hidden", "tokens_per_second", "device"} <= set(row)
         assert row["experts"] == 4 and row["top_k"] == 2 and row["hidden"] == 32 and row["tokens_per_second"] > 0
     assert "vs deepspeed" in done.stdout
+
+
+TINY = ["model.seq_len=32", "model.hidden_size=64", "model.num_heads=4", "model.ffn_hidden_size=128",
+        "train.global_batch=8", "train.micro_batch=2"]
+
+
+def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
+    out = tmp_path / "rows.json"
+    overrides = [item for o in TINY + [f"data.cache_dir={data_cache}"] for item in ("--set", o)]
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "end_to_end.py"), "--models", "vanilla", "unipool",
+                           "--warmup", "1", "--steps", "1", "--json", str(out)] + overrides,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["vanilla", "unipool"]
+    for row in rows:
+        assert row["tokens_per_step"] == 8 * 32 and row["tokens_per_second"] > 0 and row["peak_memory_mib"] > 0
+        assert row["mfu_percent"] is None  # no peak FLOP/s on CPU: no invented MFU
+    assert "vs vanilla" in done.stdout
+
+
+def test_comm_benchmark_counts_every_token_exchange(data_cache, tmp_path):
+    """Dropless: each routed slot's row crosses the all-to-all four times per step (dispatch and
+    return, forward and backward); the bytes must add up to exactly that, for both models."""
+    out = tmp_path / "rows.json"
+    overrides = [item for o in TINY + [f"data.cache_dir={data_cache}"] for item in ("--set", o)]
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "comm.py"), "--ep", "2", "--steps", "1",
+                           "--json", str(out)] + overrides, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["kind"] for r in rows] == ["vanilla", "unipool"]
+    for row in rows:
+        slots = row["tokens_per_step"] * row["top_k"] * row["moe_layers"]
+        assert row["routed_slots_per_step"] == slots
+        assert row["token_bytes_remote_per_step"] + row["token_bytes_local_per_step"] == 4 * slots * 64 * 4
+        assert 0 < row["remote_fraction"] < 1

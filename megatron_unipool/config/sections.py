@@ -30,7 +30,12 @@ class ModelConfig:
     norm_eps: float = bounded(1e-5, 0.0, exclusive_low=True)
     init_std: float = bounded(0.02, 0.0, exclusive_low=True)
     tie_embeddings: bool = False
+    # Kernels and memory: "auto" takes the fastest implementation this machine has (docs/performance.md)
     attention: Literal["auto", "sdpa", "flash"] = "auto"  # flash needs flash-attn and CUDA
+    expert_gemm: Literal["auto", "grouped_mm", "loop"] = "auto"  # grouped_mm: torch._grouped_mm (bf16 on CUDA)
+    rms_norm: Literal["auto", "torch", "apex"] = "auto"  # apex: FusedRMSNorm, needs apex and CUDA
+    # recompute in backward instead of storing: the attention core, the (MoE) FFN with its norm, or whole blocks
+    activation_checkpointing: Literal["none", "attention", "ffn", "block"] = "none"
 
     @property
     def head_dim(self) -> int:
@@ -127,7 +132,11 @@ class TrainConfig:
     adam_eps: float = bounded(1e-8, 0.0, exclusive_low=True)
     grad_clip: float = bounded(1.0, 0.0)  # 0 disables clipping
     seed: int = bounded(1234, 0)
+    # bitwise-reproducible kernels (torch.use_deterministic_algorithms): the layout-equivalence tests
+    # rely on it; on GPUs it slows scatter-adds and some attention backward kernels
+    deterministic: bool = True
     precision: Literal["fp32", "bf16"] = "fp32"
+    adamw: Literal["auto", "fused", "foreach", "apex"] = "auto"  # auto: torch's fused kernel on CUDA
     eval_interval: int = bounded(100, 0)  # steps; 0 evaluates only at the end
     eval_batches: int = bounded(8, 1)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..kernels import causal_attention
@@ -33,5 +34,10 @@ class Attention(nn.Module):
         q = self.wq(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
         k = self.wk(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
         v = self.wv(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
-        out = causal_attention(self.rope(q), self.rope(k), v, cfg.attention)
+        q, k = self.rope(q), self.rope(k)
+        if cfg.activation_checkpointing == "attention" and torch.is_grad_enabled():
+            # selective recomputation (Megatron's): keep q, k, v, recompute the attention core in backward
+            out = checkpoint(causal_attention, q, k, v, cfg.attention, use_reentrant=False)
+        else:
+            out = causal_attention(q, k, v, cfg.attention)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))

@@ -6,34 +6,64 @@ router and a reference to its pool.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, MoEConfig
+from ..kernels import rms_norm
 from ..moe import ExpertPool, MoELayer, PoolStats, SwiGLU
 from ..moe.balance import Reduce
 from .attention import Attention
 from .rope import RotaryEmbedding
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, same state dict) computed by the configured kernel."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config.hidden_size, eps=config.norm_eps)
+        self.backend = config.rms_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.backend)
+
+
 class Block(nn.Module):
+    """Pre-norm transformer block. model.activation_checkpointing 'block' recomputes all of it in
+    backward ('ffn' and 'attention' are handled by the FFN / attention themselves)."""
+
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding, ffn: nn.Module, output_std: float):
         super().__init__()
-        self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.config = config
+        self.attention_norm = RMSNorm(config)
         self.attention = Attention(config, rope, output_std)
-        self.ffn_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.ffn_norm = RMSNorm(config)
         self.ffn = ffn
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.config.activation_checkpointing == "block" and torch.is_grad_enabled():
+            # the recomputation re-routes the same tokens; it must not count them in the pool statistics again
+            pause = self.ffn.stats.paused if isinstance(self.ffn, MoELayer) else contextlib.nullcontext
+            return checkpoint(self._forward, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), pause()))
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = x + self.attention(self.attention_norm(x))
         if isinstance(self.ffn, MoELayer):
             out, losses = self.ffn(self.ffn_norm(x))
             return x + out, losses
-        return x + self.ffn(self.ffn_norm(x)), {}
+        if self.config.activation_checkpointing == "ffn" and torch.is_grad_enabled():
+            return x + checkpoint(self._dense_ffn, x, use_reentrant=False), {}
+        return x + self._dense_ffn(x), {}
+
+    def _dense_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.ffn_norm(x))
 
 
 @dataclass
@@ -57,18 +87,20 @@ class LanguageModel(nn.Module):
         ffns: dict[int, nn.Module] = {}
         for layers in moe.pool_layout(model.num_layers):
             experts = moe.experts_per_pool(model.num_layers)
-            pool = ExpertPool(experts, model.hidden_size, moe.expert_width(model.ffn_hidden_size), model.init_std, output_std)
+            pool = ExpertPool(experts, model.hidden_size, moe.expert_width(model.ffn_hidden_size), model.init_std, output_std,
+                              model.expert_gemm)
             stats = PoolStats(len(layers), experts, moe.pool_aux_lag)
             self.expert_pools.append(pool)
             self.pool_stats.append(stats)
             for slot, layer in enumerate(layers):
-                ffns[layer] = MoELayer(moe, model.hidden_size, pool, stats, slot, len(layers), model.init_std, output_std)
+                ffns[layer] = MoELayer(moe, model.hidden_size, pool, stats, slot, len(layers), model.init_std, output_std,
+                                       recompute_experts=model.activation_checkpointing == "ffn")
         self.layers = nn.ModuleList(
             Block(model, self.rope, ffns.get(i) or SwiGLU(model.hidden_size, model.ffn_hidden_size, model.init_std, output_std), output_std)
             for i in range(model.num_layers)
         )
         self.local_layers = list(range(model.num_layers))  # this pipeline stage's layers
-        self.final_norm = nn.RMSNorm(model.hidden_size, eps=model.norm_eps)
+        self.final_norm = RMSNorm(model)
         self.output = nn.Linear(model.hidden_size, model.vocab_size, bias=False)
         if model.tie_embeddings:
             self.output.weight = self.embedding.weight

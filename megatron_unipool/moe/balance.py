@@ -8,7 +8,8 @@ loss is zero (the documented choice for step 1).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -27,9 +28,21 @@ class PoolStats(nn.Module):
         self.register_buffer("step_counts", torch.zeros(num_layers, num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("micro_batch_counts", torch.zeros(num_layers, num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("step_dropped", torch.zeros((), dtype=torch.long), persistent=False)
+        self.recording = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ignore record() inside: activation checkpointing re-runs a forward that was already counted."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     @torch.no_grad()
     def record(self, layer_slot: int, routed_per_expert: torch.Tensor, dropped: int) -> None:
+        if not self.recording:
+            return
         self.micro_batch_counts[layer_slot] = routed_per_expert
         self.step_counts[layer_slot] += routed_per_expert
         self.step_dropped += dropped

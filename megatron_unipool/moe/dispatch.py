@@ -44,11 +44,34 @@ def plan_dispatch(
 
 
 def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    return x_TD[plan.token_S]
+    """Copy each kept slot's token row; backward scatter-adds (index_select's index_add, not the
+    sort-based index_put that advanced indexing `x[idx]` runs in backward)."""
+    return x_TD.index_select(0, plan.token_S)
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = sum over slots s of token t: gate[s] * y[s], as one op.
+
+    Backward gathers the output gradient once per slot and derives both input gradients from it
+    (grad_y = gate * g, grad_gate = <g, y>); autograd on the unfused expression would also keep
+    the weighted [S, D] copy alive until the scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, y_SD, gate_S, token_S, num_tokens: int):
+        ctx.save_for_backward(y_SD, gate_S, token_S)
+        weighted = y_SD * gate_S.unsqueeze(-1).to(y_SD.dtype)
+        return y_SD.new_zeros(num_tokens, y_SD.shape[-1]).index_add_(0, token_S, weighted)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_SD, gate_S, token_S = ctx.saved_tensors
+        grad_SD = grad_TD.index_select(0, token_S)
+        grad_y = grad_SD * gate_S.unsqueeze(-1).to(grad_SD.dtype) if ctx.needs_input_grad[0] else None
+        grad_gate = (grad_SD.float() * y_SD.float()).sum(-1).to(gate_S.dtype) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_gate, None, None
 
 
 def unpermute(y_SD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
     """sum over a token's kept slots of gate * expert output; dropped slots contribute nothing."""
-    weighted = y_SD * gates_TK.reshape(-1)[plan.slot_S].unsqueeze(-1).to(y_SD.dtype)
-    out = y_SD.new_zeros(num_tokens, y_SD.shape[-1])
-    return out.index_add(0, plan.token_S, weighted)
+    return _Combine.apply(y_SD, gates_TK.reshape(-1)[plan.slot_S], plan.token_S, num_tokens)

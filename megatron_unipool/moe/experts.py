@@ -18,9 +18,11 @@ class ExpertPool(nn.Module):
 
     WEIGHTS = ("w_gate", "w_up", "w_down")
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float, output_std: float):
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float, output_std: float,
+                 gemm: str = "auto"):
         super().__init__()
         self.num_experts = num_experts  # in the whole pool, whatever this rank holds
+        self.gemm = gemm  # kernels.grouped_swiglu backend: auto | grouped_mm | loop
         self.ep_group: Group = None
         self.w_gate = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size).normal_(0.0, init_std))
         self.w_up = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size).normal_(0.0, init_std))
@@ -35,9 +37,9 @@ class ExpertPool(nn.Module):
     def forward(self, x_SD: torch.Tensor, counts_M: torch.Tensor) -> torch.Tensor:
         """Outputs for slots sorted by expert (counts_M over the whole pool), in the same order."""
         if self.ep_group is None:
-            return grouped_swiglu(x_SD, counts_M, self.w_gate, self.w_up, self.w_down)
+            return grouped_swiglu(x_SD, counts_M, self.w_gate, self.w_up, self.w_down, self.gemm)
         x_local, exchange = dispatch_to_experts(x_SD, counts_M, self.ep_group)
-        y_local = grouped_swiglu(x_local, exchange.local_counts, self.w_gate, self.w_up, self.w_down)
+        y_local = grouped_swiglu(x_local, exchange.local_counts, self.w_gate, self.w_up, self.w_down, self.gemm)
         return return_to_sources(y_local, exchange)
 
 

@@ -4,15 +4,20 @@ Shapes: T tokens, D hidden, M experts in the pool, k experts per token.
 The expert pool is NOT a submodule of the layer: the model owns it once and several layers
 call it, so it appears once in parameters() and the state dict and autograd sums every
 layer's contribution into the same gradient.
+
+With `recompute_experts` the expert computation (permute, experts, combine, shared expert),
+which holds the layer's largest activations ([slots, expert width] per projection), is
+recomputed in backward; routing runs once, so statistics are recorded once per forward.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import MoEConfig
 from .balance import PoolStats
-from .dispatch import permute, plan_dispatch, unpermute
+from .dispatch import DispatchPlan, permute, plan_dispatch, unpermute
 from .experts import ExpertPool, SwiGLU
 from .losses import load_balancing_loss, z_loss
 from .router import Router, capacity
@@ -20,9 +25,10 @@ from .router import Router, capacity
 
 class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, hidden_size: int, pool: ExpertPool, stats: PoolStats, layer_slot: int,
-                 layers_in_pool: int, init_std: float, output_std: float):
+                 layers_in_pool: int, init_std: float, output_std: float, recompute_experts: bool = False):
         super().__init__()
         self.config = config
+        self.recompute_experts = recompute_experts
         self.router = Router(hidden_size, pool.num_experts, config, init_std)
         object.__setattr__(self, "pool", pool)  # shared, owned by the model
         object.__setattr__(self, "stats", stats)
@@ -41,13 +47,20 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD)
         slots = capacity(num_tokens, cfg.top_k, num_experts, cfg.capacity_factor)
         plan = plan_dispatch(routing.indices_TK, num_experts, slots, routing.active_TK)
-        y_SD = self.pool(permute(x_TD, plan), plan.kept_per_expert_M)
-        out_TD = unpermute(y_SD, routing.gates_TK, plan, num_tokens)
-        if self.shared_expert is not None:
-            out_TD = out_TD + self.shared_expert(x_TD)
+        if self.recompute_experts and torch.is_grad_enabled():
+            out_TD = checkpoint(self._experts, x_TD, routing.gates_TK, plan, use_reentrant=False)
+        else:
+            out_TD = self._experts(x_TD, routing.gates_TK, plan)
         if self.training:
             self.stats.record(self.layer_slot, plan.routed_per_expert_M, plan.dropped)
         return out_TD.view_as(x), self._losses(routing, plan.routed_per_expert_M, num_tokens)
+
+    def _experts(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        y_SD = self.pool(permute(x_TD, plan), plan.kept_per_expert_M)
+        out_TD = unpermute(y_SD, gates_TK, plan, x_TD.shape[0])
+        if self.shared_expert is not None:
+            out_TD = out_TD + self.shared_expert(x_TD)
+        return out_TD
 
     def _losses(self, routing, routed_M: torch.Tensor, num_tokens: int) -> dict[str, torch.Tensor]:
         cfg = self.config

@@ -19,9 +19,23 @@ def decay_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, groups: list[dict] | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: TrainConfig, groups: list[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW by train.adamw: torch's fused kernel (one launch for all tensors; the 'auto' choice on
+    CUDA), its multi-tensor 'foreach' path, or apex's FusedAdam; on CPU 'auto' is torch's default."""
     groups = decay_groups(model, config) if groups is None else groups
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
+    hyper = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
+    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
+    if config.adamw == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError as error:
+            raise RuntimeError("train.adamw='apex' needs NVIDIA apex built with its CUDA extensions") from error
+        if not on_cuda:
+            raise RuntimeError("train.adamw='apex' needs the model on a CUDA device")
+        return FusedAdam(groups, adam_w_mode=True, **hyper)
+    if config.adamw == "fused" or (config.adamw == "auto" and on_cuda):
+        return torch.optim.AdamW(groups, fused=True, **hyper)
+    return torch.optim.AdamW(groups, foreach=True if config.adamw == "foreach" else None, **hyper)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:

@@ -48,9 +48,12 @@ class TrainState:
     tokens_per_second: list[float] = field(default_factory=list)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # deterministic mode also NaN-fills every torch.empty, a debugging aid that costs a full write of
+    # each buffer our kernels then overwrite (a third of the expert backward on CPU)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def autocast(config: Config, device: torch.device):
@@ -72,7 +75,7 @@ class Trainer:
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        seed_everything(config.train.seed)
+        seed_everything(config.train.seed, config.train.deterministic)
         self.data = build_datasets(config)
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
         self.state = TrainState()

@@ -1,0 +1,152 @@
+"""Training throughput of whole models: tokens/s, TFLOP/s, MFU and peak memory per optimizer step.
+
+    python benchmarks/end_to_end.py                       # tiny CPU configs: dense, vanilla, UniPool, reduced pool
+    python benchmarks/end_to_end.py --suite gpu-182m      # one GPU, bf16: the 182M configs
+    python benchmarks/end_to_end.py --suite gpu-469m --set train.micro_batch=4 --json out.json
+
+Each model runs in a fresh process (clean peak memory, no allocator reuse across models) through
+the real Trainer and data pipeline: `--warmup` steps, then `--steps` timed optimizer steps.
+FLOPs per token are the PaLM convention of model/accounting.py (6 x active matmul parameters +
+attention scores); MFU divides by the device's dense bf16 peak (GPU only). Peak memory is
+torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on CPU.
+The table's last column compares each MoE model's step time with the vanilla MoE model's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import megatron_unipool  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from megatron_unipool.config import load_config  # noqa: E402
+from megatron_unipool.training import Trainer  # noqa: E402
+from megatron_unipool.training.hardware import peak_flops  # noqa: E402
+
+QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
+ONE_GPU = ["parallel.ep=1", "train.micro_batch=8", "train.global_batch=8"]
+# name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
+SUITES = {
+    "cpu": {
+        "dense": ("configs/tiny_dense_cpu.json", []),
+        "vanilla": ("configs/tiny_vanilla_cpu.json", []),
+        "unipool": ("configs/tiny_unipool_cpu.json", []),
+        "unipool-pool50%": ("configs/tiny_unipool_cpu.json", ["moe.pool_size=16"]),
+    },
+    "gpu-182m": {
+        "dense": ("configs/dense_182m.json", ONE_GPU),
+        "vanilla": ("configs/vanilla_182m.json", ONE_GPU),
+        "unipool": ("configs/unipool_182m.json", ONE_GPU),
+        "unipool-pool64": ("configs/unipool_182m_pool64.json", ONE_GPU),
+        "unipool-pool48": ("configs/unipool_182m_pool48.json", ONE_GPU),
+    },
+    "gpu-469m": {
+        "dense": ("configs/dense_469m.json", ONE_GPU),
+        "vanilla": ("configs/vanilla_469m.json", ONE_GPU),
+        "unipool": ("configs/unipool_469m.json", ONE_GPU),
+        "unipool-pool96": ("configs/unipool_469m_pool96.json", ONE_GPU),
+    },
+}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+
+def measure(config_path: str, overrides: list[str], warmup: int, steps: int) -> dict:
+    """Time `steps` optimizer steps after `warmup` in this process; one JSON-able row."""
+    config = load_config(REPO / config_path, QUIET + overrides + [f"train.max_steps={warmup + steps}"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, run_dir)
+        for _ in range(warmup):
+            trainer.train_step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        for _ in range(steps):
+            metrics, _ = trainer.train_step()  # .item() on the loss waits for the device
+        seconds = (time.perf_counter() - started) / steps
+    tokens_per_step = config.train.global_batch * config.model.seq_len
+    flops_per_token = trainer.budget.train_flops_per_token
+    tokens_per_second = tokens_per_step / seconds
+    peak = peak_flops()
+    if torch.cuda.is_available():
+        memory, memory_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
+    else:
+        memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    return {
+        "config": config_path, "overrides": overrides, "kind": config.moe.kind, "precision": config.train.precision,
+        "total_params": trainer.budget.total_params, "active_params": trainer.budget.active_params,
+        "tokens_per_step": tokens_per_step, "step_ms": 1e3 * seconds, "tokens_per_second": tokens_per_second,
+        "tflops": tokens_per_second * flops_per_token / 1e12,
+        "mfu_percent": 100.0 * tokens_per_second * flops_per_token / peak if peak else None,
+        "peak_memory_mib": memory, "memory_kind": memory_kind, "last_loss": metrics["lm_loss"],
+        "device": device_name(), "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    vanilla = next((r for r in rows if r["name"] == "vanilla"), None)
+    lines = [f"end-to-end training steps on {rows[0]['device']} ({rows[0]['precision']})",
+             f"{'model':<17} {'params':>8} {'active':>8} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU %':>6}"
+             f" {'peak MiB':>9} {'vs vanilla':>10}"]
+    for r in rows:
+        mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "-"
+        ratio = f"{r['step_ms'] / vanilla['step_ms']:.3f}" if vanilla and r["kind"] != "dense" else "-"
+        lines.append(f"{r['name']:<17} {r['total_params'] / 1e6:>7.2f}M {r['active_params'] / 1e6:>7.2f}M "
+                     f"{r['step_ms']:>9.1f} {r['tokens_per_second']:>10,.0f} {r['tflops']:>8.3f} {mfu:>6}"
+                     f" {r['peak_memory_mib']:>9,.0f} {ratio:>10}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=list(SUITES), default="cpu")
+    parser.add_argument("--models", nargs="+", help="a subset of the suite's models")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override applied to every model; repeatable")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--one", nargs=2, metavar=("NAME", "ROW_FILE"), help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args(argv)
+    suite = SUITES[args.suite]
+    if args.one:
+        name, row_file = args.one
+        config_path, overrides = suite[name]
+        row = measure(config_path, overrides + args.overrides, args.warmup, args.steps)
+        Path(row_file).write_text(json.dumps(dict(row, name=name)))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models or list(suite):
+            if name not in suite:
+                parser.error(f"--models: {name!r} is not in suite {args.suite!r} ({', '.join(suite)})")
+            row_file = Path(tmp) / f"{name}.json"
+            command = [sys.executable, __file__, "--suite", args.suite, "--one", name, str(row_file),
+                       "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            command += [item for override in args.overrides for item in ("--set", override)]
+            print(f"  measuring {name} ...", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True, cwd=REPO)
+            rows.append(json.loads(row_file.read_text()))
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

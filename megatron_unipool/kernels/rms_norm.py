@@ -1,0 +1,24 @@
+"""RMSNorm: apex's fused CUDA kernel when importable, else torch's `rms_norm` (its own fused
+kernel on CUDA; one pass of elementwise ops on CPU)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional extra: NVIDIA apex built with its CUDA extensions
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+except ImportError:  # pragma: no cover - depends on the installation
+    fused_rms_norm_affine = None
+
+
+def apex_rms_norm_available(x: torch.Tensor) -> bool:
+    return fused_rms_norm_affine is not None and x.is_cuda
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+    if backend == "apex" and not apex_rms_norm_available(x):
+        raise RuntimeError("model.rms_norm='apex' needs NVIDIA apex (with its CUDA extensions) and a CUDA device")
+    if backend in ("auto", "apex") and apex_rms_norm_available(x):
+        return fused_rms_norm_affine(x, weight, weight.shape, eps)
+    return F.rms_norm(x, weight.shape, weight, eps)

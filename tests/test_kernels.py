@@ -1,0 +1,349 @@
+"""Kernels against the plain PyTorch computation they replace, forward and backward, fp32 and bf16.
+
+CUDA-only paths (torch._grouped_mm's GPU kernel, flash-attn, apex) are compared with the same
+references and skip with the reason when this machine lacks them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_unipool.config import ModelConfig, MoEConfig, TrainConfig
+from megatron_unipool.kernels import causal_attention, grouped_swiglu, rms_norm
+from megatron_unipool.kernels.attention import flash_available
+from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, resolve_expert_gemm
+from megatron_unipool.kernels.rms_norm import apex_rms_norm_available
+from megatron_unipool.model import LanguageModel
+from megatron_unipool.moe.dispatch import permute, plan_dispatch, unpermute
+from megatron_unipool.training.optimizer import build_optimizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+# fp32 results differ from the reference only by summation order; bf16 rounds every product
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def expert_inputs(counts, hidden=16, width=24, dtype=torch.float32, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    experts, slots = len(counts), sum(counts)
+
+    def tensor(*shape, std):
+        return (torch.randn(*shape, generator=generator) * std).to(device, dtype).requires_grad_()
+
+    return (tensor(slots, hidden, std=1.0), torch.tensor(counts, device=device), tensor(experts, width, hidden, std=0.3),
+            tensor(experts, width, hidden, std=0.3), tensor(experts, hidden, width, std=0.3))
+
+
+def per_slot_reference(x, counts, w_gate, w_up, w_down):
+    """Each slot through its own expert, one at a time, in fp32: the definition, no grouping."""
+    expert_of_slot = torch.repeat_interleave(torch.arange(len(counts)), counts.cpu()).tolist()
+    rows = []
+    for slot, e in enumerate(expert_of_slot):
+        h = x[slot].float()
+        rows.append(w_down[e].float() @ (F.silu(w_gate[e].float() @ h) * (w_up[e].float() @ h)))
+    return torch.stack(rows) if rows else x.float() * 0
+
+
+def forward_backward(fn, inputs):
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    weights = torch.linspace(-1, 1, out.shape[-1], device=out.device)
+    (out.float() * weights).sum().backward()
+    return [out.detach().float()] + [t.grad.float() for t in inputs]
+
+
+def assert_close_relative(actual, expected, tolerance, what):
+    scale = expected.abs().max().clamp(min=1e-6)
+    error = (actual - expected).abs().max() / scale
+    assert error <= tolerance, f"{what}: max error {error:.2e} of the largest entry (allowed {tolerance:.0e})"
+
+
+GEMM_CASES = {
+    "loop": dict(backend="loop"),
+    "grouped_mm": dict(backend="grouped_mm"),
+    "grouped_mm_padded": dict(backend="grouped_mm", align_rows=8),  # the CUDA path's row padding, on CPU
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+@pytest.mark.parametrize("counts", [[3, 0, 7, 1, 9], [0, 0, 0, 0, 5], [4, 4, 4, 4, 4]], ids=["uneven", "one", "even"])
+def test_grouped_swiglu_matches_per_slot_reference(case, dtype, counts):
+    x, counts_M, *weights = expert_inputs(counts, dtype=dtype)
+    inputs = [x, *weights]
+    expected = forward_backward(lambda x, *w: per_slot_reference(x, counts_M, *w), inputs)
+    actual = forward_backward(lambda x, *w: grouped_swiglu(x, counts_M, *w, **GEMM_CASES[case]), inputs)
+    for name, a, e in zip(["out", "grad x", "grad w_gate", "grad w_up", "grad w_down"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[dtype], f"{case} {name}")
+
+
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_grouped_swiglu_without_slots_keeps_the_graph(case):
+    x, counts_M, *weights = expert_inputs([0, 0, 0])
+    out = grouped_swiglu(x, counts_M, *weights, **GEMM_CASES[case])
+    assert out.shape == (0, x.shape[1])
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("capacity", [None, 2], ids=["dropless", "capacity"])
+def test_fused_permute_and_combine_match_plain_indexing(dtype, capacity):
+    generator = torch.Generator().manual_seed(0)
+    tokens, k, experts = 9, 2, 4
+    indices = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
+    plan = plan_dispatch(indices, experts, capacity)
+    x = torch.randn(tokens, 8, generator=generator).to(dtype).requires_grad_()
+    gates = torch.rand(tokens, k, generator=generator).requires_grad_()  # fp32, as the router makes them
+    w = torch.randn(8, 8, generator=generator).to(dtype)
+
+    def fused(x, gates):
+        return unpermute(permute(x, plan) @ w, gates, plan, tokens)
+
+    def plain(x, gates):
+        y = x[plan.token_S] @ w
+        weighted = y * gates.reshape(-1)[plan.slot_S].unsqueeze(-1).to(y.dtype)
+        return torch.zeros(tokens, 8, dtype=y.dtype).index_put((plan.token_S,), weighted, accumulate=True)
+
+    expected, actual = forward_backward(plain, [x, gates]), forward_backward(fused, [x, gates])
+    for name, a, e in zip(["out", "grad x", "grad gates"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[dtype], f"combine {name}")
+    assert torch.autograd.gradcheck(lambda y, g: unpermute(y, g, plan, tokens),
+                                    (torch.randn(len(plan.token_S), 3, dtype=torch.float64, requires_grad=True),
+                                     torch.rand(tokens, k, dtype=torch.float64, requires_grad=True)))
+
+
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_grouped_swiglu_takes_a_broadcast_gradient(case):
+    """`out.sum().backward()` hands the kernel a stride-0 gradient."""
+    x, counts_M, *weights = expert_inputs([3, 5])
+    grouped_swiglu(x, counts_M, *weights, **GEMM_CASES[case]).sum().backward()
+    expected = torch.autograd.grad(per_slot_reference(x, counts_M, *weights).sum(), x)[0]
+    assert_close_relative(x.grad, expected, 1e-5, f"{case} grad x")
+
+
+def test_expert_gemm_choice_and_clear_refusal():
+    x, counts_M, w_gate, w_up, w_down = expert_inputs([2, 3], hidden=6, width=10)  # rows not 16-byte aligned
+    assert not grouped_mm_supported(x, w_gate, w_down)
+    assert resolve_expert_gemm("auto", x, w_gate, w_down) == "loop"
+    with pytest.raises(RuntimeError, match="model.expert_gemm='grouped_mm'.*multiples of 4"):
+        grouped_swiglu(x, counts_M, w_gate, w_up, w_down, backend="grouped_mm")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("counts", [[3, 0, 7, 1, 9], [128, 64, 0, 200]], ids=["small", "large"])
+def test_grouped_mm_on_cuda_matches_reference(counts):
+    if not grouped_mm_supported(torch.empty(1, 16, device="cuda", dtype=torch.bfloat16), torch.empty(1, 32, 16)):
+        pytest.skip("torch._grouped_mm missing from this torch build")
+    x, counts_M, *weights = expert_inputs(counts, hidden=64, width=128, dtype=torch.bfloat16, device="cuda")
+    assert resolve_expert_gemm("auto", x, weights[0], weights[2]) == "grouped_mm"
+    inputs = [x, *weights]
+    expected = forward_backward(lambda x, *w: per_slot_reference(x, counts_M, *w), inputs)
+    actual = forward_backward(lambda x, *w: grouped_swiglu(x, counts_M, *w), inputs)
+    for name, a, e in zip(["out", "grad x", "grad w_gate", "grad w_up", "grad w_down"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[torch.bfloat16], f"cuda grouped_mm {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_matches_formula(dtype):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, 32, generator=generator).to(dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(32, generator=generator)).to(dtype).requires_grad_()
+
+    def formula(x, weight):
+        x32 = x.float()
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
+
+    expected = forward_backward(formula, [x, weight])
+    actual = forward_backward(lambda x, w: rms_norm(x, w, 1e-5), [x, weight])
+    for name, a, e in zip(["out", "grad x", "grad weight"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[dtype], f"rms_norm {name}")
+
+
+def test_apex_rms_norm_refused_without_apex_and_cuda():
+    x = torch.randn(2, 8)
+    if apex_rms_norm_available(x):
+        pytest.skip("apex is usable here")
+    with pytest.raises(RuntimeError, match="model.rms_norm='apex' needs NVIDIA apex"):
+        rms_norm(x, torch.ones(8), 1e-5, backend="apex")
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_apex_rms_norm_matches_torch():
+    x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if not apex_rms_norm_available(x):
+        pytest.skip("apex with CUDA extensions is not installed")
+    weight = torch.rand(256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    expected = forward_backward(lambda x, w: rms_norm(x, w, 1e-5, "torch"), [x, weight])
+    actual = forward_backward(lambda x, w: rms_norm(x, w, 1e-5, "apex"), [x, weight])
+    for name, a, e in zip(["out", "grad x", "grad weight"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[torch.bfloat16], f"apex rms_norm {name}")
+
+
+def attention_inputs(device="cpu", dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 16, 8, generator=generator).to(device, dtype).requires_grad_()
+    k = torch.randn(2, 2, 16, 8, generator=generator).to(device, dtype).requires_grad_()
+    v = torch.randn(2, 2, 16, 8, generator=generator).to(device, dtype).requires_grad_()
+    return [q, k, v]
+
+
+def attention_reference(q, k, v):
+    """softmax(q k^T / sqrt(K) + causal mask) v with each key/value head serving H/G query heads, fp32."""
+    repeat = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(repeat, 1), v.float().repeat_interleave(repeat, 1)
+    scores = q.float() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sdpa_attention_matches_reference(dtype):
+    inputs = attention_inputs(dtype=dtype)
+    expected = forward_backward(attention_reference, inputs)
+    actual = forward_backward(lambda q, k, v: causal_attention(q, k, v, "sdpa"), inputs)
+    for name, a, e in zip(["out", "grad q", "grad k", "grad v"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[dtype], f"sdpa {name}")
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_flash_attention_matches_reference():
+    inputs = attention_inputs("cuda", torch.bfloat16)
+    if not flash_available(inputs[0]):
+        pytest.skip("flash-attn is not installed")
+    expected = forward_backward(attention_reference, inputs)
+    actual = forward_backward(lambda q, k, v: causal_attention(q, k, v, "flash"), inputs)
+    for name, a, e in zip(["out", "grad q", "grad k", "grad v"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[torch.bfloat16], f"flash {name}")
+
+
+def test_flash_attention_refused_where_unavailable():
+    q, k, v = attention_inputs()
+    with pytest.raises(RuntimeError, match="model.attention='flash' needs"):
+        causal_attention(q, k, v, "flash")
+
+
+@pytest.mark.parametrize("adamw", ["fused", "foreach"])
+def test_adamw_implementations_take_the_same_steps(adamw):
+    """torch's fused (also on CPU) and multi-tensor AdamW against the per-tensor reference loop."""
+    def train(impl):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1, adamw=impl))
+        for step in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(5, 8, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            optimizer.step()
+        return optimizer, [p.detach().clone() for p in model.parameters()]
+
+    reference_optimizer, reference = train("auto")  # CPU: torch's per-tensor default
+    optimizer, params = train(adamw)
+    assert optimizer.defaults["fused" if adamw == "fused" else "foreach"]
+    assert not reference_optimizer.defaults["fused"] and not reference_optimizer.defaults["foreach"]
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+def test_apex_adamw_refused_without_apex():
+    try:
+        import apex.optimizers  # noqa: F401
+        pytest.skip("apex is installed")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="train.adamw='apex' needs NVIDIA apex"):
+        build_optimizer(torch.nn.Linear(2, 2), TrainConfig(adamw="apex"))
+
+
+def small_model(kind="unipool", **model_overrides):
+    torch.manual_seed(0)
+    model = ModelConfig(num_layers=3, hidden_size=16, num_heads=2, num_kv_heads=1, ffn_hidden_size=32, vocab_size=40,
+                        seq_len=12, init_std=0.1, **model_overrides)
+    moe = MoEConfig(kind=kind, num_experts=4, top_k=2, router="softmax",
+                    aux_loss="pool" if kind == "unipool" else "layer", z_loss_coeff=1e-3,
+                    shared_expert_ffn_hidden_size=8 if kind == "vanilla" else 0)
+    return LanguageModel(model, moe)
+
+
+def loss_and_gradients(model, tokens):
+    model.zero_grad()
+    logits, losses = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + sum(losses.values())
+    loss.backward()
+    counts = [stats.step_counts.clone() for stats in model.pool_stats]
+    for stats in model.pool_stats:
+        stats.end_step()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, counts
+
+
+@pytest.mark.parametrize("mode", ["attention", "ffn", "block"])
+@pytest.mark.parametrize("kind", ["unipool", "vanilla", "dense"])
+def test_activation_checkpointing_changes_nothing_but_memory(kind, mode):
+    """Same loss, same gradients, and routing counted once per forward although it is recomputed."""
+    tokens = torch.randint(0, 40, (3, 13), generator=torch.Generator().manual_seed(1))
+    reference, model = small_model(kind), small_model(kind, activation_checkpointing=mode)
+    expected = [loss_and_gradients(reference, tokens) for _ in range(2)][-1]  # 2nd step: pool aux loss active
+    actual = [loss_and_gradients(model, tokens) for _ in range(2)][-1]
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-6, atol=0)
+    assert actual[1].keys() == expected[1].keys()
+    for name in expected[1]:
+        torch.testing.assert_close(actual[1][name], expected[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    for a, e in zip(actual[2], expected[2]):
+        assert torch.equal(a, e)
+        assert int(a.sum()) == 3 * 12 * 2 * a.shape[0]  # tokens x k per MoE layer, once
+
+
+@pytest.mark.parametrize("kind", ["unipool", "vanilla"])
+def test_model_with_grouped_mm_experts_matches_loop(kind):
+    tokens = torch.randint(0, 40, (3, 13), generator=torch.Generator().manual_seed(1))
+    expected = loss_and_gradients(small_model(kind, expert_gemm="loop"), tokens)
+    actual = loss_and_gradients(small_model(kind, expert_gemm="grouped_mm"), tokens)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=0)
+    for name in expected[1]:
+        torch.testing.assert_close(actual[1][name], expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def saved_activation_bytes(model, tokens) -> int:
+    """Bytes autograd keeps for backward during one forward (parameters excluded)."""
+    parameters = {p.data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.data_ptr() not in parameters:
+            saved[(t.data_ptr(), t.shape)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens)
+    return sum(saved.values())
+
+
+def test_activation_checkpointing_stores_less():
+    tokens = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(1))
+    saved = {mode: saved_activation_bytes(small_model("unipool", activation_checkpointing=mode), tokens)
+             for mode in ["none", "attention", "ffn", "block"]}
+    assert saved["block"] < saved["ffn"] < saved["none"], saved
+    assert saved["attention"] < saved["none"], saved
+
+
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_grouped_swiglu_under_autocast_computes_in_bf16_with_fp32_gradients(case):
+    x, counts_M, *weights = expert_inputs([3, 0, 7, 1, 9])
+    expected = forward_backward(lambda x, *w: per_slot_reference(x, counts_M, *w), [x, *weights])
+
+    def autocast_forward(x, *w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = grouped_swiglu(x, counts_M, *w, **GEMM_CASES[case])
+        assert out.dtype == torch.bfloat16
+        return out
+
+    actual = forward_backward(autocast_forward, [x, *weights])
+    assert all(t.grad.dtype == torch.float32 for t in [x, *weights])
+    for name, a, e in zip(["out", "grad x", "grad w_gate", "grad w_up", "grad w_down"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[torch.bfloat16], f"autocast {case} {name}")
