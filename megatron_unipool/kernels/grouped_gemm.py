@@ -37,7 +37,7 @@ def resolve_expert_gemm(backend: str, x: torch.Tensor, *weights: torch.Tensor) -
             f" are multiples of {GROUPED_MM_ALIGN_BYTES // x.element_size()}); use 'auto' or 'loop'"
         )
     if backend == "auto":
-        # On CPU the per-slice loop is as fast (benchmarks/moe_layer.py --impls ours,ours_grouped_mm).
+        # on CPU torch's grouped_mm kernel is no faster than the loop (docs/benchmarks.md, moe_layer)
         return "grouped_mm" if x.is_cuda and grouped_mm_supported(x, *weights) else "loop"
     return backend
 
@@ -72,50 +72,48 @@ def grouped_swiglu(
 
 
 class _SegmentSwiGLU(torch.autograd.Function):
-    """SwiGLU experts as one GEMM per expert slice, each writing into whole-batch buffers.
+    """SwiGLU experts one expert slice at a time, with weight gradients written in place.
 
-    Plain autograd over per-expert slices concatenates the slices' results and stacks every
-    expert's weight gradient into the [M, F, D] gradient: a full extra copy per call, which
-    dominates when a large pool is shared by many layers. Here every GEMM writes its slice of the
-    output or its expert's row of the gradient in place; the elementwise work is autograd's.
+    Plain autograd over per-expert slices stacks every expert's weight gradient into the
+    [M, F, D] gradient: a full extra copy per call, which dominates when a large pool is shared by
+    many layers. Here each expert's weight-gradient GEMM writes its row of the gradient directly.
+    Activations stay per-slice tensors: slice-sized buffers are reused by the allocator and stay in
+    cache, whereas whole-batch [S, F] buffers are fresh pages on every call (2-3x slower on CPU).
     """
 
     @staticmethod
     def forward(ctx, x_SD, counts, w_gate_MFD, w_up_MFD, w_down_MDF):
-        gate_SF = x_SD.new_empty(x_SD.shape[0], w_gate_MFD.shape[1])
-        up_SF = torch.empty_like(gate_SF)
-        out_SD = torch.empty_like(x_SD)
         segments = _segments(counts)
+        saved, outputs = [], []
         for e, rows in segments:
-            torch.mm(x_SD[rows], w_gate_MFD[e].t(), out=gate_SF[rows])
-            torch.mm(x_SD[rows], w_up_MFD[e].t(), out=up_SF[rows])
-        silu_SF = F.silu(gate_SF)
-        hidden_SF = silu_SF * up_SF
-        for e, rows in segments:
-            torch.mm(hidden_SF[rows], w_down_MDF[e].t(), out=out_SD[rows])
+            x = x_SD[rows]
+            gate, up = x @ w_gate_MFD[e].t(), x @ w_up_MFD[e].t()
+            silu = F.silu(gate)
+            hidden = silu * up
+            outputs.append(hidden @ w_down_MDF[e].t())
+            saved += [gate, up, silu, hidden]
         ctx.segments = segments
-        ctx.save_for_backward(x_SD, gate_SF, up_SF, silu_SF, hidden_SF, w_gate_MFD, w_up_MFD, w_down_MDF)
-        return out_SD
+        ctx.save_for_backward(x_SD, w_gate_MFD, w_up_MFD, w_down_MDF, *saved)
+        return torch.cat(outputs)
 
     @staticmethod
     def backward(ctx, grad_SD):
-        x_SD, gate_SF, up_SF, silu_SF, hidden_SF, w_gate_MFD, w_up_MFD, w_down_MDF = ctx.saved_tensors
-        segments, grad_SD = ctx.segments, grad_SD.contiguous()
-        grad_hidden_SF = torch.empty_like(gate_SF)
-        grad_w_down = _per_expert_zeros(w_down_MDF, segments)
-        for e, rows in segments:
-            torch.mm(grad_SD[rows], w_down_MDF[e], out=grad_hidden_SF[rows])
-            torch.mm(grad_SD[rows].t(), hidden_SF[rows], out=grad_w_down[e])
-        grad_up_SF = grad_hidden_SF * silu_SF
-        grad_gate_SF = torch.ops.aten.silu_backward(grad_hidden_SF.mul_(up_SF), gate_SF)
-        grad_x_SD = torch.empty_like(x_SD)
+        x_SD, w_gate_MFD, w_up_MFD, w_down_MDF, *saved = ctx.saved_tensors
+        segments = ctx.segments
         grad_w_gate, grad_w_up = _per_expert_zeros(w_gate_MFD, segments), _per_expert_zeros(w_up_MFD, segments)
-        for e, rows in segments:
-            torch.mm(grad_gate_SF[rows].t(), x_SD[rows], out=grad_w_gate[e])
-            torch.mm(grad_up_SF[rows].t(), x_SD[rows], out=grad_w_up[e])
-            torch.mm(grad_gate_SF[rows], w_gate_MFD[e], out=grad_x_SD[rows])
-            grad_x_SD[rows].addmm_(grad_up_SF[rows], w_up_MFD[e])
-        return grad_x_SD, None, grad_w_gate, grad_w_up, grad_w_down
+        grad_w_down = _per_expert_zeros(w_down_MDF, segments)
+        grad_x = []
+        for i, (e, rows) in enumerate(segments):
+            gate, up, silu, hidden = saved[4 * i: 4 * i + 4]
+            x, grad = x_SD[rows], grad_SD[rows]
+            grad_hidden = grad @ w_down_MDF[e]
+            torch.mm(grad.t(), hidden, out=grad_w_down[e])
+            grad_up = grad_hidden * silu
+            grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+            torch.mm(grad_gate.t(), x, out=grad_w_gate[e])
+            torch.mm(grad_up.t(), x, out=grad_w_up[e])
+            grad_x.append(torch.addmm(grad_gate @ w_gate_MFD[e], grad_up, w_up_MFD[e]))
+        return torch.cat(grad_x), None, grad_w_gate, grad_w_up, grad_w_down
 
 
 def _segments(counts: tuple[int, ...]) -> list[tuple[int, slice]]:
