@@ -69,6 +69,18 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
     return path
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A run directory (its latest checkpoint), a checkpoints directory, or one step_* directory."""
+    path = Path(path)
+    for directory in (path / "checkpoints", path):
+        if (directory / LATEST).is_file():
+            return latest_checkpoint(directory)
+    if (path / "state.pt").is_file() or path.is_file():
+        return path
+    raise CheckpointError(f"no checkpoint at {path}: expected a run directory, its checkpoints/ directory or a"
+                          " step_* directory holding state.pt")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint directory (or its state.pt)."""
     path = Path(path)

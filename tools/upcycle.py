@@ -1,0 +1,93 @@
+"""Upcycle a checkpoint: grow its expert pools m-fold (or turn a dense model into MoE) and write
+a run directory that the normal launcher continues from.
+
+    python tools/upcycle.py --checkpoint runs/tiny_unipool_cpu --multiplier 2 --output runs/upcycled
+    python tools/upcycle.py --checkpoint RUN --multiplier 2 --selection utility --utility-batches 8 --output OUT
+    python tools/upcycle.py --checkpoint runs/tiny_dense_cpu --to-config configs/tiny_vanilla_cpu.json --output OUT
+    python launch/pretrain.py --config OUT/config.json --run-dir OUT      # continued pretraining
+
+--checkpoint takes a run directory (its latest checkpoint) or one step_* directory. The output
+holds config.json (the source config with the grown pool) and checkpoints/step_0000000: the
+upcycled weights, the optimizer state (reset, or copied to the replicas with --optimizer copy)
+and the source's position in the data; the learning-rate schedule starts again at step 0. The
+written config resumes from the run directory (checkpoint.resume true, checkpoint.load unset).
+`--set` changes the written config (e.g. train.max_steps, train.warmup_steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+try:
+    import megatron_unipool  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_unipool.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config  # noqa: E402
+from megatron_unipool.model import LanguageModel  # noqa: E402
+from megatron_unipool.training import CheckpointError, TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
+from megatron_unipool.training.checkpoint import restore_model, rng_state  # noqa: E402
+from megatron_unipool.training.upcycling import expert_utility, upcycle, upcycle_dense, utility_batches  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--output", required=True, type=Path, help="the new run directory (must not hold a checkpoint)")
+    parser.add_argument("--multiplier", type=int, default=2, help="new experts per pool = multiplier x old")
+    parser.add_argument("--selection", choices=["uniform", "utility"], default="uniform")
+    parser.add_argument("--utility-score", choices=["grad_sq", "weight_x_grad"], default="grad_sq")
+    parser.add_argument("--utility-batches", type=int, default=8, help="training batches the utility is averaged over")
+    parser.add_argument("--noise", type=float, default=1e-3, help="U(-noise, noise) on the replicas' selection bias")
+    parser.add_argument("--optimizer", choices=["reset", "copy"], default="reset", help="AdamW state of the result")
+    parser.add_argument("--to-config", type=Path, help="dense source: the MoE config to upcycle into")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change the written config; repeatable")
+    args = parser.parse_args(argv)
+    try:
+        source_path = resolve_checkpoint(args.checkpoint)
+        payload = load_checkpoint(source_path)
+        config = config_from_dict(payload["config"], world_size=None)
+        if (args.output / "checkpoints" / "latest").exists():
+            raise CheckpointError(f"{args.output} already holds a checkpoint; choose a new --output")
+        if config.moe.kind == "dense":
+            if args.to_config is None:
+                parser.error("the checkpoint is dense: give the MoE config to upcycle into with --to-config")
+            result = upcycle_dense(config, payload["model"], load_config(args.to_config, world_size=None))
+        else:
+            utility = None
+            if args.selection == "utility":
+                model = LanguageModel(config.model, config.moe)
+                restore_model(model, payload["model"], source_path)
+                print(f"scoring experts by {args.utility_score} over {args.utility_batches} batches ...", flush=True)
+                batches = utility_batches(config, args.utility_batches, config.train.micro_batch)
+                utility = expert_utility(model, batches, args.utility_score)
+            result = upcycle(config, payload["model"], payload["optimizer"], args.multiplier, args.selection, utility,
+                             args.noise, args.optimizer, args.seed)
+        result.config.checkpoint.resume, result.config.checkpoint.load = True, None  # the launcher starts from our checkpoint
+        new_config = config_from_dict(apply_overrides(config_to_dict(result.config), args.overrides), world_size=None)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    train_state = TrainState(consumed_samples=payload["train_state"]["consumed_samples"])
+    raw_config = config_to_dict(new_config)
+    written = save_checkpoint(args.output / "checkpoints", 0, {
+        "model": result.model_state, "optimizer": result.optimizer_state, "train_state": asdict(train_state),
+        "rng": rng_state(), "config": raw_config, "upcycled_from": str(source_path),
+        "sources_per_pool": result.sources_per_pool}, keep_last=new_config.checkpoint.keep_last)
+    (args.output / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+    for p, sources in enumerate(result.sources_per_pool):
+        copies = [sources.count(e) for e in range(max(sources) + 1)]
+        print(f"pool {p}: {len(sources)} experts; copies per source: {copies}")
+    print(f"wrote {written} and {args.output / 'config.json'}; continue with\n"
+          f"  python launch/pretrain.py --config {args.output / 'config.json'} --run-dir {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
