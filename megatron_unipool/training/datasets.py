@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from ..config import Config
 from ..data import IndexedDataset, TokenSampleDataset, prepare_default_corpus
 
@@ -36,3 +39,12 @@ def build_datasets(config: Config) -> RunData:
         vocab_size=train.vocab_size,
         eod_id=train.eod_id,
     )
+
+
+def validation_batches(valid: TokenSampleDataset, micro_batch: int, eval_batches: int) -> list[torch.Tensor]:
+    """`eval_batches` micro-batches of samples spread evenly over the validation split (its first
+    samples alone would be one play's cast list); the count is rounded down to whole micro-batches."""
+    count = min(eval_batches * micro_batch, len(valid)) // micro_batch * micro_batch
+    positions = np.linspace(0, len(valid) - 1, count).round().astype(np.int64)
+    return [torch.from_numpy(np.stack([valid.sample(int(g)) for g in positions[i: i + micro_batch]]))
+            for i in range(0, count, micro_batch)]

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,7 +26,7 @@ from ..parallel import ParallelState, all_reduce
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_model, rng_state, save_checkpoint, set_rng_state
-from .datasets import build_datasets
+from .datasets import build_datasets, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
 from .hardware import peak_flops
@@ -199,15 +198,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over `eval_batches` micro-batches of samples spread evenly over the
-        validation split (its first samples alone would be one play's cast list). Every
+        """Mean token loss over the validation batches (datasets.validation_batches). Every
         data-parallel replica evaluates the same samples."""
         self.model.eval()
-        micro, valid = self.config.train.micro_batch, self.data.valid
-        count = min(self.config.train.eval_batches * micro, len(valid)) // micro * micro
-        positions = np.linspace(0, len(valid) - 1, count).round().astype(np.int64)
-        batches = [torch.from_numpy(np.stack([valid.sample(int(g)) for g in positions[i: i + micro]]))
-                   for i in range(0, count, micro)]
+        batches = validation_batches(self.data.valid, self.config.train.micro_batch, self.config.train.eval_batches)
         totals = self._run_micro_batches(batches, train=False)
         self.model.train()
         return totals[0].item()  # each replica's share is its 1/dp of the same mean

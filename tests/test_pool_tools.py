@@ -1,6 +1,6 @@
-"""Expert upcycling: exact function preservation where it must hold, the measured gap where it
-cannot (k > 1), utility-based replica allocation, optimizer-state copies, dense -> MoE, and the
-tool + launcher round trip."""
+"""The pool tools of tools/: expert upcycling (exact function preservation where it must hold, the
+measured gap where it cannot, utility-based replicas, optimizer-state copies, dense -> MoE, tool +
+launcher round trip), the routing probe and the utilisation analysis."""
 from __future__ import annotations
 
 import json
@@ -175,3 +175,66 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
                             "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
     assert config_to_dict(written)["model"] == config_to_dict(config)["model"]
+
+
+# ---- routing probe (tools/routing_probe.py): shares the trained checkpoints above ----
+
+def test_random_routing_draws_uniformly_from_the_candidates(trained):
+    from megatron_unipool.training.probe import RandomRouting
+
+    config, payload, _ = trained["softmax_top2"]
+    model = model_from(config, payload["model"])
+    router = model.layers[1].ffn.router
+    candidates = torch.tensor([3, 7, 11, 20])
+    x = torch.randn(4000, config.model.hidden_size)
+    routing = RandomRouting(router, candidates, torch.Generator().manual_seed(0))(x)
+    learned = router(x)
+    assert set(routing.indices_TK.unique().tolist()) == set(candidates.tolist())
+    assert (routing.indices_TK[:, 0] != routing.indices_TK[:, 1]).all()  # k distinct experts per token
+    counts = torch.bincount(routing.indices_TK.flatten(), minlength=32)[candidates].double()
+    assert (counts / counts.sum() - 0.25).abs().max() < 0.02  # 8000 draws: uniform within 2 points
+    torch.testing.assert_close(routing.gates_TK.sum(-1), learned.gates_TK.sum(-1))
+
+
+def test_probe_tool_reports_each_layer(trained, tmp_path):
+    config, payload, run_dir = trained["softmax_top2"]
+    out = tmp_path / "probe"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "routing_probe.py"), "--checkpoint", str(run_dir),
+                           "--layers", "all", "--top-n", "4", "--output", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "probe.json").read_text())
+    # the learned routing's loss is the run's own final validation loss (same batches)
+    assert report["baseline"] == pytest.approx(payload["train_state"]["val_losses"][-1][1], rel=1e-5)
+    assert sorted((r["layer"], r["candidates"]) for r in report["rows"]) == sorted(
+        (layer, name) for layer in range(4) for name in ("pool", "top4"))
+    assert sum(r["delta"] for r in report["rows"] if r["candidates"] == "pool") > 0  # random routing hurts on average
+    assert (out / "probe.png").stat().st_size > 0
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "routing_probe.py"), "--checkpoint", str(run_dir),
+                          "--layers", "7"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "are not MoE layers" in bad.stderr
+
+
+def test_unique_experts_by_depth_closed_form():
+    from megatron_unipool.training.probe import unique_experts_by_depth
+
+    routing = {0: torch.tensor([[0, 1], [2, 3]]), 1: torch.tensor([[1, 2], [2, -1]]), 3: torch.tensor([[0, 3], [5, 6]])}
+    shared = unique_experts_by_depth(routing, {0: 0, 1: 0, 3: 0}, 8)
+    assert shared == [2.0, 2.5, 4.0]  # token 0: {0,1} {0,1,2} {0,1,2,3}; token 1: {2,3} {2,3} {2,3,5,6}
+    per_layer = unique_experts_by_depth(routing, {0: 0, 1: 1, 3: 2}, 8)
+    assert per_layer == [2.0, 3.5, 5.5]  # separate pools: every pick is a new expert
+
+
+def test_utilisation_tool_counts_every_routed_slot(trained, tmp_path):
+    config, payload, run_dir = trained["softmax_top2"]
+    out = tmp_path / "util"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "plot_utilisation.py"), "--checkpoint", str(run_dir),
+                           "--eval-batches", "2", "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "utilisation.json").read_text())
+    tokens = 2 * config.train.micro_batch * config.model.seq_len
+    counts = torch.tensor(report["counts_per_pool"][0])
+    assert counts.shape == (4, 32) and (counts.sum(1) == tokens * 2).all()  # top-2, dropless, every layer
+    curve = report["unique_experts_by_depth"]
+    assert curve[0] == 2.0 and all(a <= b <= a + 2 for a, b in zip(curve, curve[1:]))
+    assert (out / "utilisation.png").stat().st_size > 0 and (out / "unique_experts.png").stat().st_size > 0

@@ -1,0 +1,140 @@
+"""Routing probe: how much does each layer's learned routing matter?
+
+One layer's router is replaced by a uniformly random choice of k experts per token, drawn from the
+whole pool or from the experts that layer uses most, and the validation loss is measured again.
+The random choice keeps the size of the layer's output: its k gates are each 1/k of the sum of
+the gates the learned router gave that token. A large loss increase says the layer relies on
+which experts it picks; a small one says any experts (of that set) would do.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model import LanguageModel
+from ..moe import MoELayer
+from ..moe.router import Routing
+
+
+class RandomRouting(nn.Module):
+    """Wraps a layer's router: same gate mass, uniformly random experts from `candidates`."""
+
+    def __init__(self, router: nn.Module, candidates: torch.Tensor, generator: torch.Generator):
+        super().__init__()
+        self.router, self.candidates, self.generator = router, candidates, generator
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        learned = self.router(x_TD)
+        tokens, k = learned.indices_TK.shape
+        weights = torch.ones(tokens, len(self.candidates))
+        picks = torch.multinomial(weights, k, replacement=False, generator=self.generator)
+        indices = self.candidates[picks].to(x_TD.device)
+        gates = learned.gates_TK.sum(-1, keepdim=True).expand(tokens, k) / k
+        return Routing(indices, gates.contiguous(), learned.scores_TM, learned.logits_TM, None)
+
+
+@contextlib.contextmanager
+def random_routing(layer: MoELayer, candidates: torch.Tensor, seed: int) -> Iterator[None]:
+    router = layer.router
+    layer.router = RandomRouting(router, candidates, torch.Generator().manual_seed(seed))
+    try:
+        yield
+    finally:
+        layer.router = router
+
+
+@torch.no_grad()
+def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor]) -> float:
+    """Mean token LM loss over the batches (each [B, S+1])."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        logits, _ = model(batch[:, :-1])
+        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def record_routing(model: LanguageModel, batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """The experts each MoE layer picks for every token of the batches, {layer: [tokens, k]}."""
+    picked: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for index in model.local_layers:
+        layer = model.layers[index].ffn
+        if isinstance(layer, MoELayer):
+            picked[index] = []
+
+            def record(module, inputs, routing, index=index):
+                indices = routing.indices_TK
+                if routing.active_TK is not None:  # slots NormRouter leaves empty pick no expert
+                    indices = torch.where(routing.active_TK, indices, -1)
+                picked[index].append(indices.cpu())
+
+            handles.append(layer.router.register_forward_hook(record))
+    try:
+        evaluate_loss(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {index: torch.cat(chunks) for index, chunks in picked.items()}
+
+
+def expert_usage(model: LanguageModel, batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Slots each MoE layer routes to each expert of its pool over the batches, {layer: counts}."""
+    usage = {}
+    for index, indices in record_routing(model, batches).items():
+        experts = model.layers[index].ffn.pool.num_experts
+        usage[index] = torch.bincount(indices[indices >= 0], minlength=experts)
+    return usage
+
+
+def unique_experts_by_depth(routing: dict[int, torch.Tensor], pool_of_layer: dict[int, int],
+                            experts_per_pool: int) -> list[float]:
+    """Mean number of distinct experts (pool, expert) a token has visited after each MoE layer."""
+    layers = sorted(routing)
+    pools = max(pool_of_layer.values()) + 1
+    visited = torch.zeros(routing[layers[0]].shape[0], pools * experts_per_pool + 1, dtype=torch.bool)
+    curve = []
+    for layer in layers:
+        indices = routing[layer]
+        slot = torch.where(indices >= 0, pool_of_layer[layer] * experts_per_pool + indices, visited.shape[1] - 1)
+        visited.scatter_(1, slot, True)
+        curve.append(visited[:, :-1].sum(1).double().mean().item())  # the last column collects empty slots
+    return curve
+
+
+@dataclass
+class ProbeRow:
+    layer: int
+    candidates: str  # "pool" or "top<N>"
+    loss: float
+    delta: float  # loss minus the learned routing's loss
+
+
+def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], top_n: Optional[int],
+          seeds: int = 1) -> tuple[float, list[ProbeRow]]:
+    """(baseline loss, one row per layer and candidate set), each loss averaged over `seeds` draws."""
+    baseline = evaluate_loss(model, batches)
+    usage = expert_usage(model, batches) if top_n else {}
+    rows = []
+    for index in layers:
+        layer = model.layers[index].ffn
+        if not isinstance(layer, MoELayer):
+            raise ValueError(f"layer {index} is not an MoE layer")
+        candidate_sets = {"pool": torch.arange(layer.pool.num_experts)}
+        if top_n:
+            candidate_sets[f"top{top_n}"] = torch.argsort(usage[index], descending=True, stable=True)[:top_n]
+        for name, candidates in candidate_sets.items():
+            losses = []
+            for seed in range(seeds):
+                with random_routing(layer, candidates, seed):
+                    losses.append(evaluate_loss(model, batches))
+            loss = sum(losses) / len(losses)
+            rows.append(ProbeRow(index, name, loss, loss - baseline))
+    return baseline, rows

@@ -1,0 +1,95 @@
+"""Pool utilisation of a checkpoint on the validation data: which layer uses which expert, the load
+of each expert over all layers, and how many distinct experts a token meets across depth.
+
+    python tools/plot_utilisation.py --checkpoint runs/tiny_unipool_cpu [--output utilisation/]
+
+Writes utilisation.png (per pool: layer x expert heatmap over per-expert load, the quantity the
+pool-level aux loss balances), unique_experts.png (mean distinct experts per token after each MoE
+layer, against the k-per-layer maximum) and utilisation.json. The same heatmap is in TensorBoard
+during training (pool/utilisation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+try:
+    import megatron_unipool  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from megatron_unipool.config import ConfigError, config_from_dict  # noqa: E402
+from megatron_unipool.model import LanguageModel  # noqa: E402
+from megatron_unipool.training import CheckpointError, build_datasets, load_checkpoint, resolve_checkpoint  # noqa: E402
+from megatron_unipool.training.checkpoint import restore_model  # noqa: E402
+from megatron_unipool.training.datasets import validation_batches  # noqa: E402
+from megatron_unipool.training.plots import utilisation_figure  # noqa: E402
+from megatron_unipool.training.probe import record_routing, unique_experts_by_depth  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="run directory or step_* directory")
+    parser.add_argument("--eval-batches", type=int, default=None, help="default: the run's train.eval_batches")
+    parser.add_argument("--output", type=Path, default=Path("utilisation"))
+    args = parser.parse_args(argv)
+    try:
+        path = resolve_checkpoint(args.checkpoint)
+        payload = load_checkpoint(path)
+        config = config_from_dict(payload["config"], world_size=None)
+        if config.moe.kind == "dense":
+            raise ValueError("the checkpoint is a dense model: it has no experts")
+        model = LanguageModel(config.model, config.moe)
+        restore_model(model, payload["model"], path)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    batches = validation_batches(build_datasets(config).valid, config.train.micro_batch,
+                                 args.eval_batches or config.train.eval_batches)
+    print(f"routing {sum(b[:, 1:].numel() for b in batches):,} validation tokens through {path} ...", flush=True)
+    routing = record_routing(model, batches)
+    layout = config.moe.pool_layout(config.model.num_layers)
+    experts = config.moe.experts_per_pool(config.model.num_layers)
+    pool_of_layer = {layer: p for p, layers in enumerate(layout) for layer in layers}
+    counts = [torch.stack([torch.bincount(routing[layer][routing[layer] >= 0], minlength=experts) for layer in layers])
+              for layers in layout]
+    curve = unique_experts_by_depth(routing, pool_of_layer, experts)
+    args.output.mkdir(parents=True, exist_ok=True)
+    figure = utilisation_figure([c.numpy() for c in counts], f"pool utilisation ({path.name})")
+    figure.savefig(args.output / "utilisation.png", dpi=120)
+    plt.close(figure)
+    moe_layers = sorted(routing)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(1, len(curve) + 1), curve, marker="o", label="distinct experts met")
+    ax.plot(range(1, len(curve) + 1), [config.moe.top_k * (i + 1) for i in range(len(curve))], linestyle="--",
+            color="gray", label="k per layer (all distinct)")
+    ax.set_xlabel("MoE layers passed")
+    ax.set_ylabel("experts per token")
+    ax.set_title(f"{config.moe.kind}: distinct experts per token across depth")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.output / "unique_experts.png", dpi=120)
+    plt.close(fig)
+    loads = [(c.sum(0).double() / max(int(c.sum()), 1)).tolist() for c in counts]
+    (args.output / "utilisation.json").write_text(json.dumps({
+        "checkpoint": str(path), "moe_layers": moe_layers, "pools": layout,
+        "counts_per_pool": [c.tolist() for c in counts], "load_per_pool": loads,
+        "unique_experts_by_depth": curve}, indent=2))
+    for p, load in enumerate(loads):
+        used = sum(1 for share in load if share > 0)
+        print(f"pool {p}: {used}/{len(load)} experts used; largest load share {max(load):.3f} (uniform {1 / len(load):.3f})")
+    print("distinct experts per token after each MoE layer: " + ", ".join(f"{v:.2f}" for v in curve))
+    print(f"wrote {args.output / 'utilisation.png'}, {args.output / 'unique_experts.png'}, {args.output / 'utilisation.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Routing probe: replace one MoE layer's learned routing at a time by a uniformly random choice of
+k experts and report how much the validation loss rises.
+
+    python tools/routing_probe.py --checkpoint runs/tiny_unipool_cpu [--layers deep|all|2,3]
+                                  [--top-n 8] [--seeds 3] [--output probe/]
+
+Random experts come from the whole pool and, with --top-n N (default: moe.num_experts, a vanilla
+layer's expert count; 0 disables it), from the N experts that layer uses most on the same
+validation batches. Writes probe.json and probe.png (loss change per layer) into --output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+try:
+    import megatron_unipool  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from megatron_unipool.config import ConfigError, config_from_dict  # noqa: E402
+from megatron_unipool.model import LanguageModel  # noqa: E402
+from megatron_unipool.training import CheckpointError, build_datasets, load_checkpoint, resolve_checkpoint  # noqa: E402
+from megatron_unipool.training.checkpoint import restore_model  # noqa: E402
+from megatron_unipool.training.datasets import validation_batches  # noqa: E402
+from megatron_unipool.training.probe import probe  # noqa: E402
+
+
+def chosen_layers(spec: str, moe_layers: list[int]) -> list[int]:
+    if spec == "all":
+        return moe_layers
+    if spec == "deep":  # the deeper half of the MoE layers
+        return moe_layers[len(moe_layers) // 2:]
+    layers = [int(item) for item in spec.split(",")]
+    unknown = [layer for layer in layers if layer not in moe_layers]
+    if unknown:
+        raise ValueError(f"--layers {spec}: {unknown} are not MoE layers (MoE layers: {moe_layers})")
+    return layers
+
+
+def plot(rows: list[dict], baseline: float, path: Path) -> None:
+    sets = sorted({r["candidates"] for r in rows}, key=lambda s: s != "pool")
+    layers = sorted({r["layer"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(layers) * len(sets)), 4))
+    width = 0.8 / len(sets)
+    for i, name in enumerate(sets):
+        deltas = [next(r["delta"] for r in rows if r["layer"] == layer and r["candidates"] == name) for layer in layers]
+        ax.bar([x + i * width for x in range(len(layers))], deltas, width, label=f"random from {name}")
+    ax.set_xticks([x + width * (len(sets) - 1) / 2 for x in range(len(layers))], [str(layer) for layer in layers])
+    ax.set_xlabel("layer whose routing is randomised")
+    ax.set_ylabel("validation loss change")
+    ax.set_title(f"routing probe (learned routing: loss {baseline:.4f})")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="run directory or step_* directory")
+    parser.add_argument("--layers", default="deep", help="deep (default), all, or a comma-separated list")
+    parser.add_argument("--top-n", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=1, help="random draws averaged per layer")
+    parser.add_argument("--eval-batches", type=int, default=None, help="default: the run's train.eval_batches")
+    parser.add_argument("--output", type=Path, default=Path("probe"))
+    args = parser.parse_args(argv)
+    try:
+        path = resolve_checkpoint(args.checkpoint)
+        payload = load_checkpoint(path)
+        config = config_from_dict(payload["config"], world_size=None)
+        if config.moe.kind == "dense":
+            raise ValueError("the checkpoint is a dense model: there is no routing to probe")
+        layers = chosen_layers(args.layers, config.moe.moe_layers(config.model.num_layers))
+        top_n = config.moe.num_experts if args.top_n is None else args.top_n
+        if top_n and top_n < config.moe.top_k:
+            raise ValueError(f"--top-n {top_n} is below moe.top_k={config.moe.top_k}")
+        model = LanguageModel(config.model, config.moe)
+        restore_model(model, payload["model"], path)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    batches = validation_batches(build_datasets(config).valid, config.train.micro_batch,
+                                 args.eval_batches or config.train.eval_batches)
+    print(f"probing layers {layers} of {path} on {sum(len(b) for b in batches)} validation sequences ...", flush=True)
+    baseline, rows = probe(model, batches, layers, top_n, args.seeds)
+    rows = [asdict(r) for r in rows]
+    print(f"learned routing: validation loss {baseline:.4f}")
+    print(f"{'layer':>5} {'random from':>12} {'loss':>8} {'change':>8}")
+    for r in rows:
+        print(f"{r['layer']:>5} {r['candidates']:>12} {r['loss']:>8.4f} {r['delta']:>+8.4f}")
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "probe.json").write_text(json.dumps({"checkpoint": str(path), "baseline": baseline, "rows": rows},
+                                                       indent=2))
+    plot(rows, baseline, args.output / "probe.png")
+    print(f"wrote {args.output / 'probe.json'} and {args.output / 'probe.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
