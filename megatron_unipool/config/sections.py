@@ -71,6 +71,12 @@ class MoEConfig:
     bias_balancing: bool = False  # aux-loss-free: selection bias updated after each optimizer step
     bias_update_rate: float = bounded(1e-3, 0.0)
     capacity_factor: Optional[float] = bounded(None, 0.0, exclusive_low=True)  # unset: dropless
+    # UniPool-lock (moe/lock.py): after lock_start_step each pool expert belongs to one layer
+    lock_start_step: Optional[int] = bounded(None, 1)  # unset: no lock
+    lock_window_steps: int = bounded(50, 1)  # routing mass summed over the steps before the lock
+    lock_anneal_steps: int = bounded(100, 0)  # penalty ramp on other layers' experts, then a hard mask
+    lock_penalty: float = bounded(10.0, 0.0)  # the ramp's final logit penalty
+    lock_entropy_coeff: float = bounded(0.0, 0.0)  # target-cardinality entropy loss (pool experts / layers)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.kind != "dense" and (layer + 1) % self.moe_layer_interval == 0
@@ -260,6 +266,15 @@ class Config:
                  "moe.aux_loss='pool' needs moe.kind='unipool'; vanilla MoE balances each layer ('layer')")
         experts = moe.experts_per_pool(m.num_layers)
         need(moe.top_k <= experts, f"moe.top_k={moe.top_k} exceeds the {experts} experts of a pool")
+        if moe.lock_start_step is not None or moe.lock_entropy_coeff > 0:
+            need(moe.kind == "unipool", "moe.lock_* (UniPool-lock) needs moe.kind='unipool'")
+            layers_per_pool = len(moe.pool_layout(m.num_layers)[0])
+            need(experts // layers_per_pool >= moe.top_k,
+                 f"UniPool-lock gives each of the {layers_per_pool} layers of a pool {experts // layers_per_pool} of its"
+                 f" {experts} experts, fewer than moe.top_k={moe.top_k}")
+        if moe.lock_start_step is not None:
+            need(moe.lock_window_steps <= moe.lock_start_step,
+                 f"moe.lock_window_steps={moe.lock_window_steps} must not exceed moe.lock_start_step={moe.lock_start_step}")
         need(experts % p.ep == 0, f"{experts} experts per pool must be divisible by parallel.ep={p.ep}")
         return errors
 

@@ -19,6 +19,7 @@ from ..config import ModelConfig, MoEConfig
 from ..kernels import rms_norm
 from ..moe import ExpertPool, MoELayer, PoolStats, SwiGLU
 from ..moe.balance import Reduce
+from ..moe.lock import PoolLock
 from .attention import Attention
 from .rope import RotaryEmbedding
 
@@ -84,6 +85,7 @@ class LanguageModel(nn.Module):
         self.rope = RotaryEmbedding(model.head_dim, model.seq_len, model.rope_base)
         self.expert_pools = nn.ModuleList()
         self.pool_stats = nn.ModuleList()
+        self.pool_locks = nn.ModuleList()  # UniPool-lock state, one per pool when moe.lock_start_step is set
         ffns: dict[int, nn.Module] = {}
         for layers in moe.pool_layout(model.num_layers):
             experts = moe.experts_per_pool(model.num_layers)
@@ -92,9 +94,12 @@ class LanguageModel(nn.Module):
             stats = PoolStats(len(layers), experts, moe.pool_aux_lag)
             self.expert_pools.append(pool)
             self.pool_stats.append(stats)
+            lock = PoolLock(moe, len(layers), experts) if moe.lock_start_step is not None else None
+            if lock is not None:
+                self.pool_locks.append(lock)
             for slot, layer in enumerate(layers):
                 ffns[layer] = MoELayer(moe, model.hidden_size, pool, stats, slot, len(layers), model.init_std, output_std,
-                                       recompute_experts=model.activation_checkpointing == "ffn")
+                                       recompute_experts=model.activation_checkpointing == "ffn", lock=lock)
         self.layers = nn.ModuleList(
             Block(model, self.rope, ffns.get(i) or SwiGLU(model.hidden_size, model.ffn_hidden_size, model.init_std, output_std), output_std)
             for i in range(model.num_layers)
@@ -144,3 +149,8 @@ class LanguageModel(nn.Module):
             for layer in self.moe_layers():
                 layer.router.update_bias(counts_of[layer.stats][layer.layer_slot])
         return result
+
+    def end_lock_step(self, step: int, routing: RoutingStepStats) -> None:
+        """UniPool-lock bookkeeping after optimizer step `step`, with that step's routing counts."""
+        for lock, counts in zip(self.pool_locks, routing.counts_per_pool):
+            lock.end_step(step, counts)

@@ -11,6 +11,8 @@ recomputed in backward; routing runs once, so statistics are recorded once per f
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -19,14 +21,17 @@ from ..config import MoEConfig
 from .balance import PoolStats
 from .dispatch import DispatchPlan, permute, plan_dispatch, unpermute
 from .experts import ExpertPool, SwiGLU
+from .lock import PoolLock, cardinality_entropy_loss
 from .losses import load_balancing_loss, z_loss
 from .router import Router, capacity
 
 
 class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, hidden_size: int, pool: ExpertPool, stats: PoolStats, layer_slot: int,
-                 layers_in_pool: int, init_std: float, output_std: float, recompute_experts: bool = False):
+                 layers_in_pool: int, init_std: float, output_std: float, recompute_experts: bool = False,
+                 lock: Optional[PoolLock] = None):
         super().__init__()
+        object.__setattr__(self, "lock", lock)  # shared with the pool's other layers, owned by the model
         self.config = config
         self.recompute_experts = recompute_experts
         self.router = Router(hidden_size, pool.num_experts, config, init_std)
@@ -44,7 +49,7 @@ class MoELayer(nn.Module):
         cfg = self.config
         x_TD = x.reshape(-1, x.shape[-1])
         num_tokens, num_experts = x_TD.shape[0], self.pool.num_experts
-        routing = self.router(x_TD)
+        routing = self.router(x_TD, self.lock.logit_offset(self.layer_slot) if self.lock is not None else None)
         slots = capacity(num_tokens, cfg.top_k, num_experts, cfg.capacity_factor)
         plan = plan_dispatch(routing.indices_TK, num_experts, slots, routing.active_TK)
         if self.recompute_experts and torch.is_grad_enabled():
@@ -77,4 +82,7 @@ class MoELayer(nn.Module):
             )
         if cfg.z_loss_coeff > 0:
             losses["z_loss"] = z_loss(routing.logits_TM, cfg.z_loss_coeff)
+        if cfg.lock_entropy_coeff > 0:
+            target = self.pool.num_experts / self.layers_in_pool
+            losses["entropy_loss"] = cardinality_entropy_loss(routing.scores_TM, target, cfg.lock_entropy_coeff)
         return losses

@@ -73,21 +73,28 @@ class Router(nn.Module):
             c = config.norm_router_c if config.norm_router_c is not None else norm_router_constant(num_experts, config.top_k)
             self.norm_constant = float(c)
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, logit_offset_M: Optional[torch.Tensor] = None) -> Routing:
+        """`logit_offset_M` (UniPool-lock) lowers, or with -inf removes, experts this layer may not use."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return self._route(x_TD.float())
+            return self._route(x_TD.float(), logit_offset_M)
 
-    def _route(self, x_TD: torch.Tensor) -> Routing:
+    def _route(self, x_TD: torch.Tensor, offset_M: Optional[torch.Tensor]) -> Routing:
         cfg, k = self.config, self.config.top_k
         logits = F.linear(x_TD, self.weight.float())
+        if offset_M is not None and cfg.router != "norm":
+            logits = logits + offset_M
         if cfg.router == "softmax":
             scores = logits.softmax(dim=-1)
         elif cfg.router == "sigmoid":
             scores = logits.sigmoid()
         else:
             unit = logits / (logits.norm(dim=-1, keepdim=True) + NORM_EPS)
+            if offset_M is not None:  # on the unit vector: the penalty must not rescale the allowed experts
+                unit = unit + offset_M
             scores = self.scale * self.norm_constant * torch.relu(unit)
         selection = scores + self.expert_bias if cfg.bias_balancing else scores
+        if offset_M is not None:
+            selection = selection + offset_M
         indices = selection.topk(k, dim=-1).indices
         if cfg.router == "softmax" and not cfg.softmax_before_topk:
             gates = logits.gather(-1, indices).softmax(dim=-1)

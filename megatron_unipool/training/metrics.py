@@ -58,7 +58,7 @@ class MetricsLogger:
         eta = datetime.timedelta(seconds=round(elapsed / max(done, 1) * (self.max_steps - step)))
         parts = [f"step {step:>{len(str(self.max_steps))}}/{self.max_steps}"]
         formats = [("lr", "lr", "{:.3e}"), ("lm_loss", "lm loss", "{:.4f}"), ("aux_loss", "aux loss", "{:.3e}"),
-                   ("z_loss", "z loss", "{:.3e}"), ("grad_norm", "grad norm", "{:.3f}"),
+                   ("z_loss", "z loss", "{:.3e}"), ("entropy_loss", "entropy loss", "{:.3e}"), ("grad_norm", "grad norm", "{:.3f}"),
                    ("step_time_s", "ms/step", None), ("tokens_per_second", "tokens/s", "{:,.0f}"),
                    ("tflops", "TFLOP/s", "{:.3f}"), ("mfu_percent", "MFU %", "{:.1f}"),
                    ("dropped_fraction", "dropped", "{:.2%}")]

@@ -28,8 +28,8 @@ class RandomRouting(nn.Module):
         super().__init__()
         self.router, self.candidates, self.generator = router, candidates, generator
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
-        learned = self.router(x_TD)
+    def forward(self, x_TD: torch.Tensor, logit_offset_M: Optional[torch.Tensor] = None) -> Routing:
+        learned = self.router(x_TD, logit_offset_M)
         tokens, k = learned.indices_TK.shape
         weights = torch.ones(tokens, len(self.candidates))
         picks = torch.multinomial(weights, k, replacement=False, generator=self.generator)

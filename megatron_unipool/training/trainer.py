@@ -33,7 +33,7 @@ from .hardware import peak_flops
 from .metrics import MetricsLogger
 from .optimizer import learning_rate
 
-MOE_LOSSES = ("aux_loss", "z_loss")
+MOE_LOSSES = ("aux_loss", "z_loss", "entropy_loss")
 
 
 @dataclass
@@ -185,11 +185,13 @@ class Trainer:
         grad_norm = self.backend.step()
         routing = self.model.end_optimizer_step(self._reduce_routing)
         self.state.step += 1
+        self.model.end_lock_step(self.state.step, routing)
         self.state.consumed_samples += train.global_batch
         metrics = {"lr": lr, "lm_loss": totals[0].item(), "grad_norm": grad_norm}
         moe = self.config.moe
         if moe.kind != "dense":
-            active = {"aux_loss": moe.aux_loss != "none", "z_loss": moe.z_loss_coeff > 0}
+            active = {"aux_loss": moe.aux_loss != "none", "z_loss": moe.z_loss_coeff > 0,
+                      "entropy_loss": moe.lock_entropy_coeff > 0}
             metrics.update({name: totals[j].item() for j, name in enumerate(MOE_LOSSES, start=1) if active[name]})
         routed = sum(int(c.sum()) for c in routing.counts_per_pool)
         if routed:

@@ -1,0 +1,93 @@
+"""UniPool-lock: after a full-pool phase, give every pool expert to one layer and anneal each
+router onto its own experts, ending as per-layer MoE carved out of the trained pool.
+
+Phases, by optimizer step (moe.lock_* fields):
+- steps [lock_start - lock_window, lock_start): the routing mass of each (layer, expert) is summed;
+- at lock_start: the assignment maximising the total mass routed to assigned experts, with every
+  expert owned by exactly one layer and every layer owning floor(M/L) or ceil(M/L) experts
+  (a mixed-integer program solved by scipy's HiGHS);
+- the next lock_anneal steps: each router's logits of experts it does not own are lowered by a
+  penalty growing linearly to lock_penalty;
+- afterwards: those experts are masked out (hard lock).
+The state (mass, assignment, phase) is in buffers, so checkpoints resume mid-phase.
+
+Shapes: L layers sharing the pool, M experts.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..config import MoEConfig
+
+HARD = math.inf
+
+
+def solve_assignment(mass_LM: np.ndarray) -> np.ndarray:
+    """Layer owning each expert, [M]: maximises sum of mass[owner(e), e] subject to each layer owning
+    floor(M/L) or ceil(M/L) experts."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    layers, experts = mass_LM.shape
+    low, high = experts // layers, math.ceil(experts / layers)
+    one_owner = np.zeros((experts, layers * experts))  # x[l, e] flattened l-major
+    share = np.zeros((layers, layers * experts))
+    for e in range(experts):
+        one_owner[e, e::experts] = 1
+    for layer in range(layers):
+        share[layer, layer * experts:(layer + 1) * experts] = 1
+    result = milp(c=-np.asarray(mass_LM, dtype=np.float64).ravel(), integrality=np.ones(layers * experts),
+                  bounds=Bounds(0, 1),
+                  constraints=[LinearConstraint(one_owner, 1, 1), LinearConstraint(share, low, high)])
+    if not result.success:
+        raise RuntimeError(f"UniPool-lock assignment failed: {result.message}")
+    return np.round(result.x).reshape(layers, experts).argmax(axis=0)
+
+
+class PoolLock(nn.Module):
+    """The lock state of one pool; each of its layers asks `logit_offset(slot)`."""
+
+    def __init__(self, config: MoEConfig, num_layers: int, num_experts: int):
+        super().__init__()
+        self.config = config
+        self.register_buffer("mass", torch.zeros(num_layers, num_experts, dtype=torch.float64))
+        self.register_buffer("owner", torch.full((num_experts,), -1, dtype=torch.long))  # -1: not locked yet
+        self.register_buffer("penalty", torch.zeros((), dtype=torch.float64))
+
+    @property
+    def locked(self) -> bool:
+        return bool((self.owner >= 0).all())
+
+    def logit_offset(self, layer_slot: int) -> Optional[torch.Tensor]:
+        """What to add to that layer's router logits [M]: 0 for its own experts, -penalty (or -inf
+        once hard) for the others; None before the lock."""
+        if not self.locked or float(self.penalty) == 0.0:
+            return None
+        foreign = self.owner != layer_slot
+        return torch.where(foreign, -float(self.penalty), 0.0).float()
+
+    @torch.no_grad()
+    def end_step(self, step: int, counts_LM: torch.Tensor) -> None:
+        """After optimizer step `step` (1-based) with these routing counts: advance the phases."""
+        cfg = self.config
+        start = cfg.lock_start_step
+        if start - cfg.lock_window_steps <= step - 1 < start:
+            self.mass += counts_LM.to(self.mass)
+        if step == start:
+            self.owner.copy_(torch.from_numpy(solve_assignment(self.mass.cpu().numpy())))
+        if step >= start:
+            progress = (step - start + 1) / cfg.lock_anneal_steps if cfg.lock_anneal_steps else math.inf
+            self.penalty.fill_(HARD if progress > 1 else cfg.lock_penalty * progress)
+
+
+def cardinality_entropy_loss(scores_TM: torch.Tensor, target_experts: float, coeff: float) -> torch.Tensor:
+    """coeff * (H(mean routing distribution) - log(target))^2: pulls a layer toward spreading its
+    tokens over about `target_experts` experts (its share of the pool after the lock)."""
+    p = scores_TM.float().mean(0)
+    p = p / p.sum().clamp(min=1e-12)
+    entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
+    return coeff * (entropy - math.log(target_experts)) ** 2

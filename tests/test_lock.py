@@ -1,0 +1,101 @@
+"""UniPool-lock: the assignment is optimal (against brute force), the phases follow the config,
+after the hard lock every layer routes only to its own experts, and a resumed run continues the
+same losses through the lock."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_unipool.config import ConfigError, MoEConfig
+from megatron_unipool.moe.lock import PoolLock, cardinality_entropy_loss, solve_assignment
+from megatron_unipool.training import Trainer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LOCK = ["moe.lock_start_step=3", "moe.lock_window_steps=2", "moe.lock_anneal_steps=2", "moe.lock_penalty=5.0"]
+
+
+def brute_force_best(mass: np.ndarray) -> float:
+    layers, experts = mass.shape
+    low, high = experts // layers, math.ceil(experts / layers)
+    best = -np.inf
+    for owners in itertools.product(range(layers), repeat=experts):
+        sizes = np.bincount(owners, minlength=layers)
+        if sizes.min() >= low and sizes.max() <= high:
+            best = max(best, sum(mass[owner, e] for e, owner in enumerate(owners)))
+    return best
+
+
+@pytest.mark.parametrize("layers,experts", [(2, 4), (3, 6), (3, 7)])
+def test_assignment_is_optimal_and_balanced(layers, experts):
+    mass = np.random.default_rng(layers * experts).random((layers, experts)) ** 3
+    owner = solve_assignment(mass)
+    sizes = np.bincount(owner, minlength=layers)
+    assert sizes.min() >= experts // layers and sizes.max() <= math.ceil(experts / layers)
+    assert sum(mass[o, e] for e, o in enumerate(owner)) == pytest.approx(brute_force_best(mass), rel=1e-9)
+
+
+def test_phases_follow_the_config():
+    config = MoEConfig(kind="unipool", lock_start_step=4, lock_window_steps=2, lock_anneal_steps=2, lock_penalty=6.0)
+    lock = PoolLock(config, 2, 4)
+    counts = {1: [[9, 9, 9, 9], [9, 9, 9, 9]], 3: [[5, 0, 5, 0], [0, 1, 0, 1]], 4: [[3, 0, 3, 0], [0, 2, 0, 2]]}
+    offsets = []
+    for step in range(1, 8):
+        lock.end_step(step, torch.tensor(counts.get(step, [[0, 0, 0, 0], [0, 0, 0, 0]])))
+        offsets.append(lock.logit_offset(1))
+    # mass summed over steps 3 and 4 only (window of 2 before the lock at step 4)
+    assert lock.mass.tolist() == [[8, 0, 8, 0], [0, 3, 0, 3]]
+    assert lock.owner.tolist() == [0, 1, 0, 1]
+    assert offsets[:3] == [None, None, None]
+    assert offsets[3].tolist() == [-3.0, 0.0, -3.0, 0.0]  # step 4: half of the ramp
+    assert offsets[4].tolist() == [-6.0, 0.0, -6.0, 0.0]
+    assert offsets[5].tolist() == [-math.inf, 0.0, -math.inf, 0.0]
+
+
+def test_entropy_loss_closed_form():
+    scores = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert cardinality_entropy_loss(scores, 2.0, 0.1).item() == pytest.approx(0.0, abs=1e-7)
+    uniform = torch.full((3, 4), 0.25)
+    assert cardinality_entropy_loss(uniform, 2.0, 0.1).item() == pytest.approx(0.1 * math.log(2) ** 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("router", ["softmax", "norm"])
+def test_hard_lock_routes_each_layer_to_its_own_experts_only(tiny_config, tmp_path, router):
+    config = tiny_config("configs/tiny_unipool_cpu.json", *LOCK, "train.max_steps=7", "moe.top_k=2",
+                         f"moe.router={router}", "moe.lock_entropy_coeff=0.01")
+    trainer = Trainer(config, tmp_path)
+    for _ in range(7):
+        metrics, routing = trainer.train_step()
+        assert "entropy_loss" in metrics
+    lock = trainer.model.pool_locks[0]
+    owner = lock.owner
+    assert sorted(torch.bincount(owner, minlength=4).tolist()) == [8, 8, 8, 8]  # 32 experts over 4 layers
+    counts = routing.counts_per_pool[0]  # step 7 is after the ramp (steps 3 and 4): hard
+    for layer in range(4):
+        assert counts[layer][owner != layer].sum() == 0
+        assert counts[layer][owner == layer].sum() > 0
+
+
+def test_resume_through_the_lock_reproduces_the_run(tiny_config, tmp_path):
+    """Saved right after the assignment (step 3), resumed through the ramp (4) into the hard lock (5, 6)."""
+    config = tiny_config("configs/tiny_unipool_cpu.json", *LOCK, "train.max_steps=6")
+    full = Trainer(config, tmp_path / "full").train()
+    interrupted = Trainer(config, tmp_path / "resumed")
+    for _ in range(3):
+        interrupted.train_step()
+    interrupted.save()
+    resumed = Trainer(config, tmp_path / "resumed").train()
+    assert resumed["train_losses"] == pytest.approx(full["train_losses"][3:], rel=1e-6)
+
+
+def test_lock_config_errors(tiny_config):
+    with pytest.raises(ConfigError, match="needs moe.kind='unipool'"):
+        tiny_config("configs/tiny_vanilla_cpu.json", "moe.lock_start_step=5")
+    with pytest.raises(ConfigError, match="must not exceed moe.lock_start_step"):
+        tiny_config("configs/tiny_unipool_cpu.json", "moe.lock_start_step=5", "moe.lock_window_steps=6")
+    with pytest.raises(ConfigError, match="8 of its 32 experts, fewer than moe.top_k=9"):
+        tiny_config("configs/tiny_unipool_cpu.json", "moe.lock_start_step=5", "moe.top_k=9")
