@@ -14,6 +14,7 @@ setup(
         "tiktoken",
         "tensorboard",
         "matplotlib",
+        "scipy>=1.9",  # UniPool-lock assignment (milp with HiGHS)
         "nvidia-ml-py",
         "safetensors",
         "deepspeed>=0.15",  # the launcher and init_distributed

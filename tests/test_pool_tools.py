@@ -238,3 +238,21 @@ def test_utilisation_tool_counts_every_routed_slot(trained, tmp_path):
     curve = report["unique_experts_by_depth"]
     assert curve[0] == 2.0 and all(a <= b <= a + 2 for a, b in zip(curve, curve[1:]))
     assert (out / "utilisation.png").stat().st_size > 0 and (out / "unique_experts.png").stat().st_size > 0
+
+
+def test_reproduction_tool_aggregates_seeds_and_resumes(data_cache, tmp_path):
+    out = tmp_path / "repro"
+    command = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--seeds", "1", "2", "--models", "vanilla", "unipool",
+               "--output", str(out)] + [item for o in SMALL + ["train.max_steps=3", f"data.cache_dir={data_cache}"]
+                                        for item in ("--set", o)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"vanilla", "unipool"} and all(len(runs) == 2 for runs in results.values())
+    seeds = [json.loads((out / "unipool" / f"seed{s}" / "summary.json").read_text())["final_val_loss"] for s in (1, 2)]
+    assert seeds[0] != seeds[1]  # different seeds, different runs
+    assert f"{sum(seeds) / 2:.4f}" in (out / "results.md").read_text()
+    assert "unipool below vanilla" in (out / "results.md").read_text()
+    assert (out / "curves.png").stat().st_size > 0
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # every run is done: nothing retrained
+    assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == results

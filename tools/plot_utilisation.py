@@ -26,10 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from megatron_unipool.config import ConfigError, config_from_dict  # noqa: E402
-from megatron_unipool.model import LanguageModel  # noqa: E402
-from megatron_unipool.training import CheckpointError, build_datasets, load_checkpoint, resolve_checkpoint  # noqa: E402
-from megatron_unipool.training.checkpoint import restore_model  # noqa: E402
+from megatron_unipool.config import ConfigError  # noqa: E402
+from megatron_unipool.training import CheckpointError, build_datasets  # noqa: E402
+from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
 from megatron_unipool.training.datasets import validation_batches  # noqa: E402
 from megatron_unipool.training.plots import utilisation_figure  # noqa: E402
 from megatron_unipool.training.probe import record_routing, unique_experts_by_depth  # noqa: E402
@@ -42,13 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("utilisation"))
     args = parser.parse_args(argv)
     try:
-        path = resolve_checkpoint(args.checkpoint)
-        payload = load_checkpoint(path)
-        config = config_from_dict(payload["config"], world_size=None)
+        path, _, config, model = load_trained_model(args.checkpoint)
         if config.moe.kind == "dense":
             raise ValueError("the checkpoint is a dense model: it has no experts")
-        model = LanguageModel(config.model, config.moe)
-        restore_model(model, payload["model"], path)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,10 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from megatron_unipool.config import ConfigError, config_from_dict  # noqa: E402
-from megatron_unipool.model import LanguageModel  # noqa: E402
-from megatron_unipool.training import CheckpointError, build_datasets, load_checkpoint, resolve_checkpoint  # noqa: E402
-from megatron_unipool.training.checkpoint import restore_model  # noqa: E402
+from megatron_unipool.config import ConfigError  # noqa: E402
+from megatron_unipool.training import CheckpointError, build_datasets  # noqa: E402
+from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
 from megatron_unipool.training.datasets import validation_batches  # noqa: E402
 from megatron_unipool.training.probe import probe  # noqa: E402
 
@@ -76,17 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("probe"))
     args = parser.parse_args(argv)
     try:
-        path = resolve_checkpoint(args.checkpoint)
-        payload = load_checkpoint(path)
-        config = config_from_dict(payload["config"], world_size=None)
+        path, _, config, model = load_trained_model(args.checkpoint)
         if config.moe.kind == "dense":
             raise ValueError("the checkpoint is a dense model: there is no routing to probe")
         layers = chosen_layers(args.layers, config.moe.moe_layers(config.model.num_layers))
         top_n = config.moe.num_experts if args.top_n is None else args.top_n
         if top_n and top_n < config.moe.top_k:
             raise ValueError(f"--top-n {top_n} is below moe.top_k={config.moe.top_k}")
-        model = LanguageModel(config.model, config.moe)
-        restore_model(model, payload["model"], path)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..config import Config, config_from_dict
+from ..model import LanguageModel
+
 LATEST = "latest"
 
 
@@ -106,3 +109,13 @@ def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source
     if problems:
         raise CheckpointError(f"checkpoint {source} does not fit this model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state)
+
+
+def load_trained_model(checkpoint: Path) -> tuple[Path, dict[str, Any], Config, LanguageModel]:
+    """(checkpoint path, payload, config, model with its weights) of a run or step_* directory, for tools."""
+    path = resolve_checkpoint(checkpoint)
+    payload = load_checkpoint(path)
+    config = config_from_dict(payload["config"], world_size=None)
+    model = LanguageModel(config.model, config.moe)
+    restore_model(model, payload["model"], path)
+    return path, payload, config, model

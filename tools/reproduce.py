@@ -1,0 +1,129 @@
+"""Small-scale reproduction of the UniPool comparison on the built-in corpus, on CPU.
+
+    python tools/reproduce.py [--seeds 1 2 3] [--output runs/reproduce] [--set train.max_steps=300]
+
+Trains, at equal active parameters and tokens (the tiny configs), for each seed:
+  dense, vanilla MoE, UniPool with the full pool, UniPool with 67% and 50% pools, and the ablation
+  "shared pool with per-layer aux loss and softmax routing" (against pool aux loss + NormRouter).
+Every run is `launch/pretrain.py` in its own process and directory; finished runs (summary.json
+present) are skipped, so an interrupted reproduction continues where it stopped. Writes
+results.json, results.md (validation loss mean +- std over seeds, and whether the paper's ordering
+held) and curves.png (training loss, mean over seeds) into --output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FULL_POOL = 32  # tiny configs: 4 MoE layers x 8 experts
+MODELS = {
+    "dense": ("configs/tiny_dense_cpu.json", []),
+    "vanilla": ("configs/tiny_vanilla_cpu.json", []),
+    "unipool": ("configs/tiny_unipool_cpu.json", []),
+    "unipool-67%": ("configs/tiny_unipool_cpu.json", [f"moe.pool_size={round(0.67 * FULL_POOL)}"]),
+    "unipool-50%": ("configs/tiny_unipool_cpu.json", [f"moe.pool_size={FULL_POOL // 2}"]),
+    "shared-pool-layer-aux-softmax": ("configs/tiny_unipool_cpu.json", ["moe.aux_loss=layer", "moe.router=softmax"]),
+}
+
+
+def run(name: str, seed: int, output: Path, overrides: list[str]) -> dict:
+    run_dir = output / name / f"seed{seed}"
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        config, model_overrides = MODELS[name]
+        command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / config),
+                   "--run-dir", str(run_dir), "--set", f"train.seed={seed}", "--set", "checkpoint.save_interval=0"]
+        command += [item for o in model_overrides + overrides for item in ("--set", o)]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "log.txt", "w") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return json.loads(summary.read_text())
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def report(results: dict[str, list[dict]]) -> str:
+    val = {name: mean_std([s["final_val_loss"] for s in runs]) for name, runs in results.items()}
+    lines = ["| model | params | active | validation loss (mean +- std) | seeds |", "|---|---:|---:|---:|---:|"]
+    for name, runs in results.items():
+        lines.append(f"| {name} | {runs[0]['total_params'] / 1e6:.2f}M | {runs[0]['active_params'] / 1e6:.2f}M | "
+                     f"{val[name][0]:.4f} +- {val[name][1]:.4f} | {len(runs)} |")
+    checks = []
+
+    def compare(better: str, worse: str):
+        if better in val and worse in val:
+            gap = val[worse][0] - val[better][0]
+            noise = max(val[better][1], val[worse][1])
+            verdict = "held" if gap > noise else ("held, within the seed spread" if gap > 0 else "did not hold")
+            checks.append(f"- {better} below {worse}: {verdict} ({val[better][0]:.4f} vs {val[worse][0]:.4f}, "
+                          f"largest std {noise:.4f})")
+
+    for better, worse in [("vanilla", "dense"), ("unipool", "vanilla"), ("unipool-67%", "vanilla"),
+                          ("unipool-50%", "vanilla"), ("unipool", "shared-pool-layer-aux-softmax")]:
+        compare(better, worse)
+    return "\n".join(lines + ["", "The paper's ordering at this scale:"] + checks) + "\n"
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, runs in results.items():
+        losses = np.mean([r["train_losses"] for r in runs], axis=0)
+        window = max(1, len(losses) // 30)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(len(smooth)) + window, smooth, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training LM loss (mean over seeds)")
+    ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+    ax.legend(fontsize="small")
+    ax.set_title("tiny models on the Shakespeare corpus")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--output", type=Path, default=Path("runs/reproduce"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="applied to every run, e.g. train.max_steps=300")
+    args = parser.parse_args(argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    total, done, started = len(args.models) * len(args.seeds), 0, time.perf_counter()
+    for seed in args.seeds:  # seed-major: an interrupted reproduction has whole seeds of every model
+        for name in args.models:
+            results.setdefault(name, []).append(run(name, seed, args.output, args.overrides))
+            done += 1
+            elapsed = time.perf_counter() - started
+            print(f"[{done}/{total}] {name} seed {seed}: validation loss {results[name][-1]['final_val_loss']:.4f}"
+                  f" ({elapsed / 60:.1f} min elapsed)", flush=True)
+    text = report(results)
+    (args.output / "results.md").write_text(text)
+    (args.output / "results.json").write_text(json.dumps(
+        {name: [{k: s[k] for k in ("final_val_loss", "final_train_loss", "total_params", "active_params",
+                                   "tokens_per_second", "train_losses")} for s in runs]
+         for name, runs in results.items()}, indent=2))
+    plot(results, args.output / "curves.png")
+    print(text)
+    print(f"wrote {args.output / 'results.md'}, results.json and curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
