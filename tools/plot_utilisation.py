@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
               for layers in layout]
     curve = unique_experts_by_depth(routing, pool_of_layer, experts)
     args.output.mkdir(parents=True, exist_ok=True)
-    figure = utilisation_figure([c.numpy() for c in counts], f"pool utilisation ({path.name})")
+    figure = utilisation_figure([c.numpy() for c in counts], f"pool utilisation ({path.name})", layout)
     figure.savefig(args.output / "utilisation.png", dpi=120)
     plt.close(figure)
     moe_layers = sorted(routing)
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.plot(range(1, len(curve) + 1), curve, marker="o", label="distinct experts met")
     ax.plot(range(1, len(curve) + 1), [config.moe.top_k * (i + 1) for i in range(len(curve))], linestyle="--",
             color="gray", label="k per layer (all distinct)")
+    ax.set_xticks(range(1, len(curve) + 1))
     ax.set_xlabel("MoE layers passed")
     ax.set_ylabel("experts per token")
     ax.set_title(f"{config.moe.kind}: distinct experts per token across depth")
