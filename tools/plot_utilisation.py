@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = validation_batches(build_datasets(config).valid, config.train.micro_batch,
                                  args.eval_batches or config.train.eval_batches)
     print(f"routing {sum(b[:, 1:].numel() for b in batches):,} validation tokens through {path} ...", flush=True)
-    routing = record_routing(model, batches)
+    _, routing = record_routing(model, batches)
     layout = config.moe.pool_layout(config.model.num_layers)
     experts = config.moe.experts_per_pool(config.model.num_layers)
     pool_of_layer = {layer: p for p, layers in enumerate(layout) for layer in layers}

@@ -27,9 +27,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_unipool.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config  # noqa: E402
-from megatron_unipool.model import LanguageModel  # noqa: E402
-from megatron_unipool.training import CheckpointError, TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
-from megatron_unipool.training.checkpoint import restore_model, rng_state  # noqa: E402
+from megatron_unipool.training import CheckpointError, TrainState, save_checkpoint  # noqa: E402
+from megatron_unipool.training.checkpoint import load_trained_model, rng_state  # noqa: E402
 from megatron_unipool.training.upcycling import expert_utility, upcycle, upcycle_dense, utility_batches  # noqa: E402
 
 
@@ -49,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="change the written config; repeatable")
     args = parser.parse_args(argv)
     try:
-        source_path = resolve_checkpoint(args.checkpoint)
-        payload = load_checkpoint(source_path)
-        config = config_from_dict(payload["config"], world_size=None)
+        source_path, payload, config, model = load_trained_model(args.checkpoint)
         if (args.output / "checkpoints" / "latest").exists():
             raise CheckpointError(f"{args.output} already holds a checkpoint; choose a new --output")
         if config.moe.kind == "dense":
@@ -61,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             utility = None
             if args.selection == "utility":
-                model = LanguageModel(config.model, config.moe)
-                restore_model(model, payload["model"], source_path)
                 print(f"scoring experts by {args.utility_score} over {args.utility_batches} batches ...", flush=True)
                 batches = utility_batches(config, args.utility_batches, config.train.micro_batch)
                 utility = expert_utility(model, batches, args.utility_score)

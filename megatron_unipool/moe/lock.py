@@ -16,7 +16,6 @@ Shapes: L layers sharing the pool, M experts.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -56,19 +55,12 @@ class PoolLock(nn.Module):
         self.config = config
         self.register_buffer("mass", torch.zeros(num_layers, num_experts, dtype=torch.float64))
         self.register_buffer("owner", torch.full((num_experts,), -1, dtype=torch.long))  # -1: not locked yet
-        self.register_buffer("penalty", torch.zeros((), dtype=torch.float64))
+        # what each layer adds to its router logits: 0 for its own experts (and for all before the lock),
+        # -penalty (or -inf once hard) for the others; set once per step, read without a host sync
+        self.register_buffer("offset", torch.zeros(num_layers, num_experts))
 
-    @property
-    def locked(self) -> bool:
-        return bool((self.owner >= 0).all())
-
-    def logit_offset(self, layer_slot: int) -> Optional[torch.Tensor]:
-        """What to add to that layer's router logits [M]: 0 for its own experts, -penalty (or -inf
-        once hard) for the others; None before the lock."""
-        if not self.locked or float(self.penalty) == 0.0:
-            return None
-        foreign = self.owner != layer_slot
-        return torch.where(foreign, -float(self.penalty), 0.0).float()
+    def logit_offset(self, layer_slot: int) -> torch.Tensor:
+        return self.offset[layer_slot]
 
     @torch.no_grad()
     def end_step(self, step: int, counts_LM: torch.Tensor) -> None:
@@ -81,7 +73,9 @@ class PoolLock(nn.Module):
             self.owner.copy_(torch.from_numpy(solve_assignment(self.mass.cpu().numpy())))
         if step >= start:
             progress = (step - start + 1) / cfg.lock_anneal_steps if cfg.lock_anneal_steps else math.inf
-            self.penalty.fill_(HARD if progress > 1 else cfg.lock_penalty * progress)
+            penalty = HARD if progress > 1 else cfg.lock_penalty * progress
+            layers = torch.arange(self.offset.shape[0], device=self.owner.device).unsqueeze(1)
+            self.offset.copy_(torch.where(self.owner.unsqueeze(0) != layers, -penalty, 0.0))
 
 
 def cardinality_entropy_loss(scores_TM: torch.Tensor, target_experts: float, coeff: float) -> torch.Tensor:

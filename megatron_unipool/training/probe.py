@@ -61,8 +61,8 @@ def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def record_routing(model: LanguageModel, batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """The experts each MoE layer picks for every token of the batches, {layer: [tokens, k]}."""
+def record_routing(model: LanguageModel, batches: list[torch.Tensor]) -> tuple[float, dict[int, torch.Tensor]]:
+    """(mean LM loss, the experts each MoE layer picks for every token: {layer: [tokens, k]}), one pass."""
     picked: dict[int, list[torch.Tensor]] = {}
     handles = []
     for index in model.local_layers:
@@ -78,20 +78,11 @@ def record_routing(model: LanguageModel, batches: list[torch.Tensor]) -> dict[in
 
             handles.append(layer.router.register_forward_hook(record))
     try:
-        evaluate_loss(model, batches)
+        loss = evaluate_loss(model, batches)
     finally:
         for handle in handles:
             handle.remove()
-    return {index: torch.cat(chunks) for index, chunks in picked.items()}
-
-
-def expert_usage(model: LanguageModel, batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Slots each MoE layer routes to each expert of its pool over the batches, {layer: counts}."""
-    usage = {}
-    for index, indices in record_routing(model, batches).items():
-        experts = model.layers[index].ffn.pool.num_experts
-        usage[index] = torch.bincount(indices[indices >= 0], minlength=experts)
-    return usage
+    return loss, {index: torch.cat(chunks) for index, chunks in picked.items()}
 
 
 def unique_experts_by_depth(routing: dict[int, torch.Tensor], pool_of_layer: dict[int, int],
@@ -120,8 +111,7 @@ class ProbeRow:
 def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], top_n: Optional[int],
           seeds: int = 1) -> tuple[float, list[ProbeRow]]:
     """(baseline loss, one row per layer and candidate set), each loss averaged over `seeds` draws."""
-    baseline = evaluate_loss(model, batches)
-    usage = expert_usage(model, batches) if top_n else {}
+    baseline, routing = record_routing(model, batches)  # the learned routing's loss and choices, one pass
     rows = []
     for index in layers:
         layer = model.layers[index].ffn
@@ -129,7 +119,9 @@ def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], 
             raise ValueError(f"layer {index} is not an MoE layer")
         candidate_sets = {"pool": torch.arange(layer.pool.num_experts)}
         if top_n:
-            candidate_sets[f"top{top_n}"] = torch.argsort(usage[index], descending=True, stable=True)[:top_n]
+            picks = routing[index]
+            usage = torch.bincount(picks[picks >= 0], minlength=layer.pool.num_experts)
+            candidate_sets[f"top{top_n}"] = torch.argsort(usage, descending=True, stable=True)[:top_n]
         for name, candidates in candidate_sets.items():
             losses = []
             for seed in range(seeds):
