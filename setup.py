@@ -20,6 +20,6 @@ setup(
         "deepspeed>=0.15",  # the launcher and init_distributed
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.40"],  # transformers: the HF export tests
     },
 )

@@ -27,7 +27,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from megatron_unipool.config import ConfigError, load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
-from megatron_unipool.training import Trainer, init_parallel  # noqa: E402
+from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, init_parallel  # noqa: E402
+
+RUN_ERRORS = (CheckpointError, DataError, NonFiniteError)  # reported as one line; anything else is a bug: traceback
 
 DEFAULT_CONFIG = REPO / "configs" / "tiny_unipool_cpu.json"
 
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         parallel = init_parallel(config)
         device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None
         summary = Trainer(config, run_dir, device=device, parallel=parallel).train()
+    except RUN_ERRORS as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same error: say it once
+            print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

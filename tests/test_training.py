@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megatron_unipool.data import IndexedDataset, prepare_default_corpus
-from megatron_unipool.training import Trainer, latest_checkpoint
+from megatron_unipool.training import DataError, Trainer, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +98,6 @@ def test_data_that_does_not_fit_the_model_is_refused(tiny_config, tmp_path):
         Trainer(tiny_config("configs/tiny_unipool_cpu.json", "model.vocab_size=200"), tmp_path)
     with pytest.raises(ValueError, match="seq_len|too short"):
         Trainer(tiny_config("configs/tiny_unipool_cpu.json", "model.seq_len=1000000"), tmp_path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="indexed dataset file missing"):
         Trainer(tiny_config("configs/tiny_unipool_cpu.json", "data.corpus=null",
                             f"data.train_prefix={tmp_path}/none", f"data.valid_prefix={tmp_path}/none"), tmp_path)

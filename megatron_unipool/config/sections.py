@@ -137,6 +137,9 @@ class TrainConfig:
     beta2: float = bounded(0.95, 0.0, 1.0)
     adam_eps: float = bounded(1e-8, 0.0, exclusive_low=True)
     grad_clip: float = bounded(1.0, 0.0)  # 0 disables clipping
+    # a step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; this many
+    # skipped steps in a row stop the run with an error
+    max_consecutive_skips: int = bounded(5, 1)
     seed: int = bounded(1234, 0)
     # bitwise-reproducible kernels (torch.use_deterministic_algorithms): the layout-equivalence tests
     # rely on it; on GPUs it slows scatter-adds and some attention backward kernels
@@ -183,7 +186,7 @@ class CheckpointConfig:
     save_interval: int = bounded(100, 0)  # steps; 0 saves only at the end
     keep_last: int = bounded(2, 1)
     resume: bool = True  # continue from the run directory's latest checkpoint when there is one
-    load: Optional[str] = None  # start from this checkpoint directory instead
+    load: Optional[str] = None  # start from this checkpoint instead: a run, checkpoints/ or step_* directory
 
 
 @dataclass

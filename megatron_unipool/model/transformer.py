@@ -136,16 +136,20 @@ class LanguageModel(nn.Module):
         for stats in self.pool_stats:
             stats.end_micro_batch(reduce)
 
-    def end_optimizer_step(self, reduce: Optional[Reduce] = None) -> RoutingStepStats:
-        """Close the step's routing statistics: f_bar for the next step, aux-free bias updates."""
+    def end_optimizer_step(self, reduce: Optional[Reduce] = None, applied: bool = True) -> RoutingStepStats:
+        """Close the step's routing statistics: f_bar for the next step, aux-free bias updates.
+
+        A step whose update was skipped (`applied` False: a non-finite loss or gradient) changes
+        neither; its counts are still returned for the logs.
+        """
         result = RoutingStepStats()
         counts_of = {}
         for stats in self.pool_stats:
-            counts, dropped = stats.end_step(reduce)
+            counts, dropped = stats.end_step(reduce, update_f_bar=applied)
             counts_of[stats] = counts
             result.counts_per_pool.append(counts)
             result.dropped += dropped
-        if self.moe_config.bias_balancing:
+        if self.moe_config.bias_balancing and applied:
             for layer in self.moe_layers():
                 layer.router.update_bias(counts_of[layer.stats][layer.layer_slot])
         return result

@@ -56,11 +56,11 @@ class PoolStats(nn.Module):
             self._set_f_bar(self.micro_batch_counts, reduce)
 
     @torch.no_grad()
-    def end_step(self, reduce: Optional[Reduce] = None) -> tuple[torch.Tensor, int]:
+    def end_step(self, reduce: Optional[Reduce] = None, update_f_bar: bool = True) -> tuple[torch.Tensor, int]:
         """Close the optimizer step: returns (this step's counts [L, M], dropped slots), summed over ranks."""
         counts = reduce(self.step_counts.clone()) if reduce else self.step_counts.clone()
         dropped = reduce(self.step_dropped.clone()) if reduce else self.step_dropped.clone()
-        if self.lag == "step":
+        if self.lag == "step" and update_f_bar:
             self._set_f_bar(counts, None)
         self.step_counts.zero_()
         self.step_dropped.zero_()

@@ -1,6 +1,6 @@
 """Training: optimizer and schedule, data for a run, the loop, checkpoints and metrics."""
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .datasets import RunData, build_datasets
+from .datasets import DataError, RunData, build_datasets
 from .distributed import init_parallel
 from .optimizer import build_optimizer, learning_rate
-from .trainer import Trainer, TrainState
+from .trainer import NonFiniteError, Trainer, TrainState

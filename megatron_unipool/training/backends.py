@@ -1,7 +1,8 @@
 """How gradients become an update: the built-in AdamW, or DeepSpeed's engine with ZeRO 0/1/2.
 
 Both take this rank's loss share per micro-batch (`backward`), then `step` reduces the
-gradients over their replicas, clips by the global norm and updates; both read and write the
+gradients over their replicas, clips by the global norm and updates, unless the norm (or the
+step's loss) is not finite: then the update is skipped, on every rank alike. Both read and write the
 optimizer state as full-model tensors by parameter name, so checkpoints do not depend on the
 backend or the layout.
 
@@ -15,6 +16,7 @@ DeepSpeed averages gradients over the data-parallel size, so it is given the los
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 
 import torch
@@ -53,11 +55,17 @@ class NativeBackend:
     def reduce(self) -> None:
         reduce_gradients(self.model, self.specs, self.parallel)
 
-    def step(self) -> float:
-        """Clip the reduced gradients and update; returns the global gradient norm before clipping."""
+    def step(self, skip: bool = False) -> tuple[float, bool]:
+        """Clip the reduced gradients and update unless `skip` or the norm is not finite.
+
+        Returns (global gradient norm before clipping, whether the update was applied); the norm is
+        global, so every rank takes the same decision.
+        """
         norm = clip_gradients(self.model, self.specs, self.parallel, self.config.train.grad_clip)
+        if skip or not math.isfinite(norm):
+            return norm, False
         self.optimizer.step()
-        return norm
+        return norm, True
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's weights and buffers at full precision, by full-model name."""
@@ -232,16 +240,21 @@ class DeepSpeedBackend(NativeBackend):
             self.engine.set_gradient_accumulation_boundary(True)
             self.engine.allreduce_gradients()
 
-    def step(self) -> float:
-        if self.zero_stage > 0:  # the reduced gradients live in ZeRO's partitions: it clips
+    def step(self, skip: bool = False) -> tuple[float, bool]:
+        if self.zero_stage > 0:
+            # the reduced gradients live in ZeRO's partitions: ZeRO clips, and skips (on every rank)
+            # an update whose gradient norm is not finite; a non-finite loss has non-finite gradients
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
+            norm = float(norm) if norm is not None else float("nan")
+            return norm, self.engine.was_step_applied() and not skip
         # stage 0: gradients are whole on every replica, and DeepSpeed's own norm would average the
         # expert shards' norms over data-parallel ranks instead of summing them
         norm = clip_gradients(self.model, self.specs, self.parallel, self.config.train.grad_clip)
+        if skip or not math.isfinite(norm):
+            return norm, False
         self.engine.step()
-        return norm
+        return norm, True
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
         tensors = super().model_tensors()

@@ -1,9 +1,10 @@
 """Checkpoints of everything a run needs to continue the same loss curve.
 
 Layout: <run_dir>/checkpoints/step_000100/state.pt and a `latest` file naming the newest. A
-checkpoint is written under a temporary name, fsynced and renamed, and `latest` is replaced
-last, so a crash while saving leaves the previous checkpoint loadable. The last `keep_last`
-are kept.
+checkpoint is written under a temporary name, fsynced and renamed (and the directory fsynced),
+and `latest` is replaced last, so a crash or SIGKILL while saving leaves the previous checkpoint
+loadable. The last `keep_last` are kept. A payload holding a NaN or infinity is refused: resuming
+from it could only reproduce the failure.
 """
 from __future__ import annotations
 
@@ -43,7 +44,30 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync_directory(path: Path) -> None:
+    """Make renames inside `path` durable (a rename is an update of the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def non_finite_tensors(payload: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) payload that hold a NaN or infinity."""
+    if isinstance(payload, torch.Tensor):
+        return [prefix] if payload.is_floating_point() and not bool(torch.isfinite(payload).all()) else []
+    if isinstance(payload, dict):
+        return [name for key, value in payload.items()
+                for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+    return []
+
+
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_last: int) -> Path:
+    bad = non_finite_tensors(payload)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(f"refusing to write the step {step} checkpoint: non-finite values in {shown}")
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final, temporary = directory / name, directory / f".{name}.tmp"
@@ -55,8 +79,10 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
         os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
+    _fsync_directory(directory)
     _fsync_write(directory / f".{LATEST}.tmp", name.encode())
     os.replace(directory / f".{LATEST}.tmp", directory / LATEST)
+    _fsync_directory(directory)
     for old in sorted(p for p in directory.glob("step_*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old)
     return final

@@ -10,6 +10,10 @@ from ..config import Config
 from ..data import IndexedDataset, TokenSampleDataset, prepare_default_corpus
 
 
+class DataError(ValueError):
+    """The data a config names cannot train its model: missing, damaged, empty or mismatched files."""
+
+
 @dataclass
 class RunData:
     train: TokenSampleDataset
@@ -19,6 +23,13 @@ class RunData:
 
 
 def build_datasets(config: Config) -> RunData:
+    try:
+        return _build_datasets(config)
+    except (OSError, ValueError) as e:  # the data modules' own errors name the file and the problem
+        raise DataError(str(e)) from e
+
+
+def _build_datasets(config: Config) -> RunData:
     data, model = config.data, config.model
     if data.corpus is not None:
         train_prefix, valid_prefix = prepare_default_corpus(data.tokenizer, data.cache_dir)

@@ -16,6 +16,8 @@ from ..config import LoggingConfig
 from .hardware import GpuMonitor
 from .plots import utilisation_figure
 
+COUNTERS = ("skipped_steps",)  # metrics that are running totals
+
 
 def _scalar(value) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
@@ -52,6 +54,7 @@ class MetricsLogger:
 
     def _print(self, step: int) -> None:
         mean = {k: float(np.mean([m[k] for m in self.window if k in m])) for k in self.window[-1]}
+        mean.update({k: self.window[-1][k] for k in COUNTERS if k in mean})  # running totals: the latest
         self.window.clear()
         elapsed = time.perf_counter() - self.started
         done = step - self.first_step
@@ -61,9 +64,9 @@ class MetricsLogger:
                    ("z_loss", "z loss", "{:.3e}"), ("entropy_loss", "entropy loss", "{:.3e}"), ("grad_norm", "grad norm", "{:.3f}"),
                    ("step_time_s", "ms/step", None), ("tokens_per_second", "tokens/s", "{:,.0f}"),
                    ("tflops", "TFLOP/s", "{:.3f}"), ("mfu_percent", "MFU %", "{:.1f}"),
-                   ("dropped_fraction", "dropped", "{:.2%}")]
+                   ("dropped_fraction", "dropped", "{:.2%}"), ("skipped_steps", "skipped steps", "{:.0f}")]
         for key, label, fmt in formats:
-            if key in mean:
+            if key in mean and (mean[key] or key not in COUNTERS):  # a counter shows once it is non-zero
                 text = f"{mean[key] * 1000:.1f}" if fmt is None else fmt.format(mean[key])
                 parts.append(f"{label} {text}")
         parts.append(f"ETA {eta}")

@@ -7,6 +7,10 @@ losses are averaged over all micro-batches of the step (on every data-parallel r
 backpropagates its share, so gradients are summed across ranks and any layout computes the same
 step as one process. Data-parallel rank r takes the r-th contiguous slice of the global batch,
 `train.micro_batch` sequences at a time: the micro-batches are those of a single-process run.
+
+A step whose loss or gradient norm is not finite updates nothing (weights, optimizer, balancing
+statistics) but consumes its batch, as Megatron does; `train.max_consecutive_skips` of them in a
+row stop the run with `NonFiniteError`, before anything is saved.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_model, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, resolve_checkpoint, restore_model, rng_state,
+                         save_checkpoint, set_rng_state)
 from .datasets import build_datasets, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
@@ -34,6 +39,10 @@ from .metrics import MetricsLogger
 from .optimizer import learning_rate
 
 MOE_LOSSES = ("aux_loss", "z_loss", "entropy_loss")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN or infinite loss or gradient."""
 
 
 @dataclass
@@ -45,6 +54,8 @@ class TrainState:
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     tokens_per_second: list[float] = field(default_factory=list)
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
+    consecutive_skips: int = 0
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -100,23 +111,38 @@ class Trainer:
 
     def _checkpoint_to_resume(self):
         ckpt = self.config.checkpoint
-        path = Path(ckpt.load) if ckpt.load else (latest_checkpoint(self.checkpoints) if ckpt.resume else None)
+        if ckpt.load:
+            path = resolve_checkpoint(ckpt.load)
+        else:
+            path = latest_checkpoint(self.checkpoints) if ckpt.resume else None
         return (None, None) if path is None else (load_checkpoint(path), path)
 
     def save(self) -> Optional[Path]:
-        """Gather the full model and optimizer state and write them (rank 0); every rank must call it."""
+        """Gather the full model and optimizer state and write them (rank 0); every rank must call it,
+        and every rank raises CheckpointError if rank 0 refuses to write (non-finite values)."""
         full = gather_full_state(self.model, self.backend.model_tensors(), self.backend.optimizer_tensors(), self.specs,
                                  self.parallel)
-        if full is None:
-            return None
-        payload = {
-            "model": full[0],
-            "optimizer": full[1],
-            "train_state": asdict(self.state),
-            "rng": rng_state(),
-            "config": config_to_dict(self.config),
-        }
-        return save_checkpoint(self.checkpoints, self.state.step, payload, self.config.checkpoint.keep_last)
+        path, refusal = None, None
+        if full is not None:
+            payload = {
+                "model": full[0],
+                "optimizer": full[1],
+                "train_state": asdict(self.state),
+                "rng": rng_state(),
+                "config": config_to_dict(self.config),
+            }
+            try:
+                path = save_checkpoint(self.checkpoints, self.state.step, payload, self.config.checkpoint.keep_last)
+            except CheckpointError as e:
+                refusal = e
+        refused = torch.tensor([float(refusal is not None)], device=self.device)
+        if self.parallel.distributed:
+            dist.all_reduce(refused)
+        if refusal is not None:
+            raise refusal
+        if refused.item():
+            raise CheckpointError(f"rank 0 refused to write the step {self.state.step} checkpoint (see its error)")
+        return path
 
     def _reduce_routing(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce(tensor, self.parallel.routing_group)
@@ -181,13 +207,16 @@ class Trainer:
         train = self.config.train
         lr = learning_rate(self.state.step, train)
         self.backend.set_lr(lr)
-        totals = self.compute_gradients()
-        grad_norm = self.backend.step()
-        routing = self.model.end_optimizer_step(self._reduce_routing)
+        totals = self.compute_gradients()  # reduced over all ranks: every rank sees the same values
+        grad_norm, applied = self.backend.step(skip=not bool(torch.isfinite(totals).all()))
+        routing = self.model.end_optimizer_step(self._reduce_routing, applied=applied)
         self.state.step += 1
-        self.model.end_lock_step(self.state.step, routing)
+        if applied:
+            self.model.end_lock_step(self.state.step, routing)
         self.state.consumed_samples += train.global_batch
-        metrics = {"lr": lr, "lm_loss": totals[0].item(), "grad_norm": grad_norm}
+        self._count_skip(applied, totals[0].item(), grad_norm)
+        metrics = {"lr": lr, "lm_loss": totals[0].item(), "grad_norm": grad_norm,
+                   "skipped_steps": self.state.skipped_steps}
         moe = self.config.moe
         if moe.kind != "dense":
             active = {"aux_loss": moe.aux_loss != "none", "z_loss": moe.z_loss_coeff > 0,
@@ -197,6 +226,26 @@ class Trainer:
         if routed:
             metrics["dropped_fraction"] = routing.dropped / routed
         return metrics, routing
+
+    def _count_skip(self, applied: bool, loss: float, grad_norm: float) -> None:
+        state, limit = self.state, self.config.train.max_consecutive_skips
+        if applied:
+            state.consecutive_skips = 0
+            return
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        if self.is_logger:
+            print(f"step {state.step}: non-finite loss or gradient (loss {loss:.4f}, gradient norm {grad_norm:.4g}), update skipped "
+                  f"({state.consecutive_skips} in a row, {state.skipped_steps} in all; the run stops at {limit} in a row)",
+                  flush=True)
+        if state.consecutive_skips >= limit:
+            latest = latest_checkpoint(self.checkpoints) if self.checkpoints.is_dir() else None
+            raise NonFiniteError(
+                f"{limit} steps in a row (up to step {state.step}) had a non-finite loss or gradient norm "
+                f"(last: loss {loss:.4f}, gradient norm {grad_norm:.4g}); stopping without saving. "
+                + (f"The latest checkpoint, {latest}, holds finite weights" if latest else "No checkpoint was written")
+                + ": lower train.lr, raise train.warmup_steps or check the data near sample "
+                f"{state.consumed_samples - self.config.train.global_batch}.")
 
     @torch.no_grad()
     def evaluate(self) -> float:

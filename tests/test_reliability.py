@@ -1,0 +1,263 @@
+"""Crash safety and bad input: SIGKILL mid-run and mid-save resume to the uninterrupted losses;
+non-finite steps are skipped, counted and stop the run after K in a row; no checkpoint holds a NaN;
+bad checkpoints and data end with one clear error and leave the run directory as it was."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_unipool.data import IndexedDatasetWriter
+from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, latest_checkpoint
+from megatron_unipool.training.checkpoint import load_checkpoint, non_finite_tensors, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+UNIPOOL = "configs/tiny_unipool_cpu.json"
+
+
+def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Weights, buffers (balancing statistics, router bias) and optimizer state."""
+    tensors = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    tensors.update({k: v.detach().clone() for k, v in trainer.backend.optimizer_tensors().items()})
+    return tensors
+
+
+def poison(trainer: Trainer, steps: set[int], where: str) -> None:
+    """Make the gradient ("grad") or the loss ("loss") of the given 1-based steps non-finite."""
+    compute = trainer.compute_gradients
+
+    def poisoned():
+        totals = compute()
+        if trainer.state.step + 1 in steps:
+            if where == "grad":
+                next(trainer.model.parameters()).grad[0, 0] = float("nan")
+            else:
+                totals[0] = float("inf")
+        return totals
+
+    trainer.compute_gradients = poisoned
+
+
+@pytest.mark.parametrize("where", ["grad", "loss"])
+def test_non_finite_step_changes_nothing_and_is_counted(where, tiny_config, tmp_path):
+    config = tiny_config(UNIPOOL, "train.max_steps=4", "train.eval_interval=0", "moe.bias_balancing=true")
+    trainer = Trainer(config, tmp_path)
+    poison(trainer, {3}, where)
+    trainer.train_step()
+    trainer.train_step()
+    before = snapshot(trainer)
+    metrics, _ = trainer.train_step()
+    after = snapshot(trainer)
+    assert not math.isfinite(metrics["lm_loss" if where == "loss" else "grad_norm"])
+    assert metrics["skipped_steps"] == 1 and trainer.state.consecutive_skips == 1
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+    metrics, _ = trainer.train_step()  # the next batch trains normally
+    assert math.isfinite(metrics["lm_loss"]) and trainer.state.consecutive_skips == 0
+    assert trainer.state.skipped_steps == 1 and trainer.state.consumed_samples == 4 * config.train.global_batch
+
+
+def test_consecutive_non_finite_steps_stop_the_run_without_saving(tiny_config, tmp_path, capsys):
+    config = tiny_config(UNIPOOL, "train.max_steps=10", "train.eval_interval=0", "checkpoint.save_interval=2",
+                         "train.max_consecutive_skips=3")
+    trainer = Trainer(config, tmp_path)
+    poison(trainer, {3, 5, 6, 7, 8}, "grad")  # step 4 resets the count; 5, 6, 7 stop the run
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row \(up to step 7\).*step_0000006, holds finite weights"):
+        trainer.train()
+    assert "step 3: non-finite loss or gradient" in capsys.readouterr().out
+    assert trainer.state.skipped_steps == 4
+    checkpoints = tmp_path / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == "step_0000006"
+    assert not non_finite_tensors(load_checkpoint(latest_checkpoint(checkpoints)))
+
+
+def test_a_checkpoint_holding_nan_is_refused_and_the_previous_one_kept(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(UNIPOOL, "train.max_steps=2", "train.eval_interval=0"), tmp_path)
+    trainer.train()
+    with torch.no_grad():
+        trainer.model.final_norm.weight[0] = float("nan")
+    trainer.state.step = 3
+    with pytest.raises(CheckpointError, match=r"step 3 checkpoint: non-finite values in model\.final_norm\.weight"):
+        trainer.save()
+    checkpoints = tmp_path / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == "step_0000002"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0000002"]
+
+
+def test_save_keeps_the_last_n_and_points_latest_at_the_newest(tmp_path):
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000003", "step_0000004"]
+    assert load_checkpoint(latest_checkpoint(tmp_path))["w"].tolist() == [4.0, 4.0]
+
+
+# ------------------------------------------------------------------ bad checkpoints
+
+
+@pytest.fixture
+def saved_run(tiny_config, tmp_path):
+    """A 2-step run directory with its checkpoint, and a copy of its files to check nothing changes."""
+    run = tmp_path / "run"
+    Trainer(tiny_config(UNIPOOL, "train.max_steps=2", "train.eval_interval=0"), run).train()
+    return run, {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def unchanged(run: Path, files: dict[Path, bytes]) -> bool:
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+
+def test_missing_partial_and_dangling_checkpoints_are_named(saved_run, tiny_config, tmp_path):
+    run, files = saved_run
+    with pytest.raises(CheckpointError, match="no checkpoint at .*nowhere"):
+        Trainer(tiny_config(UNIPOOL, f"checkpoint.load={tmp_path / 'nowhere'}"), tmp_path / "other")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "state.pt").write_bytes((run / "checkpoints/step_0000002/state.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"partial/state.pt cannot be read"):
+        Trainer(tiny_config(UNIPOOL, f"checkpoint.load={partial}"), tmp_path / "other")
+    dangling = tmp_path / "dangling"
+    dangling.mkdir()
+    (dangling / "checkpoints").mkdir()
+    (dangling / "checkpoints" / "latest").write_text("step_0000009")
+    with pytest.raises(CheckpointError, match="latest names step_0000009, which has no state.pt"):
+        Trainer(tiny_config(UNIPOOL), dangling)
+    assert unchanged(run, files)
+
+
+def test_checkpoint_of_another_shape_names_the_tensors_that_differ(saved_run, tiny_config, tmp_path):
+    run, files = saved_run
+    with pytest.raises(CheckpointError) as error:
+        Trainer(tiny_config(UNIPOOL, "moe.pool_size=24", f"checkpoint.load={run / 'checkpoints'}"), tmp_path / "other")
+    message = str(error.value)
+    assert "does not fit this model" in message
+    assert "expert_pools.0.w_gate: checkpoint (32, " in message and "vs model (24, " in message
+    assert "embedding" not in message  # only what differs
+    assert unchanged(run, files)
+
+
+# ------------------------------------------------------------------ bad data
+
+
+def write(prefix: Path, documents: list[list[int]], vocab_size: int, eod_id: int) -> str:
+    with IndexedDatasetWriter(str(prefix), vocab_size, eod_id) as writer:
+        for doc in documents:
+            writer.add_document(np.array(doc))
+    return str(prefix)
+
+
+def test_data_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
+    rng = np.random.default_rng(0)
+    long = [rng.integers(0, 200, 500).tolist() for _ in range(4)]
+    train = write(tmp_path / "train", long, 256, 255)
+    other_tokenizer = write(tmp_path / "valid_gpt2", long, 300, 299)
+    short = write(tmp_path / "short", [[1, 2, 3]], 256, 255)
+
+    def build(train_prefix, valid_prefix):
+        return Trainer(tiny_config(UNIPOOL, "data.corpus=null", f"data.train_prefix={train_prefix}",
+                                   f"data.valid_prefix={valid_prefix}"), tmp_path / "run")
+
+    with pytest.raises(DataError, match=r"indexed dataset file missing: .*missing\.bin|missing\.idx"):
+        build(tmp_path / "missing", train)
+    with pytest.raises(DataError, match="train and validation files come from different tokenizers"):
+        build(train, other_tokenizer)
+    with pytest.raises(DataError, match="short"):
+        build(train, short)  # fewer tokens than one sequence
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------ SIGKILL and resume
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    # Run the launcher, but SIGKILL this process halfway through writing the checkpoint of step {step}.
+    import io, os, runpy, signal, sys
+    import torch
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("train_state", {{}}).get("step") == {step}:
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            f.write(buffer.getvalue()[: buffer.tell() // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = dying_save
+    sys.argv = [{launcher!r}] + sys.argv[1:]
+    runpy.run_path({launcher!r}, run_name="__main__")
+""")
+
+
+def launch_command(run_dir: Path, data_cache: str) -> list[str]:
+    sets = ["train.max_steps=12", "checkpoint.save_interval=3", "train.eval_interval=6", "logging.log_interval=1",
+            "logging.tensorboard=false", f"data.cache_dir={data_cache}", "model.seq_len=32", "train.global_batch=8",
+            "train.micro_batch=4", "train.eval_batches=2"]
+    return [str(REPO / "launch/pretrain.py"), "--run-dir", str(run_dir)] + [a for s in sets for a in ("--set", s)]
+
+
+def run_to_end(command: list[str], run_dir: Path) -> dict:
+    done = subprocess.run([sys.executable] + command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_cache, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return run_to_end(launch_command(run_dir, data_cache), run_dir)
+
+
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(uninterrupted, data_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    command = launch_command(run_dir, data_cache)
+    process = subprocess.Popen([sys.executable] + command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in process.stdout:
+            if line.startswith("step  8/12"):  # after the step-6 checkpoint, before the step-9 one
+                process.send_signal(signal.SIGKILL)
+                break
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    assert latest_checkpoint(run_dir / "checkpoints").name in ("step_0000006", "step_0000009")
+    assert not (run_dir / "summary.json").exists()
+    resumed = run_to_end(command, run_dir)
+    assert resumed["train_losses"] == uninterrupted["train_losses"]
+    assert resumed["val_losses"] == uninterrupted["val_losses"]
+
+
+def test_sigkill_mid_save_leaves_the_previous_checkpoint_and_resume_matches(uninterrupted, data_cache, tmp_path):
+    run_dir, driver = tmp_path / "run", tmp_path / "kill_during_save.py"
+    driver.write_text(KILL_DURING_SAVE.format(step=6, launcher=str(REPO / "launch/pretrain.py")))
+    command = launch_command(run_dir, data_cache)
+    killed = subprocess.run([sys.executable, str(driver)] + command[1:], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    half_written = checkpoints / ".step_0000006.tmp" / "state.pt"
+    assert half_written.is_file() and half_written.stat().st_size > 0
+    assert latest_checkpoint(checkpoints).name == "step_0000003"
+    assert not non_finite_tensors(load_checkpoint(latest_checkpoint(checkpoints)))
+    resumed = run_to_end(command, run_dir)
+    assert resumed["train_losses"] == uninterrupted["train_losses"]
+    assert resumed["val_losses"] == uninterrupted["val_losses"]
+    assert not half_written.parent.exists()
+
+
+def test_launcher_reports_run_errors_in_one_line(data_cache, tmp_path):
+    command = launch_command(tmp_path / "run", data_cache) + ["--set", f"checkpoint.load={tmp_path / 'nowhere'}"]
+    done = subprocess.run([sys.executable] + command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("error: no checkpoint at") and "Traceback" not in done.stderr
