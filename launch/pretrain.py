@@ -30,6 +30,12 @@ from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, init_parallel  # noqa: E402
 
 RUN_ERRORS = (CheckpointError, DataError, NonFiniteError)  # reported as one line; anything else is a bug: traceback
+# what gloo and NCCL say when a peer died (its sockets closed) or hangs (parallel.timeout_s ran out)
+PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "Broken pipe", "NCCL error")
+
+
+def peer_failure(error: BaseException) -> bool:
+    return dist.is_initialized() and (isinstance(error, dist.DistError) or any(s in str(error) for s in PEER_FAILURES))
 
 DEFAULT_CONFIG = REPO / "configs" / "tiny_unipool_cpu.json"
 
@@ -57,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except RUN_ERRORS as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same error: say it once
             print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not peer_failure(e):
+            raise
+        print(f"error: rank {dist.get_rank()} of {dist.get_world_size()}: a collective failed because another rank "
+              f"died or stopped responding for parallel.timeout_s={config.parallel.timeout_s:g} s (see that rank's "
+              f"log): {str(e).splitlines()[0][:300]}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():

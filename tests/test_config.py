@@ -57,6 +57,24 @@ def test_bad_field_is_named(override, named):
     assert named in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "world, overrides, named",
+    [
+        (8, ["parallel.tp=8"], "model.num_heads=4 must be divisible by parallel.tp=8"),
+        (8, ["parallel.pp=8"], "model.num_layers=4 must be divisible by parallel.pp=8"),
+        (6, ["parallel.tp=4"], "world size 6 must be divisible by parallel.tp=4 x parallel.pp=1"),
+        (8, ["parallel.ep=16"], "parallel.ep=16 must divide the data-parallel size 8"),
+        (4, ["parallel.pp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=2"], "deepspeed.zero_stage=2 needs parallel.pp=1"),
+        (4, ["moe.pool_size=30", "parallel.ep=4"], "30 experts per pool must be divisible by parallel.ep=4"),
+    ],
+)
+def test_sizes_inconsistent_with_the_layout_are_named(world, overrides, named):
+    """What only the launch reveals: the degrees against the world size and the model's sizes."""
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "configs/tiny_unipool_cpu.json", overrides, world_size=world)
+    assert named in str(error.value)
+
+
 def test_all_problems_reported_together(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"moe": {"kind": "x", "top_k": "two"}, "train": {"nope": 1}}))

@@ -251,8 +251,10 @@ def test_launchers_match_one_process(launcher, nproc, overrides, data_cache, tmp
     assert max(abs(a - b) for a, b in zip(single, parallel)) < 1e-3
 
 
-def test_a_dead_rank_ends_the_job_with_an_error(data_cache, tmp_path):
-    """Rank 1 is killed mid-run; rank 0 must exit with an error (not hang) within its collective timeout."""
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["rank-dies", "collective-times-out"])
+def test_a_dead_or_stuck_rank_ends_the_job_with_an_error(fault, data_cache, tmp_path):
+    """Rank 1 is killed (its sockets close) or frozen (they stay open, so only the collective's
+    timeout can notice) mid-run; rank 0 must exit with an error, not hang."""
     port = str(30500 + os.getpid() % 1000)
     procs, lines = [], queue.Queue()
     for rank in range(2):
@@ -275,11 +277,15 @@ def test_a_dead_rank_ends_the_job_with_an_error(data_cache, tmp_path):
                 assert procs[0].poll() is None, "rank 0 ended before training"
         else:
             pytest.fail("training never started")
-        procs[1].send_signal(signal.SIGKILL)
+        procs[1].send_signal(fault)
         started = time.monotonic()
         code = procs[0].wait(timeout=120)
         assert code != 0
         assert time.monotonic() - started < 120
+        time.sleep(1)  # the reader thread drains rank 0's last lines
+        said = "".join(lines.get_nowait() for _ in range(lines.qsize()))
+        assert "error: rank 0 of 2: a collective failed because another rank died or stopped responding" in said
+        assert "Traceback" not in said
     finally:
         for p in procs:
             if p.poll() is None:
