@@ -16,7 +16,7 @@ import torch
 
 from megatron_unipool.data import IndexedDatasetWriter
 from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, latest_checkpoint
-from megatron_unipool.training.checkpoint import load_checkpoint, non_finite_tensors, save_checkpoint
+from megatron_unipool.training.checkpoint import load_checkpoint, nan_tensors, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 UNIPOOL = "configs/tiny_unipool_cpu.json"
@@ -76,7 +76,7 @@ def test_consecutive_non_finite_steps_stop_the_run_without_saving(tiny_config, t
     assert trainer.state.skipped_steps == 4
     checkpoints = tmp_path / "checkpoints"
     assert latest_checkpoint(checkpoints).name == "step_0000006"
-    assert not non_finite_tensors(load_checkpoint(latest_checkpoint(checkpoints)))
+    assert not nan_tensors(load_checkpoint(latest_checkpoint(checkpoints)))
 
 
 def test_a_checkpoint_holding_nan_is_refused_and_the_previous_one_kept(tiny_config, tmp_path):
@@ -85,7 +85,7 @@ def test_a_checkpoint_holding_nan_is_refused_and_the_previous_one_kept(tiny_conf
     with torch.no_grad():
         trainer.model.final_norm.weight[0] = float("nan")
     trainer.state.step = 3
-    with pytest.raises(CheckpointError, match=r"step 3 checkpoint: non-finite values in model\.final_norm\.weight"):
+    with pytest.raises(CheckpointError, match=r"step 3 checkpoint: NaN in model\.final_norm\.weight"):
         trainer.save()
     checkpoints = tmp_path / "checkpoints"
     assert latest_checkpoint(checkpoints).name == "step_0000002"
@@ -248,7 +248,7 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_and_resume_matches(unin
     half_written = checkpoints / ".step_0000006.tmp" / "state.pt"
     assert half_written.is_file() and half_written.stat().st_size > 0
     assert latest_checkpoint(checkpoints).name == "step_0000003"
-    assert not non_finite_tensors(load_checkpoint(latest_checkpoint(checkpoints)))
+    assert not nan_tensors(load_checkpoint(latest_checkpoint(checkpoints)))
     resumed = run_to_end(command, run_dir)
     assert resumed["train_losses"] == uninterrupted["train_losses"]
     assert resumed["val_losses"] == uninterrupted["val_losses"]

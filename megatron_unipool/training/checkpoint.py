@@ -3,8 +3,8 @@
 Layout: <run_dir>/checkpoints/step_000100/state.pt and a `latest` file naming the newest. A
 checkpoint is written under a temporary name, fsynced and renamed (and the directory fsynced),
 and `latest` is replaced last, so a crash or SIGKILL while saving leaves the previous checkpoint
-loadable. The last `keep_last` are kept. A payload holding a NaN or infinity is refused: resuming
-from it could only reproduce the failure.
+loadable. The last `keep_last` are kept. A payload holding a NaN is refused: resuming from it
+could only reproduce the failure. (Infinities are allowed: -inf is how UniPool-lock masks logits.)
 """
 from __future__ import annotations
 
@@ -53,21 +53,21 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def non_finite_tensors(payload: Any, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a (nested) payload that hold a NaN or infinity."""
+def nan_tensors(payload: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) payload that hold a NaN."""
     if isinstance(payload, torch.Tensor):
-        return [prefix] if payload.is_floating_point() and not bool(torch.isfinite(payload).all()) else []
+        return [prefix] if payload.is_floating_point() and bool(torch.isnan(payload).any()) else []
     if isinstance(payload, dict):
         return [name for key, value in payload.items()
-                for name in non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
+                for name in nan_tensors(value, f"{prefix}.{key}" if prefix else str(key))]
     return []
 
 
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_last: int) -> Path:
-    bad = non_finite_tensors(payload)
+    bad = nan_tensors(payload)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise CheckpointError(f"refusing to write the step {step} checkpoint: non-finite values in {shown}")
+        raise CheckpointError(f"refusing to write the step {step} checkpoint: NaN in {shown}")
     directory.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final, temporary = directory / name, directory / f".{name}.tmp"

@@ -119,7 +119,7 @@ class Trainer:
 
     def save(self) -> Optional[Path]:
         """Gather the full model and optimizer state and write them (rank 0); every rank must call it,
-        and every rank raises CheckpointError if rank 0 refuses to write (non-finite values)."""
+        and every rank raises CheckpointError if rank 0 refuses to write (NaN)."""
         full = gather_full_state(self.model, self.backend.model_tensors(), self.backend.optimizer_tensors(), self.specs,
                                  self.parallel)
         path, refusal = None, None
