@@ -1,0 +1,239 @@
+"""Hugging Face interop: exports compute our logits in transformers, imports compute the HF model's,
+refusals name what cannot be expressed, and the CLI chains Llama -> ours -> upcycled MoE -> Mixtral."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the interop tests load exports with transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from megatron_unipool.config import MoEConfig, config_to_dict  # noqa: E402
+from megatron_unipool.model import LanguageModel  # noqa: E402
+from megatron_unipool.model.hf_format import from_hf_llama, to_hf  # noqa: E402
+from megatron_unipool.training import save_checkpoint  # noqa: E402
+from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "convert_checkpoint.py"
+SMALL = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.seq_len=32", "model.rope_base=50000",
+         "model.norm_eps=0.01", "moe.num_experts=4"]  # rope and eps unlike any default: a dropped field shows
+SOFTMAX = ["moe.router=softmax", "moe.top_k=2"]
+
+pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")]  # Qwen2-MoE zero-wide shared expert
+
+
+def randomise_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights of unit-scale activations, norms away from 1 and routers that prefer experts clearly:
+    a wrong mapping or gate changes the logits far beyond the tolerance."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * noise)
+            else:
+                p.copy_(noise * p.shape[-1] ** -0.5 * (3 if "router" in name else 1))
+    return module.eval()
+
+
+def tokens(vocab_size: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def our_logits(model: LanguageModel, batch: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(batch)[0]
+
+
+def hf_logits(directory: Path, batch: torch.Tensor, **config_changes) -> torch.Tensor:
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                                    output_loading_info=True, **config_changes)
+    assert not any(info.values()), info  # nothing missing, unexpected or re-initialised
+    with torch.no_grad():
+        return model.eval()(batch).logits
+
+
+def write_hf(directory: Path, config: dict, tensors: dict) -> Path:
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def hard_lock_(model: LanguageModel) -> None:
+    """After a hard UniPool-lock: pool expert e belongs to layer e % layers, the others are masked out."""
+    lock = model.pool_locks[0]
+    layers, experts = lock.offset.shape
+    owner = torch.arange(experts) % layers
+    lock.offset.copy_(torch.where(owner == torch.arange(layers).unsqueeze(1), 0.0, -torch.inf))
+
+
+EXPORTS = {
+    "dense": ("dense", [], "LlamaForCausalLM", None),
+    "dense_tied": ("dense", ["model.tie_embeddings=true"], "LlamaForCausalLM", None),
+    "vanilla_topk_softmax": ("vanilla", SOFTMAX + ["moe.softmax_before_topk=false"], "MixtralForCausalLM", None),
+    "vanilla_raw_probabilities": ("vanilla", SOFTMAX, "Qwen2MoeForCausalLM", None),
+    "vanilla_raw_top1": ("vanilla", SOFTMAX + ["moe.top_k=1"], "Qwen2MoeForCausalLM", None),
+    "unipool_renormalised": ("unipool", SOFTMAX + ["moe.normalize_gates=true", "moe.bias_balancing=true"],
+                             "MixtralForCausalLM", lambda m: [layer.router.expert_bias.fill_(0.3) for layer in m.moe_layers()]),
+    "unipool_dense_layers_between": ("unipool", SOFTMAX + ["moe.normalize_gates=true", "moe.moe_layer_interval=2"],
+                                     "Qwen2MoeForCausalLM", None),
+    "unipool_hard_lock": ("unipool", SOFTMAX + ["moe.softmax_before_topk=false", "moe.lock_start_step=1",
+                                                "moe.lock_window_steps=1"], "MixtralForCausalLM", hard_lock_),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_export_loads_in_transformers_with_the_same_logits(tiny_config, tmp_path, case):
+    kind, overrides, architecture, prepare = EXPORTS[case]
+    config = tiny_config(f"configs/tiny_{kind}_cpu.json", *SMALL, *overrides)
+    model = randomise_(LanguageModel(config.model, config.moe))
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(model)
+    hf_config, tensors = to_hf(config.model, config.moe, model.state_dict())
+    assert hf_config["architectures"] == [architecture]
+    batch = tokens(config.model.vocab_size)
+    expected = our_logits(model, batch)
+    torch.testing.assert_close(hf_logits(write_hf(tmp_path / "hf", hf_config, tensors), batch), expected,
+                               atol=1e-4, rtol=1e-4)
+    if case == "unipool_hard_lock":  # each layer keeps only its own quarter of the 16-expert pool
+        assert hf_config["num_local_experts"] == 4
+
+
+def test_gate_normalisation_changes_the_logits(tiny_config, tmp_path):
+    """The architecture choice matters: the same export read with renormalised gates is another model."""
+    config = tiny_config("configs/tiny_vanilla_cpu.json", *SMALL, *SOFTMAX)
+    model = randomise_(LanguageModel(config.model, config.moe))
+    directory = write_hf(tmp_path / "hf", *to_hf(config.model, config.moe, model.state_dict()))
+    batch = tokens(config.model.vocab_size)
+    renormalised = hf_logits(directory, batch, norm_topk_prob=True)
+    assert (renormalised - our_logits(model, batch)).abs().max() > 1e-2
+
+
+REFUSALS = {
+    "norm_router": ("unipool", ["moe.router=norm"], None, "NormRouter gates are scale"),
+    "sigmoid_router": ("vanilla", ["moe.router=sigmoid"], None, "sigmoid gates are not a softmax"),
+    "shared_expert": ("vanilla", SOFTMAX + ["moe.shared_expert_ffn_hidden_size=32"], None, "added ungated"),
+    "capacity": ("vanilla", SOFTMAX + ["moe.capacity_factor=1.25"], None, "capacity drops tokens"),
+    "selection_bias": ("vanilla", SOFTMAX + ["moe.bias_balancing=true"],
+                       lambda m: m.moe_layers()[1].router.expert_bias.copy_(torch.tensor([0.0, 0.1, 0.0, 0.0])),
+                       "layer 1: moe.bias_balancing's expert_bias differs between experts"),
+    "annealing_lock": ("unipool", SOFTMAX + ["moe.lock_start_step=1", "moe.lock_window_steps=1"],
+                       lambda m: m.pool_locks[0].offset[:, :3].fill_(-2.5), "UniPool-lock is annealing"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_inexpressible_models_are_refused_naming_why(tiny_config, case):
+    kind, overrides, prepare, message = REFUSALS[case]
+    config = tiny_config(f"configs/tiny_{kind}_cpu.json", *SMALL, *overrides)
+    model = LanguageModel(config.model, config.moe)
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(model)
+    with pytest.raises(ValueError, match=message):
+        to_hf(config.model, config.moe, model.state_dict())
+
+
+def test_every_reason_is_reported_at_once(tiny_config):
+    config = tiny_config("configs/tiny_unipool_cpu.json", *SMALL, "moe.capacity_factor=2.0")
+    with pytest.raises(ValueError, match=r"(?s)NormRouter.*capacity_factor=2.0"):
+        to_hf(config.model, config.moe, LanguageModel(config.model, config.moe).state_dict())
+
+
+def llama_config(tie: bool = False) -> "transformers.LlamaConfig":
+    return transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                    rms_norm_eps=0.01, rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+                                    tie_word_embeddings=tie)
+
+
+def tiny_llama(tie: bool = False) -> "transformers.LlamaForCausalLM":
+    return randomise_(transformers.LlamaForCausalLM(llama_config(tie)), seed=5)
+
+
+def test_tied_llama_imports_with_the_same_logits(tmp_path):
+    llama = tiny_llama(tie=True)
+    llama.save_pretrained(tmp_path)
+    config, state = from_hf_llama(json.loads((tmp_path / "config.json").read_text()),
+                                  load_file(tmp_path / "model.safetensors"))
+    assert config.tie_embeddings and config.rope_base == 50000.0 and config.num_kv_heads == 2
+    ours = LanguageModel(config, MoEConfig(kind="dense"))
+    ours.load_state_dict(state)
+    batch = tokens(300)
+    with torch.no_grad():
+        torch.testing.assert_close(our_logits(ours, batch), llama(batch).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_bias": True}, "attention_bias=true"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope type 'llama3'"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "only LlamaForCausalLM"),
+    ({}, "missing model.embed_tokens.weight"),  # representable config, no tensors
+])
+def test_unrepresentable_llama_is_refused(change, message):
+    config = {**llama_config().to_dict(), **change}
+    with pytest.raises(ValueError, match=message):
+        from_hf_llama(config, {})
+
+
+def run_tool(*args: str, script: Path = TOOL) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_chain_llama_to_upcycled_mixtral_keeps_the_logits(tmp_path):
+    """Sharded Llama -> our dense run -> tools/upcycle.py (vanilla, renormalised top-2) -> Mixtral export:
+    every step computes the Llama's logits."""
+    llama = tiny_llama()
+    llama.save_pretrained(tmp_path / "llama", max_shard_size="100KB")
+    assert (tmp_path / "llama" / "model.safetensors.index.json").is_file()
+    batch = tokens(300)
+    with torch.no_grad():
+        expected = llama(batch).logits
+
+    done = run_tool("--from", "hf", "--checkpoint", tmp_path / "llama", "--output", tmp_path / "dense",
+                    "--set", "train.max_steps=10")
+    assert done.returncode == 0, done.stderr
+    assert "data.tokenizer" in done.stdout and "tools/upcycle.py" in done.stdout
+    _, payload, dense, model = load_trained_model(tmp_path / "dense")
+    assert dense.moe.kind == "dense" and dense.train.max_steps == 10 and payload["optimizer"] == {}
+    torch.testing.assert_close(our_logits(model, batch), expected, atol=1e-4, rtol=1e-4)
+
+    target = config_to_dict(dense)
+    target["moe"] = {"kind": "vanilla", "num_experts": 4, "top_k": 2, "router": "softmax", "normalize_gates": True,
+                     "aux_loss": "layer", "expert_ffn_hidden_size": dense.model.ffn_hidden_size}
+    (tmp_path / "moe.json").write_text(json.dumps(target))
+    done = run_tool("--checkpoint", tmp_path / "dense", "--to-config", tmp_path / "moe.json", "--output",
+                    tmp_path / "moe", script=REPO / "tools" / "upcycle.py")
+    assert done.returncode == 0, done.stderr
+    torch.testing.assert_close(our_logits(load_trained_model(tmp_path / "moe")[3], batch), expected, atol=1e-4, rtol=1e-4)
+
+    done = run_tool("--to", "hf", "--checkpoint", tmp_path / "moe", "--output", tmp_path / "mixtral")
+    assert done.returncode == 0, done.stderr
+    assert "MixtralForCausalLM" in done.stdout
+    torch.testing.assert_close(hf_logits(tmp_path / "mixtral", batch), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_refuses_without_writing_anything(tiny_config, tmp_path):
+    config = tiny_config("configs/tiny_unipool_cpu.json", *SMALL)  # NormRouter: not expressible
+    save_checkpoint(tmp_path / "run" / "checkpoints", 0, {
+        "model": LanguageModel(config.model, config.moe).state_dict(), "optimizer": {}, "train_state": {},
+        "rng": {}, "config": config_to_dict(config)}, keep_last=1)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+
+    done = run_tool("--to", "hf", "--checkpoint", tmp_path / "run", "--output", tmp_path / "busy")
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "--force" in done.stderr
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+    done = run_tool("--to", "hf", "--checkpoint", tmp_path / "run", "--output", tmp_path / "out")
+    assert done.returncode == 2 and "NormRouter" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "run"]  # no output, no temporary left

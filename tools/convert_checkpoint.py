@@ -1,0 +1,185 @@
+"""Convert checkpoints between this project and Hugging Face (docs/interop.md).
+
+    python tools/convert_checkpoint.py --to hf --checkpoint runs/tiny_vanilla_cpu --output hf/tiny_vanilla
+    python tools/convert_checkpoint.py --from hf --checkpoint path/to/llama --output runs/llama [--set k=v ...]
+    python tools/upcycle.py --checkpoint runs/llama --to-config MOE_CONFIG.json --output runs/llama_moe
+
+--to hf: a run directory (its latest checkpoint) or a step_* directory becomes config.json and
+model.safetensors of the Hugging Face class that computes the same logits (LlamaForCausalLM,
+MixtralForCausalLM or Qwen2MoeForCausalLM), loadable with AutoModelForCausalLM.from_pretrained;
+a model none of them can express is refused, naming why.
+
+--from hf: a LlamaForCausalLM directory (config.json and model.safetensors, or shards listed in
+model.safetensors.index.json) becomes a run directory with config.json and checkpoints/step_0000000
+(fresh optimizer, step 0): continue pretraining it with launch/pretrain.py or upcycle it to MoE
+with tools/upcycle.py. Sections other than `model` keep our defaults; `--set` changes them.
+
+The output is written into a temporary directory next to it and renamed when complete, so a
+failure leaves nothing half-written; an existing non-empty output is replaced only with --force.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+try:
+    import megatron_unipool  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from megatron_unipool.config import (Config, ConfigError, MoEConfig, apply_overrides, config_from_dict,  # noqa: E402
+                                     config_to_dict)
+from megatron_unipool.model import LanguageModel  # noqa: E402
+from megatron_unipool.model.hf_format import from_hf_llama, to_hf  # noqa: E402
+from megatron_unipool.training import CheckpointError, TrainState, save_checkpoint  # noqa: E402
+from megatron_unipool.training.checkpoint import load_trained_model, restore_model, rng_state  # noqa: E402
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def describe(tensors: dict) -> str:
+    """Count, parameters and bytes, a tied tensor once."""
+    unique = {(t.data_ptr(), t.shape): t for t in tensors.values()}.values()
+    count = sum(t.numel() for t in unique)
+    size = sum(t.numel() * t.element_size() for t in unique)
+    return f"{len(tensors)} tensors, {count / 1e6:.2f}M parameters, {size / 2**20:.1f} MiB"
+
+
+def check_output(output: Path, source: Path, force: bool) -> None:
+    if source.resolve().is_relative_to(output.resolve()):
+        raise CheckpointError(f"--output {output} holds the --checkpoint {source}; choose another --output")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise CheckpointError(f"{output} exists and is not empty; choose a new --output or pass --force to replace it")
+
+
+def write_directory(output: Path, fill) -> None:
+    """Call fill(temporary directory), then put that directory at `output` (replacing what is there)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.parent / f".{output.name}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        fill(temporary)
+        if output.is_dir():
+            shutil.rmtree(output)
+        elif output.exists():
+            output.unlink()
+        temporary.rename(output)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def read_hf_directory(directory: Path) -> tuple[dict, dict]:
+    """config.json and all tensors of a Hugging Face checkpoint directory (safetensors, maybe sharded)."""
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} has no config.json: expected a Hugging Face model directory")
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / SAFETENSORS).is_file():
+        files = [SAFETENSORS]
+    else:
+        raise CheckpointError(f"{directory} has neither {SAFETENSORS} nor {SAFETENSORS_INDEX} (only safetensors"
+                              " checkpoints are read; convert pytorch_model.bin with transformers' save_pretrained)")
+    tensors = {}
+    for name in files:
+        print(f"reading {directory / name} ...", flush=True)
+        try:
+            tensors.update(load_file(directory / name))
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{directory / name} cannot be read ({e})") from e
+    return json.loads((directory / "config.json").read_text()), tensors
+
+
+def check_fits(config: Config, state: dict, source: Path) -> None:
+    """The state has the names and shapes of the config's model (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = LanguageModel(config.model, config.moe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # loading into meta tensors is a no-op: only the checks matter
+        restore_model(model, state, source)
+
+
+def export_hf(args) -> None:
+    source, payload, config, _ = load_trained_model(args.checkpoint)
+    hf_config, tensors = to_hf(config.model, config.moe, payload["model"])
+    architecture = hf_config["architectures"][0]
+    print(f"{source}: {config.moe.kind} model ({describe(payload['model'])}) -> {architecture} ({describe(tensors)})")
+    if config.moe.kind == "unipool":
+        experts = hf_config.get("num_local_experts", hf_config.get("num_experts"))
+        print(f"  the shared pool is copied into each of the {len(config.moe.moe_layers(config.model.num_layers))}"
+              f" MoE layers ({experts} experts each)")
+
+    def fill(directory: Path) -> None:
+        (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        save_file(tensors, directory / SAFETENSORS, metadata={"format": "pt"})
+
+    write_directory(args.output, fill)
+    print(f"wrote {args.output / 'config.json'} and {args.output / SAFETENSORS}; load with\n"
+          f"  transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
+
+
+def import_hf(args) -> None:
+    hf_config, tensors = read_hf_directory(args.checkpoint)
+    model_config, state = from_hf_llama(hf_config, tensors)
+    raw = apply_overrides(config_to_dict(Config(model=model_config, moe=MoEConfig(kind="dense"))), args.overrides)
+    config = config_from_dict(raw, world_size=None)
+    check_fits(config, state, args.checkpoint)
+    print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
+
+    def fill(directory: Path) -> None:
+        save_checkpoint(directory / "checkpoints", 0, {
+            "model": state, "optimizer": {}, "train_state": asdict(TrainState()), "rng": rng_state(),
+            "config": config_to_dict(config), "imported_from": str(args.checkpoint)}, keep_last=config.checkpoint.keep_last)
+        (directory / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+    write_directory(args.output, fill)
+    tokenizer = args.checkpoint / "tokenizer.json"
+    hint = f" (this model's is {tokenizer})" if tokenizer.is_file() else ""
+    print(f"wrote {args.output / 'checkpoints' / 'step_0000000'} and {args.output / 'config.json'}\n"
+          f"check before training (--set section.key=value here, or edit config.json):\n"
+          f"  data: our defaults (data.corpus={config.data.corpus!r}, data.tokenizer={config.data.tokenizer!r});"
+          f" set data.tokenizer to the model's tokenizer.json{hint} and the corpus or data.train_prefix/valid_prefix\n"
+          f"  model.seq_len={config.model.seq_len} (from max_position_embeddings) is also the training sequence length\n"
+          f"  train: our defaults (lr {config.train.lr}, {config.train.max_steps} steps, batch {config.train.global_batch})\n"
+          f"continue with\n  python launch/pretrain.py --config {args.output / 'config.json'} --run-dir {args.output}\n"
+          f"or upcycle to MoE with\n  python tools/upcycle.py --checkpoint {args.output} --to-config MOE_CONFIG.json"
+          f" --output OUT")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    direction = parser.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--to", choices=["hf"], help="export our checkpoint to a Hugging Face directory")
+    direction.add_argument("--from", dest="from_", choices=["hf"], help="import a Hugging Face LlamaForCausalLM")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="--to: run or step_* directory; --from: HF directory")
+    parser.add_argument("--output", required=True, type=Path, help="--to: HF directory; --from: new run directory")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="--from: change the written config; repeatable")
+    args = parser.parse_args(argv)
+    if args.to and args.overrides:
+        parser.error("--set applies to --from hf (the exported config follows the checkpoint)")
+    try:
+        check_output(args.output, args.checkpoint, args.force)
+        if args.to:
+            export_hf(args)
+        else:
+            import_hf(args)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
