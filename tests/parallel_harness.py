@@ -1,9 +1,10 @@
 """Run training jobs on several CPU processes (gloo) and collect what rank 0 sees.
 
-A job is (name, model kind, config overrides): train at the config's layout, then compute one
-more step's gradients and gather them into full-model tensors (not under DeepSpeed, whose ZeRO
-keeps them partitioned). Rank 0 saves {"losses", "val_losses", "grads", "pool_replica_gap"} to <out>/<name>.pt. The same function run without
-processes (`run_job(..., parallel=None)`) is the single-process reference.
+A job is (name, model kind, config overrides[, run_job options]): train at the config's layout,
+then compute one more step's gradients and gather them into full-model tensors (not under
+DeepSpeed, whose ZeRO keeps them partitioned). Rank 0 saves {"losses", "val_losses", "grads",
+"pool_replica_gap", "skipped_steps"} to <out>/<name>.pt. The same function run without processes
+(`run_job(..., parallel=None)`) is the single-process reference.
 """
 from __future__ import annotations
 
@@ -46,8 +47,19 @@ def pool_replica_gap(trainer) -> float:
     return gap.item()
 
 
-def run_job(config, run_dir: Path, parallel=None) -> dict | None:
+def poison_forward(trainer, step: int) -> None:
+    """Make the last rank's forward output NaN during training step `step` (1-based): one rank's
+    non-finite loss, which every rank must then skip alike."""
+    if trainer.layout.rank != trainer.layout.world_size - 1:
+        return
+    trainer.model.final_norm.register_forward_hook(
+        lambda module, inputs, output: output * float("nan") if trainer.state.step + 1 == step and module.training else None)
+
+
+def run_job(config, run_dir: Path, parallel=None, nan_at_step: int | None = None) -> dict | None:
     trainer = Trainer(config, run_dir, device=torch.device("cpu"), parallel=parallel)
+    if nan_at_step is not None:
+        poison_forward(trainer, nan_at_step)
     summary = trainer.train()
     replica_gap = pool_replica_gap(trainer)
     grads = {}
@@ -58,7 +70,7 @@ def run_job(config, run_dir: Path, parallel=None) -> dict | None:
     if trainer.layout.rank != 0:
         return None
     return {"losses": summary["train_losses"], "val_losses": summary["val_losses"], "grads": grads,
-            "pool_replica_gap": replica_gap}
+            "pool_replica_gap": replica_gap, "skipped_steps": trainer.state.skipped_steps}
 
 
 def _worker(rank: int, world_size: int, init_file: str, jobs: list, data_cache: str, out_dir: str):
@@ -67,9 +79,9 @@ def _worker(rank: int, world_size: int, init_file: str, jobs: list, data_cache: 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=300))
     try:
-        for name, kind, overrides in jobs:
+        for name, kind, overrides, *options in jobs:
             config = job_config(kind, overrides, data_cache, world_size)
-            result = run_job(config, Path(out_dir) / name, init_parallel(config))
+            result = run_job(config, Path(out_dir) / name, init_parallel(config), **(options[0] if options else {}))
             if rank == 0:
                 torch.save(result, Path(out_dir) / f"{name}.pt")
             dist.barrier()
@@ -83,4 +95,4 @@ def run_parallel(world_size: int, jobs: list, data_cache: str, out_dir: Path) ->
     init_file = out_dir / f"init_{os.getpid()}_{len(list(out_dir.iterdir()))}"
     mp.start_processes(_worker, args=(world_size, str(init_file), jobs, data_cache, str(out_dir)),
                        nprocs=world_size, join=True, start_method="spawn")
-    return {name: torch.load(out_dir / f"{name}.pt", weights_only=False) for name, _, _ in jobs}
+    return {job[0]: torch.load(out_dir / f"{job[0]}.pt", weights_only=False) for job in jobs}

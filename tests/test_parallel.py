@@ -6,6 +6,7 @@ The default suite runs a representative subset; the full layout matrix is
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -102,6 +103,21 @@ def test_layouts_match_single_process(world, fast, reference, data_cache, tmp_pa
     results = run_parallel(world, jobs, data_cache, tmp_path)
     for name, kind, _ in jobs:
         assert_same_run(results[name], reference(kind), name)
+
+
+def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(reference, data_cache, tmp_path, single_thread):
+    """Step 2's loss is NaN on the last rank only: the built-in optimizer and ZeRO 1/2 all skip the
+    update on every rank, the pool replicas stay equal, and the run continues as one process does."""
+    base, nan = [f"train.max_steps={STEPS}"] + VARIANTS["unipool"], {"nan_at_step": 2}
+    single = run_job(job_config("unipool", base, data_cache, 1), tmp_path / "single", **nan)
+    assert single["skipped_steps"] == 1 and math.isnan(single["losses"][1])
+    assert single["losses"][2] != reference("unipool")["losses"][2]  # one update fewer
+    jobs = [(f"nan_{stage}", "unipool", base + LAYOUTS["ep2"][1] + ZERO.get(stage, []), nan)
+            for stage in ("native", "zero1", "zero2")]
+    for name, result in run_parallel(2, jobs, data_cache, tmp_path).items():
+        assert result["skipped_steps"] == 1 and result["pool_replica_gap"] == 0.0, name
+        torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-5,
+                                   atol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.slow
