@@ -106,15 +106,18 @@ def test_layouts_match_single_process(world, fast, reference, data_cache, tmp_pa
 
 
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(reference, data_cache, tmp_path, single_thread):
-    """Step 2's loss is NaN on the last rank only: the built-in optimizer and ZeRO 1/2 all skip the
-    update on every rank, the pool replicas stay equal, and the run continues as one process does."""
+    """Step 2's loss is NaN on the last rank only: the built-in optimizer and ZeRO 1/2 (ep 2), and the
+    pipeline (tp 2 pp 2), all skip the update on every rank, the pool replicas stay equal, and the
+    run continues as one process does."""
     base, nan = [f"train.max_steps={STEPS}"] + VARIANTS["unipool"], {"nan_at_step": 2}
     single = run_job(job_config("unipool", base, data_cache, 1), tmp_path / "single", **nan)
     assert single["skipped_steps"] == 1 and math.isnan(single["losses"][1])
     assert single["losses"][2] != reference("unipool")["losses"][2]  # one update fewer
     jobs = [(f"nan_{stage}", "unipool", base + LAYOUTS["ep2"][1] + ZERO.get(stage, []), nan)
             for stage in ("native", "zero1", "zero2")]
-    for name, result in run_parallel(2, jobs, data_cache, tmp_path).items():
+    results = run_parallel(2, jobs, data_cache, tmp_path)
+    results.update(run_parallel(4, [("nan_tp2pp2", "unipool", base + LAYOUTS["tp2pp2"][1], nan)], data_cache, tmp_path))
+    for name, result in results.items():
         assert result["skipped_steps"] == 1 and result["pool_replica_gap"] == 0.0, name
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(single["losses"]), rtol=1e-5,
                                    atol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
