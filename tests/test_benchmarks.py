@@ -23,6 +23,29 @@ def test_moe_layer_benchmark_writes_one_row_per_measurement(tmp_path):
     assert "vs deepspeed" in done.stdout
 
 
+def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grouped_gemm.py"), "--rows", "96",
+                           "--experts", "4", "--hidden", "32", "--ffn", "16", "--balance", "skewed", "--repeats", "1",
+                           "--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {r["impl"] for r in rows} >= {"dense", "loop"}
+    for row in rows:
+        assert row["rows"] == 96 and row["experts"] == 4 and row["tflops"] > 0 and row["balance"] == "skewed"
+    assert next(r for r in rows if r["impl"] == "dense")["vs_dense"] == 1.0
+    assert "vs dense" in done.stdout
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from grouped_gemm import expert_counts
+
+    for balance in ("uniform", "skewed"):
+        counts = expert_counts(1001, 8, balance)
+        assert len(counts) == 8 and sum(counts) == 1001
+    assert max(expert_counts(1001, 8, "uniform")) - min(expert_counts(1001, 8, "uniform")) == 1
+    assert expert_counts(10000, 8, "skewed")[0] > 2 * expert_counts(10000, 8, "skewed")[-1]
+
+
 TINY = ["model.seq_len=32", "model.hidden_size=64", "model.num_heads=4", "model.ffn_hidden_size=128",
         "train.global_batch=8", "train.micro_batch=2"]
 

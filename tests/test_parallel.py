@@ -87,9 +87,12 @@ def assert_same_run(parallel: dict, single: dict, name: str):
         return
     assert parallel["grads"].keys() == single["grads"].keys(), name
     for key, grad in single["grads"].items():
-        # float summation order differs between layouts: tolerate 1e-4 of the tensor's largest entry
-        torch.testing.assert_close(parallel["grads"][key], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()),
-                                   msg=lambda m: f"{name} gradient of {key}: {m}")
+        # Float summation order differs between layouts, and after a few steps a token whose top-k is a
+        # near-tie may pick another expert, which changes that expert's gradient by ~1% (seen: one
+        # expert of 32 after a ZeRO-1 tp2 pp2 -> ep2 resume). So gradients are compared by relative
+        # norm; a real layout bug (a missing, doubled or misplaced contribution) is off by O(1).
+        error = float((parallel["grads"][key] - grad).norm() / grad.norm().clamp_min(1e-30))
+        assert error < 5e-3, f"{name} gradient of {key}: relative error {error:.2e}"
     assert any(k.startswith("expert_pools") for k in single["grads"])
 
 

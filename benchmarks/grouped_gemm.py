@@ -1,0 +1,109 @@
+"""Expert GEMMs alone: the grouped SwiGLU over tokens sorted by expert against one dense SwiGLU of
+the same FLOPs (all rows through one expert-sized FFN), forward + backward, in one run.
+
+    python benchmarks/grouped_gemm.py [--rows 8192 32768] [--experts 8 64] [--json out.json]
+
+This isolates the kernels from routing and permutation: the target "grouped expert GEMMs reach
+>= 70% of the dense GEMM rate at equal FLOPs" (docs/benchmarks.md) is the `vs dense` column.
+Rows are routed token slots (tokens x top-k); `--balance skewed` gives the experts Zipf-like
+loads (as early in training), `uniform` equal ones. Each backend of kernels.grouped_swiglu that
+this device supports is measured (grouped_mm needs 16-byte-aligned widths, and bf16 on CUDA).
+FLOPs: 3 GEMMs of 2*rows*hidden*ffn forward, twice that backward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+try:
+    import megatron_unipool  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, grouped_swiglu  # noqa: E402
+from moe_layer import time_forward_backward  # noqa: E402
+
+
+def expert_counts(rows: int, experts: int, balance: str, seed: int = 0) -> list[int]:
+    if balance == "uniform":
+        return [rows // experts + (e < rows % experts) for e in range(experts)]
+    weights = 1.0 / np.arange(1, experts + 1) ** 0.8
+    return np.random.default_rng(seed).multinomial(rows, weights / weights.sum()).tolist()
+
+
+def weights(experts: int, hidden: int, ffn: int, device, dtype) -> list[torch.Tensor]:
+    shapes = [(experts, ffn, hidden), (experts, ffn, hidden), (experts, hidden, ffn)]
+    return [(torch.randn(s, device=device, dtype=dtype) * 0.02).requires_grad_() for s in shapes]
+
+
+def measure(impl: str, rows: int, experts: int, args, device, dtype) -> float:
+    """Median seconds of forward + backward."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    if impl == "dense":
+        params = weights(1, args.hidden, args.ffn, device, dtype)
+        counts = torch.tensor([rows], device=device)
+        forward = (lambda x: grouped_swiglu(x, counts, *params, backend="loop"))
+    else:
+        params = weights(experts, args.hidden, args.ffn, device, dtype)
+        counts = torch.tensor(expert_counts(rows, experts, args.balance), device=device)
+        forward = (lambda x: grouped_swiglu(x, counts, *params, backend=impl))
+    return time_forward_backward(forward, params, x, args.repeats, args.warmup)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[8192, 32768], help="routed token slots")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--ffn", type=int, default=512, help="expert width")
+    parser.add_argument("--balance", choices=["uniform", "skewed"], default="uniform")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    probe = torch.empty(1, args.hidden, device=device, dtype=dtype)
+    supported = grouped_mm_supported(probe, *weights(1, args.hidden, args.ffn, device, dtype))
+    impls = ["dense", "loop"] + (["grouped_mm"] if supported else [])
+    if not supported:
+        print("  grouped_mm not measured: torch._grouped_mm missing or these widths/dtype unsupported here",
+              file=sys.stderr)
+    results = []
+    for experts in args.experts:
+        for rows in args.rows:
+            for impl in impls:
+                seconds = measure(impl, rows, experts, args, device, dtype)
+                flops = 18 * rows * args.hidden * args.ffn
+                results.append({"impl": impl, "rows": rows, "experts": experts, "hidden": args.hidden,
+                                "ffn": args.ffn, "balance": args.balance, "dtype": str(dtype).removeprefix("torch."),
+                                "ms": 1e3 * seconds, "tflops": flops / seconds / 1e12, "device": device_name})
+                print(f"  measured {impl:10s} rows {rows:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
+                      file=sys.stderr, flush=True)
+    print(f"expert SwiGLU forward+backward on {device_name}: d={args.hidden}, expert width {args.ffn}, "
+          f"{results[0]['dtype']}, {args.balance} loads")
+    print(f"{'experts':>7} {'rows':>7} {'impl':>10} {'ms':>9} {'TFLOP/s':>9} {'vs dense':>9}")
+    for row in results:
+        dense = next(r for r in results if r["impl"] == "dense" and r["rows"] == row["rows"]
+                     and r["experts"] == row["experts"])
+        row["vs_dense"] = row["tflops"] / dense["tflops"]
+        print(f"{row['experts']:>7} {row['rows']:>7} {row['impl']:>10} {row['ms']:>9.2f} {row['tflops']:>9.3f} "
+              f"{row['vs_dense']:>8.0%}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
