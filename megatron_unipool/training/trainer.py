@@ -235,9 +235,9 @@ class Trainer:
         state.skipped_steps += 1
         state.consecutive_skips += 1
         if self.is_logger:
-            print(f"step {state.step}: non-finite loss or gradient (loss {loss:.4f}, gradient norm {grad_norm:.4g}), update skipped "
-                  f"({state.consecutive_skips} in a row, {state.skipped_steps} in all; the run stops at {limit} in a row)",
-                  flush=True)
+            print(f"step {state.step}: non-finite loss or gradient (loss {loss:.4f}, gradient norm {grad_norm:.4g}), "
+                  f"update skipped ({state.consecutive_skips} in a row, {state.skipped_steps} in all; the run stops at "
+                  f"{limit} in a row)", flush=True)
         if state.consecutive_skips >= limit:
             latest = latest_checkpoint(self.checkpoints) if self.checkpoints.is_dir() else None
             raise NonFiniteError(
