@@ -242,12 +242,13 @@ class DeepSpeedBackend(NativeBackend):
 
     def step(self, skip: bool = False) -> tuple[float, bool]:
         if self.zero_stage > 0:
-            # the reduced gradients live in ZeRO's partitions: ZeRO clips, and skips (on every rank)
-            # an update whose gradient norm is not finite; a non-finite loss has non-finite gradients
+            # the reduced gradients live in ZeRO's partitions: ZeRO clips, and skips (on every rank) an
+            # update whose gradient norm is not finite, which is what a non-finite loss gives; `skip`
+            # cannot stop it without corrupting ZeRO's gradient buffers, so its decision is reported
             self.engine.step()
             norm = self.engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")
-            return norm, self.engine.was_step_applied() and not skip
+            return norm, self.engine.was_step_applied()
         # stage 0: gradients are whole on every replica, and DeepSpeed's own norm would average the
         # expert shards' norms over data-parallel ranks instead of summing them
         norm = clip_gradients(self.model, self.specs, self.parallel, self.config.train.grad_clip)
