@@ -40,8 +40,8 @@ from megatron_unipool.config import (Config, ConfigError, MoEConfig, apply_overr
                                      config_to_dict)
 from megatron_unipool.model import LanguageModel  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, to_hf  # noqa: E402
-from megatron_unipool.training import CheckpointError, TrainState, save_checkpoint  # noqa: E402
-from megatron_unipool.training.checkpoint import load_trained_model, restore_model, rng_state  # noqa: E402
+from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
+from megatron_unipool.training.checkpoint import load_trained_model, restore_model, write_run_directory  # noqa: E402
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -136,13 +136,8 @@ def import_hf(args) -> None:
     check_fits(config, state, args.checkpoint)
     print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
 
-    def fill(directory: Path) -> None:
-        save_checkpoint(directory / "checkpoints", 0, {
-            "model": state, "optimizer": {}, "train_state": asdict(TrainState()), "rng": rng_state(),
-            "config": config_to_dict(config), "imported_from": str(args.checkpoint)}, keep_last=config.checkpoint.keep_last)
-        (directory / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-
-    write_directory(args.output, fill)
+    write_directory(args.output, lambda directory: write_run_directory(
+        directory, config, state, {}, asdict(TrainState()), imported_from=str(args.checkpoint)))
     tokenizer = args.checkpoint / "tokenizer.json"
     hint = f" (this model's is {tokenizer})" if tokenizer.is_file() else ""
     print(f"wrote {args.output / 'checkpoints' / 'step_0000000'} and {args.output / 'config.json'}\n"

@@ -16,7 +16,6 @@ written config resumes from the run directory (checkpoint.resume true, checkpoin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -27,8 +26,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_unipool.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config  # noqa: E402
-from megatron_unipool.training import CheckpointError, TrainState, save_checkpoint  # noqa: E402
-from megatron_unipool.training.checkpoint import load_trained_model, rng_state  # noqa: E402
+from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
+from megatron_unipool.training.checkpoint import load_trained_model, write_run_directory  # noqa: E402
 from megatron_unipool.training.upcycling import expert_utility, upcycle, upcycle_dense, utility_batches  # noqa: E402
 
 
@@ -70,12 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
     train_state = TrainState(consumed_samples=payload["train_state"]["consumed_samples"])
-    raw_config = config_to_dict(new_config)
-    written = save_checkpoint(args.output / "checkpoints", 0, {
-        "model": result.model_state, "optimizer": result.optimizer_state, "train_state": asdict(train_state),
-        "rng": rng_state(), "config": raw_config, "upcycled_from": str(source_path),
-        "sources_per_pool": result.sources_per_pool}, keep_last=new_config.checkpoint.keep_last)
-    (args.output / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+    written = write_run_directory(args.output, new_config, result.model_state, result.optimizer_state,
+                                  asdict(train_state), upcycled_from=str(source_path),
+                                  sources_per_pool=result.sources_per_pool)
     for p, sources in enumerate(result.sources_per_pool):
         copies = [sources.count(e) for e in range(max(sources) + 1)]
         print(f"pool {p}: {len(sources)} experts; copies per source: {copies}")

@@ -64,8 +64,11 @@ class NativeBackend:
         norm = clip_gradients(self.model, self.specs, self.parallel, self.config.train.grad_clip)
         if skip or not math.isfinite(norm):
             return norm, False
-        self.optimizer.step()
+        self._update()
         return norm, True
+
+    def _update(self) -> None:
+        self.optimizer.step()
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's weights and buffers at full precision, by full-model name."""
@@ -250,12 +253,11 @@ class DeepSpeedBackend(NativeBackend):
             norm = float(norm) if norm is not None else float("nan")
             return norm, self.engine.was_step_applied()
         # stage 0: gradients are whole on every replica, and DeepSpeed's own norm would average the
-        # expert shards' norms over data-parallel ranks instead of summing them
-        norm = clip_gradients(self.model, self.specs, self.parallel, self.config.train.grad_clip)
-        if skip or not math.isfinite(norm):
-            return norm, False
+        # expert shards' norms over data-parallel ranks instead of summing them: clip as the built-in does
+        return super().step(skip)
+
+    def _update(self) -> None:
         self.engine.step()
-        return norm, True
 
     def model_tensors(self) -> dict[str, torch.Tensor]:
         tensors = super().model_tensors()

@@ -8,6 +8,7 @@ could only reproduce the failure. (Infinities are allowed: -inf is how UniPool-l
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..config import Config, config_from_dict
+from ..config import Config, config_from_dict, config_to_dict
 from ..model import LanguageModel
 
 LATEST = "latest"
@@ -86,6 +87,18 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
     for old in sorted(p for p in directory.glob("step_*") if p.is_dir())[:-keep_last]:
         shutil.rmtree(old)
     return final
+
+
+def write_run_directory(directory: Path, config: Config, model_state: dict[str, torch.Tensor],
+                        optimizer_state: dict[str, dict], train_state: dict, **provenance) -> Path:
+    """A new run directory that launch/pretrain.py continues: checkpoints/step_0000000 and config.json.
+    For tools that make a model (upcycling, imports); `provenance` is stored in the checkpoint."""
+    raw_config = config_to_dict(config)
+    written = save_checkpoint(directory / "checkpoints", 0, {
+        "model": model_state, "optimizer": optimizer_state, "train_state": train_state, "rng": rng_state(),
+        "config": raw_config, **provenance}, keep_last=config.checkpoint.keep_last)
+    (directory / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+    return written
 
 
 def latest_checkpoint(directory: Path) -> Optional[Path]:
