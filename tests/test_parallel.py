@@ -288,7 +288,8 @@ def test_a_dead_or_stuck_rank_ends_the_job_with_an_error(fault, data_cache, tmp_
                    "--set", "train.max_steps=1000", "--set", "checkpoint.save_interval=0"]
         procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    threading.Thread(target=lambda: [lines.put(line) for line in procs[0].stdout], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in procs[0].stdout], daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -304,7 +305,7 @@ def test_a_dead_or_stuck_rank_ends_the_job_with_an_error(fault, data_cache, tmp_
         code = procs[0].wait(timeout=120)
         assert code != 0
         assert time.monotonic() - started < 120
-        time.sleep(1)  # the reader thread drains rank 0's last lines
+        reader.join(timeout=30)  # rank 0's last lines, up to the end of its output
         said = "".join(lines.get_nowait() for _ in range(lines.qsize()))
         assert "error: rank 0 of 2: a collective failed because another rank died or stopped responding" in said
         assert "Traceback" not in said
