@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_unipool.config import ModelConfig, MoEConfig, TrainConfig
-from megatron_unipool.kernels import causal_attention, grouped_swiglu, rms_norm
+from megatron_unipool.kernels import DeferredWeightGradients, causal_attention, grouped_swiglu, rms_norm
 from megatron_unipool.kernels.attention import flash_available
 from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, resolve_expert_gemm
 from megatron_unipool.kernels.rms_norm import apex_rms_norm_available
@@ -261,13 +261,13 @@ def test_apex_adamw_refused_without_apex():
         build_optimizer(torch.nn.Linear(2, 2), TrainConfig(adamw="apex"))
 
 
-def small_model(kind="unipool", **model_overrides):
+def small_model(kind="unipool", moe_overrides=None, **model_overrides):
     torch.manual_seed(0)
     model = ModelConfig(num_layers=3, hidden_size=16, num_heads=2, num_kv_heads=1, ffn_hidden_size=32, vocab_size=40,
                         seq_len=12, init_std=0.1, **model_overrides)
     moe = MoEConfig(kind=kind, num_experts=4, top_k=2, router="softmax",
                     aux_loss="pool" if kind == "unipool" else "layer", z_loss_coeff=1e-3,
-                    shared_expert_ffn_hidden_size=8 if kind == "vanilla" else 0)
+                    shared_expert_ffn_hidden_size=8 if kind == "vanilla" else 0, **(moe_overrides or {}))
     return LanguageModel(model, moe)
 
 
@@ -309,6 +309,78 @@ def test_model_with_grouped_mm_experts_matches_loop(kind):
         torch.testing.assert_close(actual[1][name], expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("checkpointing", ["none", "ffn", "block"])
+@pytest.mark.parametrize("gemm", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("layers_per_pool", [None, 2], ids=["one_pool", "pools_of_2_and_1"])
+def test_deferred_pool_weight_gradients_change_nothing_but_speed(layers_per_pool, gemm, checkpointing, monkeypatch):
+    """model.pool_weight_gradients: one weight-gradient pass per pool gives every layer-by-layer
+    loss and gradient, under activation checkpointing too (recomputed forwards defer nothing)."""
+    deferred_calls = []
+    add = DeferredWeightGradients.add
+    monkeypatch.setattr(DeferredWeightGradients, "add", lambda self, *a: deferred_calls.append(a[0]) or add(self, *a))
+    tokens = torch.randint(0, 40, (3, 13), generator=torch.Generator().manual_seed(1))
+    options = dict(moe_overrides={"layers_per_pool": layers_per_pool}, expert_gemm=gemm,
+                   activation_checkpointing=checkpointing)
+    per_layer = small_model(pool_weight_gradients="per_layer", **options)
+    deferred = small_model(pool_weight_gradients="deferred", **options)
+    for _ in range(2):  # 2nd step: the pool aux loss is active
+        expected = loss_and_gradients(per_layer, tokens)
+        assert not deferred_calls
+        actual = loss_and_gradients(deferred, tokens)
+        assert deferred_calls == [gemm] * (layers_per_pool or 3)  # every layer of the shared pool, none of the other
+        deferred_calls.clear()
+        torch.testing.assert_close(actual[0], expected[0], rtol=1e-6, atol=0)
+        assert actual[1].keys() == expected[1].keys()
+        for name in expected[1]:
+            torch.testing.assert_close(actual[1][name], expected[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_deferred_weight_gradients_sum_every_call(case, dtype):
+    """Three calls on the same experts, routed differently (experts unused by some calls): the
+    weight gradients arrive once, equal to the per-slot reference summed over the calls."""
+    routings = [[3, 0, 7, 1, 9], [0, 5, 0, 0, 2], [4, 4, 4, 4, 4]]
+    _, _, *weights = expert_inputs(routings[0], dtype=dtype)
+    xs = [expert_inputs(counts, dtype=dtype, seed=1 + i)[0] for i, counts in enumerate(routings)]
+    counts = [torch.tensor(c) for c in routings]
+
+    def calls(reference):
+        def run(*inputs):
+            *xs, w_gate, w_up, w_down = inputs
+            x_all = torch.cat(xs)
+            deferred = None
+            if not reference:
+                deferred = DeferredWeightGradients()
+                x_all = deferred.attach(x_all, w_gate, w_up, w_down)
+            outs = []
+            for x, c in zip(x_all.split([len(x) for x in xs]), counts):
+                if reference:
+                    outs.append(per_slot_reference(x, c, w_gate, w_up, w_down))
+                else:
+                    outs.append(grouped_swiglu(x, c, w_gate, w_up, w_down, deferred=deferred, **GEMM_CASES[case]))
+            return torch.cat(outs)
+        return run
+
+    accumulated = []
+    weights[0].register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
+    expected = forward_backward(calls(reference=True), [*xs, *weights])
+    accumulated.clear()
+    actual = forward_backward(calls(reference=False), [*xs, *weights])
+    names = ["out"] + [f"grad x{i}" for i in range(len(xs))] + ["grad w_gate", "grad w_up", "grad w_down"]
+    for name, a, e in zip(names, actual, expected):
+        assert_close_relative(a, e, TOLERANCE[dtype], f"{case} {name}")
+    assert len(accumulated) == 1  # one gradient event per backward, whatever the number of calls
+
+
+def test_deferred_weight_gradients_without_rows_are_zeros():
+    """No call had a row on this rank: the weights still get a (zero) gradient, as on every other rank."""
+    x, counts_M, *weights = expert_inputs([0, 0, 0])
+    deferred = DeferredWeightGradients()
+    grouped_swiglu(deferred.attach(x, *weights), counts_M, *weights, deferred=deferred).sum().backward()
+    assert all(w.grad is not None and not w.grad.any() for w in weights)
+
+
 def saved_activation_bytes(model, tokens) -> int:
     """Bytes autograd keeps for backward during one forward (parameters excluded)."""
     parameters = {p.data_ptr() for p in model.parameters()}
@@ -322,6 +394,24 @@ def saved_activation_bytes(model, tokens) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(tokens)
     return sum(saved.values())
+
+
+@pytest.mark.parametrize("gemm", ["loop", "grouped_mm"])
+def test_deferred_pool_weight_gradients_under_bf16_autocast(gemm):
+    """bf16 autocast: the shared pool is cast once per forward (autograd keeps one bf16 copy, not one
+    per layer), and the fp32 master weights get the layer-by-layer gradients."""
+    tokens = torch.randint(0, 40, (3, 13), generator=torch.Generator().manual_seed(1))
+    models = {mode: small_model(pool_weight_gradients=mode, expert_gemm=gemm) for mode in ["per_layer", "deferred"]}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved = {mode: saved_activation_bytes(model, tokens[:, :-1]) for mode, model in models.items()}
+        expected, actual = (loss_and_gradients(models[mode], tokens) for mode in ["per_layer", "deferred"])
+    pool = models["deferred"].expert_pools[0]
+    pool_bf16_bytes = 2 * sum(w.numel() for w in (pool.w_gate, pool.w_up, pool.w_down))
+    assert saved["per_layer"] - saved["deferred"] == (3 - 1) * pool_bf16_bytes
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-2, atol=0)
+    for name in expected[1]:
+        assert actual[1][name].dtype == torch.float32
+        assert_close_relative(actual[1][name], expected[1][name], 3e-2, name)
 
 
 def test_activation_checkpointing_stores_less():

@@ -34,6 +34,9 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "flash"] = "auto"  # flash needs flash-attn and CUDA
     expert_gemm: Literal["auto", "grouped_mm", "loop"] = "auto"  # grouped_mm: torch._grouped_mm (bf16 on CUDA)
     rms_norm: Literal["auto", "torch", "apex"] = "auto"  # apex: FusedRMSNorm, needs apex and CUDA
+    # a pool shared by several layers: its weight gradients once per backward over all of their tokens
+    # ("deferred": keeps each layer's expert activations and their gradients until then) or per layer
+    pool_weight_gradients: Literal["deferred", "per_layer"] = "deferred"
     # recompute in backward instead of storing: the attention core, the (MoE) FFN with its norm, or whole blocks
     activation_checkpointing: Literal["none", "attention", "ffn", "block"] = "none"
 

@@ -10,6 +10,10 @@ Two implementations with the same numbers, forward and backward:
   on CUDA each expert's slice is padded to a multiple of 16 bytes / element size rows
   (torchtitan does the same); padding rows are zero and never read back.
 - "loop": one dense GEMM per expert's contiguous slice, with its own backward (_SegmentSwiGLU).
+
+Both have explicit backward passes whose weight gradients can be deferred to a
+`DeferredWeightGradients`: an expert pool shared by L layers then gets one weight-gradient GEMM per
+expert over all L layers' tokens, instead of L full-pool gradients each from 1/L of the tokens.
 """
 from __future__ import annotations
 
@@ -50,9 +54,11 @@ def grouped_swiglu(
     w_down_MDF: torch.Tensor,
     backend: str = "auto",
     align_rows: int | None = None,
+    deferred: "DeferredWeightGradients | None" = None,
 ) -> torch.Tensor:
     """out[s] = W_down[e] (silu(W_gate[e] x[s]) * W_up[e] x[s]) for the expert e owning slot s.
 
+    With `deferred`, backward leaves the weight gradients to it (see DeferredWeightGradients).
     `align_rows` overrides the per-expert row padding of the grouped_mm path (tests use it to
     exercise the CUDA padding on CPU).
     """
@@ -67,8 +73,8 @@ def grouped_swiglu(
         if resolve_expert_gemm(backend, x_SD, w_gate_MFD, w_down_MDF) == "grouped_mm":
             if align_rows is None:
                 align_rows = GROUPED_MM_ALIGN_BYTES // x_SD.element_size() if x_SD.is_cuda else 1
-            return _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows)
-        return _SegmentSwiGLU.apply(x_SD, tuple(counts_M.tolist()), w_gate_MFD, w_up_MFD, w_down_MDF)
+            return _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows, deferred)
+        return _SegmentSwiGLU.apply(x_SD, counts_M, tuple(counts_M.tolist()), w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
 
 
 class _SegmentSwiGLU(torch.autograd.Function):
@@ -82,7 +88,7 @@ class _SegmentSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_SD, counts, w_gate_MFD, w_up_MFD, w_down_MDF):
+    def forward(ctx, x_SD, counts_M, counts, w_gate_MFD, w_up_MFD, w_down_MDF, deferred):
         segments = _segments(counts)
         saved, outputs = [], []
         for e, rows in segments:
@@ -92,28 +98,38 @@ class _SegmentSwiGLU(torch.autograd.Function):
             hidden = silu * up
             outputs.append(hidden @ w_down_MDF[e].t())
             saved += [gate, up, silu, hidden]
-        ctx.segments = segments
-        ctx.save_for_backward(x_SD, w_gate_MFD, w_up_MFD, w_down_MDF, *saved)
+        ctx.segments, ctx.deferred = segments, deferred
+        ctx.save_for_backward(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, *saved)
         return torch.cat(outputs)
 
     @staticmethod
     def backward(ctx, grad_SD):
-        x_SD, w_gate_MFD, w_up_MFD, w_down_MDF, *saved = ctx.saved_tensors
-        segments = ctx.segments
-        grad_w_gate, grad_w_up = _per_expert_zeros(w_gate_MFD, segments), _per_expert_zeros(w_up_MFD, segments)
-        grad_w_down = _per_expert_zeros(w_down_MDF, segments)
-        grad_x = []
+        x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, *saved = ctx.saved_tensors
+        segments, deferred = ctx.segments, ctx.deferred
+        grad_SD = grad_SD.contiguous()
+        if deferred is None:
+            grad_w_gate, grad_w_up, grad_w_down = (_per_expert_zeros(w.shape, w, segments)
+                                                   for w in (w_gate_MFD, w_up_MFD, w_down_MDF))
+        grad_x, grad_gates, grad_ups = [], [], []
         for i, (e, rows) in enumerate(segments):
             gate, up, silu, hidden = saved[4 * i: 4 * i + 4]
             x, grad = x_SD[rows], grad_SD[rows]
             grad_hidden = grad @ w_down_MDF[e]
-            torch.mm(grad.t(), hidden, out=grad_w_down[e])
             grad_up = grad_hidden * silu
             grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
-            torch.mm(grad_gate.t(), x, out=grad_w_gate[e])
-            torch.mm(grad_up.t(), x, out=grad_w_up[e])
+            if deferred is None:
+                torch.mm(grad.t(), hidden, out=grad_w_down[e])
+                torch.mm(grad_gate.t(), x, out=grad_w_gate[e])
+                torch.mm(grad_up.t(), x, out=grad_w_up[e])
+            else:
+                grad_gates.append(grad_gate)
+                grad_ups.append(grad_up)
             grad_x.append(torch.addmm(grad_gate @ w_gate_MFD[e], grad_up, w_up_MFD[e]))
-        return torch.cat(grad_x), None, grad_w_gate, grad_w_up, grad_w_down
+        if deferred is not None:
+            hidden = torch.cat(saved[3::4])
+            deferred.add("loop", counts_M, x_SD, torch.cat(grad_gates), torch.cat(grad_ups), hidden, grad_SD)
+            grad_w_gate = grad_w_up = grad_w_down = None
+        return torch.cat(grad_x), None, None, grad_w_gate, grad_w_up, grad_w_down, None
 
 
 def _segments(counts: tuple[int, ...]) -> list[tuple[int, slice]]:
@@ -126,49 +142,158 @@ def _segments(counts: tuple[int, ...]) -> list[tuple[int, slice]]:
     return segments
 
 
-def _per_expert_zeros(like_MXY: torch.Tensor, segments) -> torch.Tensor:
-    """A gradient buffer whose rows of experts without tokens are zero (the others get written)."""
+def _per_expert_zeros(shape, like: torch.Tensor, segments) -> torch.Tensor:
+    """A [M, ...] gradient buffer whose rows of experts without tokens are zero (the others get written)."""
+    buffer = like.new_empty(shape)
     used = {e for e, _ in segments}
-    if len(used) == like_MXY.shape[0]:
-        return torch.empty_like(like_MXY)
-    buffer = torch.empty_like(like_MXY)
-    for e in range(like_MXY.shape[0]):
+    for e in range(shape[0]):
         if e not in used:
             buffer[e].zero_()
     return buffer
 
 
-def _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows: int) -> torch.Tensor:
+def _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows: int, deferred) -> torch.Tensor:
     if align_rows == 1:
-        offsets = torch.cumsum(counts_M, 0).to(torch.int32)
-        return _grouped_swiglu_core(x_SD, offsets, w_gate_MFD, w_up_MFD, w_down_MDF)
-    rows_P, offsets = _padded_rows(counts_M, align_rows, x_SD.shape[0])
+        return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
+    rows_P, padded_counts_M = _padded_rows(counts_M, align_rows, x_SD.shape[0])
     padded = x_SD.new_zeros(x_SD.shape[0] + counts_M.numel() * (align_rows - 1), x_SD.shape[1])
     padded = padded.index_copy(0, rows_P, x_SD)
-    return _grouped_swiglu_core(padded, offsets, w_gate_MFD, w_up_MFD, w_down_MDF)[rows_P]
+    return _GroupedSwiGLU.apply(padded, padded_counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred)[rows_P]
 
 
-def _grouped_swiglu_core(x, offsets, w_gate_MFD, w_up_MFD, w_down_MDF) -> torch.Tensor:
-    gate = torch._grouped_mm(x, w_gate_MFD.transpose(-2, -1), offs=offsets)
-    up = torch._grouped_mm(x, w_up_MFD.transpose(-2, -1), offs=offsets)
-    return _ContiguousGrad.apply(torch._grouped_mm(F.silu(gate) * up, w_down_MDF.transpose(-2, -1), offs=offsets))
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient dense: _grouped_mm's backward rejects
-    broadcast (stride 0) gradients such as that of `out.sum()`."""
+class _GroupedSwiGLU(torch.autograd.Function):
+    """SwiGLU experts as three `torch._grouped_mm` calls, with the backward written out so that the
+    weight gradients can be deferred. Rows past the last expert's (padded) count are ignored; padding
+    rows are zero, so they add nothing to the weight gradients."""
 
     @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
+    def forward(ctx, x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred):
+        offsets = torch.cumsum(counts_M, 0).to(torch.int32)
+        gate = torch._grouped_mm(x_SD, w_gate_MFD.transpose(-2, -1), offs=offsets)
+        up = torch._grouped_mm(x_SD, w_up_MFD.transpose(-2, -1), offs=offsets)
+        ctx.deferred = deferred
+        ctx.save_for_backward(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up)
+        return torch._grouped_mm(F.silu(gate) * up, w_down_MDF.transpose(-2, -1), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up = ctx.saved_tensors
+        grad_SD = grad_SD.contiguous()  # a broadcast (stride 0) gradient, as from `out.sum()`, is not a GEMM operand
+        offsets = torch.cumsum(counts_M, 0).to(torch.int32)
+        silu = F.silu(gate)
+        grad_hidden = torch._grouped_mm(grad_SD, w_down_MDF, offs=offsets)
+        grad_up = grad_hidden * silu
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+        grad_x = torch._grouped_mm(grad_gate, w_gate_MFD, offs=offsets) + torch._grouped_mm(grad_up, w_up_MFD, offs=offsets)
+        operands = (x_SD, grad_gate, grad_up, silu.mul_(up), grad_SD)
+        if ctx.deferred is not None:
+            ctx.deferred.add("grouped_mm", counts_M, *operands)
+            return grad_x, None, None, None, None, None
+        return (grad_x, None, *swiglu_weight_gradients(*operands, counts_M, "grouped_mm"), None)
+
+
+def swiglu_weight_gradients(x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD, counts_M, backend: str):
+    """(dW_gate [M, F, D], dW_up [M, F, D], dW_down [M, D, F]) from expert-sorted rows.
+
+    Rows past the last expert's count are ignored.
+    """
+    return (expert_weight_gradient(grad_gate_SF, x_SD, counts_M, backend),
+            expert_weight_gradient(grad_up_SF, x_SD, counts_M, backend),
+            expert_weight_gradient(grad_out_SD, hidden_SF, counts_M, backend))
+
+
+def expert_weight_gradient(grad_SN: torch.Tensor, input_SK: torch.Tensor, counts_M: torch.Tensor, backend: str) -> torch.Tensor:
+    """[M, N, K]: for each expert, the sum over its rows of grad[s]^T input[s] (zero for an expert without rows)."""
+    if backend == "grouped_mm":
+        return torch._grouped_mm(grad_SN.t(), input_SK, offs=torch.cumsum(counts_M, 0).to(torch.int32))
+    segments = _segments(tuple(counts_M.tolist()))
+    out = _per_expert_zeros((counts_M.numel(), grad_SN.shape[1], input_SK.shape[1]), grad_SN, segments)
+    for e, rows in segments:
+        torch.mm(grad_SN[rows].t(), input_SK[rows], out=out[e])
+    return out
+
+
+class DeferredWeightGradients:
+    """The weight-gradient operands of several grouped_swiglu calls on the same expert weights,
+    reduced in one pass: rows regrouped expert-major across calls, one GEMM per expert.
+
+    A pool shared by L layers would otherwise compute, per layer and micro-batch, a gradient for
+    every expert from about 1/L of its tokens and accumulate L full-pool gradients: L times the
+    weight-gradient memory traffic of per-layer experts for the same FLOPs. Costs: each call's
+    operands (its inputs, hidden activations and their gradients) live until `attach`'s backward.
+    """
+
+    def __init__(self):
+        self._calls: list[tuple] = []
+
+    def attach(self, anchor: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        """`anchor`, unchanged, wired so that its backward gives `weights` (w_gate, w_up, w_down)
+        their gradients from every call collected by then. Compute every grouped_swiglu that
+        defers to this object from the returned tensor, so their backward passes all run first."""
+        return _ReleaseWeightGradients.apply(anchor, self, *weights)
+
+    def add(self, backend: str, counts_M, x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD) -> None:
+        self._calls.append((backend, counts_M, x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD))
+
+    def weight_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The summed weight gradients of the collected calls (None if there were none); forgets them."""
+        calls, self._calls = self._calls, []
+        if not calls:
+            return None
+        backend = calls[0][0]
+        if len(calls) == 1:
+            return swiglu_weight_gradients(*calls[0][2:], calls[0][1], backend)
+        counts_CM = torch.stack([call[1] for call in calls])
+        rows = _expert_major_rows(counts_CM, [call[2].shape[0] for call in calls])
+
+        def merged(i):
+            return torch.cat([call[i] for call in calls]).index_select(0, rows)
+
+        counts_M, x_SD = counts_CM.sum(0), merged(2)
+        return (expert_weight_gradient(merged(3), x_SD, counts_M, backend),
+                expert_weight_gradient(merged(4), x_SD, counts_M, backend),
+                expert_weight_gradient(merged(6), merged(5), counts_M, backend))
+
+
+class _ReleaseWeightGradients(torch.autograd.Function):
+    """Identity on the anchor; its backward hands the deferred weight gradients to autograd, so
+    they reach the parameters (and any gradient hooks, e.g. ZeRO's) once per backward pass."""
+
+    @staticmethod
+    def forward(ctx, anchor, deferred, *weights):
+        ctx.deferred = deferred
+        ctx.save_for_backward(*weights)
+        return anchor.view_as(anchor)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous()
+        weights = ctx.saved_tensors
+        grads = ctx.deferred.weight_gradients()
+        if grads is None:  # no call had rows: zeros, so every rank's parameters see the same gradient events
+            grads = [torch.zeros_like(w) for w in weights]
+        return (grad, None, *(g.to(w.dtype) for g, w in zip(grads, weights)))
+
+
+def _expert_major_rows(counts_CM: torch.Tensor, rows_per_call: list[int]) -> torch.Tensor:
+    """Row order that groups the concatenated calls' rows by expert: expert 0's rows of call 0,
+    of call 1, ..., then expert 1's, ...; each call's rows past its counts (padding) go last.
+
+    Computed on the device, without a host sync.
+    """
+    calls, experts = counts_CM.shape
+    sizes_C = torch.tensor(rows_per_call, device=counts_CM.device)
+    counts = torch.cat([counts_CM, (sizes_C - counts_CM.sum(1)).unsqueeze(1)], 1)  # the tail as one more group
+    call_start = torch.cumsum(sizes_C, 0) - sizes_C
+    source_start = (call_start.unsqueeze(1) + torch.cumsum(counts, 1) - counts).t().reshape(-1)
+    lengths = counts.t().reshape(-1)
+    target_start = torch.cumsum(lengths, 0) - lengths
+    total = sum(rows_per_call)
+    group = torch.repeat_interleave(torch.arange(lengths.numel(), device=counts.device), lengths, output_size=total)
+    return source_start[group] + torch.arange(total, device=counts.device) - target_start[group]
 
 
 def _padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row of each slot when every expert's slice starts at a multiple of `align`; padded end offsets.
+    """Row of each slot when every expert's slice starts at a multiple of `align`; padded counts.
 
     Computed on the device without a host sync (the slot count is known from the shapes).
     """
@@ -179,4 +304,4 @@ def _padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[to
     expert_of_slot = torch.repeat_interleave(experts, counts_M, output_size=num_slots)
     slot = torch.arange(num_slots, device=counts_M.device)
     rows = padded_start[expert_of_slot] + slot - start[expert_of_slot]
-    return rows, torch.cumsum(padded, 0).to(torch.int32)
+    return rows, padded

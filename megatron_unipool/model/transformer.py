@@ -6,6 +6,7 @@ router and a reference to its pool.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 from dataclasses import dataclass, field
@@ -120,13 +121,23 @@ class LanguageModel(nn.Module):
         """
         x = self.embedding(inputs) if self.embedding is not None else inputs
         losses: dict[str, torch.Tensor] = {}
-        for i in self.local_layers:
-            x, layer_losses = self.layers[i](x)
-            for name, value in layer_losses.items():
-                losses[name] = losses[name] + value if name in losses else value
+        with contextlib.ExitStack() as deferring:
+            for pool in self._pools_deferring_weight_gradients():
+                x = deferring.enter_context(pool.deferred_weight_gradients(x))
+            for i in self.local_layers:
+                x, layer_losses = self.layers[i](x)
+                for name, value in layer_losses.items():
+                    losses[name] = losses[name] + value if name in losses else value
         if self.output is None:
             return x, losses
         return self.output(self.final_norm(x)), losses
+
+    def _pools_deferring_weight_gradients(self) -> list[ExpertPool]:
+        """Pools that several of this stage's layers call, when this forward will be backpropagated."""
+        if self.config.pool_weight_gradients != "deferred" or not torch.is_grad_enabled():
+            return []
+        calls = collections.Counter(layer.pool for layer in self.moe_layers())
+        return [pool for pool, layers in calls.items() if layers > 1 and pool.w_gate.requires_grad]
 
     def moe_layers(self) -> list[MoELayer]:
         blocks = (self.layers[i] for i in self.local_layers)

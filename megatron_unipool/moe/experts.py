@@ -5,10 +5,13 @@ sharding the pool over expert-parallel ranks is a slice of dimension 0.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator, Optional
+
 import torch
 import torch.nn as nn
 
-from ..kernels import grouped_swiglu
+from ..kernels import DeferredWeightGradients, grouped_swiglu
 from ..parallel.expert_parallel import dispatch_to_experts, return_to_sources
 from ..parallel.state import Group
 
@@ -24,6 +27,9 @@ class ExpertPool(nn.Module):
         self.num_experts = num_experts  # in the whole pool, whatever this rank holds
         self.gemm = gemm  # kernels.grouped_swiglu backend: auto | grouped_mm | loop
         self.ep_group: Group = None
+        # inside `deferred_weight_gradients` only
+        self._deferred: Optional[DeferredWeightGradients] = None
+        self._compute_weights: Optional[tuple[torch.Tensor, ...]] = None
         self.w_gate = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size).normal_(0.0, init_std))
         self.w_up = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size).normal_(0.0, init_std))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size).normal_(0.0, output_std))
@@ -34,12 +40,35 @@ class ExpertPool(nn.Module):
             setattr(self, name, nn.Parameter(getattr(self, name).data.chunk(parts)[rank].clone()))
         self.ep_group = group
 
+    @contextlib.contextmanager
+    def deferred_weight_gradients(self, anchor: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Within: every call computes with one shared copy of the weights, and their gradients are
+        computed together, once per backward pass, when backward reaches the yielded tensor
+        (`anchor`, wired); compute the calls from it.
+
+        For a pool several layers share (model.pool_weight_gradients), per forward: one cast of the
+        pool to the autocast dtype instead of one per layer (each also kept for backward), and one
+        weight-gradient GEMM per expert over all the layers' tokens instead of a full-pool gradient
+        per layer (kernels.DeferredWeightGradients). Backward only reads what forward stored, so
+        recomputation (activation checkpointing) outside this context is unaffected.
+        """
+        weights = (self.w_gate, self.w_up, self.w_down)
+        self._deferred = DeferredWeightGradients()
+        device = self.w_gate.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.w_gate.dtype
+        self._compute_weights = tuple(w.detach().to(dtype) for w in weights)  # gradients come from the anchor
+        try:
+            yield self._deferred.attach(anchor, *weights)
+        finally:
+            self._deferred = self._compute_weights = None
+
     def forward(self, x_SD: torch.Tensor, counts_M: torch.Tensor) -> torch.Tensor:
         """Outputs for slots sorted by expert (counts_M over the whole pool), in the same order."""
+        weights = self._compute_weights or (self.w_gate, self.w_up, self.w_down)
         if self.ep_group is None:
-            return grouped_swiglu(x_SD, counts_M, self.w_gate, self.w_up, self.w_down, self.gemm)
+            return grouped_swiglu(x_SD, counts_M, *weights, self.gemm, deferred=self._deferred)
         x_local, exchange = dispatch_to_experts(x_SD, counts_M, self.ep_group)
-        y_local = grouped_swiglu(x_local, exchange.local_counts, self.w_gate, self.w_up, self.w_down, self.gemm)
+        y_local = grouped_swiglu(x_local, exchange.local_counts, *weights, self.gemm, deferred=self._deferred)
         return return_to_sources(y_local, exchange)
 
 
