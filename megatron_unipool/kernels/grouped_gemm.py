@@ -233,6 +233,7 @@ class DeferredWeightGradients:
         return _ReleaseWeightGradients.apply(anchor, self, *weights)
 
     def add(self, backend: str, counts_M, x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD) -> None:
+        """One call's operands; rows past the counts (padding) are ignored."""
         self._calls.append((backend, counts_M, x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD))
 
     def weight_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -243,13 +244,14 @@ class DeferredWeightGradients:
         backend = calls[0][0]
         if len(calls) == 1:
             return swiglu_weight_gradients(*calls[0][2:], calls[0][1], backend)
-        counts_CM = torch.stack([call[1] for call in calls])
-        rows = _expert_major_rows(counts_CM, [call[2].shape[0] for call in calls])
+        # each call's rows past its counts as one more group, so that the groups cover every row
+        counts_CG = torch.stack([torch.cat([counts, (x.shape[0] - counts.sum()).view(1)]) for _, counts, x, *_ in calls])
+        rows = _expert_major_rows(counts_CG, sum(call[2].shape[0] for call in calls))
 
         def merged(i):
             return torch.cat([call[i] for call in calls]).index_select(0, rows)
 
-        counts_M, x_SD = counts_CM.sum(0), merged(2)
+        counts_M, x_SD = counts_CG[:, :-1].sum(0), merged(2)
         return (expert_weight_gradient(merged(3), x_SD, counts_M, backend),
                 expert_weight_gradient(merged(4), x_SD, counts_M, backend),
                 expert_weight_gradient(merged(6), merged(5), counts_M, backend))
@@ -274,22 +276,19 @@ class _ReleaseWeightGradients(torch.autograd.Function):
         return (grad, None, *(g.to(w.dtype) for g, w in zip(grads, weights)))
 
 
-def _expert_major_rows(counts_CM: torch.Tensor, rows_per_call: list[int]) -> torch.Tensor:
-    """Row order that groups the concatenated calls' rows by expert: expert 0's rows of call 0,
-    of call 1, ..., then expert 1's, ...; each call's rows past its counts (padding) go last.
+def _expert_major_rows(counts_CG: torch.Tensor, total: int) -> torch.Tensor:
+    """Row order that groups the concatenated calls' rows by group: group 0's rows of call 0, of
+    call 1, ..., then group 1's, ... (call c's rows are `counts_CG[c]` consecutive groups).
 
-    Computed on the device, without a host sync.
+    Computed on the device without a host sync: `total`, the number of rows, is known from shapes.
     """
-    calls, experts = counts_CM.shape
-    sizes_C = torch.tensor(rows_per_call, device=counts_CM.device)
-    counts = torch.cat([counts_CM, (sizes_C - counts_CM.sum(1)).unsqueeze(1)], 1)  # the tail as one more group
-    call_start = torch.cumsum(sizes_C, 0) - sizes_C
-    source_start = (call_start.unsqueeze(1) + torch.cumsum(counts, 1) - counts).t().reshape(-1)
-    lengths = counts.t().reshape(-1)
+    call_size = counts_CG.sum(1)
+    call_start = torch.cumsum(call_size, 0) - call_size
+    source_start = (call_start.unsqueeze(1) + torch.cumsum(counts_CG, 1) - counts_CG).t().reshape(-1)
+    lengths = counts_CG.t().reshape(-1)
     target_start = torch.cumsum(lengths, 0) - lengths
-    total = sum(rows_per_call)
-    group = torch.repeat_interleave(torch.arange(lengths.numel(), device=counts.device), lengths, output_size=total)
-    return source_start[group] + torch.arange(total, device=counts.device) - target_start[group]
+    group = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
+    return source_start[group] + torch.arange(total, device=lengths.device) - target_start[group]
 
 
 def _padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
