@@ -316,8 +316,10 @@ def test_deferred_pool_weight_gradients_change_nothing_but_speed(layers_per_pool
     """model.pool_weight_gradients: one weight-gradient pass per pool gives every layer-by-layer
     loss and gradient, under activation checkpointing too (recomputed forwards defer nothing)."""
     deferred_calls = []
-    add = DeferredWeightGradients.add
-    monkeypatch.setattr(DeferredWeightGradients, "add", lambda self, *a: deferred_calls.append(a[0]) or add(self, *a))
+    for method, gemm_of_call in (("add_slices", "loop"), ("add_rows", "grouped_mm")):
+        add = getattr(DeferredWeightGradients, method)
+        monkeypatch.setattr(DeferredWeightGradients, method,
+                            lambda self, *a, add=add, gemm_of_call=gemm_of_call: deferred_calls.append(gemm_of_call) or add(self, *a))
     tokens = torch.randint(0, 40, (3, 13), generator=torch.Generator().manual_seed(1))
     options = dict(moe_overrides={"layers_per_pool": layers_per_pool}, expert_gemm=gemm,
                    activation_checkpointing=checkpointing)

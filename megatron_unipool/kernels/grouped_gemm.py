@@ -74,7 +74,7 @@ def grouped_swiglu(
             if align_rows is None:
                 align_rows = GROUPED_MM_ALIGN_BYTES // x_SD.element_size() if x_SD.is_cuda else 1
             return _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows, deferred)
-        return _SegmentSwiGLU.apply(x_SD, counts_M, tuple(counts_M.tolist()), w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
+        return _SegmentSwiGLU.apply(x_SD, tuple(counts_M.tolist()), w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
 
 
 class _SegmentSwiGLU(torch.autograd.Function):
@@ -88,7 +88,7 @@ class _SegmentSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_SD, counts_M, counts, w_gate_MFD, w_up_MFD, w_down_MDF, deferred):
+    def forward(ctx, x_SD, counts, w_gate_MFD, w_up_MFD, w_down_MDF, deferred):
         segments = _segments(counts)
         saved, outputs = [], []
         for e, rows in segments:
@@ -99,18 +99,17 @@ class _SegmentSwiGLU(torch.autograd.Function):
             outputs.append(hidden @ w_down_MDF[e].t())
             saved += [gate, up, silu, hidden]
         ctx.segments, ctx.deferred = segments, deferred
-        ctx.save_for_backward(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, *saved)
+        ctx.save_for_backward(x_SD, w_gate_MFD, w_up_MFD, w_down_MDF, *saved)
         return torch.cat(outputs)
 
     @staticmethod
     def backward(ctx, grad_SD):
-        x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, *saved = ctx.saved_tensors
+        x_SD, w_gate_MFD, w_up_MFD, w_down_MDF, *saved = ctx.saved_tensors
         segments, deferred = ctx.segments, ctx.deferred
         grad_SD = grad_SD.contiguous()
         if deferred is None:
-            grad_w_gate, grad_w_up, grad_w_down = (_per_expert_zeros(w.shape, w, segments)
-                                                   for w in (w_gate_MFD, w_up_MFD, w_down_MDF))
-        grad_x, grad_gates, grad_ups = [], [], []
+            grad_w_gate, grad_w_up, grad_w_down = (_per_expert_zeros(w, segments) for w in (w_gate_MFD, w_up_MFD, w_down_MDF))
+        grad_x, deferred_slices = [], {}
         for i, (e, rows) in enumerate(segments):
             gate, up, silu, hidden = saved[4 * i: 4 * i + 4]
             x, grad = x_SD[rows], grad_SD[rows]
@@ -122,14 +121,12 @@ class _SegmentSwiGLU(torch.autograd.Function):
                 torch.mm(grad_gate.t(), x, out=grad_w_gate[e])
                 torch.mm(grad_up.t(), x, out=grad_w_up[e])
             else:
-                grad_gates.append(grad_gate)
-                grad_ups.append(grad_up)
+                deferred_slices[e] = (x, grad_gate, grad_up, hidden, grad)
             grad_x.append(torch.addmm(grad_gate @ w_gate_MFD[e], grad_up, w_up_MFD[e]))
         if deferred is not None:
-            hidden = torch.cat(saved[3::4])
-            deferred.add("loop", counts_M, x_SD, torch.cat(grad_gates), torch.cat(grad_ups), hidden, grad_SD)
+            deferred.add_slices(deferred_slices)
             grad_w_gate = grad_w_up = grad_w_down = None
-        return torch.cat(grad_x), None, None, grad_w_gate, grad_w_up, grad_w_down, None
+        return torch.cat(grad_x), None, grad_w_gate, grad_w_up, grad_w_down, None
 
 
 def _segments(counts: tuple[int, ...]) -> list[tuple[int, slice]]:
@@ -142,11 +139,11 @@ def _segments(counts: tuple[int, ...]) -> list[tuple[int, slice]]:
     return segments
 
 
-def _per_expert_zeros(shape, like: torch.Tensor, segments) -> torch.Tensor:
-    """A [M, ...] gradient buffer whose rows of experts without tokens are zero (the others get written)."""
-    buffer = like.new_empty(shape)
+def _per_expert_zeros(like_MXY: torch.Tensor, segments) -> torch.Tensor:
+    """A gradient buffer whose rows of experts without tokens are zero (the others get written)."""
+    buffer = torch.empty_like(like_MXY)
     used = {e for e, _ in segments}
-    for e in range(shape[0]):
+    for e in range(like_MXY.shape[0]):
         if e not in used:
             buffer[e].zero_()
     return buffer
@@ -187,35 +184,22 @@ class _GroupedSwiGLU(torch.autograd.Function):
         grad_x = torch._grouped_mm(grad_gate, w_gate_MFD, offs=offsets) + torch._grouped_mm(grad_up, w_up_MFD, offs=offsets)
         operands = (x_SD, grad_gate, grad_up, silu.mul_(up), grad_SD)
         if ctx.deferred is not None:
-            ctx.deferred.add("grouped_mm", counts_M, *operands)
+            ctx.deferred.add_rows(counts_M, *operands)
             return grad_x, None, None, None, None, None
-        return (grad_x, None, *swiglu_weight_gradients(*operands, counts_M, "grouped_mm"), None)
+        return (grad_x, None, *_grouped_weight_gradients(*operands, counts_M), None)
 
 
-def swiglu_weight_gradients(x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD, counts_M, backend: str):
-    """(dW_gate [M, F, D], dW_up [M, F, D], dW_down [M, D, F]) from expert-sorted rows.
-
-    Rows past the last expert's count are ignored.
-    """
-    return (expert_weight_gradient(grad_gate_SF, x_SD, counts_M, backend),
-            expert_weight_gradient(grad_up_SF, x_SD, counts_M, backend),
-            expert_weight_gradient(grad_out_SD, hidden_SF, counts_M, backend))
-
-
-def expert_weight_gradient(grad_SN: torch.Tensor, input_SK: torch.Tensor, counts_M: torch.Tensor, backend: str) -> torch.Tensor:
-    """[M, N, K]: for each expert, the sum over its rows of grad[s]^T input[s] (zero for an expert without rows)."""
-    if backend == "grouped_mm":
-        return torch._grouped_mm(grad_SN.t(), input_SK, offs=torch.cumsum(counts_M, 0).to(torch.int32))
-    segments = _segments(tuple(counts_M.tolist()))
-    out = _per_expert_zeros((counts_M.numel(), grad_SN.shape[1], input_SK.shape[1]), grad_SN, segments)
-    for e, rows in segments:
-        torch.mm(grad_SN[rows].t(), input_SK[rows], out=out[e])
-    return out
+def _grouped_weight_gradients(x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD, counts_M):
+    """(dW_gate [M, F, D], dW_up [M, F, D], dW_down [M, D, F]) from expert-sorted rows, one
+    `_grouped_mm` each (contracting over each expert's rows; rows past the last count are ignored)."""
+    offsets = torch.cumsum(counts_M, 0).to(torch.int32)
+    return tuple(torch._grouped_mm(grad.t(), inputs, offs=offsets)
+                 for grad, inputs in ((grad_gate_SF, x_SD), (grad_up_SF, x_SD), (grad_out_SD, hidden_SF)))
 
 
 class DeferredWeightGradients:
     """The weight-gradient operands of several grouped_swiglu calls on the same expert weights,
-    reduced in one pass: rows regrouped expert-major across calls, one GEMM per expert.
+    reduced together: one weight gradient per expert summed over all the calls' rows.
 
     A pool shared by L layers would otherwise compute, per layer and micro-batch, a gradient for
     every expert from about 1/L of its tokens and accumulate L full-pool gradients: L times the
@@ -223,8 +207,12 @@ class DeferredWeightGradients:
     operands (its inputs, hidden activations and their gradients) live until `attach`'s backward.
     """
 
+    OPERANDS = ("x", "grad_gate", "grad_up", "hidden", "grad_out")
+    GRADIENTS = (("grad_gate", "x"), ("grad_up", "x"), ("grad_out", "hidden"))  # dW = grad^T input, per weight
+
     def __init__(self):
-        self._calls: list[tuple] = []
+        self._slices: list[dict[int, tuple]] = []  # segment loop: per call, expert -> its rows' operands
+        self._rows: list[tuple] = []  # grouped_mm: per call, (counts_M, *expert-sorted operands)
 
     def attach(self, anchor: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         """`anchor`, unchanged, wired so that its backward gives `weights` (w_gate, w_up, w_down)
@@ -232,29 +220,67 @@ class DeferredWeightGradients:
         defers to this object from the returned tensor, so their backward passes all run first."""
         return _ReleaseWeightGradients.apply(anchor, self, *weights)
 
-    def add(self, backend: str, counts_M, x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD) -> None:
-        """One call's operands; rows past the counts (padding) are ignored."""
-        self._calls.append((backend, counts_M, x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD))
+    def add_slices(self, slices: dict[int, tuple]) -> None:
+        """One segment-loop call: expert -> (x, grad_gate, grad_up, hidden, grad_out) of its rows."""
+        self._slices.append(slices)
 
-    def weight_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """The summed weight gradients of the collected calls (None if there were none); forgets them."""
-        calls, self._calls = self._calls, []
-        if not calls:
-            return None
-        backend = calls[0][0]
-        if len(calls) == 1:
-            return swiglu_weight_gradients(*calls[0][2:], calls[0][1], backend)
-        # each call's rows past its counts as one more group, so that the groups cover every row
-        counts_CG = torch.stack([torch.cat([counts, (x.shape[0] - counts.sum()).view(1)]) for _, counts, x, *_ in calls])
-        rows = _expert_major_rows(counts_CG, sum(call[2].shape[0] for call in calls))
+    def add_rows(self, counts_M: torch.Tensor, *operands: torch.Tensor) -> None:
+        """One grouped_mm call: x, grad_gate, grad_up, hidden, grad_out, sorted by expert; rows past
+        the counts (padding) are ignored."""
+        self._rows.append((counts_M, *operands))
 
-        def merged(i):
-            return torch.cat([call[i] for call in calls]).index_select(0, rows)
+    def weight_gradients(self, weights) -> tuple[torch.Tensor, ...] | None:
+        """(dW_gate, dW_up, dW_down) summed over the collected calls, in the operands' dtype (None if
+        there were none); forgets the calls."""
+        slices, rows, self._slices, self._rows = self._slices, self._rows, [], []
+        if slices:
+            return tuple(_accumulated_weight_gradient(slices, *pair, like=w) for pair, w in zip(self.GRADIENTS, weights))
+        if rows:
+            return _grouped_weight_gradients(*_regrouped(rows))
+        return None
 
-        counts_M, x_SD = counts_CG[:, :-1].sum(0), merged(2)
-        return (expert_weight_gradient(merged(3), x_SD, counts_M, backend),
-                expert_weight_gradient(merged(4), x_SD, counts_M, backend),
-                expert_weight_gradient(merged(6), merged(5), counts_M, backend))
+
+def _accumulated_weight_gradient(calls: list[dict[int, tuple]], grad: str, inputs: str, like: torch.Tensor):
+    """Expert by expert, the sum over the calls of grad^T inputs over the expert's rows: the expert's
+    [N, K] sum stays in cache while each call's GEMM accumulates into it; zero without rows."""
+    g, i = DeferredWeightGradients.OPERANDS.index(grad), DeferredWeightGradients.OPERANDS.index(inputs)
+    out = next(iter(calls[0].values()))[g].new_empty(like.shape)  # a call has rows, or it would not be here
+    for e in range(out.shape[0]):
+        parts = [call[e] for call in calls if e in call]
+        if not parts:
+            out[e].zero_()
+            continue
+        torch.mm(parts[0][g].t(), parts[0][i], out=out[e])
+        for part in parts[1:]:
+            out[e].addmm_(part[g].t(), part[i])
+    return out
+
+
+def _regrouped(calls: list[tuple]) -> tuple:
+    """Several grouped_mm calls' operands as one call's: rows regrouped expert-major (expert 0's
+    rows of every call, then expert 1's, ...), each call's padding last; the device does it all.
+
+    Each operand is regrouped into one buffer call by call, releasing each call's part once
+    copied, so this needs one operand's worth of memory more, not a second copy of everything.
+    """
+    if len(calls) == 1:
+        return calls[0][1:] + (calls[0][0],)
+    # each call's rows past its counts as one more group, so that the groups cover every row
+    counts_CG = torch.stack([torch.cat([counts, (x.shape[0] - counts.sum()).view(1)]) for counts, x, *_ in calls])
+    total = sum(call[1].shape[0] for call in calls)
+    destination = _expert_major_destinations(counts_CG, total)
+    columns = [list(column) for column in zip(*(call[1:] for call in calls))]
+    calls.clear()
+
+    def regroup(parts: list[torch.Tensor]) -> torch.Tensor:
+        out, start = parts[0].new_empty(total, parts[0].shape[1]), 0
+        while parts:
+            part = parts.pop(0)
+            out.index_copy_(0, destination[start: start + part.shape[0]], part)
+            start += part.shape[0]
+        return out
+
+    return (*(regroup(parts) for parts in columns), counts_CG[:, :-1].sum(0))
 
 
 class _ReleaseWeightGradients(torch.autograd.Function):
@@ -270,25 +296,26 @@ class _ReleaseWeightGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weights = ctx.saved_tensors
-        grads = ctx.deferred.weight_gradients()
+        grads = ctx.deferred.weight_gradients(weights)
         if grads is None:  # no call had rows: zeros, so every rank's parameters see the same gradient events
             grads = [torch.zeros_like(w) for w in weights]
         return (grad, None, *(g.to(w.dtype) for g, w in zip(grads, weights)))
 
 
-def _expert_major_rows(counts_CG: torch.Tensor, total: int) -> torch.Tensor:
-    """Row order that groups the concatenated calls' rows by group: group 0's rows of call 0, of
-    call 1, ..., then group 1's, ... (call c's rows are `counts_CG[c]` consecutive groups).
+def _expert_major_destinations(counts_CG: torch.Tensor, total: int) -> torch.Tensor:
+    """Where each row of the concatenated calls goes when the rows are regrouped group-major: group
+    0's rows of call 0, of call 1, ..., then group 1's, ... (call c's rows are `counts_CG[c]`
+    consecutive groups).
 
     Computed on the device without a host sync: `total`, the number of rows, is known from shapes.
     """
-    call_size = counts_CG.sum(1)
-    call_start = torch.cumsum(call_size, 0) - call_size
-    source_start = (call_start.unsqueeze(1) + torch.cumsum(counts_CG, 1) - counts_CG).t().reshape(-1)
-    lengths = counts_CG.t().reshape(-1)
-    target_start = torch.cumsum(lengths, 0) - lengths
-    group = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
-    return source_start[group] + torch.arange(total, device=lengths.device) - target_start[group]
+    calls, groups = counts_CG.shape
+    source_start = torch.cumsum(counts_CG.reshape(-1), 0) - counts_CG.reshape(-1)
+    lengths_GC = counts_CG.t().reshape(-1)
+    target_start = (torch.cumsum(lengths_GC, 0) - lengths_GC).view(groups, calls).t().reshape(-1)
+    block = torch.repeat_interleave(torch.arange(calls * groups, device=counts_CG.device), counts_CG.reshape(-1),
+                                    output_size=total)
+    return target_start[block] + torch.arange(total, device=counts_CG.device) - source_start[block]
 
 
 def _padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
