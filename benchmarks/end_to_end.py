@@ -37,6 +37,7 @@ from megatron_unipool.training.hardware import peak_flops  # noqa: E402
 
 QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
 ONE_GPU = ["parallel.ep=1", "train.micro_batch=8", "train.global_batch=8"]
+PER_LAYER = "model.pool_weight_gradients=per_layer"  # the pool's casts and weight gradients layer by layer
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
     "cpu": {
@@ -44,6 +45,7 @@ SUITES = {
         "vanilla": ("configs/tiny_vanilla_cpu.json", []),
         "unipool": ("configs/tiny_unipool_cpu.json", []),
         "unipool-pool50%": ("configs/tiny_unipool_cpu.json", ["moe.pool_size=16"]),
+        "unipool-per-layer-wgrad": ("configs/tiny_unipool_cpu.json", [PER_LAYER]),
     },
     "gpu-182m": {
         "dense": ("configs/dense_182m.json", ONE_GPU),
@@ -51,6 +53,7 @@ SUITES = {
         "unipool": ("configs/unipool_182m.json", ONE_GPU),
         "unipool-pool64": ("configs/unipool_182m_pool64.json", ONE_GPU),
         "unipool-pool48": ("configs/unipool_182m_pool48.json", ONE_GPU),
+        "unipool-per-layer-wgrad": ("configs/unipool_182m.json", ONE_GPU + [PER_LAYER]),
     },
     "gpu-469m": {
         "dense": ("configs/dense_469m.json", ONE_GPU),
@@ -100,13 +103,14 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int) -> 
 
 def table(rows: list[dict]) -> str:
     vanilla = next((r for r in rows if r["name"] == "vanilla"), None)
+    width = max(len("model"), *(len(r["name"]) for r in rows))
     lines = [f"end-to-end training steps on {rows[0]['device']} ({rows[0]['precision']})",
-             f"{'model':<17} {'params':>8} {'active':>8} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU %':>6}"
+             f"{'model':<{width}} {'params':>8} {'active':>8} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU %':>6}"
              f" {'peak MiB':>9} {'vs vanilla':>10}"]
     for r in rows:
         mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "-"
         ratio = f"{r['step_ms'] / vanilla['step_ms']:.3f}" if vanilla and r["kind"] != "dense" else "-"
-        lines.append(f"{r['name']:<17} {r['total_params'] / 1e6:>7.2f}M {r['active_params'] / 1e6:>7.2f}M "
+        lines.append(f"{r['name']:<{width}} {r['total_params'] / 1e6:>7.2f}M {r['active_params'] / 1e6:>7.2f}M "
                      f"{r['step_ms']:>9.1f} {r['tokens_per_second']:>10,.0f} {r['tflops']:>8.3f} {mfu:>6}"
                      f" {r['peak_memory_mib']:>9,.0f} {ratio:>10}")
     return "\n".join(lines)

@@ -47,7 +47,7 @@ $python -c "import deepspeed" 2>/dev/null || layer+=(--impls ours ours_grouped_m
 
 step environment 30 $python -c "import torch; print(torch.__version__, torch.version.cuda,
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))"
-step kernels 120 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py
+step kernels 90 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step grouped_gemm 90 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
 step moe_layer 120 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
-step end_to_end 210 $python benchmarks/end_to_end.py "${e2e[@]}" --json "$out/end_to_end.json"
+step end_to_end 240 $python benchmarks/end_to_end.py "${e2e[@]}" --json "$out/end_to_end.json"
