@@ -337,15 +337,13 @@ def test_deferred_pool_weight_gradients_change_nothing_but_speed(layers_per_pool
             torch.testing.assert_close(actual[1][name], expected[1][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(GEMM_CASES))
-def test_deferred_weight_gradients_sum_every_call(case, dtype):
+def check_deferred_weight_gradients(dtype, device="cpu", hidden=16, width=24, **gemm):
     """Three calls on the same experts, routed differently (experts unused by some calls): the
     weight gradients arrive once, equal to the per-slot reference summed over the calls."""
     routings = [[3, 0, 7, 1, 9], [0, 5, 0, 0, 2], [4, 4, 4, 4, 4]]
-    _, _, *weights = expert_inputs(routings[0], dtype=dtype)
-    xs = [expert_inputs(counts, dtype=dtype, seed=1 + i)[0] for i, counts in enumerate(routings)]
-    counts = [torch.tensor(c) for c in routings]
+    _, _, *weights = expert_inputs(routings[0], hidden, width, dtype, device)
+    xs = [expert_inputs(counts, hidden, width, dtype, device, seed=1 + i)[0] for i, counts in enumerate(routings)]
+    counts = [torch.tensor(c, device=device) for c in routings]
 
     def calls(reference):
         def run(*inputs):
@@ -360,7 +358,7 @@ def test_deferred_weight_gradients_sum_every_call(case, dtype):
                 if reference:
                     outs.append(per_slot_reference(x, c, w_gate, w_up, w_down))
                 else:
-                    outs.append(grouped_swiglu(x, c, w_gate, w_up, w_down, deferred=deferred, **GEMM_CASES[case]))
+                    outs.append(grouped_swiglu(x, c, w_gate, w_up, w_down, deferred=deferred, **gemm))
             return torch.cat(outs)
         return run
 
@@ -371,8 +369,23 @@ def test_deferred_weight_gradients_sum_every_call(case, dtype):
     actual = forward_backward(calls(reference=False), [*xs, *weights])
     names = ["out"] + [f"grad x{i}" for i in range(len(xs))] + ["grad w_gate", "grad w_up", "grad w_down"]
     for name, a, e in zip(names, actual, expected):
-        assert_close_relative(a, e, TOLERANCE[dtype], f"{case} {name}")
+        assert_close_relative(a, e, TOLERANCE[dtype], f"{gemm} {name}")
     assert len(accumulated) == 1  # one gradient event per backward, whatever the number of calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_deferred_weight_gradients_sum_every_call(case, dtype):
+    check_deferred_weight_gradients(dtype, **GEMM_CASES[case])
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_deferred_weight_gradients_on_cuda():
+    """The CUDA path: grouped_mm (CUTLASS) with its row padding, rows regrouped on the device."""
+    if not grouped_mm_supported(torch.empty(1, 16, device="cuda", dtype=torch.bfloat16), torch.empty(1, 32, 16)):
+        pytest.skip("torch._grouped_mm missing from this torch build")
+    check_deferred_weight_gradients(torch.bfloat16, "cuda", hidden=64, width=128)
 
 
 def test_deferred_weight_gradients_without_rows_are_zeros():
