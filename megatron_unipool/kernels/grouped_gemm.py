@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 
 GROUPED_MM_ALIGN_BYTES = 16
+# The weight-gradient operands of one call are (x, grad_gate, grad_up, hidden, grad_out); each weight's
+# gradient is grad^T input over its expert's rows, with (grad, input) at these positions, for w_gate,
+# w_up and w_down in turn.
+WEIGHT_GRADIENT_OPERANDS = ((1, 0), (2, 0), (4, 3))
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -106,9 +110,9 @@ class _SegmentSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_SD):
         x_SD, w_gate_MFD, w_up_MFD, w_down_MDF, *saved = ctx.saved_tensors
         segments, deferred = ctx.segments, ctx.deferred
-        grad_SD = grad_SD.contiguous()
         if deferred is None:
-            grad_w_gate, grad_w_up, grad_w_down = (_per_expert_zeros(w, segments) for w in (w_gate_MFD, w_up_MFD, w_down_MDF))
+            grad_w_gate, grad_w_up, grad_w_down = (_per_expert_zeros(w, segments)
+                                                   for w in (w_gate_MFD, w_up_MFD, w_down_MDF))
         grad_x, deferred_slices = [], {}
         for i, (e, rows) in enumerate(segments):
             gate, up, silu, hidden = saved[4 * i: 4 * i + 4]
@@ -181,20 +185,21 @@ class _GroupedSwiGLU(torch.autograd.Function):
         grad_hidden = torch._grouped_mm(grad_SD, w_down_MDF, offs=offsets)
         grad_up = grad_hidden * silu
         grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
-        grad_x = torch._grouped_mm(grad_gate, w_gate_MFD, offs=offsets) + torch._grouped_mm(grad_up, w_up_MFD, offs=offsets)
+        grad_x = (torch._grouped_mm(grad_gate, w_gate_MFD, offs=offsets)
+                  + torch._grouped_mm(grad_up, w_up_MFD, offs=offsets))
         operands = (x_SD, grad_gate, grad_up, silu.mul_(up), grad_SD)
         if ctx.deferred is not None:
             ctx.deferred.add_rows(counts_M, *operands)
             return grad_x, None, None, None, None, None
-        return (grad_x, None, *_grouped_weight_gradients(*operands, counts_M), None)
+        return (grad_x, None, *_grouped_weight_gradients(counts_M, *operands), None)
 
 
-def _grouped_weight_gradients(x_SD, grad_gate_SF, grad_up_SF, hidden_SF, grad_out_SD, counts_M):
-    """(dW_gate [M, F, D], dW_up [M, F, D], dW_down [M, D, F]) from expert-sorted rows, one
-    `_grouped_mm` each (contracting over each expert's rows; rows past the last count are ignored)."""
+def _grouped_weight_gradients(counts_M, *operands):
+    """(dW_gate [M, F, D], dW_up [M, F, D], dW_down [M, D, F]) from the expert-sorted rows of
+    (x, grad_gate, grad_up, hidden, grad_out), one `_grouped_mm` each (contracting over each expert's
+    rows; rows past the last count are ignored)."""
     offsets = torch.cumsum(counts_M, 0).to(torch.int32)
-    return tuple(torch._grouped_mm(grad.t(), inputs, offs=offsets)
-                 for grad, inputs in ((grad_gate_SF, x_SD), (grad_up_SF, x_SD), (grad_out_SD, hidden_SF)))
+    return tuple(torch._grouped_mm(operands[g].t(), operands[i], offs=offsets) for g, i in WEIGHT_GRADIENT_OPERANDS)
 
 
 class DeferredWeightGradients:
@@ -206,9 +211,6 @@ class DeferredWeightGradients:
     weight-gradient memory traffic of per-layer experts for the same FLOPs. Costs: each call's
     operands (its inputs, hidden activations and their gradients) live until `attach`'s backward.
     """
-
-    OPERANDS = ("x", "grad_gate", "grad_up", "hidden", "grad_out")
-    GRADIENTS = (("grad_gate", "x"), ("grad_up", "x"), ("grad_out", "hidden"))  # dW = grad^T input, per weight
 
     def __init__(self):
         self._slices: list[dict[int, tuple]] = []  # segment loop: per call, expert -> its rows' operands
@@ -234,16 +236,16 @@ class DeferredWeightGradients:
         there were none); forgets the calls."""
         slices, rows, self._slices, self._rows = self._slices, self._rows, [], []
         if slices:
-            return tuple(_accumulated_weight_gradient(slices, *pair, like=w) for pair, w in zip(self.GRADIENTS, weights))
+            return tuple(_accumulated_weight_gradient(slices, g, i, like=w)
+                         for (g, i), w in zip(WEIGHT_GRADIENT_OPERANDS, weights))
         if rows:
             return _grouped_weight_gradients(*_regrouped(rows))
         return None
 
 
-def _accumulated_weight_gradient(calls: list[dict[int, tuple]], grad: str, inputs: str, like: torch.Tensor):
-    """Expert by expert, the sum over the calls of grad^T inputs over the expert's rows: the expert's
-    [N, K] sum stays in cache while each call's GEMM accumulates into it; zero without rows."""
-    g, i = DeferredWeightGradients.OPERANDS.index(grad), DeferredWeightGradients.OPERANDS.index(inputs)
+def _accumulated_weight_gradient(calls: list[dict[int, tuple]], g: int, i: int, like: torch.Tensor):
+    """Expert by expert, the sum over the calls of operand g^T operand i over the expert's rows: the
+    expert's [N, K] sum stays in cache while each call's GEMM accumulates into it; zero without rows."""
     out = next(iter(calls[0].values()))[g].new_empty(like.shape)  # a call has rows, or it would not be here
     for e in range(out.shape[0]):
         parts = [call[e] for call in calls if e in call]
@@ -257,14 +259,14 @@ def _accumulated_weight_gradient(calls: list[dict[int, tuple]], grad: str, input
 
 
 def _regrouped(calls: list[tuple]) -> tuple:
-    """Several grouped_mm calls' operands as one call's: rows regrouped expert-major (expert 0's
+    """Several grouped_mm calls' (counts_M, *operands) as one call's: rows regrouped expert-major (expert 0's
     rows of every call, then expert 1's, ...), each call's padding last; the device does it all.
 
     Each operand is regrouped into one buffer call by call, releasing each call's part once
     copied, so this needs one operand's worth of memory more, not a second copy of everything.
     """
     if len(calls) == 1:
-        return calls[0][1:] + (calls[0][0],)
+        return calls[0]
     # each call's rows past its counts as one more group, so that the groups cover every row
     counts_CG = torch.stack([torch.cat([counts, (x.shape[0] - counts.sum()).view(1)]) for counts, x, *_ in calls])
     total = sum(call[1].shape[0] for call in calls)
@@ -280,7 +282,7 @@ def _regrouped(calls: list[tuple]) -> tuple:
             start += part.shape[0]
         return out
 
-    return (*(regroup(parts) for parts in columns), counts_CG[:, :-1].sum(0))
+    return (counts_CG[:, :-1].sum(0), *(regroup(parts) for parts in columns))
 
 
 class _ReleaseWeightGradients(torch.autograd.Function):
