@@ -89,15 +89,20 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
     return final
 
 
+def checkpoint_payload(config: Config, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, dict],
+                       train_state: dict, **extra) -> dict[str, Any]:
+    """What a checkpoint holds (full-model tensors by name, the run's state, RNGs, config), plus `extra`."""
+    return {"model": model_state, "optimizer": optimizer_state, "train_state": train_state, "rng": rng_state(),
+            "config": config_to_dict(config), **extra}
+
+
 def write_run_directory(directory: Path, config: Config, model_state: dict[str, torch.Tensor],
                         optimizer_state: dict[str, dict], train_state: dict, **provenance) -> Path:
     """A new run directory that launch/pretrain.py continues: checkpoints/step_0000000 and config.json.
     For tools that make a model (upcycling, imports); `provenance` is stored in the checkpoint."""
-    raw_config = config_to_dict(config)
-    written = save_checkpoint(directory / "checkpoints", 0, {
-        "model": model_state, "optimizer": optimizer_state, "train_state": train_state, "rng": rng_state(),
-        "config": raw_config, **provenance}, keep_last=config.checkpoint.keep_last)
-    (directory / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+    payload = checkpoint_payload(config, model_state, optimizer_state, train_state, **provenance)
+    written = save_checkpoint(directory / "checkpoints", 0, payload, keep_last=config.checkpoint.keep_last)
+    (directory / "config.json").write_text(json.dumps(payload["config"], indent=2) + "\n")
     return written
 
 

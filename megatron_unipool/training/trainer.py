@@ -29,8 +29,8 @@ from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
-from .checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, resolve_checkpoint, restore_model, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, checkpoint_payload, latest_checkpoint, load_checkpoint, resolve_checkpoint,
+                         restore_model, save_checkpoint, set_rng_state)
 from .datasets import build_datasets, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
@@ -124,13 +124,7 @@ class Trainer:
                                  self.parallel)
         path, refusal = None, None
         if full is not None:
-            payload = {
-                "model": full[0],
-                "optimizer": full[1],
-                "train_state": asdict(self.state),
-                "rng": rng_state(),
-                "config": config_to_dict(self.config),
-            }
+            payload = checkpoint_payload(self.config, *full, asdict(self.state))
             try:
                 path = save_checkpoint(self.checkpoints, self.state.step, payload, self.config.checkpoint.keep_last)
             except CheckpointError as e:
