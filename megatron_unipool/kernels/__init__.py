@@ -1,4 +1,4 @@
 """Compute kernels with plain-PyTorch fallbacks; nothing here knows about models."""
 from .attention import causal_attention
-from .grouped_gemm import DeferredWeightGradients, grouped_swiglu
+from .grouped_gemm import DeferredWeightGradients, autocast_dtype, grouped_swiglu
 from .rms_norm import rms_norm

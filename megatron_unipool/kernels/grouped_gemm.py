@@ -50,6 +50,13 @@ def resolve_expert_gemm(backend: str, x: torch.Tensor, *weights: torch.Tensor) -
     return backend
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes GEMMs on `t` in (t's own without autocast). Autocast does not
+    cover grouped_swiglu's GEMMs, so their operands are cast to it explicitly."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 def grouped_swiglu(
     x_SD: torch.Tensor,
     counts_M: torch.Tensor,
@@ -68,11 +75,9 @@ def grouped_swiglu(
     """
     if x_SD.shape[0] == 0:  # no slots: an empty result still tied to x_SD, so every rank's backward has the same steps
         return x_SD * 0
-    # autocast does not cover these GEMMs: cast to its dtype here, outside the kernels, so that weight
-    # gradients flow back to the fp32 masters through the casts
-    device = x_SD.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_SD.dtype
-    with torch.autocast(device, enabled=False):
+    # cast here, outside the kernels, so that weight gradients flow back to the fp32 masters through the casts
+    dtype = autocast_dtype(x_SD)
+    with torch.autocast(x_SD.device.type, enabled=False):
         x_SD, w_gate_MFD, w_up_MFD, w_down_MDF = (t.to(dtype) for t in (x_SD, w_gate_MFD, w_up_MFD, w_down_MDF))
         if resolve_expert_gemm(backend, x_SD, w_gate_MFD, w_down_MDF) == "grouped_mm":
             if align_rows is None:

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..kernels import DeferredWeightGradients, grouped_swiglu
+from ..kernels import DeferredWeightGradients, autocast_dtype, grouped_swiglu
 from ..parallel.expert_parallel import dispatch_to_experts, return_to_sources
 from ..parallel.state import Group
 
@@ -54,8 +54,7 @@ class ExpertPool(nn.Module):
         """
         weights = (self.w_gate, self.w_up, self.w_down)
         self._deferred = DeferredWeightGradients()
-        device = self.w_gate.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.w_gate.dtype
+        dtype = autocast_dtype(self.w_gate)
         self._compute_weights = tuple(w.detach().to(dtype) for w in weights)  # gradients come from the anchor
         try:
             yield self._deferred.attach(anchor, *weights)
