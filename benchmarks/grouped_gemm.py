@@ -28,7 +28,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, grouped_swiglu  # noqa: E402
-from moe_layer import time_forward_backward  # noqa: E402
+from moe_layer import compute_dtype, time_forward_backward  # noqa: E402
 
 
 def expert_counts(rows: int, experts: int, balance: str, seed: int = 0) -> list[int]:
@@ -72,8 +72,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = compute_dtype(args.dtype, device)
     probe = torch.empty(1, args.hidden, device=device, dtype=dtype)
     supported = grouped_mm_supported(probe, *weights(1, args.hidden, args.ffn, device, dtype))
     impls = ["dense", "loop"] + (["grouped_mm"] if supported else [])

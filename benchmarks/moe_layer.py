@@ -5,7 +5,9 @@ a dense SwiGLU of equal active FLOPs, over token and expert counts, measured in 
 
 Prints a table (tokens/s and the ratio to DeepSpeed's layer) and writes one JSON row per
 measurement: impl (ours | ours_grouped_mm | deepspeed | loop | dense), tokens, experts, top_k,
-hidden, ffn, tokens_per_second, ms, device. `ours` uses the expert GEMM that model.expert_gemm='auto'
+hidden, ffn, dtype, tokens_per_second, ms, device (or `error` where a measurement failed, e.g. out of
+memory: the others still run). Weights stay fp32 and bf16 runs under autocast, as in training
+(`--dtype auto`: bf16 on CUDA). `ours` uses the expert GEMM that model.expert_gemm='auto'
 picks on this device, `ours_grouped_mm` forces torch._grouped_mm. Routing is softmax top-k; DeepSpeed's layer needs a capacity, so
 it gets `--capacity-factor` while ours and the loop are dropless (DeepSpeed computes padded
 capacity slots, we compute only routed ones: part of what is being compared).
@@ -55,7 +57,7 @@ def build_loop(hidden, ffn, experts, top_k):
         for e, mlp in enumerate(mlps):
             token, slot = (indices == e).nonzero(as_tuple=True)
             if token.numel():
-                out = out.index_add(0, token, mlp(x[token]) * gates[token, slot].unsqueeze(-1))
+                out = out.index_add(0, token, (mlp(x[token]) * gates[token, slot].unsqueeze(-1)).to(out.dtype))
         return out
 
     return mlps, forward, list(router.parameters()) + list(mlps.parameters())
@@ -76,8 +78,16 @@ def build_dense(hidden, ffn, experts, top_k):
     return mlp, mlp, list(mlp.parameters())
 
 
-def time_forward_backward(forward, params, x, repeats: int, warmup: int) -> float:
-    """Median seconds of one forward + backward."""
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: fp32, bf16, or auto (bf16 on CUDA, fp32 elsewhere)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocast_to: torch.dtype | None = None
+                          ) -> float:
+    """Median seconds of one forward + backward (the forward under autocast when `autocast_to` is given)."""
     times = []
     for i in range(warmup + repeats):
         for p in params:
@@ -86,7 +96,9 @@ def time_forward_backward(forward, params, x, repeats: int, warmup: int) -> floa
         if x.is_cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        forward(x).float().pow(2).mean().backward()
+        with torch.autocast(x.device.type, dtype=autocast_to, enabled=autocast_to is not None):
+            loss = forward(x).float().pow(2).mean()
+        loss.backward()
         if x.is_cuda:
             torch.cuda.synchronize()
         if i >= warmup:
@@ -104,11 +116,14 @@ def main(argv=None) -> int:
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="for DeepSpeed's layer")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
     parser.add_argument("--impls", nargs="+", default=["ours", "ours_grouped_mm", "deepspeed", "loop", "dense"])
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    dtype = compute_dtype(args.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     if "deepspeed" in args.impls:
         init_distributed_from_env(600, even_alone=True)  # DeepSpeed's layer asks for its process groups
     builders = {"ours": build_ours, "ours_grouped_mm": lambda *a: build_ours(*a, gemm="grouped_mm"),
@@ -118,21 +133,33 @@ def main(argv=None) -> int:
     for experts in args.experts:
         for tokens in args.tokens:
             for impl in args.impls:
+                row = {"impl": impl, "tokens": tokens, "experts": experts, "top_k": args.top_k,
+                       "hidden": args.hidden, "ffn": args.ffn, "dtype": dtype_name, "device": device_name}
                 torch.manual_seed(0)
-                module, forward, params = builders[impl](args.hidden, args.ffn, experts, args.top_k)
-                module.to(device)
-                x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
-                seconds = time_forward_backward(forward, params, x, args.repeats, args.warmup)
-                rows.append({"impl": impl, "tokens": tokens, "experts": experts, "top_k": args.top_k,
-                             "hidden": args.hidden, "ffn": args.ffn, "tokens_per_second": tokens / seconds,
-                             "ms": 1e3 * seconds, "device": device_name})
-                print(f"  measured {impl:15s} tokens {tokens:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
-                      file=sys.stderr, flush=True)
-    print(f"MoE layer forward+backward on {device_name}: d={args.hidden}, expert width {args.ffn}, top-{args.top_k}")
+                try:
+                    module, forward, params = builders[impl](args.hidden, args.ffn, experts, args.top_k)
+                    module.to(device)
+                    x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
+                    seconds = time_forward_backward(forward, params, x, args.repeats, args.warmup,
+                                                    None if dtype == torch.float32 else dtype)
+                except RuntimeError as error:  # out of memory or an unsupported shape: the others go on
+                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    print(f"  failed   {impl:15s} tokens {tokens:6d} experts {experts:3d}: {row['error']}",
+                          file=sys.stderr, flush=True)
+                else:
+                    row.update(tokens_per_second=tokens / seconds, ms=1e3 * seconds)
+                    print(f"  measured {impl:15s} tokens {tokens:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
+                          file=sys.stderr, flush=True)
+                rows.append(row)
+    print(f"MoE layer forward+backward on {device_name}: d={args.hidden}, expert width {args.ffn}, "
+          f"top-{args.top_k}, {dtype_name}")
     print(f"{'experts':>7} {'tokens':>7} {'impl':>15} {'tokens/s':>12} {'ms':>9} {'vs deepspeed':>13}")
     for row in rows:
+        if "error" in row:
+            print(f"{row['experts']:>7} {row['tokens']:>7} {row['impl']:>15}  failed: {row['error']}")
+            continue
         reference = next((r for r in rows if r["impl"] == "deepspeed" and r["tokens"] == row["tokens"]
-                          and r["experts"] == row["experts"]), None)
+                          and r["experts"] == row["experts"] and "error" not in r), None)
         ratio = f"{row['tokens_per_second'] / reference['tokens_per_second']:.2f}x" if reference else "-"
         print(f"{row['experts']:>7} {row['tokens']:>7} {row['impl']:>15} {row['tokens_per_second']:>12,.0f} "
               f"{row['ms']:>9.2f} {ratio:>13}")

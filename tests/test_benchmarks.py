@@ -6,22 +6,42 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_moe_layer_benchmark_writes_one_row_per_measurement(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_moe_layer_benchmark_writes_one_row_per_measurement(tmp_path, dtype):
     out = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_layer.py"), "--tokens", "64", "128",
                            "--experts", "4", "--hidden", "32", "--ffn", "64", "--repeats", "1", "--warmup", "0",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                           "--dtype", dtype, "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert sorted((r["impl"], r["tokens"]) for r in rows) == sorted(
         (impl, tokens) for impl in ("ours", "ours_grouped_mm", "deepspeed", "loop", "dense") for tokens in (64, 128))
     for row in rows:
+        assert "error" not in row, row
         assert {"impl", "tokens", "experts", "top_k", "hidden", "tokens_per_second", "device"} <= set(row)
         assert row["experts"] == 4 and row["top_k"] == 2 and row["hidden"] == 32 and row["tokens_per_second"] > 0
+        assert row["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     assert "vs deepspeed" in done.stdout
+
+
+def test_moe_layer_benchmark_reports_a_failed_shape_and_measures_the_rest(tmp_path):
+    """An expert width grouped_mm cannot take (not 16-byte aligned) fails that one measurement only."""
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_layer.py"), "--tokens", "64", "--experts",
+                           "4", "--hidden", "32", "--ffn", "6", "--repeats", "1", "--warmup", "0", "--impls",
+                           "ours_grouped_mm", "loop", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    failed, measured = json.loads(out.read_text())
+    assert failed["impl"] == "ours_grouped_mm" and "expert_gemm='grouped_mm' is not available" in failed["error"]
+    assert "tokens_per_second" not in failed
+    assert measured["impl"] == "loop" and measured["tokens_per_second"] > 0 and "error" not in measured
+    assert "failed: RuntimeError" in done.stdout
 
 
 def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
