@@ -10,6 +10,9 @@ FLOPs per token are the PaLM convention of model/accounting.py (6 x active matmu
 attention scores); MFU divides by the device's dense bf16 peak (GPU only). Peak memory is
 torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on CPU.
 The table's last column compares each MoE model's step time with the vanilla MoE model's.
+A model whose run fails gets a row with `error` (its traceback is in the output) and the others
+still run; the JSON is rewritten after each model, so a run stopped early keeps what it measured.
+The exit status is 1 when any model failed.
 """
 from __future__ import annotations
 
@@ -102,12 +105,17 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int) -> 
 
 
 def table(rows: list[dict]) -> str:
-    vanilla = next((r for r in rows if r["name"] == "vanilla"), None)
+    measured = [r for r in rows if "error" not in r]
+    vanilla = next((r for r in measured if r["name"] == "vanilla"), None)
     width = max(len("model"), *(len(r["name"]) for r in rows))
-    lines = [f"end-to-end training steps on {rows[0]['device']} ({rows[0]['precision']})",
+    where = f"{measured[0]['device']} ({measured[0]['precision']})" if measured else "- (no model measured)"
+    lines = [f"end-to-end training steps on {where}",
              f"{'model':<{width}} {'params':>8} {'active':>8} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU %':>6}"
              f" {'peak MiB':>9} {'vs vanilla':>10}"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['name']:<{width}} failed: {r['error']}")
+            continue
         mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "-"
         ratio = f"{r['step_ms'] / vanilla['step_ms']:.3f}" if vanilla and r["kind"] != "dense" else "-"
         lines.append(f"{r['name']:<{width}} {r['total_params'] / 1e6:>7.2f}M {r['active_params'] / 1e6:>7.2f}M "
@@ -134,22 +142,31 @@ def main(argv=None) -> int:
         row = measure(config_path, overrides + args.overrides, args.warmup, args.steps)
         Path(row_file).write_text(json.dumps(dict(row, name=name)))
         return 0
+    names = args.models or list(suite)
+    unknown = [name for name in names if name not in suite]
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} not in suite {args.suite!r} ({', '.join(suite)})")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models or list(suite):
-            if name not in suite:
-                parser.error(f"--models: {name!r} is not in suite {args.suite!r} ({', '.join(suite)})")
+        for name in names:
             row_file = Path(tmp) / f"{name}.json"
             command = [sys.executable, __file__, "--suite", args.suite, "--one", name, str(row_file),
                        "--warmup", str(args.warmup), "--steps", str(args.steps)]
             command += [item for override in args.overrides for item in ("--set", override)]
             print(f"  measuring {name} ...", file=sys.stderr, flush=True)
-            subprocess.run(command, check=True, cwd=REPO)
-            rows.append(json.loads(row_file.read_text()))
+            status = subprocess.run(command, cwd=REPO).returncode
+            if status == 0:
+                row = json.loads(row_file.read_text())
+                print(f"  {name}: {row['step_ms']:.1f} ms per step, {row['tokens_per_second']:,.0f} tokens/s",
+                      file=sys.stderr, flush=True)
+            else:
+                row = {"name": name, "config": suite[name][0], "error": f"exit status {status} (output above)"}
+                print(f"  {name} failed: {row['error']}", file=sys.stderr, flush=True)
+            rows.append(row)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=2))
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-    return 0
+    return 1 if any("error" in row for row in rows) else 0
 
 
 if __name__ == "__main__":

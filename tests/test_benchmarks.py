@@ -86,6 +86,21 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
     assert "vs vanilla" in done.stdout
 
 
+def test_end_to_end_benchmark_records_a_failed_model_and_measures_the_rest(data_cache, tmp_path):
+    """top_k=100 is refused for the MoE model only: its row carries the error, dense is still measured,
+    and the exit status says that something failed."""
+    out = tmp_path / "rows.json"
+    overrides = [item for o in TINY + [f"data.cache_dir={data_cache}", "moe.top_k=100"] for item in ("--set", o)]
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "end_to_end.py"), "--models", "vanilla", "dense",
+                           "--warmup", "0", "--steps", "1", "--json", str(out)] + overrides,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    failed, measured = json.loads(out.read_text())
+    assert failed["name"] == "vanilla" and "exit status 1" in failed["error"] and "step_ms" not in failed
+    assert measured["name"] == "dense" and measured["tokens_per_second"] > 0 and "error" not in measured
+    assert "moe.top_k=100 exceeds" in done.stderr and "vanilla failed" in done.stdout
+
+
 def test_comm_benchmark_counts_every_token_exchange(data_cache, tmp_path):
     """Dropless: each routed slot's row crosses the all-to-all four times per step (dispatch and
     return, forward and backward); the bytes must add up to exactly that, for both models."""
@@ -112,7 +127,7 @@ def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)], capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_cache))
     assert done.returncode == 0, done.stderr[-2000:]
-    for step in ("environment", "kernels", "grouped_gemm", "moe_layer", "end_to_end"):
+    for step in ("environment", "kernels", "grouped_gemm", "moe_layer", "end_to_end_182m", "end_to_end_469m"):
         assert f"== {step}: exit 0" in done.stdout, done.stdout[-3000:]
-    for rows in ("grouped_gemm", "moe_layer", "end_to_end"):
+    for rows in ("grouped_gemm", "moe_layer", "end_to_end_182m", "end_to_end_469m"):
         assert json.loads((out / f"{rows}.json").read_text())
