@@ -35,6 +35,7 @@ except ImportError:  # a checkout without `pip install -e .`
 from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer, init_parallel  # noqa: E402
+from megatron_unipool.training.hardware import device_name  # noqa: E402
 
 QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
 SUITES = {
@@ -94,7 +95,7 @@ def measure(name: str, config_path: str, ep: int, steps: int, overrides: list[st
         "token_bytes_remote_per_step": remote / steps, "token_bytes_local_per_step": local / steps,
         "count_bytes_remote_per_step": counts / steps, "remote_fraction": remote / (remote + local) if remote + local else 0.0,
         "all_to_all_calls_per_step": calls / steps / world,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "device": device_name(),
         "date": time.strftime("%Y-%m-%d"),
     }
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -36,7 +35,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
-from megatron_unipool.training.hardware import peak_flops  # noqa: E402
+from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
 
 QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
 ONE_GPU = ["parallel.ep=1", "train.micro_batch=8", "train.global_batch=8"]
@@ -65,10 +64,6 @@ SUITES = {
         "unipool-pool96": ("configs/unipool_469m_pool96.json", ONE_GPU),
     },
 }
-
-
-def device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
 
 def measure(config_path: str, overrides: list[str], warmup: int, steps: int) -> dict:

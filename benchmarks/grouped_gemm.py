@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, grouped_swiglu  # noqa: E402
+from megatron_unipool.training.hardware import device_name  # noqa: E402
 from moe_layer import compute_dtype, time_forward_backward  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     probe = torch.empty(1, args.hidden, device=device, dtype=dtype)
     supported = grouped_mm_supported(probe, *weights(1, args.hidden, args.ffn, device, dtype))
@@ -87,10 +87,10 @@ def main(argv=None) -> int:
                 flops = 18 * rows * args.hidden * args.ffn
                 results.append({"impl": impl, "rows": rows, "experts": experts, "hidden": args.hidden,
                                 "ffn": args.ffn, "balance": args.balance, "dtype": str(dtype).removeprefix("torch."),
-                                "ms": 1e3 * seconds, "tflops": flops / seconds / 1e12, "device": device_name})
+                                "ms": 1e3 * seconds, "tflops": flops / seconds / 1e12, "device": device_label})
                 print(f"  measured {impl:10s} rows {rows:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
                       file=sys.stderr, flush=True)
-    print(f"expert SwiGLU forward+backward on {device_name}: d={args.hidden}, expert width {args.ffn}, "
+    print(f"expert SwiGLU forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"{results[0]['dtype']}, {args.balance} loads")
     print(f"{'experts':>7} {'rows':>7} {'impl':>10} {'ms':>9} {'TFLOP/s':>9} {'vs dense':>9}")
     for row in results:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ except ImportError:  # a checkout without `pip install -e .`
 from megatron_unipool.config import MoEConfig  # noqa: E402
 from megatron_unipool.moe import ExpertPool, MoELayer, PoolStats, SwiGLU  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
+from megatron_unipool.training.hardware import device_name  # noqa: E402
 
 INIT_STD = 0.02
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     if "deepspeed" in args.impls:
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         for tokens in args.tokens:
             for impl in args.impls:
                 row = {"impl": impl, "tokens": tokens, "experts": experts, "top_k": args.top_k,
-                       "hidden": args.hidden, "ffn": args.ffn, "dtype": dtype_name, "device": device_name}
+                       "hidden": args.hidden, "ffn": args.ffn, "dtype": dtype_name, "device": device_label}
                 torch.manual_seed(0)
                 try:
                     module, forward, params = builders[impl](args.hidden, args.ffn, experts, args.top_k)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                     print(f"  measured {impl:15s} tokens {tokens:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
                           file=sys.stderr, flush=True)
                 rows.append(row)
-    print(f"MoE layer forward+backward on {device_name}: d={args.hidden}, expert width {args.ffn}, "
+    print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"top-{args.top_k}, {dtype_name}")
     print(f"{'experts':>7} {'tokens':>7} {'impl':>15} {'tokens/s':>12} {'ms':>9} {'vs deepspeed':>13}")
     for row in rows:

@@ -1,12 +1,18 @@
 """GPU facts for the logs: utilisation/memory/power via nvidia-ml-py, and peak FLOP/s for MFU."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched on the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def device_name() -> str:
+    """What benchmark rows and logs call the device: the GPU's name, or the CPU with its core count."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
 
 def peak_flops() -> Optional[float]:
