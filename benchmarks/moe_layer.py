@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
+    autocast_to = None if dtype == torch.float32 else dtype  # bf16: fp32 weights under autocast, as in training
     if "deepspeed" in args.impls:
         init_distributed_from_env(600, even_alone=True)  # DeepSpeed's layer asks for its process groups
     builders = {"ours": build_ours, "ours_grouped_mm": lambda *a: build_ours(*a, gemm="grouped_mm"),
@@ -140,8 +141,7 @@ def main(argv=None) -> int:
                     module, forward, params = builders[impl](args.hidden, args.ffn, experts, args.top_k)
                     module.to(device)
                     x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
-                    seconds = time_forward_backward(forward, params, x, args.repeats, args.warmup,
-                                                    None if dtype == torch.float32 else dtype)
+                    seconds = time_forward_backward(forward, params, x, args.repeats, args.warmup, autocast_to)
                 except RuntimeError as error:  # out of memory or an unsupported shape: the others go on
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     print(f"  failed   {impl:15s} tokens {tokens:6d} experts {experts:3d}: {row['error']}",
