@@ -83,6 +83,25 @@ def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
     assert "pool0/expert_load" in tags["histograms"] and "pool/utilisation" in tags["images"]
 
 
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tiny_config, tmp_path):
+    """A run that logged steps 3-4 and then lost them (the latest checkpoint is step 2) logs them
+    again on resume; TensorBoard must purge the first copies instead of drawing both."""
+    overrides = ["train.max_steps=4", "checkpoint.save_interval=2", "train.eval_interval=2", "logging.tensorboard=true"]
+    Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path).train()
+    (tmp_path / "checkpoints" / "latest").write_text("step_0000002")  # as if killed before step 4's save
+    resumed = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path)
+    assert resumed.state.step == 2
+    summary = resumed.train()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "histograms": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/lm_loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("train/lm_loss")] == pytest.approx(summary["train_losses"])
+    assert [e.step for e in events.Scalars("validation/loss")] == [2, 4]
+    assert [e.step for e in events.Histograms("pool0/expert_load")] == [1, 2, 3, 4]
+
+
 def test_bf16_and_capacity_runs(tiny_config, tmp_path):
     config = tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=8", "train.precision=bf16",
                          "moe.capacity_factor=0.5", "moe.router=softmax", "moe.top_k=2", "train.eval_interval=0",

@@ -24,14 +24,18 @@ def _scalar(value) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, config: LoggingConfig, max_steps: int, enabled: bool = True):
+    def __init__(self, run_dir: Path, config: LoggingConfig, max_steps: int, enabled: bool = True,
+                 resumed_step: int = 0):
         self.config, self.max_steps, self.enabled = config, max_steps, enabled
         self.run_dir = run_dir
         self.writer = None
         if enabled and config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # A run resumed at step T may have logged steps past T before it stopped; purge_step
+            # makes TensorBoard drop those, so each step shows once, with the resumed run's values.
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                        purge_step=resumed_step + 1 if resumed_step else None)
         self.gpu = GpuMonitor() if enabled else None  # only the logging rank reads NVML
         self.window: list[dict[str, float]] = []
         self.started = time.perf_counter()

@@ -253,7 +253,8 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.config
-        logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps, enabled=self.is_logger)
+        logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps, enabled=self.is_logger,
+                               resumed_step=self.state.step)
         peak = peak_flops()
         peak = peak * self.layout.world_size if peak else None  # the job's devices together
         tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
