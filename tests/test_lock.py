@@ -80,6 +80,30 @@ def test_hard_lock_routes_each_layer_to_its_own_experts_only(tiny_config, tmp_pa
         assert counts[layer][owner == layer].sum() > 0
 
 
+def test_bias_balancing_after_the_lock_balances_each_layer_over_its_own_experts(tiny_config, tmp_path):
+    """From the step after the assignment (3), a layer's aux-loss-free bias moves only for the
+    experts it owns, by rate * sign(mean - count) over those experts; the others keep their bias."""
+    rate = 0.01
+    config = tiny_config("configs/tiny_unipool_cpu.json", *LOCK, "train.max_steps=7", "moe.top_k=2",
+                         "moe.bias_balancing=true", f"moe.bias_update_rate={rate}")
+    trainer = Trainer(config, tmp_path)
+    routers = [layer.router for layer in trainer.model.moe_layers()]
+    for step in range(1, 8):
+        before = [router.expert_bias.clone() for router in routers]
+        _, routing = trainer.train_step()
+        if step <= 3:
+            continue
+        owner = trainer.model.pool_locks[0].owner
+        for slot, router in enumerate(routers):
+            own = owner == slot
+            counts = routing.counts_per_pool[0][slot].float()
+            expected = before[slot].clone()
+            expected[own] += rate * torch.sign(counts[own].mean() - counts[own])
+            torch.testing.assert_close(router.expert_bias, expected, rtol=0, atol=1e-6)
+            moved = (router.expert_bias - before[slot])[own]
+            assert (moved > 0).any() and (moved < 0).any(), (step, slot, moved)  # balancing, not a uniform shift
+
+
 def test_resume_through_the_lock_reproduces_the_run(tiny_config, tmp_path):
     """Saved right after the assignment (step 3), resumed through the ramp (4) into the hard lock (5, 6)."""
     config = tiny_config("configs/tiny_unipool_cpu.json", *LOCK, "train.max_steps=6")

@@ -351,6 +351,17 @@ def test_update_bias_hand_counts():
                                torch.tensor([0.01, 0.0, -0.01, 0.0], dtype=router.expert_bias.dtype), rtol=0, atol=1e-9)
 
 
+def test_update_bias_balances_among_the_usable_experts_only():
+    """UniPool-lock: experts 1 and 3 belong to other layers. Balanced among 0 and 2 (mean 4), the
+    bias moves [+r, 0, -r, 0]; counted over all four (mean 2) it would be [0, +r, -r, +r]."""
+    layer = hand_layer(bias_balancing=True, bias_update_rate=0.01)
+    router = layer.router
+    start = router.expert_bias.clone()
+    router.update_bias(torch.tensor([2, 0, 6, 0]), torch.tensor([True, False, True, False]))
+    torch.testing.assert_close(router.expert_bias - start,
+                               torch.tensor([0.01, 0.0, -0.01, 0.0], dtype=router.expert_bias.dtype), rtol=0, atol=1e-9)
+
+
 def test_bias_update_through_model_sums_micro_batches():
     """Router weights zeroed: scores are uniform, so the top-1 choice is the expert with the largest bias.
 

@@ -162,7 +162,8 @@ class LanguageModel(nn.Module):
             result.dropped += dropped
         if self.moe_config.bias_balancing and applied:
             for layer in self.moe_layers():
-                layer.router.update_bias(counts_of[layer.stats][layer.layer_slot])
+                usable = layer.lock.usable(layer.layer_slot) if layer.lock is not None else None
+                layer.router.update_bias(counts_of[layer.stats][layer.layer_slot], usable)
         return result
 
     def end_lock_step(self, step: int, routing: RoutingStepStats) -> None:

@@ -62,6 +62,10 @@ class PoolLock(nn.Module):
     def logit_offset(self, layer_slot: int) -> torch.Tensor:
         return self.offset[layer_slot]
 
+    def usable(self, layer_slot: int) -> torch.Tensor:
+        """[M] bool: the experts this layer owns; all of them before the assignment."""
+        return (self.owner < 0) | (self.owner == layer_slot)
+
     @torch.no_grad()
     def end_step(self, step: int, counts_LM: torch.Tensor) -> None:
         """After optimizer step `step` (1-based) with these routing counts: advance the phases."""

@@ -110,10 +110,19 @@ class Router(nn.Module):
         return Routing(indices, gates, balance_scores, logits, active)
 
     @torch.no_grad()
-    def update_bias(self, tokens_per_expert_M: torch.Tensor) -> None:
-        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+    def update_bias(self, tokens_per_expert_M: torch.Tensor, usable_M: Optional[torch.Tensor] = None) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
+
+        `usable_M` (UniPool-lock) limits balancing to the experts this layer owns: the others get
+        few or no tokens by design, and counting them would make every owned expert look
+        over-loaded (no balancing among them) while their own bias climbed against the lock.
+        """
         counts = tokens_per_expert_M.float()
-        self.expert_bias += self.config.bias_update_rate * torch.sign(counts.mean() - counts)
+        if usable_M is None:
+            self.expert_bias += self.config.bias_update_rate * torch.sign(counts.mean() - counts)
+            return
+        mean = counts[usable_M].mean()
+        self.expert_bias += self.config.bias_update_rate * torch.sign(mean - counts) * usable_M
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:
