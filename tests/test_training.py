@@ -77,7 +77,7 @@ def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "histograms": 0}).Reload()
     tags = events.Tags()
-    assert {"train/lm_loss", "train/aux_loss", "train/grad_norm", "train/tokens_per_second", "train/tflops",
+    assert {"train/lm_loss", "train/aux_loss", "train/grad_norm", "train/tokens_per_second", "train/tflops_per_device",
             "validation/loss"} <= set(tags["scalars"])
     assert [e.value for e in events.Scalars("train/lm_loss")] == pytest.approx(summary["train_losses"])
     assert "pool0/expert_load" in tags["histograms"] and "pool/utilisation" in tags["images"]
@@ -100,6 +100,35 @@ def test_tensorboard_of_a_resumed_run_shows_each_step_once(tiny_config, tmp_path
     assert [e.value for e in events.Scalars("train/lm_loss")] == pytest.approx(summary["train_losses"])
     assert [e.step for e in events.Scalars("validation/loss")] == [2, 4]
     assert [e.step for e in events.Histograms("pool0/expert_load")] == [1, 2, 3, 4]
+
+
+def test_logged_throughput_is_work_over_time_not_the_mean_of_step_rates(tiny_config, tmp_path, capsys):
+    """Two steps of 1000 tokens in 0.1 s and 0.3 s: 2000 tokens in 0.4 s is 5,000 tokens/s (the
+    plain mean of 10,000 and 3,333 would say 6,667), in the console line and in summary.json."""
+    from megatron_unipool.training.metrics import MetricsLogger
+
+    config = tiny_config("configs/tiny_unipool_cpu.json")
+    logger = MetricsLogger(tmp_path, config.logging, max_steps=2)
+    for step, seconds in ((1, 0.1), (2, 0.3)):
+        logger.step(step, {"step_time_s": seconds, "tokens_per_second": 1000 / seconds, "tflops_per_device": 0.01 / seconds})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "ms/step 200.0" in line and "tokens/s 5,000" in line and "TFLOP/s/device 0.050" in line, line
+
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.state.tokens_per_second = [1.0, 1000.0, 3000.0]  # the first (warm-up) step is left out
+    assert trainer.summary()["tokens_per_second"] == pytest.approx(1500.0)
+
+
+@pytest.mark.parametrize("name,tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10", 125.0), ("NVIDIA L40S", 362.0),
+    ("NVIDIA A10G", None), ("NVIDIA RTX A1000", None), ("Tesla V100-SXM2-16GB", None)])
+def test_mfu_peak_matches_the_whole_device_name(name, tflops):
+    """Datasheet dense bf16 peaks; a name that only contains a known one (A10G, RTX A1000) has no MFU."""
+    from megatron_unipool.training.hardware import peak_bf16_tflops
+
+    assert peak_bf16_tflops(name) == tflops
 
 
 def test_bf16_and_capacity_runs(tiny_config, tmp_path):

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import torch
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, matched on the device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's datasheets. A key matches
+# whole words of the device name, most specific first: "H100 NVL" before "H100", and "A10" matches
+# neither "A10G" nor "RTX A1000" (cards with other peaks, left out: no MFU beats a wrong one).
+PEAK_BF16_TFLOPS = {"H200 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+                    "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
 def device_name() -> str:
@@ -15,15 +19,20 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
 
+def peak_bf16_tflops(name: str) -> Optional[float]:
+    """The datasheet peak of the GPU called `name` (as CUDA reports it), or None when unknown."""
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", name):
+            return tflops
+    return None
+
+
 def peak_flops() -> Optional[float]:
     """Peak dense bf16 FLOP/s of the current CUDA device, or None (CPU or unknown GPU: no MFU)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    tflops = peak_bf16_tflops(torch.cuda.get_device_name())
+    return tflops * 1e12 if tflops else None
 
 
 class GpuMonitor:

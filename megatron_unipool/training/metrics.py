@@ -17,6 +17,7 @@ from .hardware import GpuMonitor
 from .plots import utilisation_figure
 
 COUNTERS = ("skipped_steps",)  # metrics that are running totals
+RATES = ("tokens_per_second", "tflops_per_device", "mfu_percent")  # per-step work / step time
 
 
 def _scalar(value) -> float:
@@ -59,6 +60,12 @@ class MetricsLogger:
     def _print(self, step: int) -> None:
         mean = {k: float(np.mean([m[k] for m in self.window if k in m])) for k in self.window[-1]}
         mean.update({k: self.window[-1][k] for k in COUNTERS if k in mean})  # running totals: the latest
+        # a window's rate is its total work over its total time: the step rates weighted by step time
+        # (their plain mean overstates it whenever step times vary)
+        seconds = [m.get("step_time_s", 0.0) for m in self.window]
+        if all(t > 0 for t in seconds):
+            mean.update({k: sum(m[k] * t for m, t in zip(self.window, seconds)) / sum(seconds)
+                         for k in RATES if all(k in m for m in self.window)})
         self.window.clear()
         elapsed = time.perf_counter() - self.started
         done = step - self.first_step
@@ -67,7 +74,7 @@ class MetricsLogger:
         formats = [("lr", "lr", "{:.3e}"), ("lm_loss", "lm loss", "{:.4f}"), ("aux_loss", "aux loss", "{:.3e}"),
                    ("z_loss", "z loss", "{:.3e}"), ("entropy_loss", "entropy loss", "{:.3e}"), ("grad_norm", "grad norm", "{:.3f}"),
                    ("step_time_s", "ms/step", None), ("tokens_per_second", "tokens/s", "{:,.0f}"),
-                   ("tflops", "TFLOP/s", "{:.3f}"), ("mfu_percent", "MFU %", "{:.1f}"),
+                   ("tflops_per_device", "TFLOP/s/device", "{:.3f}"), ("mfu_percent", "MFU %", "{:.1f}"),
                    ("dropped_fraction", "dropped", "{:.2%}"), ("skipped_steps", "skipped steps", "{:.0f}")]
         for key, label, fmt in formats:
             if key in mean and (mean[key] or key not in COUNTERS):  # a counter shows once it is non-zero

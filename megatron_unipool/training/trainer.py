@@ -255,8 +255,7 @@ class Trainer:
         cfg = self.config
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps, enabled=self.is_logger,
                                resumed_step=self.state.step)
-        peak = peak_flops()
-        peak = peak * self.layout.world_size if peak else None  # the job's devices together
+        peak = peak_flops()  # of one device; TFLOP/s and MFU are per device, as Megatron logs them
         tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
         if self.is_logger:
             L = self.layout
@@ -272,10 +271,10 @@ class Trainer:
             self.state.train_losses.append(metrics["lm_loss"])
             throughput = tokens_per_step / elapsed
             self.state.tokens_per_second.append(throughput)
-            metrics.update(step_time_s=elapsed, tokens_per_second=throughput,
-                           tflops=throughput * self.budget.train_flops_per_token / 1e12)
+            flops_per_device = throughput * self.budget.train_flops_per_token / self.layout.world_size
+            metrics.update(step_time_s=elapsed, tokens_per_second=throughput, tflops_per_device=flops_per_device / 1e12)
             if peak:
-                metrics["mfu_percent"] = 100.0 * throughput * self.budget.train_flops_per_token / peak
+                metrics["mfu_percent"] = 100.0 * flops_per_device / peak
             logger.step(step, metrics)
             last = step == cfg.train.max_steps
             interval = cfg.logging.utilisation_interval
@@ -301,7 +300,8 @@ class Trainer:
             "tokenizer_vocab_size": self.data.vocab_size,
             "total_params": b.total_params,
             "active_params": b.active_params,
-            "tokens_per_second": sum(measured) / len(measured) if measured else None,
+            # tokens over time; every step has the same tokens, so the harmonic mean of the step rates
+            "tokens_per_second": len(measured) / sum(1.0 / rate for rate in measured) if measured else None,
             "train_flops_per_token": b.train_flops_per_token,
             "steps": s.step,
             "consumed_samples": s.consumed_samples,
