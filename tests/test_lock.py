@@ -56,6 +56,33 @@ def test_phases_follow_the_config():
     assert offsets[5].tolist() == [-math.inf, 0.0, -math.inf, 0.0]
 
 
+def test_assignment_waits_for_an_applied_step_when_the_one_at_lock_start_was_skipped():
+    """The trainer calls end_step only for applied updates: skipping step 4 must delay the
+    assignment to step 5, not leave every expert unowned and so masked for every layer."""
+    config = MoEConfig(kind="unipool", lock_start_step=4, lock_window_steps=2, lock_anneal_steps=2, lock_penalty=6.0)
+    lock = PoolLock(config, 2, 4)
+    for step in (1, 2, 3, 5):  # step 4's update was skipped
+        lock.end_step(step, torch.tensor([[3, 0, 3, 0], [0, 2, 0, 2]]))
+    assert lock.owner.tolist() == [0, 1, 0, 1]
+    assert lock.logit_offset(0).tolist() == [0.0, -6.0, 0.0, -6.0]
+
+
+def test_entropy_loss_of_the_model_is_the_mean_over_the_pool_layers(tiny_config):
+    """coeff * (H_l - log K)^2 / L per layer (design note): the model's total is the layers' mean."""
+    config = tiny_config("configs/tiny_unipool_cpu.json", *LOCK, "moe.lock_entropy_coeff=0.01")
+    from megatron_unipool.model import LanguageModel
+
+    torch.manual_seed(0)
+    model = LanguageModel(config.model, config.moe)
+    captured = []
+    for layer in model.moe_layers():
+        layer.router.register_forward_hook(lambda module, args, routing: captured.append(routing.scores_TM))
+    _, losses = model(torch.randint(0, config.model.vocab_size, (2, 16)))
+    target = model.expert_pools[0].num_experts / len(captured)
+    expected = sum(cardinality_entropy_loss(p, target, 0.01) for p in captured) / len(captured)
+    assert len(captured) == 4 and losses["entropy_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_entropy_loss_closed_form():
     scores = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
     assert cardinality_entropy_loss(scores, 2.0, 0.1).item() == pytest.approx(0.0, abs=1e-7)

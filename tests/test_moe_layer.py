@@ -15,6 +15,7 @@ import torch
 
 from megatron_unipool.config import MoEConfig
 from megatron_unipool.moe import ExpertPool, MoELayer, PoolStats, plan_dispatch
+from megatron_unipool.moe.lock import PoolLock
 
 M, D, F = 8, 16, 24  # experts, hidden, expert width
 B, S = 2, 12  # T = 24 tokens
@@ -39,21 +40,31 @@ def ref_softmax(v):
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def ref_routing(x_TD, router, cfg):
-    """(indices [T,k], gates [T,k] float64, balance scores P [T,M], logits [T,M])."""
+def ref_routing(x_TD, router, cfg, offset=None):
+    """(indices [T,k], gates [T,k] float64, balance scores P [T,M], logits [T,M]).
+
+    `offset` [M] (UniPool-lock): added to the logits (softmax, sigmoid) or to the unit vector
+    (NormRouter, whose -inf experts are zeroed before the norm); -inf experts are never selected.
+    """
     k = cfg.top_k
     logits = x_TD.float() @ router.weight.float().t()
+    masked = torch.zeros(logits.shape[-1], dtype=torch.bool) if offset is None else offset == -math.inf
+    if offset is not None and cfg.router != "norm":
+        logits = logits + offset
     if cfg.router == "softmax":
         scores = ref_softmax(logits)
         balance = scores
-    elif cfg.router == "sigmoid":
-        scores = 1.0 / (1.0 + torch.exp(-logits))
+    elif cfg.router == "sigmoid":  # 1 / (1 + exp(inf)) is 0, but its gradient would be NaN: masked apart
+        scores = torch.where(masked, 0.0, 1.0 / (1.0 + torch.exp(-torch.where(masked, 0.0, logits))))
         balance = scores / scores.sum(dim=-1, keepdim=True)
     else:
-        length = torch.sqrt((logits * logits).sum(dim=-1, keepdim=True))
-        scores = router.scale * router.norm_constant * torch.clamp(logits / (length + 1e-8), min=0.0)
+        kept = torch.where(masked, 0.0, logits)
+        length = torch.sqrt((kept * kept).sum(dim=-1, keepdim=True))
+        unit = kept / (length + 1e-8) + (0.0 if offset is None else offset)
+        scores = router.scale * router.norm_constant * torch.clamp(unit, min=0.0)
         balance = scores
     selection = scores + router.expert_bias if cfg.bias_balancing else scores
+    selection = torch.where(masked, -math.inf, selection)
     # torch.topk on the selection values: NormRouter scores have exact zeros (relu), whose order is
     # unspecified; using the same op keeps the reference's choice among tied zeros identical.
     indices = torch.topk(selection.detach(), k, dim=-1).indices
@@ -83,8 +94,10 @@ def ref_layer(layer, x):
     cfg = layer.config
     x_TD = x.reshape(-1, x.shape[-1])
     num_tokens, k = x_TD.shape[0], cfg.top_k
-    indices, gates, _, _ = ref_routing(x_TD, layer.router, cfg)
-    cap = None if cfg.capacity_factor is None else math.ceil(cfg.capacity_factor * num_tokens * k / M)
+    offset = None if layer.lock is None else layer.lock.logit_offset(layer.layer_slot)
+    indices, gates, _, _ = ref_routing(x_TD, layer.router, cfg, offset)
+    reachable = M if offset is None else int((offset > -math.inf).sum())  # a hard-locked layer: its own experts
+    cap = None if cfg.capacity_factor is None else math.ceil(cfg.capacity_factor * num_tokens * k / reachable)
     kept = [0] * M
     routed = [0] * M
     dropped = 0
@@ -258,12 +271,51 @@ def test_bias_balancing_changes_selection_not_gates(router, top_k, capacity_fact
     check_against_reference(layer, x)
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "cap1.0"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("phase", ["ramp", "hard"])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
+def test_layer_under_unipool_lock_matches_reference(router, phase, bias, capacity_factor):
+    """The layer owns the even experts. Ramp: the others' logits (unit vector for NormRouter) are
+    lowered by a finite penalty, once, so strong ones are still chosen; hard: they are masked (zeroed
+    before the NormRouter's norm), never chosen even with a bias, and capacity counts owned experts."""
+    layer, x = build(seed=4, router=router, top_k=2, capacity_factor=capacity_factor, bias_balancing=bias)
+    owned = torch.arange(M) % 2 == 0
+    lock = PoolLock(layer.config, 1, M)
+    lock.owner.copy_(torch.where(owned, 0, 1))
+    penalty = math.inf if phase == "hard" else (0.1 if router == "norm" else 0.5)
+    lock.offset[0] = torch.where(owned, 0.0, -penalty)
+    object.__setattr__(layer, "lock", lock)
+    if bias:  # favours foreign experts, which a hard lock must still refuse
+        layer.router.expert_bias.copy_(torch.tensor([0.0, 0.3, 0.0, 0.3, 0.0, 0.3, 0.0, 0.3]) * (4 if router == "norm" else 1))
+    dropped = check_against_reference(layer, x)
+    foreign = ~owned[layer.router(x.detach().reshape(-1, D), lock.logit_offset(0)).indices_TK]
+    if phase == "hard":
+        assert not foreign.any()
+    else:
+        assert foreign.float().mean() > 0.1, "a finite penalty lowers foreign experts, it does not exclude them"
+    if capacity_factor is not None:
+        assert dropped > 0
+
+
 def test_bias_ignored_without_bias_balancing():
     layer, x = build(seed=3, router="softmax", top_k=2, bias_balancing=False)
     x_TD = x.detach().reshape(-1, D)
     before = layer.router(x_TD).indices_TK.clone()
     layer.router.expert_bias.copy_(torch.linspace(-5, 5, M, dtype=torch.float64))
     assert torch.equal(layer.router(x_TD).indices_TK, before)
+
+
+def test_capacity_is_exact_for_decimal_factors():
+    """ceil(C T k / M) in integers (C = p/q as written): 1.1 * 100 / 11 is exactly 10 slots."""
+    from megatron_unipool.moe.router import capacity
+
+    assert capacity(100, 1, 11, 1.1) == 10
+    for factor, (p, q) in {0.5: (1, 2), 1.1: (11, 10), 1.25: (5, 4), 1.3: (13, 10), 2.0: (2, 1)}.items():
+        for tokens in range(1, 130, 7):
+            for top_k in (1, 2):
+                for experts in (3, 7, 8, 11, 16):
+                    assert capacity(tokens, top_k, experts, factor) == -(-p * tokens * top_k // (q * experts))
 
 
 def test_plan_dispatch_hand_example():

@@ -50,7 +50,10 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         num_tokens, num_experts = x_TD.shape[0], self.pool.num_experts
         routing = self.router(x_TD, self.lock.logit_offset(self.layer_slot) if self.lock is not None else None)
-        slots = capacity(num_tokens, cfg.top_k, num_experts, cfg.capacity_factor)
+        reachable = num_experts
+        if self.lock is not None and cfg.capacity_factor is not None:  # a hard-locked layer spreads over its own
+            reachable = self.lock.reachable_experts(self.layer_slot)
+        slots = capacity(num_tokens, cfg.top_k, reachable, cfg.capacity_factor)
         plan = plan_dispatch(routing.indices_TK, num_experts, slots, routing.active_TK)
         if self.recompute_experts and torch.is_grad_enabled():
             out_TD = checkpoint(self._experts, x_TD, routing.gates_TK, plan, use_reentrant=False)
@@ -84,5 +87,6 @@ class MoELayer(nn.Module):
             losses["z_loss"] = z_loss(routing.logits_TM, cfg.z_loss_coeff)
         if cfg.lock_entropy_coeff > 0:
             target = self.pool.num_experts / self.layers_in_pool
-            losses["entropy_loss"] = cardinality_entropy_loss(routing.scores_TM, target, cfg.lock_entropy_coeff)
+            losses["entropy_loss"] = (  # coeff * (H_l - log K)^2 / L: the model's sum is the layers' mean
+                cardinality_entropy_loss(routing.scores_TM, target, cfg.lock_entropy_coeff) / self.layers_in_pool)
         return losses

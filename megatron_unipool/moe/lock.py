@@ -66,6 +66,11 @@ class PoolLock(nn.Module):
         """[M] bool: the experts this layer owns; all of them before the assignment."""
         return (self.owner < 0) | (self.owner == layer_slot)
 
+    def reachable_experts(self, layer_slot: int) -> int:
+        """How many experts this layer can route to: its own once the lock is hard, else the pool
+        (capacity is per reachable expert). Reads the device: called in capacity mode only."""
+        return int(torch.isfinite(self.offset[layer_slot]).sum())
+
     @torch.no_grad()
     def end_step(self, step: int, counts_LM: torch.Tensor) -> None:
         """After optimizer step `step` (1-based) with these routing counts: advance the phases."""
@@ -73,7 +78,7 @@ class PoolLock(nn.Module):
         start = cfg.lock_start_step
         if start - cfg.lock_window_steps <= step - 1 < start:
             self.mass += counts_LM.to(self.mass)
-        if step == start:
+        if step >= start and bool((self.owner < 0).any()):  # at lock_start, or after it if that update was skipped
             self.owner.copy_(torch.from_numpy(solve_assignment(self.mass.cpu().numpy())))
         if step >= start:
             progress = (step - start + 1) / cfg.lock_anneal_steps if cfg.lock_anneal_steps else math.inf

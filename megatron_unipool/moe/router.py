@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -88,13 +89,15 @@ class Router(nn.Module):
         elif cfg.router == "sigmoid":
             scores = logits.sigmoid()
         else:
+            if offset_M is not None:  # masked experts are zeroed before the norm (design note)
+                logits = logits.masked_fill(torch.isneginf(offset_M), 0.0)
             unit = logits / (logits.norm(dim=-1, keepdim=True) + NORM_EPS)
             if offset_M is not None:  # on the unit vector: the penalty must not rescale the allowed experts
                 unit = unit + offset_M
             scores = self.scale * self.norm_constant * torch.relu(unit)
         selection = scores + self.expert_bias if cfg.bias_balancing else scores
-        if offset_M is not None:
-            selection = selection + offset_M
+        if offset_M is not None:  # the penalty is in the scores already; a masked expert must also beat the bias
+            selection = selection.masked_fill(torch.isneginf(offset_M), -math.inf)
         indices = selection.topk(k, dim=-1).indices
         if cfg.router == "softmax" and not cfg.softmax_before_topk:
             gates = logits.gather(-1, indices).softmax(dim=-1)
@@ -129,4 +132,5 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None
     """Slots per expert in capacity mode, ceil(C * T * k / M); None when dropless."""
     if factor is None:
         return None
-    return math.ceil(factor * num_tokens * top_k / num_experts)
+    # exact for the decimal a config gives: 1.1 * 100 / 11 is 10 slots, not ceil(10.000000000000002)
+    return math.ceil(Fraction(str(factor)) * num_tokens * top_k / num_experts)
