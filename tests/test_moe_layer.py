@@ -64,6 +64,8 @@ def ref_routing(x_TD, router, cfg, offset=None):
         scores = router.scale * router.norm_constant * torch.clamp(unit, min=0.0)
         balance = scores
     selection = scores + router.expert_bias if cfg.bias_balancing else scores
+    if cfg.router == "norm" and cfg.bias_balancing:  # the bias only reorders experts with a positive score
+        selection = torch.where(scores == 0, -math.inf, selection)
     selection = torch.where(masked, -math.inf, selection)
     # torch.topk on the selection values: NormRouter scores have exact zeros (relu), whose order is
     # unspecified; using the same op keeps the reference's choice among tied zeros identical.
@@ -258,8 +260,19 @@ def test_bias_balancing_changes_selection_not_gates(router, top_k, capacity_fact
         scores = torch.sigmoid(logits)
     else:
         scores = layer.router.scale * layer.router.norm_constant * torch.relu(logits / (logits.norm(dim=-1, keepdim=True) + 1e-8))
-    expected_idx = (scores + bias).topk(top_k, dim=-1).indices
-    assert torch.equal(biased.indices_TK.sort(-1).values, expected_idx.sort(-1).values)
+    selection = scores + bias
+    if router == "norm":  # only experts the ReLU kept can be picked by their bias
+        selection = torch.where(scores == 0, -math.inf, selection)
+        positive = (scores > 0).sum(-1)
+        active = torch.gather(scores, 1, biased.indices_TK) > 0
+        assert torch.equal(active.sum(-1), positive.clamp(max=top_k)), "a biased pick must not waste a slot"
+    expected_idx = selection.topk(top_k, dim=-1).indices
+    if router == "norm":  # slots beyond a token's positive experts carry no weight, in any order
+        expected_idx = torch.where(torch.gather(scores, 1, expected_idx) > 0, expected_idx, -1)
+        chosen = torch.where(torch.gather(scores, 1, biased.indices_TK) > 0, biased.indices_TK, -1)
+        assert torch.equal(chosen.sort(-1).values, expected_idx.sort(-1).values)
+    else:
+        assert torch.equal(biased.indices_TK.sort(-1).values, expected_idx.sort(-1).values)
     changed = (biased.indices_TK.sort(-1).values != unbiased.indices_TK.sort(-1).values).any(-1)
     assert changed.sum() >= 3, "the bias must change which experts are selected"
     # ... but the gates are the unbiased scores of the selected experts
@@ -289,7 +302,8 @@ def test_layer_under_unipool_lock_matches_reference(router, phase, bias, capacit
     if bias:  # favours foreign experts, which a hard lock must still refuse
         layer.router.expert_bias.copy_(torch.tensor([0.0, 0.3, 0.0, 0.3, 0.0, 0.3, 0.0, 0.3]) * (4 if router == "norm" else 1))
     dropped = check_against_reference(layer, x)
-    foreign = ~owned[layer.router(x.detach().reshape(-1, D), lock.logit_offset(0)).indices_TK]
+    routing = layer.router(x.detach().reshape(-1, D), lock.logit_offset(0))
+    foreign = ~owned[routing.indices_TK[routing.gates_TK > 0]]  # NormRouter slots without weight go nowhere
     if phase == "hard":
         assert not foreign.any()
     else:

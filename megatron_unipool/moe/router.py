@@ -96,6 +96,8 @@ class Router(nn.Module):
                 unit = unit + offset_M
             scores = self.scale * self.norm_constant * torch.relu(unit)
         selection = scores + self.expert_bias if cfg.bias_balancing else scores
+        if cfg.router == "norm" and cfg.bias_balancing:  # the bias reorders the experts the ReLU kept: a
+            selection = selection.masked_fill(scores == 0, -math.inf)  # zeroed one would take a slot, weightless
         if offset_M is not None:  # the penalty is in the scores already; a masked expert must also beat the bias
             selection = selection.masked_fill(torch.isneginf(offset_M), -math.inf)
         indices = selection.topk(k, dim=-1).indices
