@@ -29,7 +29,9 @@ from megatron_unipool.config import ConfigError, load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, init_parallel  # noqa: E402
 
-RUN_ERRORS = (CheckpointError, DataError, NonFiniteError)  # reported as one line; anything else is a bug: traceback
+# reported as one line (a ConfigError here: a file the config names changed after loading); anything else is a
+# bug: traceback
+RUN_ERRORS = (CheckpointError, ConfigError, DataError, NonFiniteError)
 # what gloo and NCCL say when a peer died (its sockets closed) or hangs (parallel.timeout_s ran out)
 PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "Broken pipe", "NCCL error")
 

@@ -159,3 +159,65 @@ def test_cli_reports_config_errors_and_exits_2(tmp_path):
     assert out.returncode == 2
     assert "moe.top_k=99 exceeds" in out.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("text, named", [
+    ('{"train": {"lr": NaN}}', "train.lr: nan is not a finite number"),
+    ('{"model": {"rope_base": Infinity}}', "model.rope_base: inf is not a finite number"),
+    ('{"train": {"grad_clip": -Infinity}}', "train.grad_clip: -inf is not a finite number"),
+    ('{"moe": {"capacity_factor": NaN}}', "moe.capacity_factor: nan is not a finite number"),
+    ('{"train": {"lr": 1' + "0" * 400 + '}}', "train.lr: integer too large for a float"),
+])
+def test_non_finite_and_overflowing_numbers_are_named(tmp_path, text, named):
+    """Python's json accepts NaN and +-Infinity, which pass every range check (NaN compares false)."""
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert named in str(error.value)
+    section, key = named.split(":")[0].split(".")
+    value = text.split(": ", 2)[2].rstrip("}")
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"{section}.{key}={value}"])
+    assert named in str(error.value)
+
+
+def test_unreadable_and_non_utf8_config_files_are_named(tmp_path, monkeypatch):
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"data": {"tokenizer": "caf\u00e9"}}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"config file .*latin1\.json is not UTF-8 text"):
+        load_config(latin1)
+    locked = tmp_path / "locked.json"
+    locked.write_text("{}")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError, match=r"config file .*locked\.json cannot be read: Permission denied"):
+        load_config(locked)
+
+
+def test_deepspeed_config_file_is_checked_at_load_time(tmp_path):
+    from megatron_unipool.training.backends import deepspeed_config
+
+    enabled = ["deepspeed.enabled=true"]
+    with pytest.raises(ConfigError, match=r"deepspeed.config_file .*absent\.json does not exist"):
+        load_config(None, enabled + [f"deepspeed.config_file={tmp_path / 'absent.json'}"])
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"communication_data_type": ')
+    with pytest.raises(ConfigError, match=r"deepspeed.config_file .*ds\.json is not valid JSON"):
+        load_config(None, enabled + [f"deepspeed.config_file={broken}"])
+    broken.write_text('["not", "an", "object"]')
+    with pytest.raises(ConfigError, match=r"ds\.json must hold a JSON object, got list"):
+        load_config(None, enabled + [f"deepspeed.config_file={broken}"])
+    broken.write_text('{"zero_optimization": 1}')
+    with pytest.raises(ConfigError, match=r"ds\.json: zero_optimization must be an object"):
+        load_config(None, enabled + [f"deepspeed.config_file={broken}"])
+    broken.write_text('{"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5, "x": 1}')
+    config = load_config(None, enabled + [f"deepspeed.config_file={broken}"])
+    merged = deepspeed_config(config, micro_batches=1)
+    assert merged["zero_optimization"] == {"reduce_bucket_size": 1000, "stage": 0} and merged["x"] == 1
+    broken.write_text("{")  # changed after loading: the engine's read names it too
+    with pytest.raises(ConfigError, match=r"deepspeed.config_file .*ds\.json is not valid JSON"):
+        deepspeed_config(config, micro_batches=1)

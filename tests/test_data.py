@@ -25,9 +25,11 @@ from megatron_unipool.data import (
     build_tokenizer,
     play_of,
     prepare_default_corpus,
+    read_documents,
     shakespeare_documents,
     split_shakespeare,
     train_bpe_tokenizer,
+    write_indexed,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -217,6 +219,21 @@ def test_hf_tokenizer_finds_eod_or_explains(tmp_path):
         HFTokenizer(without_eos)
     with pytest.raises(FileNotFoundError, match=r"missing\.json"):
         HFTokenizer(tmp_path / "missing.json")
+
+
+def test_hf_tokenizer_vocab_size_bounds_ids_with_gaps(tmp_path):
+    """vocab_size is max id + 1, not the token count: a tokenizer.json whose ids skip numbers was
+    refused by the writer ("id 7 ... outside the vocabulary [0, 4)")."""
+    model = hf_tokenizers.models.WordLevel(vocab={"a": 0, "b": 1, "<unk>": 7}, unk_token="<unk>")
+    tokenizer = hf_tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<|endoftext|>"])  # an added token: id 3
+    tokenizer.save(str(tmp_path / "gaps.json"))
+    loaded = HFTokenizer(tmp_path / "gaps.json")
+    assert (loaded.vocab_size, loaded.eod_id) == (8, 3)
+    assert loaded.encode("a b c") == [0, 1, 7]
+    write_indexed(tmp_path / "c", loaded, ["a b c", "b"])
+    assert IndexedDataset(tmp_path / "c").document(0).tolist() == [0, 1, 7, 3]
 
 
 def test_build_tokenizer_specs(tmp_path):
@@ -472,6 +489,14 @@ def test_cli_reports_bad_jsonl_line_and_writes_nothing(tmp_path):
     assert result.returncode != 0
     assert "corpus.jsonl:3: invalid JSON" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_blank_lines_split_crlf_text_too(tmp_path):
+    """Windows (CRLF) line ends: their blank lines split documents too, as LF ones do."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"First block,\r\nover two lines.\r\n\r\nSecond.\r\n \t\r\n\r\nThird.\n\nFourth.\r\n")
+    documents = list(read_documents(corpus, split_on_blank_lines=True))
+    assert documents == ["First block,\r\nover two lines.", "Second.", "Third.", "Fourth.\r\n"]
 
 
 def test_cli_txt_is_one_document(tmp_path, preprocess_main):

@@ -222,6 +222,43 @@ def test_cli_chain_llama_to_upcycled_mixtral_keeps_the_logits(tmp_path):
     torch.testing.assert_close(hf_logits(tmp_path / "mixtral", batch), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def convert_tool():
+    """tools/convert_checkpoint.py as a module, for its readers (no fresh interpreter)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bad_config_json_or_index_is_named_before_any_shard_is_read(tmp_path, convert_tool):
+    from megatron_unipool.training import CheckpointError
+
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")  # reading it would fail differently
+    config = llama_config().to_dict()
+    cases = [("{", r"config\.json is not readable JSON"),
+             ("[]", r"config\.json must hold a JSON object, not list"),
+             (json.dumps({k: v for k, v in config.items() if k != "hidden_size"}),
+              r"config\.json: .*lacks required sizes:\n  hidden_size missing"),
+             (json.dumps({**config, "vocab_size": "300"}),
+              r"(?s)config\.json: .*vocab_size='300' is not a positive integer")]
+    for text, message in cases:
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            convert_tool.read_hf_directory(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    index = tmp_path / "model.safetensors.index.json"
+    for text in ('{"metadata": {}}', '{"weight_map": []}', "{"):
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=r"safetensors\.index\.json (has no weight_map|is not readable)"):
+            convert_tool.read_hf_directory(tmp_path)
+    done = run_tool("--from", "hf", "--checkpoint", tmp_path, "--output", tmp_path / "out")
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert "model.safetensors.index.json" in done.stderr and not (tmp_path / "out").exists()
+
+
 def test_cli_refuses_without_writing_anything(tiny_config, tmp_path):
     config = tiny_config("configs/tiny_unipool_cpu.json", *SMALL)  # NormRouter: not expressible
     save_checkpoint(tmp_path / "run" / "checkpoints", 0, {

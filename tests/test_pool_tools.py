@@ -153,6 +153,32 @@ def test_dense_to_vanilla_upcycling_keeps_the_function(data_cache):
         upcycle_dense(dense, dense_state, mismatched)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model.rope_base=50000"], "model.rope_base: dense 10000.0 vs target 50000.0"),
+    (["model.norm_eps=0.01"], "model.norm_eps: dense 1e-05 vs target 0.01"),
+    # layers 0 and 2 stay dense and copy the dense FFNs, so their width must match too
+    (["moe.moe_layer_interval=2", "model.ffn_hidden_size=256", "moe.expert_ffn_hidden_size=128"],
+     "model.ffn_hidden_size: dense 128 vs target 256"),
+])
+def test_dense_upcycling_refuses_a_target_computing_another_function(data_cache, overrides, message):
+    dense = small_config(data_cache, "dense")
+    dense_state = LanguageModel(dense.model, dense.moe).state_dict()
+    target = small_config(data_cache, "vanilla", "moe.expert_ffn_hidden_size=128", *overrides)
+    with pytest.raises(ValueError, match=message):
+        upcycle_dense(dense, dense_state, target)
+    longer = small_config(data_cache, "vanilla", "moe.expert_ffn_hidden_size=128", "model.seq_len=64")
+    upcycle_dense(dense, dense_state, longer)  # RoPE depends on the position alone: a longer context is fine
+
+
+def test_tool_refuses_no_utility_batches(tmp_path):
+    for count in ("0", "-2"):  # the utility is a mean over the batches: none gave NaN scores
+        done = subprocess.run([sys.executable, str(REPO / "tools" / "upcycle.py"), "--checkpoint", str(tmp_path),
+                               "--selection", "utility", "--utility-batches", count, "--output", str(tmp_path / "out")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and f"--utility-batches must be at least 1, not {count}" in done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
 def test_tool_output_continues_with_the_launcher(trained, tmp_path):
     config, payload, run_dir = trained["softmax_top2"]
     out = tmp_path / "upcycled"

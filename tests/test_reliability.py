@@ -16,7 +16,7 @@ import torch
 
 from megatron_unipool.data import IndexedDatasetWriter
 from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, latest_checkpoint
-from megatron_unipool.training.checkpoint import load_checkpoint, nan_tensors, save_checkpoint
+from megatron_unipool.training.checkpoint import load_checkpoint, load_trained_model, nan_tensors, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 UNIPOOL = "configs/tiny_unipool_cpu.json"
@@ -96,7 +96,21 @@ def test_save_keeps_the_last_n_and_points_latest_at_the_newest(tmp_path):
     for step in range(1, 5):
         save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000003", "step_0000004"]
-    assert load_checkpoint(latest_checkpoint(tmp_path))["w"].tolist() == [4.0, 4.0]
+    assert torch.load(latest_checkpoint(tmp_path) / "state.pt")["w"].tolist() == [4.0, 4.0]
+
+
+def test_pruning_orders_steps_by_number_and_never_deletes_the_new_checkpoint(tmp_path):
+    """By name, step_10000000 sorts before step_9999999, and higher steps left by an earlier run sort
+    after the one just written: either way the new checkpoint was deleted and `latest` dangled."""
+    for step in (9_999_998, 9_999_999, 10_000_000, 10_000_001):
+        save_checkpoint(tmp_path / "past", step, {"w": torch.zeros(1)}, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "past").iterdir()) == ["latest", "step_10000000", "step_10000001"]
+    for step in (50, 60, 3):  # steps 50 and 60 of an earlier run in the same directory
+        save_checkpoint(tmp_path / "rerun", step, {"w": torch.zeros(1)}, keep_last=2)
+    assert latest_checkpoint(tmp_path / "rerun").name == "step_0000003"
+    assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000003", "step_0000060"]
+    save_checkpoint(tmp_path / "rerun", 4, {"w": torch.zeros(1)}, keep_last=1)
+    assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000004"]
 
 
 # ------------------------------------------------------------------ bad checkpoints
@@ -129,6 +143,35 @@ def test_missing_partial_and_dangling_checkpoints_are_named(saved_run, tiny_conf
     (dangling / "checkpoints" / "latest").write_text("step_0000009")
     with pytest.raises(CheckpointError, match="latest names step_0000009, which has no state.pt"):
         Trainer(tiny_config(UNIPOOL), dangling)
+    assert unchanged(run, files)
+
+
+def test_a_foreign_torch_file_is_named_not_a_key_error(saved_run, tiny_config, tmp_path):
+    run, files = saved_run
+    foreign = tmp_path / "foreign" / "step_0000001"
+    foreign.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign / "state.pt")
+    message = (r"foreign/step_0000001/state.pt is not a megatron_unipool checkpoint"
+               r" \(missing model, optimizer, train_state, rng, config\)")
+    with pytest.raises(CheckpointError, match=message):
+        load_trained_model(foreign)  # tools/convert_checkpoint.py, tools/upcycle.py
+    with pytest.raises(CheckpointError, match=message):
+        Trainer(tiny_config(UNIPOOL, f"checkpoint.load={foreign}"), tmp_path / "other")
+    torch.save(torch.zeros(2), foreign / "state.pt")  # not even a dict
+    with pytest.raises(CheckpointError, match="is not a megatron_unipool checkpoint"):
+        load_trained_model(foreign)
+    assert unchanged(run, files)
+
+
+def test_a_rerun_resumes_its_own_latest_not_checkpoint_load(saved_run, tiny_config, tmp_path):
+    """checkpoint.load starts a new run directory; a rerun there continues from its own checkpoint."""
+    run, files = saved_run
+    config = tiny_config(UNIPOOL, "train.max_steps=3", "train.eval_interval=0", f"checkpoint.load={run}")
+    first = Trainer(config, tmp_path / "continued")
+    assert first.state.step == 2  # from the loaded run
+    first.train()
+    again = Trainer(config, tmp_path / "continued")
+    assert again.state.step == 3 and again.state.train_losses == first.state.train_losses
     assert unchanged(run, files)
 
 
@@ -170,6 +213,10 @@ def test_data_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
         build(train, other_tokenizer)
     with pytest.raises(DataError, match="short"):
         build(train, short)  # fewer tokens than one sequence
+    few = write(tmp_path / "few", [rng.integers(0, 200, 150).tolist()], 256, 255)  # 2 samples of 64 tokens
+    with pytest.raises(DataError, match=r"few holds 2 validation samples of model.seq_len=64, fewer than"
+                                        r" train.micro_batch=4.*lower train.micro_batch"):
+        build(train, few)  # else the final evaluation gets no batch, after training, before the last save
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

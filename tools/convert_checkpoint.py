@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from megatron_unipool.config import (Config, ConfigError, MoEConfig, apply_overrides, config_from_dict,  # noqa: E402
                                      config_to_dict)
 from megatron_unipool.model import LanguageModel  # noqa: E402
-from megatron_unipool.model.hf_format import from_hf_llama, to_hf  # noqa: E402
+from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import load_trained_model, restore_model, write_run_directory  # noqa: E402
 
@@ -78,13 +78,36 @@ def write_directory(output: Path, fill) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a CheckpointError naming the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{path} is not readable JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
 def read_hf_directory(directory: Path) -> tuple[dict, dict]:
-    """config.json and all tensors of a Hugging Face checkpoint directory (safetensors, maybe sharded)."""
-    if not (directory / "config.json").is_file():
+    """config.json and all tensors of a Hugging Face checkpoint directory (safetensors, maybe sharded).
+    config.json and the index are checked first, so a bad one is named before any shard is read."""
+    config_file = directory / "config.json"
+    if not config_file.is_file():
         raise CheckpointError(f"{directory} has no config.json: expected a Hugging Face model directory")
+    config = read_json(config_file)
+    try:
+        llama_model_config(config)
+    except ValueError as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
     index = directory / SAFETENSORS_INDEX
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(name, str) and name for name in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map object (tensor name -> shard file); re-save the model"
+                                  " with transformers' save_pretrained")
+        files = sorted(set(weight_map.values()))
     elif (directory / SAFETENSORS).is_file():
         files = [SAFETENSORS]
     else:
@@ -97,7 +120,7 @@ def read_hf_directory(directory: Path) -> tuple[dict, dict]:
             tensors.update(load_file(directory / name))
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"{directory / name} cannot be read ({e})") from e
-    return json.loads((directory / "config.json").read_text()), tensors
+    return config, tensors
 
 
 def check_fits(config: Config, state: dict, source: Path) -> None:

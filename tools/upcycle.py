@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="change the written config; repeatable")
     args = parser.parse_args(argv)
+    if args.utility_batches < 1:  # the utility is a mean over them: none gives NaN scores
+        parser.error(f"--utility-batches must be at least 1, not {args.utility_batches}")
     try:
         source_path, payload, config, model = load_trained_model(args.checkpoint)
         if (args.output / "checkpoints" / "latest").exists():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -39,9 +40,14 @@ def _check_value(name: str, f: dataclasses.Field, annotation, value: Any) -> tup
     if value is None:
         return (None, None) if optional else (None, f"{name}: null is not allowed")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            return None, f"{name}: integer too large for a float (the largest is about 1.8e308)"
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         return None, f"{name}: expected {kind.__name__}{' or null' if optional else ''}, got {type(value).__name__} {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):  # JSON NaN/Infinity: every range check passes them
+        return None, f"{name}: {value!r} is not a finite number"
     if choices is not None and value not in choices:
         return None, f"{name}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
     low, high = f.metadata.get("min"), f.metadata.get("max")
@@ -102,7 +108,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.max_steps=100)")
     try:
         parsed = json.loads(value)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON (or an integer of more digits than Python converts)
         parsed = value
     return section, key, parsed
 
@@ -126,11 +132,38 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-    return config_from_dict(apply_overrides(raw, overrides), world_size)
+        raw = _read_json(path, "config file")
+    config = config_from_dict(apply_overrides(raw, overrides), world_size)
+    if config.deepspeed.config_file is not None:  # read only when the engine starts, after the model is built
+        read_deepspeed_file(config.deepspeed.config_file)
+    return config
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON in a file, or a ConfigError naming it (unreadable, not UTF-8, not JSON)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python converts
+        raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def read_deepspeed_file(name: str) -> dict:
+    """The ds_config object `deepspeed.config_file` names; ConfigError when it is missing or malformed."""
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_file {path} does not exist; fix the path or unset it")
+    extra = _read_json(path, "deepspeed.config_file")
+    if not isinstance(extra, dict):
+        raise ConfigError(f"deepspeed.config_file {path} must hold a JSON object, got {type(extra).__name__}")
+    if not isinstance(extra.get("zero_optimization", {}), dict):
+        raise ConfigError(f"deepspeed.config_file {path}: zero_optimization must be an object")
+    return extra
 
 
 def config_to_dict(config: Config) -> dict:

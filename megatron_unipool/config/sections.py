@@ -189,7 +189,9 @@ class CheckpointConfig:
     save_interval: int = bounded(100, 0)  # steps; 0 saves only at the end
     keep_last: int = bounded(2, 1)
     resume: bool = True  # continue from the run directory's latest checkpoint when there is one
-    load: Optional[str] = None  # start from this checkpoint instead: a run, checkpoints/ or step_* directory
+    # start from this checkpoint (a run, checkpoints/ or step_* directory) when the run directory has none of its
+    # own to resume from
+    load: Optional[str] = None
 
 
 @dataclass

@@ -44,7 +44,7 @@ _FOLIO_TO_MODERN_STEM = {
 _MODERN_SUFFIX = "_gut"
 _FOLIO_SUFFIX = "_gut_f"
 _NOT_A_TEXT = "metadata"
-_BLANK_LINE_RUN = re.compile(r"\n(?:[ \t]*\n)+")
+_BLANK_LINE_RUN = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")  # LF or CRLF line ends
 
 
 # ---------------------------------------------------------------- default corpus

@@ -107,7 +107,7 @@ class HFTokenizer(Tokenizer):
         self._tokenizer.encode_special_tokens = True
         self.path = path
         self.eod_id = vocab[eod_token]
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1  # ids may have gaps: the token count can be below the top id
         self.name = "hf-" + hashlib.sha256(contents).hexdigest()[:12]
 
     def encode(self, text: str) -> list[int]:

@@ -197,13 +197,24 @@ def _qwen2_moe_zeros(model: ModelConfig, moe_layers, like: torch.Tensor) -> dict
 # ---------------------------------------------------------------------------------------- import
 
 
-def from_hf_llama(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Our dense model config and state dict (fp32, our training precision) of a LlamaForCausalLM;
-    ValueError naming everything our model cannot represent."""
+LLAMA_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def llama_model_config(config: dict) -> ModelConfig:
+    """Our dense model config of a LlamaForCausalLM config.json; ValueError naming every required key that is
+    missing or not a positive integer, or everything our model cannot represent. Needs no tensors, so a
+    tool checks config.json with it before reading any shard."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json must hold a JSON object, not {type(config).__name__}")
     architectures = config.get("architectures") or []
     if config.get("model_type") != "llama" or architectures not in ([], [LLAMA]):
         raise ValueError(f"only LlamaForCausalLM checkpoints can be imported, not model_type="
                          f"{config.get('model_type')!r} architectures={architectures}")
+    bad = [f"{key} missing" if key not in config else f"{key}={config[key]!r} is not a positive integer"
+           for key in LLAMA_REQUIRED
+           if not (isinstance(config.get(key), int) and not isinstance(config[key], bool) and config[key] > 0)]
+    if bad:
+        raise ValueError("this LlamaForCausalLM config lacks required sizes:\n  " + "\n  ".join(bad))
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -219,13 +230,19 @@ def from_hf_llama(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[Model
     reasons = [reason for refused, reason in refusals if refused]
     if reasons:
         raise ValueError("this LlamaForCausalLM cannot be imported:\n  " + "\n  ".join(reasons))
-    model = ModelConfig(
+    return ModelConfig(
         num_layers=config["num_hidden_layers"], hidden_size=hidden, num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads, ffn_hidden_size=config["intermediate_size"],
         vocab_size=config["vocab_size"], seq_len=config.get("max_position_embeddings", ModelConfig.seq_len),
         rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
         norm_eps=config.get("rms_norm_eps", 1e-6), init_std=config.get("initializer_range", ModelConfig.init_std),
         tie_embeddings=config.get("tie_word_embeddings", False))
+
+
+def from_hf_llama(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Our dense model config and state dict (fp32, our training precision) of a LlamaForCausalLM;
+    ValueError naming everything our model cannot represent."""
+    model = llama_model_config(config)
     names = shared_names(model)
     known = set(names.values()) | {TIED_OUTPUT[1]}
     problems = [f"missing {theirs}" for theirs in names.values() if theirs not in tensors]

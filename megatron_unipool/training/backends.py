@@ -15,7 +15,6 @@ DeepSpeed averages gradients over the data-parallel size, so it is given the los
 """
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 
@@ -24,6 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import Config
+from ..config.loading import read_deepspeed_file
 from ..model.sharding import REPLICATED, ShardSpec
 from ..moe import ExpertPool
 from ..parallel import ParallelState
@@ -178,8 +178,7 @@ def deepspeed_config(config: Config, micro_batches: int) -> dict:
         "wall_clock_breakdown": False,
     }
     if ds.config_file:
-        with open(ds.config_file) as f:
-            extra = json.load(f)
+        extra = read_deepspeed_file(ds.config_file)  # ConfigError naming the file, as at load time
         for key, value in extra.items():
             if key == "zero_optimization":
                 generated[key] = {**value, "stage": ds.zero_stage}

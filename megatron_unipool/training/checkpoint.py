@@ -3,14 +3,16 @@
 Layout: <run_dir>/checkpoints/step_000100/state.pt and a `latest` file naming the newest. A
 checkpoint is written under a temporary name, fsynced and renamed (and the directory fsynced),
 and `latest` is replaced last, so a crash or SIGKILL while saving leaves the previous checkpoint
-loadable. The last `keep_last` are kept. A payload holding a NaN is refused: resuming from it
-could only reproduce the failure. (Infinities are allowed: -inf is how UniPool-lock masks logits.)
+loadable. The one just written and the `keep_last - 1` other highest steps are kept. A payload
+holding a NaN is refused: resuming from it could only reproduce the failure. (Infinities are
+allowed: -inf is how UniPool-lock masks logits.)
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +24,8 @@ from ..config import Config, config_from_dict, config_to_dict
 from ..model import LanguageModel
 
 LATEST = "latest"
+PAYLOAD_KEYS = ("model", "optimizer", "train_state", "rng", "config")  # what checkpoint_payload writes
+_STEP_DIRECTORY = re.compile(r"step_(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -84,9 +88,17 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
     _fsync_write(directory / f".{LATEST}.tmp", name.encode())
     os.replace(directory / f".{LATEST}.tmp", directory / LATEST)
     _fsync_directory(directory)
-    for old in sorted(p for p in directory.glob("step_*") if p.is_dir())[:-keep_last]:
-        shutil.rmtree(old)
+    _prune(directory, final, keep_last)
     return final
+
+
+def _prune(directory: Path, written: Path, keep_last: int) -> None:
+    """Keep `written` and the `keep_last - 1` other highest steps, ordered by number, not name (step_10000000
+    sorts before step_9999999, and a directory may hold higher steps of an earlier run)."""
+    others = [(int(m.group(1)), p) for p in directory.iterdir()
+              if p != written and p.is_dir() and (m := _STEP_DIRECTORY.fullmatch(p.name))]
+    for _, old in sorted(others)[:max(0, len(others) - (keep_last - 1))]:
+        shutil.rmtree(old)
 
 
 def checkpoint_payload(config: Config, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, dict],
@@ -135,9 +147,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {path} (expected a step_* directory holding state.pt)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        payload = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which
         raise CheckpointError(f"checkpoint {file} cannot be read ({e})") from e
+    missing = [key for key in PAYLOAD_KEYS if key not in payload] if isinstance(payload, dict) else list(PAYLOAD_KEYS)
+    if missing:  # another program's torch.save file: its users would fail on a KeyError
+        raise CheckpointError(f"{file} is not a megatron_unipool checkpoint (missing {', '.join(missing)})")
+    return payload
 
 
 def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -44,9 +44,16 @@ def _build_datasets(config: Config) -> RunData:
             )
     if train.vocab_size != valid.vocab_size or train.eod_id != valid.eod_id:
         raise ValueError(f"train and validation files come from different tokenizers ({train_prefix}, {valid_prefix})")
+    valid_samples = TokenSampleDataset(valid, model.seq_len, config.train.seed, unshuffled=True)
+    if len(valid_samples) < config.train.micro_batch:  # evaluation would get no batch: refuse before training
+        raise ValueError(
+            f"{valid_prefix} holds {len(valid_samples)} validation samples of model.seq_len={model.seq_len}, fewer"
+            f" than train.micro_batch={config.train.micro_batch} needed for one evaluation batch: lower"
+            " train.micro_batch or model.seq_len, or use a larger validation split"
+        )
     return RunData(
         train=TokenSampleDataset(train, model.seq_len, config.train.seed),
-        valid=TokenSampleDataset(valid, model.seq_len, config.train.seed, unshuffled=True),
+        valid=valid_samples,
         vocab_size=train.vocab_size,
         eod_id=train.eod_id,
     )

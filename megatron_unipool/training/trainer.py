@@ -110,11 +110,12 @@ class Trainer:
                                     self.backend.activation_dtype, self.device)
 
     def _checkpoint_to_resume(self):
+        """The run directory's own latest checkpoint (with checkpoint.resume) wins, so a rerun continues
+        where it stopped; checkpoint.load only starts a run directory that has none."""
         ckpt = self.config.checkpoint
-        if ckpt.load:
+        path = latest_checkpoint(self.checkpoints) if ckpt.resume else None
+        if path is None and ckpt.load:
             path = resolve_checkpoint(ckpt.load)
-        else:
-            path = latest_checkpoint(self.checkpoints) if ckpt.resume else None
         return (None, None) if path is None else (load_checkpoint(path), path)
 
     def save(self) -> Optional[Path]:

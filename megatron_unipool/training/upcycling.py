@@ -162,9 +162,14 @@ def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], ta
     the FFN of the j-th MoE layer taken in turn."""
     if dense_config.moe.kind != "dense":
         raise ValueError(f"upcycle_dense() needs a dense checkpoint, not moe.kind={dense_config.moe.kind!r}")
+    # every model field the copied weights compute with (seq_len may differ: RoPE angles depend on the position
+    # alone; init_std, kernels and recomputation do not change the function)
+    fields = ["num_layers", "hidden_size", "num_heads", "num_kv_heads", "vocab_size", "tie_embeddings", "rope_base",
+              "norm_eps"]
+    if len(target.moe.moe_layers(target.model.num_layers)) < target.model.num_layers:
+        fields.append("ffn_hidden_size")  # the target's dense layers copy the dense FFNs
     problems = [f"model.{field}: dense {getattr(dense_config.model, field)} vs target {getattr(target.model, field)}"
-                for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "vocab_size", "tie_embeddings")
-                if getattr(dense_config.model, field) != getattr(target.model, field)]
+                for field in fields if getattr(dense_config.model, field) != getattr(target.model, field)]
     width = target.moe.expert_width(target.model.ffn_hidden_size)
     if width != dense_config.model.ffn_hidden_size:
         problems.append(f"expert width {width} must equal the dense FFN width {dense_config.model.ffn_hidden_size}")
