@@ -2,8 +2,8 @@
 
 A job is (name, model kind, config overrides[, run_job options]): train at the config's layout,
 then compute one more step's gradients and gather them into full-model tensors (not under
-DeepSpeed, whose ZeRO keeps them partitioned). Rank 0 saves {"losses", "val_losses", "grads",
-"pool_replica_gap", "skipped_steps"} to <out>/<name>.pt. The same function run without processes
+DeepSpeed, whose ZeRO keeps them partitioned). Rank 0 saves {"losses", "val_losses", "grad_norms",
+"grads", "pool_replica_gap", "skipped_steps"} to <out>/<name>.pt. The same function run without processes
 (`run_job(..., parallel=None)`) is the single-process reference.
 """
 from __future__ import annotations
@@ -60,6 +60,14 @@ def run_job(config, run_dir: Path, parallel=None, nan_at_step: int | None = None
     trainer = Trainer(config, run_dir, device=torch.device("cpu"), parallel=parallel)
     if nan_at_step is not None:
         poison_forward(trainer, nan_at_step)
+    grad_norms, train_step = [], trainer.train_step
+
+    def recording_step():  # the global gradient norm each step, as the backend computed it for clipping
+        metrics, routing = train_step()
+        grad_norms.append(metrics["grad_norm"])
+        return metrics, routing
+
+    trainer.train_step = recording_step
     summary = trainer.train()
     replica_gap = pool_replica_gap(trainer)
     grads = {}
@@ -69,7 +77,7 @@ def run_job(config, run_dir: Path, parallel=None, nan_at_step: int | None = None
                                     trainer.parallel)
     if trainer.layout.rank != 0:
         return None
-    return {"losses": summary["train_losses"], "val_losses": summary["val_losses"], "grads": grads,
+    return {"losses": summary["train_losses"], "val_losses": summary["val_losses"], "grad_norms": grad_norms, "grads": grads,
             "pool_replica_gap": replica_gap, "skipped_steps": trainer.state.skipped_steps}
 
 

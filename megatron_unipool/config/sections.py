@@ -247,6 +247,16 @@ class Config:
              f"deepspeed.zero_stage=2 needs parallel.pp=1 (it reduces gradients during each backward, which"
              f" pipeline stages run at different times; use zero_stage 1 with pp={p.pp})")
         need(ds.config_file is None or ds.enabled, "deepspeed.config_file is set but deepspeed.enabled is false")
+        need(not (ds.enabled and ds.zero_stage == 0 and t.precision == "bf16"),
+             "deepspeed.zero_stage=0 with train.precision='bf16' is not supported (DeepSpeed's unfused bf16 optimizer"
+             " looks expert groups up by a name ours do not have): use zero_stage 1 or 2, or the built-in optimizer")
+        if p.tp > 1:  # dense FFNs and the shared expert are split over tensor-parallel ranks; routed experts are not
+            need(len(moe.moe_layers(m.num_layers)) == m.num_layers or m.ffn_hidden_size % p.tp == 0,
+                 f"model.ffn_hidden_size={m.ffn_hidden_size} must be divisible by parallel.tp={p.tp} (dense FFN layers"
+                 " are split over tensor-parallel ranks)")
+            need(moe.shared_expert_ffn_hidden_size % p.tp == 0,
+                 f"moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size} must be divisible by"
+                 f" parallel.tp={p.tp}")
         need(moe.pool_aux_lag != "micro_batch" or p.pp == 1,
              "moe.pool_aux_lag='micro_batch' needs parallel.pp=1: pipeline stages do not finish a micro-batch"
              " together; use 'step'")
@@ -284,5 +294,17 @@ class Config:
             need(moe.lock_window_steps <= moe.lock_start_step,
                  f"moe.lock_window_steps={moe.lock_window_steps} must not exceed moe.lock_start_step={moe.lock_start_step}")
         need(experts % p.ep == 0, f"{experts} experts per pool must be divisible by parallel.ep={p.ep}")
+        if ds.enabled and ds.zero_stage >= 1 and p.pp > 1 and m.num_layers % p.pp == 0:
+            # ZeRO computes the gradient norm one parameter group at a time, each with a collective over the
+            # stages; a pool shared by a set of stages is its own group, so every stage must hold the same
+            # number of them in the same order: one set per stage (UniPool: all stages; vanilla: its own)
+            per_stage = m.num_layers // p.pp
+            sets = {tuple(sorted({layer // per_stage for layer in layers})) for layers in moe.pool_layout(m.num_layers)}
+            held = [sum(stage in stages for stages in sets) for stage in range(p.pp)]
+            need(all(n == 1 for n in held),
+                 f"deepspeed.zero_stage={ds.zero_stage} with parallel.pp={p.pp} needs the pools of every stage to be"
+                 f" shared by one same set of stages, but the stages hold pools of {held} different stage sets (MoE"
+                 " layers or pool boundaries do not line up with the stages): change moe.moe_layer_interval,"
+                 " moe.layers_per_pool or parallel.pp, or use the built-in optimizer (deepspeed.enabled=false)")
         return errors
 

@@ -202,8 +202,9 @@ class DeepSpeedBackend(NativeBackend):
         topology = DeepSpeedTopology(parallel)
         for name, param in model.named_parameters():
             spec = specs.get(name, REPLICATED)
-            # count each distinct slice once in DeepSpeed's gradient norm (see DeepSpeedTopology)
-            param.model_parallel = spec.dim is not None or layout.tp_rank == 0
+            # count each distinct slice once in DeepSpeed's gradient norm (see DeepSpeedTopology): tp shards on
+            # every tp rank, replicated tensors on tp rank 0 only; pool shards are replicated over tp too
+            param.model_parallel = (spec.dim is not None and spec.pool_stages is None) or layout.tp_rank == 0
             if spec.pool_stages is not None:
                 group_name = pool_group_name(spec.pool_stages)
                 param.allreduce, param.group_name = False, group_name
