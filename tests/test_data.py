@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import multiprocessing
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,13 @@ def test_corrupted_magic_is_rejected(small_dataset_prefix):
     raw[0:4] = b"GPT2"
     idx_path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="bad magic"):
+        IndexedDataset(small_dataset_prefix)
+
+
+def test_a_megatron_index_is_named_with_what_to_do(small_dataset_prefix):
+    idx_path = Path(f"{small_dataset_prefix}.idx")
+    idx_path.write_bytes(b"MMIDIDX\x00\x00" + struct.pack("<QB", 1, 8) + bytes(64))  # Megatron-LM's header
+    with pytest.raises(ValueError, match="is a Megatron-LM index.*tools/preprocess_data.py"):
         IndexedDataset(small_dataset_prefix)
 
 
@@ -489,6 +497,18 @@ def test_cli_reports_bad_jsonl_line_and_writes_nothing(tmp_path):
     assert result.returncode != 0
     assert "corpus.jsonl:3: invalid JSON" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_progress_lines_say_how_much_is_done_and_when_it_ends(tmp_path, capsys):
+    """report_every_s=0 reports after every document: the count, its share of the expected total
+    and an ETA (0 once all are written); without a total, the plain counts only."""
+    write_indexed(tmp_path / "c", ByteTokenizer(), ["ab", "cd", "ef", "gh"], report_every_s=0.0, expected_documents=4)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    assert "| 1/4 documents (25.0%), ETA " in lines[0]
+    assert lines[-1].endswith("| 4/4 documents (100.0%), ETA 0:00:00")
+    write_indexed(tmp_path / "d", ByteTokenizer(), ["ab"], report_every_s=0.0)
+    assert "documents (" not in capsys.readouterr().out
 
 
 def test_blank_lines_split_crlf_text_too(tmp_path):

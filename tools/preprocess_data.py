@@ -79,9 +79,13 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer is not None else None
     # A full pass before writing: an empty input, a bad line or a bad fraction fails with nothing written.
+    started = time.perf_counter()
     num_documents = sum(1 for _ in documents())
     num_valid = holdout_count(num_documents, args.valid_fraction)
+    print(f"read {num_documents} documents from {args.input} in {time.perf_counter() - started:.1f} s"
+          + (f" ({num_valid} held out for validation)" if num_valid else ""), flush=True)
     if tokenizer is None:
+        print(f"training a byte-level BPE tokenizer of {args.train_tokenizer_vocab} tokens on them ...", flush=True)
         started = time.perf_counter()
         tokenizer = train_bpe_tokenizer(documents(), args.train_tokenizer_vocab, args.tokenizer_output)
         print(
@@ -90,16 +94,18 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     if num_valid == 0:
-        splits = [(args.output_prefix, documents())]
+        splits = [(args.output_prefix, documents(), num_documents)]
     else:
         stream = documents()
         splits = [
-            (f"{args.output_prefix}_train", itertools.islice(stream, num_documents - num_valid)),
-            (f"{args.output_prefix}_valid", stream),
+            (f"{args.output_prefix}_train", itertools.islice(stream, num_documents - num_valid),
+             num_documents - num_valid),
+            (f"{args.output_prefix}_valid", stream, num_valid),
         ]
-    for prefix, split_documents in splits:
+    for prefix, split_documents, count in splits:
         stats = write_indexed(
-            prefix, tokenizer, split_documents, args.workers, report_every_s=PROGRESS_EVERY_S
+            prefix, tokenizer, split_documents, args.workers, report_every_s=PROGRESS_EVERY_S,
+            expected_documents=count,
         )
         print(f"wrote {prefix}.bin/.idx: {stats}", flush=True)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import importlib.util
 import json
@@ -260,11 +261,13 @@ def write_indexed(
     documents: Iterable[str],
     workers: int = 1,
     report_every_s: float | None = None,
+    expected_documents: int | None = None,
 ) -> WriteStats:
     """Tokenises ``documents`` into ``<prefix>.bin``/``.idx``; nothing is written if it fails.
 
     ``workers > 1`` encodes in a process pool (document order is preserved).
-    ``report_every_s`` prints a progress line at most that often.
+    ``report_every_s`` prints a progress line at most that often, with the share done and an ETA
+    when ``expected_documents`` says how many there are.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -285,9 +288,17 @@ def write_indexed(
             now = time.perf_counter()
             if report_every_s is not None and now - last_report >= report_every_s:
                 progress = WriteStats(writer.num_documents, writer.num_tokens, text_bytes, now - started)
-                print(f"{prefix}: {progress}", flush=True)
+                print(f"{prefix}: {progress}{_share_done(writer.num_documents, expected_documents, now - started)}",
+                      flush=True)
                 last_report = now
     return WriteStats(writer.num_documents, writer.num_tokens, text_bytes, time.perf_counter() - started)
+
+
+def _share_done(done: int, expected: int | None, seconds: float) -> str:
+    if not expected:
+        return ""
+    eta = datetime.timedelta(seconds=round(seconds / done * max(expected - done, 0))) if done else "?"
+    return f" | {done}/{expected} documents ({100 * done / expected:.1f}%), ETA {eta}"
 
 
 def _encode(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, int]:

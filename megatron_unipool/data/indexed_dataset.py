@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = b"MUPIDX\x00\x00"
+MEGATRON_MAGIC = b"MMIDIDX\x00\x00"  # Megatron-LM's MMapIndexedDataset, a format of its own
 VERSION = 1
 _HEADER = struct.Struct("<8sIIQQQQ")
 _OFFSET_DTYPE = np.dtype("<i8")
@@ -175,6 +176,11 @@ class IndexedDataset:
                 f"{self.idx_path}: {len(raw)} bytes is too short for the {_HEADER.size}-byte header"
             )
         magic, version, dtype_code, vocab_size, eod_id, num_docs, total_tokens = _HEADER.unpack_from(raw)
+        if raw.startswith(MEGATRON_MAGIC):
+            raise ValueError(
+                f"{self.idx_path} is a Megatron-LM index, which records neither the vocabulary size nor the"
+                " end-of-document id this reader checks: tokenise the source text with tools/preprocess_data.py"
+            )
         if magic != MAGIC:
             raise ValueError(
                 f"{self.idx_path}: bad magic {magic!r}, expected {MAGIC!r}; not an indexed dataset index"
