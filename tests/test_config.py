@@ -57,6 +57,12 @@ def test_bad_field_is_named(override, named):
     assert named in str(error.value)
 
 
+def test_validating_on_the_training_files_is_refused():
+    with pytest.raises(ConfigError, match="data.train_prefix and data.valid_prefix are both 'data/c'"):
+        load_config(REPO / "configs/tiny_unipool_cpu.json",
+                    ["data.corpus=null", "data.train_prefix=data/c", "data.valid_prefix=data/c"])
+
+
 @pytest.mark.parametrize(
     "world, overrides, named",
     [

@@ -263,6 +263,9 @@ class Config:
         if d.corpus is None:
             need(d.train_prefix is not None and d.valid_prefix is not None,
                  "data.train_prefix and data.valid_prefix are required when data.corpus is null")
+            need(d.train_prefix is None or d.train_prefix != d.valid_prefix,
+                 f"data.train_prefix and data.valid_prefix are both {d.train_prefix!r}: validating on the training"
+                 " data measures memorisation; hold documents out (tools/preprocess_data.py --valid-fraction)")
         else:
             need(d.train_prefix is None and d.valid_prefix is None,
                  f"data.corpus={d.corpus!r} and data.train_prefix/valid_prefix are exclusive: set data.corpus to null"
