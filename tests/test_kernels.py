@@ -230,6 +230,18 @@ def test_flash_attention_refused_where_unavailable():
         causal_attention(q, k, v, "flash")
 
 
+def test_flash_is_chosen_only_where_its_kernels_exist(monkeypatch):
+    """As if flash-attn were installed: CUDA, half precision and heads up to 256 wide; else SDPA."""
+    from megatron_unipool.kernels import attention
+
+    monkeypatch.setattr(attention, "flash_attn_func", lambda *args, **kwargs: None)
+    assert attention.flash_supports("cuda", torch.bfloat16, 128)
+    assert attention.flash_supports("cuda", torch.float16, 256)
+    assert not attention.flash_supports("cuda", torch.bfloat16, 320)
+    assert not attention.flash_supports("cuda", torch.float32, 128)
+    assert not attention.flash_supports("cpu", torch.bfloat16, 128)
+
+
 @pytest.mark.parametrize("adamw", ["fused", "foreach"])
 def test_adamw_implementations_take_the_same_steps(adamw):
     """torch's fused (also on CPU) and multi-tensor AdamW against the per-tensor reference loop."""

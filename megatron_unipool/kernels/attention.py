@@ -13,14 +13,23 @@ except ImportError:  # pragma: no cover - depends on the installation
     flash_attn_func = None
 
 
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2 has no kernels for larger heads: "auto" falls back to SDPA
+
+
+def flash_supports(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
+    return (flash_attn_func is not None and device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and head_dim <= FLASH_MAX_HEAD_DIM)
+
+
 def flash_available(q: torch.Tensor) -> bool:
-    return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return flash_supports(q.device.type, q.dtype, q.shape[-1])
 
 
 def causal_attention(q_BHSK: torch.Tensor, k_BGSK: torch.Tensor, v_BGSK: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Grouped-query causal attention; returns [B, H, S, K]."""
     if backend == "flash" and not flash_available(q_BHSK):
-        raise RuntimeError("model.attention='flash' needs the flash-attn package, a CUDA device and bf16/fp16")
+        raise RuntimeError("model.attention='flash' needs the flash-attn package, a CUDA device, bf16/fp16 and a"
+                           f" head dim of at most {FLASH_MAX_HEAD_DIM} (here {q_BHSK.shape[-1]})")
     if backend in ("auto", "flash") and flash_available(q_BHSK):
         out = flash_attn_func(q_BHSK.transpose(1, 2), k_BGSK.transpose(1, 2), v_BGSK.transpose(1, 2), causal=True)
         return out.transpose(1, 2)
