@@ -45,9 +45,11 @@ def poison(trainer: Trainer, steps: set[int], where: str) -> None:
     trainer.compute_gradients = poisoned
 
 
-@pytest.mark.parametrize("where", ["grad", "loss"])
-def test_non_finite_step_changes_nothing_and_is_counted(where, tiny_config, tmp_path):
-    config = tiny_config(UNIPOOL, "train.max_steps=4", "train.eval_interval=0", "moe.bias_balancing=true")
+@pytest.mark.parametrize("where, lag", [("grad", "step"), ("loss", "step"), ("loss", "micro_batch")])
+def test_non_finite_step_changes_nothing_and_is_counted(where, lag, tiny_config, tmp_path):
+    """micro_batch lag updates f_bar inside the step: a skipped step must give that back too."""
+    config = tiny_config(UNIPOOL, "train.max_steps=4", "train.eval_interval=0", "moe.bias_balancing=true",
+                         f"moe.pool_aux_lag={lag}")
     trainer = Trainer(config, tmp_path)
     poison(trainer, {3}, where)
     trainer.train_step()
@@ -173,6 +175,30 @@ def test_a_rerun_resumes_its_own_latest_not_checkpoint_load(saved_run, tiny_conf
     again = Trainer(config, tmp_path / "continued")
     assert again.state.step == 3 and again.state.train_losses == first.state.train_losses
     assert unchanged(run, files)
+
+
+def test_resuming_at_max_steps_evaluates_and_a_changed_schedule_is_announced(tiny_config, tmp_path, capsys):
+    """A checkpoint without an evaluation (step 2 of 4, eval_interval=0) resumed with max_steps=2
+    trains nothing but still ends with its validation loss; resumed with max_steps=8 it says the
+    learning-rate decay changed, and to what."""
+    from megatron_unipool.training.optimizer import learning_rate
+
+    warmup = "train.warmup_steps=1"  # step 3 is in the decay, which max_steps shapes
+    Trainer(tiny_config(UNIPOOL, "train.max_steps=4", "checkpoint.save_interval=2", "train.eval_interval=0", warmup),
+            tmp_path / "run").train()
+    midway = tmp_path / "run" / "checkpoints" / "step_0000002"
+    capsys.readouterr()
+    short = tiny_config(UNIPOOL, "train.max_steps=2", "train.eval_interval=0", warmup, f"checkpoint.load={midway}")
+    summary = Trainer(short, tmp_path / "short").train()
+    assert summary["steps"] == 2 and len(summary["train_losses"]) == 2
+    assert [step for step, _ in summary["val_losses"]] == [2] and math.isfinite(summary["final_val_loss"])
+    assert "nothing left to train" in capsys.readouterr().out
+    longer = tiny_config(UNIPOOL, "train.max_steps=8", "train.eval_interval=0", warmup, f"checkpoint.load={midway}")
+    Trainer(longer, tmp_path / "longer")
+    was = learning_rate(2, tiny_config(UNIPOOL, "train.max_steps=4", warmup).train)
+    now = learning_rate(2, longer.train)
+    assert now != was
+    assert f"the learning-rate decay is recomputed, the next step's rate is {now:.3e} (was {was:.3e})" in capsys.readouterr().out
 
 
 def test_checkpoint_of_another_shape_names_the_tensors_that_differ(saved_run, tiny_config, tmp_path):

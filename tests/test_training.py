@@ -119,6 +119,18 @@ def test_logged_throughput_is_work_over_time_not_the_mean_of_step_rates(tiny_con
     assert trainer.summary()["tokens_per_second"] == pytest.approx(1500.0)
 
 
+def test_console_line_prints_the_current_lr_and_leaves_skipped_steps_out_of_means(tiny_config, tmp_path, capsys):
+    """Megatron prints the logged step's learning rate, not the window's mean; a skipped step's NaN
+    loss is counted as skipped, not averaged into the loss of the steps that trained."""
+    from megatron_unipool.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tiny_config().logging, max_steps=3)
+    for step, (lr, loss, skipped) in enumerate([(1e-3, 2.0, 0), (2e-3, float("nan"), 1), (3e-3, 4.0, 1)], start=1):
+        logger.step(step, {"lr": lr, "lm_loss": loss, "skipped_steps": skipped})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "lr 3.000e-03" in line and "lm loss 3.0000" in line and "skipped steps 1" in line, line
+
+
 @pytest.mark.parametrize("name,tflops", [
     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
     ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),

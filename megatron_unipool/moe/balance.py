@@ -29,6 +29,7 @@ class PoolStats(nn.Module):
         self.register_buffer("micro_batch_counts", torch.zeros(num_layers, num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("step_dropped", torch.zeros((), dtype=torch.long), persistent=False)
         self.recording = True
+        self._f_bar_at_step_start = None  # micro_batch lag: restored when the step's update is skipped
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -53,6 +54,8 @@ class PoolStats(nn.Module):
     @torch.no_grad()
     def end_micro_batch(self, reduce: Optional[Reduce] = None) -> None:
         if self.lag == "micro_batch":
+            if self._f_bar_at_step_start is None:
+                self._f_bar_at_step_start = (self.load_fraction.clone(), self.has_load_fraction.clone())
             self._set_f_bar(self.micro_batch_counts, reduce)
 
     @torch.no_grad()
@@ -62,6 +65,10 @@ class PoolStats(nn.Module):
         dropped = reduce(self.step_dropped.clone()) if reduce else self.step_dropped.clone()
         if self.lag == "step" and update_f_bar:
             self._set_f_bar(counts, None)
+        if not update_f_bar and self._f_bar_at_step_start is not None:  # a skipped step leaves f_bar as it was
+            self.load_fraction.copy_(self._f_bar_at_step_start[0])
+            self.has_load_fraction.copy_(self._f_bar_at_step_start[1])
+        self._f_bar_at_step_start = None
         self.step_counts.zero_()
         self.step_dropped.zero_()
         return counts, int(dropped)

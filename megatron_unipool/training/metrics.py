@@ -17,11 +17,17 @@ from .hardware import GpuMonitor
 from .plots import utilisation_figure
 
 COUNTERS = ("skipped_steps",)  # metrics that are running totals
+LATEST = ("lr",)  # the value at the logged step, as Megatron prints it
 RATES = ("tokens_per_second", "tflops_per_device", "mfu_percent")  # per-step work / step time
 
 
 def _scalar(value) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 class MetricsLogger:
@@ -58,8 +64,9 @@ class MetricsLogger:
             self._print(step)
 
     def _print(self, step: int) -> None:
-        mean = {k: float(np.mean([m[k] for m in self.window if k in m])) for k in self.window[-1]}
-        mean.update({k: self.window[-1][k] for k in COUNTERS if k in mean})  # running totals: the latest
+        # a skipped step's non-finite loss or norm is counted in skipped_steps, not averaged into the others
+        mean = {k: _finite_mean([m[k] for m in self.window if k in m]) for k in self.window[-1]}
+        mean.update({k: self.window[-1][k] for k in COUNTERS + LATEST if k in mean})  # the latest, not a mean
         # a window's rate is its total work over its total time: the step rates weighted by step time
         # (their plain mean overstates it whenever step times vary)
         seconds = [m.get("step_time_s", 0.0) for m in self.window]

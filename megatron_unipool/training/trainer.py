@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -105,9 +105,24 @@ class Trainer:
             if self.is_logger:
                 print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
                       flush=True)
+                self._note_changed_schedule(payload["config"]["train"]["max_steps"])
         self.budget = param_budget(config.model, config.moe)
         self.channel = StageChannel(self.parallel, (train.micro_batch, config.model.seq_len, config.model.hidden_size),
                                     self.backend.activation_dtype, self.device)
+
+    def _note_changed_schedule(self, saved_max_steps: int) -> None:
+        """A changed train.max_steps recomputes the learning-rate decay (how a run is extended): say so."""
+        train, step = self.config.train, self.state.step
+        if saved_max_steps == train.max_steps:
+            return
+        if step >= train.max_steps:
+            print(f"note: the checkpoint is at step {step} and train.max_steps={train.max_steps}: nothing left to"
+                  " train, only the final evaluation runs", flush=True)
+            return
+        before = learning_rate(step, replace(train, max_steps=saved_max_steps))
+        print(f"note: train.max_steps={train.max_steps}, the checkpoint's run had {saved_max_steps}: the learning-rate"
+              f" decay is recomputed, the next step's rate is {learning_rate(step, train):.3e} (was {before:.3e})",
+              flush=True)
 
     def _checkpoint_to_resume(self):
         """The run directory's own latest checkpoint (with checkpoint.resume) wins, so a rerun continues
@@ -285,6 +300,10 @@ class Trainer:
                 logger.evaluation(step, self.state.val_losses[-1][1])
             if last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
                 self.save()
+        if not self.state.val_losses or self.state.val_losses[-1][0] != self.state.step:
+            # resumed at (or past) max_steps: no step ran, so neither did the final evaluation
+            self.state.val_losses.append((self.state.step, self.evaluate()))
+            logger.evaluation(self.state.step, self.state.val_losses[-1][1])
         summary = self.summary()
         logger.close(summary)
         return summary
