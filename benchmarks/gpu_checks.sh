@@ -2,7 +2,8 @@
 # The GPU measurements of docs/benchmarks.md in one go, on one H100/H200, in at most 9.5 minutes:
 # the kernel tests on CUDA, expert GEMMs vs dense, the MoE layer vs DeepSpeed's, and end-to-end
 # tokens/s, TFLOP/s and MFU of the 182M and 469M models (UniPool vs vanilla step time). Every step has its
-# own time limit and writes <out>/<step>.log (+ .json); a failing step does not stop the others.
+# own time limit, appends its output to <out>/steps.log and writes <out>/<step>.json (5 files in all: a
+# device lends back at most 8); a failing step does not stop the others.
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]          # default runs/gpu_checks
 #   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes: checks the plumbing, on CPU too
@@ -19,25 +20,27 @@
 #       annotated-types typing-inspection typing-extensions
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-runs/gpu_checks}
+out=${1:-${OUT:-runs/gpu_checks}}
 data=${DATA_DIR:-data_cache}
 mkdir -p "$out"
+logs=$(mktemp -d)  # per-step logs; $out gets one combined log + the JSON (the device returns at most 8 files)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
 if [[ -n ${WHEELS:-} ]]; then
     site=$(mktemp -d)
     $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl \
-        || { echo "installing the wheels in $WHEELS failed"; exit 1; }
-    export PYTHONPATH="$PYTHONPATH:$site"
+        && export PYTHONPATH="$PYTHONPATH:$site" \
+        || echo "installing the wheels in $WHEELS failed: going on without them"
 fi
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, report the status
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, append its log to $out/steps.log, report the status
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s): $*"
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1
     local status=$?
-    tail -n 25 "$out/$name.log"
+    { echo "== $name: $*"; cat "$logs/$name.log"; echo "== $name: exit $status"; } >> "$out/steps.log"
+    tail -n 25 "$logs/$name.log"
     echo "== $name: exit $status"
 }
 
@@ -50,8 +53,11 @@ if [[ -n ${QUICK:-} ]]; then
     e2e_182m=(--suite cpu --models vanilla unipool "${tiny[@]}")
     e2e_469m=(--suite cpu --models dense "${tiny[@]}")
 else
-    gemm=(--rows 8192 32768 --experts 8 64 --hidden 1024 --ffn 512)
-    layer=(--tokens 8192 32768 --experts 8 64 --hidden 1024 --ffn 512)
+    # the 182M models' expert shape (d 768, width 3072; vanilla 8 experts a layer, UniPool a pool of 96);
+    # 8192 rows = one micro-batch of 8 x 1024 tokens at top-1
+    gemm=(--rows 8192 65536 --experts 8 96 --hidden 768 --ffn 3072)
+    # capacity 1.0: the least DeepSpeed's top-2 computes (ours is dropless, so at least as much work)
+    layer=(--tokens 8192 32768 --experts 8 96 --hidden 768 --ffn 3072 --capacity-factor 1.0)
     # the models the targets name first: a step stopped at its limit keeps the rows measured so far
     e2e_182m=(--suite gpu-182m --models vanilla unipool dense unipool-per-layer-wgrad unipool-pool64 unipool-pool48
               --warmup 3 --steps 10)
@@ -59,7 +65,10 @@ else
 fi
 corpus=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${tokenizer}_train"
         --set "data.valid_prefix=$data/shakespeare_${tokenizer}_valid")
-$python -c "import deepspeed" 2>/dev/null || layer+=(--impls ours ours_grouped_mm loop dense)
+if ! ds_error=$(timeout 60 $python -c "import deepspeed" 2>&1); then
+    echo "deepspeed not importable, the MoE layer is measured without it: $(tail -n 3 <<<"$ds_error")" | tee -a "$out/steps.log"
+    layer+=(--impls ours ours_loop loop dense)
+fi
 
 step environment 30 $python -c "import torch; print(torch.__version__, torch.version.cuda,
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))

@@ -4,13 +4,16 @@ a dense SwiGLU of equal active FLOPs, over token and expert counts, measured in 
     python benchmarks/moe_layer.py [--tokens 2048 8192] [--experts 8 32] [--json results.json]
 
 Prints a table (tokens/s and the ratio to DeepSpeed's layer) and writes one JSON row per
-measurement: impl (ours | ours_grouped_mm | deepspeed | loop | dense), tokens, experts, top_k,
+measurement: impl (ours | ours_grouped_mm | ours_loop | deepspeed | loop | dense), tokens, experts, top_k,
 hidden, ffn, dtype, tokens_per_second, ms, device (or `error` where a measurement failed, e.g. out of
 memory: the others still run). Weights stay fp32 and bf16 runs under autocast, as in training
 (`--dtype auto`: bf16 on CUDA). `ours` uses the expert GEMM that model.expert_gemm='auto'
-picks on this device, `ours_grouped_mm` forces torch._grouped_mm. Routing is softmax top-k; DeepSpeed's layer needs a capacity, so
-it gets `--capacity-factor` while ours and the loop are dropless (DeepSpeed computes padded
-capacity slots, we compute only routed ones: part of what is being compared).
+picks on this device (torch._grouped_mm on CUDA, the segment loop on CPU); by default the other one
+is measured too, as `ours_loop` on CUDA or `ours_grouped_mm` on CPU. Routing is softmax top-k;
+DeepSpeed's layer needs a capacity, so it gets `--capacity-factor` while ours and the loop are
+dropless (DeepSpeed computes padded capacity slots, we compute only routed ones: part of what is
+being compared), and its second expert is the deterministic second-best, as ours (not its default
+Gumbel-sampled one).
 """
 from __future__ import annotations
 
@@ -41,8 +44,10 @@ INIT_STD = 0.02
 def build_ours(hidden, ffn, experts, top_k, gemm="auto"):
     config = MoEConfig(kind="vanilla", num_experts=experts, top_k=top_k, router="softmax", aux_loss="layer")
     pool = ExpertPool(experts, hidden, ffn, INIT_STD, INIT_STD, gemm)
-    layer = MoELayer(config, hidden, pool, PoolStats(1, experts, "step"), 0, 1, INIT_STD, INIT_STD)
-    return layer, lambda x: layer(x)[0], list(layer.parameters()) + list(pool.parameters())
+    stats = PoolStats(1, experts, "step")
+    layer = MoELayer(config, hidden, pool, stats, 0, 1, INIT_STD, INIT_STD)
+    # the pool and the stats are not submodules of the layer: hold them all so that .to(device) moves them
+    return torch.nn.ModuleList([layer, pool, stats]), lambda x: layer(x)[0], list(layer.parameters()) + list(pool.parameters())
 
 
 def build_loop(hidden, ffn, experts, top_k):
@@ -60,7 +65,7 @@ def build_loop(hidden, ffn, experts, top_k):
                 out = out.index_add(0, token, (mlp(x[token]) * gates[token, slot].unsqueeze(-1)).to(out.dtype))
         return out
 
-    return mlps, forward, list(router.parameters()) + list(mlps.parameters())
+    return torch.nn.ModuleList([router, mlps]), forward, list(router.parameters()) + list(mlps.parameters())
 
 
 def build_deepspeed(hidden, ffn, experts, top_k, capacity_factor):
@@ -68,7 +73,7 @@ def build_deepspeed(hidden, ffn, experts, top_k, capacity_factor):
 
     layer = MoE(hidden_size=hidden, expert=SwiGLU(hidden, ffn, INIT_STD, INIT_STD), num_experts=experts, ep_size=1,
                 k=top_k, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, min_capacity=4,
-                drop_tokens=True)
+                drop_tokens=True, top2_2nd_expert_sampling=False)
     layer.set_deepspeed_parallelism()
     return layer, lambda x: layer(x)[0], list(layer.parameters())
 
@@ -117,10 +122,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
-    parser.add_argument("--impls", nargs="+", default=["ours", "ours_grouped_mm", "deepspeed", "loop", "dense"])
+    parser.add_argument("--impls", nargs="+", choices=["ours", "ours_grouped_mm", "ours_loop", "deepspeed", "loop",
+                                                       "dense"],
+                        help="default: ours, the expert GEMM ours does not pick here, deepspeed, loop, dense")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.impls is None:
+        other = "ours_loop" if device.type == "cuda" else "ours_grouped_mm"  # the GEMM 'auto' does not take here
+        args.impls = ["ours", other, "deepspeed", "loop", "dense"]
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -128,7 +138,7 @@ def main(argv=None) -> int:
     if "deepspeed" in args.impls:
         init_distributed_from_env(600, even_alone=True)  # DeepSpeed's layer asks for its process groups
     builders = {"ours": build_ours, "ours_grouped_mm": lambda *a: build_ours(*a, gemm="grouped_mm"),
-                "loop": build_loop, "dense": build_dense,
+                "ours_loop": lambda *a: build_ours(*a, gemm="loop"), "loop": build_loop, "dense": build_dense,
                 "deepspeed": lambda *a: build_deepspeed(*a, args.capacity_factor)}
     rows = []
     for experts in args.experts:
@@ -142,7 +152,7 @@ def main(argv=None) -> int:
                     module.to(device)
                     x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
                     seconds = time_forward_backward(forward, params, x, args.repeats, args.warmup, autocast_to)
-                except RuntimeError as error:  # out of memory or an unsupported shape: the others go on
+                except Exception as error:  # out of memory, an unsupported shape, DeepSpeed refusing: the others go on
                     row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                     print(f"  failed   {impl:15s} tokens {tokens:6d} experts {experts:3d}: {row['error']}",
                           file=sys.stderr, flush=True)
@@ -151,6 +161,8 @@ def main(argv=None) -> int:
                     print(f"  measured {impl:15s} tokens {tokens:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
                           file=sys.stderr, flush=True)
                 rows.append(row)
+                if args.json:  # after every measurement: a step stopped at its time limit keeps what it measured
+                    args.json.write_text(json.dumps(rows, indent=2))
     print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"top-{args.top_k}, {dtype_name}")
     print(f"{'experts':>7} {'tokens':>7} {'impl':>15} {'tokens/s':>12} {'ms':>9} {'vs deepspeed':>13}")
