@@ -84,8 +84,8 @@ def measure(name: str, config_path: str, ep: int, steps: int, overrides: list[st
                 _, routing = trainer.train_step()
                 routed += sum(int(c.sum()) for c in routing.counts_per_pool)
     totals = torch.tensor([counter.bytes[k] for k in ("tokens_remote", "tokens_local", "counts_remote")] +
-                          [counter.calls["tokens"]], dtype=torch.float64)
-    dist.all_reduce(totals)  # over all ranks: the job's traffic
+                          [counter.calls["tokens"]], dtype=torch.float64, device=trainer.device)
+    dist.all_reduce(totals)  # over all ranks: the job's traffic (on the training device: NCCL takes no CPU tensor)
     remote, local, counts, calls = totals.tolist()
     return {
         "name": name, "config": config_path, "ep": ep, "world_size": world, "kind": config.moe.kind,
