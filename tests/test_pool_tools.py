@@ -4,6 +4,7 @@ launcher round trip), the routing probe and the utilisation analysis."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,14 @@ def trained(tmp_path_factory, data_cache):
         "norm_top1": ("unipool", ["moe.router=norm", "moe.top_k=1"]),
         "vanilla_top1": ("vanilla", ["moe.router=softmax", "moe.softmax_before_topk=false", "moe.top_k=1"]),
         "softmax_top2": ("unipool", ["moe.router=softmax", "moe.top_k=2"]),
+        # raw softmax gates (configs/vanilla_*.json): probabilities over the pool, not renormalised
+        "raw_softmax_top1": ("vanilla", ["moe.router=softmax", "moe.softmax_before_topk=true",
+                                         "moe.normalize_gates=false", "moe.top_k=1"]),
+        # hard-locked by step 30: every expert owned by one layer, the others masked
+        "lock_top1": ("unipool", ["moe.router=norm", "moe.top_k=1", "moe.lock_start_step=10",
+                                  "moe.lock_window_steps=5", "moe.lock_anneal_steps=5"]),
+        "capacity_top1": ("unipool", ["moe.router=softmax", "moe.normalize_gates=true", "moe.top_k=1",
+                                      "moe.capacity_factor=1.25"]),
     }
     out = {}
     for name, (kind, overrides) in runs.items():
@@ -66,7 +75,7 @@ def trained(tmp_path_factory, data_cache):
     return out
 
 
-@pytest.mark.parametrize("name", ["softmax_top1", "norm_top1", "vanilla_top1"])
+@pytest.mark.parametrize("name", ["softmax_top1", "norm_top1", "vanilla_top1", "raw_softmax_top1"])
 def test_uniform_top1_upcycling_keeps_the_function(trained, name):
     config, payload, _ = trained[name]
     result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2, noise=0.0)
@@ -77,6 +86,68 @@ def test_uniform_top1_upcycling_keeps_the_function(trained, name):
     with torch.no_grad():
         expected, actual = source(batch[:, :-1])[0], grown(batch[:, :-1])[0]
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("multiplier", [2, 3])
+def test_raw_softmax_gates_are_compensated(trained, multiplier):
+    """Raw softmax gates exp(z_e) / sum_j r_j exp(z_j) are divided by m: w_down * m restores the
+    source's logits (with the default noise too), and the copied moments follow w_down's gradient."""
+    config, payload, _ = trained["raw_softmax_top1"]
+    result = upcycle(config, payload["model"], payload["optimizer"], multiplier, optimizer="copy")
+    batch = tokens(config)
+    source, grown = model_from(config, payload["model"]), model_from(result.config, result.model_state)
+    with torch.no_grad():
+        expected, actual = source(batch[:, :-1])[0], grown(batch[:, :-1])[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # the gradient w.r.t. w_down' = m w_down is the gate's, 1/m of the source's (summed over the copies, which
+    # share the source's tokens as top-k breaks their ties): the moments must scale alike
+    layer = 0
+    name, sources = f"expert_pools.{layer}.w_down", torch.tensor(result.sources_per_pool[layer])
+    grads = []
+    for model in (source, grown):
+        logits, _ = model(batch[:, :-1])
+        grads.append(torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()),
+                                         model.expert_pools[layer].w_down)[0])
+    per_source = torch.zeros_like(grads[0]).index_add_(0, sources, grads[1])
+    torch.testing.assert_close(per_source, grads[0] / multiplier, rtol=1e-4, atol=1e-8)
+    moments, old = result.optimizer_state[name], payload["optimizer"][name]
+    torch.testing.assert_close(moments["exp_avg"], old["exp_avg"][sources] / multiplier)
+    torch.testing.assert_close(moments["exp_avg_sq"], old["exp_avg_sq"][sources] / multiplier ** 2)
+
+
+def test_locked_pool_upcycles_and_keeps_the_function(trained):
+    """UniPool-lock buffers: each replica belongs to its source's layer, with its source's mass and offsets."""
+    config, payload, _ = trained["lock_top1"]
+    owner = payload["model"]["pool_locks.0.owner"]
+    assert (owner >= 0).all() and torch.isinf(payload["model"]["pool_locks.0.offset"]).any()  # hard-locked
+    result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2)
+    sources = torch.tensor(result.sources_per_pool[0])
+    assert torch.equal(result.model_state["pool_locks.0.owner"], owner[sources])
+    for buffer in ("mass", "offset"):
+        assert torch.equal(result.model_state[f"pool_locks.0.{buffer}"], payload["model"][f"pool_locks.0.{buffer}"][:, sources])
+    grown = model_from(result.config, result.model_state)  # loads: every buffer has the grown pool's size
+    batch = tokens(config)
+    with torch.no_grad():
+        expected, actual = model_from(config, payload["model"])(batch[:, :-1])[0], grown(batch[:, :-1])[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_upcycling_keeps_each_experts_slots(trained):
+    """Capacity is ceil(C T k / M) per expert: C grows with M, so the originals (which take every token
+    their tied copies would) drop exactly what they dropped before."""
+    config, payload, _ = trained["capacity_top1"]
+    result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2, noise=0.0)
+    assert result.config.moe.capacity_factor == 2.5
+    assert upcycle(config, payload["model"], {}, 3).config.moe.capacity_factor == 3.75
+    batch = tokens(config, count=8)
+    dropped, outputs = [], []
+    for cfg, state in ((config, payload["model"]), (result.config, result.model_state)):
+        model = model_from(cfg, state).train()  # training mode records the dispatch statistics
+        with torch.no_grad():
+            outputs.append(model(batch[:, :-1])[0])
+        dropped.append(int(model.pool_stats[0].step_dropped))
+    assert dropped[0] > 0 and dropped[1] == dropped[0]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_top2_upcycling_gap_is_far_below_a_fresh_model(trained, data_cache):
@@ -106,21 +177,40 @@ def test_utility_allocation_gives_extra_copies_to_the_top_experts():
 
 @pytest.mark.parametrize("score", ["grad_sq", "weight_x_grad"])
 def test_expert_utility_matches_the_gradient_it_names(trained, score):
+    """The design note: g_e = the gradient averaged over the batches, then ||g_e||^2 or ||w_e|| * ||g_e||
+    (not the mean of per-batch squared norms, which also counts the batches' disagreement)."""
     config, payload, _ = trained["softmax_top2"]
     model = model_from(config, payload["model"])
-    batches = utility_batches(config, 2, 2)
+    batches = utility_batches(config, 3, 2)
     utility = expert_utility(model, batches, score)[0]
-    expected = torch.zeros_like(utility)
     pool = model.expert_pools[0]
+    weights = [pool.w_gate, pool.w_up, pool.w_down]
+    mean_grads = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
     for batch in batches:
         logits, _ = model(batch[:, :-1])
-        grads = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()),
-                                    [pool.w_gate, pool.w_up, pool.w_down])
-        grad_sq = sum(g.double().flatten(1).pow(2).sum(1) for g in grads)
-        weight = sum(w.detach().double().flatten(1).pow(2).sum(1) for w in (pool.w_gate, pool.w_up, pool.w_down)).sqrt()
-        expected += grad_sq if score == "grad_sq" else weight * grad_sq.sqrt()
-    torch.testing.assert_close(utility, expected / len(batches), rtol=1e-6, atol=0)
+        grads = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()), weights)
+        for total, g in zip(mean_grads, grads):
+            total += g.double() / len(batches)
+    g_norm = torch.stack([torch.linalg.vector_norm(torch.cat([g[e].flatten() for g in mean_grads]))
+                          for e in range(pool.num_experts)])
+    w_norm = torch.stack([torch.linalg.vector_norm(torch.cat([w[e].detach().double().flatten() for w in weights]))
+                          for e in range(pool.num_experts)])
+    expected = g_norm ** 2 if score == "grad_sq" else w_norm * g_norm
+    torch.testing.assert_close(utility, expected, rtol=1e-6, atol=0)
     assert (utility > 0).any()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_expert_utility_leaves_f_bar_and_mode_alone(trained, training):
+    config, payload, _ = trained["softmax_top2"]
+    model = model_from(config, payload["model"]).train(training)
+    stats = model.pool_stats[0]
+    assert bool(stats.has_load_fraction)  # aux_loss=pool: the checkpoint carries the lagged load
+    f_bar = stats.load_fraction.clone()
+    expert_utility(model, utility_batches(config, 2, 2))
+    assert model.training is training and all(m.training is training for m in model.modules())
+    assert bool(stats.has_load_fraction) and torch.equal(stats.load_fraction, f_bar)
+    assert int(stats.step_counts.sum()) == 0  # the scoring passes' counts are not left for the next step
 
 
 def test_optimizer_state_copied_to_replicas(trained):
@@ -154,6 +244,8 @@ def test_dense_to_vanilla_upcycling_keeps_the_function(data_cache):
 
 
 @pytest.mark.parametrize("overrides, message", [
+    # raw softmax gates scale each copied FFN by its probability, about 1/experts
+    (["moe.normalize_gates=false"], "set moe.normalize_gates=true or moe.softmax_before_topk=false"),
     (["model.rope_base=50000"], "model.rope_base: dense 10000.0 vs target 50000.0"),
     (["model.norm_eps=0.01"], "model.norm_eps: dense 1e-05 vs target 0.01"),
     # layers 0 and 2 stay dense and copy the dense FFNs, so their width must match too
@@ -163,20 +255,56 @@ def test_dense_to_vanilla_upcycling_keeps_the_function(data_cache):
 def test_dense_upcycling_refuses_a_target_computing_another_function(data_cache, overrides, message):
     dense = small_config(data_cache, "dense")
     dense_state = LanguageModel(dense.model, dense.moe).state_dict()
-    target = small_config(data_cache, "vanilla", "moe.expert_ffn_hidden_size=128", *overrides)
+    target = small_config(data_cache, "vanilla", "moe.expert_ffn_hidden_size=128", "moe.normalize_gates=true", *overrides)
     with pytest.raises(ValueError, match=message):
         upcycle_dense(dense, dense_state, target)
-    longer = small_config(data_cache, "vanilla", "moe.expert_ffn_hidden_size=128", "model.seq_len=64")
+    longer = small_config(data_cache, "vanilla", "moe.expert_ffn_hidden_size=128", "moe.normalize_gates=true",
+                          "model.seq_len=64")
     upcycle_dense(dense, dense_state, longer)  # RoPE depends on the position alone: a longer context is fine
+    mixtral = small_config(data_cache, "vanilla", "moe.expert_ffn_hidden_size=128", "moe.softmax_before_topk=false")
+    upcycle_dense(dense, dense_state, mixtral)  # softmax over the k chosen: gates sum to 1
 
 
-def test_tool_refuses_no_utility_batches(tmp_path):
-    for count in ("0", "-2"):  # the utility is a mean over the batches: none gave NaN scores
-        done = subprocess.run([sys.executable, str(REPO / "tools" / "upcycle.py"), "--checkpoint", str(tmp_path),
-                               "--selection", "utility", "--utility-batches", count, "--output", str(tmp_path / "out")],
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 2 and f"--utility-batches must be at least 1, not {count}" in done.stderr
-        assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+@pytest.mark.parametrize("args, message", [
+    # the utility is a mean over the batches: none gave NaN scores
+    (["--selection", "utility", "--utility-batches", "0"], "--utility-batches must be at least 1, not 0"),
+    (["--selection", "utility", "--utility-batches", "-2"], "--utility-batches must be at least 1, not -2"),
+    (["--multiplier", "1"], "--multiplier must be at least 2, not 1"),
+    (["--selection", "utility", "--multiplier", str(MAX_EXTRA + 2)],
+     f"--multiplier must be at most {MAX_EXTRA + 1}, not {MAX_EXTRA + 2}"),
+])
+def test_tool_refuses_bad_arguments_before_loading(tmp_path, args, message):
+    """Refused by the parser, before the checkpoint is read (there is none here) or experts are scored."""
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "upcycle.py"), "--checkpoint", str(tmp_path / "none"),
+                           "--output", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "no checkpoint" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_tool_dense_example_of_the_readme(data_cache, tmp_path):
+    """The documented dense example: configs/tiny_vanilla_cpu.json has raw softmax gates, refused until
+    --set moe.normalize_gates=true (applied to --to-config); pool-growing flags are ignored, with a warning."""
+    from megatron_unipool.training.checkpoint import load_trained_model, write_run_directory
+
+    dense = load_config(REPO / "configs/tiny_dense_cpu.json", [f"data.cache_dir={data_cache}"])
+    torch.manual_seed(5)
+    dense_state = LanguageModel(dense.model, dense.moe).state_dict()
+    write_run_directory(tmp_path / "dense", dense, dense_state, {}, {"consumed_samples": 0})
+    command = [sys.executable, str(REPO / "tools" / "upcycle.py"), "--checkpoint", str(tmp_path / "dense"),
+               "--to-config", str(REPO / "configs/tiny_vanilla_cpu.json")]
+    refused = subprocess.run(command + ["--output", str(tmp_path / "raw")], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "set moe.normalize_gates=true or moe.softmax_before_topk=false" in refused.stderr
+    done = subprocess.run(command + ["--set", "moe.normalize_gates=true", "--multiplier", "3", "--optimizer", "copy",
+                                     "--output", str(tmp_path / "moe")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning: --multiplier, --optimizer ignored" in done.stderr and "--selection" not in done.stderr
+    assert "copies per source" not in done.stdout and "pool 3: 8 experts copying the FFNs of layers [3]" in done.stdout
+    _, _, config, model = load_trained_model(tmp_path / "moe")
+    assert config.moe.normalize_gates and config.moe.num_experts == 8
+    batch = tokens(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batch[:, :-1])[0], model_from(dense, dense_state)(batch[:, :-1])[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_tool_output_continues_with_the_launcher(trained, tmp_path):
@@ -229,6 +357,7 @@ def test_probe_tool_reports_each_layer(trained, tmp_path):
                            "--layers", "all", "--top-n", "4", "--output", str(out)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "  1/4 layers probed" in done.stdout and "  4/4 layers probed" in done.stdout
     report = json.loads((out / "probe.json").read_text())
     # the learned routing's loss is the run's own final validation loss (same batches)
     assert report["baseline"] == pytest.approx(payload["train_state"]["val_losses"][-1][1], rel=1e-5)
@@ -239,6 +368,84 @@ def test_probe_tool_reports_each_layer(trained, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "routing_probe.py"), "--checkpoint", str(run_dir),
                           "--layers", "7"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "are not MoE layers" in bad.stderr
+
+
+def test_probe_has_no_top_n_row_repeating_the_pool(trained, tmp_path):
+    """Vanilla: the default N (moe.num_experts) is the whole pool; a top-N row would repeat the pool row."""
+    from megatron_unipool.training.probe import probe
+
+    config, payload, run_dir = trained["vanilla_top1"]
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "routing_probe.py"), "--checkpoint", str(run_dir),
+                           "--eval-batches", "1", "--output", str(tmp_path / "probe")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "probe" / "probe.json").read_text())["rows"]
+    assert [(r["layer"], r["candidates"]) for r in rows] == [(2, "pool"), (3, "pool")]  # --layers deep
+    model = model_from(config, payload["model"])
+    batches = [tokens(config)]
+    _, rows = probe(model, batches, [1], top_n=config.moe.num_experts + 4)
+    assert [r.candidates for r in rows] == ["pool"]
+    with pytest.raises(ValueError, match="seeds must be at least 1, not 0"):
+        probe(model, batches, [1], top_n=None, seeds=0)
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("routing_probe.py", ["--seeds", "0"], "--seeds must be at least 1, not 0"),
+    ("routing_probe.py", ["--eval-batches", "0"], "--eval-batches must be at least 1, not 0"),
+    ("plot_utilisation.py", ["--eval-batches", "-1"], "--eval-batches must be at least 1, not -1"),
+])
+def test_analysis_tools_refuse_empty_averages(tmp_path, tool, args, message):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--checkpoint", str(tmp_path / "none"),
+                           "--output", str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_utilisation_figure_stays_readable_for_many_vanilla_layers():
+    """48 vanilla layers are 48 one-row pools: one panel (not 48 4-inch columns), at most 16 layer labels,
+    and the colorbar leaves the heatmap's expert columns above the bars below."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from megatron_unipool.training.plots import utilisation_figure
+
+    rng = np.random.default_rng(0)
+    for counts, layers in (([rng.integers(0, 50, (1, 8)) for _ in range(48)], [[i] for i in range(48)]),
+                           ([rng.integers(0, 50, (40, 64))], [list(range(40))])):
+        fig = utilisation_figure(counts, "test", layers)
+        fig.canvas.draw()
+        width, height = fig.get_size_inches()
+        heat, bars = fig.axes[0], fig.axes[1]
+        labels = [t.get_text() for t in heat.get_yticklabels()]
+        assert width <= 8 and height <= 8
+        assert 8 <= len(labels) <= 16 and labels[0] == "0"
+        assert heat.get_xlabel() == "expert" and heat.get_ylabel() == "layer"
+        assert heat.get_position().x0 == pytest.approx(bars.get_position().x0, abs=1e-6)
+        assert heat.get_position().x1 == pytest.approx(bars.get_position().x1, abs=1e-6)
+        assert heat.get_xlim() == pytest.approx(bars.get_xlim())  # expert j's column above its bar
+        plt.close(fig)
+
+
+def test_save_atomically_keeps_the_previous_file_when_a_write_fails(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from megatron_unipool.training.plots import save_atomically
+
+    path = tmp_path / "report.json"
+    save_atomically(path, lambda temporary: temporary.write_text("old"))
+
+    def half_written(temporary):
+        temporary.write_text("partial")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        save_atomically(path, half_written)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    fig, _ = plt.subplots()
+    save_atomically(tmp_path / "plot.png", lambda temporary: fig.savefig(temporary, format="png"))
+    plt.close(fig)
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png", "report.json"]
 
 
 def test_unique_experts_by_depth_closed_form():
@@ -282,3 +489,60 @@ def test_reproduction_tool_aggregates_seeds_and_resumes(data_cache, tmp_path):
     assert (out / "curves.png").stat().st_size > 0
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)  # every run is done: nothing retrained
     assert again.returncode == 0 and json.loads((out / "results.json").read_text()) == results
+    assert "training" not in again.stdout
+
+
+@pytest.fixture
+def reproduce_tool(monkeypatch):
+    """tools/reproduce.py as a module whose launcher is a stub: (module, the run directories it was given)."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "tools" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    launched = []
+
+    def launch(command, stdout, stderr, cwd):
+        run_dir = Path(command[command.index("--run-dir") + 1])
+        launched.append(run_dir)
+        stdout.write("".join(f"log line {i}\n" for i in range(40)))
+        if "moe.aux_loss=layer" in command:  # the ablation's run fails
+            return subprocess.CompletedProcess(command, 1)
+        (run_dir / "summary.json").write_text(json.dumps({
+            "final_val_loss": 2.0 + 0.1 * len(launched), "final_train_loss": 2.0, "total_params": 1e6,
+            "active_params": 1e6, "tokens_per_second": 1.0, "train_losses": [3.0, 2.5, 2.0]}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(module, "subprocess", types.SimpleNamespace(run=launch, STDOUT=subprocess.STDOUT))
+    return module, launched
+
+
+def test_reproduction_refuses_runs_of_other_overrides(reproduce_tool, tmp_path, monkeypatch, capsys):
+    module, launched = reproduce_tool
+    monkeypatch.chdir(tmp_path)  # a relative --output is where the user is, not where the launcher runs (REPO)
+    args = ["--seeds", "1", "--models", "vanilla", "--output", "rel"]
+    assert module.main(args + ["--set", "train.max_steps=3"]) == 0
+    run_dir = tmp_path / "rel" / "vanilla" / "seed1"
+    assert launched == [run_dir] and (run_dir / "summary.json").is_file() and (tmp_path / "rel" / "results.json").is_file()
+    assert json.loads((run_dir / "overrides.json").read_text()) == ["train.max_steps=3"]
+    assert f"training vanilla seed 1: log in {run_dir / 'log.txt'}" in capsys.readouterr().out
+    assert module.main(args + ["--set", "train.max_steps=3"]) == 0 and len(launched) == 1  # reused
+    with pytest.raises(SystemExit, match=re.escape(f"{run_dir} was trained with the overrides ['train.max_steps=3']")):
+        module.main(args + ["--set", "train.max_steps=4"])
+    with pytest.raises(SystemExit, match="was trained with the overrides"):
+        module.main(args)
+    (run_dir / "overrides.json").unlink()  # a run of an older reproduce.py
+    with pytest.raises(SystemExit, match="no overrides.json"):
+        module.main(args + ["--set", "train.max_steps=3"])
+    assert len(launched) == 1 and not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_reproduction_reports_a_failed_run_with_its_log(reproduce_tool, tmp_path):
+    module, launched = reproduce_tool
+    with pytest.raises(SystemExit) as failure:
+        module.main(["--seeds", "1", "--models", "vanilla", "shared-pool-layer-aux-softmax", "--output", str(tmp_path)])
+    message = str(failure.value.code)
+    log = tmp_path / "shared-pool-layer-aux-softmax" / "seed1" / "log.txt"
+    assert message.startswith("error: shared-pool-layer-aux-softmax seed 1 failed (exit status 1)")
+    assert str(log) in message and "log line 39" in message and "log line 5\n" not in message

@@ -5,8 +5,8 @@ of each expert over all layers, and how many distinct experts a token meets acro
 
 Writes utilisation.png (per pool: layer x expert heatmap over per-expert load, the quantity the
 pool-level aux loss balances), unique_experts.png (mean distinct experts per token after each MoE
-layer, against the k-per-layer maximum) and utilisation.json. The same heatmap is in TensorBoard
-during training (pool/utilisation).
+layer, against the k-per-layer maximum) and utilisation.json, each replaced whole. The same heatmap
+is in TensorBoard during training (pool/utilisation).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, build_datasets  # noqa: E402
 from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
 from megatron_unipool.training.datasets import validation_batches  # noqa: E402
-from megatron_unipool.training.plots import utilisation_figure  # noqa: E402
+from megatron_unipool.training.plots import save_atomically, utilisation_figure  # noqa: E402
 from megatron_unipool.training.probe import record_routing, unique_experts_by_depth  # noqa: E402
 
 
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=None, help="default: the run's train.eval_batches")
     parser.add_argument("--output", type=Path, default=Path("utilisation"))
     args = parser.parse_args(argv)
+    if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
+        parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
         path, _, config, model = load_trained_model(args.checkpoint)
         if config.moe.kind == "dense":
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     curve = unique_experts_by_depth(routing, pool_of_layer, experts)
     args.output.mkdir(parents=True, exist_ok=True)
     figure = utilisation_figure([c.numpy() for c in counts], f"pool utilisation ({path.name})", layout)
-    figure.savefig(args.output / "utilisation.png", dpi=120)
+    save_atomically(args.output / "utilisation.png", lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
     plt.close(figure)
     moe_layers = sorted(routing)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -72,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_title(f"{config.moe.kind}: distinct experts per token across depth")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.output / "unique_experts.png", dpi=120)
+    save_atomically(args.output / "unique_experts.png", lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
     plt.close(fig)
     loads = [(c.sum(0).double() / max(int(c.sum()), 1)).tolist() for c in counts]
-    (args.output / "utilisation.json").write_text(json.dumps({
+    text = json.dumps({
         "checkpoint": str(path), "moe_layers": moe_layers, "pools": layout,
         "counts_per_pool": [c.tolist() for c in counts], "load_per_pool": loads,
-        "unique_experts_by_depth": curve}, indent=2))
+        "unique_experts_by_depth": curve}, indent=2)
+    save_atomically(args.output / "utilisation.json", lambda temporary: temporary.write_text(text))
     for p, load in enumerate(loads):
         used = sum(1 for share in load if share > 0)
         print(f"pool {p}: {used}/{len(load)} experts used; largest load share {max(load):.3f} (uniform {1 / len(load):.3f})")

@@ -5,10 +5,12 @@
 Trains, at equal active parameters and tokens (the tiny configs), for each seed:
   dense, vanilla MoE, UniPool with the full pool, UniPool with 67% and 50% pools, and the ablation
   "shared pool with per-layer aux loss and softmax routing" (against pool aux loss + NormRouter).
-Every run is `launch/pretrain.py` in its own process and directory; finished runs (summary.json
-present) are skipped, so an interrupted reproduction continues where it stopped. Writes
-results.json, results.md (validation loss mean +- std over seeds, and whether the paper's ordering
-held) and curves.png (training loss, mean over seeds) into --output.
+Every run is `launch/pretrain.py` in its own process and directory (log.txt, and overrides.json:
+the --set overrides it was trained with); finished runs (summary.json present) are skipped, so an
+interrupted reproduction continues where it stopped, and a run directory trained with other
+overrides is refused, not reused. Writes results.json, results.md (validation loss mean +- std over
+seeds, and whether the paper's ordering held) and curves.png (training loss, mean over seeds) into
+--output, each replaced whole.
 """
 from __future__ import annotations
 
@@ -27,6 +29,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+try:
+    import megatron_unipool  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+from megatron_unipool.training.plots import save_atomically  # noqa: E402
+
+LOG_TAIL = 20  # lines of a failed run's log shown
 FULL_POOL = 32  # tiny configs: 4 MoE layers x 8 experts
 MODELS = {
     "dense": ("configs/tiny_dense_cpu.json", []),
@@ -38,17 +48,45 @@ MODELS = {
 }
 
 
+def run_dir_of(name: str, seed: int, output: Path) -> Path:
+    return output.resolve() / name / f"seed{seed}"  # absolute: the launcher runs in REPO
+
+
+def refuse_stale(name: str, seed: int, output: Path, overrides: list[str]) -> None:
+    """A run directory that would be reused (summary.json) or resumed (a checkpoint) must have been
+    trained with the same overrides: results of another setting must not enter the table."""
+    run_dir = run_dir_of(name, seed, output)
+    recorded, wanted = run_dir / "overrides.json", MODELS[name][1] + overrides
+    if not ((run_dir / "summary.json").is_file() or (run_dir / "checkpoints").exists()):
+        return
+    if not recorded.is_file():
+        raise SystemExit(f"error: {run_dir} holds a run with no overrides.json (an older reproduce.py), so its --set"
+                         f" overrides are unknown; delete it, use another --output, or if it was trained with"
+                         f" {wanted} write that list to {recorded}")
+    if json.loads(recorded.read_text()) != wanted:
+        raise SystemExit(f"error: {run_dir} was trained with the overrides {json.loads(recorded.read_text())},"
+                         f" not {wanted}; delete it or use another --output")
+
+
 def run(name: str, seed: int, output: Path, overrides: list[str]) -> dict:
-    run_dir = output / name / f"seed{seed}"
-    summary = run_dir / "summary.json"
+    refuse_stale(name, seed, output, overrides)
+    run_dir = run_dir_of(name, seed, output)
+    summary, recorded, log_path = run_dir / "summary.json", run_dir / "overrides.json", run_dir / "log.txt"
+    config, model_overrides = MODELS[name]
+    wanted = model_overrides + overrides
     if not summary.is_file():
-        config, model_overrides = MODELS[name]
         command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / config),
                    "--run-dir", str(run_dir), "--set", f"train.seed={seed}", "--set", "checkpoint.save_interval=0"]
-        command += [item for o in model_overrides + overrides for item in ("--set", o)]
+        command += [item for o in wanted for item in ("--set", o)]
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "log.txt", "w") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        recorded.write_text(json.dumps(wanted) + "\n")
+        print(f"training {name} seed {seed}: log in {log_path}", flush=True)
+        with open(log_path, "w") as log:
+            failed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+        if failed:
+            tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL:]
+            raise SystemExit(f"error: {name} seed {seed} failed (exit status {failed}); the end of {log_path}:\n"
+                             + "\n".join(f"  {line}" for line in tail))
     return json.loads(summary.read_text())
 
 
@@ -91,7 +129,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     ax.legend(fontsize="small")
     ax.set_title("tiny models on the Shakespeare corpus")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_atomically(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -103,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="applied to every run, e.g. train.max_steps=300")
     args = parser.parse_args(argv)
+    args.output = args.output.resolve()
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     total, done, started = len(args.models) * len(args.seeds), 0, time.perf_counter()
+    for seed in args.seeds:  # before training anything
+        for name in args.models:
+            refuse_stale(name, seed, args.output, args.overrides)
     for seed in args.seeds:  # seed-major: an interrupted reproduction has whole seeds of every model
         for name in args.models:
             results.setdefault(name, []).append(run(name, seed, args.output, args.overrides))
@@ -114,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{done}/{total}] {name} seed {seed}: validation loss {results[name][-1]['final_val_loss']:.4f}"
                   f" ({elapsed / 60:.1f} min elapsed)", flush=True)
     text = report(results)
-    (args.output / "results.md").write_text(text)
-    (args.output / "results.json").write_text(json.dumps(
-        {name: [{k: s[k] for k in ("final_val_loss", "final_train_loss", "total_params", "active_params",
-                                   "tokens_per_second", "train_losses")} for s in runs]
-         for name, runs in results.items()}, indent=2))
+    save_atomically(args.output / "results.md", lambda temporary: temporary.write_text(text))
+    table = json.dumps({name: [{k: s[k] for k in ("final_val_loss", "final_train_loss", "total_params", "active_params",
+                                                  "tokens_per_second", "train_losses")} for s in runs]
+                        for name, runs in results.items()}, indent=2)
+    save_atomically(args.output / "results.json", lambda temporary: temporary.write_text(table))
     plot(results, args.output / "curves.png")
     print(text)
     print(f"wrote {args.output / 'results.md'}, results.json and curves.png")

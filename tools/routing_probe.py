@@ -6,7 +6,9 @@ k experts and report how much the validation loss rises.
 
 Random experts come from the whole pool and, with --top-n N (default: moe.num_experts, a vanilla
 layer's expert count; 0 disables it), from the N experts that layer uses most on the same
-validation batches. Writes probe.json and probe.png (loss change per layer) into --output.
+validation batches; N at least the pool size adds nothing (it is the pool) and is skipped, so a
+vanilla model gets pool rows only by default. Writes probe.json and probe.png (loss change per
+layer) into --output, each replaced whole (a failed run leaves the previous ones).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, build_datasets  # noqa: E402
 from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
 from megatron_unipool.training.datasets import validation_batches  # noqa: E402
+from megatron_unipool.training.plots import save_atomically  # noqa: E402
 from megatron_unipool.training.probe import probe  # noqa: E402
 
 
@@ -61,7 +64,7 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # the path may be a temporary name
     plt.close(fig)
 
 
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=None, help="default: the run's train.eval_batches")
     parser.add_argument("--output", type=Path, default=Path("probe"))
     args = parser.parse_args(argv)
+    if args.seeds < 1:  # each loss is a mean over the draws
+        parser.error(f"--seeds must be at least 1, not {args.seeds}")
+    if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
+        parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
         path, _, config, model = load_trained_model(args.checkpoint)
         if config.moe.kind == "dense":
@@ -89,16 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     batches = validation_batches(build_datasets(config).valid, config.train.micro_batch,
                                  args.eval_batches or config.train.eval_batches)
     print(f"probing layers {layers} of {path} on {sum(len(b) for b in batches)} validation sequences ...", flush=True)
-    baseline, rows = probe(model, batches, layers, top_n, args.seeds)
+    baseline, rows = probe(model, batches, layers, top_n, args.seeds,
+                           progress=lambda done, total: print(f"  {done}/{total} layers probed", flush=True))
     rows = [asdict(r) for r in rows]
     print(f"learned routing: validation loss {baseline:.4f}")
     print(f"{'layer':>5} {'random from':>12} {'loss':>8} {'change':>8}")
     for r in rows:
         print(f"{r['layer']:>5} {r['candidates']:>12} {r['loss']:>8.4f} {r['delta']:>+8.4f}")
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "probe.json").write_text(json.dumps({"checkpoint": str(path), "baseline": baseline, "rows": rows},
-                                                       indent=2))
-    plot(rows, baseline, args.output / "probe.png")
+    text = json.dumps({"checkpoint": str(path), "baseline": baseline, "rows": rows}, indent=2)
+    save_atomically(args.output / "probe.json", lambda temporary: temporary.write_text(text))
+    save_atomically(args.output / "probe.png", lambda temporary: plot(rows, baseline, temporary))
     print(f"wrote {args.output / 'probe.json'} and {args.output / 'probe.png'}")
     return 0
 

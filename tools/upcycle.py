@@ -3,7 +3,8 @@ a run directory that the normal launcher continues from.
 
     python tools/upcycle.py --checkpoint runs/tiny_unipool_cpu --multiplier 2 --output runs/upcycled
     python tools/upcycle.py --checkpoint RUN --multiplier 2 --selection utility --utility-batches 8 --output OUT
-    python tools/upcycle.py --checkpoint runs/tiny_dense_cpu --to-config configs/tiny_vanilla_cpu.json --output OUT
+    python tools/upcycle.py --checkpoint runs/tiny_dense_cpu --to-config configs/tiny_vanilla_cpu.json \
+        --set moe.normalize_gates=true --output OUT
     python launch/pretrain.py --config OUT/config.json --run-dir OUT      # continued pretraining
 
 --checkpoint takes a run directory (its latest checkpoint) or one step_* directory. The output
@@ -11,7 +12,11 @@ holds config.json (the source config with the grown pool) and checkpoints/step_0
 upcycled weights, the optimizer state (reset, or copied to the replicas with --optimizer copy)
 and the source's position in the data; the learning-rate schedule starts again at step 0. The
 written config resumes from the run directory (checkpoint.resume true, checkpoint.load unset).
-`--set` changes the written config (e.g. train.max_steps, train.warmup_steps).
+`--set` changes the written config (e.g. train.max_steps, train.warmup_steps); for a dense source
+it applies to --to-config before upcycling, whose expert count then comes from that config alone
+(--multiplier, --selection and --optimizer do not apply). The copies of a dense FFN compute it only
+with gates that sum to 1: raw softmax gates (as in configs/*vanilla*.json) are refused, hence
+moe.normalize_gates=true above.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from megatron_unipool.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import load_trained_model, write_run_directory  # noqa: E402
-from megatron_unipool.training.upcycling import expert_utility, upcycle, upcycle_dense, utility_batches  # noqa: E402
+from megatron_unipool.training.upcycling import (MAX_EXTRA, expert_utility, upcycle, upcycle_dense,  # noqa: E402
+                                                 utility_batches)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.utility_batches < 1:  # the utility is a mean over them: none gives NaN scores
         parser.error(f"--utility-batches must be at least 1, not {args.utility_batches}")
+    if args.multiplier < 2:  # checked before loading and scoring, which take minutes on a real model
+        parser.error(f"--multiplier must be at least 2, not {args.multiplier}")
+    if args.selection == "utility" and args.multiplier - 1 > MAX_EXTRA:
+        parser.error(f"--selection utility gives an expert at most {MAX_EXTRA} extra copies: --multiplier must be at"
+                     f" most {MAX_EXTRA + 1}, not {args.multiplier}")
     try:
         source_path, payload, config, model = load_trained_model(args.checkpoint)
         if (args.output / "checkpoints" / "latest").exists():
@@ -55,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         if config.moe.kind == "dense":
             if args.to_config is None:
                 parser.error("the checkpoint is dense: give the MoE config to upcycle into with --to-config")
-            result = upcycle_dense(config, payload["model"], load_config(args.to_config, world_size=None))
+            ignored = [f"--{flag}" for flag in ("multiplier", "selection", "optimizer")
+                       if getattr(args, flag) != parser.get_default(flag)]
+            if ignored:
+                print(f"warning: {', '.join(ignored)} ignored: a dense checkpoint's experts are copies of its FFNs, as"
+                      " many as --to-config has", file=sys.stderr)
+            target = load_config(args.to_config, args.overrides, world_size=None)
+            result = upcycle_dense(config, payload["model"], target)
         else:
             utility = None
             if args.selection == "utility":
@@ -75,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                                   asdict(train_state), upcycled_from=str(source_path),
                                   sources_per_pool=result.sources_per_pool)
     for p, sources in enumerate(result.sources_per_pool):
-        copies = [sources.count(e) for e in range(max(sources) + 1)]
-        print(f"pool {p}: {len(sources)} experts; copies per source: {copies}")
+        if config.moe.kind == "dense":  # the sources are layer indices
+            print(f"pool {p}: {len(sources)} experts copying the FFNs of layers {sorted(set(sources))}")
+        else:
+            copies = [sources.count(e) for e in range(max(sources) + 1)]
+            print(f"pool {p}: {len(sources)} experts; copies per source: {copies}")
     print(f"wrote {written} and {args.output / 'config.json'}; continue with\n"
           f"  python launch/pretrain.py --config {args.output / 'config.json'} --run-dir {args.output}")
     return 0

@@ -1,35 +1,63 @@
 """Pool-utilisation figures: which layer sends how much of its traffic to which expert."""
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+MAX_ROW_LABELS = 16  # beyond this the layer labels of a heatmap overlap
+
 
 def utilisation_figure(counts_per_pool: list[np.ndarray], title: str = "pool utilisation",
                        layers_per_pool: list[list[int]] | None = None):
     """Per pool: a layer x expert heatmap (share of each layer's slots) over the load of each
     expert summed across all layers, the quantity the pool-level aux loss balances. Rows are
-    labelled with `layers_per_pool` (model layer indices) when given, else 0..L-1."""
+    labelled with `layers_per_pool` (model layer indices) when given, else 0..L-1. Single-row pools
+    (vanilla: one per layer) are stacked into one panel, not one 4-inch column per layer."""
+    per_layer = len(counts_per_pool) > 1 and all(np.asarray(c).shape[0] == 1 for c in counts_per_pool)
+    if per_layer:
+        counts_per_pool = [np.concatenate([np.asarray(c) for c in counts_per_pool])]
+        layers_per_pool = [[layer for layers in layers_per_pool for layer in layers]] if layers_per_pool else None
     pools = len(counts_per_pool)
-    fig, axes = plt.subplots(2, pools, figsize=(max(6, 4 * pools), 6), squeeze=False,
+    # constrained layout: the heatmap, narrowed by its colorbar, and the bars below keep the same width
+    fig, axes = plt.subplots(2, pools, figsize=(max(6, 4 * pools), 6), squeeze=False, layout="constrained",
                              gridspec_kw={"height_ratios": [3, 1]})
     for p, counts in enumerate(counts_per_pool):
         counts = np.asarray(counts, dtype=np.float64)
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         heat = axes[0, p].imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
-        rows = range(counts.shape[0])
-        axes[0, p].set_yticks(rows, [str(layer) for layer in (layers_per_pool[p] if layers_per_pool else rows)])
+        names = layers_per_pool[p] if layers_per_pool else range(counts.shape[0])
+        rows = range(0, counts.shape[0], math.ceil(counts.shape[0] / MAX_ROW_LABELS))
+        axes[0, p].set_yticks(rows, [str(names[r]) for r in rows])
+        axes[0, p].set_xlabel("expert")
         axes[0, p].set_ylabel("layer")
         axes[0, p].set_title(f"{title}" + (f" (pool {p})" if pools > 1 else ""))
         fig.colorbar(heat, ax=axes[0, p], label="share of layer's slots")
         load = counts.sum(axis=0) / max(counts.sum(), 1)
         axes[1, p].bar(np.arange(len(load)), load, width=1.0)
+        axes[1, p].set_xlim(axes[0, p].get_xlim())  # column j of the heatmap above bar j
         axes[1, p].axhline(1.0 / len(load), color="red", linewidth=1, label="uniform")
         axes[1, p].set_xlabel("expert")
-        axes[1, p].set_ylabel("load, all layers")
+        axes[1, p].set_ylabel("load, mean over layers" if per_layer else "load, all layers")
         axes[1, p].legend(loc="upper right", fontsize="small")
-    fig.tight_layout()
     return fig
+
+
+def save_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """write(a temporary path in the same directory), then rename it to `path`: a reader, or a crash,
+    never sees a half-written file, and a failed write leaves the previous one. A writer that picks
+    the format from the suffix (savefig) must be given it: the temporary name ends in .tmp."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -109,16 +109,20 @@ class ProbeRow:
 
 
 def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], top_n: Optional[int],
-          seeds: int = 1) -> tuple[float, list[ProbeRow]]:
-    """(baseline loss, one row per layer and candidate set), each loss averaged over `seeds` draws."""
+          seeds: int = 1, progress: Optional[Callable[[int, int], None]] = None) -> tuple[float, list[ProbeRow]]:
+    """(baseline loss, one row per layer and candidate set), each loss averaged over `seeds` draws.
+    No top-N set when N covers the pool: it would repeat the pool row. `progress(done, total)` after
+    each layer (a probe of a large model takes minutes per layer)."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, not {seeds}")
     baseline, routing = record_routing(model, batches)  # the learned routing's loss and choices, one pass
     rows = []
-    for index in layers:
+    for done, index in enumerate(layers, 1):
         layer = model.layers[index].ffn
         if not isinstance(layer, MoELayer):
             raise ValueError(f"layer {index} is not an MoE layer")
         candidate_sets = {"pool": torch.arange(layer.pool.num_experts)}
-        if top_n:
+        if top_n and top_n < layer.pool.num_experts:
             picks = routing[index]
             usage = torch.bincount(picks[picks >= 0], minlength=layer.pool.num_experts)
             candidate_sets[f"top{top_n}"] = torch.argsort(usage, descending=True, stable=True)[:top_n]
@@ -129,4 +133,6 @@ def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], 
                     losses.append(evaluate_loss(model, batches))
             loss = sum(losses) / len(losses)
             rows.append(ProbeRow(index, name, loss, loss - baseline))
+        if progress is not None:
+            progress(done, len(layers))
     return baseline, rows

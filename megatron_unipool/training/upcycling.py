@@ -7,22 +7,35 @@ between identical experts can break. Which experts are replicated:
 
 - uniform: every expert m times;
 - utility: each expert once, and the (m-1)*E extra copies given greedily to the experts with the
-  highest utility (at most `MAX_EXTRA` extra each), utility being ||grad_w_e L||^2, or
-  ||w_e|| * ||grad_w_e L||, of the LM loss averaged over a few training batches.
+  highest utility (at most `MAX_EXTRA` extra each), utility being ||g_e||^2, or ||w_e|| * ||g_e||,
+  with g_e the gradient of the LM loss w.r.t. expert e's weights averaged over a few training batches.
 
 A dense checkpoint can also be upcycled into MoE: every expert of layer i is a copy of layer i's
 dense FFN (vanilla), or the pool's experts are copies of the layers' FFNs taken in turn (UniPool).
 
-Function preservation: with uniform replication, no noise, top-1 and gates that do not depend on
-the number of experts (renormalised softmax gates, or NormRouter with its scale rescaled as below),
-the upcycled model computes exactly the source's logits. With k > 1, replicas of one expert
-compete for a token's k slots and the function changes (tests/test_upcycling.py measures it).
+Function preservation. Replication changes two things that the upcycled model undoes:
+- raw softmax gates (router=softmax, softmax_before_topk, no normalize_gates) are exp(z_e) / sum_j
+  r_j exp(z_j) with r_j the copies of expert j, every gate divided by m under uniform replication:
+  every expert's w_down is multiplied by m (with optimizer="copy" its moments follow its gradient,
+  which is the gate's, 1/m: exp_avg / m, exp_avg_sq / m^2). With utility selection the r_j differ,
+  so the factor m is only about right (on the tiny test model the loss moved by under 0.01);
+- NormRouter scores depend on the logit norm and on c(M, k): its scale is rescaled (below).
+Capacity is per expert, ceil(C T k / M): the capacity factor is multiplied by m. UniPool-lock
+replicas belong to their source's layer.
+Exact (the source's logits): uniform replication and top-1, with any router and gating, dropless or
+capacity, before or after a lock (not during NormRouter's anneal: its penalty, added to logits of
+unit norm, weighs sqrt(m) more once they shrink); the noise only reorders a source and its copies
+unless bias balancing is on, where it can also reorder experts whose selection scores are within it.
+Not exact: top-k > 1, where a source and its copies tie for a token's k slots (the token gets one
+expert's output twice instead of its second choice): the loss moved by about +0.02 to +0.12 on the
+tiny test model, depending on the router, far below a fresh model's gap (tests/test_pool_tools.py).
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal, Optional
 
 import torch
@@ -65,26 +78,35 @@ def replica_sources(num_experts: int, multiplier: int, utility: Optional[torch.T
 
 
 def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str = "grad_sq") -> list[torch.Tensor]:
-    """Per pool, each expert's utility averaged over `batches` (token tensors [B, S+1]):
-    ||grad_w_e L||^2 ('grad_sq') or ||w_e|| * ||grad_w_e L|| ('weight_x_grad'), L the LM loss."""
+    """Per pool, each expert's utility (the design note's): g_e = the gradient of the LM loss w.r.t.
+    expert e's weights averaged over `batches` (token tensors [B, S+1]), then ||g_e||^2 ('grad_sq')
+    or ||w_e|| * ||g_e|| ('weight_x_grad'). The model's mode and pool statistics (f_bar) are kept."""
     pools = list(model.expert_pools)
-    totals = [torch.zeros(pool.num_experts, dtype=torch.float64) for pool in pools]
+    grads = [{w: torch.zeros_like(getattr(pool, w), dtype=torch.float64) for w in POOL_WEIGHTS} for pool in pools]
+    was_training = model.training
     model.train()
-    for tokens in batches:
+    try:
+        for tokens in batches:
+            model.zero_grad(set_to_none=True)
+            logits, _ = model(tokens[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+            for grad, pool in zip(grads, pools):
+                for w in POOL_WEIGHTS:
+                    grad[w] += getattr(pool, w).grad.double() / len(batches)
+    finally:
         model.zero_grad(set_to_none=True)
-        logits, _ = model(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
-        for total, pool in zip(totals, pools):
-            grad_sq = sum(getattr(pool, w).grad.double().flatten(1).pow(2).sum(1) for w in POOL_WEIGHTS)
-            if score == "grad_sq":
-                total += grad_sq
-            else:
-                weight_sq = sum(getattr(pool, w).detach().double().flatten(1).pow(2).sum(1) for w in POOL_WEIGHTS)
-                total += weight_sq.sqrt() * grad_sq.sqrt()
-    model.zero_grad(set_to_none=True)
-    for stats in model.pool_stats:  # the scoring passes are not training steps
-        stats.end_step()
-    return [total / len(batches) for total in totals]
+        for stats in model.pool_stats:  # the scoring passes are not training steps: drop their counts, keep f_bar
+            stats.end_step(update_f_bar=False)
+        model.train(was_training)
+    utilities = []
+    for grad, pool in zip(grads, pools):
+        grad_sq = sum(g.flatten(1).pow(2).sum(1) for g in grad.values())
+        if score == "grad_sq":
+            utilities.append(grad_sq)
+        else:
+            weight_sq = sum(getattr(pool, w).detach().double().flatten(1).pow(2).sum(1) for w in POOL_WEIGHTS)
+            utilities.append(weight_sq.sqrt() * grad_sq.sqrt())
+    return utilities
 
 
 def utility_batches(config: Config, count: int, batch_size: int) -> list[torch.Tensor]:
@@ -94,12 +116,23 @@ def utility_batches(config: Config, count: int, batch_size: int) -> list[torch.T
 
 
 def upcycled_config(config: Config, new_experts: int) -> Config:
+    """The source config with the grown pool; capacity is per expert, ceil(C T k / M), so C grows with M
+    to keep every expert's slots (the originals, which win their copies' ties, would drop tokens)."""
     result = copy.deepcopy(config)
     if result.moe.kind == "vanilla":
         result.moe.num_experts = new_experts
     else:
         result.moe.pool_size = new_experts
+    if config.moe.capacity_factor is not None:  # in decimal (capacity() reads it so): 1.1 x 3 is 3.3, not 3.3000000000000003
+        growth = Fraction(new_experts, config.moe.experts_per_pool(config.model.num_layers))
+        result.moe.capacity_factor = float(Fraction(str(config.moe.capacity_factor)) * growth)
     return result
+
+
+def raw_softmax_gates(config: Config) -> bool:
+    """Gates are softmax probabilities over the whole pool, not renormalised: they shrink as it grows."""
+    moe = config.moe
+    return moe.router == "softmax" and moe.softmax_before_topk and not moe.normalize_gates
 
 
 def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, dict],
@@ -117,6 +150,8 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
     sources = [replica_sources(old_experts, multiplier, utility[p] if selection == "utility" else None)
                for p in range(len(layout))]
     new_config = upcycled_config(config, multiplier * old_experts)
+    # raw softmax gates: p_e = exp(z_e) / sum_j r_j exp(z_j), p_e / m under uniform replication; w_down * m undoes it
+    down_scale = float(multiplier) if raw_softmax_gates(config) else 1.0
     generator = torch.Generator().manual_seed(seed)
     state = dict(model_state)
     rename: dict[str, list[int]] = {}  # tensors indexed along dim 0 by expert -> sources
@@ -124,6 +159,10 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
         index = torch.tensor(source)
         for w in POOL_WEIGHTS:
             rename[f"expert_pools.{p}.{w}"] = source
+        if f"pool_locks.{p}.owner" in model_state:  # UniPool-lock: a replica belongs to its source's layer
+            state[f"pool_locks.{p}.owner"] = model_state[f"pool_locks.{p}.owner"][index].clone()
+            for buffer in ("mass", "offset"):  # [layers, experts]
+                state[f"pool_locks.{p}.{buffer}"] = model_state[f"pool_locks.{p}.{buffer}"][:, index].clone()
         state[f"pool_stats.{p}.load_fraction"] = torch.zeros(len(source))  # f_bar of the old pool no longer applies
         state[f"pool_stats.{p}.has_load_fraction"] = torch.zeros((), dtype=torch.bool)
         for layer in layers:
@@ -136,12 +175,17 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
                 state[f"{prefix}.scale"] = model_state[f"{prefix}.scale"] * _norm_router_rescale(config, new_config, source)
     for name, source in rename.items():
         state[name] = model_state[name][torch.tensor(source)].clone()
+        if name.endswith(".w_down"):
+            state[name] *= down_scale
     new_optimizer = {}
     if optimizer == "copy":
         for name, moments in optimizer_state.items():
             source = rename.get(name)
             new_optimizer[name] = {key: value[torch.tensor(source)].clone() if source is not None and value.dim() else value.clone()
                                    for key, value in moments.items()}
+            if name.endswith(".w_down") and source is not None:  # its gradient is the gate's: 1/m of the source's
+                new_optimizer[name]["exp_avg"] /= down_scale
+                new_optimizer[name]["exp_avg_sq"] /= down_scale ** 2
     return Upcycled(new_config, state, new_optimizer, sources)
 
 
@@ -158,8 +202,8 @@ def _norm_router_rescale(old: Config, new: Config, source: list[int]) -> float:
 def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], target: Config) -> Upcycled:
     """Dense -> MoE: the target's experts copy the dense FFNs; routers and everything else that the
     dense model lacks keep the target's initialisation. Vanilla: layer i's experts copy layer i's
-    FFN (with renormalised gates this is exactly the dense model). UniPool: pool expert j copies
-    the FFN of the j-th MoE layer taken in turn."""
+    FFN (with gates summing to 1 this is exactly the dense model; raw softmax gates are refused).
+    UniPool: pool expert j copies the FFN of the j-th MoE layer taken in turn."""
     if dense_config.moe.kind != "dense":
         raise ValueError(f"upcycle_dense() needs a dense checkpoint, not moe.kind={dense_config.moe.kind!r}")
     # every model field the copied weights compute with (seq_len may differ: RoPE angles depend on the position
@@ -175,6 +219,9 @@ def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], ta
         problems.append(f"expert width {width} must equal the dense FFN width {dense_config.model.ffn_hidden_size}")
     if target.moe.kind == "dense":
         problems.append("the target config must be vanilla or unipool")
+    elif raw_softmax_gates(target):  # copies of one FFN compute it only if a token's gates sum to 1
+        problems.append("raw softmax gates (moe.router=softmax, softmax_before_topk, no normalize_gates) scale each token's"
+                        " FFN output by its top-k probability: set moe.normalize_gates=true or moe.softmax_before_topk=false")
     if problems:
         raise ValueError("the dense checkpoint cannot be upcycled into this config:\n  " + "\n  ".join(problems))
     torch.manual_seed(target.train.seed)
