@@ -30,7 +30,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, grouped_swiglu  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from moe_layer import compute_dtype, time_forward_backward  # noqa: E402
+from moe_layer import compute_dtype, measure_row, measured_twin, time_forward_backward  # noqa: E402
 
 
 def expert_counts(rows: int, experts: int, balance: str, seed: int = 0) -> list[int]:
@@ -82,32 +82,29 @@ def main(argv=None) -> int:
         print("  grouped_mm not measured: torch._grouped_mm missing or these widths/dtype unsupported here",
               file=sys.stderr)
     results = []
+    flops_per_row = 18 * args.hidden * args.ffn
     for experts in args.experts:
         for rows in args.rows:
             for impl in impls:
-                try:
-                    seconds = measure(impl, rows, experts, args, device, dtype)
-                except Exception as error:  # e.g. grouped_mm refusing a shape on this GPU: the others go on
-                    print(f"  failed   {impl:10s} rows {rows:6d} experts {experts:3d}: {error}", file=sys.stderr, flush=True)
-                    continue
-                flops = 18 * rows * args.hidden * args.ffn
-                results.append({"impl": impl, "rows": rows, "experts": experts, "hidden": args.hidden,
-                                "ffn": args.ffn, "balance": args.balance, "dtype": str(dtype).removeprefix("torch."),
-                                "ms": 1e3 * seconds, "tflops": flops / seconds / 1e12, "device": device_label})
-                print(f"  measured {impl:10s} rows {rows:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
-                      file=sys.stderr, flush=True)
-                if args.json:  # after every measurement: a step stopped at its time limit keeps what it measured
-                    args.json.write_text(json.dumps(results, indent=2))
+                row = {"impl": impl, "rows": rows, "experts": experts, "hidden": args.hidden, "ffn": args.ffn,
+                       "balance": args.balance, "dtype": str(dtype).removeprefix("torch."), "device": device_label}
+                measure_row(results, row, f"{impl:10s} rows {rows:6d} experts {experts:3d}",
+                            lambda impl=impl, rows=rows, experts=experts: measure(impl, rows, experts, args, device, dtype),
+                            lambda seconds, rows=rows: {"ms": 1e3 * seconds,
+                                                        "tflops": flops_per_row * rows / seconds / 1e12},
+                            args.json)
     print(f"expert SwiGLU forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
-          f"{results[0]['dtype']}, {args.balance} loads")
+          f"{str(dtype).removeprefix('torch.')}, {args.balance} loads")
     print(f"{'experts':>7} {'rows':>7} {'impl':>10} {'ms':>9} {'TFLOP/s':>9} {'vs dense':>9}")
     for row in results:
-        dense = next((r for r in results if r["impl"] == "dense" and r["rows"] == row["rows"]
-                      and r["experts"] == row["experts"]), None)
+        if "error" in row:
+            print(f"{row['experts']:>7} {row['rows']:>7} {row['impl']:>10}  failed: {row['error']}")
+            continue
+        dense = measured_twin(results, row, "dense", "rows")
         row["vs_dense"] = row["tflops"] / dense["tflops"] if dense else None
         ratio = f"{row['vs_dense']:>8.0%}" if dense else "       -"
         print(f"{row['experts']:>7} {row['rows']:>7} {row['impl']:>10} {row['ms']:>9.2f} {row['tflops']:>9.3f} {ratio}")
-    if args.json:
+    if args.json:  # again, with the vs_dense ratios
         args.json.write_text(json.dumps(results, indent=2))
     return 0
 

@@ -111,6 +111,29 @@ def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocas
     return statistics.median(times)
 
 
+def measure_row(rows: list[dict], row: dict, label: str, measure, derive, json_path: Path | None) -> None:
+    """Fill `row` with `derive(seconds)` of `measure()`, or with `error` when it raised (out of memory,
+    a shape a kernel refuses, DeepSpeed refusing a config: the other measurements go on); append it
+    and rewrite the JSON, so that a run stopped at its time limit keeps what it measured."""
+    try:
+        seconds = measure()
+    except Exception as error:
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        print(f"  failed   {label}: {row['error']}", file=sys.stderr, flush=True)
+    else:
+        row.update(derive(seconds))
+        print(f"  measured {label}: {1e3 * seconds:8.2f} ms", file=sys.stderr, flush=True)
+    rows.append(row)
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2))
+
+
+def measured_twin(rows: list[dict], row: dict, impl: str, size: str) -> dict | None:
+    """The measured row of `impl` at `row`'s shape (`size`: the rows' size column), for ratios."""
+    return next((r for r in rows if r["impl"] == impl and r[size] == row[size] and r["experts"] == row["experts"]
+                 and "error" not in r), None)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
@@ -147,22 +170,16 @@ def main(argv=None) -> int:
                 row = {"impl": impl, "tokens": tokens, "experts": experts, "top_k": args.top_k,
                        "hidden": args.hidden, "ffn": args.ffn, "dtype": dtype_name, "device": device_label}
                 torch.manual_seed(0)
-                try:
+
+                def measure(impl=impl, tokens=tokens, experts=experts):
                     module, forward, params = builders[impl](args.hidden, args.ffn, experts, args.top_k)
                     module.to(device)
                     x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
-                    seconds = time_forward_backward(forward, params, x, args.repeats, args.warmup, autocast_to)
-                except Exception as error:  # out of memory, an unsupported shape, DeepSpeed refusing: the others go on
-                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                    print(f"  failed   {impl:15s} tokens {tokens:6d} experts {experts:3d}: {row['error']}",
-                          file=sys.stderr, flush=True)
-                else:
-                    row.update(tokens_per_second=tokens / seconds, ms=1e3 * seconds)
-                    print(f"  measured {impl:15s} tokens {tokens:6d} experts {experts:3d}: {1e3 * seconds:8.2f} ms",
-                          file=sys.stderr, flush=True)
-                rows.append(row)
-                if args.json:  # after every measurement: a step stopped at its time limit keeps what it measured
-                    args.json.write_text(json.dumps(rows, indent=2))
+                    return time_forward_backward(forward, params, x, args.repeats, args.warmup, autocast_to)
+
+                measure_row(rows, row, f"{impl:15s} tokens {tokens:6d} experts {experts:3d}", measure,
+                            lambda seconds, tokens=tokens: {"tokens_per_second": tokens / seconds, "ms": 1e3 * seconds},
+                            args.json)
     print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"top-{args.top_k}, {dtype_name}")
     print(f"{'experts':>7} {'tokens':>7} {'impl':>15} {'tokens/s':>12} {'ms':>9} {'vs deepspeed':>13}")
@@ -170,13 +187,10 @@ def main(argv=None) -> int:
         if "error" in row:
             print(f"{row['experts']:>7} {row['tokens']:>7} {row['impl']:>15}  failed: {row['error']}")
             continue
-        reference = next((r for r in rows if r["impl"] == "deepspeed" and r["tokens"] == row["tokens"]
-                          and r["experts"] == row["experts"] and "error" not in r), None)
+        reference = measured_twin(rows, row, "deepspeed", "tokens")
         ratio = f"{row['tokens_per_second'] / reference['tokens_per_second']:.2f}x" if reference else "-"
         print(f"{row['experts']:>7} {row['tokens']:>7} {row['impl']:>15} {row['tokens_per_second']:>12,.0f} "
               f"{row['ms']:>9.2f} {ratio:>13}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
