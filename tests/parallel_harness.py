@@ -9,6 +9,7 @@ DeepSpeed, whose ZeRO keeps them partitioned). Rank 0 saves {"losses", "val_loss
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def run_job(config, run_dir: Path, parallel=None, nan_at_step: int | None = None
 
     trainer.train_step = recording_step
     summary = trainer.train()
+    del trainer.train_step  # the wrapper holds the trainer: without this cycle it is freed when the job ends
     replica_gap = pool_replica_gap(trainer)
     grads = {}
     if not config.deepspeed.enabled:  # ZeRO keeps reduced gradients in its own partitions
@@ -94,6 +96,10 @@ def _worker(rank: int, world_size: int, init_file: str, jobs: list, data_cache: 
                 torch.save(result, Path(out_dir) / f"{name}.pt")
             dist.barrier()
     finally:
+        # free what still holds gloo work or groups (reference cycles) while the interpreter is whole: gloo
+        # objects destroyed during interpreter shutdown abort the process ("terminate called without an
+        # active exception")
+        gc.collect()
         dist.destroy_process_group()
 
 

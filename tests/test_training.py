@@ -160,4 +160,4 @@ def test_data_that_does_not_fit_the_model_is_refused(tiny_config, tmp_path):
         Trainer(tiny_config("configs/tiny_unipool_cpu.json", "model.seq_len=1000000"), tmp_path)
     with pytest.raises(DataError, match="indexed dataset file missing"):
         Trainer(tiny_config("configs/tiny_unipool_cpu.json", "data.corpus=null",
-                            f"data.train_prefix={tmp_path}/none", f"data.valid_prefix={tmp_path}/none"), tmp_path)
+                            f"data.train_prefix={tmp_path}/none", f"data.valid_prefix={tmp_path}/none_valid"), tmp_path)
