@@ -16,7 +16,8 @@ import torch
 
 from megatron_unipool.data import IndexedDatasetWriter
 from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, latest_checkpoint
-from megatron_unipool.training.checkpoint import load_checkpoint, load_trained_model, nan_tensors, save_checkpoint
+from megatron_unipool.training.checkpoint import (load_checkpoint, load_trained_model, nan_tensors, save_checkpoint,
+                                                  set_rng_state)
 
 REPO = Path(__file__).resolve().parents[1]
 UNIPOOL = "configs/tiny_unipool_cpu.json"
@@ -163,6 +164,39 @@ def test_a_foreign_torch_file_is_named_not_a_key_error(saved_run, tiny_config, t
     with pytest.raises(CheckpointError, match="is not a megatron_unipool checkpoint"):
         load_trained_model(foreign)
     assert unchanged(run, files)
+
+
+class _RunsCodeWhenUnpickled:
+    """What a crafted checkpoint could hold: unpickling it calls a function of the attacker's choice."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_loading_a_checkpoint_cannot_run_code_and_older_ones_still_load(saved_run, tmp_path):
+    """weights_only=True: a pickled callable is refused before it runs; a checkpoint of the earlier
+    format (numpy's RNG keys as an array) still loads and restores the RNG."""
+    run, _ = saved_run
+    payload = torch.load(run / "checkpoints/step_0000002/state.pt", weights_only=False)
+    crafted = tmp_path / "crafted" / "step_0000002"
+    crafted.mkdir(parents=True)
+    marker = tmp_path / "code_ran"
+    torch.save({**payload, "config": _RunsCodeWhenUnpickled(marker)}, crafted / "state.pt")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(crafted)
+    assert not marker.exists()
+
+    older = tmp_path / "older" / "step_0000002"
+    older.mkdir(parents=True)
+    np.random.seed(7)
+    torch.save({**payload, "rng": {**payload["rng"], "numpy": np.random.get_state()}}, older / "state.pt")
+    expected = np.random.rand(3)
+    np.random.seed(8)
+    set_rng_state(load_checkpoint(older)["rng"])
+    assert np.array_equal(np.random.rand(3), expected)
 
 
 def test_a_rerun_resumes_its_own_latest_not_checkpoint_load(saved_run, tiny_config, tmp_path):

@@ -5,7 +5,8 @@ checkpoint is written under a temporary name, fsynced and renamed (and the direc
 and `latest` is replaced last, so a crash or SIGKILL while saving leaves the previous checkpoint
 loadable. The one just written and the `keep_last - 1` other highest steps are kept. A payload
 holding a NaN is refused: resuming from it could only reproduce the failure. (Infinities are
-allowed: -inf is how UniPool-lock masks logits.)
+allowed: -inf is how UniPool-lock masks logits.) Checkpoints hold only tensors and plain Python
+values and are read with torch.load(weights_only=True): loading one cannot run code.
 """
 from __future__ import annotations
 
@@ -33,13 +34,21 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG, in types torch.load(weights_only=True) reads: numpy's key array as a list."""
+    name, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), *rest], "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
+
+
+# what checkpoints written before numpy's RNG keys became a list need, beyond weights_only's types:
+# numpy's array reconstruction (data only; no global can run code)
+_NUMPY_ARRAY_GLOBALS = [np.zeros(1).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -146,10 +155,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     file = path / "state.pt" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {path} (expected a step_* directory holding state.pt)")
-    try:
-        payload = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise CheckpointError(f"checkpoint {file} cannot be read ({e})") from e
+    try:  # weights_only: tensors and plain containers, so a crafted file cannot run code when loaded
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file, or one holding objects: say which
+        raise CheckpointError(f"checkpoint {file} cannot be read ({str(e).strip().splitlines()[-1][:300]})") from e
     missing = [key for key in PAYLOAD_KEYS if key not in payload] if isinstance(payload, dict) else list(PAYLOAD_KEYS)
     if missing:  # another program's torch.save file: its users would fail on a KeyError
         raise CheckpointError(f"{file} is not a megatron_unipool checkpoint (missing {', '.join(missing)})")
