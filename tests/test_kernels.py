@@ -408,6 +408,94 @@ def test_deferred_weight_gradients_without_rows_are_zeros():
     assert all(w.grad is not None and not w.grad.any() for w in weights)
 
 
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_deferred_sum_over_many_bf16_calls_keeps_fp32_precision(case):
+    """64 calls (layers) under bf16 autocast: the deferred weight gradient equals the fp32 sum of the
+    calls' own gradients, as per-layer accumulation into the fp32 .grad gives. The loop sums in fp32
+    (summing in bf16, rounded after every call, was 1e-2 off); one grouped_mm over every call's rows
+    rounds its total once to bf16 (its output dtype), as one layer's own gradient is."""
+    x0, counts_M, *weights = expert_inputs([4, 0, 4])
+    xs = [expert_inputs([4, 0, 4], seed=1 + i)[0].detach() for i in range(64)]
+
+    def gradients(deferred: bool):
+        for w in weights:
+            w.grad = None
+        anchor = torch.zeros((), requires_grad=True)
+        collector = DeferredWeightGradients() if deferred else None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if deferred:
+                anchor = collector.attach(anchor, *weights)
+            outs = [grouped_swiglu(x + anchor, counts_M, *weights, deferred=collector, **GEMM_CASES[case]) for x in xs]
+        sum(out.float().sum() for out in outs).backward()
+        return [w.grad.double() for w in weights]
+
+    expected = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
+    for x in xs:  # each call's gradient on its own, summed exactly
+        for w in weights:
+            w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = grouped_swiglu(x, counts_M, *weights, **GEMM_CASES[case])
+        out.float().sum().backward()
+        for total, w in zip(expected, weights):
+            total += w.grad.double()
+    tolerance = 1e-5 if GEMM_CASES[case]["backend"] == "loop" else 2 ** -8
+    for name, actual, total in zip(["w_gate", "w_up", "w_down"], gradients(deferred=True), expected):
+        assert_close_relative(actual, total, tolerance, f"{case} {name}")
+
+
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_a_backward_that_stops_short_of_the_anchor_leaves_nothing_behind(case):
+    """torch.autograd.grad to an intermediate tensor runs the calls' backward but not the anchor's:
+    the operands it collected must not be counted again by the next, full backward."""
+    x, counts_M, *weights = expert_inputs([2, 0, 3], hidden=8, width=8)
+
+    def forward(collector):
+        start = collector.attach(x, *weights) if collector else x
+        first = grouped_swiglu(start, counts_M, *weights, deferred=collector, **GEMM_CASES[case])
+        return first, grouped_swiglu(first, counts_M, *weights, deferred=collector, **GEMM_CASES[case])
+
+    _, out = forward(None)
+    expected = torch.autograd.grad(out.sum(), weights)
+    collector = DeferredWeightGradients()
+    first, out = forward(collector)
+    torch.autograd.grad(out.sum(), first, retain_graph=True)  # stops at `first`: no anchor in this pass
+    out.sum().backward()
+    for name, w, e in zip(["w_gate", "w_up", "w_down"], weights, expected):
+        assert_close_relative(w.grad, e, 1e-6, f"{case} {name}")
+
+
+def test_apex_without_its_cuda_extension_is_not_picked(monkeypatch):
+    """apex imports fused_layer_norm_cuda at its first call: an apex built without --cuda_ext must be
+    found out at import, or 'auto' would pick it and fail in the first forward (stub modules here)."""
+    import importlib
+    import sys
+    import types
+
+    module = importlib.import_module("megatron_unipool.kernels.rms_norm")
+    fused = types.ModuleType("apex.normalization.fused_layer_norm")
+    fused.fused_rms_norm_affine = lambda *args: None
+    for name, stub in [("apex", types.ModuleType("apex")), ("apex.normalization", types.ModuleType("apex.normalization")),
+                       ("apex.normalization.fused_layer_norm", fused)]:
+        monkeypatch.setitem(sys.modules, name, stub)
+    try:
+        monkeypatch.setitem(sys.modules, "fused_layer_norm_cuda", None)  # not built: importing it fails
+        assert importlib.reload(module).fused_rms_norm_affine is None
+        monkeypatch.setitem(sys.modules, "fused_layer_norm_cuda", types.ModuleType("fused_layer_norm_cuda"))
+        assert importlib.reload(module).fused_rms_norm_affine is fused.fused_rms_norm_affine
+    finally:
+        monkeypatch.undo()
+        importlib.reload(module)
+
+
+def test_sharding_a_frozen_pool_keeps_it_frozen():
+    from megatron_unipool.moe import ExpertPool
+
+    pool = ExpertPool(4, 8, 16, 0.02, 0.02)
+    pool.requires_grad_(False)
+    pool.shard_(1, 2, None)
+    assert all(not w.requires_grad and w.shape[0] == 2 for w in (pool.w_gate, pool.w_up, pool.w_down))
+
+
 def saved_activation_bytes(model, tokens) -> int:
     """Bytes autograd keeps for backward during one forward (parameters excluded)."""
     parameters = {p.data_ptr() for p in model.parameters()}

@@ -220,6 +220,20 @@ class DeferredWeightGradients:
     def __init__(self):
         self._slices: list[dict[int, tuple]] = []  # segment loop: per call, expert -> its rows' operands
         self._rows: list[tuple] = []  # grouped_mm: per call, (counts_M, *expert-sorted operands)
+        self._discard_queued = False
+
+    def _discard_at_end_of_backward(self) -> None:
+        """A backward pass that does not reach `attach`'s tensor (e.g. torch.autograd.grad of the
+        router alone, retain_graph=True) must not leave its operands to be counted again by the next."""
+        if self._discard_queued:
+            return
+        self._discard_queued = True
+
+        def discard():
+            self._discard_queued = False
+            self._slices, self._rows = [], []
+
+        torch.autograd.Variable._execution_engine.queue_callback(discard)  # as DDP and FSDP do
 
     def attach(self, anchor: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
         """`anchor`, unchanged, wired so that its backward gives `weights` (w_gate, w_up, w_down)
@@ -229,11 +243,13 @@ class DeferredWeightGradients:
 
     def add_slices(self, slices: dict[int, tuple]) -> None:
         """One segment-loop call: expert -> (x, grad_gate, grad_up, hidden, grad_out) of its rows."""
+        self._discard_at_end_of_backward()
         self._slices.append(slices)
 
     def add_rows(self, counts_M: torch.Tensor, *operands: torch.Tensor) -> None:
         """One grouped_mm call: x, grad_gate, grad_up, hidden, grad_out, sorted by expert; rows past
         the counts (padding) are ignored."""
+        self._discard_at_end_of_backward()
         self._rows.append((counts_M, *operands))
 
     def weight_gradients(self, weights) -> tuple[torch.Tensor, ...] | None:
@@ -250,16 +266,24 @@ class DeferredWeightGradients:
 
 def _accumulated_weight_gradient(calls: list[dict[int, tuple]], g: int, i: int, like: torch.Tensor):
     """Expert by expert, the sum over the calls of operand g^T operand i over the expert's rows: the
-    expert's [N, K] sum stays in cache while each call's GEMM accumulates into it; zero without rows."""
-    out = next(iter(calls[0].values()))[g].new_empty(like.shape)  # a call has rows, or it would not be here
+    expert's [N, K] sum stays in cache while each call's GEMM accumulates into it; zero without rows.
+    The sum is kept in fp32 at least: with bf16 operands, rounding it after every call would lose
+    more the more layers share the pool (per-layer gradients are summed in the fp32 weights' .grad)."""
+    first = next(iter(calls[0].values()))[g]  # a call has rows, or it would not be here
+    total_dtype = torch.promote_types(first.dtype, torch.float32)
+    out = first.new_empty(like.shape, dtype=total_dtype)
     for e in range(out.shape[0]):
         parts = [call[e] for call in calls if e in call]
         if not parts:
             out[e].zero_()
-            continue
-        torch.mm(parts[0][g].t(), parts[0][i], out=out[e])
-        for part in parts[1:]:
-            out[e].addmm_(part[g].t(), part[i])
+        elif total_dtype == first.dtype:
+            torch.mm(parts[0][g].t(), parts[0][i], out=out[e])
+            for part in parts[1:]:
+                out[e].addmm_(part[g].t(), part[i])
+        else:
+            out[e].copy_(parts[0][g].t() @ parts[0][i])
+            for part in parts[1:]:
+                out[e].add_(part[g].t() @ part[i])
     return out
 
 

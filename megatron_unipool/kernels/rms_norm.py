@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 try:  # optional extra: NVIDIA apex built with its CUDA extensions
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+    import fused_layer_norm_cuda  # noqa: F401  apex imports it at the first call: without --cuda_ext, fail here
 except ImportError:  # pragma: no cover - depends on the installation
     fused_rms_norm_affine = None
 

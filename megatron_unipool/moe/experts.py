@@ -37,7 +37,8 @@ class ExpertPool(nn.Module):
     def shard_(self, rank: int, parts: int, group: Group) -> None:
         """Keep experts [rank * M/parts, (rank + 1) * M/parts); tokens for the others travel over `group`."""
         for name in self.WEIGHTS:
-            setattr(self, name, nn.Parameter(getattr(self, name).data.chunk(parts)[rank].clone()))
+            full = getattr(self, name)  # a frozen pool stays frozen
+            setattr(self, name, nn.Parameter(full.data.chunk(parts)[rank].clone(), requires_grad=full.requires_grad))
         self.ep_group = group
 
     @contextlib.contextmanager
