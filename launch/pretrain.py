@@ -26,12 +26,13 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 from megatron_unipool.config import ConfigError, load_config  # noqa: E402
+from megatron_unipool.kernels import KernelUnavailableError  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, init_parallel  # noqa: E402
 
-# reported as one line (a ConfigError here: a file the config names changed after loading); anything else is a
-# bug: traceback
-RUN_ERRORS = (CheckpointError, ConfigError, DataError, NonFiniteError)
+# reported as one line (a ConfigError here: a file the config names changed after loading; KernelUnavailableError:
+# a kernel choice this machine cannot run); anything else is a bug: traceback
+RUN_ERRORS = (CheckpointError, ConfigError, DataError, KernelUnavailableError, NonFiniteError)
 # what gloo and NCCL say when a peer died (its sockets closed) or hangs (parallel.timeout_s ran out)
 PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection closed", "Broken pipe", "NCCL error")
 

@@ -41,7 +41,7 @@ def test_moe_layer_benchmark_reports_a_failed_shape_and_measures_the_rest(tmp_pa
     assert failed["impl"] == "ours_grouped_mm" and "expert_gemm='grouped_mm' is not available" in failed["error"]
     assert "tokens_per_second" not in failed
     assert measured["impl"] == "loop" and measured["tokens_per_second"] > 0 and "error" not in measured
-    assert "failed: RuntimeError" in done.stdout
+    assert "failed: KernelUnavailableError" in done.stdout
 
 
 def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_unipool.config import ModelConfig, MoEConfig, TrainConfig
-from megatron_unipool.kernels import DeferredWeightGradients, causal_attention, grouped_swiglu, rms_norm
+from megatron_unipool.kernels import (DeferredWeightGradients, KernelUnavailableError, causal_attention, grouped_swiglu,
+                                      rms_norm)
 from megatron_unipool.kernels.attention import flash_available
 from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, resolve_expert_gemm
 from megatron_unipool.kernels.rms_norm import apex_rms_norm_available
@@ -130,7 +131,7 @@ def test_expert_gemm_choice_and_clear_refusal():
     x, counts_M, w_gate, w_up, w_down = expert_inputs([2, 3], hidden=6, width=10)  # rows not 16-byte aligned
     assert not grouped_mm_supported(x, w_gate, w_down)
     assert resolve_expert_gemm("auto", x, w_gate, w_down) == "loop"
-    with pytest.raises(RuntimeError, match="model.expert_gemm='grouped_mm'.*multiples of 4"):
+    with pytest.raises(KernelUnavailableError, match="model.expert_gemm='grouped_mm'.*multiples of 4"):
         grouped_swiglu(x, counts_M, w_gate, w_up, w_down, backend="grouped_mm")
 
 
@@ -169,7 +170,7 @@ def test_apex_rms_norm_refused_without_apex_and_cuda():
     x = torch.randn(2, 8)
     if apex_rms_norm_available(x):
         pytest.skip("apex is usable here")
-    with pytest.raises(RuntimeError, match="model.rms_norm='apex' needs NVIDIA apex"):
+    with pytest.raises(KernelUnavailableError, match="model.rms_norm='apex' needs NVIDIA apex"):
         rms_norm(x, torch.ones(8), 1e-5, backend="apex")
 
 
@@ -226,7 +227,7 @@ def test_flash_attention_matches_reference():
 
 def test_flash_attention_refused_where_unavailable():
     q, k, v = attention_inputs()
-    with pytest.raises(RuntimeError, match="model.attention='flash' needs"):
+    with pytest.raises(KernelUnavailableError, match="model.attention='flash' needs"):
         causal_attention(q, k, v, "flash")
 
 
@@ -269,7 +270,7 @@ def test_apex_adamw_refused_without_apex():
         pytest.skip("apex is installed")
     except ImportError:
         pass
-    with pytest.raises(RuntimeError, match="train.adamw='apex' needs NVIDIA apex"):
+    with pytest.raises(KernelUnavailableError, match="train.adamw='apex' needs NVIDIA apex"):
         build_optimizer(torch.nn.Linear(2, 2), TrainConfig(adamw="apex"))
 
 

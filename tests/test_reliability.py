@@ -114,6 +114,9 @@ def test_pruning_orders_steps_by_number_and_never_deletes_the_new_checkpoint(tmp
     assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000003", "step_0000060"]
     save_checkpoint(tmp_path / "rerun", 4, {"w": torch.zeros(1)}, keep_last=1)
     assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000004"]
+    (tmp_path / "rerun" / ".step_0000005.tmp").mkdir()  # a save of step 5 killed half-way
+    save_checkpoint(tmp_path / "rerun", 6, {"w": torch.zeros(1)}, keep_last=1)
+    assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000006"]
 
 
 # ------------------------------------------------------------------ bad checkpoints
@@ -362,9 +365,15 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_and_resume_matches(unin
     assert not half_written.parent.exists()
 
 
-def test_launcher_reports_run_errors_in_one_line(data_cache, tmp_path):
-    command = launch_command(tmp_path / "run", data_cache) + ["--set", f"checkpoint.load={tmp_path / 'nowhere'}"]
+@pytest.mark.parametrize("setting, message", [
+    ("checkpoint.load=nowhere", "error: no checkpoint at"),
+    ("model.attention=flash", "error: model.attention='flash' needs the flash-attn package"),  # at the first forward
+    ("train.adamw=apex", "error: train.adamw='apex' needs NVIDIA apex"),  # when the optimizer is built
+], ids=["checkpoint", "kernel", "optimizer"])
+def test_launcher_reports_run_errors_in_one_line(setting, message, data_cache, tmp_path):
+    """A missing checkpoint, or a kernel choice this CPU machine cannot run: one line, no traceback."""
+    command = launch_command(tmp_path / "run", data_cache) + ["--set", setting]
     done = subprocess.run([sys.executable] + command, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr.strip().startswith("error: no checkpoint at") and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith(message) and "Traceback" not in done.stderr, done.stderr[-1500:]

@@ -1,4 +1,5 @@
 """Compute kernels with plain-PyTorch fallbacks; nothing here knows about models."""
 from .attention import causal_attention
+from .errors import KernelUnavailableError
 from .grouped_gemm import DeferredWeightGradients, autocast_dtype, grouped_swiglu
 from .rms_norm import rms_norm

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import KernelUnavailableError
+
 try:  # optional extra; only used on CUDA with half precision
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the installation
@@ -28,7 +30,7 @@ def flash_available(q: torch.Tensor) -> bool:
 def causal_attention(q_BHSK: torch.Tensor, k_BGSK: torch.Tensor, v_BGSK: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Grouped-query causal attention; returns [B, H, S, K]."""
     if backend == "flash" and not flash_available(q_BHSK):
-        raise RuntimeError("model.attention='flash' needs the flash-attn package, a CUDA device, bf16/fp16 and a"
+        raise KernelUnavailableError("model.attention='flash' needs the flash-attn package, a CUDA device, bf16/fp16 and a"
                            f" head dim of at most {FLASH_MAX_HEAD_DIM} (here {q_BHSK.shape[-1]})")
     if backend in ("auto", "flash") and flash_available(q_BHSK):
         out = flash_attn_func(q_BHSK.transpose(1, 2), k_BGSK.transpose(1, 2), v_BGSK.transpose(1, 2), causal=True)

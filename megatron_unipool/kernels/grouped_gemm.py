@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import KernelUnavailableError
+
 GROUPED_MM_ALIGN_BYTES = 16
 # The weight-gradient operands of one call are (x, grad_gate, grad_up, hidden, grad_out); each weight's
 # gradient is grad^T input over its expert's rows, with (grad, input) at these positions, for w_gate,
@@ -39,7 +41,7 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def resolve_expert_gemm(backend: str, x: torch.Tensor, *weights: torch.Tensor) -> str:
     if backend == "grouped_mm" and not grouped_mm_supported(x, *weights):
-        raise RuntimeError(
+        raise KernelUnavailableError(
             f"model.expert_gemm='grouped_mm' is not available for {x.dtype} on {x.device.type} with expert"
             f" shapes {[tuple(w.shape) for w in weights]} (needs torch._grouped_mm, bf16 on CUDA, widths that"
             f" are multiples of {GROUPED_MM_ALIGN_BYTES // x.element_size()}); use 'auto' or 'loop'"

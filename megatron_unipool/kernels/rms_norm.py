@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import KernelUnavailableError
+
 try:  # optional extra: NVIDIA apex built with its CUDA extensions
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine
     import fused_layer_norm_cuda  # noqa: F401  apex imports it at the first call: without --cuda_ext, fail here
@@ -19,7 +21,7 @@ def apex_rms_norm_available(x: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
     if backend == "apex" and not apex_rms_norm_available(x):
-        raise RuntimeError("model.rms_norm='apex' needs NVIDIA apex (with its CUDA extensions) and a CUDA device")
+        raise KernelUnavailableError("model.rms_norm='apex' needs NVIDIA apex (with its CUDA extensions) and a CUDA device")
     if backend in ("auto", "apex") and apex_rms_norm_available(x):
         return fused_rms_norm_affine(x, weight, weight.shape, eps)
     return F.rms_norm(x, weight.shape, weight, eps)

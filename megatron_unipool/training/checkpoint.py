@@ -103,11 +103,14 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
 
 def _prune(directory: Path, written: Path, keep_last: int) -> None:
     """Keep `written` and the `keep_last - 1` other highest steps, ordered by number, not name (step_10000000
-    sorts before step_9999999, and a directory may hold higher steps of an earlier run)."""
+    sorts before step_9999999, and a directory may hold higher steps of an earlier run); remove what
+    saves killed half-way left (.step_N.tmp)."""
     others = [(int(m.group(1)), p) for p in directory.iterdir()
               if p != written and p.is_dir() and (m := _STEP_DIRECTORY.fullmatch(p.name))]
     for _, old in sorted(others)[:max(0, len(others) - (keep_last - 1))]:
         shutil.rmtree(old)
+    for unfinished in directory.glob(".step_*.tmp"):
+        shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def checkpoint_payload(config: Config, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, dict],

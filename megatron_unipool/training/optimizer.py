@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
+from ..kernels import KernelUnavailableError
 
 
 def decay_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
@@ -29,9 +30,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig, groups: list[dict] | 
         try:
             from apex.optimizers import FusedAdam
         except ImportError as error:
-            raise RuntimeError("train.adamw='apex' needs NVIDIA apex built with its CUDA extensions") from error
+            raise KernelUnavailableError("train.adamw='apex' needs NVIDIA apex built with its CUDA extensions") from error
         if not on_cuda:
-            raise RuntimeError("train.adamw='apex' needs the model on a CUDA device")
+            raise KernelUnavailableError("train.adamw='apex' needs the model on a CUDA device")
         return FusedAdam(groups, adam_w_mode=True, **hyper)
     if config.adamw == "fused" or (config.adamw == "auto" and on_cuda):
         return torch.optim.AdamW(groups, fused=True, **hyper)
