@@ -49,7 +49,7 @@ MODELS = {
 
 
 def run_dir_of(name: str, seed: int, output: Path) -> Path:
-    return output.resolve() / name / f"seed{seed}"  # absolute: the launcher runs in REPO
+    return output / name / f"seed{seed}"
 
 
 def refuse_stale(name: str, seed: int, output: Path, overrides: list[str]) -> None:
@@ -69,7 +69,7 @@ def refuse_stale(name: str, seed: int, output: Path, overrides: list[str]) -> No
 
 
 def run(name: str, seed: int, output: Path, overrides: list[str]) -> dict:
-    refuse_stale(name, seed, output, overrides)
+    """Train (or reuse) one run; main has refused stale run directories before anything trained."""
     run_dir = run_dir_of(name, seed, output)
     summary, recorded, log_path = run_dir / "summary.json", run_dir / "overrides.json", run_dir / "log.txt"
     config, model_overrides = MODELS[name]
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="applied to every run, e.g. train.max_steps=300")
     args = parser.parse_args(argv)
-    args.output = args.output.resolve()
+    args.output = args.output.resolve()  # absolute: the launcher runs in REPO
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     total, done, started = len(args.models) * len(args.seeds), 0, time.perf_counter()

@@ -296,17 +296,18 @@ class Trainer:
             interval = cfg.logging.utilisation_interval
             logger.utilisation(step, routing.counts_per_pool, image=last or (interval and step % interval == 0))
             if last or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
-                self.state.val_losses.append((step, self.evaluate()))
-                logger.evaluation(step, self.state.val_losses[-1][1])
+                self._record_evaluation(logger)
             if last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
                 self.save()
         if not self.state.val_losses or self.state.val_losses[-1][0] != self.state.step:
-            # resumed at (or past) max_steps: no step ran, so neither did the final evaluation
-            self.state.val_losses.append((self.state.step, self.evaluate()))
-            logger.evaluation(self.state.step, self.state.val_losses[-1][1])
+            self._record_evaluation(logger)  # resumed at (or past) max_steps: no step ran, so neither did this
         summary = self.summary()
         logger.close(summary)
         return summary
+
+    def _record_evaluation(self, logger: MetricsLogger) -> None:
+        self.state.val_losses.append((self.state.step, self.evaluate()))
+        logger.evaluation(*self.state.val_losses[-1])
 
     def summary(self) -> dict:
         s, b = self.state, self.budget
