@@ -30,7 +30,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, grouped_swiglu  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from moe_layer import compute_dtype, measure_row, measured_twin, time_forward_backward  # noqa: E402
+from measurement import add_ratios, compute_dtype, measure_row, print_table, time_forward_backward  # noqa: E402
 
 
 def expert_counts(rows: int, experts: int, balance: str, seed: int = 0) -> list[int]:
@@ -95,16 +95,10 @@ def main(argv=None) -> int:
                             args.json)
     print(f"expert SwiGLU forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"{str(dtype).removeprefix('torch.')}, {args.balance} loads")
-    print(f"{'experts':>7} {'rows':>7} {'impl':>10} {'ms':>9} {'TFLOP/s':>9} {'vs dense':>9}")
-    for row in results:
-        if "error" in row:
-            print(f"{row['experts']:>7} {row['rows']:>7} {row['impl']:>10}  failed: {row['error']}")
-            continue
-        dense = measured_twin(results, row, "dense", "rows")
-        row["vs_dense"] = row["tflops"] / dense["tflops"] if dense else None
-        ratio = f"{row['vs_dense']:>8.0%}" if dense else "       -"
-        print(f"{row['experts']:>7} {row['rows']:>7} {row['impl']:>10} {row['ms']:>9.2f} {row['tflops']:>9.3f} {ratio}")
-    if args.json:  # again, with the vs_dense ratios
+    add_ratios(results, "dense", "rows", "tflops", "vs_dense")
+    print_table(results, [("experts", "experts", 7, ""), ("rows", "rows", 7, ""), ("impl", "impl", 10, ""),
+                          ("ms", "ms", 9, "{:.2f}"), ("TFLOP/s", "tflops", 9, "{:.3f}"), ("vs dense", "vs_dense", 9, "{:.0%}")])
+    if args.json:  # again, with the ratios
         args.json.write_text(json.dumps(results, indent=2))
     return 0
 

@@ -4,9 +4,9 @@ a dense SwiGLU of equal active FLOPs, over token and expert counts, measured in 
     python benchmarks/moe_layer.py [--tokens 2048 8192] [--experts 8 32] [--json results.json]
 
 Prints a table (tokens/s and the ratio to DeepSpeed's layer) and writes one JSON row per
-measurement: impl (ours | ours_grouped_mm | ours_loop | deepspeed | loop | dense), tokens, experts, top_k,
-hidden, ffn, dtype, tokens_per_second, ms, device (or `error` where a measurement failed, e.g. out of
-memory: the others still run). Weights stay fp32 and bf16 runs under autocast, as in training
+measurement: impl (ours | ours_grouped_mm | ours_loop | deepspeed | loop | dense), tokens, experts,
+top_k, hidden, ffn, dtype, tokens_per_second, ms, vs_deepspeed (null without DeepSpeed's row),
+device (or `error` where a measurement failed, e.g. out of memory: the others still run). Weights stay fp32 and bf16 runs under autocast, as in training
 (`--dtype auto`: bf16 on CUDA). `ours` uses the expert GEMM that model.expert_gemm='auto'
 picks on this device (torch._grouped_mm on CUDA, the segment loop on CPU); by default the other one
 is measured too, as `ours_loop` on CUDA or `ours_grouped_mm` on CPU. Routing is softmax top-k;
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +35,7 @@ from megatron_unipool.config import MoEConfig  # noqa: E402
 from megatron_unipool.moe import ExpertPool, MoELayer, PoolStats, SwiGLU  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
+from measurement import add_ratios, compute_dtype, measure_row, print_table, time_forward_backward  # noqa: E402
 
 INIT_STD = 0.02
 
@@ -81,57 +80,6 @@ def build_deepspeed(hidden, ffn, experts, top_k, capacity_factor):
 def build_dense(hidden, ffn, experts, top_k):
     mlp = SwiGLU(hidden, top_k * ffn, INIT_STD, INIT_STD)  # the FLOPs of k experts per token
     return mlp, mlp, list(mlp.parameters())
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--dtype: fp32, bf16, or auto (bf16 on CUDA, fp32 elsewhere)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
-def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocast_to: torch.dtype | None = None
-                          ) -> float:
-    """Median seconds of one forward + backward (the forward under autocast when `autocast_to` is given)."""
-    times = []
-    for i in range(warmup + repeats):
-        for p in params:
-            p.grad = None
-        x.grad = None
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=autocast_to, enabled=autocast_to is not None):
-            loss = forward(x).float().pow(2).mean()
-        loss.backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def measure_row(rows: list[dict], row: dict, label: str, measure, derive, json_path: Path | None) -> None:
-    """Fill `row` with `derive(seconds)` of `measure()`, or with `error` when it raised (out of memory,
-    a shape a kernel refuses, DeepSpeed refusing a config: the other measurements go on); append it
-    and rewrite the JSON, so that a run stopped at its time limit keeps what it measured."""
-    try:
-        seconds = measure()
-    except Exception as error:
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-        print(f"  failed   {label}: {row['error']}", file=sys.stderr, flush=True)
-    else:
-        row.update(derive(seconds))
-        print(f"  measured {label}: {1e3 * seconds:8.2f} ms", file=sys.stderr, flush=True)
-    rows.append(row)
-    if json_path:
-        json_path.write_text(json.dumps(rows, indent=2))
-
-
-def measured_twin(rows: list[dict], row: dict, impl: str, size: str) -> dict | None:
-    """The measured row of `impl` at `row`'s shape (`size`: the rows' size column), for ratios."""
-    return next((r for r in rows if r["impl"] == impl and r[size] == row[size] and r["experts"] == row["experts"]
-                 and "error" not in r), None)
 
 
 def main(argv=None) -> int:
@@ -182,15 +130,12 @@ def main(argv=None) -> int:
                             args.json)
     print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"top-{args.top_k}, {dtype_name}")
-    print(f"{'experts':>7} {'tokens':>7} {'impl':>15} {'tokens/s':>12} {'ms':>9} {'vs deepspeed':>13}")
-    for row in rows:
-        if "error" in row:
-            print(f"{row['experts']:>7} {row['tokens']:>7} {row['impl']:>15}  failed: {row['error']}")
-            continue
-        reference = measured_twin(rows, row, "deepspeed", "tokens")
-        ratio = f"{row['tokens_per_second'] / reference['tokens_per_second']:.2f}x" if reference else "-"
-        print(f"{row['experts']:>7} {row['tokens']:>7} {row['impl']:>15} {row['tokens_per_second']:>12,.0f} "
-              f"{row['ms']:>9.2f} {ratio:>13}")
+    add_ratios(rows, "deepspeed", "tokens", "tokens_per_second", "vs_deepspeed")
+    print_table(rows, [("experts", "experts", 7, ""), ("tokens", "tokens", 7, ""), ("impl", "impl", 15, ""),
+                       ("tokens/s", "tokens_per_second", 12, "{:,.0f}"), ("ms", "ms", 9, "{:.2f}"),
+                       ("vs deepspeed", "vs_deepspeed", 13, "{:.2f}x")])
+    if args.json:  # again, with the ratios
+        args.json.write_text(json.dumps(rows, indent=2))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -28,10 +28,9 @@ import torch  # noqa: E402
 
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, build_datasets  # noqa: E402
-from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
 from megatron_unipool.training.datasets import validation_batches  # noqa: E402
 from megatron_unipool.training.plots import save_atomically, utilisation_figure  # noqa: E402
-from megatron_unipool.training.probe import record_routing, unique_experts_by_depth  # noqa: E402
+from megatron_unipool.training.probe import load_routed_model, record_routing, unique_experts_by_depth  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
-        path, _, config, model = load_trained_model(args.checkpoint)
-        if config.moe.kind == "dense":
-            raise ValueError("the checkpoint is a dense model: it has no experts")
+        path, config, model = load_routed_model(args.checkpoint, "it has no experts")
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,10 +31,9 @@ import torch  # noqa: E402
 
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, build_datasets  # noqa: E402
-from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
 from megatron_unipool.training.datasets import validation_batches  # noqa: E402
 from megatron_unipool.training.plots import save_atomically  # noqa: E402
-from megatron_unipool.training.probe import probe  # noqa: E402
+from megatron_unipool.training.probe import load_routed_model, probe  # noqa: E402
 
 
 def chosen_layers(spec: str, moe_layers: list[int]) -> list[int]:
@@ -82,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
-        path, _, config, model = load_trained_model(args.checkpoint)
-        if config.moe.kind == "dense":
-            raise ValueError("the checkpoint is a dense model: there is no routing to probe")
+        path, config, model = load_routed_model(args.checkpoint, "there is no routing to probe")
         layers = chosen_layers(args.layers, config.moe.moe_layers(config.model.num_layers))
         top_n = config.moe.num_experts if args.top_n is None else args.top_n
         if top_n and top_n < config.moe.top_k:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import Config
 from ..model import LanguageModel
 from ..moe import MoELayer
 from ..moe.router import Routing
+from .checkpoint import load_trained_model
 
 
 class RandomRouting(nn.Module):
@@ -58,6 +61,15 @@ def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor]) -> float:
         total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
     return total / count
+
+
+def load_routed_model(checkpoint: Path, why: str) -> tuple[Path, Config, LanguageModel]:
+    """(checkpoint path, config, model) of a trained MoE run for the routing tools; a dense one is a
+    ValueError saying `why` they need experts."""
+    path, _, config, model = load_trained_model(checkpoint)
+    if config.moe.kind == "dense":
+        raise ValueError(f"the checkpoint is a dense model: {why}")
+    return path, config, model
 
 
 @torch.no_grad()

@@ -1,0 +1,81 @@
+"""What the layer and GEMM benchmarks share: timing a forward + backward, recording each measurement
+(or why it failed) as a JSON row as soon as it is taken, and printing the rows as a table."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype: fp32, bf16, or auto (bf16 on CUDA, fp32 elsewhere)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocast_to: torch.dtype | None = None
+                          ) -> float:
+    """Median seconds of one forward + backward (the forward under autocast when `autocast_to` is given)."""
+    times = []
+    for i in range(warmup + repeats):
+        for p in params:
+            p.grad = None
+        x.grad = None
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.autocast(x.device.type, dtype=autocast_to, enabled=autocast_to is not None):
+            loss = forward(x).float().pow(2).mean()
+        loss.backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure_row(rows: list[dict], row: dict, label: str, measure, derive, json_path: Path | None) -> None:
+    """Fill `row` with `derive(seconds)` of `measure()`, or with `error` when it raised (out of memory,
+    a shape a kernel refuses, DeepSpeed refusing a config: the other measurements go on); append it
+    and rewrite the JSON, so that a run stopped at its time limit keeps what it measured."""
+    try:
+        seconds = measure()
+    except Exception as error:
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        print(f"  failed   {label}: {row['error']}", file=sys.stderr, flush=True)
+    else:
+        row.update(derive(seconds))
+        print(f"  measured {label}: {1e3 * seconds:8.2f} ms", file=sys.stderr, flush=True)
+    rows.append(row)
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2))
+
+
+def add_ratios(rows: list[dict], reference: str, size: str, value: str, ratio: str) -> None:
+    """row[ratio] = row[value] / the same shape's `reference` impl's (None where that one failed or
+    was not measured); `size` names the rows' size column (shape = experts and size)."""
+    for row in rows:
+        if "error" in row:
+            continue
+        twin = next((r for r in rows if r["impl"] == reference and r[size] == row[size]
+                     and r["experts"] == row["experts"] and "error" not in r), None)
+        row[ratio] = row[value] / twin[value] if twin else None
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, int, str]]) -> None:
+    """One line per row; `columns`: (header, row key, width, template such as "{:.2f}x"). The first
+    three columns name the shape and impl, so a failed row prints those and its error; a missing
+    value prints '-'."""
+    print(" ".join(f"{header:>{width}}" for header, _, width, _ in columns))
+    for row in rows:
+        shape = " ".join(f"{row[key]:>{width}}" for _, key, width, _ in columns[:3])
+        if "error" in row:
+            print(f"{shape}  failed: {row['error']}")
+            continue
+        values = [template.format(row[key]) if row.get(key) is not None else "-" for _, key, _, template in columns[3:]]
+        print(shape, " ".join(f"{value:>{width}}" for value, (_, _, width, _) in zip(values, columns[3:])))
