@@ -546,3 +546,15 @@ def test_reproduction_reports_a_failed_run_with_its_log(reproduce_tool, tmp_path
     log = tmp_path / "shared-pool-layer-aux-softmax" / "seed1" / "log.txt"
     assert message.startswith("error: shared-pool-layer-aux-softmax seed 1 failed (exit status 1)")
     assert str(log) in message and "log line 39" in message and "log line 5\n" not in message
+
+
+@pytest.mark.parametrize("tool, message", [("routing_probe.py", "there is no routing to probe"),
+                                           ("plot_utilisation.py", "it has no experts")])
+def test_routing_tools_refuse_a_dense_checkpoint(data_cache, tmp_path, tool, message):
+    config = small_config(data_cache, "dense", "train.max_steps=1", "train.eval_batches=1")
+    Trainer(config, tmp_path / "dense", device=torch.device("cpu")).train()
+    done = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--checkpoint", str(tmp_path / "dense"),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == f"error: the checkpoint is a dense model: {message}"
+    assert not (tmp_path / "out").exists()
