@@ -40,7 +40,10 @@ CONFIGS = sorted((REPO / "configs").glob("*.json"))
         ("train.precision=fp16", "train.precision: 'fp16' is not one of 'fp32', 'bf16'"),
         ("train.global_batch=10", "train.global_batch=10 must be a multiple of train.micro_batch=4"),
         ("train.lr=-1", "train.lr: -1.0 must be >= 0.0"),
-        ("train.beta2=1.5", "train.beta2: 1.5 must be <= 1.0"),
+        ("train.beta2=1.5", "train.beta2: 1.5 must be < 1.0"),
+        ("train.beta1=1", "train.beta1: 1.0 must be < 1.0"),  # AdamW refuses it when it is built
+        ("train.seed=18446744073709551616", "train.seed: 18446744073709551616 must be <= 18446744073709551615"),
+        ("moe.norm_router_c=0", "moe.norm_router_c: 0.0 must be > 0.0"),  # every score 0: no token reaches an expert
         ("train.min_lr=1", "train.min_lr=1.0 must not exceed train.lr"),
         ("parallel.tp=2", "world size 1 must be divisible by parallel.tp=2"),
         ("parallel.ep=3", "32 experts per pool must be divisible by parallel.ep=3"),
@@ -98,6 +101,35 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "broken.json")
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["max_steps=3"])
+
+
+def test_a_key_given_twice_is_refused_not_merged(tmp_path):
+    """json keeps the last of two equal keys: a second "moe" object would silently replace the first."""
+    path = tmp_path / "twice.json"
+    path.write_text('{"moe": {"kind": "vanilla", "aux_loss": "layer"}, "train": {"lr": 0.1}, "moe": {"top_k": 2}}')
+    with pytest.raises(ConfigError, match=r"twice\.json is not valid JSON: 'moe' given more than once"):
+        load_config(path)
+    path.write_text('{"train": {"lr": 0.1, "max_steps": 5, "lr": 0.001}}')
+    with pytest.raises(ConfigError, match=r"'lr' given more than once in one object \(in the object with keys 'lr',"
+                                          r" 'max_steps'\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, field, value", [
+    ("train.lr=.001", "lr", 0.001), ("train.lr=5.", "lr", 5.0), ("train.lr=+0.002", "lr", 0.002),
+    ("train.max_steps=020", "max_steps", 20),
+])
+def test_overrides_take_numbers_written_the_python_way(override, field, value):
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json", [override])
+    assert getattr(config.train, field) == value and type(getattr(config.train, field)) is type(value)
+
+
+def test_a_string_field_takes_an_override_as_written():
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json", ["data.cache_dir=2024", "checkpoint.load=1e3"])
+    assert config.data.cache_dir == "2024" and config.checkpoint.load == "1e3"
+    assert load_config(REPO / "configs/tiny_unipool_cpu.json", ["checkpoint.load=null"]).checkpoint.load is None
+    with pytest.raises(ConfigError, match="train.lr: expected float, got str '1e-3x'"):
+        load_config(REPO / "configs/tiny_unipool_cpu.json", ["train.lr=1e-3x"])
 
 
 def test_overrides_are_typed_like_the_file():

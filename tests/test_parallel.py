@@ -344,14 +344,24 @@ def test_deepspeed_config_is_generated_from_train_and_merged(tmp_path):
     from megatron_unipool.training.backends import deepspeed_config
 
     extra = tmp_path / "ds.json"
+    overrides = ["deepspeed.enabled=true", "deepspeed.zero_stage=1", f"deepspeed.config_file={extra}",
+                 "train.precision=bf16"]
+    # what the run's sections decide cannot also come from the file: refused, naming where it is set
     extra.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "train_batch_size": 1,
-                                 "comms_logger": {"enabled": True}}))
-    config = load_config("configs/tiny_unipool_cpu.json", ["deepspeed.enabled=true", "deepspeed.zero_stage=1",
-                                                            f"deepspeed.config_file={extra}", "train.precision=bf16"])
+                                 "fp16": {"enabled": True}, "optimizer": {"type": "Adam"}, "scheduler": {}}))
+    with pytest.raises(ConfigError) as refused:
+        load_config("configs/tiny_unipool_cpu.json", overrides)
+    for named in ("train_batch_size (set train.global_batch)", "fp16 (set train.precision", "optimizer (set train.lr",
+                  "scheduler (set train.lr", "zero_optimization.stage (set deepspeed.zero_stage)"):
+        assert named in str(refused.value)
+    extra.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "comms_logger": {"enabled": True},
+                                 "steps_per_print": 5}))
+    config = load_config("configs/tiny_unipool_cpu.json", overrides)
     generated = deepspeed_config(config, micro_batches=4)
-    assert generated["train_batch_size"] == config.train.global_batch  # ours wins over the file's
+    assert generated["train_batch_size"] == config.train.global_batch
     assert generated["train_micro_batch_size_per_gpu"] == config.train.micro_batch
     assert generated["gradient_accumulation_steps"] == 4
     assert generated["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # the stage is ours
     assert generated["comms_logger"] == {"enabled": True} and generated["bf16"] == {"enabled": True}
+    assert generated["steps_per_print"] == 5  # logging keys the file may set
     assert generated["gradient_clipping"] == config.train.grad_clip

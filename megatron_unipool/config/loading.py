@@ -5,6 +5,8 @@ are reported together so a user fixes them in one pass.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -53,8 +55,8 @@ def _check_value(name: str, f: dataclasses.Field, annotation, value: Any) -> tup
     low, high = f.metadata.get("min"), f.metadata.get("max")
     if low is not None and (value <= low if f.metadata.get("exclusive_min") else value < low):
         return None, f"{name}: {value!r} must be {'>' if f.metadata.get('exclusive_min') else '>='} {low}"
-    if high is not None and value > high:
-        return None, f"{name}: {value!r} must be <= {high}"
+    if high is not None and (value >= high if f.metadata.get("exclusive_max") else value > high):
+        return None, f"{name}: {value!r} must be {'<' if f.metadata.get('exclusive_max') else '<='} {high}"
     return value, None
 
 
@@ -101,16 +103,34 @@ def config_from_dict(raw: dict, world_size: int | None = 1) -> Config:
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """`section.key=value` -> (section, key, value); the value is JSON when it parses, else a string."""
+    """`section.key=value` -> (section, key, value), the value read for the field's type: JSON when it
+    parses (a string field takes the text as written, so `data.cache_dir=2024` is the directory
+    '2024'; null stays null), a number written the Python way (`.001`, `5.`, `02`) for a numeric
+    field, else the text (which the field's check then refuses, naming it)."""
     path, sep, value = text.partition("=")
     section, dot, key = path.strip().partition(".")
     if not sep or not dot or not key:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.max_steps=100)")
+    kind = _field_kind(section, key)
     try:
         parsed = json.loads(value)
     except ValueError:  # not JSON (or an integer of more digits than Python converts)
         parsed = value
+        if kind in (int, float):
+            with contextlib.suppress(ValueError):
+                parsed = kind(value.strip())
+    if kind is str and parsed is not None and not isinstance(parsed, str):
+        parsed = value
     return section, key, parsed
+
+
+def _field_kind(section: str, key: str) -> type | None:
+    """The Python type of `section.key` (None for a name the config does not have: the loader names it)."""
+    sf = _sections().get(section)
+    if sf is None:
+        return None
+    annotation = typing.get_type_hints(sf.default_factory).get(key)
+    return None if annotation is None else _allowed(annotation)[0]
 
 
 def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
@@ -148,9 +168,19 @@ def _read_json(path: Path, what: str) -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        return json.loads(text)
-    except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python converts
+        return json.loads(text, object_pairs_hook=_without_repeated_keys)
+    except ValueError as e:  # JSONDecodeError, a repeated key, or an integer of more digits than Python converts
         raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object; a key given twice is an error (json keeps the last silently, dropping a whole section)."""
+    counts = collections.Counter(key for key, _ in pairs)
+    repeated = [key for key, n in counts.items() if n > 1]
+    if repeated:
+        raise ValueError(f"{', '.join(map(repr, repeated))} given more than once in one object (in the object with"
+                         f" keys {', '.join(map(repr, counts))}); merge them into one")
+    return dict(pairs)
 
 
 def read_deepspeed_file(name: str) -> dict:
@@ -163,7 +193,30 @@ def read_deepspeed_file(name: str) -> dict:
         raise ConfigError(f"deepspeed.config_file {path} must hold a JSON object, got {type(extra).__name__}")
     if not isinstance(extra.get("zero_optimization", {}), dict):
         raise ConfigError(f"deepspeed.config_file {path}: zero_optimization must be an object")
+    owned = [f"{key} (set {DEEPSPEED_KEYS_FROM_CONFIG[key]})" for key in extra if key in DEEPSPEED_KEYS_FROM_CONFIG]
+    if "stage" in extra.get("zero_optimization", {}):
+        owned.append("zero_optimization.stage (set deepspeed.zero_stage)")
+    if owned:
+        raise ConfigError(f"deepspeed.config_file {path} sets what the run's config decides, once for both"
+                          f" optimizers: remove {'; '.join(owned)}")
     return extra
+
+
+# ds_config keys generated from the run's own sections (training.backends.deepspeed_config): a
+# config_file setting one would contradict them, so it is refused, not silently overridden or ignored
+DEEPSPEED_KEYS_FROM_CONFIG = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch and train.micro_batch",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision: fp32 or bf16",
+    "amp": "train.precision: fp32 or bf16",
+    "optimizer": "train.lr, beta1, beta2, adam_eps, weight_decay: DeepSpeed gets our AdamW",
+    "scheduler": "train.lr, min_lr, warmup_steps: the schedule is ours",
+    "managed_gradient_accumulation": "by the trainer, which runs the micro-batches itself",
+    "zero_allow_untested_optimizer": "by the trainer",
+}
 
 
 def config_to_dict(config: Config) -> dict:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
-def bounded(default, low=None, high=None, exclusive_low=False):
+def bounded(default, low=None, high=None, exclusive_low=False, exclusive_high=False):
     """A field with an allowed range, checked by the loader."""
-    return field(default=default, metadata={"min": low, "max": high, "exclusive_min": exclusive_low})
+    return field(default=default, metadata={"min": low, "max": high, "exclusive_min": exclusive_low,
+                                            "exclusive_max": exclusive_high})
 
 
 @dataclass
@@ -66,7 +67,7 @@ class MoEConfig:
     router: Literal["softmax", "sigmoid", "norm"] = "norm"
     softmax_before_topk: bool = True  # False: top-k on logits, softmax over the k (Mixtral)
     normalize_gates: bool = False  # renormalise the k gates to sum 1 (softmax-then-top-k, sigmoid)
-    norm_router_c: Optional[float] = bounded(None, 0.0)  # unset: Monte-Carlo estimate (design note)
+    norm_router_c: Optional[float] = bounded(None, 0.0, exclusive_low=True)  # unset: Monte-Carlo estimate (design note)
     aux_loss: Literal["none", "layer", "pool"] = "pool"
     aux_loss_coeff: float = bounded(1e-2, 0.0)
     pool_aux_lag: Literal["step", "micro_batch"] = "step"
@@ -136,14 +137,14 @@ class TrainConfig:
     min_lr: float = bounded(2e-4, 0.0)
     warmup_steps: int = bounded(20, 0)
     weight_decay: float = bounded(0.01, 0.0)
-    beta1: float = bounded(0.9, 0.0, 1.0)
-    beta2: float = bounded(0.95, 0.0, 1.0)
+    beta1: float = bounded(0.9, 0.0, 1.0, exclusive_high=True)  # 1 would never forget (AdamW refuses it)
+    beta2: float = bounded(0.95, 0.0, 1.0, exclusive_high=True)
     adam_eps: float = bounded(1e-8, 0.0, exclusive_low=True)
     grad_clip: float = bounded(1.0, 0.0)  # 0 disables clipping
     # a step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; this many
     # skipped steps in a row stop the run with an error
     max_consecutive_skips: int = bounded(5, 1)
-    seed: int = bounded(1234, 0)
+    seed: int = bounded(1234, 0, 2**64 - 1)  # torch.manual_seed takes 64 bits
     # bitwise-reproducible kernels (torch.use_deterministic_algorithms): the layout-equivalence tests
     # rely on it; on GPUs it slows scatter-adds and some attention backward kernels
     deterministic: bool = True

@@ -177,13 +177,10 @@ def deepspeed_config(config: Config, micro_batches: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if ds.config_file:
+    if ds.config_file:  # it sets none of the generated keys but logging's (read_deepspeed_file refuses them)
         extra = read_deepspeed_file(ds.config_file)  # ConfigError naming the file, as at load time
-        for key, value in extra.items():
-            if key == "zero_optimization":
-                generated[key] = {**value, "stage": ds.zero_stage}
-            elif key not in generated:
-                generated[key] = value
+        zero = {**extra.get("zero_optimization", {}), **generated["zero_optimization"]}
+        generated = {**generated, **extra, "zero_optimization": zero}
     return generated
 
 
