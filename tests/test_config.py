@@ -1,5 +1,6 @@
 """Config loading: every bad field is named; overrides are type-checked; shipped configs load."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,13 @@ CONFIGS = sorted((REPO / "configs").glob("*.json"))
         ("train.beta1=1", "train.beta1: 1.0 must be < 1.0"),  # AdamW refuses it when it is built
         ("train.seed=18446744073709551616", "train.seed: 18446744073709551616 must be <= 18446744073709551615"),
         ("moe.norm_router_c=0", "moe.norm_router_c: 0.0 must be > 0.0"),  # every score 0: no token reaches an expert
+        # options of another router, silently ignored before
+        ("moe.softmax_before_topk=false", "moe.softmax_before_topk=false (top-k on the logits, softmax over the k)"
+                                          " applies to moe.router='softmax' only, not 'norm'"),
+        ("moe.normalize_gates=true", "moe.normalize_gates applies to the softmax and sigmoid routers"),
+        ("moe.norm_router_c=3", None),  # the tiny config's router is the NormRouter: accepted
+        ("moe.expert_ffn_hidden_size=64", None),
+        ("moe.granularity=0.5", None),
         ("train.min_lr=1", "train.min_lr=1.0 must not exceed train.lr"),
         ("parallel.tp=2", "world size 1 must be divisible by parallel.tp=2"),
         ("parallel.ep=3", "32 experts per pool must be divisible by parallel.ep=3"),
@@ -55,9 +63,26 @@ CONFIGS = sorted((REPO / "configs").glob("*.json"))
     ],
 )
 def test_bad_field_is_named(override, named):
+    if named is None:
+        load_config(REPO / "configs/tiny_unipool_cpu.json", [override])
+        return
     with pytest.raises(ConfigError) as error:
         load_config(REPO / "configs/tiny_unipool_cpu.json", [override])
     assert named in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["moe.router=softmax", "moe.norm_router_c=3"], "moe.norm_router_c applies to moe.router='norm' only, not"
+                                                    " 'softmax'"),
+    (["moe.expert_ffn_hidden_size=64", "moe.granularity=0.5"], "moe.expert_ffn_hidden_size=64 and"
+                                                               " moe.granularity=0.5 both set the expert width"),
+    (["moe.kind=vanilla", "moe.aux_loss=layer", "moe.lock_start_step=5"], "moe.lock_* (UniPool-lock) needs"),
+])
+def test_options_that_would_be_ignored_are_refused(overrides, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+    # a dense baseline ignores the whole moe section, as `--set moe.kind=dense` on an MoE config needs
+    load_config(REPO / "configs/tiny_unipool_cpu.json", overrides + ["moe.kind=dense"])
 
 
 def test_validating_on_the_training_files_is_refused():

@@ -131,6 +131,14 @@ def test_console_line_prints_the_current_lr_and_leaves_skipped_steps_out_of_mean
     assert "lr 3.000e-03" in line and "lm loss 3.0000" in line and "skipped steps 1" in line, line
 
 
+def test_a_run_shorter_than_its_warmup_says_where_its_learning_rate_ends(tiny_config, tmp_path, capsys):
+    config = tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=2", "train.warmup_steps=4",
+                         "train.eval_batches=1", "model.seq_len=16")
+    Trainer(config, tmp_path / "run").train()
+    assert ("note: train.warmup_steps=4 >= train.max_steps=2: the learning rate ends at 0.001, in warm-up, below"
+            " train.lr=0.002") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name,tflops", [
     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
     ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),

@@ -271,8 +271,19 @@ class Config:
             need(d.train_prefix is None and d.valid_prefix is None,
                  f"data.corpus={d.corpus!r} and data.train_prefix/valid_prefix are exclusive: set data.corpus to null"
                  " to train on preprocessed files")
-        if moe.kind == "dense":
+        if moe.kind == "dense":  # no experts: the rest of the moe section does not apply (a baseline via --set)
             return errors
+        # a routing option that does not apply to the chosen router would be silently ignored
+        need(moe.softmax_before_topk or moe.router == "softmax",
+             f"moe.softmax_before_topk=false (top-k on the logits, softmax over the k) applies to moe.router='softmax'"
+             f" only, not {moe.router!r}")
+        need(not (moe.normalize_gates and moe.router == "norm"),
+             "moe.normalize_gates applies to the softmax and sigmoid routers: NormRouter gates are its raw scores")
+        need(moe.norm_router_c is None or moe.router == "norm",
+             f"moe.norm_router_c applies to moe.router='norm' only, not {moe.router!r}")
+        need(moe.expert_ffn_hidden_size is None or moe.granularity == 1.0,
+             f"moe.expert_ffn_hidden_size={moe.expert_ffn_hidden_size} and moe.granularity={moe.granularity} both set"
+             " the expert width: set one")
         moe_layers = moe.moe_layers(m.num_layers)
         need(len(moe_layers) > 0,
              f"moe.moe_layer_interval={moe.moe_layer_interval} leaves no MoE layer in model.num_layers={m.num_layers}")
