@@ -100,6 +100,9 @@ def test_validating_on_the_training_files_is_refused():
         (8, ["parallel.ep=16"], "parallel.ep=16 must divide the data-parallel size 8"),
         (4, ["parallel.pp=2", "deepspeed.enabled=true", "deepspeed.zero_stage=2"], "deepspeed.zero_stage=2 needs parallel.pp=1"),
         (4, ["moe.pool_size=30", "parallel.ep=4"], "30 experts per pool must be divisible by parallel.ep=4"),
+        (2, ["moe.pool_aux_lag=micro_batch"], "moe.pool_aux_lag='micro_batch' needs one data-parallel rank, not 2"),
+        (4, ["moe.pool_aux_lag=micro_batch", "parallel.tp=2"],
+         "moe.pool_aux_lag='micro_batch' needs one data-parallel rank, not 2"),
     ],
 )
 def test_sizes_inconsistent_with_the_layout_are_named(world, overrides, named):

@@ -261,6 +261,10 @@ class Config:
         need(moe.pool_aux_lag != "micro_batch" or p.pp == 1,
              "moe.pool_aux_lag='micro_batch' needs parallel.pp=1: pipeline stages do not finish a micro-batch"
              " together; use 'step'")
+        if world_size is not None and moe.pool_aux_lag == "micro_batch":
+            dp = max(1, world_size // (p.tp * p.pp))
+            need(dp == 1, f"moe.pool_aux_lag='micro_batch' needs one data-parallel rank, not {dp}: the previous"
+                          " micro-batch is another on every rank, so the run would depend on the layout; use 'step'")
         if d.corpus is None:
             need(d.train_prefix is not None and d.valid_prefix is not None,
                  "data.train_prefix and data.valid_prefix are required when data.corpus is null")
