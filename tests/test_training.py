@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_unipool.data import IndexedDataset, prepare_default_corpus
 from megatron_unipool.training import DataError, Trainer, latest_checkpoint
@@ -169,3 +170,23 @@ def test_data_that_does_not_fit_the_model_is_refused(tiny_config, tmp_path):
     with pytest.raises(DataError, match="indexed dataset file missing"):
         Trainer(tiny_config("configs/tiny_unipool_cpu.json", "data.corpus=null",
                             f"data.train_prefix={tmp_path}/none", f"data.valid_prefix={tmp_path}/none_valid"), tmp_path)
+
+
+def test_a_parameter_no_token_reached_moves_like_it_does_under_every_parallel_layout(tiny_config, tmp_path):
+    """When the NormRouter zeroes every score no token reaches the pool and autograd leaves its
+    gradient None. Parallel runs sum a zero gradient for it (a replica elsewhere may have one), so
+    AdamW decays it; one process must too, or the runs part (seen at pp2 and ep2, 2% in the gradient norm)."""
+    from megatron_unipool.training.distributed import reduce_gradients
+
+    trainer = Trainer(tiny_config("configs/tiny_unipool_cpu.json", "train.weight_decay=0.1"), tmp_path)
+    trainer.compute_gradients()
+    pool = trainer.model.expert_pools[0]
+    before = pool.w_gate.detach().clone()
+    for param in pool.parameters():
+        param.grad = None
+    reduce_gradients(trainer.model, trainer.specs, trainer.parallel)
+    assert all(torch.equal(param.grad, torch.zeros_like(param)) for param in pool.parameters())
+    trainer.backend.set_lr(0.01)
+    trainer.backend.step()
+    # AdamW's first step on a zero gradient: no Adam update, the decoupled weight decay only
+    torch.testing.assert_close(pool.w_gate.detach(), before * (1 - 0.01 * 0.1), rtol=0, atol=1e-7)

@@ -37,12 +37,18 @@ def _sum_over(tensors: list[torch.Tensor], group) -> None:
 
 
 def reduce_gradients(model: nn.Module, specs: dict[str, ShardSpec], state: ParallelState) -> None:
+    """Sum every trainable parameter's gradient over its replicas. One that no token reached this step
+    (a pool whose every score the NormRouter zeroed) gets a zero gradient on every layout, one process
+    included: a replica elsewhere may have one, and AdamW must then move it (momentum, weight decay)
+    alike everywhere, not skip it on one process only."""
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    for _, param in trainable:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
     if not state.distributed:
         return
     dense, pools = [], defaultdict(list)
-    for name, param in model.named_parameters():
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
+    for name, param in trainable:
         stages = specs.get(name, REPLICATED).pool_stages
         (dense if stages is None else pools[stages]).append(param.grad)
     if state.dp_group is not None:
