@@ -408,6 +408,11 @@ def test_norm_router_zero_gate_slots_neither_dispatched_nor_counted():
     out, _ = layer(x.unsqueeze(0))
     assert torch.equal(layer.stats.micro_batch_counts[0], torch.tensor([2, 1, 1, 0]))
     assert int(layer.stats.step_dropped) == 0
+    # f's denominator is every slot (T*k = 8), the 4 without an expert included (design note):
+    # renormalised over the 4 routed ones, f_bar would be twice as large
+    assert int(layer.stats.micro_batch_slots[0]) == 8
+    layer.stats.end_step()
+    torch.testing.assert_close(layer.stats.f_bar(), torch.tensor([2, 1, 1, 0]) / 8, check_dtype=False)
     scale = layer.router.scale * layer.router.norm_constant
     with torch.no_grad():
         for t, e in ((0, 0), (1, 0), (2, 1), (3, 2)):  # each token's single positive expert

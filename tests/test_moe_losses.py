@@ -168,7 +168,13 @@ def test_aux_loss_none_and_no_z_loss_by_default():
 def test_pool_load_fraction_hand():
     counts = torch.tensor([[6, 2, 0, 0], [1, 1, 1, 1]])
     # layer shares [0.75, 0.25, 0, 0] and [0.25]*4 -> mean [0.5, 0.25, 0.125, 0.125]
-    torch.testing.assert_close(pool_load_fraction(counts), torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    torch.testing.assert_close(pool_load_fraction(counts, torch.tensor([8, 4])),
+                               torch.tensor([0.5, 0.25, 0.125, 0.125]))
+    # slots that reached no expert stay in the denominator (the design note's T*k): a layer whose
+    # NormRouter routed 1 of its 100 slots is not counted as a full layer's share
+    counts = torch.tensor([[0, 1, 0, 0], [25, 25, 25, 25]])
+    torch.testing.assert_close(pool_load_fraction(counts, torch.tensor([100, 100])),
+                               torch.tensor([0.125, 0.13, 0.125, 0.125]))
 
 
 def test_pool_aux_step_lag():
@@ -183,21 +189,22 @@ def test_pool_aux_step_lag():
     layer.train()
     assert layer(x)[1]["aux_loss"].item() == 0.0
     stats.step_counts.zero_()  # forget the layer's own counts: the step below is made by hand
+    stats.step_slots.zero_()
     stats.step_dropped.zero_()
 
     # one step of two micro-batches, counts by hand:
     # layer 0: [4,0,0,0] + [2,2,0,0] = [6,2,0,0] -> share [.75,.25,0,0]
     # layer 1: [1,0,1,0] + [0,1,0,1] = [1,1,1,1] -> share [.25,.25,.25,.25]
-    stats.record(0, torch.tensor([4, 0, 0, 0]), 1)
-    stats.record(1, torch.tensor([1, 0, 1, 0]), 0)
+    stats.record(0, torch.tensor([4, 0, 0, 0]), 1, 4)
+    stats.record(1, torch.tensor([1, 0, 1, 0]), 0, 2)
     stats.end_micro_batch()
     assert stats.f_bar() is None  # step lag: a micro-batch boundary does not publish f_bar
-    stats.record(0, torch.tensor([2, 2, 0, 0]), 2)
-    stats.record(1, torch.tensor([0, 1, 0, 1]), 0)
-    counts, dropped = stats.end_step()
-    assert counts.tolist() == [[6, 2, 0, 0], [1, 1, 1, 1]]
+    stats.record(0, torch.tensor([2, 2, 0, 0]), 2, 4)
+    stats.record(1, torch.tensor([0, 1, 0, 1]), 0, 2)
+    counts, slots, dropped = stats.end_step()
+    assert counts.tolist() == [[6, 2, 0, 0], [1, 1, 1, 1]] and slots.tolist() == [8, 4]
     assert dropped == 3
-    assert int(stats.step_counts.sum()) == 0 and int(stats.step_dropped) == 0
+    assert int(stats.step_counts.sum()) == 0 and int(stats.step_slots.sum()) == 0 and int(stats.step_dropped) == 0
     f_bar = [0.5, 0.25, 0.125, 0.125]
     torch.testing.assert_close(stats.f_bar().double(), torch.tensor(f_bar, dtype=torch.float64))
 
@@ -206,7 +213,7 @@ def test_pool_aux_step_lag():
     loss = layer(x)[1]["aux_loss"]
     assert loss.item() == pytest.approx(0.0059375, rel=1e-6)
     # counts recorded during this step do not move f_bar until the step ends
-    stats.record(1, torch.tensor([0, 0, 8, 0]), 0)
+    stats.record(1, torch.tensor([0, 0, 8, 0]), 0, 8)
     assert layer(x)[1]["aux_loss"].item() == pytest.approx(0.0059375, rel=1e-6)
     # gradient flows to the router through P, never to f_bar
     (grad,) = torch.autograd.grad(loss, layer.router.weight)
@@ -228,8 +235,8 @@ def test_pool_aux_micro_batch_lag():
     assert layer(x)[1]["aux_loss"].item() == 0.0
 
     # micro-batch 1: layer 0 [3,1,0,0] -> [.75,.25,0,0]; layer 1 [0,0,2,2] -> [0,0,.5,.5]
-    stats.record(0, torch.tensor([3, 1, 0, 0]), 0)
-    stats.record(1, torch.tensor([0, 0, 2, 2]), 0)
+    stats.record(0, torch.tensor([3, 1, 0, 0]), 0, 4)
+    stats.record(1, torch.tensor([0, 0, 2, 2]), 0, 4)
     assert layer(x)[1]["aux_loss"].item() == 0.0  # not published before the micro-batch ends
     stats.end_micro_batch()
     # f_bar = [.375, .125, .25, .25]; sum f_bar*P = .140625 + .03125 + .03125 + .0625 = .265625
@@ -240,8 +247,8 @@ def test_pool_aux_micro_batch_lag():
     assert layer(x)[1]["aux_loss"].item() == pytest.approx(0.0053125, rel=1e-6)
 
     # micro-batch 2 uses only its own counts (not the sum with micro-batch 1)
-    stats.record(0, torch.tensor([0, 4, 0, 0]), 0)
-    stats.record(1, torch.tensor([0, 2, 0, 0]), 0)
+    stats.record(0, torch.tensor([0, 4, 0, 0]), 0, 4)
+    stats.record(1, torch.tensor([0, 2, 0, 0]), 0, 2)
     stats.end_micro_batch()
     # f_bar = [0, 1, 0, 0]: loss = 0.01 * 4 * 0.25 / 2 = 0.005
     assert layer(x)[1]["aux_loss"].item() == pytest.approx(0.005, rel=1e-6)

@@ -190,3 +190,23 @@ def test_a_parameter_no_token_reached_moves_like_it_does_under_every_parallel_la
     trainer.backend.step()
     # AdamW's first step on a zero gradient: no Adam update, the decoupled weight decay only
     torch.testing.assert_close(pool.w_gate.detach(), before * (1 - 0.01 * 0.1), rtol=0, atol=1e-7)
+
+
+def test_norm_router_slots_that_reach_no_expert_are_logged_per_layer(tiny_config, tmp_path):
+    """A NormRouter token whose scores are all zero uses no expert: the share of such slots is in the
+    console line (unrouted) and in TensorBoard per layer, where a layer going silent shows."""
+    config = tiny_config("configs/tiny_unipool_cpu.json", "moe.top_k=2")
+    trainer = Trainer(config, tmp_path)
+    router = trainer.model.layers[3].ffn.router
+    with torch.no_grad():  # every logit of layer 3 is -x_0: a token with x_0 >= 0 gets no expert at all
+        router.weight.zero_()
+        router.weight[:, 0] = -1.0
+    silent = []
+    router.register_forward_hook(lambda module, inputs, output: silent.append(int((inputs[0][:, 0] >= 0).sum())))
+    metrics, routing = trainer.train_step()
+    tokens = config.train.global_batch * config.model.seq_len
+    per_layer = [1 - int(routing.counts_per_pool[0][layer].sum()) / (2 * tokens) for layer in range(4)]
+    assert routing.slots_per_pool[0].tolist() == [2 * tokens] * 4
+    assert [metrics[f"unrouted/layer{layer}"] for layer in range(4)] == pytest.approx(per_layer)
+    assert metrics["unrouted_fraction"] == pytest.approx(sum(per_layer) / 4)
+    assert per_layer[3] == pytest.approx(sum(silent) / tokens) and per_layer[3] > 0

@@ -73,7 +73,13 @@ class RoutingStepStats:
     """One optimizer step's routing, summed over ranks: tokens per (MoE layer, expert) of each pool."""
 
     counts_per_pool: list[torch.Tensor] = field(default_factory=list)  # [layers in pool, experts]
+    slots_per_pool: list[torch.Tensor] = field(default_factory=list)  # [layers in pool]: tokens x k
     dropped: int = 0
+
+    def unrouted_fraction(self) -> Optional[float]:
+        """Share of the routing slots that reached no expert (NormRouter: fewer than k positive scores)."""
+        slots = sum(int(s.sum()) for s in self.slots_per_pool)
+        return 1 - sum(int(c.sum()) for c in self.counts_per_pool) / slots if slots else None
 
 
 class LanguageModel(nn.Module):
@@ -156,10 +162,11 @@ class LanguageModel(nn.Module):
         result = RoutingStepStats()
         counts_of = {}
         for stats in self.pool_stats:
-            counts, dropped = stats.end_step(reduce, update_f_bar=applied)
-            counts_of[stats] = counts
-            result.counts_per_pool.append(counts)
-            result.dropped += dropped
+            step = stats.end_step(reduce, update_f_bar=applied)
+            counts_of[stats] = step.counts
+            result.counts_per_pool.append(step.counts)
+            result.slots_per_pool.append(step.slots)
+            result.dropped += step.dropped
         if self.moe_config.bias_balancing and applied:
             for layer in self.moe_layers():
                 usable = layer.lock.usable(layer.layer_slot) if layer.lock is not None else None

@@ -9,7 +9,7 @@ loss is zero (the documented choice for step 1).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,10 @@ class PoolStats(nn.Module):
         self.register_buffer("has_load_fraction", torch.zeros((), dtype=torch.bool))
         self.register_buffer("step_counts", torch.zeros(num_layers, num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("micro_batch_counts", torch.zeros(num_layers, num_experts, dtype=torch.long), persistent=False)
+        # routing slots (tokens x k) per layer: the denominator of f, including the slots that reached no
+        # expert (a NormRouter token with fewer than k positive scores)
+        self.register_buffer("step_slots", torch.zeros(num_layers, dtype=torch.long), persistent=False)
+        self.register_buffer("micro_batch_slots", torch.zeros(num_layers, dtype=torch.long), persistent=False)
         self.register_buffer("step_dropped", torch.zeros((), dtype=torch.long), persistent=False)
         self.recording = True
         self._f_bar_at_step_start = None  # micro_batch lag: restored when the step's update is skipped
@@ -41,11 +45,15 @@ class PoolStats(nn.Module):
             self.recording = True
 
     @torch.no_grad()
-    def record(self, layer_slot: int, routed_per_expert: torch.Tensor, dropped: int) -> None:
+    def record(self, layer_slot: int, routed_per_expert: torch.Tensor, dropped: int, slots: int) -> None:
+        """One layer call: tokens routed to each expert (dropped ones included), dropped slots, and all
+        its routing slots (tokens x k)."""
         if not self.recording:
             return
         self.micro_batch_counts[layer_slot] = routed_per_expert
+        self.micro_batch_slots[layer_slot] = slots
         self.step_counts[layer_slot] += routed_per_expert
+        self.step_slots[layer_slot] += slots
         self.step_dropped += dropped
 
     def f_bar(self) -> Optional[torch.Tensor]:
@@ -56,25 +64,40 @@ class PoolStats(nn.Module):
         if self.lag == "micro_batch":
             if self._f_bar_at_step_start is None:
                 self._f_bar_at_step_start = (self.load_fraction.clone(), self.has_load_fraction.clone())
-            self._set_f_bar(self.micro_batch_counts, reduce)
+            self._set_f_bar(*_summed(self.micro_batch_counts, self.micro_batch_slots, reduce))
 
     @torch.no_grad()
-    def end_step(self, reduce: Optional[Reduce] = None, update_f_bar: bool = True) -> tuple[torch.Tensor, int]:
-        """Close the optimizer step: returns (this step's counts [L, M], dropped slots), summed over ranks."""
-        counts = reduce(self.step_counts.clone()) if reduce else self.step_counts.clone()
+    def end_step(self, reduce: Optional[Reduce] = None, update_f_bar: bool = True) -> StepRouting:
+        """Close the optimizer step: its counts, slots and dropped slots, summed over ranks."""
+        counts, slots = _summed(self.step_counts, self.step_slots, reduce)
         dropped = reduce(self.step_dropped.clone()) if reduce else self.step_dropped.clone()
         if self.lag == "step" and update_f_bar:
-            self._set_f_bar(counts, None)
+            self._set_f_bar(counts, slots)
         if not update_f_bar and self._f_bar_at_step_start is not None:  # a skipped step leaves f_bar as it was
             self.load_fraction.copy_(self._f_bar_at_step_start[0])
             self.has_load_fraction.copy_(self._f_bar_at_step_start[1])
         self._f_bar_at_step_start = None
         self.step_counts.zero_()
+        self.step_slots.zero_()
         self.step_dropped.zero_()
-        return counts, int(dropped)
+        return StepRouting(counts, slots, int(dropped))
 
-    def _set_f_bar(self, counts: torch.Tensor, reduce: Optional[Reduce]) -> None:
-        counts = reduce(counts.clone()) if reduce else counts
-        if counts.sum() > 0:
-            self.load_fraction.copy_(pool_load_fraction(counts))
+    def _set_f_bar(self, counts: torch.Tensor, slots: torch.Tensor) -> None:
+        if slots.sum() > 0:
+            self.load_fraction.copy_(pool_load_fraction(counts, slots))
             self.has_load_fraction.fill_(True)
+
+
+class StepRouting(NamedTuple):
+    """One pool's routing over an optimizer step, summed over ranks and stages."""
+
+    counts: torch.Tensor  # [L, M] tokens routed to each expert (dropped ones included)
+    slots: torch.Tensor  # [L] routing slots (tokens x k), those that reached no expert included
+    dropped: int
+
+
+def _summed(counts_LM: torch.Tensor, slots_L: torch.Tensor, reduce: Optional[Reduce]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts, slots) summed by `reduce` in one collective."""
+    both = torch.cat([counts_LM, slots_L[:, None]], dim=1)
+    both = reduce(both) if reduce else both
+    return both[:, :-1].clone(), both[:, -1].clone()

@@ -60,7 +60,7 @@ class MoELayer(nn.Module):
         else:
             out_TD = self._experts(x_TD, routing.gates_TK, plan)
         if self.training:
-            self.stats.record(self.layer_slot, plan.routed_per_expert_M, plan.dropped)
+            self.stats.record(self.layer_slot, plan.routed_per_expert_M, plan.dropped, num_tokens * cfg.top_k)
         return out_TD.view_as(x), self._losses(routing, plan.routed_per_expert_M, num_tokens)
 
     def _experts(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -19,7 +19,9 @@ def z_loss(logits_TM: torch.Tensor, coeff: float) -> torch.Tensor:
     return coeff * torch.logsumexp(logits_TM, dim=-1).square().mean()
 
 
-def pool_load_fraction(counts_LM: torch.Tensor) -> torch.Tensor:
-    """f_bar: each layer's share of its routing slots per expert, averaged over the pool's layers."""
-    per_layer = counts_LM.float() / counts_LM.sum(dim=-1, keepdim=True).clamp_min(1)
+def pool_load_fraction(counts_LM: torch.Tensor, slots_L: torch.Tensor) -> torch.Tensor:
+    """f_bar: per expert, each layer's fraction of its T*k routing slots, averaged over the pool's
+    layers. Slots that reached no expert stay in the denominator (design note): renormalised over
+    the routed ones, a layer whose NormRouter routes almost nothing would weigh as much as a full one."""
+    per_layer = counts_LM.float() / slots_L.float().clamp_min(1)[:, None]
     return per_layer.mean(dim=0)

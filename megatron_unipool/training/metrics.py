@@ -82,7 +82,8 @@ class MetricsLogger:
                    ("z_loss", "z loss", "{:.3e}"), ("entropy_loss", "entropy loss", "{:.3e}"), ("grad_norm", "grad norm", "{:.3f}"),
                    ("step_time_s", "ms/step", None), ("tokens_per_second", "tokens/s", "{:,.0f}"),
                    ("tflops_per_device", "TFLOP/s/device", "{:.3f}"), ("mfu_percent", "MFU %", "{:.1f}"),
-                   ("dropped_fraction", "dropped", "{:.2%}"), ("skipped_steps", "skipped steps", "{:.0f}")]
+                   ("dropped_fraction", "dropped", "{:.2%}"), ("unrouted_fraction", "unrouted", "{:.2%}"),
+                   ("skipped_steps", "skipped steps", "{:.0f}")]
         for key, label, fmt in formats:
             if key in mean and (mean[key] or key not in COUNTERS):  # a counter shows once it is non-zero
                 text = f"{mean[key] * 1000:.1f}" if fmt is None else fmt.format(mean[key])

@@ -235,6 +235,12 @@ class Trainer:
         routed = sum(int(c.sum()) for c in routing.counts_per_pool)
         if routed:
             metrics["dropped_fraction"] = routing.dropped / routed
+        if moe.kind != "dense" and moe.router == "norm":  # the one router that can leave a slot without an expert
+            metrics["unrouted_fraction"] = routing.unrouted_fraction()
+            layout = moe.pool_layout(self.config.model.num_layers)
+            for layers, counts, slots in zip(layout, routing.counts_per_pool, routing.slots_per_pool):
+                for layer, routed_M, layer_slots in zip(layers, counts, slots):
+                    metrics[f"unrouted/layer{layer}"] = 1 - int(routed_M.sum()) / max(int(layer_slots), 1)
         return metrics, routing
 
     def _count_skip(self, applied: bool, loss: float, grad_norm: float) -> None:
