@@ -40,20 +40,21 @@ def test_assignment_is_optimal_and_balanced(layers, experts):
 
 
 def test_phases_follow_the_config():
-    config = MoEConfig(kind="unipool", lock_start_step=4, lock_window_steps=2, lock_anneal_steps=2, lock_penalty=6.0)
+    config = MoEConfig(kind="unipool", lock_start_step=4, lock_window_steps=2, lock_anneal_steps=3, lock_penalty=6.0)
     lock = PoolLock(config, 2, 4)
     counts = {1: [[9, 9, 9, 9], [9, 9, 9, 9]], 3: [[5, 0, 5, 0], [0, 1, 0, 1]], 4: [[3, 0, 3, 0], [0, 2, 0, 2]]}
     offsets = []
-    for step in range(1, 8):
+    for step in range(1, 9):
         lock.end_step(step, torch.tensor(counts.get(step, [[0, 0, 0, 0], [0, 0, 0, 0]])))
         offsets.append(lock.logit_offset(1).clone())  # a view of the lock state, which later steps change
     # mass summed over steps 3 and 4 only (window of 2 before the lock at step 4)
     assert lock.mass.tolist() == [[8, 0, 8, 0], [0, 3, 0, 3]]
     assert lock.owner.tolist() == [0, 1, 0, 1]
     assert all(offset.tolist() == [0.0, 0.0, 0.0, 0.0] for offset in offsets[:3])  # nothing before the lock
-    assert offsets[3].tolist() == [-3.0, 0.0, -3.0, 0.0]  # step 4: half of the ramp
-    assert offsets[4].tolist() == [-6.0, 0.0, -6.0, 0.0]
-    assert offsets[5].tolist() == [-math.inf, 0.0, -math.inf, 0.0]
+    # the design note's cosine anneal over 3 steps: 6 * (1 - cos(pi t / 3)) / 2 = 1.5, 4.5, 6
+    for offset, penalty in zip(offsets[3:6], (1.5, 4.5, 6.0)):
+        torch.testing.assert_close(offset, torch.tensor([-penalty, 0.0, -penalty, 0.0]))
+    assert offsets[6].tolist() == [-math.inf, 0.0, -math.inf, 0.0]
 
 
 def test_assignment_waits_for_an_applied_step_when_the_one_at_lock_start_was_skipped():

@@ -2,12 +2,13 @@
 router onto its own experts, ending as per-layer MoE carved out of the trained pool.
 
 Phases, by optimizer step (moe.lock_* fields):
-- steps [lock_start - lock_window, lock_start): the routing mass of each (layer, expert) is summed;
-- at lock_start: the assignment maximising the total mass routed to assigned experts, with every
-  expert owned by exactly one layer and every layer owning floor(M/L) or ceil(M/L) experts
+- the lock_window steps up to and including lock_start (1-based): the routing mass of each
+  (layer, expert) is summed;
+- after step lock_start: the assignment maximising the total mass routed to assigned experts, with
+  every expert owned by exactly one layer and every layer owning floor(M/L) or ceil(M/L) experts
   (a mixed-integer program solved by scipy's HiGHS);
 - the next lock_anneal steps: each router's logits of experts it does not own are lowered by a
-  penalty growing linearly to lock_penalty;
+  penalty rising on a half cosine to lock_penalty (the design note's cosine anneal);
 - afterwards: those experts are masked out (hard lock).
 The state (mass, assignment, phase) is in buffers, so checkpoints resume mid-phase.
 
@@ -82,7 +83,7 @@ class PoolLock(nn.Module):
             self.owner.copy_(torch.from_numpy(solve_assignment(self.mass.cpu().numpy())))
         if step >= start:
             progress = (step - start + 1) / cfg.lock_anneal_steps if cfg.lock_anneal_steps else math.inf
-            penalty = HARD if progress > 1 else cfg.lock_penalty * progress
+            penalty = HARD if progress > 1 else cfg.lock_penalty * (1 - math.cos(math.pi * progress)) / 2
             layers = torch.arange(self.offset.shape[0], device=self.owner.device).unsqueeze(1)
             self.offset.copy_(torch.where(self.owner.unsqueeze(0) != layers, -penalty, 0.0))
 
