@@ -418,3 +418,20 @@ def test_norm_router_zero_gate_slots_neither_dispatched_nor_counted():
         for t, e in ((0, 0), (1, 0), (2, 1), (3, 2)):  # each token's single positive expert
             gate = scale * x[t, e] / x[t].norm()
             torch.testing.assert_close(out[0, t], gate * ref_expert(pool, e, x[t]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
+@pytest.mark.parametrize("experts", [8, 12, 24])
+def test_ties_go_to_the_lower_expert_index(router, experts):
+    """Identical router rows (an upcycled source and its copy) tie on every token: the source takes
+    them all. torch.topk split such ties on CPU (43-54% to the copies at these pool sizes)."""
+    from megatron_unipool.moe.router import Router
+
+    half = experts // 2
+    torch.manual_seed(0)
+    router_module = Router(16, experts, MoEConfig(kind="unipool", router=router, top_k=1), 0.5)
+    with torch.no_grad():
+        router_module.weight[half:] = router_module.weight[:half]
+    routing = router_module(torch.randn(2000, 16))
+    chosen = routing.indices_TK[:, 0] if routing.active_TK is None else routing.indices_TK[routing.active_TK]
+    assert chosen.numel() > 0 and bool((chosen < half).all())

@@ -150,6 +150,27 @@ def test_capacity_upcycling_keeps_each_experts_slots(trained):
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
+def test_capacity_upcycling_of_small_pools_is_exact(data_cache, router):
+    """4 -> 8 experts per layer, capacity 0.5: pools this small are where torch.topk handed part of
+    the source's ties to its copies (each with the source's slots: 219 -> 173 dropped slots seen);
+    with ties to the lower index the copies get none and the function is the source's."""
+    config = small_config(data_cache, "vanilla", f"moe.router={router}", "moe.num_experts=4",
+                          "moe.capacity_factor=0.5", *(["moe.normalize_gates=true"] if router == "sigmoid" else []))
+    torch.manual_seed(1)
+    state = LanguageModel(config.model, config.moe).state_dict()
+    result = upcycle(config, state, {}, multiplier=2)
+    batch = tokens(config, count=8)
+    dropped, outputs = [], []
+    for cfg, weights in ((config, state), (result.config, result.model_state)):
+        model = model_from(cfg, weights).train()  # training mode records the dispatch statistics
+        with torch.no_grad():
+            outputs.append(model(batch[:, :-1])[0])
+        dropped.append(sum(int(stats.step_dropped) for stats in model.pool_stats))
+    assert dropped[0] > 0 and dropped[1] == dropped[0]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_top2_upcycling_gap_is_far_below_a_fresh_model(trained, data_cache):
     """k = 2: replicas of one expert compete for a token's two slots, so the function changes."""
     config, payload, _ = trained["softmax_top2"]

@@ -100,7 +100,7 @@ class Router(nn.Module):
             selection = selection.masked_fill(scores == 0, -math.inf)  # zeroed one would take a slot, weightless
         if offset_M is not None:  # the penalty is in the scores already; a masked expert must also beat the bias
             selection = selection.masked_fill(torch.isneginf(offset_M), -math.inf)
-        indices = selection.topk(k, dim=-1).indices
+        indices = top_k_indices(selection, k)
         if cfg.router == "softmax" and not cfg.softmax_before_topk:
             gates = logits.gather(-1, indices).softmax(dim=-1)
         else:
@@ -128,6 +128,14 @@ class Router(nn.Module):
             return
         mean = counts[usable_M].mean()
         self.expert_bias += self.config.bias_update_rate * torch.sign(mean - counts) * usable_M
+
+
+def top_k_indices(selection_TM: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest per row, ties to the lower expert index. torch.topk leaves the order of ties
+    unspecified (on CPU it splits ties between identical experts one way or another depending on
+    the pool size): a stable sort makes routing the same on every device, and after upcycling a
+    source keeps the tokens it ties with its copies on, so their capacity is exactly its own."""
+    return selection_TM.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:

@@ -20,7 +20,8 @@ Function preservation. Replication changes two things that the upcycled model un
   which is the gate's, 1/m: exp_avg / m, exp_avg_sq / m^2). With utility selection the r_j differ,
   so the factor m is only about right (on the tiny test model the loss moved by under 0.01);
 - NormRouter scores depend on the logit norm and on c(M, k): its scale is rescaled (below).
-Capacity is per expert, ceil(C T k / M): the capacity factor is multiplied by m. UniPool-lock
+Capacity is per expert, ceil(C T k / M): the capacity factor is multiplied by m, and the router
+gives ties to the lower index (the source), so a source keeps its tokens and its slots. UniPool-lock
 replicas belong to their source's layer.
 Exact (the source's logits): uniform replication and top-1, with any router and gating, dropless or
 capacity, before or after a lock (not during NormRouter's anneal: its penalty, added to logits of
@@ -117,7 +118,8 @@ def utility_batches(config: Config, count: int, batch_size: int) -> list[torch.T
 
 def upcycled_config(config: Config, new_experts: int) -> Config:
     """The source config with the grown pool; capacity is per expert, ceil(C T k / M), so C grows with M
-    to keep every expert's slots (the originals, which win their copies' ties, would drop tokens)."""
+    to keep every expert's slots (the originals, which win their copies' ties (moe.router.top_k_indices),
+    would drop tokens)."""
     result = copy.deepcopy(config)
     if result.moe.kind == "vanilla":
         result.moe.num_experts = new_experts
