@@ -5,6 +5,7 @@ The default suite runs a representative subset; the full layout matrix is
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -177,6 +178,24 @@ def test_checkpoint_saved_at_one_layout_resumes_at_another(save_layout, load_lay
     resumed = run_parallel(load_world, [("resume", "unipool", base + load_overrides + [f"checkpoint.load={midway}"])],
                            data_cache, tmp_path)["resume"]
     assert_same_run(resumed, reference("unipool"), f"{save_layout} -> {load_layout}")
+
+
+def test_zero_starts_from_a_checkpoint_without_optimizer_state(data_cache, tmp_path, single_thread):
+    """Upcycled (`--optimizer reset`) and imported models are written without optimizer state: ZeRO
+    starts fresh moments for them, as the built-in optimizer does (it raised KeyError)."""
+    from megatron_unipool.training import TrainState
+    from megatron_unipool.training.checkpoint import write_run_directory
+
+    base = [f"train.max_steps={STEPS}"] + VARIANTS["unipool"]
+    config = job_config("unipool", base, data_cache, 1)
+    torch.manual_seed(5)
+    start = tmp_path / "start"
+    write_run_directory(start, config, LanguageModel(config.model, config.moe).state_dict(), {},
+                        dataclasses.asdict(TrainState()))
+    single = run_job(job_config("unipool", base + [f"checkpoint.load={start}"], data_cache, 1), tmp_path / "single")
+    zero = run_parallel(2, [("zero", "unipool", base + LAYOUTS["ep2"][1] + ZERO["zero1"] + [f"checkpoint.load={start}"])],
+                        data_cache, tmp_path)["zero"]
+    assert_same_run(zero, single, "ZeRO-1 ep2 from a checkpoint without optimizer state")
 
 
 def test_group_layout_covers_every_rank_once():

@@ -84,14 +84,21 @@ def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
     assert "pool0/expert_load" in tags["histograms"] and "pool/utilisation" in tags["images"]
 
 
-def test_tensorboard_of_a_resumed_run_shows_each_step_once(tiny_config, tmp_path):
-    """A run that logged steps 3-4 and then lost them (the latest checkpoint is step 2) logs them
-    again on resume; TensorBoard must purge the first copies instead of drawing both."""
+@pytest.mark.parametrize("resumed_at", [2, 0])
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tiny_config, tmp_path, resumed_at):
+    """A run that logged steps past its latest checkpoint and then lost them logs them again on
+    resume; TensorBoard must purge the first copies instead of drawing both, also when it was
+    killed before its first checkpoint (resumed at step 0)."""
+    import shutil
+
     overrides = ["train.max_steps=4", "checkpoint.save_interval=2", "train.eval_interval=2", "logging.tensorboard=true"]
     Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path).train()
-    (tmp_path / "checkpoints" / "latest").write_text("step_0000002")  # as if killed before step 4's save
+    if resumed_at:
+        (tmp_path / "checkpoints" / "latest").write_text("step_0000002")  # as if killed before step 4's save
+    else:
+        shutil.rmtree(tmp_path / "checkpoints")  # as if killed before the first save
     resumed = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path)
-    assert resumed.state.step == 2
+    assert resumed.state.step == resumed_at
     summary = resumed.train()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -311,9 +311,13 @@ class DeepSpeedBackend(NativeBackend):
 
         self._link_moments()
         for name, param in self.model.named_parameters():
+            if name not in full_state:  # no saved state (an upcycled or imported model): fresh moments, as natively
+                continue
             spec = self.specs.get(name, REPLICATED)
             for key in ADAM_MOMENTS:
                 safe_set_full_optimizer_state(param, spec.take(full_state[name][key]).to(param.device), key)
+        if not full_state:
+            return
         step = next(iter(full_state.values()))["step"]
         for state in self.optimizer.optimizer.state.values():  # ZeRO's flat partitions
             state["step"] = torch.as_tensor(step, dtype=torch.float32).clone()

@@ -39,10 +39,10 @@ class MetricsLogger:
         if enabled and config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # A run resumed at step T may have logged steps past T before it stopped; purge_step
-            # makes TensorBoard drop those, so each step shows once, with the resumed run's values.
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
-                                        purge_step=resumed_step + 1 if resumed_step else None)
+            # A run resumed at step T (0 too: killed before its first checkpoint) may have logged steps
+            # past T before it stopped; purge_step makes TensorBoard drop those, so each step shows
+            # once, with the resumed run's values.
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
         self.gpu = GpuMonitor() if enabled else None  # only the logging rank reads NVML
         self.window: list[dict[str, float]] = []
         self.started = time.perf_counter()
