@@ -111,12 +111,29 @@ def test_pruning_orders_steps_by_number_and_never_deletes_the_new_checkpoint(tmp
     for step in (50, 60, 3):  # steps 50 and 60 of an earlier run in the same directory
         save_checkpoint(tmp_path / "rerun", step, {"w": torch.zeros(1)}, keep_last=2)
     assert latest_checkpoint(tmp_path / "rerun").name == "step_0000003"
-    assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000003", "step_0000060"]
+    assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000003", "step_0000050",
+                                                                       "step_0000060"]
     save_checkpoint(tmp_path / "rerun", 4, {"w": torch.zeros(1)}, keep_last=1)
-    assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000004"]
+    assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000004", "step_0000050",
+                                                                       "step_0000060"]
     (tmp_path / "rerun" / ".step_0000005.tmp").mkdir()  # a save of step 5 killed half-way
     save_checkpoint(tmp_path / "rerun", 6, {"w": torch.zeros(1)}, keep_last=1)
-    assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000006"]
+    assert sorted(p.name for p in (tmp_path / "rerun").iterdir()) == ["latest", "step_0000006", "step_0000050",
+                                                                       "step_0000060"]
+
+
+def test_going_back_to_an_earlier_checkpoint_keeps_it_while_the_new_branch_is_short(tiny_config, tmp_path):
+    """checkpoint.load of step 2 in a directory that holds steps 2 and 4: the saves of the new branch
+    must not delete step 2 for the abandoned step 4 (a rerun of the same command found nothing to load)."""
+    overrides = ["train.max_steps=4", "checkpoint.save_interval=2", "checkpoint.keep_last=2", "train.eval_interval=0"]
+    Trainer(tiny_config(UNIPOOL, *overrides), tmp_path).train()
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0000002", "step_0000004"]
+    back = Trainer(tiny_config(UNIPOOL, "train.max_steps=3", "checkpoint.save_interval=1", "checkpoint.keep_last=2",
+                               "checkpoint.resume=false", f"checkpoint.load={checkpoints / 'step_0000002'}"), tmp_path)
+    back.train()
+    assert latest_checkpoint(checkpoints).name == "step_0000003"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0000002", "step_0000003", "step_0000004"]
 
 
 # ------------------------------------------------------------------ bad checkpoints

@@ -102,12 +102,15 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
 
 
 def _prune(directory: Path, written: Path, keep_last: int) -> None:
-    """Keep `written` and the `keep_last - 1` other highest steps, ordered by number, not name (step_10000000
-    sorts before step_9999999, and a directory may hold higher steps of an earlier run); remove what
-    saves killed half-way left (.step_N.tmp)."""
-    others = [(int(m.group(1)), p) for p in directory.iterdir()
-              if p != written and p.is_dir() and (m := _STEP_DIRECTORY.fullmatch(p.name))]
-    for _, old in sorted(others)[:max(0, len(others) - (keep_last - 1))]:
+    """Keep `written` and the `keep_last - 1` highest steps below it, ordered by number, not name
+    (step_10000000 sorts before step_9999999); remove what saves killed half-way left (.step_N.tmp).
+    Higher steps belong to a run this one went back from (checkpoint.load of an earlier step): they
+    are neither counted nor removed (this run replaces each when it saves that step), so the earlier
+    checkpoint it started from is not the first to go."""
+    step = int(_STEP_DIRECTORY.fullmatch(written.name).group(1))
+    earlier = [(int(m.group(1)), p) for p in directory.iterdir()
+               if p.is_dir() and (m := _STEP_DIRECTORY.fullmatch(p.name)) and int(m.group(1)) < step]
+    for _, old in sorted(earlier)[:max(0, len(earlier) - (keep_last - 1))]:
         shutil.rmtree(old)
     for unfinished in directory.glob(".step_*.tmp"):
         shutil.rmtree(unfinished, ignore_errors=True)
