@@ -35,6 +35,7 @@ except ImportError:  # a checkout without `pip install -e .`
 from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer, init_parallel  # noqa: E402
+from measurement import checked_overrides, json_output  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
 
 QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
@@ -137,8 +138,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--suite", choices=list(SUITES), default="cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=json_output)
     args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", args.ep))
+    checked_overrides(parser, [(REPO / path, QUIET + [f"parallel.ep={args.ep}"] + args.overrides)
+                               for path in SUITES[args.suite].values()], world_size=world)
     if "WORLD_SIZE" in os.environ:  # under torchrun / deepspeed: this process is one rank
         rows = run(args)
         if int(os.environ["RANK"]) != 0:

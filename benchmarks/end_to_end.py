@@ -36,6 +36,7 @@ except ImportError:  # a checkout without `pip install -e .`
 from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
 from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
+from measurement import checked_overrides, json_output  # noqa: E402
 
 QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
 ONE_GPU = ["parallel.ep=1", "train.micro_batch=8", "train.global_batch=8"]
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
                         help="config override applied to every model; repeatable")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--json", type=json_output, help="write the rows here")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "ROW_FILE"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
     unknown = [name for name in names if name not in suite]
     if unknown:
         parser.error(f"--models: {', '.join(unknown)} not in suite {args.suite!r} ({', '.join(suite)})")
+    checked_overrides(parser, [(REPO / suite[name][0], QUIET + suite[name][1] + args.overrides) for name in names])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
                        "--warmup", str(args.warmup), "--steps", str(args.steps)]
             command += [item for override in args.overrides for item in ("--set", override)]
             print(f"  measuring {name} ...", file=sys.stderr, flush=True)
-            status = subprocess.run(command, cwd=REPO).returncode
+            status = subprocess.run(command).returncode  # here: relative paths in --set mean the caller's directory
             if status == 0:
                 row = json.loads(row_file.read_text())
                 print(f"  {name}: {row['step_ms']:.1f} ms per step, {row['tokens_per_second']:,.0f} tokens/s",

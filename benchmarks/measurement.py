@@ -2,6 +2,7 @@
 (or why it failed) as a JSON row as soon as it is taken, and printing the rows as a table."""
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -9,6 +10,26 @@ import time
 from pathlib import Path
 
 import torch
+
+
+def json_output(text: str) -> Path:
+    """argparse type of --json: a file in an existing directory, checked before anything is measured."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"directory {path.parent} does not exist")
+    return path
+
+
+def checked_overrides(parser: argparse.ArgumentParser, runs: list[tuple[Path, list[str]]], world_size: int = 1) -> None:
+    """Load each (config, overrides) once, before any model is built or process started: a --set typo
+    is one argparse error, not a traceback per model or rank."""
+    from megatron_unipool.config import ConfigError, load_config
+
+    for path, overrides in runs:
+        try:
+            load_config(path, overrides, world_size=world_size)
+        except ConfigError as e:
+            parser.error(f"{path.name}: {e}")
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -35,7 +35,8 @@ from megatron_unipool.config import MoEConfig  # noqa: E402
 from megatron_unipool.moe import ExpertPool, MoELayer, PoolStats, SwiGLU  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from measurement import add_ratios, compute_dtype, measure_row, print_table, time_forward_backward  # noqa: E402
+from measurement import (add_ratios, compute_dtype, json_output, measure_row, print_table,  # noqa: E402
+                         time_forward_backward)
 
 INIT_STD = 0.02
 
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--impls", nargs="+", choices=["ours", "ours_grouped_mm", "ours_loop", "deepspeed", "loop",
                                                        "dense"],
                         help="default: ours, the expert GEMM ours does not pick here, deepspeed, loop, dense")
-    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--json", type=json_output, help="write the rows here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.impls is None:

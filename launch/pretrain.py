@@ -5,7 +5,10 @@
     deepspeed --num_gpus 8 launch/pretrain.py --config configs/unipool_182m.json
     deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 launch/pretrain.py --config ...
 
-Without --config it trains configs/tiny_unipool_cpu.json (a few minutes on 2 CPU cores). The
+Without --config it trains configs/tiny_unipool_cpu.json (a few minutes on 2 CPU cores); a config
+inside a run directory (tools/upcycle.py and convert_checkpoint.py write OUT/config.json beside
+OUT/checkpoints) continues that run without --run-dir. Relative paths in the config mean the
+directory the command runs in (stored absolute in the run's checkpoints). The
 launchers describe the job in the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...); the
 parallel degrees come from the config's `parallel` section, data parallelism takes the rest.
 """
@@ -43,30 +46,47 @@ def peer_failure(error: BaseException) -> bool:
 DEFAULT_CONFIG = REPO / "configs" / "tiny_unipool_cpu.json"
 
 
+def default_run_dir(config_file: Path) -> Path:
+    """A config inside a run directory (tools/upcycle.py and convert_checkpoint.py write config.json next
+    to checkpoints/) continues that run; runs/config would start a fresh model, shared by every such run."""
+    if (config_file.parent / "checkpoints").is_dir():
+        return config_file.parent
+    return Path("runs") / config_file.stem
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="JSON config (default: %(default)s)")
-    parser.add_argument("--run-dir", default=None, help="checkpoints, TensorBoard events, summary.json (default: runs/<config name>)")
+    parser.add_argument("--run-dir", default=None,
+                        help="checkpoints, TensorBoard events, summary.json (default: the config's own directory when it"
+                             " is a run directory, one with checkpoints/, as the tools write; else runs/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field, type-checked like the file; repeatable")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *_, **__: None)  # every rank meets the same error
     try:
         config = load_config(args.config, args.overrides, world_size=world_size)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(args.config))
+        run_dir.mkdir(parents=True, exist_ok=True)  # on every rank, before any waits for another
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+    except OSError as e:
+        say(f"error: run directory {run_dir} cannot be used: {e.strerror or e}", file=sys.stderr)
+        return 2
     init_distributed_from_env(config.parallel.timeout_s, even_alone=config.deepspeed.enabled)
     try:
         parallel = init_parallel(config)
         device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None
         summary = Trainer(config, run_dir, device=device, parallel=parallel).train()
     except RUN_ERRORS as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same error: say it once
-            print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        say(f"interrupted; {run_dir} resumes from its latest checkpoint when run again", file=sys.stderr)
+        return 130
     except RuntimeError as e:
         if not peer_failure(e):
             raise

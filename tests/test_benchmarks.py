@@ -131,3 +131,20 @@ def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path):
         assert f"== {step}: exit 0" in done.stdout, done.stdout[-3000:]
     for rows in ("grouped_gemm", "moe_layer", "end_to_end_182m", "end_to_end_469m"):
         assert json.loads((out / f"{rows}.json").read_text())
+
+
+@pytest.mark.parametrize("script, arguments, message", [
+    ("end_to_end.py", ["--set", "train.max_step=3"], "unknown key train.max_step"),
+    ("comm.py", ["--set", "train.max_step=3"], "unknown key train.max_step"),
+    ("comm.py", ["--ep", "3"], "must be divisible by parallel.ep=3"),
+    ("moe_layer.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
+    ("grouped_gemm.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
+    ("end_to_end.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
+])
+def test_benchmarks_check_their_arguments_before_measuring(tmp_path, script, arguments, message):
+    """A typo was a traceback per model (or rank) after each had started; a missing --json directory
+    lost the first measurement."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *arguments], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-1500:]
+    assert "Traceback" not in done.stderr and "measuring" not in done.stderr

@@ -338,9 +338,11 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
     assert "continue with" in done.stdout
     written = config_from_dict(json.loads((out / "config.json").read_text()), world_size=None)
     assert written.moe.pool_size == 2 * config.moe.experts_per_pool(config.model.num_layers)
-    done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(out / "config.json"),
-                           "--run-dir", str(out)], capture_output=True, text=True, timeout=300)
+    # without --run-dir a config inside a run directory continues that run (runs/config would start a fresh model)
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(out / "config.json")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoints' / 'step_0000000'}" in done.stdout and not (tmp_path / "runs").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and all(loss == loss for loss in summary["train_losses"])
     assert summary["consumed_samples"] == payload["train_state"]["consumed_samples"] + 2 * config.train.global_batch
@@ -350,6 +352,26 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
                             "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
     assert config_to_dict(written)["model"] == config_to_dict(config)["model"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--to-config", "configs/tiny_vanilla_cpu.json"], "error: --to-config is for a dense checkpoint"),
+    (["--set", "moe.pool_size=5"], "after --set, the upcycled weights do not fit the model its config describes:\n"
+                                   "  expert_pools.0.w_gate: checkpoint (64, 128, 64) vs model (5, 128, 64)"),
+    (["--output-is-a-file"], "is a file, not a directory"),
+])
+def test_upcycle_refuses_what_would_write_an_unusable_run(trained, tmp_path, arguments, message):
+    """Each was accepted: --to-config silently ignored, a config whose pool does not fit the written
+    weights (found only when continuing), or the output lost after the work."""
+    _, _, run_dir = trained["softmax_top2"]
+    out = tmp_path / "upcycled"
+    if arguments == ["--output-is-a-file"]:
+        out.write_text("")
+        arguments = []
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "upcycle.py"), "--checkpoint", str(run_dir),
+                           "--output", str(out), *arguments], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (out / "checkpoints").exists()
 
 
 # ---- routing probe (tools/routing_probe.py): shares the trained checkpoints above ----
@@ -389,6 +411,14 @@ def test_probe_tool_reports_each_layer(trained, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "routing_probe.py"), "--checkpoint", str(run_dir),
                           "--layers", "7"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "are not MoE layers" in bad.stderr
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "routing_probe.py"), "--checkpoint", str(run_dir),
+                          "--layers", "last"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--layers 'last': expected deep, all, or comma-separated layer numbers" in bad.stderr
+    (tmp_path / "a_file").write_text("")
+    for tool in ("routing_probe.py", "plot_utilisation.py"):  # refused before the work, not after it
+        bad = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--checkpoint", str(run_dir), "--output",
+                              str(tmp_path / "a_file")], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and "is a file, not a directory" in bad.stderr and "probed" not in bad.stdout
 
 
 def test_probe_has_no_top_n_row_repeating_the_pool(trained, tmp_path):

@@ -394,3 +394,35 @@ def test_launcher_reports_run_errors_in_one_line(setting, message, data_cache, t
                           env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().startswith(message) and "Traceback" not in done.stderr, done.stderr[-1500:]
+
+
+def test_launcher_refuses_a_run_directory_it_cannot_use_and_says_config_errors_once(data_cache, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    command = launch_command(tmp_path / "a_file", data_cache)
+    done = subprocess.run([sys.executable] + command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert done.stderr.strip().startswith(f"error: run directory {tmp_path / 'a_file'} cannot be used")
+    # a config error reaches every rank of a launcher: rank 0 says it, the others stay silent
+    typo = launch_command(tmp_path / "run", data_cache) + ["--set", "train.max_step=3"]
+    said = [subprocess.run([sys.executable] + typo, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2")) for rank in (0, 1)]
+    assert [s.returncode for s in said] == [2, 2]
+    assert "unknown key train.max_step" in said[0].stderr and said[1].stderr == ""
+
+
+def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(data_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    command = launch_command(run_dir, data_cache)
+    process = subprocess.Popen([sys.executable] + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in process.stdout:
+            if line.startswith("step  4/12"):  # after the step-3 checkpoint
+                process.send_signal(signal.SIGINT)
+                break
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip() == f"interrupted; {run_dir} resumes from its latest checkpoint when run again"
+    assert run_to_end(command, run_dir)["steps"] == 12

@@ -82,7 +82,7 @@ def run(name: str, seed: int, output: Path, overrides: list[str]) -> dict:
         recorded.write_text(json.dumps(wanted) + "\n")
         print(f"training {name} seed {seed}: log in {log_path}", flush=True)
         with open(log_path, "w") as log:
-            failed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode
+            failed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
         if failed:
             tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL:]
             raise SystemExit(f"error: {name} seed {seed} failed (exit status {failed}); the end of {log_path}:\n"

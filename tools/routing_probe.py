@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_unipool.config import ConfigError  # noqa: E402
-from megatron_unipool.training import CheckpointError, build_datasets  # noqa: E402
+from megatron_unipool.training import CheckpointError, DataError, build_datasets  # noqa: E402
 from megatron_unipool.training.datasets import validation_batches  # noqa: E402
 from megatron_unipool.training.plots import save_atomically  # noqa: E402
 from megatron_unipool.training.probe import load_routed_model, probe  # noqa: E402
@@ -41,7 +41,10 @@ def chosen_layers(spec: str, moe_layers: list[int]) -> list[int]:
         return moe_layers
     if spec == "deep":  # the deeper half of the MoE layers
         return moe_layers[len(moe_layers) // 2:]
-    layers = [int(item) for item in spec.split(",")]
+    try:
+        layers = [int(item) for item in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers {spec!r}: expected deep, all, or comma-separated layer numbers") from None
     unknown = [layer for layer in layers if layer not in moe_layers]
     if unknown:
         raise ValueError(f"--layers {spec}: {unknown} are not MoE layers (MoE layers: {moe_layers})")
@@ -86,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         top_n = config.moe.num_experts if args.top_n is None else args.top_n
         if top_n and top_n < config.moe.top_k:
             raise ValueError(f"--top-n {top_n} is below moe.top_k={config.moe.top_k}")
-    except (CheckpointError, ConfigError, ValueError) as e:
+        if args.output.exists() and not args.output.is_dir():  # known before the probe, not after it
+            raise ValueError(f"--output {args.output} is a file, not a directory")
+        torch.manual_seed(0)
+        batches = validation_batches(build_datasets(config).valid, config.train.micro_batch,
+                                     args.eval_batches or config.train.eval_batches)
+    except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    torch.manual_seed(0)
-    batches = validation_batches(build_datasets(config).valid, config.train.micro_batch,
-                                 args.eval_batches or config.train.eval_batches)
     print(f"probing layers {layers} of {path} on {sum(len(b) for b in batches)} validation sequences ...", flush=True)
     baseline, rows = probe(model, batches, layers, top_n, args.seeds,
                            progress=lambda done, total: print(f"  {done}/{total} layers probed", flush=True))

@@ -31,8 +31,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_unipool.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config  # noqa: E402
-from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
-from megatron_unipool.training.checkpoint import load_trained_model, write_run_directory  # noqa: E402
+from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
+from megatron_unipool.training.checkpoint import check_fits, load_trained_model, write_run_directory  # noqa: E402
 from megatron_unipool.training.upcycling import (MAX_EXTRA, expert_utility, upcycle, upcycle_dense,  # noqa: E402
                                                  utility_batches)
 
@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--selection utility gives an expert at most {MAX_EXTRA} extra copies: --multiplier must be at"
                      f" most {MAX_EXTRA + 1}, not {args.multiplier}")
     try:
-        source_path, payload, config, model = load_trained_model(args.checkpoint)
         if (args.output / "checkpoints" / "latest").exists():
             raise CheckpointError(f"{args.output} already holds a checkpoint; choose a new --output")
+        if args.output.exists() and not args.output.is_dir():  # known before the work, not after it
+            raise ValueError(f"--output {args.output} is a file, not a directory")
+        source_path, payload, config, model = load_trained_model(args.checkpoint)
+        if config.moe.kind != "dense" and args.to_config is not None:
+            raise ValueError("--to-config is for a dense checkpoint; an MoE one keeps its config (change it with --set)")
         if config.moe.kind == "dense":
             if args.to_config is None:
                 parser.error("the checkpoint is dense: give the MoE config to upcycle into with --to-config")
@@ -83,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                              args.noise, args.optimizer, args.seed)
         result.config.checkpoint.resume, result.config.checkpoint.load = True, None  # the launcher starts from our checkpoint
         new_config = config_from_dict(apply_overrides(config_to_dict(result.config), args.overrides), world_size=None)
-    except (CheckpointError, ConfigError, ValueError) as e:
+        check_fits(new_config, result.model_state, "after --set, the upcycled weights")  # a --set changing shapes
+    except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.output.mkdir(parents=True, exist_ok=True)
     train_state = TrainState(consumed_samples=payload["train_state"]["consumed_samples"])
     written = write_run_directory(args.output, new_config, result.model_state, result.optimizer_state,
                                   asdict(train_state), upcycled_from=str(source_path),

@@ -153,9 +153,28 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         raw = _read_json(path, "config file")
-    config = config_from_dict(apply_overrides(raw, overrides), world_size)
+    config = _with_absolute_paths(config_from_dict(apply_overrides(raw, overrides), world_size))
     if config.deepspeed.config_file is not None:  # read only when the engine starts, after the model is built
         read_deepspeed_file(config.deepspeed.config_file)
+    return config
+
+
+BUILT_IN_TOKENIZERS = ("byte", "gpt2")
+
+
+def _with_absolute_paths(config: Config) -> Config:
+    """Relative paths mean the directory the command runs in; made absolute here, as the run's
+    checkpoints store them, the tools that read a run's config (probe, plots, upcycling, possibly
+    started elsewhere) find the same files instead of tokenising a corpus again or failing."""
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).expanduser().absolute())
+
+    data, checkpoint, ds = config.data, config.checkpoint, config.deepspeed
+    data.cache_dir, data.train_prefix, data.valid_prefix = map(absolute, (data.cache_dir, data.train_prefix,
+                                                                          data.valid_prefix))
+    if data.tokenizer not in BUILT_IN_TOKENIZERS:
+        data.tokenizer = absolute(data.tokenizer)
+    checkpoint.load, ds.config_file = absolute(checkpoint.load), absolute(ds.config_file)
     return config
 
 

@@ -35,7 +35,8 @@ def norm_router_constant(num_experts: int, top_k: int, samples: int = 100_000, s
     inverse_norms = []
     chunk = max(1, 2**22 // num_experts)
     for start in range(0, samples, chunk):
-        x = torch.randn(min(chunk, samples - start), num_experts, generator=generator, dtype=torch.float64)
+        x = torch.randn(min(chunk, samples - start), num_experts, generator=generator, dtype=torch.float64,
+                        device="cpu")  # whatever the default device (meta, for shapes only; CUDA)
         y = torch.relu(x / x.norm(dim=-1, keepdim=True))
         norm = y.topk(min(top_k, num_experts), dim=-1).values.norm(dim=-1)
         inverse_norms.append(1.0 / norm[norm > 0])

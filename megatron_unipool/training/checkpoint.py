@@ -172,9 +172,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
-def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
     """Load weights, naming every missing, unexpected or differently shaped tensor."""
-    own = model.state_dict()
+    problems = _misfits(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit this model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state)
+
+
+def check_fits(config: Config, state: dict[str, torch.Tensor], what: str) -> None:
+    """CheckpointError unless `state` fits the model `config` describes (built on the meta device: no
+    memory, no initialisation), for tools that write a config beside weights."""
+    with torch.device("meta"):
+        model = LanguageModel(config.model, config.moe)
+    problems = _misfits(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{what} do not fit the model its config describes:\n  " + "\n  ".join(problems))
+
+
+def _misfits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """Every missing, unexpected or differently shaped tensor of `state`, named."""
     problems = [f"missing {k}" for k in own if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]
     problems += [
@@ -182,9 +199,7 @@ def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source
         for k, v in state.items()
         if k in own and v.shape != own[k].shape
     ]
-    if problems:
-        raise CheckpointError(f"checkpoint {source} does not fit this model:\n  " + "\n  ".join(problems))
-    model.load_state_dict(state)
+    return problems
 
 
 def load_trained_model(checkpoint: Path) -> tuple[Path, dict[str, Any], Config, LanguageModel]:
