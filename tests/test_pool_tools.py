@@ -554,7 +554,8 @@ def reproduce_tool(monkeypatch):
     spec.loader.exec_module(module)
     launched = []
 
-    def launch(command, stdout, stderr, cwd):
+    def launch(command, stdout, stderr, **elsewhere):
+        assert not elsewhere, "the launcher runs in the caller's directory: relative paths in --set are the caller's"
         run_dir = Path(command[command.index("--run-dir") + 1])
         launched.append(run_dir)
         stdout.write("".join(f"log line {i}\n" for i in range(40)))
@@ -571,13 +572,15 @@ def reproduce_tool(monkeypatch):
 
 def test_reproduction_refuses_runs_of_other_overrides(reproduce_tool, tmp_path, monkeypatch, capsys):
     module, launched = reproduce_tool
-    monkeypatch.chdir(tmp_path)  # a relative --output is where the user is, not where the launcher runs (REPO)
+    monkeypatch.chdir(tmp_path)  # a relative --output is where the user is
     args = ["--seeds", "1", "--models", "vanilla", "--output", "rel"]
     assert module.main(args + ["--set", "train.max_steps=3"]) == 0
     run_dir = tmp_path / "rel" / "vanilla" / "seed1"
     assert launched == [run_dir] and (run_dir / "summary.json").is_file() and (tmp_path / "rel" / "results.json").is_file()
     assert json.loads((run_dir / "overrides.json").read_text()) == ["train.max_steps=3"]
-    assert f"training vanilla seed 1: log in {run_dir / 'log.txt'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"training vanilla seed 1: log in {run_dir / 'log.txt'}" in out
+    assert "The paper's ordering" not in out  # one model: no pair of the ordering to check (it printed a bare title)
     assert module.main(args + ["--set", "train.max_steps=3"]) == 0 and len(launched) == 1  # reused
     with pytest.raises(SystemExit, match=re.escape(f"{run_dir} was trained with the overrides ['train.max_steps=3']")):
         module.main(args + ["--set", "train.max_steps=4"])

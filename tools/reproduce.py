@@ -113,6 +113,8 @@ def report(results: dict[str, list[dict]]) -> str:
     for better, worse in [("vanilla", "dense"), ("unipool", "vanilla"), ("unipool-67%", "vanilla"),
                           ("unipool-50%", "vanilla"), ("unipool", "shared-pool-layer-aux-softmax")]:
         compare(better, worse)
+    if not checks:
+        return "\n".join(lines) + "\n"  # no pair of the paper's ordering among these models
     return "\n".join(lines + ["", "The paper's ordering at this scale:"] + checks) + "\n"
 
 
