@@ -21,15 +21,19 @@ def json_output(text: str) -> Path:
 
 
 def checked_overrides(parser: argparse.ArgumentParser, runs: list[tuple[Path, list[str]]], world_size: int = 1) -> None:
-    """Load each (config, overrides) once, before any model is built or process started: a --set typo
-    is one argparse error, not a traceback per model or rank."""
+    """Load each (config, overrides) before any model is built or process started: when none loads (a
+    --set typo) that is one argparse error, not a traceback per model or rank; when only some do, the
+    others are measured and the failing ones recorded as failed rows."""
     from megatron_unipool.config import ConfigError, load_config
 
+    errors = []
     for path, overrides in runs:
         try:
             load_config(path, overrides, world_size=world_size)
         except ConfigError as e:
-            parser.error(f"{path.name}: {e}")
+            errors.append(f"{path.name}: {e}")
+    if len(errors) == len(runs):
+        parser.error(errors[0])
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
