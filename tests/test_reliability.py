@@ -343,20 +343,28 @@ def uninterrupted(data_cache, tmp_path_factory):
     return run_to_end(launch_command(run_dir, data_cache), run_dir)
 
 
-def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(uninterrupted, data_cache, tmp_path):
-    run_dir = tmp_path / "run"
-    command = launch_command(run_dir, data_cache)
-    process = subprocess.Popen([sys.executable] + command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+def signalled(command: list[str], at_line: str, sig: signal.Signals) -> tuple[int, str]:
+    """Run the launcher, send `sig` when it prints a line starting with `at_line`: (exit status, stderr)."""
+    process = subprocess.Popen([sys.executable] + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         for line in process.stdout:
-            if line.startswith("step  8/12"):  # after the step-6 checkpoint, before the step-9 one
-                process.send_signal(signal.SIGKILL)
+            if line.startswith(at_line):
+                process.send_signal(sig)
                 break
+        _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
         process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    return process.returncode, stderr
+
+
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(uninterrupted, data_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    command = launch_command(run_dir, data_cache)
+    # after the step-6 checkpoint, before the step-9 one
+    status, _ = signalled(command, "step  8/12", signal.SIGKILL)
+    assert status == -signal.SIGKILL, "the run ended before it was killed"
     assert latest_checkpoint(run_dir / "checkpoints").name in ("step_0000006", "step_0000009")
     assert not (run_dir / "summary.json").exists()
     resumed = run_to_end(command, run_dir)
@@ -413,16 +421,7 @@ def test_launcher_refuses_a_run_directory_it_cannot_use_and_says_config_errors_o
 def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(data_cache, tmp_path):
     run_dir = tmp_path / "run"
     command = launch_command(run_dir, data_cache)
-    process = subprocess.Popen([sys.executable] + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        for line in process.stdout:
-            if line.startswith("step  4/12"):  # after the step-3 checkpoint
-                process.send_signal(signal.SIGINT)
-                break
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 130, stderr[-2000:]
+    status, stderr = signalled(command, "step  4/12", signal.SIGINT)  # after the step-3 checkpoint
+    assert status == 130, stderr[-2000:]
     assert stderr.strip() == f"interrupted; {run_dir} resumes from its latest checkpoint when run again"
     assert run_to_end(command, run_dir)["steps"] == 12

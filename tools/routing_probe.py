@@ -30,8 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_unipool.config import ConfigError  # noqa: E402
-from megatron_unipool.training import CheckpointError, DataError, build_datasets  # noqa: E402
-from megatron_unipool.training.datasets import validation_batches  # noqa: E402
+from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.plots import save_atomically  # noqa: E402
 from megatron_unipool.training.probe import load_routed_model, probe  # noqa: E402
 
@@ -84,19 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
-        path, config, model = load_routed_model(args.checkpoint, "there is no routing to probe")
+        path, config, model, batches = load_routed_model(args.checkpoint, "there is no routing to probe",
+                                                         args.eval_batches)
         layers = chosen_layers(args.layers, config.moe.moe_layers(config.model.num_layers))
         top_n = config.moe.num_experts if args.top_n is None else args.top_n
         if top_n and top_n < config.moe.top_k:
             raise ValueError(f"--top-n {top_n} is below moe.top_k={config.moe.top_k}")
         if args.output.exists() and not args.output.is_dir():  # known before the probe, not after it
             raise ValueError(f"--output {args.output} is a file, not a directory")
-        torch.manual_seed(0)
-        batches = validation_batches(build_datasets(config).valid, config.train.micro_batch,
-                                     args.eval_batches or config.train.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    torch.manual_seed(0)
     print(f"probing layers {layers} of {path} on {sum(len(b) for b in batches)} validation sequences ...", flush=True)
     baseline, rows = probe(model, batches, layers, top_n, args.seeds,
                            progress=lambda done, total: print(f"  {done}/{total} layers probed", flush=True))
