@@ -143,8 +143,11 @@ def test_a_run_shorter_than_its_warmup_says_where_its_learning_rate_ends(tiny_co
     config = tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=2", "train.warmup_steps=4",
                          "train.eval_batches=1", "model.seq_len=16")
     Trainer(config, tmp_path / "run").train()
-    assert ("note: train.warmup_steps=4 >= train.max_steps=2: the learning rate ends at 0.001, in warm-up, below"
+    assert ("note: train.warmup_steps=4 > train.max_steps=2: the learning rate ends at 0.001, in warm-up, below"
             " train.lr=0.002") in capsys.readouterr().out
+    Trainer(tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=2", "train.warmup_steps=2",
+                        "train.eval_batches=1", "model.seq_len=16"), tmp_path / "equal").train()
+    assert "note: train.warmup_steps" not in capsys.readouterr().out  # its last step is at train.lr
 
 
 @pytest.mark.parametrize("name,tflops", [

@@ -285,8 +285,8 @@ class Trainer:
                   f"{self.budget.active_params:,} active per token, {len(self.data.train):,} training samples of "
                   f"{cfg.model.seq_len} tokens, layout tp {L.tp} pp {L.pp} dp {L.dp} ep {L.ep}; "
                   f"run directory {self.run_dir}", flush=True)
-            if cfg.train.warmup_steps >= cfg.train.max_steps:
-                print(f"note: train.warmup_steps={cfg.train.warmup_steps} >= train.max_steps={cfg.train.max_steps}:"
+            if cfg.train.warmup_steps > cfg.train.max_steps:  # equal: the last step reaches train.lr
+                print(f"note: train.warmup_steps={cfg.train.warmup_steps} > train.max_steps={cfg.train.max_steps}:"
                       f" the learning rate ends at {learning_rate(cfg.train.max_steps - 1, cfg.train):.3g}, in warm-up,"
                       f" below train.lr={cfg.train.lr:g}", flush=True)
         while self.state.step < cfg.train.max_steps:
