@@ -252,7 +252,14 @@ def test_resuming_at_max_steps_evaluates_and_a_changed_schedule_is_announced(tin
     was = learning_rate(2, tiny_config(UNIPOOL, "train.max_steps=4", warmup).train)
     now = learning_rate(2, longer.train)
     assert now != was
-    assert f"the learning-rate decay is recomputed, the next step's rate is {now:.3e} (was {was:.3e})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"the learning-rate decay is recomputed, the next step's rate is {now:.3e} (was {was:.3e})" in out
+    assert "model.seq_len" not in out
+    # a sequence length changed on resume: the sample position counts samples of another length
+    Trainer(tiny_config(UNIPOOL, "train.max_steps=4", "model.seq_len=32", f"checkpoint.load={midway}"),
+            tmp_path / "shorter_sequences")
+    assert ("note: model.seq_len=32, the checkpoint's run had 64: the run continues at sample 16 of 32-token samples,"
+            " not at the token where the checkpoint's data stopped") in capsys.readouterr().out
 
 
 def test_checkpoint_of_another_shape_names_the_tensors_that_differ(saved_run, tiny_config, tmp_path):

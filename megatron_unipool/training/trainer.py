@@ -106,6 +106,11 @@ class Trainer:
                 print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
                       flush=True)
                 self._note_changed_schedule(payload["config"]["train"]["max_steps"])
+                saved_seq_len = payload["config"]["model"]["seq_len"]
+                if saved_seq_len != config.model.seq_len:  # consumed_samples counts samples of the saved length
+                    print(f"note: model.seq_len={config.model.seq_len}, the checkpoint's run had {saved_seq_len}: the"
+                          f" run continues at sample {self.state.consumed_samples} of {config.model.seq_len}-token"
+                          " samples, not at the token where the checkpoint's data stopped", flush=True)
         self.budget = param_budget(config.model, config.moe)
         self.channel = StageChannel(self.parallel, (train.micro_batch, config.model.seq_len, config.model.hidden_size),
                                     self.backend.activation_dtype, self.device)
