@@ -5,8 +5,8 @@
     deepspeed --num_gpus 8 launch/pretrain.py --config configs/unipool_182m.json
     deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 launch/pretrain.py --config ...
 
-Without --config it trains configs/tiny_unipool_cpu.json (a few minutes on 2 CPU cores); a config
-inside a run directory (tools/upcycle.py and convert_checkpoint.py write OUT/config.json beside
+Without --config it trains configs/tiny_unipool_cpu.json (a few minutes on 2 CPU cores); a run
+directory's config.json (tools/upcycle.py and convert_checkpoint.py write OUT/config.json beside
 OUT/checkpoints) continues that run without --run-dir. Relative paths in the config mean the
 directory the command runs in (stored absolute in the run's checkpoints). The
 launchers describe the job in the environment (RANK, WORLD_SIZE, MASTER_ADDR, ...); the
@@ -47,9 +47,9 @@ DEFAULT_CONFIG = REPO / "configs" / "tiny_unipool_cpu.json"
 
 
 def default_run_dir(config_file: Path) -> Path:
-    """A config inside a run directory (tools/upcycle.py and convert_checkpoint.py write config.json next
-    to checkpoints/) continues that run; runs/config would start a fresh model, shared by every such run."""
-    if (config_file.parent / "checkpoints").is_dir():
+    """A run directory's own config.json (tools/upcycle.py and convert_checkpoint.py write it next to
+    checkpoints/) continues that run; runs/config would start a fresh model, shared by every such run."""
+    if config_file.name == "config.json" and (config_file.parent / "checkpoints").is_dir():
         return config_file.parent
     return Path("runs") / config_file.stem
 
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="JSON config (default: %(default)s)")
     parser.add_argument("--run-dir", default=None,
-                        help="checkpoints, TensorBoard events, summary.json (default: the config's own directory when it"
-                             " is a run directory, one with checkpoints/, as the tools write; else runs/<config name>)")
+                        help="checkpoints, TensorBoard events, summary.json (default: for a config.json beside a"
+                             " checkpoints/ directory, as the tools write, that directory; else runs/<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field, type-checked like the file; repeatable")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
