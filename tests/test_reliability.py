@@ -432,3 +432,15 @@ def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(data_cache, tmp_path):
     assert status == 130, stderr[-2000:]
     assert stderr.strip() == f"interrupted; {run_dir} resumes from its latest checkpoint when run again"
     assert run_to_end(command, run_dir)["steps"] == 12
+
+
+def test_default_run_directory_is_a_run_directorys_own_only_for_its_config_json(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain", REPO / "launch" / "pretrain.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    assert launcher.default_run_dir(tmp_path / "out" / "config.json") == tmp_path / "out"  # written by the tools
+    assert launcher.default_run_dir(tmp_path / "out" / "mine.json") == Path("runs") / "mine"
+    assert launcher.default_run_dir(tmp_path / "config.json") == Path("runs") / "config"  # no checkpoints/ beside it
