@@ -435,3 +435,20 @@ def test_ties_go_to_the_lower_expert_index(router, experts):
     routing = router_module(torch.randn(2000, 16))
     chosen = routing.indices_TK[:, 0] if routing.active_TK is None else routing.indices_TK[routing.active_TK]
     assert chosen.numel() > 0 and bool((chosen < half).all())
+
+
+def test_top_k_indices_equal_a_stable_descending_sort():
+    """Ties (many here), -inf (masked experts), +-0 (NormRouter's ReLU) and +inf: the integer key
+    ranks exactly as a stable sort, which keeps the lower index first among equal values."""
+    from megatron_unipool.moe.router import top_k_indices
+
+    generator = torch.Generator().manual_seed(0)
+    for experts in (1, 2, 7, 32, 160):
+        x = torch.randint(-3, 4, (400, experts), generator=generator).float() * 0.5
+        for value, share in ((float("-inf"), 0.1), (-0.0, 0.1), (float("inf"), 0.05)):
+            x[torch.rand(x.shape, generator=generator) < share] = value
+        for k in {1, min(2, experts), min(4, experts)}:
+            expected = x.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+            assert torch.equal(top_k_indices(x, k), expected), (experts, k)
+    x = torch.randn(300, 24, generator=generator)
+    torch.testing.assert_close(top_k_indices(x, 3), x.topk(3, dim=-1).indices, rtol=0, atol=0)  # no ties: topk's

@@ -134,9 +134,17 @@ class Router(nn.Module):
 def top_k_indices(selection_TM: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest per row, ties to the lower expert index. torch.topk leaves the order of ties
     unspecified (on CPU it splits ties between identical experts one way or another depending on
-    the pool size): a stable sort makes routing the same on every device, and after upcycling a
-    source keeps the tokens it ties with its copies on, so their capacity is exactly its own."""
-    return selection_TM.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    the pool size); with ties broken by index routing is the same on every device, and after
+    upcycling a source keeps the tokens it ties with its copies on, so their capacity is exactly its
+    own. The same result as a stable descending sort, at a topk's cost plus a few elementwise ops
+    (a sort was 18x topk on CPU at 160 experts), with no host sync: top-k of one int64 key per
+    entry, the float's order-preserving integer (IEEE bits, negatives' magnitude bits flipped) times
+    M plus (M - 1 - index)."""
+    num_experts = selection_TM.shape[-1]
+    bits = (selection_TM.float() + 0.0).view(torch.int32).long()  # + 0.0: -0 becomes +0, as equal floats tie
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    lower_first = num_experts - 1 - torch.arange(num_experts, device=selection_TM.device)
+    return (ordered * num_experts + lower_first).topk(k, dim=-1).indices
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int | None:
