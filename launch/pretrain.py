@@ -31,7 +31,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from megatron_unipool.config import ConfigError, load_config  # noqa: E402
 from megatron_unipool.kernels import KernelUnavailableError  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
-from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, init_parallel  # noqa: E402
+from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, Trainer, init_parallel,  # noqa: E402
+                                       latest_checkpoint)
 
 # reported as one line (a ConfigError here: a file the config names changed after loading; KernelUnavailableError:
 # a kernel choice this machine cannot run); anything else is a bug: traceback
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        say(f"interrupted; {run_dir} resumes from its latest checkpoint when run again", file=sys.stderr)
+        latest = latest_checkpoint(run_dir / "checkpoints") if config.checkpoint.resume else None
+        say(f"interrupted; run again to resume from {latest}" if latest else
+            "interrupted; no checkpoint to resume from (none written yet, or checkpoint.resume is false)",
+            file=sys.stderr)
         return 130
     except RuntimeError as e:
         if not peer_failure(e):

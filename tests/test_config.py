@@ -153,7 +153,7 @@ def test_overrides_take_numbers_written_the_python_way(override, field, value):
 
 
 def test_a_string_field_takes_an_override_as_written():
-    config = load_config(REPO / "configs/tiny_unipool_cpu.json", ["data.cache_dir=2024", "checkpoint.load=1e3"])
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json", ["data.cache_dir=2024", "checkpoint.load= 1e3"])
     assert Path(config.data.cache_dir).name == "2024" and Path(config.checkpoint.load).name == "1e3"
     assert load_config(REPO / "configs/tiny_unipool_cpu.json", ["checkpoint.load=null"]).checkpoint.load is None
     with pytest.raises(ConfigError, match="train.lr: expected float, got str '1e-3x'"):

@@ -430,8 +430,12 @@ def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(data_cache, tmp_path):
     command = launch_command(run_dir, data_cache)
     status, stderr = signalled(command, "step  4/12", signal.SIGINT)  # after the step-3 checkpoint
     assert status == 130, stderr[-2000:]
-    assert stderr.strip() == f"interrupted; {run_dir} resumes from its latest checkpoint when run again"
+    assert stderr.strip() == f"interrupted; run again to resume from {run_dir / 'checkpoints' / 'step_0000003'}"
     assert run_to_end(command, run_dir)["steps"] == 12
+    fresh = tmp_path / "fresh"  # interrupted before its first checkpoint: nothing to promise
+    status, stderr = signalled(launch_command(fresh, data_cache), "step  2/12", signal.SIGINT)
+    assert status == 130 and stderr.strip() == ("interrupted; no checkpoint to resume from (none written yet, or"
+                                                " checkpoint.resume is false)"), stderr[-2000:]
 
 
 def test_default_run_directory_is_a_run_directorys_own_only_for_its_config_json(tmp_path):

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="applied to every run, e.g. train.max_steps=300")
     args = parser.parse_args(argv)
-    args.output = args.output.resolve()  # absolute: the launcher runs in REPO
+    args.output = args.output.resolve()  # absolute: named in the launch commands and in results.json
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     total, done, started = len(args.models) * len(args.seeds), 0, time.perf_counter()

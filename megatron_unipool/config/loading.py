@@ -112,13 +112,14 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if not sep or not dot or not key:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.max_steps=100)")
     kind = _field_kind(section, key)
+    value = value.strip()
     try:
         parsed = json.loads(value)
     except ValueError:  # not JSON (or an integer of more digits than Python converts)
         parsed = value
         if kind in (int, float):
             with contextlib.suppress(ValueError):
-                parsed = kind(value.strip())
+                parsed = kind(value)
     if kind is str and parsed is not None and not isinstance(parsed, str):
         parsed = value
     return section, key, parsed
