@@ -373,8 +373,11 @@ def test_deepspeed_config_is_generated_from_train_and_merged(tmp_path):
     for named in ("train_batch_size (set train.global_batch)", "fp16 (set train.precision", "optimizer (set train.lr",
                   "scheduler (set train.lr", "zero_optimization.stage (set deepspeed.zero_stage)"):
         assert named in str(refused.value)
-    extra.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "comms_logger": {"enabled": True},
-                                 "steps_per_print": 5}))
+    # a stock ds_config agreeing with the config ("auto", the same values) is accepted; the generated values are used
+    extra.write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True},
+                                 "comms_logger": {"enabled": True}, "steps_per_print": 5, "train_batch_size": "auto",
+                                 "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+                                 "fp16": {"enabled": False}, "gradient_clipping": 1.0}))
     config = load_config("configs/tiny_unipool_cpu.json", overrides)
     generated = deepspeed_config(config, micro_batches=4)
     assert generated["train_batch_size"] == config.train.global_batch
@@ -383,4 +386,5 @@ def test_deepspeed_config_is_generated_from_train_and_merged(tmp_path):
     assert generated["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # the stage is ours
     assert generated["comms_logger"] == {"enabled": True} and generated["bf16"] == {"enabled": True}
     assert generated["steps_per_print"] == 5  # logging keys the file may set
+    assert "fp16" not in generated and generated["gradient_clipping"] == config.train.grad_clip
     assert generated["gradient_clipping"] == config.train.grad_clip

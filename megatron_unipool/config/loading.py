@@ -156,7 +156,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
         raw = _read_json(path, "config file")
     config = _with_absolute_paths(config_from_dict(apply_overrides(raw, overrides), world_size))
     if config.deepspeed.config_file is not None:  # read only when the engine starts, after the model is built
-        read_deepspeed_file(config.deepspeed.config_file)
+        read_deepspeed_file(config)
     return config
 
 
@@ -203,9 +203,10 @@ def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
     return dict(pairs)
 
 
-def read_deepspeed_file(name: str) -> dict:
-    """The ds_config object `deepspeed.config_file` names; ConfigError when it is missing or malformed."""
-    path = Path(name)
+def read_deepspeed_file(config: Config) -> dict:
+    """The ds_config object `deepspeed.config_file` names; ConfigError when it is missing, malformed, or
+    sets what the config decides to another value."""
+    path = Path(config.deepspeed.config_file)
     if not path.is_file():
         raise ConfigError(f"deepspeed.config_file {path} does not exist; fix the path or unset it")
     extra = _read_json(path, "deepspeed.config_file")
@@ -213,17 +214,32 @@ def read_deepspeed_file(name: str) -> dict:
         raise ConfigError(f"deepspeed.config_file {path} must hold a JSON object, got {type(extra).__name__}")
     if not isinstance(extra.get("zero_optimization", {}), dict):
         raise ConfigError(f"deepspeed.config_file {path}: zero_optimization must be an object")
-    owned = [f"{key} (set {DEEPSPEED_KEYS_FROM_CONFIG[key]})" for key in extra if key in DEEPSPEED_KEYS_FROM_CONFIG]
-    if "stage" in extra.get("zero_optimization", {}):
+    agreeing = _deepspeed_values_from_config(config)
+
+    def disagrees(key: str) -> bool:
+        return extra[key] != "auto" and (key not in agreeing or extra[key] != agreeing[key])
+
+    owned = [f"{key} (set {where})" for key, where in DEEPSPEED_KEYS_FROM_CONFIG.items()
+             if key in extra and disagrees(key)]
+    if extra.get("zero_optimization", {}).get("stage", config.deepspeed.zero_stage) != config.deepspeed.zero_stage:
         owned.append("zero_optimization.stage (set deepspeed.zero_stage)")
     if owned:
-        raise ConfigError(f"deepspeed.config_file {path} sets what the run's config decides, once for both"
-                          f" optimizers: remove {'; '.join(owned)}")
+        raise ConfigError(f"deepspeed.config_file {path} sets what the run's config decides, to other values: remove"
+                          f" {'; '.join(owned)}")
     return extra
 
 
+def _deepspeed_values_from_config(config: Config) -> dict[str, Any]:
+    """What a ds_config key the config decides may say and still agree with it ("auto" always does)."""
+    train = config.train
+    return {"train_batch_size": train.global_batch, "train_micro_batch_size_per_gpu": train.micro_batch,
+            "gradient_clipping": train.grad_clip, "bf16": {"enabled": train.precision == "bf16"},
+            "fp16": {"enabled": False}}
+
+
 # ds_config keys generated from the run's own sections (training.backends.deepspeed_config): a
-# config_file setting one would contradict them, so it is refused, not silently overridden or ignored
+# config_file setting one to another value would contradict them, so it is refused, not silently
+# overridden or ignored; an agreeing value or "auto" is accepted (the generated one is used)
 DEEPSPEED_KEYS_FROM_CONFIG = {
     "train_batch_size": "train.global_batch",
     "train_micro_batch_size_per_gpu": "train.micro_batch",

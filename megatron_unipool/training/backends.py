@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import Config
-from ..config.loading import read_deepspeed_file
+from ..config.loading import DEEPSPEED_KEYS_FROM_CONFIG, read_deepspeed_file
 from ..model.sharding import REPLICATED, ShardSpec
 from ..moe import ExpertPool
 from ..parallel import ParallelState
@@ -177,10 +177,11 @@ def deepspeed_config(config: Config, micro_batches: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    if ds.config_file:  # it sets none of the generated keys but logging's (read_deepspeed_file refuses them)
-        extra = read_deepspeed_file(ds.config_file)  # ConfigError naming the file, as at load time
+    if ds.config_file:  # the keys the config decides stay generated (read_deepspeed_file refuses other values)
+        extra = read_deepspeed_file(config)  # ConfigError naming the file, as at load time
         zero = {**extra.get("zero_optimization", {}), **generated["zero_optimization"]}
-        generated = {**generated, **extra, "zero_optimization": zero}
+        free = {key: value for key, value in extra.items() if key not in DEEPSPEED_KEYS_FROM_CONFIG}
+        generated = {**generated, **free, "zero_optimization": zero}
     return generated
 
 
