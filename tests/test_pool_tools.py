@@ -3,6 +3,7 @@ measured gap where it cannot, utility-based replicas, optimizer-state copies, de
 launcher round trip), the routing probe and the utilisation analysis."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -419,6 +420,20 @@ def test_probe_tool_reports_each_layer(trained, tmp_path):
         bad = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--checkpoint", str(run_dir), "--output",
                               str(tmp_path / "a_file")], capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and "is a file, not a directory" in bad.stderr and "probed" not in bad.stdout
+
+
+def test_probe_checks_its_arguments_before_reading_data(trained, monkeypatch, capsys):
+    """A wrong --layers or --top-n is reported before the validation data is read."""
+    spec = importlib.util.spec_from_file_location("routing_probe_tool", REPO / "tools" / "routing_probe.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    read = []
+    monkeypatch.setattr(tool, "routing_batches", lambda *args: read.append(args) or [])
+    _, _, run_dir = trained["softmax_top2"]
+    for arguments, message in ((["--layers", "7"], "are not MoE layers"), (["--top-n", "1"], "is below moe.top_k=2")):
+        assert tool.main(["--checkpoint", str(run_dir), *arguments]) == 2
+        assert message in capsys.readouterr().err
+    assert read == []
 
 
 def test_probe_has_no_top_n_row_repeating_the_pool(trained, tmp_path):

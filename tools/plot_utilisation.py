@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.plots import save_atomically, utilisation_figure  # noqa: E402
-from megatron_unipool.training.probe import load_routed_model, record_routing, unique_experts_by_depth  # noqa: E402
+from megatron_unipool.training.probe import (load_routed_model, record_routing, routing_batches,  # noqa: E402
+                                             unique_experts_by_depth)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
-        path, config, model, batches = load_routed_model(args.checkpoint, "it has no experts", args.eval_batches)
+        path, config, model = load_routed_model(args.checkpoint, "it has no experts")
         if args.output.exists() and not args.output.is_dir():  # known before the routing pass, not after it
             raise ValueError(f"--output {args.output} is a file, not a directory")
+        batches = routing_batches(config, args.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.plots import save_atomically  # noqa: E402
-from megatron_unipool.training.probe import load_routed_model, probe  # noqa: E402
+from megatron_unipool.training.probe import load_routed_model, probe, routing_batches  # noqa: E402
 
 
 def chosen_layers(spec: str, moe_layers: list[int]) -> list[int]:
@@ -83,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
-        path, config, model, batches = load_routed_model(args.checkpoint, "there is no routing to probe",
-                                                         args.eval_batches)
+        path, config, model = load_routed_model(args.checkpoint, "there is no routing to probe")
         layers = chosen_layers(args.layers, config.moe.moe_layers(config.model.num_layers))
         top_n = config.moe.num_experts if args.top_n is None else args.top_n
         if top_n and top_n < config.moe.top_k:
             raise ValueError(f"--top-n {top_n} is below moe.top_k={config.moe.top_k}")
         if args.output.exists() and not args.output.is_dir():  # known before the probe, not after it
             raise ValueError(f"--output {args.output} is a file, not a directory")
+        batches = routing_batches(config, args.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -64,16 +64,20 @@ def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor]) -> float:
     return total / count
 
 
-def load_routed_model(checkpoint: Path, why: str, eval_batches: Optional[int] = None
-                      ) -> tuple[Path, Config, LanguageModel, list[torch.Tensor]]:
-    """(checkpoint path, config, model, validation batches: `eval_batches` or the run's) of a trained
-    MoE run for the routing tools; a dense one is a ValueError saying `why` they need experts."""
+def load_routed_model(checkpoint: Path, why: str) -> tuple[Path, Config, LanguageModel]:
+    """(checkpoint path, config, model) of a trained MoE run for the routing tools; a dense one is a
+    ValueError saying `why` they need experts."""
     path, _, config, model = load_trained_model(checkpoint)
     if config.moe.kind == "dense":
         raise ValueError(f"the checkpoint is a dense model: {why}")
-    batches = validation_batches(build_datasets(config).valid, config.train.micro_batch,
-                                 eval_batches or config.train.eval_batches)
-    return path, config, model, batches
+    return path, config, model
+
+
+def routing_batches(config: Config, eval_batches: Optional[int] = None) -> list[torch.Tensor]:
+    """The run's validation batches (`eval_batches` of them, default the run's), read after the
+    tools have checked their other arguments against the config."""
+    return validation_batches(build_datasets(config).valid, config.train.micro_batch,
+                              eval_batches or config.train.eval_batches)
 
 
 @torch.no_grad()
