@@ -280,7 +280,7 @@ def test_unreadable_and_non_utf8_config_files_are_named(tmp_path, monkeypatch):
 
 
 def test_deepspeed_config_file_is_checked_at_load_time(tmp_path):
-    from megatron_unipool.training.backends import deepspeed_config
+    from megatron_unipool.config.ds_config import deepspeed_config
 
     enabled = ["deepspeed.enabled=true"]
     with pytest.raises(ConfigError, match=r"deepspeed.config_file .*absent\.json does not exist"):

@@ -360,7 +360,7 @@ def test_a_dead_or_stuck_rank_ends_the_job_with_an_error(fault, data_cache, tmp_
 
 
 def test_deepspeed_config_is_generated_from_train_and_merged(tmp_path):
-    from megatron_unipool.training.backends import deepspeed_config
+    from megatron_unipool.config.ds_config import deepspeed_config
 
     extra = tmp_path / "ds.json"
     overrides = ["deepspeed.enabled=true", "deepspeed.zero_stage=1", f"deepspeed.config_file={extra}",
@@ -370,21 +370,41 @@ def test_deepspeed_config_is_generated_from_train_and_merged(tmp_path):
                                  "fp16": {"enabled": True}, "optimizer": {"type": "Adam"}, "scheduler": {}}))
     with pytest.raises(ConfigError) as refused:
         load_config("configs/tiny_unipool_cpu.json", overrides)
-    for named in ("train_batch_size (set train.global_batch)", "fp16 (set train.precision", "optimizer (set train.lr",
-                  "scheduler (set train.lr", "zero_optimization.stage (set deepspeed.zero_stage)"):
+    for named in ("train_batch_size (set train.global_batch)", "fp16.enabled (set train.precision",
+                  "optimizer.type (set train.lr", "scheduler (set train.lr",
+                  "zero_optimization.stage (set deepspeed.zero_stage)"):
         assert named in str(refused.value)
+    # nested values are compared where the config decides them, naming the exact key
+    extra.write_text(json.dumps({"gradient_accumulation_steps": 3, "bf16": {"enabled": False},
+                                 "optimizer": {"type": "AdamW", "params": {"lr": 0.5, "betas": [0.9, 0.5]}}}))
+    with pytest.raises(ConfigError) as refused:
+        load_config("configs/tiny_unipool_cpu.json", overrides)
+    assert str(refused.value).endswith("remove gradient_accumulation_steps (set train.global_batch and train.micro_batch);"
+                                       " bf16.enabled (set train.precision); optimizer.params.lr (set train.lr, beta1,"
+                                       " beta2, adam_eps, weight_decay: DeepSpeed gets our AdamW); optimizer.params.betas[1]"
+                                       " (set train.lr, beta1, beta2, adam_eps, weight_decay: DeepSpeed gets our AdamW)")
+    extra.write_text(json.dumps({"gradient_accumulation_steps": 3}))  # unknown data-parallel size: any is accepted
+    config = load_config("configs/tiny_unipool_cpu.json", overrides, world_size=None)
     # a stock ds_config agreeing with the config ("auto", the same values) is accepted; the generated values are used
+    # (a Hugging Face style file: "auto" at any depth, agreeing numbers, options of sections the config decides)
+    accumulation = config.train.global_batch // config.train.micro_batch
     extra.write_text(json.dumps({"zero_optimization": {"stage": 1, "overlap_comm": True},
                                  "comms_logger": {"enabled": True}, "steps_per_print": 5, "train_batch_size": "auto",
-                                 "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
-                                 "fp16": {"enabled": False}, "gradient_clipping": 1.0}))
+                                 "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": accumulation,
+                                 "bf16": {"enabled": "auto", "immediate_grad_update": True},
+                                 "fp16": {"enabled": False, "loss_scale": 0}, "gradient_clipping": 1.0,
+                                 "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto",
+                                                                           "eps": "auto", "weight_decay": 0.01}},
+                                 "scheduler": "auto"}))
     config = load_config("configs/tiny_unipool_cpu.json", overrides)
-    generated = deepspeed_config(config, micro_batches=4)
+    generated = deepspeed_config(config, micro_batches=accumulation)
     assert generated["train_batch_size"] == config.train.global_batch
     assert generated["train_micro_batch_size_per_gpu"] == config.train.micro_batch
-    assert generated["gradient_accumulation_steps"] == 4
+    assert generated["gradient_accumulation_steps"] == accumulation
     assert generated["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # the stage is ours
-    assert generated["comms_logger"] == {"enabled": True} and generated["bf16"] == {"enabled": True}
+    assert generated["comms_logger"] == {"enabled": True}
+    assert generated["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert "optimizer" not in generated and "scheduler" not in generated  # the optimizer and schedule are ours
     assert generated["steps_per_print"] == 5  # logging keys the file may set
     assert "fp16" not in generated and generated["gradient_clipping"] == config.train.grad_clip
     assert generated["gradient_clipping"] == config.train.grad_clip

@@ -1,5 +1,6 @@
 """Typed, validated run configuration (one JSON file, `--set section.key=value` overrides)."""
-from .loading import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config, parse_override
+from .json_files import ConfigError
+from .loading import apply_overrides, config_from_dict, config_to_dict, load_config, parse_override
 from .sections import (
     CheckpointConfig,
     Config,

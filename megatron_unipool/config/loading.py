@@ -5,7 +5,6 @@ are reported together so a user fixes them in one pass.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
@@ -15,11 +14,9 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable
 
+from .ds_config import read_deepspeed_file
+from .json_files import ConfigError, read_json
 from .sections import Config
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message lists every problem."""
 
 
 def _allowed(annotation) -> tuple[type, list[Any] | None, bool]:
@@ -153,10 +150,13 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        raw = _read_json(path, "config file")
+        raw = read_json(path, "config file")
     config = _with_absolute_paths(config_from_dict(apply_overrides(raw, overrides), world_size))
-    if config.deepspeed.config_file is not None:  # read only when the engine starts, after the model is built
-        read_deepspeed_file(config)
+    if config.deepspeed.config_file is not None:  # found wrong now, not after the model is built
+        p, train = config.parallel, config.train
+        micro_batches = None if world_size is None else train.global_batch // (
+            train.micro_batch * max(1, world_size // (p.tp * p.pp)))
+        read_deepspeed_file(config, micro_batches)
     return config
 
 
@@ -177,82 +177,6 @@ def _with_absolute_paths(config: Config) -> Config:
         data.tokenizer = absolute(data.tokenizer)
     checkpoint.load, ds.config_file = absolute(checkpoint.load), absolute(ds.config_file)
     return config
-
-
-def _read_json(path: Path, what: str) -> Any:
-    """The JSON in a file, or a ConfigError naming it (unreadable, not UTF-8, not JSON)."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        return json.loads(text, object_pairs_hook=_without_repeated_keys)
-    except ValueError as e:  # JSONDecodeError, a repeated key, or an integer of more digits than Python converts
-        raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
-
-
-def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
-    """A JSON object; a key given twice is an error (json keeps the last silently, dropping a whole section)."""
-    counts = collections.Counter(key for key, _ in pairs)
-    repeated = [key for key, n in counts.items() if n > 1]
-    if repeated:
-        raise ValueError(f"{', '.join(map(repr, repeated))} given more than once in one object (in the object with"
-                         f" keys {', '.join(map(repr, counts))}); merge them into one")
-    return dict(pairs)
-
-
-def read_deepspeed_file(config: Config) -> dict:
-    """The ds_config object `deepspeed.config_file` names; ConfigError when it is missing, malformed, or
-    sets what the config decides to another value."""
-    path = Path(config.deepspeed.config_file)
-    if not path.is_file():
-        raise ConfigError(f"deepspeed.config_file {path} does not exist; fix the path or unset it")
-    extra = _read_json(path, "deepspeed.config_file")
-    if not isinstance(extra, dict):
-        raise ConfigError(f"deepspeed.config_file {path} must hold a JSON object, got {type(extra).__name__}")
-    if not isinstance(extra.get("zero_optimization", {}), dict):
-        raise ConfigError(f"deepspeed.config_file {path}: zero_optimization must be an object")
-    agreeing = _deepspeed_values_from_config(config)
-
-    def disagrees(key: str) -> bool:
-        return extra[key] != "auto" and (key not in agreeing or extra[key] != agreeing[key])
-
-    owned = [f"{key} (set {where})" for key, where in DEEPSPEED_KEYS_FROM_CONFIG.items()
-             if key in extra and disagrees(key)]
-    if extra.get("zero_optimization", {}).get("stage", config.deepspeed.zero_stage) != config.deepspeed.zero_stage:
-        owned.append("zero_optimization.stage (set deepspeed.zero_stage)")
-    if owned:
-        raise ConfigError(f"deepspeed.config_file {path} sets what the run's config decides, to other values: remove"
-                          f" {'; '.join(owned)}")
-    return extra
-
-
-def _deepspeed_values_from_config(config: Config) -> dict[str, Any]:
-    """What a ds_config key the config decides may say and still agree with it ("auto" always does)."""
-    train = config.train
-    return {"train_batch_size": train.global_batch, "train_micro_batch_size_per_gpu": train.micro_batch,
-            "gradient_clipping": train.grad_clip, "bf16": {"enabled": train.precision == "bf16"},
-            "fp16": {"enabled": False}}
-
-
-# ds_config keys generated from the run's own sections (training.backends.deepspeed_config): a
-# config_file setting one to another value would contradict them, so it is refused, not silently
-# overridden or ignored; an agreeing value or "auto" is accepted (the generated one is used)
-DEEPSPEED_KEYS_FROM_CONFIG = {
-    "train_batch_size": "train.global_batch",
-    "train_micro_batch_size_per_gpu": "train.micro_batch",
-    "gradient_accumulation_steps": "train.global_batch and train.micro_batch",
-    "gradient_clipping": "train.grad_clip",
-    "bf16": "train.precision",
-    "fp16": "train.precision: fp32 or bf16",
-    "amp": "train.precision: fp32 or bf16",
-    "optimizer": "train.lr, beta1, beta2, adam_eps, weight_decay: DeepSpeed gets our AdamW",
-    "scheduler": "train.lr, min_lr, warmup_steps: the schedule is ours",
-    "managed_gradient_accumulation": "by the trainer, which runs the micro-batches itself",
-    "zero_allow_untested_optimizer": "by the trainer",
-}
 
 
 def config_to_dict(config: Config) -> dict:

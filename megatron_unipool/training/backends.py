@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import Config
-from ..config.loading import DEEPSPEED_KEYS_FROM_CONFIG, read_deepspeed_file
+from ..config.ds_config import deepspeed_config
 from ..model.sharding import REPLICATED, ShardSpec
 from ..moe import ExpertPool
 from ..parallel import ParallelState
@@ -161,28 +161,6 @@ def _expert_pools_count_as_moe_layers():
         yield
     finally:
         ds_engine.MoE = original
-
-
-def deepspeed_config(config: Config, micro_batches: int) -> dict:
-    train, ds = config.train, config.deepspeed
-    generated = {
-        "train_batch_size": train.global_batch,
-        "train_micro_batch_size_per_gpu": train.micro_batch,
-        "gradient_accumulation_steps": micro_batches,
-        "gradient_clipping": train.grad_clip if ds.zero_stage > 0 else 0.0,  # stage 0: we clip (see step)
-        "managed_gradient_accumulation": True,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": train.precision == "bf16"},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if ds.config_file:  # the keys the config decides stay generated (read_deepspeed_file refuses other values)
-        extra = read_deepspeed_file(config)  # ConfigError naming the file, as at load time
-        zero = {**extra.get("zero_optimization", {}), **generated["zero_optimization"]}
-        free = {key: value for key, value in extra.items() if key not in DEEPSPEED_KEYS_FROM_CONFIG}
-        generated = {**generated, **free, "zero_optimization": zero}
-    return generated
 
 
 class DeepSpeedBackend(NativeBackend):

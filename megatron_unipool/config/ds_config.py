@@ -1,0 +1,115 @@
+"""The ds_config DeepSpeed starts with: generated from the run's config and merged with the user's
+`deepspeed.config_file`. What is generated and what a file may say about it are decided here
+together, so a stock ds_config that repeats the run's values (or says "auto") is accepted and
+one that contradicts them is refused, instead of one of the two being silently ignored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from .json_files import ConfigError, read_json
+from .sections import Config
+
+# ds_config keys the run's own sections decide, and where: a file may only repeat them or say "auto"
+DEEPSPEED_KEYS_FROM_CONFIG = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch and train.micro_batch",
+    "gradient_clipping": "train.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision: fp32 or bf16",
+    "amp": "train.precision: fp32 or bf16",
+    "optimizer": "train.lr, beta1, beta2, adam_eps, weight_decay: DeepSpeed gets our AdamW",
+    "scheduler": "train.lr, min_lr, warmup_steps: the schedule is ours",
+    "managed_gradient_accumulation": "by the trainer, which runs the micro-batches itself",
+    "zero_allow_untested_optimizer": "by the trainer",
+}
+# sections whose other keys (bf16 or ZeRO options) reach DeepSpeed beside the generated ones
+MERGED_SECTIONS = ("bf16", "zero_optimization")
+
+
+def deepspeed_config(config: Config, micro_batches: int) -> dict:
+    """The ds_config for `deepspeed.initialize`; `micro_batches` per step on each data-parallel rank."""
+    train, ds = config.train, config.deepspeed
+    generated = {
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": micro_batches,
+        "gradient_clipping": train.grad_clip if ds.zero_stage > 0 else 0.0,  # stage 0: the backend clips
+        "managed_gradient_accumulation": True,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if ds.config_file:
+        extra = read_deepspeed_file(config, micro_batches)  # ConfigError naming the file, as at load time
+        free = {key: value for key, value in extra.items() if key not in DEEPSPEED_KEYS_FROM_CONFIG}
+        merged = {key: {**extra[key], **generated[key]} for key in MERGED_SECTIONS if isinstance(extra.get(key), dict)}
+        generated = {**generated, **free, **merged}
+    return generated
+
+
+def read_deepspeed_file(config: Config, micro_batches: Optional[int] = None) -> dict:
+    """The ds_config object `deepspeed.config_file` names; ConfigError when it is missing, malformed,
+    or sets what the config decides to another value. `micro_batches` None (world size unknown)
+    accepts any gradient_accumulation_steps."""
+    path = Path(config.deepspeed.config_file)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_file {path} does not exist; fix the path or unset it")
+    extra = read_json(path, "deepspeed.config_file")
+    if not isinstance(extra, dict):
+        raise ConfigError(f"deepspeed.config_file {path} must hold a JSON object, got {type(extra).__name__}")
+    if not isinstance(extra.get("zero_optimization", {}), dict):
+        raise ConfigError(f"deepspeed.config_file {path}: zero_optimization must be an object")
+    decided = _decided_values(config, micro_batches)
+    checked = [key for key in DEEPSPEED_KEYS_FROM_CONFIG if key in extra
+               and (key != "gradient_accumulation_steps" or micro_batches is not None)]
+    contradicted = [f"{name} (set {DEEPSPEED_KEYS_FROM_CONFIG[key]})" for key in checked
+                    for name in _disagreements(extra[key], decided.get(key), key)]
+    contradicted += [f"{name} (set deepspeed.zero_stage)" for name in _disagreements(
+        extra.get("zero_optimization", {}), decided["zero_optimization"], "zero_optimization")]
+    if contradicted:
+        raise ConfigError(f"deepspeed.config_file {path} sets what the run's config decides, to other values: remove"
+                          f" {'; '.join(contradicted)}")
+    return extra
+
+
+def _decided_values(config: Config, micro_batches: Optional[int]) -> dict[str, Any]:
+    """The values of the keys the config decides, as a ds_config would write them."""
+    train = config.train
+    decided = {
+        "train_batch_size": train.global_batch, "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_clipping": train.grad_clip, "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": False}, "amp": {"enabled": False},
+        "optimizer": {"type": "adamw", "params": {"lr": train.lr, "betas": [train.beta1, train.beta2],
+                                                  "eps": train.adam_eps, "weight_decay": train.weight_decay}},
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+    }
+    if micro_batches is not None:
+        decided["gradient_accumulation_steps"] = micro_batches
+    return decided
+
+
+def _disagreements(given: Any, decided: Any, name: str) -> list[str]:
+    """Dotted names where `given` contradicts `decided`: "auto" agrees at any depth, keys `decided`
+    does not name inside a section are free, a key with no decided value (scheduler) agrees only as
+    "auto", and names (the optimizer type) compare without case."""
+    if given == "auto":
+        return []
+    if isinstance(decided, dict):
+        if not isinstance(given, dict):
+            return [name]
+        return [bad for key in decided if key in given for bad in _disagreements(given[key], decided[key],
+                                                                                  f"{name}.{key}")]
+    if isinstance(decided, list):
+        if not isinstance(given, list) or len(given) != len(decided):
+            return [name]
+        return [bad for i, (g, d) in enumerate(zip(given, decided)) for bad in _disagreements(g, d, f"{name}[{i}]")]
+    if isinstance(decided, str) and isinstance(given, str):
+        return [] if given.lower() == decided else [name]
+    if isinstance(given, bool) or isinstance(decided, bool):  # true is not 1 here
+        return [] if given is decided else [name]
+    return [] if decided is not None and given == decided else [name]
