@@ -203,7 +203,7 @@ def test_group_layout_covers_every_rank_once():
     groups = group_ranks(layout, pool_stage_sets=[(0, 1), (0,), (1,)])
     for kind, rank_sets in groups.items():
         members = sorted(r for ranks in rank_sets for r in ranks)
-        expected = 16 if kind in ("tp", "dp", "pp", "ep", "edp", "routing", ("pool", (0, 1))) else 8
+        expected = 16 if kind in ("tp", "dp", "ep", "routing", ("pool", (0, 1))) else 8
         assert members == sorted(set(members)) and len(members) == expected, kind
     for ranks in groups["ep"]:  # an expert-parallel group: one stage, one tp rank, ep consecutive dp ranks
         coords = [layout.coordinates(r) for r in ranks]
@@ -212,7 +212,7 @@ def test_group_layout_covers_every_rank_once():
     for ranks in groups[("pool", (0, 1))]:  # replicas of one shard of the shared pool: same ep rank, both stages
         assert len({Layout(2, 2, 4, 2, r).ep_rank for r in ranks}) == 1
         assert {Layout(2, 2, 4, 2, r).pp_rank for r in ranks} == {0, 1} and len(ranks) == 4
-    assert groups["tp"][0] == [0, 1] and groups["pp"][0] == [0, 8]
+    assert groups["tp"][0] == [0, 1] and groups["dp"][0] == [0, 2, 4, 6]
 
 
 def test_pool_stages_and_shard_specs():

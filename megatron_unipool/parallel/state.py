@@ -94,10 +94,8 @@ class ParallelState:
 
     layout: Layout = field(default_factory=Layout)
     tp_group: Group = None
-    pp_group: Group = None  # this rank's pipeline: same tp and dp rank, every stage
     dp_group: Group = None  # replicas of this rank's dense weights
     ep_group: Group = None  # ranks holding the shards of one copy of each pool
-    edp_group: Group = None  # replicas of this rank's expert shard within its stage
     routing_group: Group = None  # every rank that routes tokens into the pools (one tp rank of each)
     _pool_groups: dict = field(default_factory=dict)  # frozenset of stages -> replicas of this rank's shard
 
@@ -119,9 +117,7 @@ def group_ranks(layout: Layout, pool_stage_sets: Iterable[Iterable[int]] = ()) -
     groups = {
         "tp": [L.ranks(dp=[d], pp=[p]) for p in range(L.pp) for d in range(L.dp)],
         "dp": [L.ranks(tp=[t], pp=[p]) for p in range(L.pp) for t in range(L.tp)],
-        "pp": [L.ranks(tp=[t], dp=[d]) for d in range(L.dp) for t in range(L.tp)],
         "ep": [L.ranks(tp=[t], dp=b, pp=[p]) for p in range(L.pp) for t in range(L.tp) for b in blocks],
-        "edp": [L.ranks(tp=[t], dp=r, pp=[p]) for p in range(L.pp) for t in range(L.tp) for r in replicas],
         "routing": [L.ranks(tp=[t]) for t in range(L.tp)],
     }
     for stages in sorted({tuple(sorted(set(s))) for s in pool_stage_sets}):
@@ -155,7 +151,7 @@ def build_parallel_state(tp: int, pp: int, ep: int, pool_stage_sets: Iterable[It
     if world == 1:
         return state
     mine = {kind: create_groups(rank_sets, layout.rank) for kind, rank_sets in group_ranks(layout, pool_stage_sets).items()}
-    for kind in ("tp", "dp", "pp", "ep", "edp", "routing"):
+    for kind in ("tp", "dp", "ep", "routing"):
         setattr(state, f"{kind}_group", mine[kind])
     state._pool_groups = {frozenset(kind[1]): group for kind, group in mine.items() if isinstance(kind, tuple)}
     return state
