@@ -110,6 +110,25 @@ def test_tensorboard_of_a_resumed_run_shows_each_step_once(tiny_config, tmp_path
     assert [e.step for e in events.Histograms("pool0/expert_load")] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("kind", ["unipool", "vanilla"])
+def test_tensorboard_heatmap_rows_are_the_moe_layers(kind, tiny_config, tmp_path, monkeypatch):
+    """With a dense layer between MoE layers, the heatmap's rows are named by the model layers
+    that route (1 and 3), as unrouted/layer<i> and the utilisation tool name them, not 0 and 1."""
+    from megatron_unipool.training import metrics
+
+    drawn, draw = [], metrics.utilisation_figure
+
+    def spy(counts_per_pool, title, layers_per_pool):
+        drawn.append(layers_per_pool)
+        return draw(counts_per_pool, title, layers_per_pool)
+
+    monkeypatch.setattr(metrics, "utilisation_figure", spy)
+    config = tiny_config(f"configs/tiny_{kind}_cpu.json", "train.max_steps=1", "train.eval_interval=0",
+                         "logging.tensorboard=true", "moe.moe_layer_interval=2")
+    Trainer(config, tmp_path).train()
+    assert drawn == [[[1, 3]] if kind == "unipool" else [[1], [3]]]
+
+
 def test_logged_throughput_is_work_over_time_not_the_mean_of_step_rates(tiny_config, tmp_path, capsys):
     """Two steps of 1000 tokens in 0.1 s and 0.3 s: 2000 tokens in 0.4 s is 5,000 tokens/s (the
     plain mean of 10,000 and 3,333 would say 6,667), in the console line and in summary.json."""

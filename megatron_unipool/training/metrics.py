@@ -100,8 +100,10 @@ class MetricsLogger:
             self.writer.add_scalar("validation/loss", loss, step)
             self.writer.add_scalar("validation/perplexity", perplexity, step)
 
-    def utilisation(self, step: int, counts_per_pool: list[torch.Tensor], image: bool) -> None:
-        """Per-expert load over all layers as a histogram every step; the heatmap when `image`."""
+    def utilisation(self, step: int, counts_per_pool: list[torch.Tensor], layers_per_pool: list[list[int]],
+                    image: bool) -> None:
+        """Per-expert load over all layers as a histogram every step; the heatmap (rows named by the
+        model layers of each pool) when `image`."""
         if not (self.enabled and self.writer and counts_per_pool):
             return
         for p, counts in enumerate(counts_per_pool):
@@ -109,7 +111,8 @@ class MetricsLogger:
             self.writer.add_histogram(f"pool{p}/expert_load", load / load.sum().clamp_min(1), step)
             self.writer.add_scalar(f"pool{p}/max_over_mean_load", (load.max() / load.mean().clamp_min(1e-9)).item(), step)
         if image:
-            figure = utilisation_figure([c.cpu().numpy() for c in counts_per_pool], f"pool utilisation, step {step}")
+            figure = utilisation_figure([c.cpu().numpy() for c in counts_per_pool], f"pool utilisation, step {step}",
+                                        layers_per_pool)
             self.writer.add_figure("pool/utilisation", figure, step)
 
     def close(self, summary: dict) -> None:

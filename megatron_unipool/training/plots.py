@@ -15,16 +15,15 @@ import numpy as np  # noqa: E402
 MAX_ROW_LABELS = 16  # beyond this the layer labels of a heatmap overlap
 
 
-def utilisation_figure(counts_per_pool: list[np.ndarray], title: str = "pool utilisation",
-                       layers_per_pool: list[list[int]] | None = None):
+def utilisation_figure(counts_per_pool: list[np.ndarray], title: str, layers_per_pool: list[list[int]]):
     """Per pool: a layer x expert heatmap (share of each layer's slots) over the load of each
     expert summed across all layers, the quantity the pool-level aux loss balances. Rows are
-    labelled with `layers_per_pool` (model layer indices) when given, else 0..L-1. Single-row pools
+    labelled with `layers_per_pool` (model layer indices: dense layers in between skip). Single-row pools
     (vanilla: one per layer) are stacked into one panel, not one 4-inch column per layer."""
     per_layer = len(counts_per_pool) > 1 and all(np.asarray(c).shape[0] == 1 for c in counts_per_pool)
     if per_layer:
         counts_per_pool = [np.concatenate([np.asarray(c) for c in counts_per_pool])]
-        layers_per_pool = [[layer for layers in layers_per_pool for layer in layers]] if layers_per_pool else None
+        layers_per_pool = [[layer for layers in layers_per_pool for layer in layers]]
     pools = len(counts_per_pool)
     # constrained layout: the heatmap, narrowed by its colorbar, and the bars below keep the same width
     fig, axes = plt.subplots(2, pools, figsize=(max(6, 4 * pools), 6), squeeze=False, layout="constrained",
@@ -33,7 +32,7 @@ def utilisation_figure(counts_per_pool: list[np.ndarray], title: str = "pool uti
         counts = np.asarray(counts, dtype=np.float64)
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         heat = axes[0, p].imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
-        names = layers_per_pool[p] if layers_per_pool else range(counts.shape[0])
+        names = layers_per_pool[p]
         rows = range(0, counts.shape[0], math.ceil(counts.shape[0] / MAX_ROW_LABELS))
         axes[0, p].set_yticks(rows, [str(names[r]) for r in rows])
         axes[0, p].set_xlabel("expert")

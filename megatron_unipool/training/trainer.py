@@ -309,7 +309,8 @@ class Trainer:
             logger.step(step, metrics)
             last = step == cfg.train.max_steps
             interval = cfg.logging.utilisation_interval
-            logger.utilisation(step, routing.counts_per_pool, image=last or (interval and step % interval == 0))
+            logger.utilisation(step, routing.counts_per_pool, cfg.moe.pool_layout(cfg.model.num_layers),
+                               image=last or (interval and step % interval == 0))
             if last or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
                 self._record_evaluation(logger)
             if last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
