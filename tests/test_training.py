@@ -181,6 +181,28 @@ def test_mfu_peak_matches_the_whole_device_name(name, tflops):
     assert peak_bf16_tflops(name) == tflops
 
 
+def test_gpu_monitor_drops_a_counter_the_gpu_does_not_offer(monkeypatch, capsys):
+    """On a MIG slice NVML refuses utilisation: that counter leaves the logs with one note, the
+    others are still read every step, and training goes on."""
+    from megatron_unipool.training.hardware import GpuMonitor
+
+    class NotSupported(Exception):
+        pass
+
+    def refused():
+        raise NotSupported("Not Supported")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "utilization", refused)
+    monkeypatch.setattr(torch.cuda, "device_memory_used", lambda: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda: 250_000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2**30)
+    monitor = GpuMonitor()
+    expected = {"gpu/max_allocated_gib": 1.0, "gpu/memory_used_gib": 3.0, "gpu/power_watts": 250.0}
+    assert monitor.read() == expected and monitor.read() == expected
+    assert capsys.readouterr().out == "note: gpu/utilisation_percent is not logged: NotSupported: Not Supported\n"
+
+
 def test_bf16_and_capacity_runs(tiny_config, tmp_path):
     config = tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=8", "train.precision=bf16",
                          "moe.capacity_factor=0.5", "moe.router=softmax", "moe.top_k=2", "train.eval_interval=0",

@@ -36,29 +36,28 @@ def peak_flops() -> Optional[float]:
 
 
 class GpuMonitor:
-    """Reads NVML counters of the current device; does nothing without a GPU or pynvml."""
+    """NVML counters of the current device for the logs, read through torch.cuda, which finds the
+    device NVML means under CUDA_VISIBLE_DEVICES. A counter the GPU does not offer (MIG slices,
+    some virtual GPUs) or that cannot be read (no nvidia-ml-py) is left out of the logs after one
+    note; telemetry never stops a run."""
+
+    COUNTERS = {
+        "gpu/utilisation_percent": lambda: float(torch.cuda.utilization()),
+        "gpu/memory_used_gib": lambda: torch.cuda.device_memory_used() / 2**30,
+        "gpu/power_watts": lambda: torch.cuda.power_draw() / 1000.0,
+    }
 
     def __init__(self):
-        self.handle = None
-        if not torch.cuda.is_available():
-            return
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-            self.nvml = pynvml
-        except Exception:  # NVML missing or refused: logs simply lack GPU stats
-            self.handle = None
+        self.counters = dict(self.COUNTERS) if torch.cuda.is_available() else {}
 
     def read(self) -> dict[str, float]:
-        if self.handle is None:
+        if not torch.cuda.is_available():
             return {}
-        nvml = self.nvml
-        memory = nvml.nvmlDeviceGetMemoryInfo(self.handle)
-        return {
-            "gpu/utilisation_percent": float(nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu),
-            "gpu/memory_used_gib": memory.used / 2**30,
-            "gpu/power_watts": nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0,
-            "gpu/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-        }
+        values = {"gpu/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+        for name, counter in list(self.counters.items()):
+            try:
+                values[name] = counter()
+            except Exception as e:  # NVMLError_NotSupported, no pynvml, ...: this counter is not logged
+                del self.counters[name]
+                print(f"note: {name} is not logged: {type(e).__name__}: {e}", flush=True)
+        return values
