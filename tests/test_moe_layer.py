@@ -452,3 +452,34 @@ def test_top_k_indices_equal_a_stable_descending_sort():
             assert torch.equal(top_k_indices(x, k), expected), (experts, k)
     x = torch.randn(300, 24, generator=generator)
     torch.testing.assert_close(top_k_indices(x, 3), x.topk(3, dim=-1).indices, rtol=0, atol=0)  # no ties: topk's
+
+
+@pytest.mark.parametrize("aux_loss", ["pool", "layer", "none"])
+def test_dropless_layer_reads_nothing_back_to_the_host(aux_loss):
+    """A dropless softmax layer on the grouped GEMM path (ep 1) runs forward and backward without
+    waiting for the device: no .item()/int()/bool()/tolist()/nonzero, and no bincount (CUDA's reads
+    the largest index first). Each such read would stall the GPU once per layer and micro-batch."""
+    from torch.overrides import TorchFunctionMode
+
+    host_reads = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__, torch.Tensor.__bool__,
+                  torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero, torch.bincount}
+
+    class HostReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in host_reads:
+                self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    cfg = MoEConfig(kind="unipool", router="softmax", top_k=2, aux_loss=aux_loss)
+    pool = ExpertPool(M, 16, 32, 0.2, 0.2, gemm="grouped_mm")
+    layer = MoELayer(cfg, 16, pool, PoolStats(1, M, "step"), 0, 1, 0.3, 0.2)
+    x = torch.randn(B, S, 16, requires_grad=True)
+    with HostReads() as reads:
+        out, losses = layer(x)
+        (out.sum() + sum(losses.values())).backward()
+    assert reads.seen == []
+

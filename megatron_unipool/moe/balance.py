@@ -56,8 +56,10 @@ class PoolStats(nn.Module):
         self.step_slots[layer_slot] += slots
         self.step_dropped += dropped
 
-    def f_bar(self) -> Optional[torch.Tensor]:
-        return self.load_fraction if bool(self.has_load_fraction) else None
+    def f_bar(self) -> torch.Tensor:
+        """The pool's load fraction of the previous step (or micro-batch); zeros before the first one,
+        which makes the pool aux loss zero (chosen on the device: no host sync inside the forward)."""
+        return self.load_fraction * self.has_load_fraction
 
     @torch.no_grad()
     def end_micro_batch(self, reduce: Optional[Reduce] = None) -> None:

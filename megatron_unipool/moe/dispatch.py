@@ -30,8 +30,12 @@ def plan_dispatch(
     if active_TK is not None:
         experts = torch.where(active_TK.reshape(-1), experts, num_experts)  # sorts after every real expert
     slot = torch.argsort(experts, stable=True)
-    routed = torch.bincount(experts, minlength=num_experts + 1)
-    slot, routed = slot[: slot.numel() - int(routed[num_experts])], routed[:num_experts]
+    # counted without reading anything back to the host (CUDA bincount reads the largest index first)
+    routed = torch.zeros(num_experts + 1, dtype=torch.long, device=experts.device).index_add_(
+        0, experts, torch.ones_like(experts))
+    if active_TK is not None:  # the inactive slots sort last: cut them off (their count is needed on the host)
+        slot = slot[: slot.numel() - int(routed[num_experts])]
+    routed = routed[:num_experts]
     if capacity is None:
         return DispatchPlan(slot // k, slot, routed, routed, 0)
     sorted_experts = experts[slot]

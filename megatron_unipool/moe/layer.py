@@ -77,12 +77,8 @@ class MoELayer(nn.Module):
             load = routed_M.float() / (num_tokens * cfg.top_k)
             losses["aux_loss"] = load_balancing_loss(routing.scores_TM, load, cfg.aux_loss_coeff)
         elif cfg.aux_loss == "pool":
-            f_bar = self.stats.f_bar()
-            losses["aux_loss"] = (
-                load_balancing_loss(routing.scores_TM, f_bar, cfg.aux_loss_coeff) / self.layers_in_pool
-                if f_bar is not None
-                else routing.scores_TM.new_zeros(())
-            )
+            losses["aux_loss"] = load_balancing_loss(routing.scores_TM, self.stats.f_bar(), cfg.aux_loss_coeff
+                                                     ) / self.layers_in_pool
         if cfg.z_loss_coeff > 0:
             losses["z_loss"] = z_loss(routing.logits_TM, cfg.z_loss_coeff)
         if cfg.lock_entropy_coeff > 0:
