@@ -2,6 +2,7 @@
 what a run writes, and the errors a user sees for data that does not fit the model."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -201,6 +202,24 @@ def test_gpu_monitor_drops_a_counter_the_gpu_does_not_offer(monkeypatch, capsys)
     expected = {"gpu/max_allocated_gib": 1.0, "gpu/memory_used_gib": 3.0, "gpu/power_watts": 250.0}
     assert monitor.read() == expected and monitor.read() == expected
     assert capsys.readouterr().out == "note: gpu/utilisation_percent is not logged: NotSupported: Not Supported\n"
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_mode_makes_cublas_deterministic_on_gpus(deterministic, monkeypatch):
+    """cuBLAS is only reproducible with CUBLAS_WORKSPACE_CONFIG set before it starts; a user's own
+    setting is kept."""
+    from megatron_unipool.training.trainer import seed_everything
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        seed_everything(0, deterministic)
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if deterministic else None)
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        seed_everything(0, deterministic)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=True)  # as the other tests' trainers leave it
 
 
 def test_bf16_and_capacity_runs(tiny_config, tmp_path):

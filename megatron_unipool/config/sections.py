@@ -146,7 +146,8 @@ class TrainConfig:
     max_consecutive_skips: int = bounded(5, 1)
     seed: int = bounded(1234, 0, 2**64 - 1)  # torch.manual_seed takes 64 bits
     # bitwise-reproducible kernels (torch.use_deterministic_algorithms): the layout-equivalence tests
-    # rely on it; on GPUs it slows scatter-adds and some attention backward kernels
+    # rely on it. On GPUs it also sets CUBLAS_WORKSPACE_CONFIG and slows scatter-adds; the flash
+    # attention backward (SDPA's or flash-attn's) stays non-deterministic (torch warns once)
     deterministic: bool = True
     precision: Literal["fp32", "bf16"] = "fp32"
     adamw: Literal["auto", "fused", "foreach", "apex"] = "auto"  # auto: torch's fused kernel on CUDA

@@ -15,6 +15,7 @@ row stop the run with `NonFiniteError`, before anything is saved.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,6 +61,8 @@ class TrainState:
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
+    if deterministic and torch.cuda.is_available():  # read when cuBLAS starts; without it cuBLAS only warns
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     # deterministic mode also NaN-fills every torch.empty, a debugging aid that costs a full write of
     # each buffer our kernels then overwrite (a third of the expert backward on CPU)
