@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import sys
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,16 +31,14 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from megatron_unipool.config import (Config, ConfigError, MoEConfig, apply_overrides, config_from_dict,  # noqa: E402
                                      config_to_dict)
-from megatron_unipool.model import LanguageModel  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
-from megatron_unipool.training.checkpoint import load_trained_model, restore_model, write_run_directory  # noqa: E402
+from megatron_unipool.training.checkpoint import check_fits, load_trained_model, write_run_directory  # noqa: E402
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -123,15 +120,6 @@ def read_hf_directory(directory: Path) -> tuple[dict, dict]:
     return config, tensors
 
 
-def check_fits(config: Config, state: dict, source: Path) -> None:
-    """The state has the names and shapes of the config's model (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = LanguageModel(config.model, config.moe)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # loading into meta tensors is a no-op: only the checks matter
-        restore_model(model, state, source)
-
-
 def export_hf(args) -> None:
     source, payload, config, _ = load_trained_model(args.checkpoint)
     hf_config, tensors = to_hf(config.model, config.moe, payload["model"])
@@ -156,7 +144,7 @@ def import_hf(args) -> None:
     model_config, state = from_hf_llama(hf_config, tensors)
     raw = apply_overrides(config_to_dict(Config(model=model_config, moe=MoEConfig(kind="dense"))), args.overrides)
     config = config_from_dict(raw, world_size=None)
-    check_fits(config, state, args.checkpoint)
+    check_fits(config, state, f"the weights of {args.checkpoint}, after --set,")
     print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
 
     write_directory(args.output, lambda directory: write_run_directory(

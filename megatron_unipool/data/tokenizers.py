@@ -127,8 +127,8 @@ class GPT2Tokenizer(Tokenizer):
 
     name = "gpt2"
 
-    def __init__(self, ranks_path: str | os.PathLike | None = None):
-        path = _find_gpt2_ranks(ranks_path)
+    def __init__(self):
+        path = _find_gpt2_ranks()
         self._encoding = tiktoken.Encoding(
             name="gpt2",
             pat_str=GPT2_PATTERN,
@@ -145,13 +145,13 @@ class GPT2Tokenizer(Tokenizer):
         return self._encoding.decode(list(ids))
 
 
-def _find_gpt2_ranks(explicit_path: str | os.PathLike | None) -> Path:
-    """The explicit path, else ``$MEGATRON_UNIPOOL_GPT2_RANKS``, else openai-whisper's copy."""
+def _find_gpt2_ranks() -> Path:
+    """``$MEGATRON_UNIPOOL_GPT2_RANKS``, else openai-whisper's copy."""
     how_to_get_it = (
         "install the file with `pip install --no-deps openai-whisper==20250625` "
         f"(it ships whisper/assets/gpt2.tiktoken) or point {GPT2_RANKS_ENV} at a gpt2.tiktoken file"
     )
-    requested = explicit_path if explicit_path is not None else os.environ.get(GPT2_RANKS_ENV)
+    requested = os.environ.get(GPT2_RANKS_ENV)
     if requested:
         if not Path(requested).is_file():
             raise FileNotFoundError(f"GPT-2 ranks file not found: {requested}; {how_to_get_it}")

@@ -146,9 +146,6 @@ class DeepSpeedBackend(NativeBackend):
         self.loss_scale = float(layout.dp)  # DeepSpeed averages over data-parallel ranks; we hand it sums
         self.zero_stage, self.micro_batches, self.backward_calls = config.deepspeed.zero_stage, micro_batches, 0
 
-    def set_lr(self, lr: float) -> None:
-        set_learning_rate(self.optimizer, lr)
-
     def zero_grad(self) -> None:
         self.engine.zero_grad()
         self.backward_calls = 0

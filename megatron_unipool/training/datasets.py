@@ -19,7 +19,6 @@ class RunData:
     train: TokenSampleDataset
     valid: TokenSampleDataset
     vocab_size: int  # of the tokenizer that wrote the files
-    eod_id: int
 
 
 def build_datasets(config: Config) -> RunData:
@@ -55,7 +54,6 @@ def _build_datasets(config: Config) -> RunData:
         train=TokenSampleDataset(train, model.seq_len, config.train.seed),
         valid=valid_samples,
         vocab_size=train.vocab_size,
-        eod_id=train.eod_id,
     )
 
 

@@ -44,11 +44,11 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..model import LanguageModel
+from ..moe import ExpertPool
 from ..moe.router import norm_router_constant
 from .datasets import build_datasets
 
 MAX_EXTRA = 3  # extra replicas one expert may receive under utility selection
-POOL_WEIGHTS = ("w_gate", "w_up", "w_down")
 Selection = Literal["uniform", "utility"]
 
 
@@ -83,7 +83,7 @@ def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str
     expert e's weights averaged over `batches` (token tensors [B, S+1]), then ||g_e||^2 ('grad_sq')
     or ||w_e|| * ||g_e|| ('weight_x_grad'). The model's mode and pool statistics (f_bar) are kept."""
     pools = list(model.expert_pools)
-    grads = [{w: torch.zeros_like(getattr(pool, w), dtype=torch.float64) for w in POOL_WEIGHTS} for pool in pools]
+    grads = [{w: torch.zeros_like(getattr(pool, w), dtype=torch.float64) for w in ExpertPool.WEIGHTS} for pool in pools]
     was_training = model.training
     model.train()
     try:
@@ -92,7 +92,7 @@ def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str
             logits, _ = model(tokens[:, :-1])
             F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
             for grad, pool in zip(grads, pools):
-                for w in POOL_WEIGHTS:
+                for w in ExpertPool.WEIGHTS:
                     grad[w] += getattr(pool, w).grad.double() / len(batches)
     finally:
         model.zero_grad(set_to_none=True)
@@ -105,7 +105,7 @@ def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str
         if score == "grad_sq":
             utilities.append(grad_sq)
         else:
-            weight_sq = sum(getattr(pool, w).detach().double().flatten(1).pow(2).sum(1) for w in POOL_WEIGHTS)
+            weight_sq = sum(getattr(pool, w).detach().double().flatten(1).pow(2).sum(1) for w in ExpertPool.WEIGHTS)
             utilities.append(weight_sq.sqrt() * grad_sq.sqrt())
     return utilities
 
@@ -159,7 +159,7 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
     rename: dict[str, list[int]] = {}  # tensors indexed along dim 0 by expert -> sources
     for p, (layers, source) in enumerate(zip(layout, sources)):
         index = torch.tensor(source)
-        for w in POOL_WEIGHTS:
+        for w in ExpertPool.WEIGHTS:
             rename[f"expert_pools.{p}.{w}"] = source
         if f"pool_locks.{p}.owner" in model_state:  # UniPool-lock: a replica belongs to its source's layer
             state[f"pool_locks.{p}.owner"] = model_state[f"pool_locks.{p}.owner"][index].clone()
@@ -235,11 +235,11 @@ def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], ta
     for p, layers in enumerate(target.moe.pool_layout(target.model.num_layers)):
         experts = state[f"expert_pools.{p}.w_gate"].shape[0]
         source = [layers[j % len(layers)] for j in range(experts)]
-        for w in POOL_WEIGHTS:
+        for w in ExpertPool.WEIGHTS:
             state[f"expert_pools.{p}.{w}"] = torch.stack([dense_state[f"layers.{i}.ffn.{w}.weight"] for i in source])
         sources.append(source)
     for i in range(target.model.num_layers):
         if not target.moe.is_moe_layer(i):
-            for w in POOL_WEIGHTS:
+            for w in ExpertPool.WEIGHTS:
                 state[f"layers.{i}.ffn.{w}.weight"] = dense_state[f"layers.{i}.ffn.{w}.weight"].clone()
     return Upcycled(copy.deepcopy(target), state, {}, sources)
