@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -65,19 +66,36 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field, type-checked like the file; repeatable")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *_, **__: None)  # every rank meets the same error
+    # the deepspeed launcher and torchrun stop every rank with SIGTERM on Ctrl-C: end as Ctrl-C does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    # Once the ranks have joined, errors that can differ between nodes are raised on every rank alike
+    # (Trainer), so rank 0 reports them. Before that, a node can fail alone (a file only some nodes
+    # see): the first rank of each node reports too.
+    say = print if rank == 0 else (lambda *_, **__: None)
+    first_on_node = rank == 0 or int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+    def say_on_each_node(message: str) -> None:
+        if first_on_node:
+            print(message if rank == 0 else f"rank {rank}: {message}", file=sys.stderr)
+
     try:
         config = load_config(args.config, args.overrides, world_size=world_size)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(args.config))
         run_dir.mkdir(parents=True, exist_ok=True)  # on every rank, before any waits for another
     except ConfigError as e:
-        say(f"error: {e}", file=sys.stderr)
+        say_on_each_node(f"error: {e}")
         return 2
     except OSError as e:
-        say(f"error: run directory {run_dir} cannot be used: {e.strerror or e}", file=sys.stderr)
+        say_on_each_node(f"error: run directory {run_dir} cannot be used: {e.strerror or e}")
         return 2
-    init_distributed_from_env(config.parallel.timeout_s, even_alone=config.deepspeed.enabled)
+    try:
+        init_distributed_from_env(config.parallel.timeout_s, even_alone=config.deepspeed.enabled)
+    except dist.DistError as e:  # the rendezvous timed out: a rank failed (or never started) before joining
+        print(f"error: rank {rank} of {world_size}: not every rank joined the job within parallel.timeout_s="
+              f"{config.parallel.timeout_s:g} s; one that stopped before joining says why in its log:"
+              f" {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        return 1
     try:
         parallel = init_parallel(config)
         device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None

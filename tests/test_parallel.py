@@ -285,6 +285,55 @@ def test_sharded_model_keeps_full_model_names(data_cache):
             assert sorted(s.index for s in held) == list(range(held[0].parts)), name
 
 
+def _start_ranks(per_rank: list[tuple[dict, list[str], Path]]) -> list[tuple[int, str]]:
+    """Start launch/pretrain.py once per (environment additions, arguments, directory) as ranks of one
+    job (as on two nodes when LOCAL_RANK repeats); (exit status, stderr) of each."""
+    port = str(31500 + os.getpid() % 1000)
+    procs = [subprocess.Popen([sys.executable, str(REPO / "launch" / "pretrain.py"), *arguments], cwd=cwd,
+                              env=dict(os.environ, WORLD_SIZE=str(len(per_rank)), MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port, OMP_NUM_THREADS="1", RANK=str(rank), **extra),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank, (extra, arguments, cwd) in enumerate(per_rank)]
+    try:
+        return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose(data_cache, tmp_path):
+    """Node-local disks (each "node" runs in its own directory, --run-dir run): node 0's run directory
+    holds a checkpoint, node 1's nothing. Rank 1 must not start a fresh model beside rank 0's resumed
+    one: every rank stops, and rank 0 says which rank cannot see the checkpoint and why."""
+    sets = [a for o in [f"data.cache_dir={data_cache}", "logging.tensorboard=false", "train.eval_interval=0",
+                        "checkpoint.save_interval=2", "parallel.timeout_s=60"] for a in ("--set", o)]
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    first = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--run-dir", "run", *sets,
+                            "--set", "train.max_steps=2"], capture_output=True, text=True, timeout=300, cwd=nodes[0])
+    assert first.returncode == 0, first.stderr[-2000:]
+    said = _start_ranks([({"LOCAL_RANK": "0"}, ["--run-dir", "run", *sets, "--set", "train.max_steps=4"], node)
+                         for node in nodes])
+    assert [status for status, _ in said] == [1, 1], said
+    assert said[0][1].strip() == ("error: on rank 1 of 2: run/checkpoints/step_0000002, which rank 0 resumes from, is"
+                                  " not visible here: rank 0 writes the checkpoints, so every node must see the run"
+                                  " directory (a shared file system)"), said[0][1][-2000:]
+    assert not (nodes[0] / "run" / "checkpoints" / "step_0000004").exists()
+
+
+def test_a_rank_that_fails_before_joining_is_reported_and_the_others_stop(data_cache, tmp_path):
+    """Rank 1 (first rank of its node) cannot load its config: it says so, prefixed with its rank,
+    and rank 0 stops after parallel.timeout_s with one line instead of a rendezvous traceback."""
+    sets = [f"data.cache_dir={data_cache}", "parallel.timeout_s=5"]
+    per_rank = [({"LOCAL_RANK": "0"}, [a for o in sets for a in ("--set", o)], tmp_path),
+                ({"LOCAL_RANK": "0"}, [a for o in sets + ["train.max_step=3"] for a in ("--set", o)], tmp_path)]
+    (status0, said0), (status1, said1) = _start_ranks(per_rank)
+    assert status1 == 2 and said1.startswith("rank 1: error: ") and "unknown key train.max_step" in said1, said1
+    assert status0 == 1 and "Traceback" not in said0, said0[-2000:]
+    assert said0.startswith("error: rank 0 of 2: not every rank joined the job within parallel.timeout_s=5 s"), said0
+
+
 def _launch(nproc: int, run_dir: Path, data_cache: str, overrides: list[str], launcher: str = "torchrun") -> list[float]:
     sets = [a for o in ["train.max_steps=6", f"data.cache_dir={data_cache}", "logging.tensorboard=false",
                         "train.eval_interval=0", "train.eval_batches=1", "checkpoint.save_interval=0"] + overrides
@@ -317,17 +366,20 @@ def test_launchers_match_one_process(launcher, nproc, overrides, data_cache, tmp
     assert max(abs(a - b) for a, b in zip(single, parallel)) < 1e-3
 
 
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["rank-dies", "collective-times-out"])
-def test_a_dead_or_stuck_rank_ends_the_job_with_an_error(fault, data_cache, tmp_path):
+@pytest.mark.parametrize("fault, layout", [(signal.SIGKILL, "parallel.pp=2"), (signal.SIGSTOP, "parallel.pp=2"),
+                                           (signal.SIGSTOP, "parallel.ep=2")],
+                         ids=["rank-dies", "collective-times-out", "subgroup-collective-times-out"])
+def test_a_dead_or_stuck_rank_ends_the_job_with_an_error(fault, layout, data_cache, tmp_path):
     """Rank 1 is killed (its sockets close) or frozen (they stay open, so only the collective's
-    timeout can notice) mid-run; rank 0 must exit with an error, not hang."""
+    timeout can notice) mid-run; rank 0 must exit with an error, not hang. At pp2 rank 0 waits in a
+    send on the default group, at ep2 in the all-to-all of a subgroup: parallel.timeout_s holds for both."""
     port = str(30500 + os.getpid() % 1000)
     procs, lines = [], queue.Queue()
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port, OMP_NUM_THREADS="1")
         command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--run-dir", str(tmp_path / "run"),
-                   "--set", "parallel.pp=2", "--set", "parallel.timeout_s=20", "--set", "logging.log_interval=1",
+                   "--set", layout, "--set", "parallel.timeout_s=20", "--set", "logging.log_interval=1",
                    "--set", f"data.cache_dir={data_cache}", "--set", "logging.tensorboard=false",
                    "--set", "train.max_steps=1000", "--set", "checkpoint.save_interval=0"]
         procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,

@@ -420,20 +420,25 @@ def test_launcher_refuses_a_run_directory_it_cannot_use_and_says_config_errors_o
     # a config error reaches every rank of a launcher: rank 0 says it, the others stay silent
     typo = launch_command(tmp_path / "run", data_cache) + ["--set", "train.max_step=3"]
     said = [subprocess.run([sys.executable] + typo, capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2")) for rank in (0, 1)]
-    assert [s.returncode for s in said] == [2, 2]
-    assert "unknown key train.max_step" in said[0].stderr and said[1].stderr == ""
+                           env=dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank % 2), WORLD_SIZE="4"))
+            for rank in (0, 1, 2)]
+    assert [s.returncode for s in said] == [2, 2, 2]
+    assert said[0].stderr.startswith("error: invalid config:\n  unknown key train.max_step") and said[1].stderr == ""
+    # the first rank of another node says it too (a file only some nodes see fails there alone)
+    assert said[2].stderr.startswith("rank 2: error: invalid config:\n  unknown key train.max_step")
 
 
-def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(data_cache, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(sig, data_cache, tmp_path):
+    """Ctrl-C, or the SIGTERM the deepspeed launcher and torchrun send every rank on Ctrl-C."""
     run_dir = tmp_path / "run"
     command = launch_command(run_dir, data_cache)
-    status, stderr = signalled(command, "step  4/12", signal.SIGINT)  # after the step-3 checkpoint
+    status, stderr = signalled(command, "step  4/12", sig)  # after the step-3 checkpoint
     assert status == 130, stderr[-2000:]
     assert stderr.strip() == f"interrupted; run again to resume from {run_dir / 'checkpoints' / 'step_0000003'}"
     assert run_to_end(command, run_dir)["steps"] == 12
     fresh = tmp_path / "fresh"  # interrupted before its first checkpoint: nothing to promise
-    status, stderr = signalled(launch_command(fresh, data_cache), "step  2/12", signal.SIGINT)
+    status, stderr = signalled(launch_command(fresh, data_cache), "step  2/12", sig)
     assert status == 130 and stderr.strip() == ("interrupted; no checkpoint to resume from (none written yet, or"
                                                 " checkpoint.resume is false)"), stderr[-2000:]
 

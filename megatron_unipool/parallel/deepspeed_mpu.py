@@ -15,10 +15,12 @@ class DeepSpeedTopology:
         layout = self.layout = parallel.layout
         kinds = group_ranks(layout)
         # DeepSpeed needs real groups where ours would have a single rank (None)
-        self._dp = create_groups(kinds["dp"], layout.rank, single_rank=True)
-        self._tp = create_groups(kinds["tp"], layout.rank, single_rank=True)
-        self._mp = create_groups([layout.ranks(dp=[d]) for d in range(layout.dp)], layout.rank, single_rank=True)
-        self.own_rank = create_groups([[r] for r in range(layout.world_size)], layout.rank, single_rank=True)
+        timeout = parallel.timeout
+        self._dp = create_groups(kinds["dp"], layout.rank, timeout, single_rank=True)
+        self._tp = create_groups(kinds["tp"], layout.rank, timeout, single_rank=True)
+        self._mp = create_groups([layout.ranks(dp=[d]) for d in range(layout.dp)], layout.rank, timeout,
+                                 single_rank=True)
+        self.own_rank = create_groups([[r] for r in range(layout.world_size)], layout.rank, timeout, single_rank=True)
         self._dp_ranks = layout.ranks(tp=[layout.tp_rank], pp=[layout.pp_rank])
 
     def get_data_parallel_group(self):

@@ -97,6 +97,10 @@ class ParallelState:
     dp_group: Group = None  # replicas of this rank's dense weights
     ep_group: Group = None  # ranks holding the shards of one copy of each pool
     routing_group: Group = None  # every rank that routes tokens into the pools (one tp rank of each)
+    # every rank, over gloo: Python objects (checkpoint pieces, shared decisions) travel through host
+    # memory, not through a GPU buffer of world size x the largest object as NCCL's object collectives
+    host_group: Group = None
+    timeout: Optional[datetime.timedelta] = None  # of every group, parallel.timeout_s
     _pool_groups: dict = field(default_factory=dict)  # frozenset of stages -> replicas of this rank's shard
 
     @property
@@ -125,32 +129,40 @@ def group_ranks(layout: Layout, pool_stage_sets: Iterable[Iterable[int]] = ()) -
     return groups
 
 
-def create_groups(rank_sets: list[list[int]], rank: int, single_rank: bool = False) -> Group:
+def create_groups(rank_sets: list[list[int]], rank: int, timeout: Optional[datetime.timedelta],
+                  single_rank: bool = False) -> Group:
     """Create one group per rank set (every rank creates all of them, in the same order) and return
-    the one holding `rank`. Sets of one rank get no group (None) unless `single_rank`."""
+    the one holding `rank`. Sets of one rank get no group (None) unless `single_rank`. `timeout`
+    applies to the group's collectives (without it a subgroup waits the backend's default: 10-30 min)."""
     found = None
     for ranks in rank_sets:
-        group = dist.new_group(ranks) if len(ranks) > 1 or single_rank else None
+        group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 or single_rank else None
         if rank in ranks:
             found = group
     return found
 
 
-def build_parallel_state(tp: int, pp: int, ep: int, pool_stage_sets: Iterable[Iterable[int]] = ()) -> ParallelState:
+def build_parallel_state(tp: int, pp: int, ep: int, pool_stage_sets: Iterable[Iterable[int]] = (),
+                         timeout_s: Optional[float] = None) -> ParallelState:
     """Create all groups on an initialised default group (a no-op layout when there is none).
 
     `pool_stage_sets` lists, for each pool, the pipeline stages whose layers use it; a group is
     created for each distinct set so that a pool's gradients reduce over exactly its replicas.
+    Collectives in every group time out after `timeout_s` (None: the backend's default).
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     errors = layout_errors(tp, pp, ep, world)
     if errors:
         raise ValueError("; ".join(errors))
     layout = Layout(tp=tp, pp=pp, dp=world // (tp * pp), ep=ep, rank=dist.get_rank() if world > 1 else 0)
-    state = ParallelState(layout)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    state = ParallelState(layout, timeout=timeout)
     if world == 1:
         return state
-    mine = {kind: create_groups(rank_sets, layout.rank) for kind, rank_sets in group_ranks(layout, pool_stage_sets).items()}
+    mine = {kind: create_groups(rank_sets, layout.rank, timeout)
+            for kind, rank_sets in group_ranks(layout, pool_stage_sets).items()}
+    state.host_group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                        else dist.new_group(backend="gloo", timeout=timeout))
     for kind in ("tp", "dp", "ep", "routing"):
         setattr(state, f"{kind}_group", mine[kind])
     state._pool_groups = {frozenset(kind[1]): group for kind, group in mine.items() if isinstance(kind, tuple)}

@@ -161,9 +161,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     file = path / "state.pt" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {path} (expected a step_* directory holding state.pt)")
-    try:  # weights_only: tensors and plain containers, so a crafted file cannot run code when loaded
+    # weights_only: tensors and plain containers, so a crafted file cannot run code when loaded; mmap:
+    # the ranks of a node share one copy in the page cache (copy-on-write) instead of reading one each
+    try:
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-            payload = torch.load(file, map_location="cpu", weights_only=True)
+            payload = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file, or one holding objects: say which
         raise CheckpointError(f"checkpoint {file} cannot be read ({str(e).strip().splitlines()[-1][:300]})") from e
     missing = [key for key in PAYLOAD_KEYS if key not in payload] if isinstance(payload, dict) else list(PAYLOAD_KEYS)

@@ -95,11 +95,14 @@ def gather_full_tensors(tensors: dict[str, torch.Tensor], specs: dict[str, Shard
     pieces = {name: (specs.get(name, REPLICATED), t.detach().cpu()) for name, t in tensors.items()
               if specs.get(name, REPLICATED).holds_canonical_copy(layout)}
     everyone = [pieces]
-    if state.distributed:
-        everyone = [None] * layout.world_size if layout.rank == 0 else None
-        dist.gather_object(pieces, everyone, dst=0)
+    if state.distributed:  # one rank at a time, through host memory: rank 0 holds the state and one message
         if layout.rank != 0:
+            dist.send_object_list([pieces], dst=0, group=state.host_group)
             return None
+        for source in range(1, layout.world_size):
+            received = [None]
+            dist.recv_object_list(received, src=source, group=state.host_group)
+            everyone.append(received[0])
     by_name = defaultdict(list)
     for rank_pieces in everyone:
         for name, piece in rank_pieces.items():
@@ -139,4 +142,4 @@ def gather_full_state(model: nn.Module, model_tensors: dict[str, torch.Tensor], 
 def init_parallel(config: Config) -> ParallelState:
     """The process groups of `config.parallel` on the already initialised default group."""
     p = config.parallel
-    return build_parallel_state(p.tp, p.pp, p.ep, pool_stages(config.model, config.moe, p.pp))
+    return build_parallel_state(p.tp, p.pp, p.ep, pool_stages(config.model, config.moe, p.pp), p.timeout_s)

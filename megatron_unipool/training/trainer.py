@@ -28,11 +28,12 @@ from ..config import Config, config_to_dict
 from ..model import LanguageModel, RoutingStepStats, param_budget
 from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
+from ..parallel.agreement import decided_by_rank0, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
 from .checkpoint import (CheckpointError, checkpoint_payload, latest_checkpoint, load_checkpoint, resolve_checkpoint,
                          restore_model, save_checkpoint, set_rng_state)
-from .datasets import build_datasets, validation_batches
+from .datasets import DataError, build_datasets, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
 from .hardware import peak_flops
@@ -89,7 +90,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         seed_everything(config.train.seed, config.train.deterministic)
-        self.data = build_datasets(config)
+        self.data = on_every_rank(lambda: build_datasets(config), self.parallel, (DataError,))  # node-local files
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
         self.state = TrainState()
         self.checkpoints = self.run_dir / "checkpoints"
@@ -134,12 +135,23 @@ class Trainer:
 
     def _checkpoint_to_resume(self):
         """The run directory's own latest checkpoint (with checkpoint.resume) wins, so a rerun continues
-        where it stopped; checkpoint.load only starts a run directory that has none."""
+        where it stopped; checkpoint.load only starts a run directory that has none. Rank 0 chooses
+        for all, so no node resumes from another step because its view of the files differs."""
         ckpt = self.config.checkpoint
-        path = latest_checkpoint(self.checkpoints) if ckpt.resume else None
-        if path is None and ckpt.load:
-            path = resolve_checkpoint(ckpt.load)
-        return (None, None) if path is None else (load_checkpoint(path), path)
+
+        def choose() -> Optional[Path]:
+            path = latest_checkpoint(self.checkpoints) if ckpt.resume else None
+            return resolve_checkpoint(ckpt.load) if path is None and ckpt.load else path
+
+        def load(path: Path) -> dict:
+            if not path.exists():
+                raise CheckpointError(f"{path}, which rank 0 resumes from, is not visible here: rank 0 writes the"
+                                      " checkpoints, so every node must see the run directory (a shared file system)")
+            return load_checkpoint(path)
+
+        path = decided_by_rank0(choose, self.parallel)
+        return (None, None) if path is None else (on_every_rank(lambda: load(path), self.parallel, (CheckpointError,)),
+                                                  path)
 
     def save(self) -> Optional[Path]:
         """Gather the full model and optimizer state and write them (rank 0); every rank must call it,

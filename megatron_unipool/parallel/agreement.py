@@ -1,0 +1,55 @@
+"""Decisions every rank must share, and failures every rank must hear of.
+
+Ranks on different nodes can see different files (node-local disks, a shared file system that
+shows a new file late). A rank that decided alone, or failed alone, would leave the others
+training a different model or waiting in their next collective until the timeout.
+"""
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch.distributed as dist
+
+from .state import ParallelState
+
+T = TypeVar("T")
+
+
+def decided_by_rank0(decide: Callable[[], T], state: ParallelState) -> T:
+    """`decide()` run on rank 0 only; every rank gets its result, or raises the error it raised."""
+    if not state.distributed:
+        return decide()
+    box = [None]
+    if state.layout.rank == 0:
+        try:
+            box = [(decide(), None)]
+        except Exception as e:  # raised on every rank below, not only here
+            box = [(None, e)]
+    dist.broadcast_object_list(box, src=0, group=state.host_group)
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def on_every_rank(action: Callable[[], T], state: ParallelState, errors: tuple[type[Exception], ...]) -> T:
+    """`action()` on every rank; when it raised one of `errors` on some, every rank raises it (of the
+    lowest failing rank's type, naming the failing ranks)."""
+    try:
+        result, failure = action(), None
+    except errors as e:
+        result, failure = None, e
+    if not state.distributed:
+        if failure is not None:
+            raise failure
+        return result
+    reports = [None] * state.layout.world_size
+    mine = None if failure is None else (next(i for i, e in enumerate(errors) if isinstance(failure, e)), str(failure))
+    dist.all_gather_object(reports, mine, group=state.host_group)
+    failed = [rank for rank, report in enumerate(reports) if report is not None]
+    if not failed:
+        return result
+    kind, message = reports[failed[0]]
+    error_type = errors[kind]
+    where = f"rank {failed[0]}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}"
+    raise error_type(f"on {where} of {state.layout.world_size}: {message}") from failure
