@@ -153,6 +153,18 @@ def test_bf16_under_zero1_tracks_the_fp32_run(reference, data_cache, tmp_path):
                                rtol=0, atol=2e-2)
 
 
+def test_bf16_deepspeed_sums_micro_batch_gradients_in_fp32(data_cache, tmp_path):
+    """bf16 under ZeRO-1 at ep2, 8 micro-batches per rank: DeepSpeed sums them in fp32 (BF16_Optimizer)
+    and each backward adds only its own gradient, so the gradient norms are the built-in optimizer's
+    (one process, bf16 autocast). Uncleared bf16 gradients weighted the first micro-batches up to 8x."""
+    base = [f"train.max_steps=2", "train.precision=bf16", "train.global_batch=16", "train.micro_batch=1",
+            "model.seq_len=64"] + VARIANTS["unipool"]
+    native = run_job(job_config("unipool", base, data_cache, 1), tmp_path / "native")
+    zero = run_parallel(2, [("zero", "unipool", base + LAYOUTS["ep2"][1] + ZERO["zero1"])], data_cache, tmp_path)["zero"]
+    torch.testing.assert_close(torch.tensor(zero["grad_norms"]), torch.tensor(native["grad_norms"]), rtol=5e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(zero["losses"]), torch.tensor(native["losses"]), rtol=0, atol=5e-3)
+
+
 @pytest.mark.parametrize("save_layout, load_layout", [
     ("tp2pp2", "ep2"),
     (("ep2", "zero1"), ("tp2", "zero2")),
@@ -457,6 +469,9 @@ def test_deepspeed_config_is_generated_from_train_and_merged(tmp_path):
     assert generated["comms_logger"] == {"enabled": True}
     assert generated["bf16"] == {"enabled": True, "immediate_grad_update": True}
     assert "optimizer" not in generated and "scheduler" not in generated  # the optimizer and schedule are ours
+    assert generated["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 gradients summed in fp32 by default
+    extra.write_text(json.dumps({"data_types": {"grad_accum_dtype": "bf16"}}))  # unless the file says otherwise
+    assert deepspeed_config(config, micro_batches=1)["data_types"] == {"grad_accum_dtype": "bf16"}
     assert generated["steps_per_print"] == 5  # logging keys the file may set
     assert "fp16" not in generated and generated["gradient_clipping"] == config.train.grad_clip
     assert generated["gradient_clipping"] == config.train.grad_clip

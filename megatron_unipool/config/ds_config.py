@@ -44,6 +44,9 @@ def deepspeed_config(config: Config, micro_batches: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if train.precision == "bf16":  # sum the micro-batches' gradients in fp32, as the built-in optimizer does
+        # (DeepSpeed's default sums them in bf16: 0.8% off at 64 micro-batches); a file may say otherwise
+        generated["data_types"] = {"grad_accum_dtype": "fp32"}
     if ds.config_file:
         extra = read_deepspeed_file(config, micro_batches)  # ConfigError naming the file, as at load time
         free = {key: value for key, value in extra.items() if key not in DEEPSPEED_KEYS_FROM_CONFIG}

@@ -145,6 +145,12 @@ class DeepSpeedBackend(NativeBackend):
         self.activation_dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
         self.loss_scale = float(layout.dp)  # DeepSpeed averages over data-parallel ranks; we hand it sums
         self.zero_stage, self.micro_batches, self.backward_calls = config.deepspeed.zero_stage, micro_batches, 0
+        # BF16_Optimizer (bf16 with fp32 gradient accumulation at stage 1) adds the bf16 gradients into its
+        # fp32 ones after every backward and expects them cleared before the next; the trainer calls the
+        # model itself (pipeline stages), not engine.forward, whose output hook would clear them
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+        self.clears_bf16_grads = isinstance(self.optimizer, BF16_Optimizer)
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -157,6 +163,8 @@ class DeepSpeedBackend(NativeBackend):
         last = self.backward_calls == self.micro_batches - 1
         self.engine.set_gradient_accumulation_boundary(self.zero_stage == 2 and last)
         self.backward_calls += 1
+        if self.clears_bf16_grads:  # what engine.forward's output hook would do: each backward adds its own
+            self.optimizer.clear_lp_grads()
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def reduce(self) -> None:
