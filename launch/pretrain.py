@@ -32,8 +32,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from megatron_unipool.config import ConfigError, load_config  # noqa: E402
 from megatron_unipool.kernels import KernelUnavailableError  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
-from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, Trainer, init_parallel,  # noqa: E402
-                                       latest_checkpoint)
+from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, Trainer,  # noqa: E402
+                                       checkpoints_dir, init_parallel, latest_checkpoint)
 
 # reported as one line (a ConfigError here: a file the config names changed after loading; KernelUnavailableError:
 # a kernel choice this machine cannot run); anything else is a bug: traceback
@@ -51,7 +51,7 @@ DEFAULT_CONFIG = REPO / "configs" / "tiny_unipool_cpu.json"
 def default_run_dir(config_file: Path) -> Path:
     """A run directory's own config.json (tools/upcycle.py and convert_checkpoint.py write it next to
     checkpoints/) continues that run; runs/config would start a fresh model, shared by every such run."""
-    if config_file.name == "config.json" and (config_file.parent / "checkpoints").is_dir():
+    if config_file.name == "config.json" and checkpoints_dir(config_file.parent).is_dir():
         return config_file.parent
     return Path("runs") / config_file.stem
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        latest = latest_checkpoint(run_dir / "checkpoints") if config.checkpoint.resume else None
+        latest = latest_checkpoint(checkpoints_dir(run_dir)) if config.checkpoint.resume else None
         say(f"interrupted; run again to resume from {latest}" if latest else
             "interrupted; no checkpoint to resume from (none written yet, or checkpoint.resume is false)",
             file=sys.stderr)

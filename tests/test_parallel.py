@@ -23,7 +23,7 @@ import torch
 
 from megatron_unipool.config import ConfigError, load_config
 from megatron_unipool.model import LanguageModel
-from megatron_unipool.model.sharding import ShardSpec, pool_stages
+from megatron_unipool.model.sharding import ShardSpec
 from megatron_unipool.parallel import Layout, group_ranks
 from parallel_harness import job_config, run_job, run_parallel
 
@@ -157,7 +157,7 @@ def test_bf16_deepspeed_sums_micro_batch_gradients_in_fp32(data_cache, tmp_path)
     """bf16 under ZeRO-1 at ep2, 8 micro-batches per rank: DeepSpeed sums them in fp32 (BF16_Optimizer)
     and each backward adds only its own gradient, so the gradient norms are the built-in optimizer's
     (one process, bf16 autocast). Uncleared bf16 gradients weighted the first micro-batches up to 8x."""
-    base = [f"train.max_steps=2", "train.precision=bf16", "train.global_batch=16", "train.micro_batch=1",
+    base = ["train.max_steps=2", "train.precision=bf16", "train.global_batch=16", "train.micro_batch=1",
             "model.seq_len=64"] + VARIANTS["unipool"]
     native = run_job(job_config("unipool", base, data_cache, 1), tmp_path / "native")
     zero = run_parallel(2, [("zero", "unipool", base + LAYOUTS["ep2"][1] + ZERO["zero1"])], data_cache, tmp_path)["zero"]
@@ -229,9 +229,9 @@ def test_group_layout_covers_every_rank_once():
 
 def test_pool_stages_and_shard_specs():
     config = load_config("configs/tiny_unipool_cpu.json", ["parallel.pp=2"], world_size=None)
-    assert pool_stages(config.model, config.moe, 2) == [(0, 1)]
+    assert config.moe.pool_stages(config.model.num_layers, 2) == [(0, 1)]
     vanilla = load_config("configs/tiny_vanilla_cpu.json", ["parallel.pp=2"], world_size=None)
-    assert pool_stages(vanilla.model, vanilla.moe, 2) == [(0,), (0,), (1,), (1,)]
+    assert vanilla.moe.pool_stages(vanilla.model.num_layers, 2) == [(0,), (0,), (1,), (1,)]
     full = torch.arange(24.0).view(4, 6)
     halves = [ShardSpec(1, i, 2).take(full) for i in range(2)]
     assert torch.equal(torch.cat(halves, dim=1), full)

@@ -34,6 +34,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from megatron_unipool.training import checkpoints_dir  # noqa: E402
 from megatron_unipool.training.plots import save_atomically  # noqa: E402
 
 LOG_TAIL = 20  # lines of a failed run's log shown
@@ -57,7 +58,7 @@ def refuse_stale(name: str, seed: int, output: Path, overrides: list[str]) -> No
     trained with the same overrides: results of another setting must not enter the table."""
     run_dir = run_dir_of(name, seed, output)
     recorded, wanted = run_dir / "overrides.json", MODELS[name][1] + overrides
-    if not ((run_dir / "summary.json").is_file() or (run_dir / "checkpoints").exists()):
+    if not ((run_dir / "summary.json").is_file() or checkpoints_dir(run_dir).exists()):
         return
     if not recorded.is_file():
         raise SystemExit(f"error: {run_dir} holds a run with no overrides.json (an older reproduce.py), so its --set"

@@ -32,7 +32,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from megatron_unipool.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
-from megatron_unipool.training.checkpoint import check_fits, load_trained_model, write_run_directory  # noqa: E402
+from megatron_unipool.training.checkpoint import (LATEST, check_fits, checkpoints_dir, load_trained_model,  # noqa: E402
+                                                  write_run_directory)
 from megatron_unipool.training.upcycling import (MAX_EXTRA, expert_utility, upcycle, upcycle_dense,  # noqa: E402
                                                  utility_batches)
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--selection utility gives an expert at most {MAX_EXTRA} extra copies: --multiplier must be at"
                      f" most {MAX_EXTRA + 1}, not {args.multiplier}")
     try:
-        if (args.output / "checkpoints" / "latest").exists():
+        if (checkpoints_dir(args.output) / LATEST).exists():
             raise CheckpointError(f"{args.output} already holds a checkpoint; choose a new --output")
         if args.output.exists() and not args.output.is_dir():  # known before the work, not after it
             raise ValueError(f"--output {args.output} is a file, not a directory")

@@ -98,6 +98,11 @@ class MoEConfig:
         group = self.layers_per_pool or len(layers)
         return [layers[i : i + group] for i in range(0, len(layers), group)]
 
+    def pool_stages(self, num_layers: int, pp: int) -> list[tuple[int, ...]]:
+        """For each pool, the pipeline stages (of `pp`, each num_layers/pp layers) whose layers use it."""
+        per_stage = num_layers // pp
+        return [tuple(sorted({layer // per_stage for layer in layers})) for layers in self.pool_layout(num_layers)]
+
     def experts_per_pool(self, num_layers: int) -> int:
         if self.kind == "vanilla":
             return self.num_experts
@@ -318,8 +323,7 @@ class Config:
             # ZeRO computes the gradient norm one parameter group at a time, each with a collective over the
             # stages; a pool shared by a set of stages is its own group, so every stage must hold the same
             # number of them in the same order: one set per stage (UniPool: all stages; vanilla: its own)
-            per_stage = m.num_layers // p.pp
-            sets = {tuple(sorted({layer // per_stage for layer in layers})) for layers in moe.pool_layout(m.num_layers)}
+            sets = set(moe.pool_stages(m.num_layers, p.pp))
             held = [sum(stage in stages for stages in sets) for stage in range(p.pp)]
             need(all(n == 1 for n in held),
                  f"deepspeed.zero_stage={ds.zero_stage} with parallel.pp={p.pp} needs the pools of every stage to be"

@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..config import ModelConfig, MoEConfig
 from ..moe import ExpertPool, MoELayer, SwiGLU
 from ..parallel.state import Layout, ParallelState
 from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
@@ -55,12 +54,6 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> range:
     return range(stage * per_stage, (stage + 1) * per_stage)
 
 
-def pool_stages(model: ModelConfig, moe: MoEConfig, pp: int) -> list[tuple[int, ...]]:
-    """For each pool, the pipeline stages whose layers use it."""
-    per_stage = model.num_layers // pp
-    return [tuple(sorted({layer // per_stage for layer in layers})) for layers in moe.pool_layout(model.num_layers)]
-
-
 def shard_model(model: LanguageModel, state: ParallelState) -> dict[str, ShardSpec]:
     """Shard `model` in place for this rank; returns the spec of every tensor that is not replicated."""
     L = state.layout
@@ -76,7 +69,7 @@ def shard_model(model: LanguageModel, state: ParallelState) -> dict[str, ShardSp
         model.final_norm = model.output = None
 
     used = {id(layer.pool) for layer in model.moe_layers()}
-    for p, (pool, stages) in enumerate(zip(list(model.expert_pools), pool_stages(model.config, model.moe_config, L.pp))):
+    for p, (pool, stages) in enumerate(zip(list(model.expert_pools), model.moe_config.pool_stages(model.config.num_layers, L.pp))):
         if id(pool) not in used:
             model.expert_pools[p] = nn.Identity()
             continue

@@ -123,12 +123,17 @@ def checkpoint_payload(config: Config, model_state: dict[str, torch.Tensor], opt
             "config": config_to_dict(config), **extra}
 
 
+def checkpoints_dir(run_dir: Path) -> Path:
+    """Where a run directory keeps its step_* checkpoints and the `latest` pointer."""
+    return Path(run_dir) / "checkpoints"
+
+
 def write_run_directory(directory: Path, config: Config, model_state: dict[str, torch.Tensor],
                         optimizer_state: dict[str, dict], train_state: dict, **provenance) -> Path:
     """A new run directory that launch/pretrain.py continues: checkpoints/step_0000000 and config.json.
     For tools that make a model (upcycling, imports); `provenance` is stored in the checkpoint."""
     payload = checkpoint_payload(config, model_state, optimizer_state, train_state, **provenance)
-    written = save_checkpoint(directory / "checkpoints", 0, payload, keep_last=config.checkpoint.keep_last)
+    written = save_checkpoint(checkpoints_dir(directory), 0, payload, keep_last=config.checkpoint.keep_last)
     (directory / "config.json").write_text(json.dumps(payload["config"], indent=2) + "\n")
     return written
 
@@ -146,7 +151,7 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
 def resolve_checkpoint(path: Path) -> Path:
     """A run directory (its latest checkpoint), a checkpoints directory, or one step_* directory."""
     path = Path(path)
-    for directory in (path / "checkpoints", path):
+    for directory in (checkpoints_dir(path), path):
         if (directory / LATEST).is_file():
             return latest_checkpoint(directory)
     if (path / "state.pt").is_file() or path.is_file():

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..config import Config
-from ..model.sharding import REPLICATED, ShardSpec, pool_stages
+from ..model.sharding import REPLICATED, ShardSpec
 from ..parallel import ParallelState, build_parallel_state
 
 
@@ -142,4 +142,4 @@ def gather_full_state(model: nn.Module, model_tensors: dict[str, torch.Tensor], 
 def init_parallel(config: Config) -> ParallelState:
     """The process groups of `config.parallel` on the already initialised default group."""
     p = config.parallel
-    return build_parallel_state(p.tp, p.pp, p.ep, pool_stages(config.model, config.moe, p.pp), p.timeout_s)
+    return build_parallel_state(p.tp, p.pp, p.ep, config.moe.pool_stages(config.model.num_layers, p.pp), p.timeout_s)

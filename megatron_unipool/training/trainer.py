@@ -31,7 +31,7 @@ from ..parallel import ParallelState, all_reduce
 from ..parallel.agreement import decided_by_rank0, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
-from .checkpoint import (CheckpointError, checkpoint_payload, latest_checkpoint, load_checkpoint, resolve_checkpoint,
+from .checkpoint import (CheckpointError, checkpoint_payload, checkpoints_dir, latest_checkpoint, load_checkpoint, resolve_checkpoint,
                          restore_model, save_checkpoint, set_rng_state)
 from .datasets import DataError, build_datasets, validation_batches
 from .backends import build_backend
@@ -93,7 +93,7 @@ class Trainer:
         self.data = on_every_rank(lambda: build_datasets(config), self.parallel, (DataError,))  # node-local files
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
         self.state = TrainState()
-        self.checkpoints = self.run_dir / "checkpoints"
+        self.checkpoints = checkpoints_dir(self.run_dir)
         payload, source = self._checkpoint_to_resume()
         if payload is not None:
             restore_model(model, payload["model"], source)
