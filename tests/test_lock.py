@@ -151,3 +151,16 @@ def test_lock_config_errors(tiny_config):
         tiny_config("configs/tiny_unipool_cpu.json", "moe.lock_start_step=5", "moe.lock_window_steps=6")
     with pytest.raises(ConfigError, match="8 of its 32 experts, fewer than moe.top_k=9"):
         tiny_config("configs/tiny_unipool_cpu.json", "moe.lock_start_step=5", "moe.top_k=9")
+
+
+def test_cardinality_entropy_normalises_the_mean_scores():
+    """NormRouter scores do not sum to one: the entropy is that of the mean scores normalised to a
+    distribution (closed form), so uniform scores of any size give log M."""
+    uniform = torch.full((5, 4), 2.0)
+    assert cardinality_entropy_loss(uniform, 4.0, 0.1).item() == pytest.approx(0.0, abs=1e-6)
+    scores = torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 2.0, 0.0]])
+    p = torch.tensor([4.0, 2.0, 2.0, 0.0]) / 8
+    entropy = -sum(float(q) * math.log(float(q)) for q in p if q > 0)
+    expected = 0.1 * (entropy - math.log(2.0)) ** 2
+    assert cardinality_entropy_loss(scores, 2.0, 0.1).item() == pytest.approx(expected, rel=1e-6)
+

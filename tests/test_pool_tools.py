@@ -116,6 +116,21 @@ def test_raw_softmax_gates_are_compensated(trained, multiplier):
     torch.testing.assert_close(moments["exp_avg_sq"], old["exp_avg_sq"][sources] / multiplier ** 2)
 
 
+def test_upcycling_noise_reaches_only_the_copies(trained):
+    """Noise breaks the ties between a source and its copies: the original experts keep their
+    balancing biases exactly, and each copy gets its source's bias plus noise within +-noise."""
+    config, payload, _ = trained["softmax_top1"]
+    result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2, noise=1e-2)
+    old = config.moe.experts_per_pool(config.model.num_layers)
+    sources = torch.tensor(result.sources_per_pool[0])
+    for layer in config.moe.moe_layers(config.model.num_layers):
+        name = f"layers.{layer}.ffn.router.expert_bias"
+        before, after = payload["model"][name], result.model_state[name]
+        assert torch.equal(after[:old], before[sources[:old]])
+        shift = after[old:] - before[sources[old:]]
+        assert (shift != 0).all() and (shift.abs() <= 1e-2).all()
+
+
 def test_locked_pool_upcycles_and_keeps_the_function(trained):
     """UniPool-lock buffers: each replica belongs to its source's layer, with its source's mass and offsets."""
     config, payload, _ = trained["lock_top1"]

@@ -130,6 +130,35 @@ def test_tensorboard_heatmap_rows_are_the_moe_layers(kind, tiny_config, tmp_path
     assert drawn == [[[1, 3]] if kind == "unipool" else [[1], [3]]]
 
 
+def test_tensorboard_gets_perplexity_and_each_experts_share_of_the_pool(tmp_path):
+    """validation/perplexity is exp(loss); pool<p>/expert_load is each expert's share of the pool's
+    slots summed over its layers (M values summing to one), and max_over_mean_load its peak."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_unipool.config import LoggingConfig
+    from megatron_unipool.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=True), max_steps=1)
+    logger.evaluation(1, 2.5)
+    counts = torch.tensor([[6, 0, 2], [0, 4, 0]])  # 2 layers x 3 experts: loads 6, 4, 2 of 12
+    logger.utilisation(1, [counts], [[0, 1]], image=False)
+    logger.close({})
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    assert events.Scalars("validation/perplexity")[0].value == pytest.approx(math.exp(2.5), rel=1e-6)
+    load = events.Histograms("pool0/expert_load")[0].histogram_value
+    assert (load.num, load.sum, load.max, load.min) == (3, pytest.approx(1.0), pytest.approx(0.5), pytest.approx(1 / 6))
+    assert events.Scalars("pool0/max_over_mean_load")[0].value == pytest.approx(6 / 4)
+
+
+def test_dropped_fraction_is_of_the_routed_slots(tiny_config, tmp_path):
+    """dropped / routed (routed counts the dropped ones): the share of routed slots capacity cut."""
+    config = tiny_config("configs/tiny_unipool_cpu.json", "moe.router=softmax", "moe.capacity_factor=0.5",
+                         "train.eval_interval=0")
+    metrics, routing = Trainer(config, tmp_path).train_step()
+    routed = sum(int(c.sum()) for c in routing.counts_per_pool)
+    assert routing.dropped > 0 and metrics["dropped_fraction"] == pytest.approx(routing.dropped / routed)
+
+
 def test_logged_throughput_is_work_over_time_not_the_mean_of_step_rates(tiny_config, tmp_path, capsys):
     """Two steps of 1000 tokens in 0.1 s and 0.3 s: 2000 tokens in 0.4 s is 5,000 tokens/s (the
     plain mean of 10,000 and 3,333 would say 6,667), in the console line and in summary.json."""
