@@ -227,6 +227,18 @@ def test_group_layout_covers_every_rank_once():
     assert groups["tp"][0] == [0, 1] and groups["dp"][0] == [0, 2, 4, 6]
 
 
+def test_vocab_parallel_embedding_slices_add_up_to_the_full_lookup():
+    """Each of tp ranks looks up only its vocabulary range (zeros elsewhere, the first id of the next
+    range included); the tensor-parallel sum of the slices is the full embedding, for every id."""
+    from megatron_unipool.parallel.tensor_parallel import VocabParallelEmbedding
+
+    full = torch.nn.Embedding(12, 5)
+    tokens = torch.arange(12).repeat(2, 1)
+    for parts in (2, 3):
+        total = sum(VocabParallelEmbedding(full, None, rank, parts)(tokens) for rank in range(parts))
+        torch.testing.assert_close(total, full(tokens), rtol=0, atol=0)
+
+
 def test_pool_stages_and_shard_specs():
     config = load_config("configs/tiny_unipool_cpu.json", ["parallel.pp=2"], world_size=None)
     assert config.moe.pool_stages(config.model.num_layers, 2) == [(0, 1)]
