@@ -280,6 +280,22 @@ def test_dense_to_vanilla_upcycling_keeps_the_function(data_cache):
         upcycle_dense(dense, dense_state, mismatched)
 
 
+def test_dense_to_unipool_pool_experts_copy_the_moe_layers_in_turn(data_cache):
+    """UniPool: pool expert j is the FFN of the (j mod L)-th MoE layer, so every layer's FFN is in the
+    pool (here 2 MoE layers, 1 and 3, into 6 experts: 1, 3, 1, 3, 1, 3); dense layers keep their own."""
+    dense = small_config(data_cache, "dense")
+    torch.manual_seed(3)
+    dense_state = LanguageModel(dense.model, dense.moe).state_dict()
+    target = small_config(data_cache, "unipool", "moe.router=softmax", "moe.normalize_gates=true",
+                          "moe.expert_ffn_hidden_size=128", "moe.moe_layer_interval=2", "moe.pool_size=6")
+    result = upcycle_dense(dense, dense_state, target)
+    assert result.sources_per_pool == [[1, 3, 1, 3, 1, 3]]
+    for w in ("w_gate", "w_up", "w_down"):
+        for j, layer in enumerate(result.sources_per_pool[0]):
+            assert torch.equal(result.model_state[f"expert_pools.0.{w}"][j], dense_state[f"layers.{layer}.ffn.{w}.weight"])
+        assert torch.equal(result.model_state[f"layers.0.ffn.{w}.weight"], dense_state[f"layers.0.ffn.{w}.weight"])
+
+
 @pytest.mark.parametrize("overrides, message", [
     # raw softmax gates scale each copied FFN by its probability, about 1/experts
     (["moe.normalize_gates=false"], "set moe.normalize_gates=true or moe.softmax_before_topk=false"),
