@@ -103,6 +103,8 @@ def test_validating_on_the_training_files_is_refused():
         (2, ["moe.pool_aux_lag=micro_batch"], "moe.pool_aux_lag='micro_batch' needs one data-parallel rank, not 2"),
         (4, ["moe.pool_aux_lag=micro_batch", "parallel.tp=2"],
          "moe.pool_aux_lag='micro_batch' needs one data-parallel rank, not 2"),
+        # a multiple of micro_batch (16 = 4 x 4) that 8 data-parallel ranks cannot split into whole micro-batches
+        (8, [], "train.global_batch=16 must be a multiple of train.micro_batch=4 x data-parallel size 8"),
     ],
 )
 def test_sizes_inconsistent_with_the_layout_are_named(world, overrides, named):
@@ -110,6 +112,14 @@ def test_sizes_inconsistent_with_the_layout_are_named(world, overrides, named):
     with pytest.raises(ConfigError) as error:
         load_config(REPO / "configs/tiny_unipool_cpu.json", overrides, world_size=world)
     assert named in str(error.value)
+
+
+@pytest.mark.parametrize("granularity, width", [(0.5, 64), (0.7, 90), (0.3, 38), (0.001, 1)])
+def test_granularity_rounds_the_expert_width_to_the_nearest_integer(granularity, width):
+    """expert width = granularity x dense FFN width (128 here), rounded to nearest (89.6 -> 90), at least 1."""
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json", [f"moe.granularity={granularity}",
+                                                                  "model.ffn_hidden_size=128"])
+    assert config.moe.expert_width(config.model.ffn_hidden_size) == width
 
 
 def test_all_problems_reported_together(tmp_path):

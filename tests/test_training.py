@@ -150,6 +150,22 @@ def test_tensorboard_gets_perplexity_and_each_experts_share_of_the_pool(tmp_path
     assert events.Scalars("pool0/max_over_mean_load")[0].value == pytest.approx(6 / 4)
 
 
+def test_weight_decay_reaches_matrices_and_experts_not_norms_or_scales(tiny_config):
+    """Decay: every tensor of two or more dimensions (embeddings, projections, routers, the expert
+    pools); none: RMSNorm weights and the NormRouter's learnable scale."""
+    from megatron_unipool.model import LanguageModel
+    from megatron_unipool.training.optimizer import decay_groups
+
+    config = tiny_config("configs/tiny_unipool_cpu.json")
+    model = LanguageModel(config.model, config.moe)
+    decay, no_decay = ({id(p) for p in group["params"]} for group in decay_groups(model, config.train))
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert {names[i] for i in no_decay} == {name for name, p in model.named_parameters() if p.ndim < 2}
+    assert any(name.endswith("router.scale") for name in map(names.get, no_decay))
+    assert any("norm" in name for name in map(names.get, no_decay))
+    assert any(name.startswith("expert_pools.") for name in map(names.get, decay)) and not decay & no_decay
+
+
 def test_dropped_fraction_is_of_the_routed_slots(tiny_config, tmp_path):
     """dropped / routed (routed counts the dropped ones): the share of routed slots capacity cut."""
     config = tiny_config("configs/tiny_unipool_cpu.json", "moe.router=softmax", "moe.capacity_factor=0.5",
