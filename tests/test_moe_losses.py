@@ -436,6 +436,14 @@ def test_norm_router_constant_small_pools_finite():
             assert math.isfinite(c) and c >= 1.0, (m, k, c)
 
 
+@pytest.mark.parametrize("num_experts", [2, 4])
+def test_norm_router_constant_is_stable_over_seeds_for_small_pools(num_experts):
+    """1/||top-k|| has a divergent tail for small M: the plain mean swings from 4.4 to 75 over six
+    seeds at M=4; trimming the largest 0.1% of draws keeps the estimate within 0.3."""
+    estimates = [norm_router_constant(num_experts, 1, seed=seed) for seed in range(6)]
+    assert max(estimates) - min(estimates) < 0.3, estimates
+
+
 def test_norm_router_constant_independent_estimate():
     """M=16 (no heavy tail to speak of): own Monte Carlo estimate, k=1 and k=3."""
     gen = torch.Generator().manual_seed(123)
