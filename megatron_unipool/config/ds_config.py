@@ -32,18 +32,16 @@ MERGED_SECTIONS = ("bf16", "zero_optimization")
 def deepspeed_config(config: Config, micro_batches: int) -> dict:
     """The ds_config for `deepspeed.initialize`; `micro_batches` per step on each data-parallel rank."""
     train, ds = config.train, config.deepspeed
-    generated = {
-        "train_batch_size": train.global_batch,
-        "train_micro_batch_size_per_gpu": train.micro_batch,
-        "gradient_accumulation_steps": micro_batches,
+    decided = _decided_values(config, micro_batches)  # the values a user's file is checked against
+    generated = {key: decided[key] for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                               "gradient_accumulation_steps", "bf16", "zero_optimization")}
+    generated.update({
         "gradient_clipping": train.grad_clip if ds.zero_stage > 0 else 0.0,  # stage 0: the backend clips
         "managed_gradient_accumulation": True,
-        "zero_optimization": {"stage": ds.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": train.precision == "bf16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
-    }
+    })
     if train.precision == "bf16":  # sum the micro-batches' gradients in fp32, as the built-in optimizer does
         # (DeepSpeed's default sums them in bf16: 0.8% off at 64 micro-batches); a file may say otherwise
         generated["data_types"] = {"grad_accum_dtype": "fp32"}

@@ -153,9 +153,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
         raw = read_json(path, "config file")
     config = _with_absolute_paths(config_from_dict(apply_overrides(raw, overrides), world_size))
     if config.deepspeed.config_file is not None:  # found wrong now, not after the model is built
-        p, train = config.parallel, config.train
-        micro_batches = None if world_size is None else train.global_batch // (
-            train.micro_batch * max(1, world_size // (p.tp * p.pp)))
+        micro_batches = (None if world_size is None
+                         else config.train.micro_batches(config.parallel.data_parallel(world_size)))
         read_deepspeed_file(config, micro_batches)
     return config
 

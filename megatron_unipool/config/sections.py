@@ -159,6 +159,10 @@ class TrainConfig:
     eval_interval: int = bounded(100, 0)  # steps; 0 evaluates only at the end
     eval_batches: int = bounded(8, 1)
 
+    def micro_batches(self, data_parallel: int) -> int:
+        """Micro-batches each data-parallel rank runs per optimizer step."""
+        return self.global_batch // (self.micro_batch * data_parallel)
+
 
 @dataclass
 class ParallelConfig:
@@ -168,6 +172,9 @@ class ParallelConfig:
     pp: int = bounded(1, 1)
     ep: int = bounded(1, 1)  # expert-parallel ranks sharing one copy of each pool; divides dp
     timeout_s: float = bounded(600.0, 1.0)  # a collective waiting longer ends the job (a rank died)
+
+    def data_parallel(self, world_size: int) -> int:
+        return max(1, world_size // (self.tp * self.pp))
 
 
 @dataclass
@@ -234,7 +241,7 @@ class Config:
         if world_size is not None:
             need(world_size % (p.tp * p.pp) == 0,
                  f"world size {world_size} must be divisible by parallel.tp={p.tp} x parallel.pp={p.pp}")
-            dp = max(1, world_size // (p.tp * p.pp))
+            dp = p.data_parallel(world_size)
             need(dp % p.ep == 0, f"parallel.ep={p.ep} must divide the data-parallel size {dp} (world {world_size}"
                  f" / tp {p.tp} / pp {p.pp})")
             need(t.global_batch % (t.micro_batch * dp) == 0,
@@ -268,7 +275,7 @@ class Config:
              "moe.pool_aux_lag='micro_batch' needs parallel.pp=1: pipeline stages do not finish a micro-batch"
              " together; use 'step'")
         if world_size is not None and moe.pool_aux_lag == "micro_batch":
-            dp = max(1, world_size // (p.tp * p.pp))
+            dp = p.data_parallel(world_size)
             need(dp == 1, f"moe.pool_aux_lag='micro_batch' needs one data-parallel rank, not {dp}: the previous"
                           " micro-batch is another on every rank, so the run would depend on the layout; use 'step'")
         if d.corpus is None:

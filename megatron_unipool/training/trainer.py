@@ -101,7 +101,7 @@ class Trainer:
         self.model = model.to(self.device)
         train = config.train
         self.backend = build_backend(self.model, config, self.specs, self.parallel,
-                                     micro_batches=train.global_batch // (train.micro_batch * self.layout.dp))
+                                     micro_batches=train.micro_batches(self.layout.dp))
         if payload is not None:
             self.backend.load_state(payload["model"], payload["optimizer"])
             self.state = TrainState(**payload["train_state"])
