@@ -353,7 +353,9 @@ def uninterrupted(data_cache, tmp_path_factory):
 def signalled(command: list[str], at_line: str, sig: signal.Signals) -> tuple[int, str]:
     """Run the launcher, send `sig` when it prints a line starting with `at_line`: (exit status, stderr)."""
     process = subprocess.Popen([sys.executable] + command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               # a pytest started in the background (nohup, &) passes SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in process.stdout:
             if line.startswith(at_line):

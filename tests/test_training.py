@@ -51,12 +51,14 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_config, tmp_path):
 @pytest.mark.parametrize("kind", ["unipool", "vanilla"])
 def test_gradient_accumulation_does_not_change_the_math(kind, tiny_config, tmp_path):
     """One micro-batch of 8 or two of 4: same global batch, same losses (the step-lagged pool
-    statistics and the global-token loss normalisation make the split irrelevant)."""
+    statistics and the global-token loss normalisation make the split irrelevant). The per-layer
+    Switch loss counts its load per micro-batch, as Megatron's does, so it is off for vanilla."""
+    aux = "moe.aux_loss_coeff=0" if kind == "vanilla" else "moe.aux_loss_coeff=0.01"
     runs = [Trainer(tiny_config(f"configs/tiny_{kind}_cpu.json", "train.max_steps=4", "train.eval_interval=0",
-                                f"train.micro_batch={micro}"), tmp_path / str(micro)).train()
+                                f"train.micro_batch={micro}", aux), tmp_path / str(micro)).train()
             for micro in (8, 4, 2)]
     for other in runs[1:]:
-        np.testing.assert_allclose(other["train_losses"], runs[0]["train_losses"], rtol=1e-5)
+        np.testing.assert_allclose(other["train_losses"], runs[0]["train_losses"], rtol=1e-6)
 
 
 def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
