@@ -1,5 +1,6 @@
 """Training runs on the default corpus: learning, exact resume, layout-invariant accumulation,
 what a run writes, and the errors a user sees for data that does not fit the model."""
+import copy
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron_unipool.data import IndexedDataset, prepare_default_corpus
 from megatron_unipool.training import DataError, Trainer, latest_checkpoint
@@ -59,6 +61,37 @@ def test_gradient_accumulation_does_not_change_the_math(kind, tiny_config, tmp_p
             for micro in (8, 4, 2)]
     for other in runs[1:]:
         np.testing.assert_allclose(other["train_losses"], runs[0]["train_losses"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dense", "unipool"])
+def test_first_step_loss_and_update_follow_their_formulas(kind, tiny_config, tmp_path):
+    """The logged LM loss is the mean token cross-entropy of the whole global batch (two micro-batches
+    here), and the scheduled rate reaches the optimizer: Adam's first update is lr * g / (|g| + eps)."""
+    trainer = Trainer(tiny_config(f"configs/tiny_{kind}_cpu.json", "train.lr=0.001", "train.warmup_steps=4",
+                                  "train.weight_decay=0"), tmp_path)
+    tokens = trainer.data.train.batch(0, trainer.config.train.global_batch)
+    with torch.no_grad():
+        logits, _ = copy.deepcopy(trainer.model)(tokens[:, :-1])
+    expected_loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    metrics, _ = trainer.train_step()
+    assert metrics["lm_loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["lr"] == pytest.approx(0.001 / 4)
+    for start, param in zip(before, trainer.model.parameters()):  # .grad: the clipped gradient Adam saw
+        expected_update = metrics["lr"] * param.grad / (param.grad.abs() + trainer.config.train.adam_eps)
+        torch.testing.assert_close(start - param.detach(), expected_update, rtol=1e-3, atol=1e-8)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_on_a_cosine():
+    from megatron_unipool.config import TrainConfig
+    from megatron_unipool.training.optimizer import learning_rate
+
+    train = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, max_steps=12)
+    assert [learning_rate(step, train) for step in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert learning_rate(4, train) == pytest.approx(1e-3)  # the cosine starts at its top
+    assert learning_rate(8, train) == pytest.approx(5.5e-4)  # halfway: the mean of lr and min_lr
+    assert learning_rate(6, train) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate(12, train) == pytest.approx(1e-4) and learning_rate(20, train) == pytest.approx(1e-4)
 
 
 def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
