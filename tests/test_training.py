@@ -63,6 +63,23 @@ def test_gradient_accumulation_does_not_change_the_math(kind, tiny_config, tmp_p
         np.testing.assert_allclose(other["train_losses"], runs[0]["train_losses"], rtol=1e-6)
 
 
+def test_micro_batch_lag_publishes_f_bar_between_micro_batches(tiny_config, tmp_path):
+    """moe.pool_aux_lag=micro_batch: the trainer closes each micro-batch, so the second one's pool
+    loss uses the first one's f_bar (the first step's first micro-batch has none: loss 0)."""
+    trainer = Trainer(tiny_config("configs/tiny_unipool_cpu.json", "moe.pool_aux_lag=micro_batch"), tmp_path)
+    train = trainer.config.train
+    reference = copy.deepcopy(trainer.model)
+    aux = []
+    for first in range(0, train.global_batch, train.micro_batch):
+        with torch.no_grad():
+            _, losses = reference(trainer.data.train.batch(first, train.micro_batch)[:, :-1])
+        aux.append(losses["aux_loss"].item())
+        reference.end_micro_batch()
+    assert aux[0] == 0.0 and aux[1] > 0.0
+    metrics, _ = trainer.train_step()
+    assert metrics["aux_loss"] == pytest.approx(sum(aux) / len(aux), rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["dense", "unipool"])
 def test_first_step_loss_and_update_follow_their_formulas(kind, tiny_config, tmp_path):
     """The logged LM loss is the mean token cross-entropy of the whole global batch (two micro-batches
