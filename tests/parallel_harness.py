@@ -8,10 +8,12 @@ DeepSpeed, whose ZeRO keeps them partitioned). Rank 0 saves {"losses", "val_loss
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -83,18 +85,15 @@ def run_job(config, run_dir: Path, parallel=None, nan_at_step: int | None = None
             "pool_replica_gap": replica_gap, "skipped_steps": trainer.state.skipped_steps}
 
 
-def _worker(rank: int, world_size: int, init_file: str, jobs: list, data_cache: str, out_dir: str):
+@contextlib.contextmanager
+def process_group(rank: int, world_size: int, init_file: str):
+    """This process as rank `rank` of a gloo group, torn down cleanly on exit."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # as a launcher would
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=300))
     try:
-        for name, kind, overrides, *options in jobs:
-            config = job_config(kind, overrides, data_cache, world_size)
-            result = run_job(config, Path(out_dir) / name, init_parallel(config), **(options[0] if options else {}))
-            if rank == 0:
-                torch.save(result, Path(out_dir) / f"{name}.pt")
-            dist.barrier()
+        yield
     finally:
         # free what still holds gloo work or groups (reference cycles) while the interpreter is whole: gloo
         # objects destroyed during interpreter shutdown abort the process ("terminate called without an
@@ -103,10 +102,36 @@ def _worker(rank: int, world_size: int, init_file: str, jobs: list, data_cache: 
         dist.destroy_process_group()
 
 
-def run_parallel(world_size: int, jobs: list, data_cache: str, out_dir: Path) -> dict[str, dict]:
-    """Run every job on `world_size` processes, one after another; {name: rank 0's result}."""
+def _job_worker(rank: int, world_size: int, init_file: str, jobs: list, data_cache: str, out_dir: str):
+    with process_group(rank, world_size, init_file):
+        for name, kind, overrides, *options in jobs:
+            config = job_config(kind, overrides, data_cache, world_size)
+            result = run_job(config, Path(out_dir) / name, init_parallel(config), **(options[0] if options else {}))
+            if rank == 0:
+                torch.save(result, Path(out_dir) / f"{name}.pt")
+            dist.barrier()
+
+
+def _function_worker(rank: int, world_size: int, init_file: str, function: Callable, out_dir: str):
+    with process_group(rank, world_size, init_file):
+        torch.save(function(rank, world_size), Path(out_dir) / f"rank{rank}.pt")
+
+
+def _spawn(worker: Callable, world_size: int, out_dir: Path, *args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     init_file = out_dir / f"init_{os.getpid()}_{len(list(out_dir.iterdir()))}"
-    mp.start_processes(_worker, args=(world_size, str(init_file), jobs, data_cache, str(out_dir)),
-                       nprocs=world_size, join=True, start_method="spawn")
+    mp.start_processes(worker, args=(world_size, str(init_file), *args, str(out_dir)), nprocs=world_size, join=True,
+                       start_method="spawn")
+
+
+def run_parallel(world_size: int, jobs: list, data_cache: str, out_dir: Path) -> dict[str, dict]:
+    """Run every job on `world_size` processes, one after another; {name: rank 0's result}."""
+    _spawn(_job_worker, world_size, out_dir, jobs, data_cache)
     return {job[0]: torch.load(out_dir / f"{job[0]}.pt", weights_only=False) for job in jobs}
+
+
+def run_on_ranks(world_size: int, function: Callable, out_dir: Path) -> list:
+    """`function(rank, world_size)` on `world_size` gloo processes (a module-level function, for
+    spawn); what each rank returned, in rank order."""
+    _spawn(_function_worker, world_size, out_dir, function)
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_unipool.config import ConfigError, load_config
 from megatron_unipool.model import LanguageModel
 from megatron_unipool.model.sharding import ShardSpec
 from megatron_unipool.parallel import Layout, group_ranks
-from parallel_harness import job_config, run_job, run_parallel
+from parallel_harness import job_config, run_job, run_on_ranks, run_parallel
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -237,6 +239,33 @@ def test_vocab_parallel_embedding_slices_add_up_to_the_full_lookup():
     for parts in (2, 3):
         total = sum(VocabParallelEmbedding(full, None, rank, parts)(tokens) for rank in range(parts))
         torch.testing.assert_close(total, full(tokens), rtol=0, atol=0)
+
+
+VOCAB_PARALLEL_LOGITS = torch.randn(24, 12, generator=torch.Generator().manual_seed(0))
+VOCAB_PARALLEL_TARGETS = torch.arange(12).repeat(2)  # every id, the first and last of each range among them
+
+
+def vocab_parallel_loss_and_grad(rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from megatron_unipool.parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
+
+    width = VOCAB_PARALLEL_LOGITS.shape[1] // world_size
+    logits = VOCAB_PARALLEL_LOGITS[:, rank * width:(rank + 1) * width].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy_sum(logits, VOCAB_PARALLEL_TARGETS, dist.group.WORLD)
+    loss.backward()
+    return loss.detach(), logits.grad
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_vocab_parallel_cross_entropy_equals_the_full_one(tp, tmp_path):
+    """Each rank holds a vocabulary range; loss and the concatenated gradient slices equal plain
+    cross-entropy on the full logits, also for targets at the edges of the ranges."""
+    results = run_on_ranks(tp, vocab_parallel_loss_and_grad, tmp_path)
+    logits = VOCAB_PARALLEL_LOGITS.clone().requires_grad_()
+    loss = F.cross_entropy(logits, VOCAB_PARALLEL_TARGETS, reduction="sum")
+    loss.backward()
+    for rank_loss, _ in results:
+        torch.testing.assert_close(rank_loss, loss.detach())
+    torch.testing.assert_close(torch.cat([grad for _, grad in results], dim=1), logits.grad)
 
 
 def test_pool_stages_and_shard_specs():

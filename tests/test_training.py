@@ -256,6 +256,22 @@ def test_console_line_prints_the_current_lr_and_leaves_skipped_steps_out_of_mean
     assert "lr 3.000e-03" in line and "lm loss 3.0000" in line and "skipped steps 1" in line, line
 
 
+def test_eta_is_the_mean_time_of_this_session_steps_times_the_steps_left(tmp_path, capsys, monkeypatch):
+    """Resumed at step 10 of 20, two steps of 2 s (the first one's time counted from before it
+    started): 8 steps left at 2 s each is an ETA of 16 s; the steps before the resume are not counted."""
+    from megatron_unipool.config import LoggingConfig
+    from megatron_unipool.training import metrics
+
+    clock = iter([0.0, 102.0, 104.0])  # logger start, first step end, second step end (the print)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    logger = metrics.MetricsLogger(tmp_path, LoggingConfig(tensorboard=False, log_interval=2), max_steps=20,
+                                   resumed_step=10)
+    for step in (11, 12):
+        logger.step(step, {"step_time_s": 2.0})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("step 12/20") and line.endswith("ETA 0:00:16"), line
+
+
 def test_a_run_shorter_than_its_warmup_says_where_its_learning_rate_ends(tiny_config, tmp_path, capsys):
     config = tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=2", "train.warmup_steps=4",
                          "train.eval_batches=1", "model.seq_len=16")
