@@ -57,6 +57,16 @@ CONFIGS = sorted((REPO / "configs").glob("*.json"))
         ("parallel.ep=3", "32 experts per pool must be divisible by parallel.ep=3"),
         ("data.corpus=null", "data.train_prefix and data.valid_prefix are required"),
         ("data.corpus=wikipedia", "data.corpus"),
+        ("train.adam_eps=0", "train.adam_eps: 0.0 must be > 0.0"),  # 0/0 for a weight that never had a gradient
+        ("train.min_lr=0.002", None),  # equal to train.lr: a constant rate after warm-up
+        ("model.rope_base=0", "model.rope_base: 0.0 must be > 0.0"),
+        ("model.hidden_size=12", "must be even for RoPE"),  # 12 / 4 heads: head_dim 3
+        ("model.hidden_size=null", "model.hidden_size: null is not allowed"),
+        ("parallel.timeout_s=0.5", "parallel.timeout_s: 0.5 must be >= 1.0"),
+        ("deepspeed.zero_stage=3", "deepspeed.zero_stage: 3 must be <= 2"),  # DeepSpeed's MoE refuses ZeRO-3
+        ("moe.top_k=32", None),  # every expert of the pool
+        ("moe.moe_layer_interval=5", "leaves no MoE layer"),
+        ("moe.kind=vanilla", "moe.aux_loss='pool' needs moe.kind='unipool'"),
         ("logging.log_interval=0", "logging.log_interval: 0 must be >= 1"),
         ("checkpoint.keep_last=x", "checkpoint.keep_last: expected int, got str"),
         ("optimizer.lr=1", "unknown section 'optimizer'"),
@@ -77,12 +87,37 @@ def test_bad_field_is_named(override, named):
     (["moe.expert_ffn_hidden_size=64", "moe.granularity=0.5"], "moe.expert_ffn_hidden_size=64 and"
                                                                " moe.granularity=0.5 both set the expert width"),
     (["moe.kind=vanilla", "moe.aux_loss=layer", "moe.lock_start_step=5"], "moe.lock_* (UniPool-lock) needs"),
+    (["moe.kind=vanilla", "moe.aux_loss=layer", "moe.pool_size=16"], "apply to moe.kind='unipool' only"),
 ])
 def test_options_that_would_be_ignored_are_refused(overrides, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
     # a dense baseline ignores the whole moe section, as `--set moe.kind=dense` on an MoE config needs
     load_config(REPO / "configs/tiny_unipool_cpu.json", overrides + ["moe.kind=dense"])
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["data.train_prefix=a", "data.valid_prefix=b"], "are exclusive"),
+    (["deepspeed.enabled=true", "train.precision=bf16"], "deepspeed.zero_stage=0 with train.precision='bf16'"),
+    (["moe.lock_start_step=100", "moe.top_k=9"], "fewer than moe.top_k=9"),
+    (["deepspeed.config_file=ds.json"], "deepspeed.config_file is set but deepspeed.enabled is false"),
+])
+def test_contradictory_settings_are_named(overrides, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+
+
+def test_a_section_that_is_not_an_object_is_named(tmp_path):
+    from megatron_unipool.config import apply_overrides
+
+    (tmp_path / "c.json").write_text(json.dumps({"train": 5}))
+    with pytest.raises(ConfigError, match="train: expected an object, got int"):
+        load_config(tmp_path / "c.json")
+    with pytest.raises(ConfigError, match="train is not an object"):
+        apply_overrides({"train": 5}, ["train.lr=1"])
+    raw = {"train": {"lr": 1.0}}
+    apply_overrides(raw, ["train.lr=2"])
+    assert raw == {"train": {"lr": 1.0}}, "overrides changed the caller's dict"
 
 
 def test_validating_on_the_training_files_is_refused():
@@ -103,6 +138,14 @@ def test_validating_on_the_training_files_is_refused():
         (2, ["moe.pool_aux_lag=micro_batch"], "moe.pool_aux_lag='micro_batch' needs one data-parallel rank, not 2"),
         (4, ["moe.pool_aux_lag=micro_batch", "parallel.tp=2"],
          "moe.pool_aux_lag='micro_batch' needs one data-parallel rank, not 2"),
+        (6, ["parallel.pp=4"], "world size 6 must be divisible by parallel.tp=1 x parallel.pp=4"),
+        (4, ["parallel.tp=4"], "model.num_kv_heads=2 must be divisible by parallel.tp=4"),
+        (2, ["parallel.tp=2", "model.vocab_size=321"], "model.vocab_size=321 must be divisible by parallel.tp=2"),
+        (2, ["parallel.tp=2", "moe.shared_expert_ffn_hidden_size=65"],
+         "moe.shared_expert_ffn_hidden_size=65 must be divisible"),
+        (2, ["parallel.pp=2", "model.tie_embeddings=true"], "model.tie_embeddings needs parallel.pp=1"),
+        (2, ["model.num_layers=6", "parallel.pp=2", "moe.layers_per_pool=2", "deepspeed.enabled=true",
+             "deepspeed.zero_stage=1"], "needs the pools of every stage"),
         # a multiple of micro_batch (16 = 4 x 4) that 8 data-parallel ranks cannot split into whole micro-batches
         (8, [], "train.global_batch=16 must be a multiple of train.micro_batch=4 x data-parallel size 8"),
     ],
@@ -112,6 +155,22 @@ def test_sizes_inconsistent_with_the_layout_are_named(world, overrides, named):
     with pytest.raises(ConfigError) as error:
         load_config(REPO / "configs/tiny_unipool_cpu.json", overrides, world_size=world)
     assert named in str(error.value)
+
+
+def test_only_the_ffns_tensor_parallelism_splits_must_divide_by_tp():
+    """Routed experts are whole on each tensor-parallel rank: a model whose every FFN is MoE takes
+    an odd dense width; a dense layer (here the dense baseline) is split and refuses it."""
+    overrides = ["parallel.tp=2", "model.ffn_hidden_size=257"]
+    load_config(REPO / "configs/tiny_unipool_cpu.json", overrides, world_size=2)
+    with pytest.raises(ConfigError, match="model.ffn_hidden_size=257 must be divisible by parallel.tp=2"):
+        load_config(REPO / "configs/tiny_unipool_cpu.json", overrides + ["moe.kind=dense"], world_size=2)
+
+
+def test_data_parallel_size_is_the_world_over_tp_times_pp():
+    from megatron_unipool.config import ParallelConfig
+
+    assert ParallelConfig(tp=2, pp=2, ep=2).data_parallel(16) == 4
+    assert ParallelConfig(tp=2, pp=1).data_parallel(8) == 4 and ParallelConfig(tp=1, pp=4).data_parallel(8) == 2
 
 
 @pytest.mark.parametrize("granularity, width", [(0.5, 64), (0.7, 90), (0.3, 38), (0.001, 1)])
@@ -312,3 +371,44 @@ def test_deepspeed_config_file_is_checked_at_load_time(tmp_path):
     broken.write_text("{")  # changed after loading: the engine's read names it too
     with pytest.raises(ConfigError, match=r"deepspeed.config_file .*ds\.json is not valid JSON"):
         deepspeed_config(config, micro_batches=1)
+
+
+def test_generated_deepspeed_config_follows_precision_and_clips_once():
+    """fp32 runs get bf16 off; at ZeRO-0 our backend clips (DeepSpeed's clipping is off, or the
+    gradients would be clipped twice); at ZeRO 1-2 DeepSpeed clips at train.grad_clip."""
+    from megatron_unipool.config.ds_config import deepspeed_config
+
+    fp32 = load_config(REPO / "configs/tiny_unipool_cpu.json", ["deepspeed.enabled=true", "deepspeed.zero_stage=0"])
+    generated = deepspeed_config(fp32, micro_batches=1)
+    assert generated["gradient_clipping"] == 0.0 and generated["bf16"] == {"enabled": False}
+    zero1 = load_config(REPO / "configs/tiny_unipool_cpu.json", ["deepspeed.enabled=true", "deepspeed.zero_stage=1"])
+    assert deepspeed_config(zero1, micro_batches=1)["gradient_clipping"] == zero1.train.grad_clip == 1.0
+
+
+@pytest.mark.parametrize("content, precision, named", [
+    ({"bf16": {"enabled": True}}, "fp32", "bf16.enabled"),
+    ({"bf16": {"enabled": 1}}, "bf16", "bf16.enabled"),  # 1 is not true to DeepSpeed's schema
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9]}}}, "fp32", "optimizer.params.betas"),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": 0.95}}}, "fp32", "optimizer.params.eps"),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-8}}}, "fp32", None),  # train.adam_eps: agrees
+])
+def test_deepspeed_config_file_values_are_compared_with_the_run(tmp_path, content, precision, named):
+    (tmp_path / "ds.json").write_text(json.dumps(content))
+    overrides = ["deepspeed.enabled=true", "deepspeed.zero_stage=1", f"deepspeed.config_file={tmp_path / 'ds.json'}",
+                 f"train.precision={precision}"]
+    if named is None:
+        load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+        return
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+
+
+def test_home_is_expanded_in_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds.json").write_text("{}")
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json",
+                         ["data.cache_dir=~/cache", "deepspeed.enabled=true", "deepspeed.zero_stage=1",
+                          "deepspeed.config_file=ds.json"])
+    assert config.data.cache_dir == str(tmp_path / "home" / "cache")
+    assert config.deepspeed.config_file == str(tmp_path / "ds.json")  # relative: to where the command runs
