@@ -39,15 +39,36 @@ def test_assignment_is_optimal_and_balanced(layers, experts):
     assert sum(mass[o, e] for e, o in enumerate(owner)) == pytest.approx(brute_force_best(mass), rel=1e-9)
 
 
+@pytest.mark.parametrize("mass", [np.zeros((4, 10)), np.eye(4, 10) * 5], ids=["no mass", "dead experts"])
+def test_experts_without_routing_mass_are_still_shared_out_evenly(mass):
+    """Dead experts (no tokens in the window) are common: each must still get exactly one owner,
+    keeping every layer at floor(M/L) or ceil(M/L) experts."""
+    sizes = np.bincount(solve_assignment(mass), minlength=4)
+    assert set(sizes.tolist()) <= {2, 3} and sizes.sum() == 10
+
+
+def test_every_expert_is_usable_until_the_assignment():
+    """Before the lock a layer may use the whole pool (bias balancing averages over the usable
+    experts: none usable would make its bias NaN); afterwards only its own."""
+    config = MoEConfig(kind="unipool", lock_start_step=2, lock_window_steps=1, lock_anneal_steps=1, lock_penalty=1.0)
+    lock = PoolLock(config, 2, 4)
+    assert lock.usable(0).all() and lock.usable(1).all()
+    lock.end_step(1, torch.tensor([[3, 0, 3, 0], [0, 2, 0, 2]]))
+    lock.end_step(2, torch.tensor([[3, 0, 3, 0], [0, 2, 0, 2]]))
+    assert lock.usable(0).tolist() == [True, False, True, False]
+    assert lock.usable(1).tolist() == [False, True, False, True]
+
+
 def test_phases_follow_the_config():
     config = MoEConfig(kind="unipool", lock_start_step=4, lock_window_steps=2, lock_anneal_steps=3, lock_penalty=6.0)
     lock = PoolLock(config, 2, 4)
-    counts = {1: [[9, 9, 9, 9], [9, 9, 9, 9]], 3: [[5, 0, 5, 0], [0, 1, 0, 1]], 4: [[3, 0, 3, 0], [0, 2, 0, 2]]}
+    counts = {1: [[9, 9, 9, 9], [9, 9, 9, 9]], 3: [[5, 0, 5, 0], [0, 1, 0, 1]], 4: [[3, 0, 3, 0], [0, 2, 0, 2]],
+              5: [[7, 7, 7, 7], [7, 7, 7, 7]]}
     offsets = []
     for step in range(1, 9):
         lock.end_step(step, torch.tensor(counts.get(step, [[0, 0, 0, 0], [0, 0, 0, 0]])))
         offsets.append(lock.logit_offset(1).clone())  # a view of the lock state, which later steps change
-    # mass summed over steps 3 and 4 only (window of 2 before the lock at step 4)
+    # mass summed over steps 3 and 4 only (window of 2 before the lock at step 4; not 1, not 5)
     assert lock.mass.tolist() == [[8, 0, 8, 0], [0, 3, 0, 3]]
     assert lock.owner.tolist() == [0, 1, 0, 1]
     assert all(offset.tolist() == [0.0, 0.0, 0.0, 0.0] for offset in offsets[:3])  # nothing before the lock
