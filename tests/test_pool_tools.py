@@ -422,7 +422,59 @@ def test_random_routing_draws_uniformly_from_the_candidates(trained):
     assert (routing.indices_TK[:, 0] != routing.indices_TK[:, 1]).all()  # k distinct experts per token
     counts = torch.bincount(routing.indices_TK.flatten(), minlength=32)[candidates].double()
     assert (counts / counts.sum() - 0.25).abs().max() < 0.02  # 8000 draws: uniform within 2 points
-    torch.testing.assert_close(routing.gates_TK.sum(-1), learned.gates_TK.sum(-1))
+    # each of the k gates is 1/k of the learned gates' sum, not the learned split
+    torch.testing.assert_close(routing.gates_TK, learned.gates_TK.sum(-1, keepdim=True).expand(-1, 2) / 2)
+
+
+def test_probe_averages_its_seeds_and_leaves_the_model_as_it_was(trained):
+    """Each row's loss is the mean over the seeds' draws; afterwards the learned routers are back
+    and evaluation has recorded no routing statistics (it runs in eval mode)."""
+    from megatron_unipool.moe.router import Router
+    from megatron_unipool.training.probe import evaluate_loss, probe, random_routing
+
+    config, payload, _ = trained["softmax_top2"]
+    model = LanguageModel(config.model, config.moe)
+    model.load_state_dict(payload["model"])  # in train mode, as built
+    batches = [tokens(config)]
+    baseline, rows = probe(model, batches, [1], top_n=None, seeds=3)
+    assert isinstance(model.layers[1].ffn.router, Router) and not model.training
+    assert evaluate_loss(model, batches) == baseline
+    assert not model.pool_stats[0].step_counts.any()
+    draws = []
+    for seed in range(3):
+        with random_routing(model.layers[1].ffn, torch.arange(model.layers[1].ffn.pool.num_experts), seed):
+            draws.append(evaluate_loss(model, batches))
+    assert len(set(draws)) == 3 and rows[0].loss == pytest.approx(sum(draws) / 3, rel=1e-12)
+
+
+def test_most_used_experts_ignores_empty_slots_and_breaks_ties_by_index():
+    from megatron_unipool.training.probe import most_used_experts
+
+    picks = torch.tensor([[0, -1], [3, 3], [-1, -1], [2, 3], [2, -1]])  # uses: 0 once, 2 twice, 3 three times
+    assert most_used_experts(picks, 5, 2).tolist() == [3, 2]
+    assert most_used_experts(picks, 5, 5).tolist() == [3, 2, 0, 1, 4]
+
+
+def test_recorded_routing_marks_the_slots_norm_router_leaves_empty(data_cache):
+    """A NormRouter top-2 layer whose router sees one expert against all others: tokens on one side
+    have a single positive score, so their second slot picks no expert and is recorded as -1."""
+    from megatron_unipool.training.probe import record_routing
+
+    config = small_config(data_cache, "unipool", "moe.router=norm", "moe.top_k=2")
+    torch.manual_seed(0)
+    model = LanguageModel(config.model, config.moe).eval()
+    router = model.layers[0].ffn.router
+    direction = torch.randn(config.model.hidden_size)
+    with torch.no_grad():
+        router.weight.copy_(-direction.expand_as(router.weight))
+        router.weight[0] = direction
+    expected = []
+    router.register_forward_hook(lambda module, inputs, routing: expected.append(
+        torch.where(routing.active_TK, routing.indices_TK, -1)))
+    _, recorded = record_routing(model, [tokens(config)])
+    expected = torch.cat(expected)
+    assert (expected == -1).any() and (expected != -1).any()
+    assert torch.equal(recorded[0], expected)
 
 
 def test_probe_tool_reports_each_layer(trained, tmp_path):

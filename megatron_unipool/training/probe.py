@@ -120,6 +120,12 @@ def unique_experts_by_depth(routing: dict[int, torch.Tensor], pool_of_layer: dic
     return curve
 
 
+def most_used_experts(picks_TK: torch.Tensor, num_experts: int, n: int) -> torch.Tensor:
+    """The n experts a layer picked most often, ties to the lower index; empty slots (-1) count for none."""
+    usage = torch.bincount(picks_TK[picks_TK >= 0], minlength=num_experts)
+    return torch.argsort(usage, descending=True, stable=True)[:n]
+
+
 @dataclass
 class ProbeRow:
     layer: int
@@ -143,9 +149,7 @@ def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], 
             raise ValueError(f"layer {index} is not an MoE layer")
         candidate_sets = {"pool": torch.arange(layer.pool.num_experts)}
         if top_n and top_n < layer.pool.num_experts:
-            picks = routing[index]
-            usage = torch.bincount(picks[picks >= 0], minlength=layer.pool.num_experts)
-            candidate_sets[f"top{top_n}"] = torch.argsort(usage, descending=True, stable=True)[:top_n]
+            candidate_sets[f"top{top_n}"] = most_used_experts(routing[index], layer.pool.num_experts, top_n)
         for name, candidates in candidate_sets.items():
             losses = []
             for seed in range(seeds):
