@@ -100,6 +100,9 @@ def test_save_keeps_the_last_n_and_points_latest_at_the_newest(tmp_path):
         save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000003", "step_0000004"]
     assert torch.load(latest_checkpoint(tmp_path) / "state.pt")["w"].tolist() == [4.0, 4.0]
+    # step 4 again (a branch that went back past it): the new state replaces the abandoned one
+    save_checkpoint(tmp_path, 4, {"w": torch.full((2,), 9.0)}, keep_last=2)
+    assert torch.load(latest_checkpoint(tmp_path) / "state.pt")["w"].tolist() == [9.0, 9.0]
 
 
 def test_pruning_orders_steps_by_number_and_never_deletes_the_new_checkpoint(tmp_path):
@@ -166,6 +169,40 @@ def test_missing_partial_and_dangling_checkpoints_are_named(saved_run, tiny_conf
     (dangling / "checkpoints" / "latest").write_text("step_0000009")
     with pytest.raises(CheckpointError, match="latest names step_0000009, which has no state.pt"):
         Trainer(tiny_config(UNIPOOL), dangling)
+    assert unchanged(run, files)
+
+
+def test_saved_rng_state_restores_torch_numpy_and_python_generators(tmp_path):
+    """Through a real save and load (weights_only types): the same draws from every generator."""
+    import random
+
+    from megatron_unipool.training.checkpoint import rng_state
+
+    save_checkpoint(tmp_path, 1, {"rng": rng_state()}, keep_last=1)
+    draws = (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random())
+    set_rng_state(torch.load(latest_checkpoint(tmp_path) / "state.pt", weights_only=True)["rng"])
+    assert (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()) == draws
+
+
+def test_a_checkpoint_that_does_not_fit_names_every_misfit(saved_run):
+    """Missing, unexpected and reshaped tensors are each named, by the trainer's restore and by the
+    check the tools run before writing a run directory (not a RuntimeError at the next launch)."""
+    from megatron_unipool.training.checkpoint import check_fits, restore_model
+
+    run, files = saved_run
+    state_file = run / "checkpoints" / "step_0000002" / "state.pt"
+    path, payload, config, model = load_trained_model(state_file)  # the state.pt itself is accepted too
+    assert path == state_file
+    state = dict(payload["model"])
+    del state["final_norm.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    state["output.weight"] = torch.zeros(3, 3)
+    shape = tuple(model.output.weight.shape)
+    for check in (lambda: restore_model(model, state, path), lambda: check_fits(config, state, "the weights")):
+        with pytest.raises(CheckpointError) as error:
+            check()
+        assert "missing final_norm.weight" in str(error.value) and "unexpected extra.weight" in str(error.value)
+        assert f"output.weight: checkpoint (3, 3) vs model {shape}" in str(error.value)
     assert unchanged(run, files)
 
 
