@@ -106,6 +106,11 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_config, tmp_path
                                atol=1e-4, rtol=1e-4)
     if case == "unipool_hard_lock":  # each layer keeps only its own quarter of the 16-expert pool
         assert hf_config["num_local_experts"] == 4
+    assert hf_config["max_position_embeddings"] == config.model.seq_len
+    # fresh tensors: safetensors refuses tensors sharing memory, and the export must not alias the model
+    pointers = [t.untyped_storage().data_ptr() for t in tensors.values() if t.numel()]
+    own = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert len(set(pointers)) == len(pointers) and not own & set(pointers)
 
 
 def test_gate_normalisation_changes_the_logits(tiny_config, tmp_path):
@@ -128,6 +133,9 @@ REFUSALS = {
                        "layer 1: moe.bias_balancing's expert_bias differs between experts"),
     "annealing_lock": ("unipool", SOFTMAX + ["moe.lock_start_step=1", "moe.lock_window_steps=1"],
                        lambda m: m.pool_locks[0].offset[:, :3].fill_(-2.5), "UniPool-lock is annealing"),
+    # 6 experts over 4 layers: two layers own 2, two own 1; Hugging Face has one expert count for all
+    "uneven_hard_lock": ("unipool", SOFTMAX + ["moe.top_k=1", "moe.pool_size=6", "moe.lock_start_step=1",
+                                               "moe.lock_window_steps=1"], hard_lock_, r"route to \[1, 2\] experts"),
 }
 
 
@@ -177,12 +185,33 @@ def test_tied_llama_imports_with_the_same_logits(tmp_path):
     ({"attention_bias": True}, "attention_bias=true"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope type 'llama3'"),
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "only LlamaForCausalLM"),
+    ({"architectures": ["LlamaForSequenceClassification"]}, "only LlamaForCausalLM"),  # model_type llama too
+    ({"mlp_bias": True}, "mlp_bias=true"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"head_dim": 32}, r"head_dim=32 x num_attention_heads=4 != hidden_size=64"),
+    ({"hidden_size": 0}, "hidden_size=0 is not a positive integer"),
     ({}, "missing model.embed_tokens.weight"),  # representable config, no tensors
 ])
 def test_unrepresentable_llama_is_refused(change, message):
     config = {**llama_config().to_dict(), **change}
     with pytest.raises(ValueError, match=message):
         from_hf_llama(config, {})
+
+
+def test_llama_import_names_unexpected_tensors_and_uses_llama_defaults():
+    """An extra tensor (a q_proj bias) is named, not dropped; a config.json without rms_norm_eps or
+    tie_word_embeddings means LlamaConfig's defaults (1e-6, untied)."""
+    config = llama_config().to_dict()
+    tensors = dict(tiny_llama().state_dict())
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    with pytest.raises(ValueError, match=r"unexpected model\.layers\.0\.self_attn\.q_proj\.bias"):
+        from_hf_llama(config, tensors)
+    from megatron_unipool.model.hf_format import llama_model_config
+
+    for key in ("rms_norm_eps", "tie_word_embeddings"):
+        del config[key]
+    model = llama_model_config(config)
+    assert model.norm_eps == 1e-6 and model.tie_embeddings is False
 
 
 def run_tool(*args: str, script: Path = TOOL) -> subprocess.CompletedProcess:
