@@ -116,6 +116,59 @@ def test_layouts_match_single_process(world, fast, reference, data_cache, tmp_pa
         assert_same_run(results[name], reference(kind), name)
 
 
+def test_pool_replicas_over_data_parallel_ranks_count_once(reference, data_cache, tmp_path):
+    """dp 4 with ep 2: every pool shard has two data-parallel replicas, which the gradient norm
+    (clipping) and the gathered gradients must count once. NormRouter top-1, whose pool carries
+    enough of the norm that a replica counted twice shows beyond summation noise."""
+    extra = ["moe.router=norm", "moe.top_k=1"]
+    name = "unipool_dp4ep2_norm"
+    jobs = [(name, "unipool", [f"train.max_steps={STEPS}"] + VARIANTS["unipool"] + extra + ["parallel.ep=2"])]
+    assert_same_run(run_parallel(4, jobs, data_cache, tmp_path)[name], reference("unipool", extra), name)
+
+
+def decide_failing_on_rank0(rank: int, world_size: int) -> str:
+    from megatron_unipool.parallel import build_parallel_state
+    from megatron_unipool.parallel.agreement import decided_by_rank0
+
+    def decide():
+        raise ValueError(f"decided on rank {rank}")
+
+    try:
+        decided_by_rank0(decide, build_parallel_state(1, 1, 1))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def fail_differently_on_each_rank(rank: int, world_size: int) -> tuple[str, str]:
+    from megatron_unipool.parallel import build_parallel_state
+    from megatron_unipool.parallel.agreement import on_every_rank
+
+    def action():
+        raise (KeyError if rank == 0 else LookupError)(f"rank {rank} failed")
+
+    try:
+        on_every_rank(action, build_parallel_state(1, 1, 1), (KeyError, LookupError))
+    except LookupError as e:  # KeyError is a LookupError
+        return type(e).__name__, str(e)
+    return "none", ""
+
+
+def test_agreement_spreads_rank0s_decision_error_and_names_every_failing_rank(tmp_path):
+    """A decision rank 0 could not make raises its error on every rank (no rank starts without it);
+    failures on several ranks raise the lowest rank's error type on all, listing the ranks."""
+    assert run_on_ranks(2, decide_failing_on_rank0, tmp_path / "decide") == ["decided on rank 0"] * 2
+    for kind, message in run_on_ranks(2, fail_differently_on_each_rank, tmp_path / "fail"):
+        assert kind == "KeyError" and "on ranks 0, 1 of 2" in message and "rank 0 failed" in message
+
+
+def test_layout_errors_name_an_ep_that_does_not_divide_dp():
+    from megatron_unipool.parallel.state import layout_errors
+
+    assert layout_errors(1, 1, 3, 4) == ["ep 3 does not divide the data-parallel size 4 (world 4 / tp 1 / pp 1)"]
+    assert layout_errors(1, 2, 2, 4) == [] and layout_errors(2, 1, 1, 3) == ["world size 3 is not divisible by tp 2 x pp 1"]
+
+
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(reference, data_cache, tmp_path, single_thread):
     """Step 2's loss is NaN on the last rank only: the built-in optimizer and ZeRO 1/2 (ep 2), and the
     pipeline (tp 2 pp 2), all skip the update on every rank, the pool replicas stay equal, and the
@@ -241,7 +294,8 @@ def test_vocab_parallel_embedding_slices_add_up_to_the_full_lookup():
         torch.testing.assert_close(total, full(tokens), rtol=0, atol=0)
 
 
-VOCAB_PARALLEL_LOGITS = torch.randn(24, 12, generator=torch.Generator().manual_seed(0))
+# around 60: without the shared maximum shift, exp overflows (or, shifted by a sum of maxima, underflows)
+VOCAB_PARALLEL_LOGITS = 3 * torch.randn(24, 12, generator=torch.Generator().manual_seed(0)) + 60
 VOCAB_PARALLEL_TARGETS = torch.arange(12).repeat(2)  # every id, the first and last of each range among them
 
 
