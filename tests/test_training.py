@@ -99,6 +99,19 @@ def test_first_step_loss_and_update_follow_their_formulas(kind, tiny_config, tmp
         torch.testing.assert_close(start - param.detach(), expected_update, rtol=1e-3, atol=1e-8)
 
 
+def test_gradient_clipping_scales_to_the_limit_and_zero_turns_it_off():
+    from megatron_unipool.parallel import ParallelState
+    from megatron_unipool.training.distributed import clip_gradients
+
+    model = torch.nn.Linear(4, 3)
+    model.weight.grad, model.bias.grad = torch.full((3, 4), 2.0), torch.ones(3)
+    assert clip_gradients(model, {}, ParallelState(), 0.0) == pytest.approx(math.sqrt(12 * 4 + 3))
+    assert model.weight.grad.eq(2.0).all() and model.bias.grad.eq(1.0).all()  # train.grad_clip=0: unchanged
+    clip_gradients(model, {}, ParallelState(), 1.0)
+    clipped = torch.cat([model.weight.grad.flatten(), model.bias.grad])
+    assert clipped.norm().item() == pytest.approx(1.0, rel=1e-5)
+
+
 def test_learning_rate_warms_up_linearly_then_decays_on_a_cosine():
     from megatron_unipool.config import TrainConfig
     from megatron_unipool.training.optimizer import learning_rate
@@ -254,6 +267,11 @@ def test_console_line_prints_the_current_lr_and_leaves_skipped_steps_out_of_mean
         logger.step(step, {"lr": lr, "lm_loss": loss, "skipped_steps": skipped})
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "lr 3.000e-03" in line and "lm loss 3.0000" in line and "skipped steps 1" in line, line
+    logger = MetricsLogger(tmp_path, tiny_config().logging, max_steps=2)
+    for step, loss in enumerate([2.0, float("inf")], start=1):  # an inf loss is left out too; no skip yet: no counter
+        logger.step(step, {"lm_loss": loss, "skipped_steps": 0})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "lm loss 2.0000" in line and "skipped steps" not in line, line
 
 
 def test_eta_is_the_mean_time_of_this_session_steps_times_the_steps_left(tmp_path, capsys, monkeypatch):
