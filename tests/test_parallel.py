@@ -366,12 +366,15 @@ def test_world_size_must_fit_the_layout():
         load_config("configs/tiny_unipool_cpu.json", [], world_size=8)
 
 
-def test_sharded_model_keeps_full_model_names(data_cache):
-    """Every local tensor of every rank has its full-model name; the slices tile the full tensors."""
+@pytest.mark.parametrize("kind", ["unipool", "vanilla"])
+def test_sharded_model_keeps_full_model_names(kind, data_cache):
+    """Every local tensor of every rank has its full-model name; the slices tile the full tensors;
+    a stage holds only the pools its layers route into (vanilla: one pool per layer)."""
     from megatron_unipool.model.sharding import shard_model
     from megatron_unipool.parallel import ParallelState
 
-    config = job_config("unipool", VARIANTS["unipool"], data_cache, None)
+    config = job_config(kind, VARIANTS[kind], data_cache, None)
+    pool_stages = config.moe.pool_stages(config.model.num_layers, 2)
     torch.manual_seed(0)
     full = LanguageModel(config.model, config.moe).state_dict()
     slices: dict[str, list] = {}
@@ -382,6 +385,8 @@ def test_sharded_model_keeps_full_model_names(data_cache):
         specs = shard_model(model, ParallelState(layout))
         for name, tensor in model.state_dict().items():
             assert name in full, name
+            if name.startswith("expert_pools."):
+                assert layout.pp_rank in pool_stages[int(name.split(".")[1])], f"stage {layout.pp_rank} holds {name}"
             spec = specs.get(name, ShardSpec())
             torch.testing.assert_close(tensor, spec.take(full[name]))
             if spec.holds_canonical_copy(layout):
@@ -390,6 +395,18 @@ def test_sharded_model_keeps_full_model_names(data_cache):
     for name, held in slices.items():  # each slice of a sharded tensor exactly once
         if held[0].dim is not None:
             assert sorted(s.index for s in held) == list(range(held[0].parts)), name
+
+
+def test_tied_output_stays_the_embedding_on_each_tensor_parallel_rank(data_cache):
+    from megatron_unipool.model.sharding import shard_model
+    from megatron_unipool.parallel import ParallelState
+
+    config = job_config("dense", ["model.tie_embeddings=true"], data_cache, None)
+    for rank in range(2):  # tp2, without communication: only the cut is checked
+        model = LanguageModel(config.model, config.moe)
+        shard_model(model, ParallelState(Layout(tp=2, rank=rank)))
+        assert model.output.weight is model.embedding.weight
+        assert model.output.weight.shape[0] == config.model.vocab_size // 2
 
 
 def _start_ranks(per_rank: list[tuple[dict, list[str], Path]]) -> list[tuple[int, str]]:
