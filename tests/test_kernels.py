@@ -139,6 +139,17 @@ def test_expert_gemm_choice_and_clear_refusal():
         grouped_swiglu(x, counts_M, w_gate, w_up, w_down, backend="grouped_mm")
 
 
+def test_padded_rows_start_each_expert_at_an_aligned_row():
+    """Counts [0, 16, 3] at alignment 8: slices padded to [0, 16, 8]; expert 1's slots at rows 0-15,
+    expert 2's at 16-18 (an empty expert takes no rows)."""
+    from megatron_unipool.kernels.grouped_gemm import _padded_rows
+
+    rows, padded = _padded_rows(torch.tensor([0, 16, 3]), 8, 19)
+    assert padded.tolist() == [0, 16, 8] and rows.tolist() == list(range(19))
+    rows, padded = _padded_rows(torch.tensor([3, 0, 9]), 8, 12)
+    assert padded.tolist() == [8, 0, 16] and rows.tolist() == [0, 1, 2] + list(range(8, 17))
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("counts", [[3, 0, 7, 1, 9], [128, 64, 0, 200]], ids=["small", "large"])
@@ -499,6 +510,27 @@ def test_sharding_a_frozen_pool_keeps_it_frozen():
     pool.requires_grad_(False)
     pool.shard_(1, 2, None)
     assert all(not w.requires_grad and w.shape[0] == 2 for w in (pool.w_gate, pool.w_up, pool.w_down))
+
+
+def test_a_pool_shard_owns_only_its_experts_memory():
+    """The shard is a copy, not a view: the full pool's storage is freed and checkpoints save the shard."""
+    from megatron_unipool.moe import ExpertPool
+
+    pool = ExpertPool(4, 8, 16, 0.02, 0.02)
+    pool.shard_(0, 2, None)
+    for w in (pool.w_gate, pool.w_up, pool.w_down):
+        assert w.untyped_storage().nbytes() == w.numel() * w.element_size()
+
+
+def test_rotary_embedding_keeps_the_input_dtype():
+    """A bf16 model run without autocast must get bf16 queries and keys, matching the fp32 rotation."""
+    from megatron_unipool.model.rope import RotaryEmbedding
+
+    rope = RotaryEmbedding(head_dim=8, max_seq_len=16, base=10000.0)
+    x = torch.randn(1, 2, 5, 8)
+    rotated = rope(x.bfloat16())
+    assert rotated.dtype == torch.bfloat16
+    torch.testing.assert_close(rotated.float(), rope(x), rtol=2e-2, atol=2e-2)
 
 
 def saved_activation_bytes(model, tokens) -> int:

@@ -177,6 +177,32 @@ def test_pool_load_fraction_hand():
                                torch.tensor([0.125, 0.13, 0.125, 0.125]))
 
 
+def test_a_step_without_routing_keeps_f_bar_and_an_empty_layer_stays_finite():
+    """Nothing routed (every token elsewhere, or no tokens): f_bar keeps the last step's value, and
+    a layer with no slots adds zeros to the mean, not 0/0."""
+    torch.testing.assert_close(pool_load_fraction(torch.tensor([[0, 0], [2, 2]]), torch.tensor([0, 4])),
+                               torch.tensor([0.25, 0.25]))
+    stats = PoolStats(2, 2, "step")
+    stats.record(0, torch.tensor([3, 1]), 0, 4)
+    stats.record(1, torch.tensor([2, 2]), 0, 4)
+    stats.end_step()
+    torch.testing.assert_close(stats.f_bar(), torch.tensor([0.625, 0.375]))
+    stats.end_step()
+    torch.testing.assert_close(stats.f_bar(), torch.tensor([0.625, 0.375]))
+
+
+def test_dropped_slots_are_summed_over_every_pool():
+    """Vanilla: one pool per MoE layer, each with its own drops at capacity factor 0.5."""
+    model = small_model(kind="vanilla", pool_size=None, aux_loss="layer", capacity_factor=0.5)
+    model(torch.randint(0, 40, (4, 8)))
+    dropped = [int(stats.step_dropped) for stats in model.pool_stats]
+    assert len(dropped) == 2 and all(dropped)
+    assert model.end_optimizer_step().dropped == sum(dropped)
+    from megatron_unipool.model import RoutingStepStats
+
+    assert RoutingStepStats().unrouted_fraction() is None  # no slots: no fraction to report, not 0
+
+
 def test_pool_aux_step_lag():
     stats = PoolStats(2, 4, "step")
     layer = hand_layer(stats=stats, layer_slot=0, layers_in_pool=2, aux_loss="pool", aux_loss_coeff=0.01)
