@@ -218,6 +218,12 @@ def test_bf16_deepspeed_sums_micro_batch_gradients_in_fp32(data_cache, tmp_path)
     zero = run_parallel(2, [("zero", "unipool", base + LAYOUTS["ep2"][1] + ZERO["zero1"])], data_cache, tmp_path)["zero"]
     torch.testing.assert_close(torch.tensor(zero["grad_norms"]), torch.tensor(native["grad_norms"]), rtol=5e-3, atol=0)
     torch.testing.assert_close(torch.tensor(zero["losses"]), torch.tensor(native["losses"]), rtol=0, atol=5e-3)
+    # the final checkpoint holds ZeRO's fp32 masters, not the bf16 copies the model computes with
+    from megatron_unipool.training import load_checkpoint
+
+    saved = load_checkpoint(tmp_path / "zero" / "checkpoints" / "step_0000002")["model"]
+    weights = [saved[name] for name in ("expert_pools.0.w_gate", "layers.0.attention.wq.weight", "output.weight")]
+    assert all(w.dtype == torch.float32 and (w != w.bfloat16().float()).any() for w in weights)
 
 
 @pytest.mark.parametrize("save_layout, load_layout", [
