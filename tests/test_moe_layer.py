@@ -172,8 +172,8 @@ def check_against_reference(layer, x):
 
     # dropped and routed counts as recorded by the layer (training mode records them)
     assert int(layer.stats.step_dropped) == ref_dropped
-    assert torch.equal(layer.stats.micro_batch_counts[0].cpu(), ref_routed)
-    assert torch.equal(layer.stats.step_counts[0].cpu(), ref_routed)
+    assert torch.equal(layer.stats.micro_batch_counts[layer.layer_slot].cpu(), ref_routed)
+    assert torch.equal(layer.stats.step_counts[layer.layer_slot].cpu(), ref_routed)
 
     # gradients through a fixed random projection of the output
     projection = torch.randn(out.shape, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
@@ -310,6 +310,20 @@ def test_layer_under_unipool_lock_matches_reference(router, phase, bias, capacit
         assert foreign.float().mean() > 0.1, "a finite penalty lowers foreign experts, it does not exclude them"
     if capacity_factor is not None:
         assert dropped > 0
+
+
+def test_capacity_of_a_hard_locked_layer_counts_its_own_experts():
+    """An uneven hard lock (3 and 5 of 8 experts): the second layer's capacity per expert is
+    ceil(factor * T * k / 3), from its own experts, not the first layer's 5."""
+    layer, x = build(seed=4, router="softmax", top_k=2, capacity_factor=1.0)
+    owner = torch.tensor([0, 1, 0, 1, 0, 1, 0, 0])
+    lock = PoolLock(layer.config, 2, M)
+    lock.owner.copy_(owner)
+    lock.offset.copy_(torch.where(owner == torch.arange(2).unsqueeze(1), 0.0, -math.inf))
+    object.__setattr__(layer, "lock", lock)
+    layer.stats = PoolStats(2, M, "step").double()
+    layer.layer_slot = 1
+    assert check_against_reference(layer, x) > 0
 
 
 def test_bias_ignored_without_bias_balancing():
