@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_unipool.config import ModelConfig, MoEConfig
-from megatron_unipool.model import LanguageModel
+from megatron_unipool.model import LanguageModel, RoutingStepStats
 from megatron_unipool.moe import (
     ExpertPool,
     MoELayer,
@@ -198,8 +198,6 @@ def test_dropped_slots_are_summed_over_every_pool():
     dropped = [int(stats.step_dropped) for stats in model.pool_stats]
     assert len(dropped) == 2 and all(dropped)
     assert model.end_optimizer_step().dropped == sum(dropped)
-    from megatron_unipool.model import RoutingStepStats
-
     assert RoutingStepStats().unrouted_fraction() is None  # no slots: no fraction to report, not 0
 
 

@@ -119,7 +119,8 @@ def test_raw_softmax_gates_are_compensated(trained, multiplier):
 
 def test_upcycling_noise_reaches_only_the_copies(trained):
     """Noise breaks the ties between a source and its copies: the original experts keep their
-    balancing biases exactly, and each copy gets its source's bias plus noise within +-noise."""
+    balancing biases exactly, and each copy gets its source's bias plus noise within +-noise, of
+    either sign. The pool's f_bar starts over."""
     config, payload, _ = trained["softmax_top1"]
     result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2, noise=1e-2)
     old = config.moe.experts_per_pool(config.model.num_layers)
