@@ -3,6 +3,7 @@
     python benchmarks/end_to_end.py                       # tiny CPU configs: dense, vanilla, UniPool, reduced pool
     python benchmarks/end_to_end.py --suite gpu-182m      # one GPU, bf16: the 182M configs
     python benchmarks/end_to_end.py --suite gpu-469m --set train.micro_batch=4 --json out.json
+    python benchmarks/end_to_end.py --suite gpu-182m --models vanilla --profile-steps 1   # where the time goes
 
 Each model runs in a fresh process (clean peak memory, no allocator reuse across models) through
 the real Trainer and data pipeline: `--warmup` steps, then `--steps` timed optimizer steps.
@@ -12,7 +13,9 @@ torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on CPU.
 The table's last column compares each MoE model's step time with the vanilla MoE model's.
 A model whose run fails gets a row with `error` (its traceback is in the output) and the others
 still run; the JSON is rewritten after each model, so a run stopped early keeps what it measured.
-The exit status is 1 when any model failed.
+The exit status is 1 when any model failed. `--profile-steps N` then profiles N more steps of each
+model (step_profile.py: device time by kernel category, the busiest kernels, launches per step, how
+busy the device was) into its row's `profile` and the output.
 """
 from __future__ import annotations
 
@@ -37,9 +40,12 @@ from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
 from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
 from measurement import checked_overrides, json_output  # noqa: E402
+from step_profile import format_profile, profile_steps  # noqa: E402
 
 QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
-ONE_GPU = ["parallel.ep=1", "train.micro_batch=8", "train.global_batch=8"]
+# 8 micro-batches per step: the optimizer step is amortised as in training (the 182M/469M configs' global batch of
+# 512 is 64 micro-batches on one GPU), which 1 micro-batch per step would overstate 2-4x for the MoE models
+ONE_GPU = ["parallel.ep=1", "train.micro_batch=8", "train.global_batch=64"]
 PER_LAYER = "model.pool_weight_gradients=per_layer"  # the pool's casts and weight gradients layer by layer
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
@@ -67,9 +73,10 @@ SUITES = {
 }
 
 
-def measure(config_path: str, overrides: list[str], warmup: int, steps: int) -> dict:
-    """Time `steps` optimizer steps after `warmup` in this process; one JSON-able row."""
-    config = load_config(REPO / config_path, QUIET + overrides + [f"train.max_steps={warmup + steps}"])
+def measure(config_path: str, overrides: list[str], warmup: int, steps: int, profiled: int = 0) -> dict:
+    """Time `steps` optimizer steps after `warmup` in this process, then profile `profiled` more;
+    one JSON-able row."""
+    config = load_config(REPO / config_path, QUIET + overrides + [f"train.max_steps={warmup + steps + profiled}"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir)
         for _ in range(warmup):
@@ -81,6 +88,7 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int) -> 
         for _ in range(steps):
             metrics, _ = trainer.train_step()  # .item() on the loss waits for the device
         seconds = (time.perf_counter() - started) / steps
+        profile = profile_steps(trainer.train_step, profiled) if profiled else None
     tokens_per_step = config.train.global_batch * config.model.seq_len
     flops_per_token = trainer.budget.train_flops_per_token
     tokens_per_second = tokens_per_step / seconds
@@ -97,7 +105,7 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int) -> 
         "mfu_percent": 100.0 * tokens_per_second * flops_per_token / peak if peak else None,
         "peak_memory_mib": memory, "memory_kind": memory_kind, "last_loss": metrics["lm_loss"],
         "device": device_name(), "date": time.strftime("%Y-%m-%d"),
-    }
+    } | ({"profile": profile} if profile else {})
 
 
 def table(rows: list[dict]) -> str:
@@ -128,6 +136,7 @@ def main(argv=None) -> int:
                         help="config override applied to every model; repeatable")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many more steps per model")
     parser.add_argument("--json", type=json_output, help="write the rows here")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "ROW_FILE"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)
@@ -135,7 +144,9 @@ def main(argv=None) -> int:
     if args.one:
         name, row_file = args.one
         config_path, overrides = suite[name]
-        row = measure(config_path, overrides + args.overrides, args.warmup, args.steps)
+        row = measure(config_path, overrides + args.overrides, args.warmup, args.steps, args.profile_steps)
+        if "profile" in row:
+            print(format_profile(name, row["profile"]), file=sys.stderr, flush=True)
         Path(row_file).write_text(json.dumps(dict(row, name=name)))
         return 0
     names = args.models or list(suite)
@@ -148,7 +159,7 @@ def main(argv=None) -> int:
         for name in names:
             row_file = Path(tmp) / f"{name}.json"
             command = [sys.executable, __file__, "--suite", args.suite, "--one", name, str(row_file),
-                       "--warmup", str(args.warmup), "--steps", str(args.steps)]
+                       "--warmup", str(args.warmup), "--steps", str(args.steps), "--profile-steps", str(args.profile_steps)]
             command += [item for override in args.overrides for item in ("--set", override)]
             print(f"  measuring {name} ...", file=sys.stderr, flush=True)
             status = subprocess.run(command).returncode  # here: relative paths in --set mean the caller's directory

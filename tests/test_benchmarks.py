@@ -75,7 +75,7 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
     out = tmp_path / "rows.json"
     overrides = [item for o in TINY + [f"data.cache_dir={data_cache}"] for item in ("--set", o)]
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "end_to_end.py"), "--models", "vanilla", "unipool",
-                           "--warmup", "1", "--steps", "1", "--json", str(out)] + overrides,
+                           "--warmup", "1", "--steps", "1", "--profile-steps", "1", "--json", str(out)] + overrides,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
@@ -83,7 +83,42 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
     for row in rows:
         assert row["tokens_per_step"] == 8 * 32 and row["tokens_per_second"] > 0 and row["peak_memory_mib"] > 0
         assert row["mfu_percent"] is None  # no peak FLOP/s on CPU: no invented MFU
-    assert "vs vanilla" in done.stdout
+        profile = row["profile"]  # CPU: operators' self time, which cannot exceed the wall time
+        assert profile["steps"] == 1 and 0 < profile["busy_ms"] <= profile["wall_ms"]
+        assert sum(profile["categories"].values()) == pytest.approx(profile["busy_ms"])
+        assert "gemm" in profile["categories"] and profile["launches_per_step"] > 0
+        top = [kernel["ms"] for kernel in profile["top"]]
+        assert top == sorted(top, reverse=True) and top[0] <= profile["busy_ms"]
+    assert "vs vanilla" in done.stdout and "ops per step" in done.stderr
+
+
+def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
+    """On CUDA: device time per kernel category per step, without the user annotations that span
+    kernels already counted (torch's optimizer step) or host-side operators."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from step_profile import categorise, summarise
+
+    def event(key, micros, count, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(key=key, self_device_time_total=micros, self_cpu_time_total=micros, count=count,
+                               device_type=device, is_user_annotation=annotation)
+
+    averages = [event("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT", 6000, 40),
+                event("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 3000, 4),
+                event("Optimizer.step#AdamW.step", 3000, 2, annotation=True),
+                event("aten::mm", 9000, 40, device=DeviceType.CPU),
+                event("void at::native::vectorized_elementwise_kernel<8, silu>", 1000, 20)]
+    summary = summarise(averages, steps=2, wall_seconds=0.02, on_cuda=True, top=2)
+    assert summary["categories"] == {"gemm": 3.0, "optimizer": 1.5, "elementwise": 0.5}
+    assert summary["busy_ms"] == 5.0 and summary["wall_ms"] == 10.0 and summary["busy_percent"] == 50.0
+    assert summary["launches_per_step"] == 32
+    assert [kernel["category"] for kernel in summary["top"]] == ["gemm", "optimizer"]
+    assert [categorise(name) for name in ("aten::_grouped_mm", "cudnn_generated_fort_native_sdpa_sm90_flash_bprop",
+                                          "void at::native::indexFuncLargeIndex<float>", "aten::addmm")] == [
+        "grouped gemm", "attention", "sort / scan / index", "gemm"]
 
 
 def test_end_to_end_benchmark_records_a_failed_model_and_measures_the_rest(data_cache, tmp_path):
@@ -127,10 +162,13 @@ def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)], capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_cache))
     assert done.returncode == 0, done.stderr[-2000:]
-    for step in ("environment", "kernels", "grouped_gemm", "moe_layer", "end_to_end_182m", "end_to_end_469m"):
+    measuring = ("grouped_gemm", "moe_layer", "end_to_end_182m", "end_to_end_469m", "end_to_end_182m_mb32")
+    for step in ("environment", "kernels", *measuring):
         assert f"== {step}: exit 0" in done.stdout, done.stdout[-3000:]
-    for rows in ("grouped_gemm", "moe_layer", "end_to_end_182m", "end_to_end_469m"):
+    for rows in measuring:
         assert json.loads((out / f"{rows}.json").read_text())
+    assert all("profile" in row for row in json.loads((out / "end_to_end_182m.json").read_text()))
+    assert sorted(path.name for path in out.iterdir()) == sorted([f"{rows}.json" for rows in measuring] + ["steps.log"])
 
 
 @pytest.mark.parametrize("script, arguments, message", [

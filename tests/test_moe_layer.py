@@ -434,6 +434,67 @@ def test_norm_router_zero_gate_slots_neither_dispatched_nor_counted():
             torch.testing.assert_close(out[0, t], gate * ref_expert(pool, e, x[t]), rtol=1e-5, atol=1e-7)
 
 
+def host_reads(run) -> int:
+    """Values `run()` reads back from the device (.item(), int(tensor), boolean-mask indexing),
+    other than those inside torch's CPU grouped GEMM kernel, which its CUDA kernel does not make."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    reads = 0
+    for event in prof.events():
+        if event.name in ("aten::item", "aten::nonzero"):
+            parent = event.cpu_parent
+            while parent is not None and parent.name != "aten::_grouped_mm":
+                parent = parent.cpu_parent
+            reads += parent is None
+    return reads
+
+
+@pytest.mark.parametrize("expert_gemm", ["loop", "grouped_mm"])
+def test_dropless_norm_router_computes_weightless_slots_as_exact_zeros(expert_gemm):
+    """Dropless, NormRouter slots with gate 0 go to an expert with the others, so the slot count is
+    T*k and no MoE layer waits for the device; they change nothing: the output, every gradient and
+    the counts equal those of cutting them off (the capacity path, with room for every slot)."""
+    import copy
+
+    cfg = MoEConfig(kind="unipool", router="norm", top_k=2, aux_loss="layer", z_loss_coeff=1e-3)
+    torch.manual_seed(0)
+    pool = ExpertPool(4, 8, 8, 0.2, 0.2, expert_gemm)
+    dropless = MoELayer(cfg, 8, pool, PoolStats(1, 4, "step"), 0, 1, 0.3, 0.2)
+    cut = copy.deepcopy(dropless)
+    cut.config = MoEConfig(**{**cfg.__dict__, "capacity_factor": 100.0})
+    object.__setattr__(cut, "pool", copy.deepcopy(pool))
+    object.__setattr__(cut, "stats", PoolStats(1, 4, "step"))
+    with torch.no_grad():  # an identity router on the first 4 features: most tokens have one positive score
+        for layer in (dropless, cut):
+            layer.router.weight.copy_(torch.eye(4, 8))
+    x = torch.randn(1, 40, 8) - 0.8
+    results = []
+    for layer in (dropless, cut):
+        layer.train()
+        x_layer = x.clone().requires_grad_()
+
+        def step():
+            out, losses = layer(x_layer)
+            (out.pow(2).sum() + sum(losses.values())).backward()
+            return out.detach()
+
+        reads = host_reads(step)
+        out = layer(x_layer)[0].detach()
+        grads = [x_layer.grad] + [p.grad for p in (*layer.parameters(), *layer.pool.parameters())]
+        results.append((out, grads, layer.stats.micro_batch_counts[0].clone(), reads))
+    (out, grads, counts, reads), (out_cut, grads_cut, counts_cut, reads_cut) = results
+    gates = dropless.router(x.reshape(-1, 8)).gates_TK
+    assert int((gates == 0).sum()) > 10  # the case in question: many weightless slots
+    torch.testing.assert_close(out, out_cut, rtol=1e-6, atol=1e-7)
+    for grad, grad_cut in zip(grads, grads_cut):
+        torch.testing.assert_close(grad, grad_cut, rtol=1e-5, atol=1e-7)
+    assert torch.equal(counts, counts_cut) and int(counts.sum()) == int((gates > 0).sum())
+    if expert_gemm == "grouped_mm":
+        assert reads == 0 and reads_cut >= 1  # cutting them off reads their count back (and capacity drops)
+
+
 @pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
 @pytest.mark.parametrize("experts", [8, 12, 24])
 def test_ties_go_to_the_lower_expert_index(router, experts):

@@ -23,21 +23,26 @@ def plan_dispatch(
 ) -> DispatchPlan:
     """Group slots by expert (stable, so within an expert earlier tokens come first and win capacity).
 
-    Inactive slots (`active_TK` False) are neither computed nor counted as routed or dropped.
+    Inactive slots (`active_TK` False: NormRouter gates of 0) are never counted as routed or dropped.
+    Under a capacity they are not dispatched either: they would take an expert's capacity. Dropless,
+    they are computed on the expert top-k picked for them (their output and every gradient through
+    them are exact zeros): cutting them off would give the slots a data-dependent count, which the
+    host would have to read back from the device in every MoE layer's forward.
     """
     k = indices_TK.shape[1]
     experts = indices_TK.reshape(-1)
+    if capacity is None:
+        slot = torch.argsort(experts, stable=True)
+        kept = _counts(experts, num_experts)
+        routed = kept if active_TK is None else _counts(experts, num_experts, active_TK.reshape(-1))
+        return DispatchPlan(slot // k, slot, kept, routed, 0)
     if active_TK is not None:
         experts = torch.where(active_TK.reshape(-1), experts, num_experts)  # sorts after every real expert
     slot = torch.argsort(experts, stable=True)
-    # counted without reading anything back to the host (CUDA bincount reads the largest index first)
-    routed = torch.zeros(num_experts + 1, dtype=torch.long, device=experts.device).index_add_(
-        0, experts, torch.ones_like(experts))
-    if active_TK is not None:  # the inactive slots sort last: cut them off (their count is needed on the host)
+    routed = _counts(experts, num_experts + 1)
+    if active_TK is not None:  # the inactive slots sort last: cut them off (this reads their count on the host)
         slot = slot[: slot.numel() - int(routed[num_experts])]
     routed = routed[:num_experts]
-    if capacity is None:
-        return DispatchPlan(slot // k, slot, routed, routed, 0)
     sorted_experts = experts[slot]
     first_slot_of_expert = torch.cumsum(routed, 0) - routed
     rank_in_expert = torch.arange(slot.numel(), device=slot.device) - first_slot_of_expert[sorted_experts]
@@ -45,6 +50,13 @@ def plan_dispatch(
     slot = slot[keep]
     kept = routed.clamp(max=capacity)
     return DispatchPlan(slot // k, slot, kept, routed, int(keep.numel() - slot.numel()))
+
+
+def _counts(experts: torch.Tensor, num_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Slots per expert, counted without reading anything back to the host (CUDA bincount reads the
+    largest index first); `weights` (bool) counts only the slots it marks."""
+    ones = torch.ones_like(experts) if weights is None else weights.to(experts.dtype)
+    return torch.zeros(num_experts, dtype=torch.long, device=experts.device).index_add_(0, experts, ones)
 
 
 def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -54,7 +54,7 @@ class Routing:
     gates_TK: torch.Tensor  # weights of their outputs
     scores_TM: torch.Tensor  # the P of the balancing losses: probabilities or router scores
     logits_TM: torch.Tensor  # raw router logits, for the z-loss
-    active_TK: Optional[torch.Tensor] = None  # False for slots that carry no weight and are not dispatched
+    active_TK: Optional[torch.Tensor] = None  # False for slots that carry no weight and count as routed nowhere
 
 
 class Router(nn.Module):
@@ -109,9 +109,8 @@ class Router(nn.Module):
             if cfg.normalize_gates and cfg.router != "norm":
                 gates = gates / gates.sum(dim=-1, keepdim=True)
         balance_scores = scores / scores.sum(dim=-1, keepdim=True) if cfg.router == "sigmoid" else scores
-        # NormRouter's ReLU zeroes experts; a token with fewer than k positive scores would fill its
-        # remaining slots with zero-gate experts picked by top-k's tie order (device dependent),
-        # costing compute and capacity and skewing the load counts. Such slots are not dispatched.
+        # NormRouter's ReLU zeroes experts; a token with fewer than k positive scores fills its remaining
+        # slots with zero-gate experts. They must not skew the load counts or take capacity (plan_dispatch).
         active = gates > 0 if cfg.router == "norm" else None
         return Routing(indices, gates, balance_scores, logits, active)
 
