@@ -15,6 +15,7 @@ parallel degrees come from the config's `parallel` section, data parallelism tak
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if dist.is_initialized():
+            # free what still holds gloo work or groups (a failed run's trainer, in reference cycles) while the
+            # interpreter is whole: gloo objects destroyed at interpreter shutdown abort the process (SIGABRT,
+            # "terminate called without an active exception") instead of ending it with the status above
+            gc.collect()
             dist.destroy_process_group()
     if parallel.layout.rank == 0:
         print(f"done: {summary['steps']} steps, final train loss {summary['final_train_loss']:.4f}, "
