@@ -279,9 +279,9 @@ def test_bad_config_json_or_index_is_named_before_any_shard_is_read(tmp_path, co
             convert_tool.read_hf_directory(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     index = tmp_path / "model.safetensors.index.json"
-    for text in ('{"metadata": {}}', '{"weight_map": []}', "{"):
+    for text in ('{"metadata": {}}', '{"weight_map": []}', "{", "[]"):
         index.write_text(text)
-        with pytest.raises(CheckpointError, match=r"safetensors\.index\.json (has no weight_map|is not readable)"):
+        with pytest.raises(CheckpointError, match=r"safetensors\.index\.json (has no weight_map|is not readable|must hold a JSON object)"):
             convert_tool.read_hf_directory(tmp_path)
     done = run_tool("--from", "hf", "--checkpoint", tmp_path, "--output", tmp_path / "out")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
@@ -303,3 +303,63 @@ def test_cli_refuses_without_writing_anything(tiny_config, tmp_path):
     done = run_tool("--to", "hf", "--checkpoint", tmp_path / "run", "--output", tmp_path / "out")
     assert done.returncode == 2 and "NormRouter" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "run"]  # no output, no temporary left
+
+
+def test_cli_output_handling_replaces_only_what_it_may(tmp_path, convert_tool, capsys, monkeypatch):
+    """--force replaces a directory or a file at --output; an --output that holds the source is refused
+    even with --force (replacing it would delete the checkpoint); missing parents are made; a shard that
+    cannot be read, weights that do not fit the --set config, and --set on export are refused with one
+    line and leave nothing behind (a write that fails halfway keeps the run it was to replace); the written
+    run says where its weights came from."""
+    from megatron_unipool.training import CheckpointError
+
+    tiny_llama().save_pretrained(tmp_path / "models" / "llama")
+    source = tmp_path / "models" / "llama"
+    before = sorted(p.name for p in source.iterdir())
+
+    def convert(*args) -> tuple[int, str]:
+        try:
+            status = convert_tool.main(["--from", "hf", "--checkpoint", str(source), *map(str, args)])
+        except SystemExit as e:  # argparse's refusals
+            status = e.code
+        return status, capsys.readouterr().err
+
+    for output in (tmp_path / "models", source):
+        status, err = convert("--output", output, "--force")
+        assert status == 2 and "holds the --checkpoint" in err and sorted(p.name for p in source.iterdir()) == before
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "old.txt").write_text("replaced")
+    (tmp_path / "file").write_text("a file")
+    for output in (tmp_path / "busy", tmp_path / "file"):
+        status, err = convert("--output", output)
+        assert status == 2 and "exists and is not empty" in err and "--force" in err
+        status, err = convert("--output", output, "--force")
+        assert status == 0, err
+        assert sorted(p.name for p in output.iterdir()) == ["checkpoints", "config.json"]
+    payload = load_trained_model(tmp_path / "busy")[1]
+    assert payload["imported_from"] == str(source)
+    assert convert("--output", tmp_path / "new" / "nested" / "run")[0] == 0
+
+    status, err = convert("--output", tmp_path / "wide", "--set", "model.hidden_size=128")
+    assert status == 2 and err.startswith("error: ") and "do not fit" in err and "vs model (96, 128)" in err
+    assert not (tmp_path / "wide").exists()
+    with pytest.raises(SystemExit) as refused:
+        convert_tool.main(["--to", "hf", "--checkpoint", str(tmp_path / "busy"), "--output", str(tmp_path / "hf"),
+                           "--set", "train.max_steps=3"])
+    assert refused.value.code == 2 and "--set applies to --from hf" in capsys.readouterr().err
+
+    def fill_that_fails(directory, *args, **kwargs):  # a full disk halfway through writing
+        (directory / "partial").write_text("half")
+        raise CheckpointError("no space left on device")
+
+    monkeypatch.setattr(convert_tool, "write_run_directory", fill_that_fails)
+    status, err = convert("--output", tmp_path / "busy", "--force")
+    assert status == 2 and "no space left" in err and not (tmp_path / ".busy.tmp").exists()
+    assert load_trained_model(tmp_path / "busy")[1]["imported_from"] == str(source)  # the old run is intact
+    monkeypatch.undo()
+
+    (source / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    status, err = convert("--output", tmp_path / "broken")
+    assert status == 2 and "cannot be read" in err and "Traceback" not in err
+    assert not (tmp_path / "broken").exists() and not (tmp_path / ".broken.tmp").exists()
