@@ -39,6 +39,14 @@ def model_from(config, state):
     return model.eval()
 
 
+def tool_module(name: str):
+    """tools/<name>.py as a module: its main and helpers in this process, to stub or spy on them."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tokens(config, count=4, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (count, config.model.seq_len + 1), generator=generator)
@@ -417,6 +425,42 @@ def test_upcycle_refuses_what_would_write_an_unusable_run(trained, tmp_path, arg
     assert "Traceback" not in done.stderr and not (out / "checkpoints").exists()
 
 
+def test_upcycle_cli_hands_every_option_to_the_library(trained, tmp_path, monkeypatch, capsys):
+    """Each option reaches the library call it names (replacing any of them by a constant went
+    unnoticed), the defaults are the documented ones, and the written run names its source and
+    reports the copies of every source expert."""
+    tool = tool_module("upcycle")
+    calls = {}
+
+    def spy(name, real):
+        def record(*args):
+            calls[name] = args
+            return real(*args)
+        return record
+
+    for name in ("upcycle", "expert_utility", "utility_batches"):
+        monkeypatch.setattr(tool, name, spy(name, getattr(tool, name)))
+    config, _, run_dir = trained["softmax_top2"]
+    assert config.train.micro_batch > 1  # so that a batch size of 1 would show
+    assert tool.main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "defaults")]) == 0
+    assert calls.keys() == {"upcycle"} and calls["upcycle"][3:] == (2, "uniform", None, 1e-3, "reset", 0)
+    written = load_checkpoint(resolve_checkpoint(tmp_path / "defaults"))
+    assert written["upcycled_from"] == str(resolve_checkpoint(run_dir))
+    printed = capsys.readouterr().out
+    for p, sources in enumerate(written["sources_per_pool"]):
+        copies = [sources.count(e) for e in range(max(sources) + 1)]
+        assert f"pool {p}: {len(sources)} experts; copies per source: {copies}\n" in printed
+
+    calls.clear()
+    assert tool.main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "chosen"), "--multiplier", "3",
+                      "--selection", "utility", "--utility-score", "weight_x_grad", "--utility-batches", "2",
+                      "--noise", "0.05", "--optimizer", "copy", "--seed", "7"]) == 0
+    assert calls["utility_batches"][1:] == (2, config.train.micro_batch)
+    assert calls["expert_utility"][2] == "weight_x_grad"
+    multiplier, selection, utility, *rest = calls["upcycle"][3:]
+    assert (multiplier, selection, rest) == (3, "utility", [0.05, "copy", 7]) and utility is not None
+
+
 # ---- routing probe (tools/routing_probe.py): shares the trained checkpoints above ----
 
 def test_random_routing_draws_uniformly_from_the_candidates(trained):
@@ -518,9 +562,7 @@ def test_probe_tool_reports_each_layer(trained, tmp_path):
 
 def test_probe_checks_its_arguments_before_reading_data(trained, monkeypatch, capsys):
     """A wrong --layers or --top-n is reported before the validation data is read."""
-    spec = importlib.util.spec_from_file_location("routing_probe_tool", REPO / "tools" / "routing_probe.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = tool_module("routing_probe")
     read = []
     monkeypatch.setattr(tool, "routing_batches", lambda *args: read.append(args) or [])
     _, _, run_dir = trained["softmax_top2"]
@@ -655,12 +697,9 @@ def test_reproduction_tool_aggregates_seeds_and_resumes(data_cache, tmp_path):
 @pytest.fixture
 def reproduce_tool(monkeypatch):
     """tools/reproduce.py as a module whose launcher is a stub: (module, the run directories it was given)."""
-    import importlib.util
     import types
 
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "tools" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = tool_module("reproduce")
     launched = []
 
     def launch(command, stdout, stderr, **elsewhere):
