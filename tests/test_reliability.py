@@ -436,14 +436,20 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_and_resume_matches(unin
     assert not half_written.parent.exists()
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("checkpoint.load=nowhere", "error: no checkpoint at"),
-    ("model.attention=flash", "error: model.attention='flash' needs the flash-attn package"),  # at the first forward
-    ("train.adamw=apex", "error: train.adamw='apex' needs NVIDIA apex"),  # when the optimizer is built
-], ids=["checkpoint", "kernel", "optimizer"])
-def test_launcher_reports_run_errors_in_one_line(setting, message, data_cache, tmp_path):
-    """A missing checkpoint, or a kernel choice this CPU machine cannot run: one line, no traceback."""
-    command = launch_command(tmp_path / "run", data_cache) + ["--set", setting]
+@pytest.mark.parametrize("settings, message", [
+    (["checkpoint.load=nowhere"], "error: no checkpoint at"),
+    (["model.attention=flash"], "error: model.attention='flash' needs the flash-attn package"),  # at the first forward
+    (["train.adamw=apex"], "error: train.adamw='apex' needs NVIDIA apex"),  # when the optimizer is built
+    (["data.corpus=null", "data.train_prefix=nowhere", "data.valid_prefix=nowhere_else"],
+     "error: indexed dataset file missing: "),  # the path made absolute
+    (["train.lr=1e30", "train.warmup_steps=1", "train.max_consecutive_skips=1"],
+     "error: 1 steps in a row (up to step 2) had a non-finite loss or gradient norm"),
+], ids=["checkpoint", "kernel", "optimizer", "data", "non_finite"])
+def test_launcher_reports_run_errors_in_one_line(settings, message, data_cache, tmp_path):
+    """A missing checkpoint or data file, a kernel choice this CPU machine cannot run, a run that
+    diverged: one line, no traceback. (The deepspeed launcher's --local_rank is accepted.)"""
+    command = launch_command(tmp_path / "run", data_cache) + ["--local_rank=0"]
+    command += [a for setting in settings for a in ("--set", setting)]
     done = subprocess.run([sys.executable] + command, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
     assert done.returncode == 1

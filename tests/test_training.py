@@ -411,3 +411,86 @@ def test_norm_router_slots_that_reach_no_expert_are_logged_per_layer(tiny_config
     assert [metrics[f"unrouted/layer{layer}"] for layer in range(4)] == pytest.approx(per_layer)
     assert metrics["unrouted_fraction"] == pytest.approx(sum(per_layer) / 4)
     assert per_layer[3] == pytest.approx(sum(silent) / tokens) and per_layer[3] > 0
+
+
+def test_moe_losses_reach_the_gradients(tiny_config, tmp_path):
+    """The step's gradient is autograd of LM loss + aux loss + z-loss as logged (the MoE losses
+    could be logged yet left out of backward, and balancing would silently do nothing)."""
+    trainer = Trainer(tiny_config("configs/tiny_vanilla_cpu.json", "train.global_batch=4", "moe.aux_loss_coeff=0.5",
+                                  "moe.z_loss_coeff=0.1"), tmp_path)
+    reference = copy.deepcopy(trainer.model)
+    tokens = trainer.data.train.batch(0, trainer.config.train.global_batch)
+    logits, losses = reference(tokens[:, :-1])
+    assert losses.keys() == {"aux_loss", "z_loss"}
+    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + sum(losses.values())
+    loss.backward()
+    totals = trainer.compute_gradients()
+    torch.testing.assert_close(totals[1:3], torch.stack([losses["aux_loss"], losses["z_loss"]]).detach())
+    expected = dict(reference.named_parameters())
+    routers = [name for name in expected if "router" in name]
+    assert routers
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name].grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_logged_rates_and_summary_follow_their_formulas(tiny_config, tmp_path, monkeypatch):
+    """With every step taking 0.25 s on the trainer's clock: tokens/s is global batch x seq_len / 0.25,
+    TFLOP/s per device that times the model FLOPs per token / world size / 1e12, MFU its share of the
+    device peak; the summary's parameter counts are the budget's and its vocabulary the tokenizer's;
+    the run keeps checkpoint.keep_last checkpoints."""
+    import megatron_unipool.training.trainer as trainer_module
+    from megatron_unipool.training.metrics import MetricsLogger
+
+    ticks = iter(0.25 * i for i in range(10_000))
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(trainer_module, "peak_flops", lambda: 2e12)
+    logged = []
+    monkeypatch.setattr(MetricsLogger, "step", lambda self, step, metrics: logged.append(dict(metrics)))
+    config = tiny_config("configs/tiny_vanilla_cpu.json", "train.max_steps=3", "checkpoint.save_interval=1",
+                         "checkpoint.keep_last=2", "train.eval_interval=0")
+    trainer = Trainer(config, tmp_path)
+    summary = trainer.train()
+    tokens_per_second = config.train.global_batch * config.model.seq_len / 0.25
+    flops = tokens_per_second * trainer.budget.train_flops_per_token
+    assert len(logged) == 3
+    for metrics in logged:
+        assert metrics["step_time_s"] == 0.25 and metrics["tokens_per_second"] == pytest.approx(tokens_per_second)
+        assert metrics["tflops_per_device"] == pytest.approx(flops / 1e12)
+        assert metrics["mfu_percent"] == pytest.approx(100 * flops / 2e12)
+    assert summary["tokens_per_second"] == pytest.approx(tokens_per_second)
+    assert (summary["total_params"], summary["active_params"]) == (trainer.budget.total_params,
+                                                                   trainer.budget.active_params)
+    assert summary["total_params"] > summary["active_params"]  # vanilla MoE: a swap would show
+    assert summary["tokenizer_vocab_size"] == trainer.data.vocab_size < config.model.vocab_size
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000003"]
+
+
+def test_console_window_and_tensorboard_names(tmp_path, capsys):
+    """Each console line averages its own log interval only, shows counters and lr at their latest
+    values; metric names with a '/' (unrouted/layer<i>, gpu/...) keep their own TensorBoard section;
+    perplexity is exp(loss) up to losses of 50."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_unipool.config import LoggingConfig
+    from megatron_unipool.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=True, log_interval=2), max_steps=4)
+    for step, (loss, skipped) in enumerate([(1.0, 0), (3.0, 0), (5.0, 1), (9.0, 3)], start=1):
+        logger.step(step, {"lm_loss": loss, "skipped_steps": skipped, "unrouted/layer0": 0.5})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "lm loss 2.0000" in lines[0] and "skipped steps" not in lines[0]
+    assert "lm loss 7.0000" in lines[1] and "skipped steps 3" in lines[1], lines  # not the mean, 2
+    logger.evaluation(4, 8.0)
+    logger.close({})
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert "unrouted/layer0" in events.Tags()["scalars"] and "train/lm_loss" in events.Tags()["scalars"]
+    assert events.Scalars("validation/perplexity")[0].value == pytest.approx(math.exp(8.0), rel=1e-6)
+
+
+def test_mfu_peak_is_in_flop_per_second_and_the_gpu_monitor_reads_nothing_without_a_gpu(monkeypatch):
+    from megatron_unipool.training.hardware import GpuMonitor, peak_flops
+
+    assert GpuMonitor().read() == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H100 80GB HBM3")
+    assert peak_flops() == pytest.approx(989e12)
