@@ -100,7 +100,7 @@ def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
     from torch.autograd import DeviceType
 
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from step_profile import categorise, summarise
+    from step_profile import categorise, format_profile, summarise
 
     def event(key, micros, count, device=DeviceType.CUDA, annotation=False):
         return SimpleNamespace(key=key, self_device_time_total=micros, self_cpu_time_total=micros, count=count,
@@ -116,6 +116,13 @@ def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
     assert summary["busy_ms"] == 5.0 and summary["wall_ms"] == 10.0 and summary["busy_percent"] == 50.0
     assert summary["launches_per_step"] == 32
     assert [kernel["category"] for kernel in summary["top"]] == ["gemm", "optimizer"]
+    assert list(summary["categories"]) == ["gemm", "optimizer", "elementwise"]  # largest first
+    printed = format_profile("vanilla", summary).splitlines()
+    assert printed[1].split() == ["gemm", "3.00", "ms", "60.0%"]  # a share of the busy time, not of the wall
+    on_cpu = summarise([event("aten::mm", 4000, 8, device=DeviceType.CPU), event("aten::add", 0, 5, device=DeviceType.CPU),
+                        event("ProfilerStep#1", 9000, 1, device=DeviceType.CPU)], steps=1, wall_seconds=0.01,
+                       on_cuda=False, top=5)
+    assert on_cpu["busy_ms"] == 4.0 and on_cpu["launches_per_step"] == 8  # operators that ran, not the ranges around them
     assert [categorise(name) for name in ("aten::_grouped_mm", "cudnn_generated_fort_native_sdpa_sm90_flash_bprop",
                                           "void at::native::indexFuncLargeIndex<float>", "aten::addmm")] == [
         "grouped gemm", "attention", "sort / scan / index", "gemm"]

@@ -412,3 +412,24 @@ def test_home_is_expanded_in_paths(tmp_path, monkeypatch):
                           "deepspeed.config_file=ds.json"])
     assert config.data.cache_dir == str(tmp_path / "home" / "cache")
     assert config.deepspeed.config_file == str(tmp_path / "ds.json")  # relative: to where the command runs
+
+
+def test_param_budget_tool_honours_set_names_its_config_and_refuses_bad_ones(capsys):
+    """--set reaches the budget (a 48-expert pool is 50% of vanilla's), the JSON names the config, the
+    table's rows are the budget's, and a bad config is one error line with exit status 2."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("param_budget_tool", REPO / "tools" / "param_budget.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = str(REPO / "configs/unipool_182m.json")
+    assert tool.main(["--config", config, "--set", "moe.pool_size=48", "--json"]) == 0
+    budget = json.loads(capsys.readouterr().out)
+    assert budget["config"] == config and budget["expert_budget_percent"] == pytest.approx(50.0)
+    assert tool.main(["--config", config]) == 0
+    table = capsys.readouterr().out
+    full = param_budget(*(lambda c: (c.model, c.moe))(load_config(config, world_size=None)))
+    assert f"total parameters             {full.total_params:,} " in table
+    assert f"active parameters per token  {full.active_params:,} " in table
+    assert tool.main(["--config", config, "--set", "moe.top_k=99"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -595,6 +595,7 @@ def test_probe_has_no_top_n_row_repeating_the_pool(trained, tmp_path):
     ("routing_probe.py", ["--seeds", "0"], "--seeds must be at least 1, not 0"),
     ("routing_probe.py", ["--eval-batches", "0"], "--eval-batches must be at least 1, not 0"),
     ("plot_utilisation.py", ["--eval-batches", "-1"], "--eval-batches must be at least 1, not -1"),
+    ("plot_utilisation.py", ["--eval-batches", "0"], "--eval-batches must be at least 1, not 0"),  # not the run's default
 ])
 def test_analysis_tools_refuse_empty_averages(tmp_path, tool, args, message):
     done = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--checkpoint", str(tmp_path / "none"),
@@ -661,16 +662,27 @@ def test_unique_experts_by_depth_closed_form():
 
 
 def test_utilisation_tool_counts_every_routed_slot(trained, tmp_path):
+    """Its counts are the experts the layers pick (expert 0 included), its loads their shares of the
+    pool, and its depth curve that of one pool shared by all four layers; written to ./utilisation."""
+    from megatron_unipool.training.probe import load_routed_model, record_routing, routing_batches, unique_experts_by_depth
+
     config, payload, run_dir = trained["softmax_top2"]
-    out = tmp_path / "util"
+    out = tmp_path / "utilisation"
     done = subprocess.run([sys.executable, str(REPO / "tools" / "plot_utilisation.py"), "--checkpoint", str(run_dir),
-                           "--eval-batches", "2", "--output", str(out)], capture_output=True, text=True, timeout=300)
+                           "--eval-batches", "2"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "utilisation.json").read_text())
     tokens = 2 * config.train.micro_batch * config.model.seq_len
     counts = torch.tensor(report["counts_per_pool"][0])
     assert counts.shape == (4, 32) and (counts.sum(1) == tokens * 2).all()  # top-2, dropless, every layer
+    _, _, model = load_routed_model(run_dir, "")
+    _, routing = record_routing(model, routing_batches(config, 2))
+    assert report["moe_layers"] == [0, 1, 2, 3] and report["pools"] == [[0, 1, 2, 3]]
+    for layer in range(4):
+        assert counts[layer].tolist() == torch.bincount(routing[layer].flatten(), minlength=32).tolist()
+    assert report["load_per_pool"][0] == pytest.approx((counts.sum(0) / counts.sum()).tolist())
     curve = report["unique_experts_by_depth"]
+    assert curve == pytest.approx(unique_experts_by_depth(routing, {layer: 0 for layer in range(4)}, 32))
     assert curve[0] == 2.0 and all(a <= b <= a + 2 for a, b in zip(curve, curve[1:]))
     assert (out / "utilisation.png").stat().st_size > 0 and (out / "unique_experts.png").stat().st_size > 0
 
