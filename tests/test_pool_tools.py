@@ -572,6 +572,32 @@ def test_probe_checks_its_arguments_before_reading_data(trained, monkeypatch, ca
     assert read == []
 
 
+def test_probe_cli_hands_its_options_on_and_writes_where_asked(trained, tmp_path, monkeypatch, capsys):
+    """--top-n equal to k is allowed; --top-n, --seeds and --eval-batches reach the probe and the data;
+    the results go to ./probe by default and to a nested --output."""
+    tool = tool_module("routing_probe")
+    seen = {}
+
+    def spy(name, real):
+        def record(*args, **kwargs):
+            seen[name] = args
+            return real(*args, **kwargs)
+        return record
+
+    for name in ("probe", "routing_batches"):
+        monkeypatch.setattr(tool, name, spy(name, getattr(tool, name)))
+    monkeypatch.chdir(tmp_path)
+    config, _, run_dir = trained["softmax_top2"]
+    assert tool.main(["--checkpoint", str(run_dir), "--top-n", "2", "--seeds", "3", "--eval-batches", "1",
+                      "--layers", "1"]) == 0
+    assert seen["routing_batches"][1] == 1 and seen["probe"][2:5] == ([1], 2, 3)
+    assert f"on {config.train.micro_batch} validation sequences" in capsys.readouterr().out
+    assert json.loads((tmp_path / "probe" / "probe.json").read_text())["rows"]
+    assert tool.main(["--checkpoint", str(run_dir), "--eval-batches", "1", "--layers", "1",
+                      "--output", str(tmp_path / "a" / "b")]) == 0
+    assert (tmp_path / "a" / "b" / "probe.json").is_file()
+
+
 def test_probe_has_no_top_n_row_repeating_the_pool(trained, tmp_path):
     """Vanilla: the default N (moe.num_experts) is the whole pool; a top-N row would repeat the pool row."""
     from megatron_unipool.training.probe import probe
