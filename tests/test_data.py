@@ -767,3 +767,28 @@ def test_cli_bad_input_errors_and_writes_nothing(tmp_path, preprocess_main, cont
     with pytest.raises(ValueError, match=error):
         preprocess_main(argv + extra_args)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_cli_hands_workers_and_document_counts_on_and_reports_progress(tmp_path, preprocess_main, monkeypatch,
+                                                                        capsys):
+    """--workers reaches the encoder, each split's progress line counts towards its own document total,
+    and a missing --input is one error line (the real command line), not a traceback."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(9)))
+    globals_ = preprocess_main.__globals__
+    calls = []
+    real = globals_["write_indexed"]
+    monkeypatch.setitem(globals_, "write_indexed", lambda *args, **kwargs: calls.append((args, kwargs)) or real(*args, **kwargs))
+    monkeypatch.setitem(globals_, "PROGRESS_EVERY_S", 0.0)  # a progress line for every document
+    preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte",
+                     "--workers", "2", "--valid-fraction", "0.2"])
+    assert [args[3] for args, _ in calls] == [2, 2]
+    assert [kwargs["expected_documents"] for _, kwargs in calls] == [7, 2]
+    out = capsys.readouterr().out
+    assert "7/7 documents (100.0%)" in out and "2/2 documents (100.0%)" in out
+    assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == ["document number 7", "document number 8"]
+
+    done = run_preprocess("--input", str(tmp_path / "absent.txt"), "--output-prefix", str(tmp_path / "missing"),
+                          "--tokenizer", "byte")
+    assert done.returncode == 1 and done.stderr.startswith("preprocess_data: error: ") and "absent.txt" in done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.glob("missing*"))
