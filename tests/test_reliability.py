@@ -46,11 +46,14 @@ def poison(trainer: Trainer, steps: set[int], where: str) -> None:
     trainer.compute_gradients = poisoned
 
 
-@pytest.mark.parametrize("where, lag", [("grad", "step"), ("loss", "step"), ("loss", "micro_batch")])
-def test_non_finite_step_changes_nothing_and_is_counted(where, lag, tiny_config, tmp_path):
-    """micro_batch lag updates f_bar inside the step: a skipped step must give that back too."""
+@pytest.mark.parametrize("where, lag, lock", [("grad", "step", False), ("loss", "step", False),
+                                              ("loss", "micro_batch", False), ("grad", "step", True)])
+def test_non_finite_step_changes_nothing_and_is_counted(where, lag, lock, tiny_config, tmp_path):
+    """micro_batch lag updates f_bar inside the step: a skipped step must give that back too; nor may
+    its routing count towards the UniPool lock's window (the lock's state is in the snapshot)."""
+    locking = ["moe.lock_start_step=6", "moe.lock_window_steps=4"] if lock else []
     config = tiny_config(UNIPOOL, "train.max_steps=4", "train.eval_interval=0", "moe.bias_balancing=true",
-                         f"moe.pool_aux_lag={lag}")
+                         f"moe.pool_aux_lag={lag}", *locking)
     trainer = Trainer(config, tmp_path)
     poison(trainer, {3}, where)
     trainer.train_step()
