@@ -139,6 +139,7 @@ def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
         assert key in summary
     assert summary["steps"] == 4 and len(summary["train_losses"]) == 4 and summary["vocab_size"] == 320
     assert summary["final_train_loss"] == summary["train_losses"][-1]
+    assert out.stdout.strip().splitlines()[-1].startswith(f"done: 4 steps, final train loss {summary['final_train_loss']:.4f}")
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -146,6 +147,7 @@ def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
     tags = events.Tags()
     assert {"train/lm_loss", "train/aux_loss", "train/grad_norm", "train/tokens_per_second", "train/tflops_per_device",
             "validation/loss"} <= set(tags["scalars"])
+    assert "train/z_loss" not in tags["scalars"]  # moe.z_loss_coeff is 0: nothing to log
     assert [e.value for e in events.Scalars("train/lm_loss")] == pytest.approx(summary["train_losses"])
     assert "pool0/expert_load" in tags["histograms"] and "pool/utilisation" in tags["images"]
 
@@ -248,9 +250,11 @@ def test_logged_throughput_is_work_over_time_not_the_mean_of_step_rates(tiny_con
     config = tiny_config("configs/tiny_unipool_cpu.json")
     logger = MetricsLogger(tmp_path, config.logging, max_steps=2)
     for step, seconds in ((1, 0.1), (2, 0.3)):
-        logger.step(step, {"step_time_s": seconds, "tokens_per_second": 1000 / seconds, "tflops_per_device": 0.01 / seconds})
+        logger.step(step, {"step_time_s": seconds, "tokens_per_second": 1000 / seconds, "tflops_per_device": 0.01 / seconds,
+                           "mfu_percent": 1 / seconds})
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "ms/step 200.0" in line and "tokens/s 5,000" in line and "TFLOP/s/device 0.050" in line, line
+    assert "MFU % 5.0" in line, line  # 2 of work in 0.4 s, not the mean of 10 and 3.3
 
     trainer = Trainer(config, tmp_path / "run")
     trainer.state.tokens_per_second = [1.0, 1000.0, 3000.0]  # the first (warm-up) step is left out
@@ -333,6 +337,7 @@ def test_gpu_monitor_drops_a_counter_the_gpu_does_not_offer(monkeypatch, capsys)
     expected = {"gpu/max_allocated_gib": 1.0, "gpu/memory_used_gib": 3.0, "gpu/power_watts": 250.0}
     assert monitor.read() == expected and monitor.read() == expected
     assert capsys.readouterr().out == "note: gpu/utilisation_percent is not logged: NotSupported: Not Supported\n"
+    assert "gpu/utilisation_percent" in GpuMonitor.COUNTERS  # dropped by this monitor, not for the next one
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
