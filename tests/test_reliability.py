@@ -327,7 +327,6 @@ def test_data_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
     rng = np.random.default_rng(0)
     long = [rng.integers(0, 200, 500).tolist() for _ in range(4)]
     train = write(tmp_path / "train", long, 256, 255)
-    other_tokenizer = write(tmp_path / "valid_gpt2", long, 300, 299)
     short = write(tmp_path / "short", [[1, 2, 3]], 256, 255)
 
     def build(train_prefix, valid_prefix):
@@ -336,8 +335,10 @@ def test_data_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
 
     with pytest.raises(DataError, match=r"indexed dataset file missing: .*missing\.bin|missing\.idx"):
         build(tmp_path / "missing", train)
-    with pytest.raises(DataError, match="train and validation files come from different tokenizers"):
-        build(train, other_tokenizer)
+    for vocab_size, eod_id in ((300, 299), (256, 254), (300, 255)):  # either differing is another tokenizer
+        other_tokenizer = write(tmp_path / f"valid_{vocab_size}_{eod_id}", long, vocab_size, eod_id)
+        with pytest.raises(DataError, match="train and validation files come from different tokenizers"):
+            build(train, other_tokenizer)
     with pytest.raises(DataError, match="short"):
         build(train, short)  # fewer tokens than one sequence
     few = write(tmp_path / "few", [rng.integers(0, 200, 150).tolist()], 256, 255)  # 2 samples of 64 tokens
@@ -345,6 +346,39 @@ def test_data_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
                                         r" train.micro_batch=4.*lower train.micro_batch"):
         build(train, few)  # else the final evaluation gets no batch, after training, before the last save
     assert not (tmp_path / "run" / "checkpoints").exists()
+    exactly_one_batch = write(tmp_path / "four", [rng.integers(0, 200, 4 * 64 + 1).tolist()], 256, 255)
+    assert len(build(train, exactly_one_batch).data.valid) == 4  # one micro-batch is enough
+
+
+def test_validation_batches_are_whole_micro_batches_spread_over_the_split():
+    from megatron_unipool.training.datasets import validation_batches
+
+    class Samples:  # sample i is [i]
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def sample(self, i):
+            return np.array([i])
+
+    def positions(n, micro_batch, eval_batches):
+        return [batch.flatten().tolist() for batch in validation_batches(Samples(n), micro_batch, eval_batches)]
+
+    assert positions(10, 4, 3) == [[0, 1, 3, 4], [5, 6, 8, 9]]  # 2 whole batches, first to last sample
+    assert positions(100, 2, 2) == [[0, 33], [66, 99]]
+    assert positions(4, 4, 5) == [[0, 1, 2, 3]]
+
+
+def test_training_order_follows_the_seed_and_validation_stays_in_file_order(tiny_config, tmp_path):
+    from megatron_unipool.training import build_datasets
+
+    data = [build_datasets(tiny_config(UNIPOOL, f"train.seed={seed}", "model.vocab_size=257")) for seed in (1, 2)]
+    assert not torch.equal(torch.as_tensor(data[0].train.sample(0)), torch.as_tensor(data[1].train.sample(0)))
+    first, second = (torch.as_tensor(data[0].valid.sample(i)) for i in (0, 1))
+    assert torch.equal(first, torch.as_tensor(data[1].valid.sample(0))) and first[-1] == second[0]  # consecutive windows
+    assert data[0].vocab_size == 257  # model.vocab_size equal to the tokenizer's is enough
 
 
 # ------------------------------------------------------------------ SIGKILL and resume
