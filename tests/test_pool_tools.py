@@ -778,6 +778,46 @@ def test_reproduction_refuses_runs_of_other_overrides(reproduce_tool, tmp_path, 
     assert len(launched) == 1 and not list(tmp_path.rglob(".*.tmp"))
 
 
+def test_reproduction_report_states_each_ordering_against_the_seed_spread():
+    """Mean +- sample std per model; 'held' needs the gap to beat the larger of the two stds, a gap
+    under it is 'held, within the seed spread', a gap the wrong way 'did not hold'."""
+    module = tool_module("reproduce")
+
+    def runs(*losses):
+        return [{"final_val_loss": loss, "total_params": 2e6, "active_params": 1e6} for loss in losses]
+
+    text = module.report({"dense": runs(1.9, 1.9), "vanilla": runs(2.0, 2.2), "unipool": runs(1.5, 1.7),
+                          "unipool-67%": runs(2.0, 2.0)})
+    assert "| vanilla | 2.00M | 1.00M | 2.1000 +- 0.1414 | 2 |" in text  # the sample std (population: 0.1000)
+    assert "- vanilla below dense: did not hold (2.1000 vs 1.9000, largest std 0.1414)" in text
+    assert "- unipool below vanilla: held (1.6000 vs 2.1000, largest std 0.1414)" in text
+    assert "- unipool-67% below vanilla: held, within the seed spread (2.0000 vs 2.1000, largest std 0.1414)" in text
+
+
+def test_reproduction_trains_seed_by_seed_without_checkpoints_and_reuses_reduced_pools(reproduce_tool, tmp_path,
+                                                                                     monkeypatch):
+    """Whole seeds of every model first (an interrupted reproduction compares like with like), no
+    checkpoints written, a reduced pool's own override recorded so that a rerun reuses it, and
+    results.json holding each run's numbers."""
+    import types
+
+    module, launched = reproduce_tool
+    commands = []
+    stub = module.subprocess.run
+    monkeypatch.setattr(module, "subprocess", types.SimpleNamespace(
+        run=lambda command, **kwargs: commands.append(command) or stub(command, **kwargs), STDOUT=subprocess.STDOUT))
+    args = ["--seeds", "1", "2", "--models", "vanilla", "unipool-50%", "--output", str(tmp_path)]
+    assert module.main(args) == 0
+    assert launched == [tmp_path / name / f"seed{seed}" for seed in (1, 2) for name in ("vanilla", "unipool-50%")]
+    assert all("checkpoint.save_interval=0" in command for command in commands)
+    assert json.loads((tmp_path / "unipool-50%" / "seed2" / "overrides.json").read_text()) == ["moe.pool_size=16"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    summary = json.loads((tmp_path / "unipool-50%" / "seed2" / "summary.json").read_text())
+    assert results["unipool-50%"][1] == {key: summary[key] for key in (
+        "final_val_loss", "final_train_loss", "total_params", "active_params", "tokens_per_second", "train_losses")}
+    assert module.main(args) == 0 and len(launched) == 4  # every run reused, none refused
+
+
 def test_reproduction_reports_a_failed_run_with_its_log(reproduce_tool, tmp_path):
     module, launched = reproduce_tool
     with pytest.raises(SystemExit) as failure:
