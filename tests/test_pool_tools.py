@@ -655,13 +655,40 @@ def test_utilisation_figure_stays_readable_for_many_vanilla_layers():
         plt.close(fig)
 
 
+def test_utilisation_figure_shows_each_layers_shares_and_the_pools_load():
+    """Heatmap rows are each layer's shares of its slots, labelled with the model layers (dense ones
+    in between skip); the bars are each expert's share of the pool's slots over all layers, with the
+    uniform share marked; single-row pools stack into one panel, pools of several rows do not."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from megatron_unipool.training.plots import utilisation_figure
+
+    counts = np.array([[6, 0, 2, 0], [0, 4, 0, 4]])
+    fig = utilisation_figure([counts], "test", [[1, 3]])
+    heat, bars = fig.axes[0], fig.axes[1]
+    np.testing.assert_allclose(heat.images[0].get_array(), [[0.75, 0, 0.25, 0], [0, 0.5, 0, 0.5]])
+    assert [t.get_text() for t in heat.get_yticklabels()] == ["1", "3"]
+    np.testing.assert_allclose([bar.get_height() for bar in bars.patches], np.array([6, 4, 2, 4]) / 16)
+    assert bars.lines[0].get_ydata()[0] == pytest.approx(1 / 4)
+    plt.close(fig)
+    fig = utilisation_figure([counts[:1], counts[1:]], "test", [[1], [3]])  # vanilla: one row per pool
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["1", "3"] and len(fig.axes[0].images) == 1
+    plt.close(fig)
+    fig = utilisation_figure([counts[:1], np.vstack([counts, counts])], "test", [[0], [1, 2, 3, 4]])
+    assert sum(len(ax.images) for ax in fig.axes) == 2  # two pools, two panels
+    plt.close(fig)
+
+
 def test_save_atomically_keeps_the_previous_file_when_a_write_fails(tmp_path):
     import matplotlib.pyplot as plt
 
     from megatron_unipool.training.plots import save_atomically
 
     path = tmp_path / "report.json"
-    save_atomically(path, lambda temporary: temporary.write_text("old"))
+    written = []
+    save_atomically(path, lambda temporary: written.append(temporary) or temporary.write_text("old"))
+    assert written[0].parent == tmp_path  # the rename stays on one file system: atomic
 
     def half_written(temporary):
         temporary.write_text("partial")
