@@ -803,6 +803,14 @@ def test_reproduction_refuses_runs_of_other_overrides(reproduce_tool, tmp_path, 
     with pytest.raises(SystemExit, match="no overrides.json"):
         module.main(args + ["--set", "train.max_steps=3"])
     assert len(launched) == 1 and not list(tmp_path.rglob(".*.tmp"))
+    # a stale run anywhere (a later seed of a later model; only a checkpoint, from an interrupted run) is
+    # refused before anything trains
+    stale = tmp_path / "other" / "unipool" / "seed2"
+    (stale / "checkpoints").mkdir(parents=True)
+    (stale / "overrides.json").write_text(json.dumps(["train.max_steps=9"]))
+    with pytest.raises(SystemExit, match=re.escape(f"{stale} was trained with the overrides ['train.max_steps=9']")):
+        module.main(["--seeds", "1", "2", "--models", "vanilla", "unipool", "--output", "other"])
+    assert len(launched) == 1
 
 
 def test_reproduction_report_states_each_ordering_against_the_seed_spread():
