@@ -64,7 +64,7 @@ def summarise(averages, steps: int, wall_seconds: float, on_cuda: bool, top: int
     wall_ms = 1e3 * wall_seconds / steps
     busiest = sorted(timed, key=lambda item: -item[1])[:top]
     return {
-        "steps": steps, "wall_ms": wall_ms, "busy_ms": busy_ms, "busy_percent": 100.0 * busy_ms / wall_ms,
+        "counted": "kernels" if on_cuda else "operators", "steps": steps, "wall_ms": wall_ms, "busy_ms": busy_ms, "busy_percent": 100.0 * busy_ms / wall_ms,
         "launches_per_step": sum(count for _, _, count in timed) / steps,
         "categories": dict(sorted(categories.items(), key=lambda item: -item[1])),
         "top": [{"name": name[:120], "ms": micros * per_step_ms, "calls": count / steps, "category": categorise(name)}
@@ -73,10 +73,9 @@ def summarise(averages, steps: int, wall_seconds: float, on_cuda: bool, top: int
 
 
 def format_profile(name: str, summary: dict) -> str:
-    where = "device" if torch.cuda.is_available() else "CPU operators"
+    where = "device" if summary["counted"] == "kernels" else "CPU operators"
     lines = [f"{name}: {summary['wall_ms']:.1f} ms per profiled step, {where} busy {summary['busy_ms']:.1f} ms"
-             f" ({summary['busy_percent']:.0f}%), {summary['launches_per_step']:,.0f} {'kernels' if where == 'device' else 'ops'}"
-             " per step"]
+             f" ({summary['busy_percent']:.0f}%), {summary['launches_per_step']:,.0f} {summary['counted']} per step"]
     lines += [f"  {category:<24} {ms:8.2f} ms {100 * ms / summary['busy_ms']:5.1f}%"
               for category, ms in summary["categories"].items()]
     lines += [f"    {row['ms']:8.2f} ms {row['calls']:6.0f} calls  [{row['category']}] {row['name'][:90]}"

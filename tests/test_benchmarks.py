@@ -89,7 +89,7 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
         assert "gemm" in profile["categories"] and profile["launches_per_step"] > 0
         top = [kernel["ms"] for kernel in profile["top"]]
         assert top == sorted(top, reverse=True) and top[0] <= profile["busy_ms"]
-    assert "vs vanilla" in done.stdout and "ops per step" in done.stderr
+    assert "vs vanilla" in done.stdout and "operators per step" in done.stderr
 
 
 def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
@@ -118,11 +118,13 @@ def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
     assert [kernel["category"] for kernel in summary["top"]] == ["gemm", "optimizer"]
     assert list(summary["categories"]) == ["gemm", "optimizer", "elementwise"]  # largest first
     printed = format_profile("vanilla", summary).splitlines()
+    assert printed[0] == "vanilla: 10.0 ms per profiled step, device busy 5.0 ms (50%), 32 kernels per step"
     assert printed[1].split() == ["gemm", "3.00", "ms", "60.0%"]  # a share of the busy time, not of the wall
     on_cpu = summarise([event("aten::mm", 4000, 8, device=DeviceType.CPU), event("aten::add", 0, 5, device=DeviceType.CPU),
                         event("ProfilerStep#1", 9000, 1, device=DeviceType.CPU)], steps=1, wall_seconds=0.01,
                        on_cuda=False, top=5)
     assert on_cpu["busy_ms"] == 4.0 and on_cpu["launches_per_step"] == 8  # operators that ran, not the ranges around them
+    assert format_profile("dense", on_cpu).splitlines()[0].endswith("CPU operators busy 4.0 ms (40%), 8 operators per step")
     assert [categorise(name) for name in ("aten::_grouped_mm", "cudnn_generated_fort_native_sdpa_sm90_flash_bprop",
                                           "void at::native::indexFuncLargeIndex<float>", "aten::addmm")] == [
         "grouped gemm", "attention", "sort / scan / index", "gemm"]
