@@ -474,14 +474,15 @@ def test_dropless_norm_router_computes_weightless_slots_as_exact_zeros(expert_ge
     for layer in (dropless, cut):
         layer.train()
         x_layer = x.clone().requires_grad_()
+        outputs = []
 
         def step():
             out, losses = layer(x_layer)
             (out.pow(2).sum() + sum(losses.values())).backward()
-            return out.detach()
+            outputs.append(out.detach())
 
         reads = host_reads(step)
-        out = layer(x_layer)[0].detach()
+        out = outputs[0]
         grads = [x_layer.grad] + [p.grad for p in (*layer.parameters(), *layer.pool.parameters())]
         results.append((out, grads, layer.stats.micro_batch_counts[0].clone(), reads))
     (out, grads, counts, reads), (out_cut, grads_cut, counts_cut, reads_cut) = results
