@@ -1,6 +1,11 @@
 """Shared fixtures: the default corpus is tokenised once per test session into a temporary cache."""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton reads it when imported: its kernels then run on CPU tensors, interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (only where a test asks for them: "auto" takes them on CUDA only)
 
 from megatron_unipool.config import load_config
 

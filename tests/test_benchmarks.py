@@ -1,5 +1,6 @@
 """The benchmark scripts run and write the rows their docs promise (tiny sizes; timings are not checked,
 byte counts are: they follow from the shapes)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +67,24 @@ def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
         assert len(counts) == 8 and sum(counts) == 1001
     assert max(expert_counts(1001, 8, "uniform")) - min(expert_counts(1001, 8, "uniform")) == 1
     assert expert_counts(10000, 8, "skewed")[0] > 2 * expert_counts(10000, 8, "skewed")[-1]
+
+
+def test_cross_entropy_benchmark_compares_the_kernel_with_torch(tmp_path):
+    """Both implementations where Triton runs (on a CPU in its interpreter, which conftest.py turns on)."""
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cross_entropy.py"), "--rows", "16", "--vocab",
+                           "300", "--repeats", "1", "--warmup", "0", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    triton_runs = importlib.util.find_spec("triton") is not None and (torch.cuda.is_available()
+                                                                       or os.environ.get("TRITON_INTERPRET") == "1")
+    assert [r["impl"] for r in rows] == ["torch"] + (["triton"] if triton_runs else [])
+    for row in rows:
+        assert row["rows"] == 16 and row["vocab"] == 300 and row["ms"] > 0
+        assert row["gb_per_s"] == pytest.approx(3 * 16 * 300 * 4 / (row["ms"] / 1e3) / 1e9)
+        assert row["speedup_vs_torch"] == pytest.approx(rows[0]["ms"] / row["ms"])
+    assert "vs torch" in done.stdout
 
 
 TINY = ["model.seq_len=32", "model.hidden_size=64", "model.num_heads=4", "model.ffn_hidden_size=128",

@@ -1,5 +1,6 @@
 """Compute kernels with plain-PyTorch fallbacks; nothing here knows about models."""
 from .attention import causal_attention
+from .cross_entropy import cross_entropy_sum
 from .errors import KernelUnavailableError
 from .grouped_gemm import DeferredWeightGradients, autocast_dtype, grouped_swiglu
 from .rms_norm import rms_norm

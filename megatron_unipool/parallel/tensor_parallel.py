@@ -100,13 +100,12 @@ class VocabParallelEmbedding(nn.Module):
 def vocab_parallel_cross_entropy_sum(logits_slice: torch.Tensor, targets: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum over tokens of -log softmax(logits)[target], with the vocabulary split over `group`.
 
-    logits_slice [N, V/tp] holds this rank's vocabulary range. Without a group it is plain
-    cross-entropy. The max is a constant shift (no gradient); the two sums are all-reduced with an
-    identity backward, so each rank's gradient is softmax - onehot on its own slice.
+    logits_slice [N, V/tp] holds this rank's vocabulary range (without tensor parallelism the
+    trainer takes `kernels.cross_entropy_sum`). The max is a constant shift (no gradient); the two
+    sums are all-reduced with an identity backward, so each rank's gradient is softmax - onehot on
+    its own slice.
     """
     logits_slice = logits_slice.float()
-    if group is None:
-        return F.cross_entropy(logits_slice, targets, reduction="sum")
     width = logits_slice.shape[-1]
     first = dist.get_rank(group) * width
     shift = logits_slice.detach().max(dim=-1).values

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, config_to_dict
+from ..kernels import cross_entropy_sum
 from ..model import LanguageModel, RoutingStepStats, param_budget
 from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
@@ -201,8 +202,10 @@ class Trainer:
                     totals[j] += share.detach()
                     loss = share if loss is None else loss + share
             if self.channel.last:
-                lm = vocab_parallel_cross_entropy_sum(out.flatten(0, 1), tokens[:, 1:].flatten(),
-                                                      self.parallel.tp_group)
+                logits, targets = out.flatten(0, 1), tokens[:, 1:].flatten()
+                tp_group = self.parallel.tp_group
+                lm = (cross_entropy_sum(logits, targets, cfg.train.cross_entropy) if tp_group is None
+                      else vocab_parallel_cross_entropy_sum(logits, targets, tp_group))
                 totals[0] += lm.detach() / global_tokens
                 loss = lm / global_tokens if loss is None else lm / global_tokens + loss
                 out = None
