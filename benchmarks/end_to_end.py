@@ -43,9 +43,12 @@ from measurement import checked_overrides, json_output  # noqa: E402
 from step_profile import format_profile, profile_steps  # noqa: E402
 
 QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
-# 8 micro-batches per step: the optimizer step is amortised as in training (the 182M/469M configs' global batch of
-# 512 is 64 micro-batches on one GPU), which 1 micro-batch per step would overstate 2-4x for the MoE models
-ONE_GPU = ["parallel.ep=1", "train.micro_batch=8", "train.global_batch=64"]
+# 128 sequences per step in several micro-batches: the optimizer step is amortised as in training (the 182M/469M
+# configs' global batch of 512 is 16-64 micro-batches on one GPU), which 1 micro-batch per step would overstate 2-4x
+# for the MoE models. Micro-batches as large as an 80 GB H100 holds: at 8 sequences the step was host-bound (device
+# idle for a quarter to a third of it), at 32 (182M; 16 for 469M) the device is busy 83-93% (docs/benchmarks.md)
+ONE_GPU_182M = ["parallel.ep=1", "train.micro_batch=32", "train.global_batch=128"]
+ONE_GPU_469M = ["parallel.ep=1", "train.micro_batch=16", "train.global_batch=128"]
 PER_LAYER = "model.pool_weight_gradients=per_layer"  # the pool's casts and weight gradients layer by layer
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
@@ -57,18 +60,18 @@ SUITES = {
         "unipool-per-layer-wgrad": ("configs/tiny_unipool_cpu.json", [PER_LAYER]),
     },
     "gpu-182m": {
-        "dense": ("configs/dense_182m.json", ONE_GPU),
-        "vanilla": ("configs/vanilla_182m.json", ONE_GPU),
-        "unipool": ("configs/unipool_182m.json", ONE_GPU),
-        "unipool-pool64": ("configs/unipool_182m_pool64.json", ONE_GPU),
-        "unipool-pool48": ("configs/unipool_182m_pool48.json", ONE_GPU),
-        "unipool-per-layer-wgrad": ("configs/unipool_182m.json", ONE_GPU + [PER_LAYER]),
+        "dense": ("configs/dense_182m.json", ONE_GPU_182M),
+        "vanilla": ("configs/vanilla_182m.json", ONE_GPU_182M),
+        "unipool": ("configs/unipool_182m.json", ONE_GPU_182M),
+        "unipool-pool64": ("configs/unipool_182m_pool64.json", ONE_GPU_182M),
+        "unipool-pool48": ("configs/unipool_182m_pool48.json", ONE_GPU_182M),
+        "unipool-per-layer-wgrad": ("configs/unipool_182m.json", ONE_GPU_182M + [PER_LAYER]),
     },
     "gpu-469m": {
-        "dense": ("configs/dense_469m.json", ONE_GPU),
-        "vanilla": ("configs/vanilla_469m.json", ONE_GPU),
-        "unipool": ("configs/unipool_469m.json", ONE_GPU),
-        "unipool-pool96": ("configs/unipool_469m_pool96.json", ONE_GPU),
+        "dense": ("configs/dense_469m.json", ONE_GPU_469M),
+        "vanilla": ("configs/vanilla_469m.json", ONE_GPU_469M),
+        "unipool": ("configs/unipool_469m.json", ONE_GPU_469M),
+        "unipool-pool96": ("configs/unipool_469m_pool96.json", ONE_GPU_469M),
     },
 }
 

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md in one go, on one H100/H200, in at most 9.5 minutes
-# (step limits 540 s, the deepspeed import check 30 s, plus the wheel install; the whole took 289 s
-# on an H200 on 2026-11-26, before the micro-batch-32 step): the kernel tests on CUDA, expert GEMMs
-# vs dense, the MoE layer vs DeepSpeed's, and end-to-end tokens/s, TFLOP/s and MFU of the 182M and
-# 469M models (UniPool vs vanilla step time; the 182M ones with a profile of one step, and again at
-# 32 sequences per micro-batch). Every step has its own time limit, appends its output to
-# <out>/steps.log and writes <out>/<step>.json (6 files in all: a device lends back at most 8); a
-# failing step does not stop the others.
+# (step limits 510 s, the deepspeed import check 30 s, plus the wheel install): the kernel tests on
+# CUDA, expert GEMMs vs dense, the MoE layer vs DeepSpeed's, the cross-entropy kernel vs torch's,
+# and end-to-end tokens/s, TFLOP/s and MFU of the 182M and 469M models at the suites' micro-batches
+# (UniPool vs vanilla step time; the 182M ones with a profile of one step). Every step has its own
+# time limit, appends its output to <out>/steps.log and writes <out>/<step>.json (6 files in all: a
+# device lends back at most 8); a failing step does not stop the others.
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]          # default runs/gpu_checks
 #   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes: checks the plumbing, on CPU too
@@ -53,21 +52,22 @@ if [[ -n ${QUICK:-} ]]; then
     gemm=(--rows 256 --experts 4 --hidden 64 --ffn 32 --repeats 1 --warmup 0)
     layer=(--tokens 128 --experts 4 --hidden 32 --ffn 64 --repeats 1 --warmup 0)
     tiny=(--warmup 1 --steps 1 --set model.seq_len=32 --set train.global_batch=4 --set train.micro_batch=2)
+    cross_entropy=(--rows 64 --vocab 500 --repeats 1 --warmup 0)
     e2e_182m=(--suite cpu --models vanilla unipool --profile-steps 1 "${tiny[@]}")
     e2e_469m=(--suite cpu --models dense "${tiny[@]}")
-    e2e_mb32=(--suite cpu --models vanilla "${tiny[@]}" --set train.micro_batch=4)
 else
     # the 182M models' expert shape (d 768, width 3072; vanilla 8 experts a layer, UniPool a pool of 96);
     # 8192 rows = one micro-batch of 8 x 1024 tokens at top-1
     gemm=(--rows 8192 65536 --experts 8 96 --hidden 768 --ffn 3072)
     # capacity 1.0: the least DeepSpeed's top-2 computes (ours is dropless, so at least as much work)
     layer=(--tokens 8192 32768 --experts 8 96 --hidden 768 --ffn 3072 --capacity-factor 1.0)
+    # the 182M models' logits: micro-batches of 8 and 32 sequences of 1024 tokens, GPT-2's vocabulary padded
+    cross_entropy=(--rows 8192 32768 --vocab 51200)
     # the models the targets name first: a step stopped at its limit keeps the rows measured so far;
-    # 8 micro-batches of 8 x 1024 tokens per step (the suites' setting), 32 x 1024 in the last step
-    e2e_182m=(--suite gpu-182m --models vanilla unipool dense unipool-per-layer-wgrad unipool-pool64 unipool-pool48
+    # 128 sequences per step in micro-batches of 32 (182M) and 16 (469M), the suites' settings
+    e2e_182m=(--suite gpu-182m --models vanilla unipool dense unipool-pool64 unipool-pool48
               --warmup 2 --steps 4 --profile-steps 1)
     e2e_469m=(--suite gpu-469m --models vanilla unipool dense --warmup 2 --steps 3)
-    e2e_mb32=(--suite gpu-182m --models vanilla unipool dense --warmup 2 --steps 4 --set train.micro_batch=32)
 fi
 corpus=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${tokenizer}_train"
         --set "data.valid_prefix=$data/shakespeare_${tokenizer}_valid")
@@ -79,9 +79,10 @@ fi
 step environment 20 $python -c "import torch; print(torch.__version__, torch.version.cuda,
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))
 import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'flash_attn')]"
-step kernels 45 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py
+# (the cross-entropy test that trains a model needs the `shakespeare` package: it runs on CPU, interpreted)
+step kernels 45 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cross_entropy.py -k "not training_step"
 step grouped_gemm 45 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
 step moe_layer 90 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
-step end_to_end_182m 140 $python benchmarks/end_to_end.py "${e2e_182m[@]}" "${corpus[@]}" --json "$out/end_to_end_182m.json"
-step end_to_end_469m 110 $python benchmarks/end_to_end.py "${e2e_469m[@]}" "${corpus[@]}" --json "$out/end_to_end_469m.json"
-step end_to_end_182m_mb32 90 $python benchmarks/end_to_end.py "${e2e_mb32[@]}" "${corpus[@]}" --json "$out/end_to_end_182m_mb32.json"
+step cross_entropy 30 $python benchmarks/cross_entropy.py "${cross_entropy[@]}" --json "$out/cross_entropy.json"
+step end_to_end_182m 150 $python benchmarks/end_to_end.py "${e2e_182m[@]}" "${corpus[@]}" --json "$out/end_to_end_182m.json"
+step end_to_end_469m 130 $python benchmarks/end_to_end.py "${e2e_469m[@]}" "${corpus[@]}" --json "$out/end_to_end_469m.json"

@@ -146,8 +146,9 @@ def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
     assert on_cpu["busy_ms"] == 4.0 and on_cpu["launches_per_step"] == 8  # operators that ran, not the ranges around them
     assert format_profile("dense", on_cpu).splitlines()[0].endswith("CPU operators busy 4.0 ms (40%), 8 operators per step")
     assert [categorise(name) for name in ("aten::_grouped_mm", "cudnn_generated_fort_native_sdpa_sm90_flash_bprop",
-                                          "void at::native::indexFuncLargeIndex<float>", "aten::addmm")] == [
-        "grouped gemm", "attention", "sort / scan / index", "gemm"]
+                                          "void at::native::indexFuncLargeIndex<float>", "aten::addmm",
+                                          "_cross_entropy_backward_kernel")] == [
+        "grouped gemm", "attention", "sort / scan / index", "gemm", "cross entropy / softmax"]
 
 
 def test_end_to_end_benchmark_records_a_failed_model_and_measures_the_rest(data_cache, tmp_path):
@@ -191,7 +192,7 @@ def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)], capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_cache))
     assert done.returncode == 0, done.stderr[-2000:]
-    measuring = ("grouped_gemm", "moe_layer", "end_to_end_182m", "end_to_end_469m", "end_to_end_182m_mb32")
+    measuring = ("grouped_gemm", "moe_layer", "cross_entropy", "end_to_end_182m", "end_to_end_469m")
     for step in ("environment", "kernels", *measuring):
         assert f"== {step}: exit 0" in done.stdout, done.stdout[-3000:]
     for rows in measuring:

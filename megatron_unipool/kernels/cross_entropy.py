@@ -51,7 +51,7 @@ def block_size(vocab: int) -> int:
 
 if triton is not None:  # the kernels exist only where Triton does
     @triton.jit
-    def _forward_kernel(logits_ptr, row_stride, targets_ptr, losses_ptr, lse_ptr, vocab, BLOCK: tl.constexpr):
+    def _cross_entropy_forward_kernel(logits_ptr, row_stride, targets_ptr, losses_ptr, lse_ptr, vocab, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         running_max = float("-inf")
@@ -70,7 +70,7 @@ if triton is not None:  # the kernels exist only where Triton does
         tl.store(losses_ptr + row, lse - target_logit)
 
     @triton.jit
-    def _backward_kernel(logits_ptr, row_stride, targets_ptr, lse_ptr, grad_losses_ptr, grad_losses_stride, grad_ptr,
+    def _cross_entropy_backward_kernel(logits_ptr, row_stride, targets_ptr, lse_ptr, grad_losses_ptr, grad_losses_stride, grad_ptr,
                          grad_row_stride, vocab, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
@@ -98,7 +98,7 @@ class TritonCrossEntropy(torch.autograd.Function):
         block = block or block_size(vocab)
         losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(losses)
-        _forward_kernel[(rows,)](logits, logits.stride(0), targets, losses, lse, vocab, BLOCK=block,
+        _cross_entropy_forward_kernel[(rows,)](logits, logits.stride(0), targets, losses, lse, vocab, BLOCK=block,
                                  num_warps=_warps(block))
         ctx.save_for_backward(logits, targets, lse)
         ctx.block = block
@@ -109,7 +109,7 @@ class TritonCrossEntropy(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         rows, vocab = logits.shape
         grad = torch.empty_like(logits)
-        _backward_kernel[(rows,)](logits, logits.stride(0), targets, lse, grad_losses, grad_losses.stride(0), grad,
+        _cross_entropy_backward_kernel[(rows,)](logits, logits.stride(0), targets, lse, grad_losses, grad_losses.stride(0), grad,
                                   grad.stride(0), vocab, BLOCK=ctx.block, num_warps=_warps(ctx.block))
         return grad, None, None
 
