@@ -150,6 +150,20 @@ def test_padded_rows_start_each_expert_at_an_aligned_row():
     assert padded.tolist() == [8, 0, 16] and rows.tolist() == [0, 1, 2] + list(range(8, 17))
 
 
+def test_row_padding_copies_rows_once_each_way():
+    """The CUDA path's padding: rows go in by one in-place index_copy_ and come out by index_select,
+    whose backward is an index_add: no sort-based index_put (advanced indexing's backward), no copy of
+    the padded buffer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, counts_M, *weights = expert_inputs([30, 0, 17, 50])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        grouped_swiglu(x, counts_M, *weights, backend="grouped_mm", align_rows=8).square().sum().backward()
+    ran = {event.name for event in prof.events()}
+    assert "aten::index_copy_" in ran and "aten::index_select_backward" in ran
+    assert not ran & {"aten::_index_put_impl_", "aten::index_put_", "aten::clone", "aten::index_copy"}
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("counts", [[3, 0, 7, 1, 9], [128, 64, 0, 200]], ids=["small", "large"])

@@ -164,9 +164,12 @@ def _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_r
     if align_rows == 1:
         return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
     rows_P, padded_counts_M = _padded_rows(counts_M, align_rows, x_SD.shape[0])
+    # in place into fresh zeros (index_copy would clone them first); the rows come back by index_select,
+    # whose backward is an index_add, not the sort-based index_put that advanced indexing runs
     padded = x_SD.new_zeros(x_SD.shape[0] + counts_M.numel() * (align_rows - 1), x_SD.shape[1])
-    padded = padded.index_copy(0, rows_P, x_SD)
-    return _GroupedSwiGLU.apply(padded, padded_counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred)[rows_P]
+    padded.index_copy_(0, rows_P, x_SD)
+    out = _GroupedSwiGLU.apply(padded, padded_counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
+    return out.index_select(0, rows_P)
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
