@@ -26,7 +26,8 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from megatron_unipool.kernels import cross_entropy as ce  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from measurement import compute_dtype, json_output, measure_row, print_table, time_forward_backward  # noqa: E402
+from measurement import (add_measurement_arguments, compute_dtype, measure_row, print_table,  # noqa: E402
+                         time_forward_backward)
 
 
 def measure(impl: str, rows: int, vocab: int, args, device, dtype) -> float:
@@ -41,10 +42,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[8192, 32768], help="tokens per micro-batch")
     parser.add_argument("--vocab", type=int, nargs="+", default=[51200])
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--json", type=json_output, help="write the rows here")
+    add_measurement_arguments(parser, repeats=10, warmup=3)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_label = device_name()

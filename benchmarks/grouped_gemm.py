@@ -30,7 +30,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, grouped_swiglu  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from measurement import (add_ratios, compute_dtype, json_output, measure_row, print_table,  # noqa: E402
+from measurement import (add_measurement_arguments, add_ratios, compute_dtype, measure_row, print_table,  # noqa: E402
                          time_forward_backward)
 
 
@@ -68,10 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--ffn", type=int, default=512, help="expert width")
     parser.add_argument("--balance", choices=["uniform", "skewed"], default="uniform")
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", type=json_output, help="write the rows here")
+    add_measurement_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_label = device_name()

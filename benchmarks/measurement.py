@@ -20,6 +20,14 @@ def json_output(text: str) -> Path:
     return path
 
 
+def add_measurement_arguments(parser: argparse.ArgumentParser, repeats: int = 5, warmup: int = 2) -> None:
+    """--dtype, --repeats, --warmup and --json, as every kernel and layer benchmark takes them."""
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--json", type=json_output, help="write the rows here")
+
+
 def checked_overrides(parser: argparse.ArgumentParser, runs: list[tuple[Path, list[str]]], world_size: int = 1) -> None:
     """Load each (config, overrides) before any model is built or process started: when none loads (a
     --set typo) that is one argparse error, not a traceback per model or rank; when only some do, the

@@ -35,7 +35,7 @@ from megatron_unipool.config import MoEConfig  # noqa: E402
 from megatron_unipool.moe import ExpertPool, MoELayer, PoolStats, SwiGLU  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from measurement import (add_ratios, compute_dtype, json_output, measure_row, print_table,  # noqa: E402
+from measurement import (add_measurement_arguments, add_ratios, compute_dtype, measure_row, print_table,  # noqa: E402
                          time_forward_backward)
 
 INIT_STD = 0.02
@@ -91,13 +91,10 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=512, help="expert width")
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="for DeepSpeed's layer")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
     parser.add_argument("--impls", nargs="+", choices=["ours", "ours_grouped_mm", "ours_loop", "deepspeed", "loop",
                                                        "dense"],
                         help="default: ours, the expert GEMM ours does not pick here, deepspeed, loop, dense")
-    parser.add_argument("--json", type=json_output, help="write the rows here")
+    add_measurement_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.impls is None:
