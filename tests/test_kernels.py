@@ -430,6 +430,29 @@ def test_deferred_weight_gradients_on_cuda():
     check_deferred_weight_gradients(torch.bfloat16, "cuda", hidden=64, width=128)
 
 
+@pytest.mark.parametrize("dtype,width,columns,words", [
+    (torch.bfloat16, 12, slice(None), True), (torch.float32, 6, slice(None), True),
+    (torch.bfloat16, 3, slice(None), False),  # 6-byte rows
+    (torch.bfloat16, 9, slice(1, 5), False),  # rows starting 2 bytes into the storage
+    (torch.float64, 4, slice(None), False)])
+def test_index_copy_rows_moves_the_same_bytes_as_index_copy(monkeypatch, dtype, width, columns, words):
+    """The regrouping's row copy: identical to index_copy_ (NaN payloads too), as 8-byte words exactly
+    where both layouts allow it."""
+    from megatron_unipool.kernels.grouped_gemm import index_copy_rows_
+
+    generator = torch.Generator().manual_seed(0)
+    rows = (torch.randn(5, width, generator=generator).to(dtype))[:, columns]
+    rows[1, 0] = float("nan")
+    index = torch.tensor([6, 0, 3, 2, 5])
+    expected = torch.zeros(7, rows.shape[1], dtype=dtype).index_copy_(0, index, rows)
+    copied_as = []
+    index_copy = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda t, *a: copied_as.append(t.dtype) or index_copy(t, *a))
+    actual = index_copy_rows_(torch.zeros(7, rows.shape[1], dtype=dtype), index, rows)
+    assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
+    assert copied_as == [torch.int64 if words else dtype]
+
+
 def test_deferred_weight_gradients_without_rows_are_zeros():
     """No call had a row on this rank: the weights still get a (zero) gradient, as on every other rank."""
     x, counts_M, *weights = expert_inputs([0, 0, 0])

@@ -312,7 +312,7 @@ def _regrouped(calls: list[tuple]) -> tuple:
         out, start = parts[0].new_empty(total, parts[0].shape[1]), 0
         while parts:
             part = parts.pop(0)
-            out.index_copy_(0, destination[start: start + part.shape[0]], part)
+            index_copy_rows_(out, destination[start: start + part.shape[0]], part)
             start += part.shape[0]
         return out
 
@@ -336,6 +336,22 @@ class _ReleaseWeightGradients(torch.autograd.Function):
         if grads is None:  # no call had rows: zeros, so every rank's parameters see the same gradient events
             grads = [torch.zeros_like(w) for w in weights]
         return (grad, None, *(g.to(w.dtype) for g, w in zip(grads, weights)))
+
+
+def index_copy_rows_(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out[index[i]] = rows[i] for 2-D tensors outside autograd, each row moved as 8-byte words where
+    both layouts allow: the same bytes in 4x fewer elements for bf16 rows. PyTorch's index_copy_ kernel
+    spends per element (on CPU bf16 rows of 3072 went 1.4x faster as words); on a GPU not measured yet."""
+    def as_words(t: torch.Tensor) -> torch.Tensor | None:
+        size = t.element_size()
+        aligned = all((n * size) % 8 == 0 for n in (t.shape[1], t.stride(0), t.storage_offset()))
+        return t.view(torch.int64) if size < 8 and t.stride(1) == 1 and aligned else None
+
+    out_words, row_words = as_words(out), as_words(rows)
+    if out_words is None or row_words is None:
+        return out.index_copy_(0, index, rows)
+    out_words.index_copy_(0, index, row_words)
+    return out
 
 
 def _expert_major_destinations(counts_CG: torch.Tensor, total: int) -> torch.Tensor:
