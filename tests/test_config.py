@@ -417,11 +417,9 @@ def test_home_is_expanded_in_paths(tmp_path, monkeypatch):
 def test_param_budget_tool_honours_set_names_its_config_and_refuses_bad_ones(capsys):
     """--set reaches the budget (a 48-expert pool is 50% of vanilla's), the JSON names the config, the
     table's rows are the budget's, and a bad config is one error line with exit status 2."""
-    import importlib.util
+    from script_modules import load_script
 
-    spec = importlib.util.spec_from_file_location("param_budget_tool", REPO / "tools" / "param_budget.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script(REPO / "tools" / "param_budget.py")
     config = str(REPO / "configs/unipool_182m.json")
     assert tool.main(["--config", config, "--set", "moe.pool_size=48", "--json"]) == 0
     budget = json.loads(capsys.readouterr().out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing
 import struct
@@ -33,6 +32,7 @@ from megatron_unipool.data import (
     train_bpe_tokenizer,
     write_indexed,
 )
+from script_modules import load_script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UNICODE_TEXT = "Ünïcödé: naïve café, 日本語, emoji 🎭🐍, combining e\u0301, tab\tand\nnewline."
@@ -603,10 +603,7 @@ def run_preprocess(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def preprocess_main():
     """The tool's ``main(argv)`` in-process, for cases that need no fresh interpreter."""
-    spec = importlib.util.spec_from_file_location("preprocess_data", PREPROCESS_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(PREPROCESS_SCRIPT).main
 
 
 def decoded_documents(prefix, tokenizer) -> list[str]:

@@ -254,12 +254,9 @@ def test_cli_chain_llama_to_upcycled_mixtral_keeps_the_logits(tmp_path):
 @pytest.fixture(scope="module")
 def convert_tool():
     """tools/convert_checkpoint.py as a module, for its readers (no fresh interpreter)."""
-    import importlib.util
+    from script_modules import load_script
 
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 def test_bad_config_json_or_index_is_named_before_any_shard_is_read(tmp_path, convert_tool):

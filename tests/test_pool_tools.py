@@ -3,7 +3,6 @@ measured gap where it cannot, utility-based replicas, optimizer-state copies, de
 launcher round trip), the routing probe and the utilisation analysis."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -19,6 +18,7 @@ from megatron_unipool.model import LanguageModel
 from megatron_unipool.training import Trainer, build_datasets, load_checkpoint, resolve_checkpoint
 from megatron_unipool.training.upcycling import (MAX_EXTRA, expert_utility, replica_sources, upcycle, upcycle_dense,
                                                  utility_batches)
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=128",
@@ -41,10 +41,7 @@ def model_from(config, state):
 
 def tool_module(name: str):
     """tools/<name>.py as a module: its main and helpers in this process, to stub or spy on them."""
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "tools" / f"{name}.py")
 
 
 def tokens(config, count=4, seed=0):

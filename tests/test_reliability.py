@@ -526,11 +526,9 @@ def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(sig, data_cache, tmp_p
 
 
 def test_default_run_directory_is_a_run_directorys_own_only_for_its_config_json(tmp_path):
-    import importlib.util
+    from script_modules import load_script
 
-    spec = importlib.util.spec_from_file_location("pretrain", REPO / "launch" / "pretrain.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
+    launcher = load_script(REPO / "launch" / "pretrain.py")
     (tmp_path / "out" / "checkpoints").mkdir(parents=True)
     assert launcher.default_run_dir(tmp_path / "out" / "config.json") == tmp_path / "out"  # written by the tools
     assert launcher.default_run_dir(tmp_path / "out" / "mine.json") == Path("runs") / "mine"
