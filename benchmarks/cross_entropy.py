@@ -25,6 +25,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 from megatron_unipool.kernels import cross_entropy as ce  # noqa: E402
+from megatron_unipool.kernels.triton_support import interpreting, triton  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
 from measurement import (add_measurement_arguments, compute_dtype, measure_row, print_table,  # noqa: E402
                          time_forward_backward)
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     impls = ["torch"]
-    if ce.triton is not None and (device.type == "cuda" or ce.interpreting()):
+    if triton is not None and (device.type == "cuda" or interpreting()):
         impls.append("triton")
     else:
         print("  triton not measured: Triton is not installed, or no CUDA device (TRITON_INTERPRET=1 runs it on a CPU)",

@@ -34,3 +34,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def triton_runs():
+    """Triton kernels run here: compiled on CUDA, interpreted on a CPU (TRITON_INTERPRET, set above)."""
+    from megatron_unipool.kernels import triton_support
+
+    if triton_support.triton is None:
+        pytest.skip("Triton is not installed")
+    if not (torch.cuda.is_available() or triton_support.interpreting()):
+        pytest.skip("no CUDA device, and Triton was imported without TRITON_INTERPRET=1")

@@ -12,20 +12,14 @@ import torch.nn.functional as F
 
 from megatron_unipool.kernels import KernelUnavailableError, cross_entropy_sum
 from megatron_unipool.kernels import cross_entropy as ce_module
+from megatron_unipool.kernels import triton_support
 from megatron_unipool.training import Trainer
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
-              pytest.mark.skipif(ce_module.triton is None, reason="Triton is not installed")]
+              pytest.mark.skipif(triton_support.triton is None, reason="Triton is not installed")]
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-
-@pytest.fixture
-def triton_runs():
-    """The kernel runs here: compiled on CUDA, in Triton's interpreter on a CPU (conftest.py sets it)."""
-    if not (CUDA or ce_module.interpreting()):
-        pytest.skip("no CUDA device, and Triton was imported without TRITON_INTERPRET=1")
 
 
 def logits_and_targets(rows, vocab, dtype, scale=3.0, seed=0):
@@ -97,7 +91,7 @@ def test_on_a_cpu_auto_takes_torch_and_triton_needs_the_interpreter(monkeypatch)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(KernelUnavailableError, match="train.cross_entropy='triton'"):
         cross_entropy_sum(logits, targets, "triton")
-    monkeypatch.setattr(ce_module, "triton", None)
+    monkeypatch.setattr(triton_support, "triton", None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(KernelUnavailableError, match="needs Triton"):
         cross_entropy_sum(logits, targets, "triton")

@@ -564,7 +564,7 @@ def test_rotary_embedding_keeps_the_input_dtype():
     from megatron_unipool.model.rope import RotaryEmbedding
 
     rope = RotaryEmbedding(head_dim=8, max_seq_len=16, base=10000.0)
-    x = torch.randn(1, 2, 5, 8)
+    x = torch.randn(1, 5, 2, 8)
     rotated = rope(x.bfloat16())
     assert rotated.dtype == torch.bfloat16
     torch.testing.assert_close(rotated.float(), rope(x), rtol=2e-2, atol=2e-2)

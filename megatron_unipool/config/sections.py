@@ -35,6 +35,7 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "flash"] = "auto"  # flash needs flash-attn and CUDA
     expert_gemm: Literal["auto", "grouped_mm", "loop"] = "auto"  # grouped_mm: torch._grouped_mm (bf16 on CUDA)
     rms_norm: Literal["auto", "torch", "apex"] = "auto"  # apex: FusedRMSNorm, needs apex and CUDA
+    rope_kernel: Literal["torch", "triton"] = "torch"  # triton: one fused pass each way (needs Triton, CUDA)
     # a pool shared by several layers: its weight gradients once per backward over all of their tokens
     # ("deferred": keeps each layer's expert activations and their gradients until then) or per layer
     pool_weight_gradients: Literal["deferred", "per_layer"] = "deferred"

@@ -4,3 +4,4 @@ from .cross_entropy import cross_entropy_sum
 from .errors import KernelUnavailableError
 from .grouped_gemm import DeferredWeightGradients, autocast_dtype, grouped_swiglu
 from .rms_norm import rms_norm
+from .rotary import rotary

@@ -10,37 +10,25 @@ again and writes the gradient, softmax - onehot times the incoming gradient, com
 rounded once to the logits' dtype. The same numbers as the eager path up to that rounding.
 
 A target outside the vocabulary gives that row a NaN loss (the eager path raises instead).
-On a CPU, with `TRITON_INTERPRET=1` set before Triton is imported, `"triton"` runs the kernel in
-Triton's interpreter (slowly: how the tests check it there); `"auto"` takes it on CUDA only.
+`"triton"` also runs in Triton's interpreter on a CPU (`triton_support`); `"auto"` takes the kernel
+on CUDA only.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from .errors import KernelUnavailableError
-
-try:  # bundled with CUDA builds of torch; optional on CPU
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
+from .triton_support import tl, triton, triton_runs_on
 
 MAX_BLOCK = 32768  # vocabulary entries a program holds at once (fp32 in registers: 32 per thread at 32 warps)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Sum over rows of -log softmax(logits)[target], in fp32. logits [N, V], targets [N]."""
-    runnable = triton is not None and (logits.is_cuda or interpreting())
-    if backend == "triton" and not runnable:
+    if backend == "triton" and not triton_runs_on(logits):
         raise KernelUnavailableError("train.cross_entropy='triton' needs Triton and a CUDA device")
-    if backend == "triton" or (backend == "auto" and runnable and logits.is_cuda):
+    if backend == "triton" or (backend == "auto" and logits.is_cuda and triton_runs_on(logits)):
         return TritonCrossEntropy.apply(logits, targets).sum()
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 

@@ -30,11 +30,11 @@ class Attention(nn.Module):
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         b, s, _ = x_BSD.shape
         cfg = self.config
-        # -1 heads: this rank's share of them under tensor parallelism
-        q = self.wq(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
+        # -1 heads: this rank's share of them under tensor parallelism; RoPE on the projections' own
+        # [B, S, H, K] layout, then the [B, H, S, K] views attention takes
+        q = self.rope(self.wq(x_BSD).view(b, s, -1, cfg.head_dim)).transpose(1, 2)
+        k = self.rope(self.wk(x_BSD).view(b, s, -1, cfg.head_dim)).transpose(1, 2)
         v = self.wv(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
-        q, k = self.rope(q), self.rope(k)
         if cfg.activation_checkpointing == "attention" and torch.is_grad_enabled():
             # selective recomputation (Megatron's): keep q, k, v, recompute the attention core in backward
             out = checkpoint(causal_attention, q, k, v, cfg.attention, use_reentrant=False)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..kernels import rotary
+
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_seq_len: int, base: float):
+    """The cos / sin tables of every position up to `max_seq_len`, applied by `kernel`
+    (model.rope_kernel: torch's ops or the Triton kernel)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float, kernel: str = "torch"):
         super().__init__()
+        self.kernel = kernel
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x_BHSK: torch.Tensor) -> torch.Tensor:
-        seq = x_BHSK.shape[-2]
-        cos, sin = self.cos[:seq].to(x_BHSK.dtype), self.sin[:seq].to(x_BHSK.dtype)
-        first, second = x_BHSK.chunk(2, dim=-1)
-        return x_BHSK * cos + torch.cat([-second, first], dim=-1) * sin
+    def forward(self, x_BSHK: torch.Tensor) -> torch.Tensor:
+        return rotary(x_BSHK, self.cos, self.sin, self.kernel)

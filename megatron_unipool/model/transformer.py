@@ -89,7 +89,7 @@ class LanguageModel(nn.Module):
         output_std = model.init_std / math.sqrt(2 * model.num_layers)
         self.embedding = nn.Embedding(model.vocab_size, model.hidden_size)
         nn.init.normal_(self.embedding.weight, 0.0, model.init_std)
-        self.rope = RotaryEmbedding(model.head_dim, model.seq_len, model.rope_base)
+        self.rope = RotaryEmbedding(model.head_dim, model.seq_len, model.rope_base, model.rope_kernel)
         self.expert_pools = nn.ModuleList()
         self.pool_stats = nn.ModuleList()
         self.pool_locks = nn.ModuleList()  # UniPool-lock state, one per pool when moe.lock_start_step is set
