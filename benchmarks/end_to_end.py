@@ -50,7 +50,7 @@ QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.
 ONE_GPU_182M = ["parallel.ep=1", "train.micro_batch=32", "train.global_batch=128"]
 ONE_GPU_469M = ["parallel.ep=1", "train.micro_batch=16", "train.global_batch=128"]
 PER_LAYER = "model.pool_weight_gradients=per_layer"  # the pool's casts and weight gradients layer by layer
-ROPE_TRITON = "model.rope_kernel=triton"  # the fused RoPE kernel instead of torch's elementwise ops
+FUSED = ["model.rope_kernel=triton", "model.swiglu_kernel=triton"]  # Triton kernels for RoPE and silu(gate) * up
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
     "cpu": {
@@ -67,8 +67,9 @@ SUITES = {
         "unipool-pool64": ("configs/unipool_182m_pool64.json", ONE_GPU_182M),
         "unipool-pool48": ("configs/unipool_182m_pool48.json", ONE_GPU_182M),
         "unipool-per-layer-wgrad": ("configs/unipool_182m.json", ONE_GPU_182M + [PER_LAYER]),
-        "vanilla-rope-triton": ("configs/vanilla_182m.json", ONE_GPU_182M + [ROPE_TRITON]),
-        "dense-rope-triton": ("configs/dense_182m.json", ONE_GPU_182M + [ROPE_TRITON]),
+        "vanilla-fused": ("configs/vanilla_182m.json", ONE_GPU_182M + FUSED),
+        "unipool-fused": ("configs/unipool_182m.json", ONE_GPU_182M + FUSED),
+        "dense-fused": ("configs/dense_182m.json", ONE_GPU_182M + FUSED),
     },
     "gpu-469m": {
         "dense": ("configs/dense_469m.json", ONE_GPU_469M),

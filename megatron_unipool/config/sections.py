@@ -36,6 +36,7 @@ class ModelConfig:
     expert_gemm: Literal["auto", "grouped_mm", "loop"] = "auto"  # grouped_mm: torch._grouped_mm (bf16 on CUDA)
     rms_norm: Literal["auto", "torch", "apex"] = "auto"  # apex: FusedRMSNorm, needs apex and CUDA
     rope_kernel: Literal["torch", "triton"] = "torch"  # triton: one fused pass each way (needs Triton, CUDA)
+    swiglu_kernel: Literal["torch", "triton"] = "torch"  # silu(gate) * up: likewise (dense FFN, grouped_mm experts)
     # a pool shared by several layers: its weight gradients once per backward over all of their tokens
     # ("deferred": keeps each layer's expert activations and their gradients until then) or per layer
     pool_weight_gradients: Literal["deferred", "per_layer"] = "deferred"

@@ -5,3 +5,4 @@ from .errors import KernelUnavailableError
 from .grouped_gemm import DeferredWeightGradients, autocast_dtype, grouped_swiglu
 from .rms_norm import rms_norm
 from .rotary import rotary
+from .swiglu import swiglu_activation

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import KernelUnavailableError
+from .swiglu import swiglu_backward, swiglu_forward
 
 GROUPED_MM_ALIGN_BYTES = 16
 # The weight-gradient operands of one call are (x, grad_gate, grad_up, hidden, grad_out); each weight's
@@ -68,10 +69,13 @@ def grouped_swiglu(
     backend: str = "auto",
     align_rows: int | None = None,
     deferred: "DeferredWeightGradients | None" = None,
+    activation: str = "torch",
 ) -> torch.Tensor:
     """out[s] = W_down[e] (silu(W_gate[e] x[s]) * W_up[e] x[s]) for the expert e owning slot s.
 
     With `deferred`, backward leaves the weight gradients to it (see DeferredWeightGradients).
+    `activation` computes silu(gate) * up and its backward on the grouped_mm path (kernels.swiglu:
+    torch or triton); the segment loop, a CPU path, uses torch's ops.
     `align_rows` overrides the per-expert row padding of the grouped_mm path (tests use it to
     exercise the CUDA padding on CPU).
     """
@@ -84,7 +88,8 @@ def grouped_swiglu(
         if resolve_expert_gemm(backend, x_SD, w_gate_MFD, w_down_MDF) == "grouped_mm":
             if align_rows is None:
                 align_rows = GROUPED_MM_ALIGN_BYTES // x_SD.element_size() if x_SD.is_cuda else 1
-            return _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows, deferred)
+            return _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows, deferred,
+                                      activation)
         return _SegmentSwiGLU.apply(x_SD, tuple(counts_M.tolist()), w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
 
 
@@ -160,15 +165,16 @@ def _per_expert_zeros(like_MXY: torch.Tensor, segments) -> torch.Tensor:
     return buffer
 
 
-def _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows: int, deferred) -> torch.Tensor:
+def _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows: int, deferred, activation
+                       ) -> torch.Tensor:
     if align_rows == 1:
-        return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
+        return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation)
     rows_P, padded_counts_M = _padded_rows(counts_M, align_rows, x_SD.shape[0])
     # in place into fresh zeros (index_copy would clone them first); the rows come back by index_select,
     # whose backward is an index_add, not the sort-based index_put that advanced indexing runs
     padded = x_SD.new_zeros(x_SD.shape[0] + counts_M.numel() * (align_rows - 1), x_SD.shape[1])
     padded.index_copy_(0, rows_P, x_SD)
-    out = _GroupedSwiGLU.apply(padded, padded_counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
+    out = _GroupedSwiGLU.apply(padded, padded_counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation)
     return out.index_select(0, rows_P)
 
 
@@ -178,30 +184,29 @@ class _GroupedSwiGLU(torch.autograd.Function):
     rows are zero, so they add nothing to the weight gradients."""
 
     @staticmethod
-    def forward(ctx, x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred):
+    def forward(ctx, x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation):
         offsets = torch.cumsum(counts_M, 0).to(torch.int32)
         gate = torch._grouped_mm(x_SD, w_gate_MFD.transpose(-2, -1), offs=offsets)
         up = torch._grouped_mm(x_SD, w_up_MFD.transpose(-2, -1), offs=offsets)
-        ctx.deferred = deferred
+        ctx.deferred, ctx.activation = deferred, activation
         ctx.save_for_backward(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up)
-        return torch._grouped_mm(F.silu(gate) * up, w_down_MDF.transpose(-2, -1), offs=offsets)
+        hidden = swiglu_forward(gate, up, activation)
+        return torch._grouped_mm(hidden, w_down_MDF.transpose(-2, -1), offs=offsets)
 
     @staticmethod
     def backward(ctx, grad_SD):
         x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up = ctx.saved_tensors
         grad_SD = grad_SD.contiguous()  # a broadcast (stride 0) gradient, as from `out.sum()`, is not a GEMM operand
         offsets = torch.cumsum(counts_M, 0).to(torch.int32)
-        silu = F.silu(gate)
         grad_hidden = torch._grouped_mm(grad_SD, w_down_MDF, offs=offsets)
-        grad_up = grad_hidden * silu
-        grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+        grad_gate, grad_up, hidden = swiglu_backward(grad_hidden, gate, up, ctx.activation)
         grad_x = (torch._grouped_mm(grad_gate, w_gate_MFD, offs=offsets)
                   + torch._grouped_mm(grad_up, w_up_MFD, offs=offsets))
-        operands = (x_SD, grad_gate, grad_up, silu.mul_(up), grad_SD)
+        operands = (x_SD, grad_gate, grad_up, hidden, grad_SD)
         if ctx.deferred is not None:
             ctx.deferred.add_rows(counts_M, *operands)
-            return grad_x, None, None, None, None, None
-        return (grad_x, None, *_grouped_weight_gradients(counts_M, *operands), None)
+            return grad_x, None, None, None, None, None, None
+        return (grad_x, None, *_grouped_weight_gradients(counts_M, *operands), None, None)
 
 
 def _grouped_weight_gradients(counts_M, *operands):

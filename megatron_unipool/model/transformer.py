@@ -97,7 +97,7 @@ class LanguageModel(nn.Module):
         for layers in moe.pool_layout(model.num_layers):
             experts = moe.experts_per_pool(model.num_layers)
             pool = ExpertPool(experts, model.hidden_size, moe.expert_width(model.ffn_hidden_size), model.init_std, output_std,
-                              model.expert_gemm)
+                              model.expert_gemm, model.swiglu_kernel)
             stats = PoolStats(len(layers), experts, moe.pool_aux_lag)
             self.expert_pools.append(pool)
             self.pool_stats.append(stats)
@@ -108,7 +108,8 @@ class LanguageModel(nn.Module):
                 ffns[layer] = MoELayer(moe, model.hidden_size, pool, stats, slot, len(layers), model.init_std, output_std,
                                        recompute_experts=model.activation_checkpointing == "ffn", lock=lock)
         self.layers = nn.ModuleList(
-            Block(model, self.rope, ffns.get(i) or SwiGLU(model.hidden_size, model.ffn_hidden_size, model.init_std, output_std), output_std)
+            Block(model, self.rope, ffns.get(i) or SwiGLU(model.hidden_size, model.ffn_hidden_size, model.init_std, output_std,
+                                                          model.swiglu_kernel), output_std)
             for i in range(model.num_layers)
         )
         self.local_layers = list(range(model.num_layers))  # this pipeline stage's layers

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
-from ..kernels import DeferredWeightGradients, autocast_dtype, grouped_swiglu
+from ..kernels import DeferredWeightGradients, autocast_dtype, grouped_swiglu, swiglu_activation
 from ..parallel.expert_parallel import dispatch_to_experts, return_to_sources
 from ..parallel.state import Group
 
@@ -22,10 +22,11 @@ class ExpertPool(nn.Module):
     WEIGHTS = ("w_gate", "w_up", "w_down")
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float, output_std: float,
-                 gemm: str = "auto"):
+                 gemm: str = "auto", activation: str = "torch"):
         super().__init__()
         self.num_experts = num_experts  # in the whole pool, whatever this rank holds
         self.gemm = gemm  # kernels.grouped_swiglu backend: auto | grouped_mm | loop
+        self.activation = activation  # kernels.swiglu backend: torch | triton
         self.ep_group: Group = None
         # inside `deferred_weight_gradients` only
         self._deferred: Optional[DeferredWeightGradients] = None
@@ -66,17 +67,20 @@ class ExpertPool(nn.Module):
         """Outputs for slots sorted by expert (counts_M over the whole pool), in the same order."""
         weights = self._compute_weights or (self.w_gate, self.w_up, self.w_down)
         if self.ep_group is None:
-            return grouped_swiglu(x_SD, counts_M, *weights, self.gemm, deferred=self._deferred)
+            return grouped_swiglu(x_SD, counts_M, *weights, self.gemm, deferred=self._deferred, activation=self.activation)
         x_local, exchange = dispatch_to_experts(x_SD, counts_M, self.ep_group)
-        y_local = grouped_swiglu(x_local, exchange.local_counts, *weights, self.gemm, deferred=self._deferred)
+        y_local = grouped_swiglu(x_local, exchange.local_counts, *weights, self.gemm, deferred=self._deferred,
+                                 activation=self.activation)
         return return_to_sources(y_local, exchange)
 
 
 class SwiGLU(nn.Module):
-    """Dense LLaMA feed-forward: W2 (silu(W1 x) * W3 x)."""
+    """Dense LLaMA feed-forward: W2 (silu(W1 x) * W3 x); `activation` computes silu(.) * . (kernels.swiglu)."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, init_std: float, output_std: float):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, init_std: float, output_std: float,
+                 activation: str = "torch"):
         super().__init__()
+        self.activation = activation
         self.w_gate = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
         self.w_up = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
         self.w_down = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
@@ -84,4 +88,4 @@ class SwiGLU(nn.Module):
             nn.init.normal_(w.weight, 0.0, std)
 
     def forward(self, x):
-        return self.w_down(nn.functional.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(swiglu_activation(self.w_gate(x), self.w_up(x), self.activation))

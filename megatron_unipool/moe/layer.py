@@ -40,7 +40,7 @@ class MoELayer(nn.Module):
         self.layer_slot = layer_slot
         self.layers_in_pool = layers_in_pool
         self.shared_expert = (
-            SwiGLU(hidden_size, config.shared_expert_ffn_hidden_size, init_std, output_std)
+            SwiGLU(hidden_size, config.shared_expert_ffn_hidden_size, init_std, output_std, pool.activation)
             if config.shared_expert_ffn_hidden_size
             else None
         )

@@ -1,0 +1,112 @@
+"""The SwiGLU activation kernel against torch's ops in fp32: alone, under autograd (the dense FFN),
+inside the grouped expert computation (padded, deferred), and in whole models."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_unipool.kernels import KernelUnavailableError, grouped_gemm, grouped_swiglu, swiglu_activation
+from megatron_unipool.kernels import swiglu as swiglu_module
+from megatron_unipool.kernels.swiglu import swiglu_backward, swiglu_forward
+from megatron_unipool.model import LanguageModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2}}
+
+
+def tensors(*shape, dtype=torch.float32, count=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=generator) * 2).to(DEVICE, dtype) for _ in range(count)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_fp32_ops(dtype, triton_runs):
+    """3 x 1001 elements: the last program partly masked."""
+    grad_hidden, gate, up = tensors(3, 1001, dtype=dtype)
+    reference_gate, reference_up = gate.float().requires_grad_(), up.float().requires_grad_()
+    reference = F.silu(reference_gate) * reference_up
+    reference.backward(grad_hidden.float())
+    torch.testing.assert_close(swiglu_forward(gate, up, "triton").float(), reference.detach(), **TOLERANCE[dtype])
+    grad_gate, grad_up, hidden = swiglu_backward(grad_hidden, gate, up, "triton")
+    for ours, expected in ((grad_gate, reference_gate.grad), (grad_up, reference_up.grad), (hidden, reference)):
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours.float(), expected.detach(), **TOLERANCE[dtype])
+    assert swiglu_backward(grad_hidden, gate, up, "triton", need_hidden=False)[2] is None
+
+
+def test_dense_activation_under_autograd(triton_runs):
+    gate, up, weights = tensors(4, 37)
+    results = []
+    for backend in ("triton", "torch"):
+        g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        out = swiglu_activation(g, u, backend)
+        (out * weights).sum().backward()
+        results.append((out.detach(), g.grad, u.grad))
+    for ours, expected in zip(*results):
+        torch.testing.assert_close(ours, expected, **TOLERANCE[torch.float32])
+
+
+# rows past the last padded group are never written by grouped_mm: the interpreter warns about their garbage
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("align_rows", [1, 8])
+@pytest.mark.parametrize("deferred", [False, True])
+def test_grouped_experts_with_the_kernel_equal_torch(align_rows, deferred, triton_runs):
+    """The grouped_mm path (as on CUDA: padded rows; and the pool's deferred weight gradients)."""
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 9, 2], device=DEVICE)
+    x = torch.randn(16, 16, generator=generator).to(DEVICE)
+    weights = [(torch.randn(shape, generator=generator) * 0.3).to(DEVICE)
+               for shape in ((4, 24, 16), (4, 24, 16), (4, 16, 24))]
+    results = []
+    for activation in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, *weights)]
+        collector = grouped_gemm.DeferredWeightGradients() if deferred else None
+        anchor = collector.attach(leaves[0], *leaves[1:]) if deferred else leaves[0]
+        out = grouped_swiglu(anchor, counts, *leaves[1:], backend="grouped_mm", align_rows=align_rows,
+                             deferred=collector, activation=activation)
+        out.square().sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for ours, expected in zip(*results):
+        torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["configs/tiny_dense_cpu.json", "configs/tiny_unipool_cpu.json"])
+def test_model_with_the_kernel_equals_the_torch_model(config, tiny_config, triton_runs, monkeypatch):
+    """model.swiglu_kernel decides for every FFN, forward and backward: the dense ones and the experts'
+    (grouped_mm)."""
+    cfg = tiny_config(config, "model.expert_gemm=grouped_mm")
+    backends = []
+    forward = grouped_gemm.swiglu_forward
+    backward = grouped_gemm.swiglu_backward
+    monkeypatch.setattr(grouped_gemm, "swiglu_forward", lambda g, u, b: backends.append(b) or forward(g, u, b))
+    monkeypatch.setattr(grouped_gemm, "swiglu_backward", lambda *a: backends.append(a[3]) or backward(*a))
+    apply = swiglu_module._TritonSwiGLUActivation.apply
+    monkeypatch.setattr(swiglu_module._TritonSwiGLUActivation, "apply",
+                        lambda *a: backends.append("triton") or apply(*a))
+    results = []
+    for kernel in ("triton", "torch"):
+        cfg.model.swiglu_kernel = kernel
+        torch.manual_seed(0)
+        model = LanguageModel(cfg.model, cfg.moe).to(DEVICE)
+        backends.clear()
+        logits, losses = model(torch.randint(0, cfg.model.vocab_size, (2, 16),
+                                              generator=torch.Generator().manual_seed(1)).to(DEVICE))
+        (logits.float().square().mean() + sum(losses.values(), torch.zeros((), device=DEVICE))).backward()
+        moe_layers = len(model.moe_layers())  # forward and backward each; a dense FFN's kernel is one autograd op
+        assert backends.count("triton") == (2 * moe_layers + cfg.model.num_layers - moe_layers if kernel == "triton" else 0)
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")
+def test_triton_without_cuda_or_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    gate, up, _ = tensors(2, 8)
+    with pytest.raises(KernelUnavailableError, match="model.swiglu_kernel='triton'"):
+        swiglu_forward(gate, up, "triton")
