@@ -43,6 +43,19 @@ def test_kernel_matches_the_eager_rotation_in_fp32(dtype, shape, triton_runs):
         torch.testing.assert_close(a, e, **tolerance)
 
 
+def test_kernel_reads_strided_rows(triton_runs):
+    """A [B, S, H, K] view of a [B, H, S, K] tensor (how the gradient comes back through attention's
+    transpose) and rows with a gap between them: the kernel reads them in place."""
+    generator = torch.Generator().manual_seed(0)
+    cos, sin = tables(8)
+    for x in (torch.randn(2, 3, 9, 8, generator=generator).transpose(1, 2),
+              torch.randn(2, 9, 3, 12, generator=generator)[..., 2:10]):
+        x = x.to(DEVICE)
+        assert not x.is_contiguous()
+        torch.testing.assert_close(TritonRotary.apply(x, cos[:9], sin[:9]), rotary(x, cos, sin, "torch"),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_eager_rotation_on_the_projection_layout_equals_the_transposed_one():
     """Applied on [B, S, H, K] before the transpose it is bit for bit the rotation it replaced on the
     [B, H, S, K] view (rotate half: -x2, x1)."""

@@ -31,15 +31,17 @@ def rotary(x_BSHK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor, bac
 
 
 def _rotate(x_BSHK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor, sign: float) -> torch.Tensor:
-    """One launch: every row of x (a position and head) rotated by sign * its position's angles."""
+    """One launch: every row of x (a position and head) rotated by sign * its position's angles, into
+    a contiguous [B, S, H, K]. x may be strided (the gradient arrives through attention's transpose)
+    as long as each row is contiguous."""
     batch, seq, heads, dim = x_BSHK.shape
-    x = x_BSHK.contiguous()
-    out = torch.empty_like(x)
+    x = x_BSHK if x_BSHK.stride(-1) == 1 else x_BSHK.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = batch * seq * heads
     half = dim // 2
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
-    _rotary_kernel[grid](x, out, cos_SK, sin_SK, rows, heads, seq, cos_SK.stride(0), sign, HALF=half,
-                         BLOCK_HALF=triton.next_power_of_2(half), BLOCK_ROWS=ROWS_PER_PROGRAM)
+    _rotary_kernel[grid](x, out, cos_SK, sin_SK, rows, heads, seq, *x.stride()[:3], cos_SK.stride(0), sign,
+                         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_ROWS=ROWS_PER_PROGRAM)
     return out
 
 
@@ -57,16 +59,18 @@ class TritonRotary(torch.autograd.Function):
 
 if triton is not None:  # the kernel exists only where Triton does
     @triton.jit
-    def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, heads, seq, table_stride, sign,
-                       HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-        row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    def _rotary_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, rows, heads, seq, batch_stride, seq_stride, head_stride,
+                       table_stride, sign, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (batch, position, head)
         col = tl.arange(0, BLOCK_HALF)
         mask = (row < rows)[:, None] & (col < HALF)[None, :]
-        first = row.to(tl.int64)[:, None] * (2 * HALF) + col[None, :]  # contiguous rows of 2 * HALF
-        table = ((row // heads) % seq).to(tl.int64)[:, None] * table_stride + col[None, :]
-        x1 = tl.load(x_ptr + first, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + first + HALF, mask=mask, other=0.0).to(tl.float32)
+        position = (row // heads) % seq
+        source = ((row // (heads * seq)) * batch_stride + position * seq_stride + (row % heads) * head_stride)[:, None]
+        target = row[:, None] * (2 * HALF) + col[None, :]  # out is contiguous
+        table = position[:, None] * table_stride + col[None, :]
+        x1 = tl.load(x_ptr + source + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + source + HALF + col[None, :], mask=mask, other=0.0).to(tl.float32)
         cos = tl.load(cos_ptr + table, mask=mask, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + table, mask=mask, other=0.0).to(tl.float32) * sign
-        tl.store(out_ptr + first, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptr + first + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + target, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + target + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
