@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md in one go, on one H100/H200, in at most 9.5 minutes
 # (step limits 540 s, the deepspeed import check 30 s, plus the wheel install): the kernel tests on
-# CUDA, expert GEMMs vs dense, the MoE layer vs DeepSpeed's, the cross-entropy kernel vs torch's,
+# CUDA, expert GEMMs vs dense, the MoE layer vs DeepSpeed's, the Triton kernels vs torch's ops,
 # and end-to-end tokens/s, TFLOP/s and MFU of the 182M and 469M models at the suites' micro-batches
 # (UniPool vs vanilla step time; the 182M ones with a profile of one step, and with the RoPE and SwiGLU
 # kernels). Every step has its own
@@ -53,7 +53,7 @@ if [[ -n ${QUICK:-} ]]; then
     gemm=(--rows 256 --experts 4 --hidden 64 --ffn 32 --repeats 1 --warmup 0)
     layer=(--tokens 128 --experts 4 --hidden 32 --ffn 64 --repeats 1 --warmup 0)
     tiny=(--warmup 1 --steps 1 --set model.seq_len=32 --set train.global_batch=4 --set train.micro_batch=2)
-    cross_entropy=(--rows 64 --vocab 500 --repeats 1 --warmup 0)
+    fused=(--tokens 64 --vocab 500 --seq-len 16 --heads 2 --head-dim 8 --ffn 32 --repeats 1 --warmup 0)
     e2e_182m=(--suite cpu --models vanilla unipool --profile-steps 1 "${tiny[@]}")
     e2e_469m=(--suite cpu --models dense "${tiny[@]}")
 else
@@ -62,8 +62,8 @@ else
     gemm=(--rows 8192 65536 --experts 8 96 --hidden 768 --ffn 3072)
     # capacity 1.0: the least DeepSpeed's top-2 computes (ours is dropless, so at least as much work)
     layer=(--tokens 8192 32768 --experts 8 96 --hidden 768 --ffn 3072 --capacity-factor 1.0)
-    # the 182M models' logits: micro-batches of 8 and 32 sequences of 1024 tokens, GPT-2's vocabulary padded
-    cross_entropy=(--rows 8192 32768 --vocab 51200)
+    # the 182M models' shapes (its defaults) at micro-batches of 8 and 32 sequences of 1024 tokens
+    fused=(--tokens 8192 32768)
     # the models the targets name first: a step stopped at its limit keeps the rows measured so far;
     # 128 sequences per step in micro-batches of 32 (182M) and 16 (469M), the suites' settings
     e2e_182m=(--suite gpu-182m --models vanilla unipool dense vanilla-fused unipool-fused dense-fused
@@ -85,6 +85,6 @@ step kernels 45 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py t
     tests/test_rotary.py tests/test_swiglu.py -k "not training_step"
 step grouped_gemm 45 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
 step moe_layer 90 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
-step cross_entropy 30 $python benchmarks/cross_entropy.py "${cross_entropy[@]}" --json "$out/cross_entropy.json"
+step triton_kernels 30 $python benchmarks/triton_kernels.py "${fused[@]}" --json "$out/triton_kernels.json"
 step end_to_end_182m 160 $python benchmarks/end_to_end.py "${e2e_182m[@]}" "${corpus[@]}" --json "$out/end_to_end_182m.json"
 step end_to_end_469m 150 $python benchmarks/end_to_end.py "${e2e_469m[@]}" "${corpus[@]}" --json "$out/end_to_end_469m.json"

@@ -69,21 +69,27 @@ def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
     assert expert_counts(10000, 8, "skewed")[0] > 2 * expert_counts(10000, 8, "skewed")[-1]
 
 
-def test_cross_entropy_benchmark_compares_the_kernel_with_torch(tmp_path):
-    """Both implementations where Triton runs (on a CPU in its interpreter, which conftest.py turns on)."""
+def test_triton_kernels_benchmark_compares_each_kernel_with_torch(tmp_path):
+    """Both implementations of each kernel where Triton runs (on a CPU in its interpreter, which
+    conftest.py turns on); the least traffic follows from the shapes."""
     out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cross_entropy.py"), "--rows", "16", "--vocab",
-                           "300", "--repeats", "1", "--warmup", "0", "--json", str(out)],
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "triton_kernels.py"), "--tokens", "32",
+                           "--vocab", "300", "--seq-len", "16", "--heads", "2", "--head-dim", "8", "--ffn", "24",
+                           "--repeats", "1", "--warmup", "0", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
     triton_runs = importlib.util.find_spec("triton") is not None and (torch.cuda.is_available()
                                                                        or os.environ.get("TRITON_INTERPRET") == "1")
-    assert [r["impl"] for r in rows] == ["torch"] + (["triton"] if triton_runs else [])
+    impls = ["torch"] + (["triton"] if triton_runs else [])
+    assert [(r["kernel"], r["impl"]) for r in rows] == [(k, i) for k in ("cross_entropy", "rotary", "swiglu")
+                                                         for i in impls]
+    elements = {"cross_entropy": 3 * 32 * 300, "rotary": 4 * 2 * 16 * 2 * 8, "swiglu": 8 * 32 * 24}
     for row in rows:
-        assert row["rows"] == 16 and row["vocab"] == 300 and row["ms"] > 0
-        assert row["gb_per_s"] == pytest.approx(3 * 16 * 300 * 4 / (row["ms"] / 1e3) / 1e9)
-        assert row["speedup_vs_torch"] == pytest.approx(rows[0]["ms"] / row["ms"])
+        assert row["tokens"] == 32 and row["ms"] > 0 and "error" not in row
+        assert row["gb_per_s"] == pytest.approx(elements[row["kernel"]] * 4 / (row["ms"] / 1e3) / 1e9)
+        torch_row = next(r for r in rows if r["kernel"] == row["kernel"] and r["impl"] == "torch")
+        assert row["speedup_vs_torch"] == pytest.approx(torch_row["ms"] / row["ms"])
     assert "vs torch" in done.stdout
 
 
@@ -192,7 +198,7 @@ def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)], capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_cache))
     assert done.returncode == 0, done.stderr[-2000:]
-    measuring = ("grouped_gemm", "moe_layer", "cross_entropy", "end_to_end_182m", "end_to_end_469m")
+    measuring = ("grouped_gemm", "moe_layer", "triton_kernels", "end_to_end_182m", "end_to_end_469m")
     for step in ("environment", "kernels", *measuring):
         assert f"== {step}: exit 0" in done.stdout, done.stdout[-3000:]
     for rows in measuring:
