@@ -18,17 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import KernelUnavailableError
-from .triton_support import tl, triton, triton_runs_on
+from .triton_support import tl, triton, triton_runs_on, wants_triton
 
 MAX_BLOCK = 32768  # vocabulary entries a program holds at once (fp32 in registers: 32 per thread at 32 warps)
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Sum over rows of -log softmax(logits)[target], in fp32. logits [N, V], targets [N]."""
-    if backend == "triton" and not triton_runs_on(logits):
-        raise KernelUnavailableError("train.cross_entropy='triton' needs Triton and a CUDA device")
-    if backend == "triton" or (backend == "auto" and logits.is_cuda and triton_runs_on(logits)):
+    if (wants_triton(backend, logits, "train.cross_entropy")
+            or (backend == "auto" and logits.is_cuda and triton_runs_on(logits))):
         return TritonCrossEntropy.apply(logits, targets).sum()
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
@@ -39,7 +37,8 @@ def block_size(vocab: int) -> int:
 
 if triton is not None:  # the kernels exist only where Triton does
     @triton.jit
-    def _cross_entropy_forward_kernel(logits_ptr, row_stride, targets_ptr, losses_ptr, lse_ptr, vocab, BLOCK: tl.constexpr):
+    def _cross_entropy_forward_kernel(logits_ptr, row_stride, targets_ptr, losses_ptr, lse_ptr, vocab,
+                                      BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         running_max = float("-inf")
@@ -58,8 +57,8 @@ if triton is not None:  # the kernels exist only where Triton does
         tl.store(losses_ptr + row, lse - target_logit)
 
     @triton.jit
-    def _cross_entropy_backward_kernel(logits_ptr, row_stride, targets_ptr, lse_ptr, grad_losses_ptr, grad_losses_stride, grad_ptr,
-                         grad_row_stride, vocab, BLOCK: tl.constexpr):
+    def _cross_entropy_backward_kernel(logits_ptr, row_stride, targets_ptr, lse_ptr, grad_losses_ptr,
+                                       grad_losses_stride, grad_ptr, grad_row_stride, vocab, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         grad_row_ptr = grad_ptr + row * grad_row_stride
@@ -87,7 +86,7 @@ class TritonCrossEntropy(torch.autograd.Function):
         losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(losses)
         _cross_entropy_forward_kernel[(rows,)](logits, logits.stride(0), targets, losses, lse, vocab, BLOCK=block,
-                                 num_warps=_warps(block))
+                                               num_warps=_warps(block))
         ctx.save_for_backward(logits, targets, lse)
         ctx.block = block
         return losses
@@ -97,8 +96,9 @@ class TritonCrossEntropy(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         rows, vocab = logits.shape
         grad = torch.empty_like(logits)
-        _cross_entropy_backward_kernel[(rows,)](logits, logits.stride(0), targets, lse, grad_losses, grad_losses.stride(0), grad,
-                                  grad.stride(0), vocab, BLOCK=ctx.block, num_warps=_warps(ctx.block))
+        _cross_entropy_backward_kernel[(rows,)](logits, logits.stride(0), targets, lse, grad_losses,
+                                                grad_losses.stride(0), grad, grad.stride(0), vocab, BLOCK=ctx.block,
+                                                num_warps=_warps(ctx.block))
         return grad, None, None
 
 

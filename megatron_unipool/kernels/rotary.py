@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import KernelUnavailableError
-from .triton_support import tl, triton, triton_runs_on
+from .triton_support import tl, triton, wants_triton
 
 ROWS_PER_PROGRAM = 32
 
@@ -21,9 +20,7 @@ def rotary(x_BSHK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor, bac
     """x rotated by position: cos_SK / sin_SK hold cos and sin of each position's angles, the first
     half of K repeated in the second (at least x's sequence length of rows)."""
     seq = x_BSHK.shape[1]
-    if backend == "triton":
-        if not triton_runs_on(x_BSHK):
-            raise KernelUnavailableError("model.rope_kernel='triton' needs Triton and a CUDA device")
+    if wants_triton(backend, x_BSHK, "model.rope_kernel"):
         return TritonRotary.apply(x_BSHK, cos_SK[:seq], sin_SK[:seq])
     cos, sin = cos_SK[:seq, None, :].to(x_BSHK.dtype), sin_SK[:seq, None, :].to(x_BSHK.dtype)
     first, second = x_BSHK.chunk(2, dim=-1)

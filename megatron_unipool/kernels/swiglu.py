@@ -12,22 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import KernelUnavailableError
-from .triton_support import tl, triton, triton_runs_on
+from .triton_support import tl, triton, wants_triton
 
 BLOCK = 1024
 
 
-def _check(backend: str, t: torch.Tensor) -> bool:
-    """Whether to take the kernel; a 'triton' this machine cannot run is an error."""
-    if backend == "triton" and not triton_runs_on(t):
-        raise KernelUnavailableError("model.swiglu_kernel='triton' needs Triton and a CUDA device")
-    return backend == "triton"
-
-
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """silu(gate) * up, outside autograd (for kernels with their own backward)."""
-    if not _check(backend, gate):
+    if not wants_triton(backend, gate, "model.swiglu_kernel"):
         return F.silu(gate) * up
     gate, up = gate.contiguous(), up.contiguous()
     hidden = torch.empty_like(gate)
@@ -39,7 +31,7 @@ def swiglu_backward(grad_hidden: torch.Tensor, gate: torch.Tensor, up: torch.Ten
                     need_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(grad of gate, grad of up, silu(gate) * up or None) from the gradient of silu(gate) * up.
     Eager, it overwrites `grad_hidden`."""
-    if not _check(backend, gate):
+    if not wants_triton(backend, gate, "model.swiglu_kernel"):
         silu = F.silu(gate)
         grad_up = grad_hidden * silu
         grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
@@ -68,7 +60,7 @@ class _TritonSwiGLUActivation(torch.autograd.Function):
 
 def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """silu(gate) * up under autograd (the dense SwiGLU): torch's ops, or the kernel each way."""
-    if not _check(backend, gate):
+    if not wants_triton(backend, gate, "model.swiglu_kernel"):
         return F.silu(gate) * up
     return _TritonSwiGLUActivation.apply(gate, up)
 

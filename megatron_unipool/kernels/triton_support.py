@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .errors import KernelUnavailableError
+
 try:
     import triton
     import triton.language as tl
@@ -21,3 +23,11 @@ def interpreting() -> bool:
 def triton_runs_on(t: torch.Tensor) -> bool:
     """A Triton kernel can take `t` here: compiled on CUDA, interpreted on a CPU."""
     return triton is not None and (t.is_cuda or interpreting())
+
+
+def wants_triton(backend: str, t: torch.Tensor, field: str) -> bool:
+    """Whether config `field` set to `backend` asks for the Triton kernel; one this machine cannot run
+    on `t` is the user's error."""
+    if backend == "triton" and not triton_runs_on(t):
+        raise KernelUnavailableError(f"{field}='triton' needs Triton and a CUDA device")
+    return backend == "triton"
