@@ -517,6 +517,29 @@ def test_a_backward_that_stops_short_of_the_anchor_leaves_nothing_behind(case):
         assert_close_relative(w.grad, e, 1e-6, f"{case} {name}")
 
 
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_a_call_whose_output_is_unused_adds_nothing(case, monkeypatch):
+    """Of three deferred calls, the loss uses two: the third's backward never runs, so its rows among
+    the gathered operands are never written; they must add nothing (buffers start as NaN here)."""
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **kw: (
+        lambda out: out.fill_(float("nan")) if out.is_floating_point() else out)(new_empty(t, *a, **kw)))
+    routings = [[3, 0, 5], [2, 4, 2], [0, 6, 2]]
+    _, _, *weights = expert_inputs(routings[0], hidden=8, width=16)
+    xs = [expert_inputs(c, hidden=8, width=16, seed=1 + i)[0].detach() for i, c in enumerate(routings)]
+    counts = [torch.tensor(c) for c in routings]
+    expected = [torch.zeros_like(w) for w in weights]
+    for x, c in (zip(xs[::2], counts[::2])):
+        for total, grad in zip(expected, torch.autograd.grad(grouped_swiglu(x, c, *weights, **GEMM_CASES[case]).sum(), weights)):
+            total += grad
+    collector = DeferredWeightGradients()
+    anchor = collector.attach(torch.zeros(()), *weights)
+    outs = [grouped_swiglu(x + anchor, c, *weights, deferred=collector, **GEMM_CASES[case]) for x, c in zip(xs, counts)]
+    actual = torch.autograd.grad(outs[0].sum() + outs[2].sum(), weights)
+    for name, a, e in zip(["w_gate", "w_up", "w_down"], actual, expected):
+        assert_close_relative(a, e, 1e-6, f"{case} {name}")
+
+
 def test_apex_without_its_cuda_extension_is_not_picked(monkeypatch):
     """apex imports fused_layer_norm_cuda at its first call: an apex built without --cuda_ext must be
     found out at import, or 'auto' would pick it and fail in the first forward (stub modules here)."""
