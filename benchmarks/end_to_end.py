@@ -50,7 +50,8 @@ QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.
 ONE_GPU_182M = ["parallel.ep=1", "train.micro_batch=32", "train.global_batch=128"]
 ONE_GPU_469M = ["parallel.ep=1", "train.micro_batch=16", "train.global_batch=128"]
 PER_LAYER = "model.pool_weight_gradients=per_layer"  # the pool's casts and weight gradients layer by layer
-FUSED = ["model.rope_kernel=triton", "model.swiglu_kernel=triton"]  # Triton kernels for RoPE and silu(gate) * up
+# the Triton kernels: RoPE, silu(gate) * up, and a shared pool's deferred weight gradients (UniPool)
+FUSED = ["model.rope_kernel=triton", "model.swiglu_kernel=triton", "model.pool_wgrad_kernel=triton"]
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
     "cpu": {
@@ -76,6 +77,7 @@ SUITES = {
         "vanilla": ("configs/vanilla_469m.json", ONE_GPU_469M),
         "unipool": ("configs/unipool_469m.json", ONE_GPU_469M),
         "unipool-pool96": ("configs/unipool_469m_pool96.json", ONE_GPU_469M),
+        "unipool-fused": ("configs/unipool_469m.json", ONE_GPU_469M + FUSED),
     },
 }
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmarks.md in one go, on one H100/H200, in at most 9.5 minutes
-# (step limits 540 s, the deepspeed import check 30 s, plus the wheel install): the kernel tests on
-# CUDA, expert GEMMs vs dense, the MoE layer vs DeepSpeed's, the Triton kernels vs torch's ops,
-# and end-to-end tokens/s, TFLOP/s and MFU of the 182M and 469M models at the suites' micro-batches
-# (UniPool vs vanilla step time; the 182M ones with a profile of one step, and with the RoPE and SwiGLU
-# kernels). Every step has its own
-# time limit, appends its output to <out>/steps.log and writes <out>/<step>.json (6 files in all: a
-# device lends back at most 8); a failing step does not stop the others.
+# The GPU measurements of docs/benchmarks.md in one go, on one H100/H200, in under 10 minutes
+# (step limits 550 s, the deepspeed import check 30 s, plus the wheel install): the kernel tests on
+# CUDA, expert GEMMs vs dense (alone, and as a pool 12 layers share), the MoE layer vs DeepSpeed's, the
+# Triton kernels vs torch's ops, and end-to-end tokens/s, TFLOP/s and MFU of the 182M and 469M models at
+# the suites' micro-batches (UniPool vs vanilla step time; the 182M ones with a profile of one step; both
+# with the Triton kernels for RoPE, SwiGLU and the pool's weight gradients: the -fused rows). Every step
+# has its own time limit, appends its output to <out>/steps.log and writes <out>/<step>.json (8 files in
+# all: a device lends back at most 8); a failing step does not stop the others.
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]          # default runs/gpu_checks
 #   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes: checks the plumbing, on CPU too
@@ -51,6 +51,7 @@ tokenizer=gpt2
 if [[ -n ${QUICK:-} ]]; then
     tokenizer=byte
     gemm=(--rows 256 --experts 4 --hidden 64 --ffn 32 --repeats 1 --warmup 0)
+    pool_gemm=(--rows 64 --experts 4 --hidden 32 --ffn 32 --layers 3 --repeats 1 --warmup 0)
     layer=(--tokens 128 --experts 4 --hidden 32 --ffn 64 --repeats 1 --warmup 0)
     tiny=(--warmup 1 --steps 1 --set model.seq_len=32 --set train.global_batch=4 --set train.micro_batch=2)
     fused=(--tokens 64 --vocab 500 --seq-len 16 --heads 2 --head-dim 8 --ffn 32 --repeats 1 --warmup 0)
@@ -60,15 +61,17 @@ else
     # the 182M models' expert shape (d 768, width 3072; vanilla 8 experts a layer, UniPool a pool of 96);
     # 8192 rows = one micro-batch of 8 x 1024 tokens at top-1
     gemm=(--rows 8192 65536 --experts 8 96 --hidden 768 --ffn 3072)
+    # UniPool's 182M pool as its 12 layers call it, 8 and 32 sequences of 1024 tokens (top-1) each
+    pool_gemm=(--rows 8192 32768 --experts 96 --layers 12 --hidden 768 --ffn 3072 --repeats 3)
     # capacity 1.0: the least DeepSpeed's top-2 computes (ours is dropless, so at least as much work)
-    layer=(--tokens 8192 32768 --experts 8 96 --hidden 768 --ffn 3072 --capacity-factor 1.0)
+    layer=(--tokens 8192 32768 --experts 8 96 --hidden 768 --ffn 3072 --capacity-factor 1.0 --repeats 3 --warmup 1)
     # the 182M models' shapes (its defaults) at micro-batches of 8 and 32 sequences of 1024 tokens
     fused=(--tokens 8192 32768)
     # the models the targets name first: a step stopped at its limit keeps the rows measured so far;
     # 128 sequences per step in micro-batches of 32 (182M) and 16 (469M), the suites' settings
     e2e_182m=(--suite gpu-182m --models vanilla unipool dense vanilla-fused unipool-fused dense-fused
               --warmup 2 --steps 4 --profile-steps 1)
-    e2e_469m=(--suite gpu-469m --models vanilla unipool dense --warmup 2 --steps 3)
+    e2e_469m=(--suite gpu-469m --models vanilla unipool unipool-fused --warmup 2 --steps 3)
 fi
 corpus=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${tokenizer}_train"
         --set "data.valid_prefix=$data/shakespeare_${tokenizer}_valid")
@@ -82,9 +85,10 @@ step environment 20 $python -c "import torch; print(torch.__version__, torch.ver
 import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'flash_attn')]"
 # (the cross-entropy test that trains a model needs the `shakespeare` package: it runs on CPU, interpreted)
 step kernels 45 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cross_entropy.py \
-    tests/test_rotary.py tests/test_swiglu.py -k "not training_step"
+    tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py -k "not training_step"
 step grouped_gemm 45 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
-step moe_layer 90 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
+step pool_gemm 40 $python benchmarks/grouped_gemm.py "${pool_gemm[@]}" --json "$out/pool_gemm.json"
+step moe_layer 60 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
 step triton_kernels 30 $python benchmarks/triton_kernels.py "${fused[@]}" --json "$out/triton_kernels.json"
 step end_to_end_182m 160 $python benchmarks/end_to_end.py "${e2e_182m[@]}" "${corpus[@]}" --json "$out/end_to_end_182m.json"
 step end_to_end_469m 150 $python benchmarks/end_to_end.py "${e2e_469m[@]}" "${corpus[@]}" --json "$out/end_to_end_469m.json"

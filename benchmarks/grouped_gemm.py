@@ -1,7 +1,7 @@
 """Expert GEMMs alone: the grouped SwiGLU over tokens sorted by expert against one dense SwiGLU of
 the same FLOPs (all rows through one expert-sized FFN), forward + backward, in one run.
 
-    python benchmarks/grouped_gemm.py [--rows 8192 32768] [--experts 8 64] [--json out.json]
+    python benchmarks/grouped_gemm.py [--rows 8192 32768] [--experts 8 64] [--layers 1] [--json out.json]
 
 This isolates the kernels from routing and permutation: the target "grouped expert GEMMs reach
 >= 70% of the dense GEMM rate at equal FLOPs" (docs/benchmarks.md) is the `vs dense` column, dense
@@ -10,6 +10,12 @@ Rows are routed token slots (tokens x top-k); `--balance skewed` gives the exper
 loads (as early in training), `uniform` equal ones. Each backend of kernels.grouped_swiglu that
 this device supports is measured (grouped_mm needs 16-byte-aligned widths, and bf16 on CUDA).
 FLOPs: 3 GEMMs of 2*rows*hidden*ffn forward, twice that backward.
+
+`--layers L` makes the experts a pool that L layers call in turn, `--rows` each (UniPool's case): their
+weight gradients are deferred to one pass over every layer's rows (kernels.DeferredWeightGradients),
+whose grouped_mm variants are `grouped_mm` (rows regrouped for torch._grouped_mm) and
+`grouped_mm+wgrad_triton` (kernels.segmented_gemm reading them in place; needs Triton: on a CPU only
+with TRITON_INTERPRET=1, slowly). Dense then runs all L x rows through one FFN.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, grouped_swiglu  # noqa: E402
+from megatron_unipool.kernels.grouped_gemm import DeferredWeightGradients, grouped_mm_supported, grouped_swiglu  # noqa: E402
+from megatron_unipool.kernels.triton_support import triton_runs_on  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
 from measurement import (add_measurement_arguments, add_ratios, compute_dtype, measure_row, print_table,  # noqa: E402
                          time_forward_backward)
@@ -46,10 +53,13 @@ def weights(experts: int, hidden: int, ffn: int, device, dtype) -> list[torch.Te
     return [(torch.randn(s, device=device, dtype=dtype) * 0.02).requires_grad_() for s in shapes]
 
 
+WGRAD_TRITON = "+wgrad_triton"  # impl suffix: the deferred pool gradients through kernels.segmented_gemm
+
+
 def measure(impl: str, rows: int, experts: int, args, device, dtype) -> float:
-    """Median seconds of forward + backward."""
+    """Median seconds of forward + backward (of every layer's call, with --layers)."""
     torch.manual_seed(0)
-    x = torch.randn(rows, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(args.layers * rows, args.hidden, device=device, dtype=dtype, requires_grad=True)
     if impl == "dense":  # plain torch GEMMs through autograd: the rate a dense FFN of these FLOPs gets
         params = weights(1, args.hidden, args.ffn, device, dtype)
         gate, up, down = (w[0] for w in params)
@@ -57,7 +67,14 @@ def measure(impl: str, rows: int, experts: int, args, device, dtype) -> float:
     else:
         params = weights(experts, args.hidden, args.ffn, device, dtype)
         counts = torch.tensor(expert_counts(rows, experts, args.balance), device=device)
-        forward = (lambda x: grouped_swiglu(x, counts, *params, backend=impl))
+        backend, wgrad = impl.removesuffix(WGRAD_TRITON), "triton" if impl.endswith(WGRAD_TRITON) else "torch"
+
+        def forward(x):
+            if args.layers == 1:
+                return grouped_swiglu(x, counts, *params, backend=backend)
+            deferred = DeferredWeightGradients(wgrad)
+            calls = deferred.attach(x, *params).chunk(args.layers)
+            return torch.cat([grouped_swiglu(call, counts, *params, backend=backend, deferred=deferred) for call in calls])
     return time_forward_backward(forward, params, x, args.repeats, args.warmup)
 
 
@@ -68,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--ffn", type=int, default=512, help="expert width")
     parser.add_argument("--balance", choices=["uniform", "skewed"], default="uniform")
+    parser.add_argument("--layers", type=int, default=1, help="layers sharing the experts, --rows each")
     add_measurement_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,22 +97,29 @@ def main(argv=None) -> int:
     if not supported:
         print("  grouped_mm not measured: torch._grouped_mm missing or these widths/dtype unsupported here",
               file=sys.stderr)
+    elif args.layers > 1 and triton_runs_on(probe):
+        impls.append("grouped_mm" + WGRAD_TRITON)
+    elif args.layers > 1:
+        print("  grouped_mm+wgrad_triton not measured: no Triton, or no CUDA device (TRITON_INTERPRET=1 runs it on a CPU)",
+              file=sys.stderr)
     results = []
     flops_per_row = 18 * args.hidden * args.ffn
     for experts in args.experts:
         for rows in args.rows:
             for impl in impls:
-                row = {"impl": impl, "rows": rows, "experts": experts, "hidden": args.hidden, "ffn": args.ffn,
-                       "balance": args.balance, "dtype": str(dtype).removeprefix("torch."), "device": device_label}
-                measure_row(results, row, f"{impl:10s} rows {rows:6d} experts {experts:3d}",
+                row = {"impl": impl, "rows": rows, "layers": args.layers, "experts": experts, "hidden": args.hidden,
+                       "ffn": args.ffn, "balance": args.balance, "dtype": str(dtype).removeprefix("torch."),
+                       "device": device_label}
+                measure_row(results, row, f"{impl:23s} rows {rows:6d} experts {experts:3d}",
                             lambda impl=impl, rows=rows, experts=experts: measure(impl, rows, experts, args, device, dtype),
                             lambda seconds, rows=rows: {"ms": 1e3 * seconds,
-                                                        "tflops": flops_per_row * rows / seconds / 1e12},
+                                                        "tflops": flops_per_row * args.layers * rows / seconds / 1e12},
                             args.json)
+    shared = f", a pool shared by {args.layers} layers of --rows each" if args.layers > 1 else ""
     print(f"expert SwiGLU forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
-          f"{str(dtype).removeprefix('torch.')}, {args.balance} loads")
+          f"{str(dtype).removeprefix('torch.')}, {args.balance} loads{shared}")
     add_ratios(results, "dense", "rows", "tflops", "vs_dense")
-    print_table(results, [("experts", "experts", 7, ""), ("rows", "rows", 7, ""), ("impl", "impl", 10, ""),
+    print_table(results, [("experts", "experts", 7, ""), ("rows", "rows", 7, ""), ("impl", "impl", 23, ""),
                           ("ms", "ms", 9, "{:.2f}"), ("TFLOP/s", "tflops", 9, "{:.3f}"), ("vs dense", "vs_dense", 9, "{:.0%}")])
     if args.json:  # again, with the ratios
         args.json.write_text(json.dumps(results, indent=2))

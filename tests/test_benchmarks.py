@@ -69,6 +69,24 @@ def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
     assert expert_counts(10000, 8, "skewed")[0] > 2 * expert_counts(10000, 8, "skewed")[-1]
 
 
+def test_grouped_gemm_benchmark_measures_a_pool_shared_by_layers(tmp_path):
+    """--layers: every layer's rows count in the FLOPs; the deferred weight gradients are measured both
+    ways where Triton runs (here in its interpreter, which conftest.py turns on)."""
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grouped_gemm.py"), "--rows", "48",
+                           "--experts", "4", "--hidden", "32", "--ffn", "16", "--layers", "3", "--repeats", "1",
+                           "--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    triton_runs = importlib.util.find_spec("triton") is not None and (torch.cuda.is_available()
+                                                                       or os.environ.get("TRITON_INTERPRET") == "1")
+    assert [r["impl"] for r in rows] == ["dense", "loop", "grouped_mm"] + (["grouped_mm+wgrad_triton"] if triton_runs else [])
+    for row in rows:
+        assert row["layers"] == 3 and "error" not in row
+        assert row["tflops"] == pytest.approx(18 * 32 * 16 * 3 * 48 / (row["ms"] / 1e3) / 1e12)
+    assert "a pool shared by 3 layers" in done.stdout
+
+
 def test_triton_kernels_benchmark_compares_each_kernel_with_torch(tmp_path):
     """Both implementations of each kernel where Triton runs (on a CPU in its interpreter, which
     conftest.py turns on); the least traffic follows from the shapes."""
@@ -198,7 +216,7 @@ def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)], capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_cache))
     assert done.returncode == 0, done.stderr[-2000:]
-    measuring = ("grouped_gemm", "moe_layer", "triton_kernels", "end_to_end_182m", "end_to_end_469m")
+    measuring = ("grouped_gemm", "pool_gemm", "moe_layer", "triton_kernels", "end_to_end_182m", "end_to_end_469m")
     for step in ("environment", "kernels", *measuring):
         assert f"== {step}: exit 0" in done.stdout, done.stdout[-3000:]
     for rows in measuring:

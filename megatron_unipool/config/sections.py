@@ -40,6 +40,9 @@ class ModelConfig:
     # a pool shared by several layers: its weight gradients once per backward over all of their tokens
     # ("deferred": keeps each layer's expert activations and their gradients until then) or per layer
     pool_weight_gradients: Literal["deferred", "per_layer"] = "deferred"
+    # deferred, on the grouped_mm path: regroup the layers' rows for torch._grouped_mm, or one Triton GEMM
+    # per weight reading them in place (needs Triton, CUDA)
+    pool_wgrad_kernel: Literal["torch", "triton"] = "torch"
     # recompute in backward instead of storing: the attention core, the (MoE) FFN with its norm, or whole blocks
     activation_checkpointing: Literal["none", "attention", "ffn", "block"] = "none"
 

@@ -13,7 +13,9 @@ Two implementations with the same numbers, forward and backward:
 
 Both have explicit backward passes whose weight gradients can be deferred to a
 `DeferredWeightGradients`: an expert pool shared by L layers then gets one weight-gradient GEMM per
-expert over all L layers' tokens, instead of L full-pool gradients each from 1/L of the tokens.
+expert over all L layers' tokens, instead of L full-pool gradients each from 1/L of the tokens. On the
+grouped_mm path those GEMMs either regroup the layers' rows expert-major for `torch._grouped_mm`, or
+read them where they are (kernels.segmented_gemm, Triton).
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import KernelUnavailableError
+from .segmented_gemm import segmented_weight_gradient
 from .swiglu import swiglu_backward, swiglu_forward
+from .triton_support import wants_triton
 
 GROUPED_MM_ALIGN_BYTES = 16
 # The weight-gradient operands of one call are (x, grad_gate, grad_up, hidden, grad_out); each weight's
@@ -225,9 +229,13 @@ class DeferredWeightGradients:
     every expert from about 1/L of its tokens and accumulate L full-pool gradients: L times the
     weight-gradient memory traffic of per-layer experts for the same FLOPs. Costs: each call's
     operands (its inputs, hidden activations and their gradients) live until `attach`'s backward.
+    `kernel` reduces the grouped_mm calls' operands: "torch" regroups them expert-major and runs one
+    `torch._grouped_mm` per weight; "triton" runs one Triton GEMM per weight that reads every call's
+    rows in place (no copies; fp32 results).
     """
 
-    def __init__(self):
+    def __init__(self, kernel: str = "torch"):
+        self.kernel = kernel
         self._slices: list[dict[int, tuple]] = []  # segment loop: per call, expert -> its rows' operands
         self._rows: list[tuple] = []  # grouped_mm: per call, (counts_M, *expert-sorted operands)
         self._discard_queued = False
@@ -249,6 +257,7 @@ class DeferredWeightGradients:
         """`anchor`, unchanged, wired so that its backward gives `weights` (w_gate, w_up, w_down)
         their gradients from every call collected by then. Compute every grouped_swiglu that
         defers to this object from the returned tensor, so their backward passes all run first."""
+        wants_triton(self.kernel, weights[0], "model.pool_wgrad_kernel")  # refused here, not in backward
         return _ReleaseWeightGradients.apply(anchor, self, *weights)
 
     def add_slices(self, slices: dict[int, tuple]) -> None:
@@ -269,6 +278,8 @@ class DeferredWeightGradients:
         if slices:
             return tuple(_accumulated_weight_gradient(slices, g, i, like=w)
                          for (g, i), w in zip(WEIGHT_GRADIENT_OPERANDS, weights))
+        if rows and self.kernel == "triton":
+            return _segmented_weight_gradients(rows)
         if rows:
             return _grouped_weight_gradients(*_regrouped(rows))
         return None
@@ -295,6 +306,19 @@ def _accumulated_weight_gradient(calls: list[dict[int, tuple]], g: int, i: int, 
             for part in parts[1:]:
                 out[e].add_(part[g].t() @ part[i])
     return out
+
+
+def _segmented_weight_gradients(calls: list[tuple]) -> tuple[torch.Tensor, ...]:
+    """(dW_gate, dW_up, dW_down) in fp32 from several grouped_mm calls' (counts_M, *operands), read in
+    place; each gradient operand is released once its GEMM is queued."""
+    columns = [list(column) for column in zip(*calls)]  # counts, x, grad_gate, grad_up, hidden, grad_out
+    calls.clear()
+    counts_CM = torch.stack(columns[0])
+    gradients = []
+    for g, i in WEIGHT_GRADIENT_OPERANDS:
+        gradients.append(segmented_weight_gradient(columns[1 + g], columns[1 + i], counts_CM))
+        columns[1 + g] = None
+    return tuple(gradients)
 
 
 def _regrouped(calls: list[tuple]) -> tuple:

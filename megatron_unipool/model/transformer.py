@@ -97,7 +97,7 @@ class LanguageModel(nn.Module):
         for layers in moe.pool_layout(model.num_layers):
             experts = moe.experts_per_pool(model.num_layers)
             pool = ExpertPool(experts, model.hidden_size, moe.expert_width(model.ffn_hidden_size), model.init_std, output_std,
-                              model.expert_gemm, model.swiglu_kernel)
+                              model.expert_gemm, model.swiglu_kernel, model.pool_wgrad_kernel)
             stats = PoolStats(len(layers), experts, moe.pool_aux_lag)
             self.expert_pools.append(pool)
             self.pool_stats.append(stats)

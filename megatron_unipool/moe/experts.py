@@ -22,11 +22,12 @@ class ExpertPool(nn.Module):
     WEIGHTS = ("w_gate", "w_up", "w_down")
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, init_std: float, output_std: float,
-                 gemm: str = "auto", activation: str = "torch"):
+                 gemm: str = "auto", activation: str = "torch", wgrad_kernel: str = "torch"):
         super().__init__()
         self.num_experts = num_experts  # in the whole pool, whatever this rank holds
         self.gemm = gemm  # kernels.grouped_swiglu backend: auto | grouped_mm | loop
         self.activation = activation  # kernels.swiglu backend: torch | triton
+        self.wgrad_kernel = wgrad_kernel  # kernels.DeferredWeightGradients kernel: torch | triton
         self.ep_group: Group = None
         # inside `deferred_weight_gradients` only
         self._deferred: Optional[DeferredWeightGradients] = None
@@ -55,7 +56,7 @@ class ExpertPool(nn.Module):
         recomputation (activation checkpointing) outside this context is unaffected.
         """
         weights = (self.w_gate, self.w_up, self.w_down)
-        self._deferred = DeferredWeightGradients()
+        self._deferred = DeferredWeightGradients(self.wgrad_kernel)
         dtype = autocast_dtype(self.w_gate)
         self._compute_weights = tuple(w.detach().to(dtype) for w in weights)  # gradients come from the anchor
         try:

@@ -1,0 +1,119 @@
+"""The pool's weight gradients read in place (kernels.segmented_gemm, Triton: interpreted on a CPU)
+against per-call sums in fp64, inside DeferredWeightGradients, and in a UniPool model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_unipool.kernels import DeferredWeightGradients, KernelUnavailableError, grouped_gemm, grouped_swiglu
+from megatron_unipool.kernels.segmented_gemm import segmented_weight_gradient
+from megatron_unipool.model import LanguageModel
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def per_call_sum(a_calls, b_calls, counts_CM):
+    """sum over calls of a^T b over each expert's rows, in fp64, one expert slice at a time."""
+    experts = counts_CM.shape[1]
+    out = torch.zeros(experts, a_calls[0].shape[1], b_calls[0].shape[1], dtype=torch.float64)
+    for a, b, counts in zip(a_calls, b_calls, counts_CM.tolist()):
+        start = 0
+        for e, count in enumerate(counts):
+            out[e] += a[start:start + count].double().cpu().t() @ b[start:start + count].double().cpu()
+            start += count
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gradient_equals_the_per_call_sums(dtype, triton_runs):
+    """Segments longer than a block, experts without rows in some calls and in all of them, widths
+    that are not multiples of a block, padding rows past the counts (NaN: never read), and operands
+    whose rows are strided views (copied first). bf16 products are exact in fp32, so both dtypes match to fp32 sums."""
+    generator = torch.Generator().manual_seed(0)
+    counts_CM = torch.tensor([[3, 0, 40, 1, 0], [0, 5, 2, 17, 0], [4, 4, 4, 4, 0]])
+    padding = [2, 0, 5]
+
+    def operands(width, strided):
+        calls = []
+        for counts, pad in zip(counts_CM, padding):
+            rows = torch.randn(int(counts.sum()) + pad, width + 3 * strided, generator=generator).to(DEVICE, dtype)
+            rows[int(counts.sum()):] = float("nan")
+            calls.append(rows[:, 3:] if strided else rows)
+        return calls
+
+    a_calls, b_calls = operands(24, strided=True), operands(40, strided=False)
+    assert a_calls[0].stride(0) == 27
+    out = segmented_weight_gradient(a_calls, b_calls, counts_CM.to(DEVICE))
+    assert out.dtype == torch.float32 and out.shape == (5, 24, 40)
+    expected = per_call_sum(a_calls, b_calls, counts_CM)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+    assert not out[4].any()  # no rows anywhere: zeros
+
+
+def deferred_calls(kernel, routings, hidden=16, width=32, autocast=False):
+    """Loss and weight gradients of grouped_mm calls on one pool, deferred with `kernel`."""
+    generator = torch.Generator().manual_seed(1)
+    weights = [(torch.randn(shape, generator=generator) * 0.2).to(DEVICE).requires_grad_()
+               for shape in ((4, width, hidden), (4, width, hidden), (4, hidden, width))]
+    xs = [torch.randn(sum(counts), hidden, generator=generator).to(DEVICE) for counts in routings]
+    collector = DeferredWeightGradients(kernel)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        anchor = collector.attach(torch.zeros((), device=DEVICE), *weights)
+        outs = [grouped_swiglu(x + anchor, torch.tensor(counts, device=DEVICE), *weights, backend="grouped_mm",
+                               align_rows=8, deferred=collector) for x, counts in zip(xs, routings)]
+    loss = sum((out.float() * torch.linspace(-1, 1, hidden, device=DEVICE)).sum() for out in outs)
+    loss.backward()
+    return [w.grad for w in weights]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_deferred_gradients_with_the_kernel_equal_the_regrouped_ones(autocast, triton_runs, monkeypatch):
+    """Three calls with the CUDA row padding: the same three weight gradients as regrouping the rows
+    for torch._grouped_mm, from one kernel launch per weight (the regrouping never runs)."""
+    routings = [[3, 0, 7, 1], [0, 5, 0, 2], [4, 4, 4, 4]]
+    expected = deferred_calls("torch", routings, autocast=autocast)
+    launches = []
+    segmented = grouped_gemm.segmented_weight_gradient
+    monkeypatch.setattr(grouped_gemm, "segmented_weight_gradient", lambda *a: launches.append(1) or segmented(*a))
+    monkeypatch.setattr(grouped_gemm, "_regrouped", None)
+    actual = deferred_calls("triton", routings, autocast=autocast)
+    assert len(launches) == 3
+    # the regrouped path rounds its bf16 total once, the kernel returns the fp32 sum
+    tolerance = {"rtol": 1e-2, "atol": 1e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    for name, a, e in zip(["w_gate", "w_up", "w_down"], actual, expected):
+        torch.testing.assert_close(a, e, **tolerance, msg=name)
+
+
+def test_unipool_model_with_the_kernel_equals_the_torch_model(tiny_config, triton_runs, monkeypatch):
+    """model.pool_wgrad_kernel: the pool's gradients (one launch per weight), and every other, unchanged."""
+    launches = []
+    segmented = grouped_gemm.segmented_weight_gradient
+    monkeypatch.setattr(grouped_gemm, "segmented_weight_gradient", lambda *a: launches.append(1) or segmented(*a))
+    cfg = tiny_config("configs/tiny_unipool_cpu.json", "model.expert_gemm=grouped_mm", "model.hidden_size=32",
+                      "model.ffn_hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1", "moe.pool_size=8")
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    results = []
+    for kernel in ("triton", "torch"):
+        cfg.model.pool_wgrad_kernel = kernel
+        torch.manual_seed(0)
+        model = LanguageModel(cfg.model, cfg.moe).to(DEVICE)
+        assert model.expert_pools[0].wgrad_kernel == kernel
+        logits, losses = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        (loss + sum(losses.values())).backward()
+        results.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert len(launches) == 3
+    assert results[0].keys() == results[1].keys()
+    assert any("w_gate" in name for name in results[0])
+    for name, grad in results[1].items():
+        torch.testing.assert_close(results[0][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")
+def test_triton_without_cuda_or_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    weights = [torch.zeros(2, 8, 8, requires_grad=True) for _ in range(3)]
+    with pytest.raises(KernelUnavailableError, match="model.pool_wgrad_kernel='triton'"):
+        DeferredWeightGradients("triton").attach(torch.zeros(()), *weights)
