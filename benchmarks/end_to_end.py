@@ -40,7 +40,7 @@ from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
 from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
 from measurement import checked_overrides, json_output  # noqa: E402
-from step_profile import format_profile, profile_steps  # noqa: E402
+from step_profile import difference, format_difference, format_profile, profile_steps  # noqa: E402
 
 QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
 # 128 sequences per step in several micro-batches: the optimizer step is amortised as in training (the 182M/469M
@@ -183,6 +183,10 @@ def main(argv=None) -> int:
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2))
     print(table(rows))
+    vanilla = next((row for row in rows if row["name"] == "vanilla" and "profile" in row), None)
+    for row in rows:  # where each other MoE model's extra device time goes
+        if vanilla and row is not vanilla and "profile" in row and row["kind"] != "dense":
+            print(format_difference(row["name"], "vanilla", difference(row["profile"], vanilla["profile"])))
     return 1 if any("error" in row for row in rows) else 0
 
 

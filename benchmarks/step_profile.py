@@ -1,6 +1,7 @@
 """Where a training step's time goes: torch.profiler over a few steps, summarised as device time per
 kernel category, the busiest kernels, how many kernels a step launches, and how much of the wall
-time the device was busy (well under 100% means the step waits on the host: Python, launches, syncs).
+time the device was busy (well under 100% means the step waits on the host: Python, launches, syncs);
+and, between two models' profiles, where one's extra device time goes (by category and by kernel).
 
 On CUDA the summary counts GPU kernels and copies; on CPU it counts operators' self CPU time.
 """
@@ -57,9 +58,11 @@ def summarise(averages, steps: int, wall_seconds: float, on_cuda: bool, top: int
                  if e.self_cpu_time_total > 0 and e.key.startswith("aten::")]
     per_step_ms = 1e-3 / steps  # the profiler's times are microseconds
     categories: dict[str, float] = {}
+    kernels: dict[str, float] = {}  # by name as recorded (120 characters)
     for name, micros, _ in timed:
         category = categorise(name)
         categories[category] = categories.get(category, 0.0) + micros * per_step_ms
+        kernels[name[:120]] = kernels.get(name[:120], 0.0) + micros * per_step_ms
     busy_ms = sum(micros for _, micros, _ in timed) * per_step_ms
     wall_ms = 1e3 * wall_seconds / steps
     busiest = sorted(timed, key=lambda item: -item[1])[:top]
@@ -69,7 +72,28 @@ def summarise(averages, steps: int, wall_seconds: float, on_cuda: bool, top: int
         "categories": dict(sorted(categories.items(), key=lambda item: -item[1])),
         "top": [{"name": name[:120], "ms": micros * per_step_ms, "calls": count / steps, "category": categorise(name)}
                 for name, micros, count in busiest],
+        "kernels": dict(sorted(kernels.items(), key=lambda item: -item[1])),  # every one, ms per step
     }
+
+
+def difference(summary: dict, reference: dict, top: int = 10) -> dict:
+    """Per-step device time of `summary` minus `reference`'s: in all, by category, and the kernels that
+    account for most of it (either way), largest first."""
+    def minus(ours: dict, theirs: dict) -> dict:
+        return {key: ours.get(key, 0.0) - theirs.get(key, 0.0) for key in ours.keys() | theirs.keys()}
+
+    kernels = minus(summary["kernels"], reference["kernels"])
+    return {"busy_ms": summary["busy_ms"] - reference["busy_ms"],
+            "categories": dict(sorted(minus(summary["categories"], reference["categories"]).items(),
+                                      key=lambda item: -abs(item[1]))),
+            "kernels": dict(sorted(kernels.items(), key=lambda item: -abs(item[1]))[:top])}
+
+
+def format_difference(name: str, reference_name: str, diff: dict) -> str:
+    lines = [f"{name} vs {reference_name}: device busy {diff['busy_ms']:+.1f} ms per profiled step"]
+    lines += [f"  {category:<24} {ms:+8.2f} ms" for category, ms in diff["categories"].items() if abs(ms) >= 0.005]
+    lines += [f"    {ms:+8.2f} ms  [{categorise(kernel)}] {kernel[:90]}" for kernel, ms in diff["kernels"].items()]
+    return "\n".join(lines)
 
 
 def format_profile(name: str, summary: dict) -> str:

@@ -133,7 +133,10 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
         assert "gemm" in profile["categories"] and profile["launches_per_step"] > 0
         top = [kernel["ms"] for kernel in profile["top"]]
         assert top == sorted(top, reverse=True) and top[0] <= profile["busy_ms"]
+        assert sum(profile["kernels"].values()) == pytest.approx(profile["busy_ms"])
     assert "vs vanilla" in done.stdout and "operators per step" in done.stderr
+    extra = sum(rows[1]["profile"]["kernels"].values()) - sum(rows[0]["profile"]["kernels"].values())
+    assert f"unipool vs vanilla: device busy {extra:+.1f} ms per profiled step" in done.stdout
 
 
 def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
@@ -144,7 +147,7 @@ def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
     from torch.autograd import DeviceType
 
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from step_profile import categorise, format_profile, summarise
+    from step_profile import categorise, difference, format_difference, format_profile, summarise
 
     def event(key, micros, count, device=DeviceType.CUDA, annotation=False):
         return SimpleNamespace(key=key, self_device_time_total=micros, self_cpu_time_total=micros, count=count,
@@ -160,6 +163,9 @@ def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
     assert summary["busy_ms"] == 5.0 and summary["wall_ms"] == 10.0 and summary["busy_percent"] == 50.0
     assert summary["launches_per_step"] == 32
     assert [kernel["category"] for kernel in summary["top"]] == ["gemm", "optimizer"]
+    assert summary["kernels"] == {"nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT": 3.0,
+                                  "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": 1.5,
+                                  "void at::native::vectorized_elementwise_kernel<8, silu>": 0.5}
     assert list(summary["categories"]) == ["gemm", "optimizer", "elementwise"]  # largest first
     printed = format_profile("vanilla", summary).splitlines()
     assert printed[0] == "vanilla: 10.0 ms per profiled step, device busy 5.0 ms (50%), 32 kernels per step"
@@ -169,6 +175,21 @@ def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
                        on_cuda=False, top=5)
     assert on_cpu["busy_ms"] == 4.0 and on_cpu["launches_per_step"] == 8  # operators that ran, not the ranges around them
     assert format_profile("dense", on_cpu).splitlines()[0].endswith("CPU operators busy 4.0 ms (40%), 8 operators per step")
+    other = summarise([event("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT", 6000, 40),
+                       event("void at::native::indexFuncLargeIndex<c10::BFloat16>", 4000, 20),
+                       event("void at::native::vectorized_elementwise_kernel<8, silu>", 1600, 20)],
+                      steps=2, wall_seconds=0.02, on_cuda=True, top=2)
+    diff = difference(other, summary, top=2)
+    assert diff["busy_ms"] == pytest.approx(0.8)  # 5.8 - 5.0
+    assert diff["categories"] == {"sort / scan / index": 2.0, "optimizer": -1.5, "elementwise": pytest.approx(0.3),
+                                  "gemm": 0.0}
+    assert diff["kernels"] == {"void at::native::indexFuncLargeIndex<c10::BFloat16>": 2.0,
+                               "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>": -1.5}
+    printed = format_difference("unipool", "vanilla", diff).splitlines()
+    assert printed[0] == "unipool vs vanilla: device busy +0.8 ms per profiled step"
+    assert printed[1].split() == ["sort", "/", "scan", "/", "index", "+2.00", "ms"]
+    assert "gemm" not in "".join(printed[1:4])  # unchanged categories are left out
+    assert printed[-1].split()[:4] == ["-1.50", "ms", "[optimizer]", "void"]
     assert [categorise(name) for name in ("aten::_grouped_mm", "cudnn_generated_fort_native_sdpa_sm90_flash_bprop",
                                           "void at::native::indexFuncLargeIndex<float>", "aten::addmm",
                                           "_cross_entropy_backward_kernel")] == [
