@@ -15,7 +15,10 @@ A model whose run fails gets a row with `error` (its traceback is in the output)
 still run; the JSON is rewritten after each model, so a run stopped early keeps what it measured.
 The exit status is 1 when any model failed. `--profile-steps N` then profiles N more steps of each
 model (step_profile.py: device time by kernel category, the busiest kernels, launches per step, how
-busy the device was) into its row's `profile` and the output.
+busy the device was) into its row's `profile` and the output, and prints where each MoE model's
+extra device time goes against vanilla's. `--set deepspeed.enabled=true --set deepspeed.zero_stage=1`
+measures through DeepSpeed's engine (bf16: its BF16_Optimizer, bf16 weights with fp32 masters)
+instead of the built-in AdamW over fp32 weights under autocast.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 from megatron_unipool.config import load_config  # noqa: E402
+from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
 from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
 from measurement import checked_overrides, json_output  # noqa: E402
@@ -52,6 +56,7 @@ ONE_GPU_469M = ["parallel.ep=1", "train.micro_batch=16", "train.global_batch=128
 PER_LAYER = "model.pool_weight_gradients=per_layer"  # the pool's casts and weight gradients layer by layer
 # the Triton kernels: RoPE, silu(gate) * up, and a shared pool's deferred weight gradients (UniPool)
 FUSED = ["model.rope_kernel=triton", "model.swiglu_kernel=triton", "model.pool_wgrad_kernel=triton"]
+ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]  # DeepSpeed's engine: bf16 weights, fp32 masters
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
     "cpu": {
@@ -71,6 +76,8 @@ SUITES = {
         "vanilla-fused": ("configs/vanilla_182m.json", ONE_GPU_182M + FUSED),
         "unipool-fused": ("configs/unipool_182m.json", ONE_GPU_182M + FUSED),
         "dense-fused": ("configs/dense_182m.json", ONE_GPU_182M + FUSED),
+        "vanilla-zero1": ("configs/vanilla_182m.json", ONE_GPU_182M + ZERO1),
+        "unipool-zero1": ("configs/unipool_182m.json", ONE_GPU_182M + ZERO1),
     },
     "gpu-469m": {
         "dense": ("configs/dense_469m.json", ONE_GPU_469M),
@@ -86,6 +93,8 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
     """Time `steps` optimizer steps after `warmup` in this process, then profile `profiled` more;
     one JSON-able row."""
     config = load_config(REPO / config_path, QUIET + overrides + [f"train.max_steps={warmup + steps + profiled}"])
+    if config.deepspeed.enabled:  # its engine needs a process group, of one process here
+        init_distributed_from_env(config.parallel.timeout_s, even_alone=True)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, run_dir)
         for _ in range(warmup):
@@ -108,6 +117,7 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
         memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
     return {
         "config": config_path, "overrides": overrides, "kind": config.moe.kind, "precision": config.train.precision,
+        "backend": f"deepspeed zero-{config.deepspeed.zero_stage}" if config.deepspeed.enabled else "built-in",
         "total_params": trainer.budget.total_params, "active_params": trainer.budget.active_params,
         "tokens_per_step": tokens_per_step, "step_ms": 1e3 * seconds, "tokens_per_second": tokens_per_second,
         "tflops": tokens_per_second * flops_per_token / 1e12,
@@ -157,6 +167,8 @@ def main(argv=None) -> int:
         if "profile" in row:
             print(format_profile(name, row["profile"]), file=sys.stderr, flush=True)
         Path(row_file).write_text(json.dumps(dict(row, name=name)))
+        if torch.distributed.is_initialized():  # not left to exit: NCCL warns about it, gloo can abort
+            torch.distributed.destroy_process_group()
         return 0
     names = args.models or list(suite)
     unknown = [name for name in names if name not in suite]

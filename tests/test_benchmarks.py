@@ -127,6 +127,7 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
     for row in rows:
         assert row["tokens_per_step"] == 8 * 32 and row["tokens_per_second"] > 0 and row["peak_memory_mib"] > 0
         assert row["mfu_percent"] is None  # no peak FLOP/s on CPU: no invented MFU
+        assert row["backend"] == "built-in"
         profile = row["profile"]  # CPU: operators' self time, which cannot exceed the wall time
         assert profile["steps"] == 1 and 0 < profile["busy_ms"] <= profile["wall_ms"]
         assert sum(profile["categories"].values()) == pytest.approx(profile["busy_ms"])
@@ -137,6 +138,19 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
     assert "vs vanilla" in done.stdout and "operators per step" in done.stderr
     extra = sum(rows[1]["profile"]["kernels"].values()) - sum(rows[0]["profile"]["kernels"].values())
     assert f"unipool vs vanilla: device busy {extra:+.1f} ms per profiled step" in done.stdout
+
+
+def test_end_to_end_benchmark_measures_through_deepspeed(data_cache, tmp_path):
+    """--set deepspeed.enabled=true: the engine gets a process group of one (it asserts without one)."""
+    out = tmp_path / "rows.json"
+    overrides = [item for o in TINY + [f"data.cache_dir={data_cache}", "deepspeed.enabled=true", "deepspeed.zero_stage=1"]
+                 for item in ("--set", o)]
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "end_to_end.py"), "--models", "unipool",
+                           "--warmup", "1", "--steps", "1", "--json", str(out)] + overrides,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [row] = json.loads(out.read_text())
+    assert row["backend"] == "deepspeed zero-1" and row["step_ms"] > 0 and "error" not in row
 
 
 def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
