@@ -4,8 +4,8 @@ a dense SwiGLU of equal active FLOPs, over token and expert counts, measured in 
     python benchmarks/moe_layer.py [--tokens 2048 8192] [--experts 8 32] [--json results.json]
 
 Prints a table (tokens/s and the ratio to DeepSpeed's layer) and writes one JSON row per
-measurement: impl (ours | ours_grouped_mm | ours_loop | deepspeed | loop | dense), tokens, experts,
-top_k, hidden, ffn, dtype, tokens_per_second, ms, vs_deepspeed (null without DeepSpeed's row),
+measurement: impl (ours | ours_grouped_mm | ours_loop | deepspeed | loop | dense | routing), tokens,
+experts, top_k, hidden, ffn, dtype, tokens_per_second, ms, vs_deepspeed (null without DeepSpeed's row),
 device (or `error` where a measurement failed, e.g. out of memory: the others still run). Weights stay fp32 and bf16 runs under autocast, as in training
 (`--dtype auto`: bf16 on CUDA). `ours` uses the expert GEMM that model.expert_gemm='auto'
 picks on this device (torch._grouped_mm on CUDA, the segment loop on CPU); by default the other one
@@ -13,7 +13,9 @@ is measured too, as `ours_loop` on CUDA or `ours_grouped_mm` on CPU. Routing is 
 DeepSpeed's layer needs a capacity, so it gets `--capacity-factor` while ours and the loop are
 dropless (DeepSpeed computes padded capacity slots, we compute only routed ones: part of what is
 being compared), and its second expert is the deterministic second-best, as ours (not its default
-Gumbel-sampled one).
+Gumbel-sampled one). `routing` times our layer's routing half alone (MoELayer.route: logits, softmax,
+top-k, gates, the sort and counts of the dispatch plan, the aux loss), with its share of `ours` in
+`share_of_ours`: at most what a fused router could save.
 """
 from __future__ import annotations
 
@@ -48,6 +50,19 @@ def build_ours(hidden, ffn, experts, top_k, gemm="auto"):
     layer = MoELayer(config, hidden, pool, stats, 0, 1, INIT_STD, INIT_STD)
     # the pool and the stats are not submodules of the layer: hold them all so that .to(device) moves them
     return torch.nn.ModuleList([layer, pool, stats]), lambda x: layer(x)[0], list(layer.parameters()) + list(pool.parameters())
+
+
+def build_routing(hidden, ffn, experts, top_k):
+    """Our layer's MoELayer.route alone, its outputs (gates, losses) reduced so that backward reaches every
+    routing parameter as in the layer."""
+    module, _, _ = build_ours(hidden, ffn, experts, top_k)
+    layer = module[0]
+
+    def forward(x):
+        routing, _, losses = layer.route(x.reshape(-1, hidden))
+        return routing.gates_TK.sum() + sum(losses.values())
+
+    return module, forward, list(layer.router.parameters())
 
 
 def build_loop(hidden, ffn, experts, top_k):
@@ -92,14 +107,14 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn", type=int, default=512, help="expert width")
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="for DeepSpeed's layer")
     parser.add_argument("--impls", nargs="+", choices=["ours", "ours_grouped_mm", "ours_loop", "deepspeed", "loop",
-                                                       "dense"],
-                        help="default: ours, the expert GEMM ours does not pick here, deepspeed, loop, dense")
+                                                       "dense", "routing"],
+                        help="default: ours, the expert GEMM ours does not pick here, deepspeed, loop, dense, routing")
     add_measurement_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.impls is None:
         other = "ours_loop" if device.type == "cuda" else "ours_grouped_mm"  # the GEMM 'auto' does not take here
-        args.impls = ["ours", other, "deepspeed", "loop", "dense"]
+        args.impls = ["ours", other, "deepspeed", "loop", "dense", "routing"]
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -108,6 +123,7 @@ def main(argv=None) -> int:
         init_distributed_from_env(600, even_alone=True)  # DeepSpeed's layer asks for its process groups
     builders = {"ours": build_ours, "ours_grouped_mm": lambda *a: build_ours(*a, gemm="grouped_mm"),
                 "ours_loop": lambda *a: build_ours(*a, gemm="loop"), "loop": build_loop, "dense": build_dense,
+                "routing": build_routing,
                 "deepspeed": lambda *a: build_deepspeed(*a, args.capacity_factor)}
     rows = []
     for experts in args.experts:
@@ -128,10 +144,15 @@ def main(argv=None) -> int:
                             args.json)
     print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"top-{args.top_k}, {dtype_name}")
-    add_ratios(rows, "deepspeed", "tokens", "tokens_per_second", "vs_deepspeed")
+    add_ratios([row for row in rows if row["impl"] != "routing"], "deepspeed", "tokens", "tokens_per_second",
+               "vs_deepspeed")  # (a part of a layer, not a layer)
+    for row in (r for r in rows if r["impl"] == "routing" and "error" not in r):  # its share of our whole layer
+        ours = next((r for r in rows if r["impl"] == "ours" and r["tokens"] == row["tokens"]
+                     and r["experts"] == row["experts"] and "error" not in r), None)
+        row["share_of_ours"] = row["ms"] / ours["ms"] if ours else None
     print_table(rows, [("experts", "experts", 7, ""), ("tokens", "tokens", 7, ""), ("impl", "impl", 15, ""),
                        ("tokens/s", "tokens_per_second", 12, "{:,.0f}"), ("ms", "ms", 9, "{:.2f}"),
-                       ("vs deepspeed", "vs_deepspeed", 13, "{:.2f}x")])
+                       ("vs deepspeed", "vs_deepspeed", 13, "{:.2f}x"), ("share of ours", "share_of_ours", 14, "{:.1%}")])
     if args.json:  # again, with the ratios
         args.json.write_text(json.dumps(rows, indent=2))
     if torch.distributed.is_initialized():

@@ -23,7 +23,12 @@ def test_moe_layer_benchmark_writes_one_row_per_measurement(tmp_path, dtype):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert sorted((r["impl"], r["tokens"]) for r in rows) == sorted(
-        (impl, tokens) for impl in ("ours", "ours_grouped_mm", "deepspeed", "loop", "dense") for tokens in (64, 128))
+        (impl, tokens) for impl in ("ours", "ours_grouped_mm", "deepspeed", "loop", "dense", "routing")
+        for tokens in (64, 128))
+    for routing in (r for r in rows if r["impl"] == "routing"):  # a part of our layer: compared with it, not DeepSpeed
+        ours = next(r for r in rows if r["impl"] == "ours" and r["tokens"] == routing["tokens"])
+        assert routing["share_of_ours"] == pytest.approx(routing["ms"] / ours["ms"]) and "vs_deepspeed" not in routing
+    assert all("share_of_ours" not in r for r in rows if r["impl"] != "routing")
     for row in rows:
         assert "error" not in row, row
         assert {"impl", "tokens", "experts", "top_k", "hidden", "tokens_per_second", "device"} <= set(row)

@@ -23,7 +23,7 @@ from .dispatch import DispatchPlan, permute, plan_dispatch, unpermute
 from .experts import ExpertPool, SwiGLU
 from .lock import PoolLock, cardinality_entropy_loss
 from .losses import load_balancing_loss, z_loss
-from .router import Router, capacity
+from .router import Router, Routing, capacity
 
 
 class MoELayer(nn.Module):
@@ -46,8 +46,18 @@ class MoELayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg = self.config
         x_TD = x.reshape(-1, x.shape[-1])
+        routing, plan, losses = self.route(x_TD)
+        if self.recompute_experts and torch.is_grad_enabled():
+            out_TD = checkpoint(self._experts, x_TD, routing.gates_TK, plan, use_reentrant=False)
+        else:
+            out_TD = self._experts(x_TD, routing.gates_TK, plan)
+        return out_TD.view_as(x), losses
+
+    def route(self, x_TD: torch.Tensor) -> tuple[Routing, DispatchPlan, dict[str, torch.Tensor]]:
+        """The routing half of the layer: scores, top-k and gates, the dispatch plan and the balancing
+        losses (the layer's counts recorded when training). benchmarks/moe_layer.py times it alone."""
+        cfg = self.config
         num_tokens, num_experts = x_TD.shape[0], self.pool.num_experts
         routing = self.router(x_TD, self.lock.logit_offset(self.layer_slot) if self.lock is not None else None)
         reachable = num_experts
@@ -55,13 +65,9 @@ class MoELayer(nn.Module):
             reachable = self.lock.reachable_experts(self.layer_slot)
         slots = capacity(num_tokens, cfg.top_k, reachable, cfg.capacity_factor)
         plan = plan_dispatch(routing.indices_TK, num_experts, slots, routing.active_TK)
-        if self.recompute_experts and torch.is_grad_enabled():
-            out_TD = checkpoint(self._experts, x_TD, routing.gates_TK, plan, use_reentrant=False)
-        else:
-            out_TD = self._experts(x_TD, routing.gates_TK, plan)
         if self.training:
             self.stats.record(self.layer_slot, plan.routed_per_expert_M, plan.dropped, num_tokens * cfg.top_k)
-        return out_TD.view_as(x), self._losses(routing, plan.routed_per_expert_M, num_tokens)
+        return routing, plan, self._losses(routing, plan.routed_per_expert_M, num_tokens)
 
     def _experts(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         y_SD = self.pool(permute(x_TD, plan), plan.kept_per_expert_M)
