@@ -11,17 +11,28 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Triton kernels run here: compiled on CUDA, or interpreted on a CPU (conftest.py sets TRITON_INTERPRET there)
+TRITON_RUNS = importlib.util.find_spec("triton") is not None and (torch.cuda.is_available()
+                                                                   or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def run_benchmark(tmp_path, script: str, *arguments: str, status: int = 0, cwd=None):
+    """benchmarks/SCRIPT ARGUMENTS --json FILE: (the finished process, the rows it wrote), its exit status checked."""
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *arguments, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert done.returncode == status, done.stderr[-2000:]
+    return done, json.loads(out.read_text())
+
+
+def config_overrides(*overrides: str) -> list[str]:
+    return [item for override in overrides for item in ("--set", override)]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_moe_layer_benchmark_writes_one_row_per_measurement(tmp_path, dtype):
-    out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_layer.py"), "--tokens", "64", "128",
-                           "--experts", "4", "--hidden", "32", "--ffn", "64", "--repeats", "1", "--warmup", "0",
-                           "--dtype", dtype, "--json", str(out)], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    done, rows = run_benchmark(tmp_path, "moe_layer.py", "--tokens", "64", "128", "--experts", "4", "--hidden", "32",
+                               "--ffn", "64", "--repeats", "1", "--warmup", "0", "--dtype", dtype, cwd=tmp_path)
     assert sorted((r["impl"], r["tokens"]) for r in rows) == sorted(
         (impl, tokens) for impl in ("ours", "ours_grouped_mm", "deepspeed", "loop", "dense", "routing")
         for tokens in (64, 128))
@@ -39,12 +50,9 @@ def test_moe_layer_benchmark_writes_one_row_per_measurement(tmp_path, dtype):
 
 def test_moe_layer_benchmark_reports_a_failed_shape_and_measures_the_rest(tmp_path):
     """An expert width grouped_mm cannot take (not 16-byte aligned) fails that one measurement only."""
-    out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_layer.py"), "--tokens", "64", "--experts",
-                           "4", "--hidden", "32", "--ffn", "6", "--repeats", "1", "--warmup", "0", "--impls",
-                           "ours_grouped_mm", "loop", "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    failed, measured = json.loads(out.read_text())
+    done, (failed, measured) = run_benchmark(tmp_path, "moe_layer.py", "--tokens", "64", "--experts", "4", "--hidden",
+                                             "32", "--ffn", "6", "--repeats", "1", "--warmup", "0", "--impls",
+                                             "ours_grouped_mm", "loop")
     assert failed["impl"] == "ours_grouped_mm" and "expert_gemm='grouped_mm' is not available" in failed["error"]
     assert "tokens_per_second" not in failed
     assert measured["impl"] == "loop" and measured["tokens_per_second"] > 0 and "error" not in measured
@@ -52,12 +60,8 @@ def test_moe_layer_benchmark_reports_a_failed_shape_and_measures_the_rest(tmp_pa
 
 
 def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
-    out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grouped_gemm.py"), "--rows", "96",
-                           "--experts", "4", "--hidden", "32", "--ffn", "16", "--balance", "skewed", "--repeats", "1",
-                           "--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    done, rows = run_benchmark(tmp_path, "grouped_gemm.py", "--rows", "96", "--experts", "4", "--hidden", "32",
+                               "--ffn", "16", "--balance", "skewed", "--repeats", "1", "--warmup", "0")
     assert {r["impl"] for r in rows} >= {"dense", "loop"}
     for row in rows:
         assert row["rows"] == 96 and row["experts"] == 4 and row["tflops"] > 0 and row["balance"] == "skewed"
@@ -77,15 +81,9 @@ def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
 def test_grouped_gemm_benchmark_measures_a_pool_shared_by_layers(tmp_path):
     """--layers: every layer's rows count in the FLOPs; the deferred weight gradients are measured both
     ways where Triton runs (here in its interpreter, which conftest.py turns on)."""
-    out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "grouped_gemm.py"), "--rows", "48",
-                           "--experts", "4", "--hidden", "32", "--ffn", "16", "--layers", "3", "--repeats", "1",
-                           "--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    triton_runs = importlib.util.find_spec("triton") is not None and (torch.cuda.is_available()
-                                                                       or os.environ.get("TRITON_INTERPRET") == "1")
-    assert [r["impl"] for r in rows] == ["dense", "loop", "grouped_mm"] + (["grouped_mm+wgrad_triton"] if triton_runs else [])
+    done, rows = run_benchmark(tmp_path, "grouped_gemm.py", "--rows", "48", "--experts", "4", "--hidden", "32",
+                               "--ffn", "16", "--layers", "3", "--repeats", "1", "--warmup", "0")
+    assert [r["impl"] for r in rows] == ["dense", "loop", "grouped_mm"] + (["grouped_mm+wgrad_triton"] if TRITON_RUNS else [])
     for row in rows:
         assert row["layers"] == 3 and "error" not in row
         assert row["tflops"] == pytest.approx(18 * 32 * 16 * 3 * 48 / (row["ms"] / 1e3) / 1e12)
@@ -95,16 +93,9 @@ def test_grouped_gemm_benchmark_measures_a_pool_shared_by_layers(tmp_path):
 def test_triton_kernels_benchmark_compares_each_kernel_with_torch(tmp_path):
     """Both implementations of each kernel where Triton runs (on a CPU in its interpreter, which
     conftest.py turns on); the least traffic follows from the shapes."""
-    out = tmp_path / "rows.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "triton_kernels.py"), "--tokens", "32",
-                           "--vocab", "300", "--seq-len", "16", "--heads", "2", "--head-dim", "8", "--ffn", "24",
-                           "--repeats", "1", "--warmup", "0", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())
-    triton_runs = importlib.util.find_spec("triton") is not None and (torch.cuda.is_available()
-                                                                       or os.environ.get("TRITON_INTERPRET") == "1")
-    impls = ["torch"] + (["triton"] if triton_runs else [])
+    done, rows = run_benchmark(tmp_path, "triton_kernels.py", "--tokens", "32", "--vocab", "300", "--seq-len", "16",
+                               "--heads", "2", "--head-dim", "8", "--ffn", "24", "--repeats", "1", "--warmup", "0")
+    impls = ["torch"] + (["triton"] if TRITON_RUNS else [])
     assert [(r["kernel"], r["impl"]) for r in rows] == [(k, i) for k in ("cross_entropy", "rotary", "swiglu")
                                                          for i in impls]
     elements = {"cross_entropy": 3 * 32 * 300, "rotary": 4 * 2 * 16 * 2 * 8, "swiglu": 8 * 32 * 24}
@@ -121,13 +112,8 @@ TINY = ["model.seq_len=32", "model.hidden_size=64", "model.num_heads=4", "model.
 
 
 def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
-    out = tmp_path / "rows.json"
-    overrides = [item for o in TINY + [f"data.cache_dir={data_cache}"] for item in ("--set", o)]
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "end_to_end.py"), "--models", "vanilla", "unipool",
-                           "--warmup", "1", "--steps", "1", "--profile-steps", "1", "--json", str(out)] + overrides,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    done, rows = run_benchmark(tmp_path, "end_to_end.py", "--models", "vanilla", "unipool", "--warmup", "1", "--steps",
+                               "1", "--profile-steps", "1", *config_overrides(*TINY, f"data.cache_dir={data_cache}"))
     assert [r["name"] for r in rows] == ["vanilla", "unipool"]
     for row in rows:
         assert row["tokens_per_step"] == 8 * 32 and row["tokens_per_second"] > 0 and row["peak_memory_mib"] > 0
@@ -147,14 +133,9 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
 
 def test_end_to_end_benchmark_measures_through_deepspeed(data_cache, tmp_path):
     """--set deepspeed.enabled=true: the engine gets a process group of one (it asserts without one)."""
-    out = tmp_path / "rows.json"
-    overrides = [item for o in TINY + [f"data.cache_dir={data_cache}", "deepspeed.enabled=true", "deepspeed.zero_stage=1"]
-                 for item in ("--set", o)]
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "end_to_end.py"), "--models", "unipool",
-                           "--warmup", "1", "--steps", "1", "--json", str(out)] + overrides,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    [row] = json.loads(out.read_text())
+    _, [row] = run_benchmark(tmp_path, "end_to_end.py", "--models", "unipool", "--warmup", "1", "--steps", "1",
+                             *config_overrides(*TINY, f"data.cache_dir={data_cache}", "deepspeed.enabled=true",
+                                               "deepspeed.zero_stage=1"))
     assert row["backend"] == "deepspeed zero-1" and row["step_ms"] > 0 and "error" not in row
 
 
@@ -218,13 +199,9 @@ def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
 def test_end_to_end_benchmark_records_a_failed_model_and_measures_the_rest(data_cache, tmp_path):
     """top_k=100 is refused for the MoE model only: its row carries the error, dense is still measured,
     and the exit status says that something failed."""
-    out = tmp_path / "rows.json"
-    overrides = [item for o in TINY + [f"data.cache_dir={data_cache}", "moe.top_k=100"] for item in ("--set", o)]
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "end_to_end.py"), "--models", "vanilla", "dense",
-                           "--warmup", "0", "--steps", "1", "--json", str(out)] + overrides,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 1, done.stderr[-2000:]
-    failed, measured = json.loads(out.read_text())
+    done, (failed, measured) = run_benchmark(
+        tmp_path, "end_to_end.py", "--models", "vanilla", "dense", "--warmup", "0", "--steps", "1",
+        *config_overrides(*TINY, f"data.cache_dir={data_cache}", "moe.top_k=100"), status=1)
     assert failed["name"] == "vanilla" and "exit status 1" in failed["error"] and "step_ms" not in failed
     assert measured["name"] == "dense" and measured["tokens_per_second"] > 0 and "error" not in measured
     assert "moe.top_k=100 exceeds" in done.stderr and "vanilla failed" in done.stdout
@@ -233,12 +210,8 @@ def test_end_to_end_benchmark_records_a_failed_model_and_measures_the_rest(data_
 def test_comm_benchmark_counts_every_token_exchange(data_cache, tmp_path):
     """Dropless: each routed slot's row crosses the all-to-all four times per step (dispatch and
     return, forward and backward); the bytes must add up to exactly that, for both models."""
-    out = tmp_path / "rows.json"
-    overrides = [item for o in TINY + [f"data.cache_dir={data_cache}"] for item in ("--set", o)]
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "comm.py"), "--ep", "2", "--steps", "1",
-                           "--json", str(out)] + overrides, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    _, rows = run_benchmark(tmp_path, "comm.py", "--ep", "2", "--steps", "1",
+                            *config_overrides(*TINY, f"data.cache_dir={data_cache}"), cwd=REPO)
     assert [r["kind"] for r in rows] == ["vanilla", "unipool"]
     for row in rows:
         slots = row["tokens_per_step"] * row["top_k"] * row["moe_layers"]
