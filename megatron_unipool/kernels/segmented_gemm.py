@@ -22,11 +22,23 @@ import torch
 
 from .triton_support import interpreting, tl, triton
 
-# on a GPU: 128 x 128 output tiles, 64 rows per step; the interpreter (tests on CPU) takes small blocks,
-# and operands upcast to fp32 (its tl.dot misreads bf16: Triton 3.9)
 ALIGN_BYTES = 16
-GPU_BLOCKS = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=64, UPCAST=False, num_warps=8, num_stages=3)
-INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, UPCAST=True)
+# tiles of the [N, K] gradient and rows per step: on a GPU the fastest of these for each (N, K), timed at the
+# first call (Triton's autotuner); the interpreter (tests on CPU) takes small blocks, and operands upcast to
+# fp32 (its tl.dot misreads bf16: Triton 3.9)
+GPU_BLOCKS = [dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=64, num_warps=8, num_stages=3),
+              dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=4, num_stages=4),
+              dict(BLOCK_N=128, BLOCK_K=256, BLOCK_R=64, num_warps=8, num_stages=3)]
+INTERPRETER_BLOCKS = [dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16)]
+
+
+def _configs() -> list:
+    def config(blocks: dict):
+        meta = {key: value for key, value in blocks.items() if key.startswith("BLOCK")}
+        warps = {key: value for key, value in blocks.items() if not key.startswith("BLOCK")}
+        return triton.Config(dict(meta, UPCAST=interpreting()), **warps)
+
+    return [config(blocks) for blocks in (INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS)]
 
 
 def segmented_weight_gradient(a_calls: list[torch.Tensor], b_calls: list[torch.Tensor], counts_CM: torch.Tensor
@@ -40,10 +52,12 @@ def segmented_weight_gradient(a_calls: list[torch.Tensor], b_calls: list[torch.T
     counts_CM = counts_CM.to(device=device, dtype=torch.int64)
     starts_CM = torch.cumsum(counts_CM, 1) - counts_CM
     out = torch.empty(experts, n, k, dtype=torch.float32, device=device)
-    blocks = INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS
-    grid = (triton.cdiv(n, blocks["BLOCK_N"]) * triton.cdiv(k, blocks["BLOCK_K"]), experts)
+
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), experts
+
     _segmented_at_b_kernel[grid](a_calls[0], _offsets(a_calls), b_calls[0], _offsets(b_calls), starts_CM, counts_CM,
-                                 out, calls, experts, n, k, ALIGN=ALIGN_BYTES // a_calls[0].element_size(), **blocks)
+                                 out, calls, experts, n, k, ALIGN=ALIGN_BYTES // a_calls[0].element_size())
     return out
 
 
@@ -62,6 +76,7 @@ def _offsets(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 if triton is not None:  # the kernel exists only where Triton does
+    @triton.autotune(configs=_configs(), key=["N", "K"])  # it writes every entry of out: timing it twice is harmless
     @triton.jit
     def _segmented_at_b_kernel(a_base, a_offsets, b_base, b_offsets, starts_ptr, counts_ptr, out_ptr,
                                calls, experts, N, K, ALIGN: tl.constexpr,
