@@ -70,9 +70,13 @@ def _aligned(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _offsets(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Each tensor's offset from the first, in elements (of their common dtype), on their device."""
+    """Each tensor's offset from the first, in elements (of their common dtype), on their device: copied
+    from pinned memory without waiting, as a copy from pageable memory would wait for the device to drain."""
     base, size = tensors[0].data_ptr(), tensors[0].element_size()
-    return torch.tensor([(t.data_ptr() - base) // size for t in tensors], dtype=torch.int64, device=tensors[0].device)
+    offsets = torch.tensor([(t.data_ptr() - base) // size for t in tensors], dtype=torch.int64)
+    if not tensors[0].is_cuda:
+        return offsets
+    return offsets.pin_memory().to(tensors[0].device, non_blocking=True)
 
 
 if triton is not None:  # the kernel exists only where Triton does

@@ -188,11 +188,13 @@ class Trainer:
         global_tokens = len(batches) * self.layout.dp * batches[0][:, 1:].numel()
         micro_batches_in_step = len(batches) * self.layout.dp
         totals = torch.zeros(1 + len(MOE_LOSSES), device=self.device)
+        if self.device.type == "cuda":  # a copy from pageable memory would wait for the device to drain first
+            batches = [batch.pin_memory() for batch in batches]
 
         def forward_step(i: int, hidden: Optional[torch.Tensor]):
             if train and i > 0:
                 self.model.end_micro_batch(self._reduce_routing)
-            tokens = batches[i].to(self.device)
+            tokens = batches[i].to(self.device, non_blocking=True)
             with autocast(cfg, self.device):
                 out, moe_losses = self.model(tokens[:, :-1] if hidden is None else hidden)
             loss = None
