@@ -60,13 +60,11 @@ def reduce_gradients(model: nn.Module, specs: dict[str, ShardSpec], state: Paral
 
 
 def global_grad_norm(model: nn.Module, specs: dict[str, ShardSpec], state: ParallelState) -> torch.Tensor:
-    """L2 norm of the full model's gradient, each distinct slice counted once over all ranks."""
-    squares = [
-        param.grad.detach().float().pow(2).sum()
-        for name, param in model.named_parameters()
-        if param.grad is not None and specs.get(name, REPLICATED).holds_canonical_copy(state.layout)
-    ]
-    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    """L2 norm of the full model's gradient, each distinct slice counted once over all ranks (torch's
+    multi-tensor kernels: a few launches, not a few per parameter)."""
+    grads = [param.grad.detach() for name, param in model.named_parameters()
+             if param.grad is not None and specs.get(name, REPLICATED).holds_canonical_copy(state.layout)]
+    total = torch.nn.utils.get_total_norm(grads).float().square() if grads else torch.zeros(())
     if state.distributed:
         dist.all_reduce(total)
     return total.sqrt()
