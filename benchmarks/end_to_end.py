@@ -15,8 +15,8 @@ A model whose run fails gets a row with `error` (its traceback is in the output)
 still run; the JSON is rewritten after each model, so a run stopped early keeps what it measured.
 The exit status is 1 when any model failed. `--profile-steps N` then profiles N more steps of each
 model (step_profile.py: device time by kernel category, the busiest kernels, launches per step, how
-busy the device was) into its row's `profile` and the output, and prints where each MoE model's
-extra device time goes against vanilla's. `--set deepspeed.enabled=true --set deepspeed.zero_stage=1`
+busy the device was) into its row's `profile` and the output, and prints where the device time of
+vanilla MoE goes beyond dense's, and each other MoE model's beyond vanilla's. `--set deepspeed.enabled=true --set deepspeed.zero_stage=1`
 measures through DeepSpeed's engine (bf16: its BF16_Optimizer, bf16 weights with fp32 masters)
 instead of the built-in AdamW over fp32 weights under autocast.
 """
@@ -195,10 +195,13 @@ def main(argv=None) -> int:
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=2))
     print(table(rows))
-    vanilla = next((row for row in rows if row["name"] == "vanilla" and "profile" in row), None)
-    for row in rows:  # where each other MoE model's extra device time goes
-        if vanilla and row is not vanilla and "profile" in row and row["kind"] != "dense":
-            print(format_difference(row["name"], "vanilla", difference(row["profile"], vanilla["profile"])))
+    profiled = {row["name"]: row for row in rows if "profile" in row}
+    # where the MoE layers' time goes (vanilla against dense), and each other MoE model's extra time (against vanilla)
+    pairs = [("vanilla", "dense")] + [(row["name"], "vanilla") for row in profiled.values()
+                                      if row["kind"] != "dense" and row["name"] != "vanilla"]
+    for name, reference in pairs:
+        if name in profiled and reference in profiled:
+            print(format_difference(name, reference, difference(profiled[name]["profile"], profiled[reference]["profile"])))
     return 1 if any("error" in row for row in rows) else 0
 
 

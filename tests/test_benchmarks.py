@@ -112,9 +112,10 @@ TINY = ["model.seq_len=32", "model.hidden_size=64", "model.num_heads=4", "model.
 
 
 def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
-    done, rows = run_benchmark(tmp_path, "end_to_end.py", "--models", "vanilla", "unipool", "--warmup", "1", "--steps",
-                               "1", "--profile-steps", "1", *config_overrides(*TINY, f"data.cache_dir={data_cache}"))
-    assert [r["name"] for r in rows] == ["vanilla", "unipool"]
+    done, rows = run_benchmark(tmp_path, "end_to_end.py", "--models", "vanilla", "unipool", "dense", "--warmup", "1",
+                               "--steps", "1", "--profile-steps", "1",
+                               *config_overrides(*TINY, f"data.cache_dir={data_cache}"))
+    assert [r["name"] for r in rows] == ["vanilla", "unipool", "dense"]
     for row in rows:
         assert row["tokens_per_step"] == 8 * 32 and row["tokens_per_second"] > 0 and row["peak_memory_mib"] > 0
         assert row["mfu_percent"] is None  # no peak FLOP/s on CPU: no invented MFU
@@ -127,8 +128,10 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
         assert top == sorted(top, reverse=True) and top[0] <= profile["busy_ms"]
         assert sum(profile["kernels"].values()) == pytest.approx(profile["busy_ms"])
     assert "vs vanilla" in done.stdout and "operators per step" in done.stderr
-    extra = sum(rows[1]["profile"]["kernels"].values()) - sum(rows[0]["profile"]["kernels"].values())
-    assert f"unipool vs vanilla: device busy {extra:+.1f} ms per profiled step" in done.stdout
+    busy = {row["name"]: sum(row["profile"]["kernels"].values()) for row in rows}
+    assert f"unipool vs vanilla: device busy {busy['unipool'] - busy['vanilla']:+.1f} ms per profiled step" in done.stdout
+    assert f"vanilla vs dense: device busy {busy['vanilla'] - busy['dense']:+.1f} ms per profiled step" in done.stdout
+    assert "dense vs" not in done.stdout
 
 
 def test_end_to_end_benchmark_measures_through_deepspeed(data_cache, tmp_path):
