@@ -71,8 +71,8 @@ else
     # 128 sequences per step in micro-batches of 32 (182M) and 16 (469M), the suites' settings
     e2e_182m=(--suite gpu-182m --models vanilla unipool dense vanilla-fused unipool-fused dense-fused
               --warmup 2 --steps 4 --profile-steps 1)
-    # (469M models take about a minute each, most of it building 2.6B parameters on the host: vanilla last, as
-    # calls 4-5 measured it, so that a run cut at the step's limit still compares UniPool with and without the kernels)
+    # (in call 5 two 469M models fit in the step's 150 s, not three: vanilla last, as calls 4-5 measured it, so that
+    # a run cut at the limit still compares UniPool with and without the kernels)
     e2e_469m=(--suite gpu-469m --models unipool unipool-fused vanilla --warmup 2 --steps 3)
 fi
 corpus=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${tokenizer}_train"
