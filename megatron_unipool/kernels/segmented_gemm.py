@@ -10,11 +10,12 @@ as trailing padding, are ignored). The result is
 One kernel launch computes it from the calls' own tensors, reached as offsets from the first call's
 (each tensor at a multiple of 16 bytes, which the kernel tells the compiler: sm_90 code then loads rows
 with 16-byte asynchronous copies, where a table of raw addresses compiled to 2-byte loads; a tensor
-that is not so aligned, or whose rows are not contiguous, is copied first): nothing else is copied. A pool shared by L layers (UniPool) otherwise regroups the layers' operands
-expert-major into one buffer per operand before one `torch._grouped_mm` per weight
-(kernels/grouped_gemm.py), a copy of every operand. Each program computes one [BLOCK_N, BLOCK_K] tile of
-one expert's gradient, walking that expert's row segment in every call in turn, and accumulates in fp32:
-the sum over calls is rounded once, to fp32.
+that is not so aligned, or whose rows are not contiguous, is copied first): nothing else is copied.
+A pool shared by L layers (UniPool) otherwise regroups the layers' operands expert-major into one
+buffer per operand before one `torch._grouped_mm` per weight (kernels/grouped_gemm.py), a copy of
+every operand. Each program computes one [BLOCK_N, BLOCK_K] tile of one expert's gradient, walking
+that expert's row segment in every call in turn, accumulating in fp32: the sum over the calls is
+rounded once, to fp32.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _configs() -> list:
 def segmented_weight_gradient(a_calls: list[torch.Tensor], b_calls: list[torch.Tensor], counts_CM: torch.Tensor
                               ) -> torch.Tensor:
     """[M, N, K] fp32: for each expert, a^T b summed over its rows in every call (module docstring).
-    The calls' operands share a dtype and a device, each 2-D (see `_offsets` for what is copied)."""
+    The calls' operands share a dtype and a device, each 2-D (`_aligned` says which get copied first)."""
     calls, experts = counts_CM.shape
     n, k = a_calls[0].shape[1], b_calls[0].shape[1]
     a_calls, b_calls = _aligned(a_calls), _aligned(b_calls)  # referenced here until the kernel is queued
