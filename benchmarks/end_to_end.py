@@ -78,6 +78,7 @@ SUITES = {
         "dense-fused": ("configs/dense_182m.json", ONE_GPU_182M + FUSED),
         "vanilla-zero1": ("configs/vanilla_182m.json", ONE_GPU_182M + ZERO1),
         "unipool-zero1": ("configs/unipool_182m.json", ONE_GPU_182M + ZERO1),
+        "unipool-router-tf32": ("configs/unipool_182m.json", ONE_GPU_182M + ["moe.router_tf32=true"]),
     },
     "gpu-469m": {
         "dense": ("configs/dense_469m.json", ONE_GPU_469M),

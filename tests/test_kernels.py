@@ -16,12 +16,14 @@ from megatron_unipool.kernels.attention import flash_available
 from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, resolve_expert_gemm
 from megatron_unipool.kernels.rms_norm import apex_rms_norm_available
 from megatron_unipool.model import LanguageModel
+from megatron_unipool.moe import Router
 from megatron_unipool.moe.dispatch import permute, plan_dispatch, unpermute
 from megatron_unipool.training.optimizer import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 # fp32 results differ from the reference only by summation order; bf16 rounds every product
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -538,6 +540,48 @@ def test_a_call_whose_output_is_unused_adds_nothing(case, monkeypatch):
     actual = torch.autograd.grad(outs[0].sum() + outs[2].sum(), weights)
     for name, a, e in zip(["w_gate", "w_up", "w_down"], actual, expected):
         assert_close_relative(a, e, 1e-6, f"{case} {name}")
+
+
+def test_tf32_linear_is_linear_with_tf32_switched_on_around_its_three_gemms(monkeypatch):
+    """Forward and both gradients as F.linear's; each GEMM runs with fp32_precision 'tf32' (a no-op off
+    CUDA), which is restored afterwards."""
+    from megatron_unipool.kernels import tf32_linear
+
+    matmul = torch.backends.cuda.matmul
+    precision_at_gemm = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a: precision_at_gemm.append(matmul.fp32_precision) or mm(*a))
+    before = matmul.fp32_precision
+    generator = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(shape, generator=generator).to(DEVICE) for shape in ((37, 16), (6, 16)))
+    results = []
+    for linear in (tf32_linear, F.linear):
+        leaves = [t.clone().requires_grad_() for t in (x, w)]
+        out = linear(*leaves)
+        (out * torch.linspace(-1, 1, 6, device=DEVICE)).sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    assert precision_at_gemm == ["tf32"] * 3 and matmul.fp32_precision == before
+    tolerance = {"rtol": 2e-3, "atol": 2e-3} if DEVICE == "cuda" else {"rtol": 1e-6, "atol": 1e-6}
+    for ours, expected in zip(*results):
+        torch.testing.assert_close(ours, expected, **tolerance)
+
+
+def test_router_tf32_routes_through_tf32_linear(monkeypatch):
+    """moe.router_tf32: the logits come from tf32_linear (off CUDA the same numbers as fp32)."""
+    from megatron_unipool.moe import router as router_module
+
+    calls = []
+    tf32 = router_module.tf32_linear
+    monkeypatch.setattr(router_module, "tf32_linear", lambda *a: calls.append(1) or tf32(*a))
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(0))
+    routings = []
+    for router_tf32 in (True, False):
+        torch.manual_seed(0)
+        router = Router(16, 8, MoEConfig(router="norm", top_k=2, router_tf32=router_tf32), 0.1)
+        routings.append(router(x))
+    assert len(calls) == 1
+    assert torch.equal(routings[0].indices_TK, routings[1].indices_TK)
+    torch.testing.assert_close(routings[0].gates_TK, routings[1].gates_TK, rtol=1e-6, atol=1e-7)
 
 
 def test_apex_without_its_cuda_extension_is_not_picked(monkeypatch):

@@ -70,6 +70,9 @@ class MoEConfig:
     top_k: int = bounded(1, 1)
     shared_expert_ffn_hidden_size: int = bounded(0, 0)  # 0: no shared (always-on) expert
     router: Literal["softmax", "sigmoid", "norm"] = "norm"
+    # the router's logits GEMM in TF32 on CUDA (10-bit mantissa inputs, fp32 sums; all else stays fp32): its
+    # fp32 FLOPs grow with the pool (2 x tokens x hidden x experts forward, twice that backward)
+    router_tf32: bool = False
     softmax_before_topk: bool = True  # False: top-k on logits, softmax over the k (Mixtral)
     normalize_gates: bool = False  # renormalise the k gates to sum 1 (softmax-then-top-k, sigmoid)
     norm_router_c: Optional[float] = bounded(None, 0.0, exclusive_low=True)  # unset: Monte-Carlo estimate (design note)

@@ -6,3 +6,4 @@ from .grouped_gemm import DeferredWeightGradients, autocast_dtype, grouped_swigl
 from .rms_norm import rms_norm
 from .rotary import rotary
 from .swiglu import swiglu_activation
+from .tf32_linear import tf32_linear

@@ -1,7 +1,8 @@
 """Routers: per-layer scores over the experts of a pool, top-k selection and gates.
 
 Shapes: T tokens, D hidden, M experts in the pool, k experts per token.
-Routing runs in fp32 whatever the model precision: top-k and softmax are sensitive to rounding.
+Routing runs in fp32 whatever the model precision: top-k and softmax are sensitive to rounding
+(`moe.router_tf32` lets the logits GEMM alone round its inputs to TF32 on CUDA).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import MoEConfig
+from ..kernels import tf32_linear
 
 NORM_EPS = 1e-8
 TRIM_QUANTILE = 0.999  # of the draws averaged into NormRouter's constant
@@ -82,7 +84,7 @@ class Router(nn.Module):
 
     def _route(self, x_TD: torch.Tensor, offset_M: Optional[torch.Tensor]) -> Routing:
         cfg, k = self.config, self.config.top_k
-        logits = F.linear(x_TD, self.weight.float())
+        logits = (tf32_linear if cfg.router_tf32 else F.linear)(x_TD, self.weight.float())
         if offset_M is not None and cfg.router != "norm":
             logits = logits + offset_M
         if cfg.router == "softmax":
