@@ -210,16 +210,18 @@ def test_end_to_end_benchmark_records_a_failed_model_and_measures_the_rest(data_
     assert "moe.top_k=100 exceeds" in done.stderr and "vanilla failed" in done.stdout
 
 
-def test_comm_benchmark_counts_every_token_exchange(data_cache, tmp_path):
+@pytest.mark.parametrize("precision, row_bytes", [("fp32", 4), ("bf16", 2)])
+def test_comm_benchmark_counts_every_token_exchange(data_cache, tmp_path, precision, row_bytes):
     """Dropless: each routed slot's row crosses the all-to-all four times per step (dispatch and
-    return, forward and backward); the bytes must add up to exactly that, for both models."""
-    _, rows = run_benchmark(tmp_path, "comm.py", "--ep", "2", "--steps", "1",
-                            *config_overrides(*TINY, f"data.cache_dir={data_cache}"), cwd=REPO)
+    return, forward and backward); the bytes must add up to exactly that, for both models. Under bf16
+    the rows travel in bf16 (the experts' dtype), not as the fp32 residual stream."""
+    _, rows = run_benchmark(tmp_path, "comm.py", "--ep", "2", "--steps", "1", *config_overrides(
+        *TINY, f"data.cache_dir={data_cache}", f"train.precision={precision}"), cwd=REPO)
     assert [r["kind"] for r in rows] == ["vanilla", "unipool"]
     for row in rows:
         slots = row["tokens_per_step"] * row["top_k"] * row["moe_layers"]
         assert row["routed_slots_per_step"] == slots
-        assert row["token_bytes_remote_per_step"] + row["token_bytes_local_per_step"] == 4 * slots * 64 * 4
+        assert row["token_bytes_remote_per_step"] + row["token_bytes_local_per_step"] == 4 * slots * 64 * row_bytes
         assert 0 < row["remote_fraction"] < 1
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MoEConfig
+from ..kernels import autocast_dtype
 from .balance import PoolStats
 from .dispatch import DispatchPlan, permute, plan_dispatch, unpermute
 from .experts import ExpertPool, SwiGLU
@@ -70,7 +71,9 @@ class MoELayer(nn.Module):
         return routing, plan, self._losses(routing, plan.routed_per_expert_M, num_tokens)
 
     def _experts(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        y_SD = self.pool(permute(x_TD, plan), plan.kept_per_expert_M)
+        # the experts compute in the autocast dtype: cast the tokens before they are permuted, so that the
+        # copies and the expert-parallel all-to-all move bf16 rows, not fp32 ones (their gradients likewise)
+        y_SD = self.pool(permute(x_TD.to(autocast_dtype(x_TD)), plan), plan.kept_per_expert_M)
         out_TD = unpermute(y_SD, gates_TK, plan, x_TD.shape[0])
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
