@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.combine import combine_backward, combine_forward
+from ..kernels.triton_support import wants_triton
+
 
 @dataclass
 class DispatchPlan:
@@ -70,24 +73,40 @@ class _Combine(torch.autograd.Function):
 
     Backward gathers the output gradient once per slot and derives both input gradients from it
     (grad_y = gate * g, grad_gate = <g, y>); autograd on the unfused expression would also keep
-    the weighted [S, D] copy alive until the scatter.
+    the weighted [S, D] copy alive until the scatter. With `row_TK` (each token's rows of y) the
+    Triton kernels of kernels/combine.py do each direction in one pass.
     """
 
     @staticmethod
-    def forward(ctx, y_SD, gate_S, token_S, num_tokens: int):
+    def forward(ctx, y_SD, gate_S, token_S, row_TK, num_tokens: int):
         ctx.save_for_backward(y_SD, gate_S, token_S)
+        ctx.fused = row_TK is not None
+        if ctx.fused:
+            return combine_forward(y_SD, gate_S, row_TK)
         weighted = y_SD * gate_S.unsqueeze(-1).to(y_SD.dtype)
         return y_SD.new_zeros(num_tokens, y_SD.shape[-1]).index_add_(0, token_S, weighted)
 
     @staticmethod
     def backward(ctx, grad_TD):
         y_SD, gate_S, token_S = ctx.saved_tensors
+        if ctx.fused:
+            grad_y, grad_gate = combine_backward(grad_TD, y_SD, gate_S, token_S)
+            return (grad_y if ctx.needs_input_grad[0] else None, grad_gate if ctx.needs_input_grad[1] else None,
+                    None, None, None)
         grad_SD = grad_TD.index_select(0, token_S)
         grad_y = grad_SD * gate_S.unsqueeze(-1).to(grad_SD.dtype) if ctx.needs_input_grad[0] else None
         grad_gate = (grad_SD.float() * y_SD.float()).sum(-1).to(gate_S.dtype) if ctx.needs_input_grad[1] else None
-        return grad_y, grad_gate, None, None
+        return grad_y, grad_gate, None, None, None
 
 
-def unpermute(y_SD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """sum over a token's kept slots of gate * expert output; dropped slots contribute nothing."""
-    return _Combine.apply(y_SD, gates_TK.reshape(-1)[plan.slot_S], plan.token_S, num_tokens)
+def unpermute(y_SD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan, num_tokens: int,
+              kernel: str = "torch") -> torch.Tensor:
+    """sum over a token's kept slots of gate * expert output; dropped slots contribute nothing.
+    `kernel` (model.combine_kernel): torch's ops, or a Triton pass each way."""
+    row_TK = None
+    if wants_triton(kernel, y_SD, "model.combine_kernel"):  # each (token, slot)'s row of y; -1: dropped
+        slots = plan.slot_S
+        rows = torch.arange(slots.numel(), device=slots.device)
+        row_TK = torch.full((gates_TK.numel(),), -1, device=slots.device).index_copy_(0, slots, rows)
+        row_TK = row_TK.view_as(gates_TK)
+    return _Combine.apply(y_SD, gates_TK.reshape(-1)[plan.slot_S], plan.token_S, row_TK, num_tokens)

@@ -30,8 +30,9 @@ from .router import Router, Routing, capacity
 class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, hidden_size: int, pool: ExpertPool, stats: PoolStats, layer_slot: int,
                  layers_in_pool: int, init_std: float, output_std: float, recompute_experts: bool = False,
-                 lock: Optional[PoolLock] = None):
+                 lock: Optional[PoolLock] = None, combine_kernel: str = "torch"):
         super().__init__()
+        self.combine_kernel = combine_kernel  # moe.dispatch.unpermute: torch | triton
         object.__setattr__(self, "lock", lock)  # shared with the pool's other layers, owned by the model
         self.config = config
         self.recompute_experts = recompute_experts
@@ -74,7 +75,7 @@ class MoELayer(nn.Module):
         # the experts compute in the autocast dtype: cast the tokens before they are permuted, so that the
         # copies and the expert-parallel all-to-all move bf16 rows, not fp32 ones (their gradients likewise)
         y_SD = self.pool(permute(x_TD.to(autocast_dtype(x_TD)), plan), plan.kept_per_expert_M)
-        out_TD = unpermute(y_SD, gates_TK, plan, x_TD.shape[0])
+        out_TD = unpermute(y_SD, gates_TK, plan, x_TD.shape[0], self.combine_kernel)
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
         return out_TD
