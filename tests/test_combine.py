@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megatron_unipool.kernels import KernelUnavailableError
-from megatron_unipool.model import LanguageModel
 from megatron_unipool.moe.dispatch import plan_dispatch, unpermute
+from kernel_models import assert_triton_model_equals_torch_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -52,24 +52,14 @@ def test_model_with_the_kernel_equals_the_torch_model(config, tiny_config, trito
     for name in ("combine_forward", "combine_backward"):
         kernel = getattr(dispatch, name)
         monkeypatch.setattr(dispatch, name, lambda *a, kernel=kernel, name=name: launches.append(name) or kernel(*a))
-    cfg = tiny_config(config, "moe.top_k=2")
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    results = []
-    for kernel in ("triton", "torch"):
-        cfg.model.combine_kernel = kernel
-        torch.manual_seed(0)
-        model = LanguageModel(cfg.model, cfg.moe).to(DEVICE)
-        assert all(layer.combine_kernel == kernel for layer in model.moe_layers())
-        logits, losses = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        (loss + sum(losses.values())).backward()
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-        moe_layers = len(model.moe_layers())
+
+    def launched_once_each_way_per_layer(model, kernel):
+        moe_layers = len(model.moe_layers()) if kernel == "triton" else 0
         assert sorted(launches) == ["combine_backward"] * moe_layers + ["combine_forward"] * moe_layers
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    assert results[0][1].keys() == results[1][1].keys()
-    for name, grad in results[1][1].items():
-        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        launches.clear()
+
+    assert_triton_model_equals_torch_model(tiny_config(config, "moe.top_k=2"), "combine_kernel", DEVICE,
+                                           launched_once_each_way_per_layer)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")

@@ -7,7 +7,7 @@ import torch
 
 from megatron_unipool.kernels import KernelUnavailableError, rotary
 from megatron_unipool.kernels.rotary import TritonRotary
-from megatron_unipool.model import LanguageModel
+from kernel_models import assert_triton_model_equals_torch_model
 from megatron_unipool.model.rope import RotaryEmbedding
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -77,20 +77,12 @@ def test_model_with_the_kernel_equals_the_eager_model(tiny_config, triton_runs, 
     calls = []
     apply = TritonRotary.apply
     monkeypatch.setattr(TritonRotary, "apply", lambda *args: calls.append(1) or apply(*args))
-    outputs = []
-    for kernel in ("triton", "torch"):
-        config.model.rope_kernel = kernel
-        torch.manual_seed(0)
-        model = LanguageModel(config.model, config.moe).to(DEVICE)
-        tokens = torch.randint(0, config.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-        calls.clear()
-        logits, _ = model(tokens.to(DEVICE))
+
+    def rotated_q_and_k_of_every_layer(model, kernel):
         assert len(calls) == (2 * config.model.num_layers if kernel == "triton" else 0)
-        logits.float().square().mean().backward()
-        outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-6)
-    for name, grad in outputs[1][1].items():
-        torch.testing.assert_close(outputs[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        calls.clear()
+
+    assert_triton_model_equals_torch_model(config, "rope_kernel", DEVICE, rotated_q_and_k_of_every_layer)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")

@@ -7,7 +7,7 @@ import torch
 
 from megatron_unipool.kernels import DeferredWeightGradients, KernelUnavailableError, grouped_gemm, grouped_swiglu
 from megatron_unipool.kernels.segmented_gemm import segmented_weight_gradient
-from megatron_unipool.model import LanguageModel
+from kernel_models import assert_triton_model_equals_torch_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,22 +93,13 @@ def test_unipool_model_with_the_kernel_equals_the_torch_model(tiny_config, trito
     monkeypatch.setattr(grouped_gemm, "segmented_weight_gradient", lambda *a: launches.append(1) or segmented(*a))
     cfg = tiny_config("configs/tiny_unipool_cpu.json", "model.expert_gemm=grouped_mm", "model.hidden_size=32",
                       "model.ffn_hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1", "moe.pool_size=8")
-    tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    results = []
-    for kernel in ("triton", "torch"):
-        cfg.model.pool_wgrad_kernel = kernel
-        torch.manual_seed(0)
-        model = LanguageModel(cfg.model, cfg.moe).to(DEVICE)
+
+    def one_launch_per_weight(model, kernel):
         assert model.expert_pools[0].wgrad_kernel == kernel
-        logits, losses = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        (loss + sum(losses.values())).backward()
-        results.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-        assert len(launches) == 3
-    assert results[0].keys() == results[1].keys()
-    assert any("w_gate" in name for name in results[0])
-    for name, grad in results[1].items():
-        torch.testing.assert_close(results[0][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        assert len(launches) == (3 if kernel == "triton" else 0)
+        launches.clear()
+
+    assert_triton_model_equals_torch_model(cfg, "pool_wgrad_kernel", DEVICE, one_launch_per_weight)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")

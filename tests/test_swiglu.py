@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron_unipool.kernels import KernelUnavailableError, grouped_gemm, grouped_swiglu, swiglu_activation
 from megatron_unipool.kernels import swiglu as swiglu_module
 from megatron_unipool.kernels.swiglu import swiglu_backward, swiglu_forward
-from megatron_unipool.model import LanguageModel
+from kernel_models import assert_triton_model_equals_torch_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -88,22 +88,13 @@ def test_model_with_the_kernel_equals_the_torch_model(config, tiny_config, trito
     apply = swiglu_module._TritonSwiGLUActivation.apply
     monkeypatch.setattr(swiglu_module._TritonSwiGLUActivation, "apply",
                         lambda *a: backends.append("triton") or apply(*a))
-    results = []
-    for kernel in ("triton", "torch"):
-        cfg.model.swiglu_kernel = kernel
-        torch.manual_seed(0)
-        model = LanguageModel(cfg.model, cfg.moe).to(DEVICE)
-        backends.clear()
-        logits, losses = model(torch.randint(0, cfg.model.vocab_size, (2, 16),
-                                              generator=torch.Generator().manual_seed(1)).to(DEVICE))
-        (logits.float().square().mean() + sum(losses.values(), torch.zeros((), device=DEVICE))).backward()
+
+    def every_ffn_took_the_kernel(model, kernel):
         moe_layers = len(model.moe_layers())  # forward and backward each; a dense FFN's kernel is one autograd op
         assert backends.count("triton") == (2 * moe_layers + cfg.model.num_layers - moe_layers if kernel == "triton" else 0)
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    assert results[0][1].keys() == results[1][1].keys()
-    for name, grad in results[1][1].items():
-        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        backends.clear()
+
+    assert_triton_model_equals_torch_model(cfg, "swiglu_kernel", DEVICE, every_ffn_took_the_kernel)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")

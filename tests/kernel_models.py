@@ -1,0 +1,28 @@
+"""A whole model with one kernel field set to 'triton' against the same model with torch's ops: the
+check every Triton kernel's tests end with."""
+import torch
+import torch.nn.functional as F
+
+from megatron_unipool.model import LanguageModel
+
+
+def assert_triton_model_equals_torch_model(cfg, field: str, device, after_backward=None) -> None:
+    """One forward and backward of the model `cfg` builds with model.<field> 'triton', then 'torch' (same
+    seed, same tokens): the same logits and gradients. `after_backward(model, kernel)` runs after each
+    backward, for the test's own checks (how often its kernel ran)."""
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
+    results = []
+    for kernel in ("triton", "torch"):
+        setattr(cfg.model, field, kernel)
+        torch.manual_seed(0)
+        model = LanguageModel(cfg.model, cfg.moe).to(device)
+        logits, losses = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        (loss + sum(losses.values(), torch.zeros((), device=device))).backward()
+        if after_backward is not None:
+            after_backward(model, kernel)
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
