@@ -79,7 +79,7 @@ corpus=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${toke
         --set "data.valid_prefix=$data/shakespeare_${tokenizer}_valid")
 if ! ds_error=$(timeout 30 $python -c "import deepspeed" 2>&1); then
     echo "deepspeed not importable, the MoE layer is measured without it: $(tail -n 3 <<<"$ds_error")" | tee -a "$out/steps.log"
-    layer+=(--impls ours ours_loop loop dense routing)
+    layer+=(--impls ours ours_loop loop dense routing routing_norm)
 fi
 
 step environment 20 $python -c "import torch; print(torch.__version__, torch.version.cuda,

@@ -4,7 +4,7 @@ a dense SwiGLU of equal active FLOPs, over token and expert counts, measured in 
     python benchmarks/moe_layer.py [--tokens 2048 8192] [--experts 8 32] [--json results.json]
 
 Prints a table (tokens/s and the ratio to DeepSpeed's layer) and writes one JSON row per
-measurement: impl (ours | ours_grouped_mm | ours_loop | deepspeed | loop | dense | routing), tokens,
+measurement: impl (ours | ours_grouped_mm | ours_loop | deepspeed | loop | dense | routing | routing_norm), tokens,
 experts, top_k, hidden, ffn, dtype, tokens_per_second, ms, vs_deepspeed (null without DeepSpeed's row),
 device (or `error` where a measurement failed, e.g. out of memory: the others still run). Weights stay fp32 and bf16 runs under autocast, as in training
 (`--dtype auto`: bf16 on CUDA). `ours` uses the expert GEMM that model.expert_gemm='auto'
@@ -15,7 +15,8 @@ dropless (DeepSpeed computes padded capacity slots, we compute only routed ones:
 being compared), and its second expert is the deterministic second-best, as ours (not its default
 Gumbel-sampled one). `routing` times our layer's routing half alone (MoELayer.route: logits, softmax,
 top-k, gates, the sort and counts of the dispatch plan, the aux loss), with its share of `ours` in
-`share_of_ours`: at most what a fused router could save.
+`share_of_ours`: at most what a fused router could save; `routing_norm` the same with UniPool's
+routing (NormRouter, pool aux loss), its share taken of the same `ours` (the experts' work is the same).
 """
 from __future__ import annotations
 
@@ -43,8 +44,12 @@ from measurement import (add_measurement_arguments, add_ratios, compute_dtype, m
 INIT_STD = 0.02
 
 
-def build_ours(hidden, ffn, experts, top_k, gemm="auto"):
-    config = MoEConfig(kind="vanilla", num_experts=experts, top_k=top_k, router="softmax", aux_loss="layer")
+# the routing of ours (vanilla MoE's), and UniPool's: NormRouter with the pool aux loss
+ROUTERS = {"softmax": dict(router="softmax", aux_loss="layer"), "norm": dict(router="norm", aux_loss="pool")}
+
+
+def build_ours(hidden, ffn, experts, top_k, gemm="auto", router="softmax"):
+    config = MoEConfig(kind="vanilla", num_experts=experts, top_k=top_k, **ROUTERS[router])
     pool = ExpertPool(experts, hidden, ffn, INIT_STD, INIT_STD, gemm)
     stats = PoolStats(1, experts, "step")
     layer = MoELayer(config, hidden, pool, stats, 0, 1, INIT_STD, INIT_STD)
@@ -52,10 +57,10 @@ def build_ours(hidden, ffn, experts, top_k, gemm="auto"):
     return torch.nn.ModuleList([layer, pool, stats]), lambda x: layer(x)[0], list(layer.parameters()) + list(pool.parameters())
 
 
-def build_routing(hidden, ffn, experts, top_k):
+def build_routing(hidden, ffn, experts, top_k, router="softmax"):
     """Our layer's MoELayer.route alone, its outputs (gates, losses) reduced so that backward reaches every
     routing parameter as in the layer."""
-    module, _, _ = build_ours(hidden, ffn, experts, top_k)
+    module, _, _ = build_ours(hidden, ffn, experts, top_k, router=router)
     layer = module[0]
 
     def forward(x):
@@ -107,14 +112,15 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn", type=int, default=512, help="expert width")
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="for DeepSpeed's layer")
     parser.add_argument("--impls", nargs="+", choices=["ours", "ours_grouped_mm", "ours_loop", "deepspeed", "loop",
-                                                       "dense", "routing"],
-                        help="default: ours, the expert GEMM ours does not pick here, deepspeed, loop, dense, routing")
+                                                       "dense", "routing", "routing_norm"],
+                        help="default: ours, the expert GEMM ours does not pick here, deepspeed, loop, dense, routing,"
+                             " routing_norm")
     add_measurement_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.impls is None:
         other = "ours_loop" if device.type == "cuda" else "ours_grouped_mm"  # the GEMM 'auto' does not take here
-        args.impls = ["ours", other, "deepspeed", "loop", "dense", "routing"]
+        args.impls = ["ours", other, "deepspeed", "loop", "dense", "routing", "routing_norm"]
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
         init_distributed_from_env(600, even_alone=True)  # DeepSpeed's layer asks for its process groups
     builders = {"ours": build_ours, "ours_grouped_mm": lambda *a: build_ours(*a, gemm="grouped_mm"),
                 "ours_loop": lambda *a: build_ours(*a, gemm="loop"), "loop": build_loop, "dense": build_dense,
-                "routing": build_routing,
+                "routing": build_routing, "routing_norm": lambda *a: build_routing(*a, router="norm"),
                 "deepspeed": lambda *a: build_deepspeed(*a, args.capacity_factor)}
     rows = []
     for experts in args.experts:
@@ -144,9 +150,9 @@ def main(argv=None) -> int:
                             args.json)
     print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"top-{args.top_k}, {dtype_name}")
-    add_ratios([row for row in rows if row["impl"] != "routing"], "deepspeed", "tokens", "tokens_per_second",
+    add_ratios([row for row in rows if not row["impl"].startswith("routing")], "deepspeed", "tokens", "tokens_per_second",
                "vs_deepspeed")  # (a part of a layer, not a layer)
-    for row in (r for r in rows if r["impl"] == "routing" and "error" not in r):  # its share of our whole layer
+    for row in (r for r in rows if r["impl"].startswith("routing") and "error" not in r):  # its share of our layer
         ours = next((r for r in rows if r["impl"] == "ours" and r["tokens"] == row["tokens"]
                      and r["experts"] == row["experts"] and "error" not in r), None)
         row["share_of_ours"] = row["ms"] / ours["ms"] if ours else None
