@@ -89,13 +89,15 @@ def measure_row(rows: list[dict], row: dict, label: str, measure, derive, json_p
         json_path.write_text(json.dumps(rows, indent=2))
 
 
-def add_ratios(rows: list[dict], reference: str, size: str, value: str, ratio: str) -> None:
+def add_ratios(rows: list[dict], reference: str, size: str, value: str, ratio: str,
+               references: list[dict] | None = None) -> None:
     """row[ratio] = row[value] / the same shape's `reference` impl's (None where that one failed or
-    was not measured); `size` names the rows' size column (shape = experts and size)."""
+    was not measured), the reference found among `references` (default: `rows`); `size` names the rows'
+    size column (shape = experts and size)."""
     for row in rows:
         if "error" in row:
             continue
-        twin = next((r for r in rows if r["impl"] == reference and r[size] == row[size]
+        twin = next((r for r in (references or rows) if r["impl"] == reference and r[size] == row[size]
                      and r["experts"] == row["experts"] and "error" not in r), None)
         row[ratio] = row[value] / twin[value] if twin else None
 

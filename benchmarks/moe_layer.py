@@ -150,12 +150,10 @@ def main(argv=None) -> int:
                             args.json)
     print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"top-{args.top_k}, {dtype_name}")
-    add_ratios([row for row in rows if not row["impl"].startswith("routing")], "deepspeed", "tokens", "tokens_per_second",
-               "vs_deepspeed")  # (a part of a layer, not a layer)
-    for row in (r for r in rows if r["impl"].startswith("routing") and "error" not in r):  # its share of our layer
-        ours = next((r for r in rows if r["impl"] == "ours" and r["tokens"] == row["tokens"]
-                     and r["experts"] == row["experts"] and "error" not in r), None)
-        row["share_of_ours"] = row["ms"] / ours["ms"] if ours else None
+    routing = [row for row in rows if row["impl"].startswith("routing")]  # a part of a layer, not a layer:
+    add_ratios([row for row in rows if not row["impl"].startswith("routing")], "deepspeed", "tokens",
+               "tokens_per_second", "vs_deepspeed")
+    add_ratios(routing, "ours", "tokens", "ms", "share_of_ours", references=rows)  # its share of our whole layer
     print_table(rows, [("experts", "experts", 7, ""), ("tokens", "tokens", 7, ""), ("impl", "impl", 15, ""),
                        ("tokens/s", "tokens_per_second", 12, "{:,.0f}"), ("ms", "ms", 9, "{:.2f}"),
                        ("vs deepspeed", "vs_deepspeed", 13, "{:.2f}x"), ("share of ours", "share_of_ours", 14, "{:.1%}")])
