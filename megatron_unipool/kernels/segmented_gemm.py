@@ -24,22 +24,18 @@ import torch
 from .triton_support import interpreting, tl, triton
 
 ALIGN_BYTES = 16
-# tiles of the [N, K] gradient and rows per step: on a GPU the fastest of these for each (N, K), timed at the
-# first call (Triton's autotuner); the interpreter (tests on CPU) takes small blocks, and operands upcast to
-# fp32 (its tl.dot misreads bf16: Triton 3.9)
-GPU_BLOCKS = [dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=64, num_warps=8, num_stages=3),
-              dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=4, num_stages=4),
-              dict(BLOCK_N=128, BLOCK_K=256, BLOCK_R=64, num_warps=8, num_stages=3)]
-INTERPRETER_BLOCKS = [dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16)]
+# (BLOCK_N, BLOCK_K, BLOCK_R, warps, stages): tiles of the [N, K] gradient and rows per step; on a GPU the
+# fastest of these for each (N, K), timed at the first call (Triton's autotuner)
+GPU_TILES = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3)]
 
 
 def _configs() -> list:
-    def config(blocks: dict):
-        meta = {key: value for key, value in blocks.items() if key.startswith("BLOCK")}
-        warps = {key: value for key, value in blocks.items() if not key.startswith("BLOCK")}
-        return triton.Config(dict(meta, UPCAST=interpreting()), **warps)
-
-    return [config(blocks) for blocks in (INTERPRETER_BLOCKS if interpreting() else GPU_BLOCKS)]
+    """The interpreter (tests on CPU) takes small blocks, and operands upcast to fp32 (its tl.dot misreads
+    bf16: Triton 3.9)."""
+    if interpreting():
+        return [triton.Config(dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, UPCAST=True))]
+    return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, BLOCK_R=r, UPCAST=False), num_warps=warps, num_stages=stages)
+            for n, k, r, warps, stages in GPU_TILES]
 
 
 def segmented_weight_gradient(a_calls: list[torch.Tensor], b_calls: list[torch.Tensor], counts_CM: torch.Tensor
