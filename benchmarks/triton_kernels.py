@@ -30,7 +30,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 from megatron_unipool.kernels import cross_entropy_sum, rotary, swiglu_activation  # noqa: E402
-from megatron_unipool.kernels.triton_support import interpreting, triton  # noqa: E402
+from megatron_unipool.kernels.triton_support import triton_runs_on  # noqa: E402
 from megatron_unipool.model.rope import RotaryEmbedding  # noqa: E402
 from megatron_unipool.moe.dispatch import plan_dispatch, unpermute  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     impls = ["torch"]
-    if triton is not None and (device.type == "cuda" or interpreting()):
+    if triton_runs_on(torch.empty(0, device=device)):
         impls.append("triton")
     else:
         print("  triton not measured: Triton is not installed, or no CUDA device (TRITON_INTERPRET=1 runs it on a CPU)",

@@ -1,6 +1,5 @@
 """The benchmark scripts run and write the rows their docs promise (tiny sizes; timings are not checked,
 byte counts are: they follow from the shapes)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_unipool.kernels.triton_support import triton_runs_on
+
 REPO = Path(__file__).resolve().parents[1]
-# Triton kernels run here: compiled on CUDA, or interpreted on a CPU (conftest.py sets TRITON_INTERPRET there)
-TRITON_RUNS = importlib.util.find_spec("triton") is not None and (torch.cuda.is_available()
-                                                                   or os.environ.get("TRITON_INTERPRET") == "1")
+# Triton kernels run here, as the scripts decide it: compiled on CUDA, or interpreted on a CPU (conftest.py sets
+# TRITON_INTERPRET there)
+TRITON_RUNS = triton_runs_on(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run_benchmark(tmp_path, script: str, *arguments: str, status: int = 0, cwd=None):
