@@ -24,9 +24,8 @@ MAX_BLOCK_D = 256  # columns per step: a program walks the hidden dimension in c
 def combine_forward(y_SD: torch.Tensor, gate_S: torch.Tensor, row_TK: torch.Tensor) -> torch.Tensor:
     """[T, D] in y's dtype, summed in fp32 and rounded once."""
     y_SD, gate_S, row_TK = y_SD.contiguous(), gate_S.contiguous(), row_TK.contiguous()
-    tokens, top_k = row_TK.shape
-    out = torch.empty(tokens, y_SD.shape[1], dtype=y_SD.dtype, device=y_SD.device)
-    dim = y_SD.shape[1]
+    (tokens, top_k), dim = row_TK.shape, y_SD.shape[1]
+    out = torch.empty(tokens, dim, dtype=y_SD.dtype, device=y_SD.device)
     _combine_forward_kernel[(triton.cdiv(tokens, BLOCK_ROWS),)](
         y_SD, gate_S, row_TK, out, tokens, dim, TOP_K=top_k, BLOCK_ROWS=BLOCK_ROWS, BLOCK_D=_block_d(dim))
     return out
