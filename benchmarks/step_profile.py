@@ -3,11 +3,17 @@ kernel category, the busiest kernels, how many kernels a step launches, and how 
 time the device was busy (well under 100% means the step waits on the host: Python, launches, syncs);
 and, between two models' profiles, where one's extra device time goes (by category and by kernel).
 
-On CUDA the summary counts GPU kernels and copies; on CPU it counts operators' self CPU time.
+On CUDA the summary counts GPU kernels and copies; on CPU it counts operators' self CPU time. On CUDA it
+also says why the device was idle (`timeline`): every gap between kernels, charged to the host operator
+that launched the kernel ending it (the host was still busy, or waiting, when the device ran dry), and
+every time the host waited for the device (a synchronising runtime call: `.item()`, `.tolist()`, a copy
+to pageable memory), charged to the operator it ran under. The profiler slows the host, so gaps are
+longer than in an unprofiled step: read them for where the host falls behind, not for how much.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.autograd import DeviceType
@@ -44,7 +50,11 @@ def profile_steps(step, steps: int, top: int = 12) -> dict:
         if on_cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - started
-    return summarise(prof.key_averages(), steps, wall, on_cuda, top)
+    summary = summarise(prof.key_averages(), steps, wall, on_cuda, top)
+    if on_cuda:
+        spans, waits = device_timeline(prof)
+        summary["timeline"] = {"idle": idle_gaps(spans, steps, top), "host_waits": host_waits(waits, steps, top)}
+    return summary
 
 
 def summarise(averages, steps: int, wall_seconds: float, on_cuda: bool, top: int) -> dict:
@@ -76,6 +86,88 @@ def summarise(averages, steps: int, wall_seconds: float, on_cuda: bool, top: int
     }
 
 
+# runtime calls in which the host blocks until the device has caught up (besides every *Synchronize)
+BLOCKING_COPIES = ("cudaMemcpy", "cudaMemcpy2D")
+GAP_SIZES_US = ((10.0, "< 10 us"), (100.0, "10-100 us"), (1000.0, "0.1-1 ms"), (float("inf"), ">= 1 ms"))
+
+
+@dataclass(frozen=True)
+class DeviceSpan:
+    """One kernel, copy or fill on the device, and the host operator that launched it."""
+
+    start_us: float
+    end_us: float
+    launched_by: str
+
+
+def operator_path(event) -> str:
+    """`outermost > operator` for a host operator (FunctionEvent): e.g. the autograd node around an aten op."""
+    outermost = event
+    while outermost.cpu_parent is not None:
+        outermost = outermost.cpu_parent
+    return event.name if outermost is event else f"{outermost.name} > {event.name}"
+
+
+def device_timeline(prof) -> tuple[list[DeviceSpan], list[tuple[float, str]]]:
+    """From a CUDA profile: every device span with its launching operator, and every host wait
+    (microseconds, operator). Device events and runtime calls name their host operator by its
+    correlation id (kineto's `linked_correlation_id`), which is the id of that operator's FunctionEvent."""
+    operators = {event.id: event for event in prof.events()  # not the runtime calls: their ids are CUDA's
+                 if event.device_type == DeviceType.CPU and not getattr(event, "linked_correlation_id", 0)
+                 and not event.name.startswith("cu")}
+
+    def launcher(kineto_event) -> str:
+        host = operators.get(kineto_event.linked_correlation_id())
+        return operator_path(host) if host is not None else "(outside any operator)"
+
+    spans, waits = [], []
+    for event in prof.profiler.kineto_results.events():
+        if event.device_type() == DeviceType.CUDA:
+            if event.is_user_annotation():  # a range around kernels (torch's optimizer step), not device work
+                continue
+            spans.append(DeviceSpan(event.start_ns() / 1e3, event.end_ns() / 1e3, launcher(event)))
+        elif "Synchronize" in event.name() or event.name() in BLOCKING_COPIES:  # torch.cuda.synchronize() has no operator
+            waits.append((event.duration_ns() / 1e3, f"{launcher(event)} ({event.name()})"))
+    return spans, waits
+
+
+def idle_gaps(spans: list[DeviceSpan], steps: int, top: int = 8) -> dict:
+    """The device's idle time between its first and last span, per step: in all, by gap size, and by
+    the operator that launched the span ending each gap (largest first). Spans may overlap (streams)."""
+    by_cause: dict[str, list[float]] = {}
+    by_size = {label: 0.0 for _, label in GAP_SIZES_US}
+    busy_until = None
+    for span in sorted(spans, key=lambda s: s.start_us):
+        if busy_until is not None and span.start_us > busy_until:
+            gap = span.start_us - busy_until
+            totals = by_cause.setdefault(span.launched_by, [0.0, 0])
+            totals[0] += gap
+            totals[1] += 1
+            by_size[next(label for limit, label in GAP_SIZES_US if gap < limit)] += gap
+        busy_until = span.end_us if busy_until is None else max(busy_until, span.end_us)
+    per_step_ms = 1e-3 / steps
+    causes = sorted(by_cause.items(), key=lambda item: -item[1][0])
+    return {"idle_ms": sum(total for total, _ in by_cause.values()) * per_step_ms,
+            "gaps_per_step": sum(count for _, count in by_cause.values()) / steps,
+            "by_size_ms": {label: micros * per_step_ms for label, micros in by_size.items()},
+            "causes": [{"launched_by": name, "ms": total * per_step_ms, "gaps": count / steps}
+                       for name, (total, count) in causes[:top]]}
+
+
+def host_waits(waits: list[tuple[float, str]], steps: int, top: int = 8) -> dict:
+    """The host's waits for the device per step: in all and by operator (largest first)."""
+    by_operator: dict[str, list[float]] = {}
+    for micros, operator in waits:
+        totals = by_operator.setdefault(operator, [0.0, 0])
+        totals[0] += micros
+        totals[1] += 1
+    per_step_ms = 1e-3 / steps
+    ranked = sorted(by_operator.items(), key=lambda item: -item[1][0])
+    return {"ms": sum(micros for micros, _ in waits) * per_step_ms, "per_step": len(waits) / steps,
+            "operators": [{"operator": name, "ms": total * per_step_ms, "calls": count / steps}
+                          for name, (total, count) in ranked[:top]]}
+
+
 def difference(summary: dict, reference: dict, top: int = 10) -> dict:
     """Per-step device time of `summary` minus `reference`'s: in all, by category, and the kernels that
     account for most of it (either way), largest first."""
@@ -104,4 +196,12 @@ def format_profile(name: str, summary: dict) -> str:
               for category, ms in summary["categories"].items()]
     lines += [f"    {row['ms']:8.2f} ms {row['calls']:6.0f} calls  [{row['category']}] {row['name'][:90]}"
               for row in summary["top"]]
+    if "timeline" in summary:
+        idle, waits = summary["timeline"]["idle"], summary["timeline"]["host_waits"]
+        sizes = ", ".join(f"{label} {ms:.1f} ms" for label, ms in idle["by_size_ms"].items())
+        lines.append(f"  device idle between kernels {idle['idle_ms']:.1f} ms in {idle['gaps_per_step']:,.0f} gaps"
+                     f" ({sizes}); the gaps end with kernels launched by:")
+        lines += [f"    {row['ms']:8.2f} ms {row['gaps']:6.0f} gaps  {row['launched_by'][:100]}" for row in idle["causes"]]
+        lines.append(f"  host waited for the device {waits['ms']:.1f} ms in {waits['per_step']:,.0f} calls:")
+        lines += [f"    {row['ms']:8.2f} ms {row['calls']:6.0f} calls  {row['operator'][:100]}" for row in waits["operators"]]
     return "\n".join(lines)

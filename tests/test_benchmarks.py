@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,94 @@ def test_step_profile_counts_each_kernel_once_by_category(monkeypatch):
                                           "void at::native::indexFuncLargeIndex<float>", "aten::addmm",
                                           "_cross_entropy_backward_kernel")] == [
         "grouped gemm", "attention", "sort / scan / index", "gemm", "cross entropy / softmax"]
+
+
+def test_step_profile_charges_each_idle_gap_to_the_launch_that_ends_it(monkeypatch):
+    """The device's idle time between kernels, by gap size and by the host operator whose launch ended
+    the gap; the host's waits for the device by operator; both linked through kineto's correlation ids."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from step_profile import DeviceSpan, device_timeline, format_profile, host_waits, idle_gaps, summarise
+
+    spans = [DeviceSpan(25, 30, "aten::mul"), DeviceSpan(0, 10, "aten::mm"), DeviceSpan(5, 8, "aten::copy_"),
+             DeviceSpan(10, 20, "aten::add"), DeviceSpan(80, 90, "aten::mul"),
+             DeviceSpan(1090, 1100, "IndexSelectBackward0 > aten::index_add_"), DeviceSpan(1100.5, 1200, "aten::mm")]
+    idle = idle_gaps(spans, steps=1)  # gaps: 5 us (mul), 50 us (mul), 1000 us (index_add_), 0.5 us (mm)
+    assert idle["idle_ms"] == pytest.approx(1.0555) and idle["gaps_per_step"] == 4
+    assert idle["by_size_ms"] == pytest.approx({"< 10 us": 0.0055, "10-100 us": 0.05, "0.1-1 ms": 0.0, ">= 1 ms": 1.0})
+    assert [(row["launched_by"], row["gaps"]) for row in idle["causes"]] == [
+        ("IndexSelectBackward0 > aten::index_add_", 1), ("aten::mul", 2), ("aten::mm", 1)]
+    assert [row["ms"] for row in idle["causes"]] == pytest.approx([1.0, 0.055, 0.0005])
+    assert idle_gaps([DeviceSpan(0, 10, "a"), DeviceSpan(2, 30, "b"), DeviceSpan(20, 25, "c")], steps=1)["idle_ms"] == 0
+
+    waits = host_waits([(300.0, "aten::item > aten::_local_scalar_dense (cudaStreamSynchronize)"),
+                        (50.0, "(outside any operator) (cudaDeviceSynchronize)"),
+                        (100.0, "aten::item > aten::_local_scalar_dense (cudaStreamSynchronize)")], steps=2)
+    assert waits["ms"] == pytest.approx(0.225) and waits["per_step"] == 1.5
+    assert waits["operators"][0] == {"operator": "aten::item > aten::_local_scalar_dense (cudaStreamSynchronize)",
+                                     "ms": pytest.approx(0.2), "calls": 1.0}
+
+    # a profile as torch gives it: host operators (FunctionEvents, nested) and kineto's events, where kernels and
+    # runtime calls name their operator by its correlation id; a runtime call's own id may equal an operator's
+    item = SimpleNamespace(id=7, name="aten::item", device_type=DeviceType.CPU, cpu_parent=None)
+    scalar = SimpleNamespace(id=8, name="aten::_local_scalar_dense", device_type=DeviceType.CPU, cpu_parent=item)
+    mul = SimpleNamespace(id=9, name="aten::mul", device_type=DeviceType.CPU, cpu_parent=None)
+    launch = SimpleNamespace(id=8, name="cudaLaunchKernel", device_type=DeviceType.CPU, cpu_parent=mul)
+
+    def kineto(name, device, start_us, end_us, linked, annotation=False):
+        return SimpleNamespace(name=lambda: name, device_type=lambda: device, start_ns=lambda: start_us * 1000,
+                               end_ns=lambda: end_us * 1000, duration_ns=lambda: (end_us - start_us) * 1000,
+                               linked_correlation_id=lambda: linked, is_user_annotation=lambda: annotation)
+
+    prof = SimpleNamespace(events=lambda: [item, scalar, mul, launch], profiler=SimpleNamespace(
+        kineto_results=SimpleNamespace(events=lambda: [
+            kineto("aten::mul", DeviceType.CPU, 0, 5, 0),
+            kineto("cudaLaunchKernel", DeviceType.CPU, 1, 2, 9),
+            kineto("Optimizer.step#AdamW.step", DeviceType.CUDA, 0, 60, 0, annotation=True),  # spans, not work
+            kineto("void at::native::vectorized_elementwise_kernel", DeviceType.CUDA, 3, 10, 9),
+            kineto("cudaStreamSynchronize", DeviceType.CPU, 12, 40, 8),
+            kineto("cudaDeviceSynchronize", DeviceType.CPU, 50, 51, 0),
+            kineto("Memcpy DtoH (Device -> Pinned)", DeviceType.CUDA, 38, 39, 8)])))
+    spans, waits = device_timeline(prof)
+    assert spans == [DeviceSpan(3, 10, "aten::mul"), DeviceSpan(38, 39, "aten::item > aten::_local_scalar_dense")]
+    assert waits == [(28.0, "aten::item > aten::_local_scalar_dense (cudaStreamSynchronize)"),
+                     (1.0, "(outside any operator) (cudaDeviceSynchronize)")]
+
+    summary = summarise([SimpleNamespace(key="gemm", self_device_time_total=2000, self_cpu_time_total=0, count=2,
+                                         device_type=DeviceType.CUDA, is_user_annotation=False)],
+                        steps=1, wall_seconds=0.004, on_cuda=True, top=2)
+    summary["timeline"] = {"idle": idle, "host_waits": host_waits(waits, steps=1)}
+    printed = format_profile("vanilla", summary).splitlines()
+    assert printed[-7].startswith("  device idle between kernels 1.1 ms in 4 gaps (< 10 us 0.0 ms, 10-100 us 0.1 ms,")
+    assert printed[-6].split() == ["1.00", "ms", "1", "gaps", "IndexSelectBackward0", ">", "aten::index_add_"]
+    assert printed[-3] == "  host waited for the device 0.0 ms in 2 calls:"
+    assert printed[-2].split() == ["0.03", "ms", "1", "calls", "aten::item", ">", "aten::_local_scalar_dense",
+                                   "(cudaStreamSynchronize)"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device timeline needs CUDA kernels")
+def test_step_profile_finds_a_host_stall_and_a_sync_on_cuda(monkeypatch):
+    """A step that sleeps on the host before a kernel leaves the device idle, charged to that kernel's
+    operator; its .item() is a host wait under aten::item."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from step_profile import profile_steps
+
+    a = torch.randn(2048, 2048, device="cuda")
+
+    def step():
+        b = a @ a
+        b.sum().item()
+        time.sleep(0.02)
+        b.mul(2)
+
+    step()
+    timeline = profile_steps(step, steps=2)["timeline"]
+    slowest = timeline["idle"]["causes"][0]
+    assert slowest["launched_by"] == "aten::mul" and slowest["ms"] >= 20 and slowest["gaps"] == 1
+    assert any("aten::item" in row["operator"] and row["calls"] >= 1 for row in timeline["host_waits"]["operators"])
 
 
 def test_end_to_end_benchmark_records_a_failed_model_and_measures_the_rest(data_cache, tmp_path):
