@@ -54,8 +54,9 @@ QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.
 ONE_GPU_182M = ["parallel.ep=1", "train.micro_batch=32", "train.global_batch=128"]
 ONE_GPU_469M = ["parallel.ep=1", "train.micro_batch=16", "train.global_batch=128"]
 PER_LAYER = "model.pool_weight_gradients=per_layer"  # the pool's casts and weight gradients layer by layer
-# the Triton kernels: RoPE, silu(gate) * up, the MoE combine, and a shared pool's deferred weight gradients (UniPool)
-FUSED = ["model.rope_kernel=triton", "model.swiglu_kernel=triton", "model.combine_kernel=triton",
+# the Triton kernels: RoPE, silu(gate) * up, the MoE permute and combine, and a shared pool's deferred weight
+# gradients (UniPool)
+FUSED = ["model.rope_kernel=triton", "model.swiglu_kernel=triton", "model.permute_kernel=triton",
          "model.pool_wgrad_kernel=triton"]
 ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]  # DeepSpeed's engine: bf16 weights, fp32 masters
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts

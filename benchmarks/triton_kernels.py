@@ -1,17 +1,20 @@
 """Each Triton kernel against the eager PyTorch ops it replaces, forward + backward, in one run:
 the language-model loss (`cross_entropy`), RoPE (`rotary`), the SwiGLU activation (`swiglu`) and the
-MoE combine (`combine`: gate-weighted expert outputs back to tokens, top-1 over 8 experts).
+MoE permute and combine (`permute`: tokens into the experts' layout and the gate-weighted rows back,
+top-1 over 8 experts, with the experts left out; the Triton side writes the rows padded as the CUDA
+grouped GEMM takes them, the torch side unpadded, where the model's experts pad them in further copies).
 
-    python benchmarks/triton_kernels.py [--kernels cross_entropy rotary swiglu combine] [--tokens 8192 32768] [--json out.json]
+    python benchmarks/triton_kernels.py [--kernels cross_entropy rotary swiglu permute] [--tokens 8192 32768] [--json out.json]
 
 Shapes follow the 182M models at `--tokens` tokens per micro-batch: logits over a `--vocab` of
 51,200, queries of 12 heads of 64, an FFN width of 3072. `GB/s` counts the least traffic any
 implementation needs (the inputs read and the results written once each way, in the inputs' dtype):
 the loss 3 x tokens x vocab elements (logits read twice, gradient written once), RoPE 4 x its input,
 SwiGLU 8 x one activation (gate and up read and the product written forward; the gradient, gate and
-up read and two gradients written backward), the combine 5 x tokens x hidden at top-1 (expert outputs
-read and token rows written forward; output gradient and expert outputs read and their gradient
-written backward). The kernels run on CUDA, or on a CPU in Triton's
+up read and two gradients written backward), the permute and combine 9 x tokens x hidden at top-1 (the
+permute's rows read and written each way: 4; the combine's expert outputs read and token rows written
+forward, output gradient and expert outputs read and their gradient written backward: 5). The kernels
+run on CUDA, or on a CPU in Triton's
 interpreter when TRITON_INTERPRET=1 is set (slow: only to check the plumbing).
 """
 from __future__ import annotations
@@ -32,7 +35,8 @@ except ImportError:  # a checkout without `pip install -e .`
 from megatron_unipool.kernels import cross_entropy_sum, rotary, swiglu_activation  # noqa: E402
 from megatron_unipool.kernels.triton_support import triton_runs_on  # noqa: E402
 from megatron_unipool.model.rope import RotaryEmbedding  # noqa: E402
-from megatron_unipool.moe.dispatch import plan_dispatch, unpermute  # noqa: E402
+from megatron_unipool.kernels.grouped_gemm import GROUPED_MM_ALIGN_BYTES  # noqa: E402
+from megatron_unipool.moe.dispatch import expert_rows, permute, plan_dispatch, unpermute  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
 from measurement import (add_measurement_arguments, compute_dtype, measure_row, print_table,  # noqa: E402
                          time_forward_backward)
@@ -56,11 +60,15 @@ def workload(kernel: str, tokens: int, args, device, dtype):
         x = tensor(sequences, args.seq_len, args.heads, args.head_dim)
         return (lambda impl: lambda t: rotary(t, rope.cos, rope.sin, impl)), x, [], \
             f"{sequences}x{args.seq_len}x{args.heads}x{args.head_dim}", 4 * x.numel()
-    if kernel == "combine":
+    if kernel == "permute":
         plan = plan_dispatch(torch.randint(0, 8, (tokens, 1), generator=generator).to(device), 8, None)
         gates = torch.rand(tokens, 1, generator=generator).to(device).requires_grad_()
-        return (lambda impl: lambda y: unpermute(y, gates, plan, tokens, impl)), tensor(tokens, args.hidden), [gates], \
-            f"{tokens}x{args.hidden}", 5 * tokens * args.hidden
+        align = GROUPED_MM_ALIGN_BYTES // dtype.itemsize if device.type == "cuda" else 1
+
+        def round_trip(impl):
+            rows = expert_rows(plan, tokens, 1, align) if impl == "triton" else None
+            return lambda x: unpermute(permute(x, plan, dtype, rows), gates, plan, tokens, rows)
+        return round_trip, tensor(tokens, args.hidden), [gates], f"{tokens}x{args.hidden}", 9 * tokens * args.hidden
     up = tensor(tokens, args.ffn).requires_grad_()  # both inputs get gradients, as in the model
     return (lambda impl: lambda gate: swiglu_activation(gate, up, impl)), tensor(tokens, args.ffn), [up], \
         f"{tokens}x{args.ffn}", 8 * up.numel()
@@ -68,15 +76,15 @@ def workload(kernel: str, tokens: int, args, device, dtype):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kernels", nargs="+", choices=["cross_entropy", "rotary", "swiglu", "combine"],
-                        default=["cross_entropy", "rotary", "swiglu", "combine"])
+    parser.add_argument("--kernels", nargs="+", choices=["cross_entropy", "rotary", "swiglu", "permute"],
+                        default=["cross_entropy", "rotary", "swiglu", "permute"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="tokens per micro-batch")
     parser.add_argument("--vocab", type=int, default=51200)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--ffn", type=int, default=3072, help="FFN width")
-    parser.add_argument("--hidden", type=int, default=768, help="hidden size (the combine's rows)")
+    parser.add_argument("--hidden", type=int, default=768, help="hidden size (the permuted rows)")
     add_measurement_arguments(parser, repeats=10, warmup=3)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

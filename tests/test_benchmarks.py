@@ -99,9 +99,9 @@ def test_triton_kernels_benchmark_compares_each_kernel_with_torch(tmp_path):
                                "--heads", "2", "--head-dim", "8", "--ffn", "24", "--hidden", "20", "--repeats", "1",
                                "--warmup", "0")
     impls = ["torch"] + (["triton"] if TRITON_RUNS else [])
-    assert [(r["kernel"], r["impl"]) for r in rows] == [(k, i) for k in ("cross_entropy", "rotary", "swiglu", "combine")
+    assert [(r["kernel"], r["impl"]) for r in rows] == [(k, i) for k in ("cross_entropy", "rotary", "swiglu", "permute")
                                                          for i in impls]
-    elements = {"cross_entropy": 3 * 32 * 300, "rotary": 4 * 2 * 16 * 2 * 8, "swiglu": 8 * 32 * 24, "combine": 5 * 32 * 20}
+    elements = {"cross_entropy": 3 * 32 * 300, "rotary": 4 * 2 * 16 * 2 * 8, "swiglu": 8 * 32 * 24, "permute": 9 * 32 * 20}
     for row in rows:
         assert row["tokens"] == 32 and row["ms"] > 0 and "error" not in row
         assert row["gb_per_s"] == pytest.approx(elements[row["kernel"]] * 4 / (row["ms"] / 1e3) / 1e9)

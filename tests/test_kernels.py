@@ -13,7 +13,7 @@ from megatron_unipool.config import ModelConfig, MoEConfig, TrainConfig
 from megatron_unipool.kernels import (DeferredWeightGradients, KernelUnavailableError, causal_attention, grouped_swiglu,
                                       rms_norm)
 from megatron_unipool.kernels.attention import flash_available
-from megatron_unipool.kernels.grouped_gemm import grouped_mm_supported, resolve_expert_gemm
+from megatron_unipool.kernels.grouped_gemm import expert_row_alignment, grouped_mm_supported, resolve_expert_gemm
 from megatron_unipool.kernels.rms_norm import apex_rms_norm_available
 from megatron_unipool.model import LanguageModel
 from megatron_unipool.moe import Router
@@ -109,7 +109,7 @@ def test_fused_permute_and_combine_match_plain_indexing(dtype, capacity):
     w = torch.randn(8, 8, generator=generator).to(dtype)
 
     def fused(x, gates):
-        return unpermute(permute(x, plan) @ w, gates, plan, tokens)
+        return unpermute(permute(x, plan, dtype) @ w, gates, plan, tokens)
 
     def plain(x, gates):
         y = x[plan.token_S] @ w
@@ -135,8 +135,9 @@ def test_grouped_swiglu_takes_a_broadcast_gradient(case):
 
 def test_expert_gemm_choice_and_clear_refusal():
     x, counts_M, w_gate, w_up, w_down = expert_inputs([2, 3], hidden=6, width=10)  # rows not 16-byte aligned
-    assert not grouped_mm_supported(x, w_gate, w_down)
-    assert resolve_expert_gemm("auto", x, w_gate, w_down) == "loop"
+    assert not grouped_mm_supported(x.dtype, x.device, w_gate, w_down)
+    assert resolve_expert_gemm("auto", x.dtype, x.device, w_gate, w_down) == "loop"
+    assert expert_row_alignment("auto", x.dtype, x.device, w_gate, w_down) == 1
     with pytest.raises(KernelUnavailableError, match="model.expert_gemm='grouped_mm'.*multiples of 4"):
         grouped_swiglu(x, counts_M, w_gate, w_up, w_down, backend="grouped_mm")
 
@@ -144,11 +145,11 @@ def test_expert_gemm_choice_and_clear_refusal():
 def test_padded_rows_start_each_expert_at_an_aligned_row():
     """Counts [0, 16, 3] at alignment 8: slices padded to [0, 16, 8]; expert 1's slots at rows 0-15,
     expert 2's at 16-18 (an empty expert takes no rows)."""
-    from megatron_unipool.kernels.grouped_gemm import _padded_rows
+    from megatron_unipool.kernels.grouped_gemm import padded_rows
 
-    rows, padded = _padded_rows(torch.tensor([0, 16, 3]), 8, 19)
+    rows, padded = padded_rows(torch.tensor([0, 16, 3]), 8, 19)
     assert padded.tolist() == [0, 16, 8] and rows.tolist() == list(range(19))
-    rows, padded = _padded_rows(torch.tensor([3, 0, 9]), 8, 12)
+    rows, padded = padded_rows(torch.tensor([3, 0, 9]), 8, 12)
     assert padded.tolist() == [8, 0, 16] and rows.tolist() == [0, 1, 2] + list(range(8, 17))
 
 
@@ -170,10 +171,11 @@ def test_row_padding_copies_rows_once_each_way():
 @pytest.mark.gpu
 @pytest.mark.parametrize("counts", [[3, 0, 7, 1, 9], [128, 64, 0, 200]], ids=["small", "large"])
 def test_grouped_mm_on_cuda_matches_reference(counts):
-    if not grouped_mm_supported(torch.empty(1, 16, device="cuda", dtype=torch.bfloat16), torch.empty(1, 32, 16)):
+    if not grouped_mm_supported(torch.bfloat16, "cuda", torch.empty(1, 32, 16)):
         pytest.skip("torch._grouped_mm missing from this torch build")
     x, counts_M, *weights = expert_inputs(counts, hidden=64, width=128, dtype=torch.bfloat16, device="cuda")
-    assert resolve_expert_gemm("auto", x, weights[0], weights[2]) == "grouped_mm"
+    assert resolve_expert_gemm("auto", x.dtype, x.device, weights[0], weights[2]) == "grouped_mm"
+    assert expert_row_alignment("auto", x.dtype, x.device, weights[0], weights[2]) == 8
     inputs = [x, *weights]
     expected = forward_backward(lambda x, *w: per_slot_reference(x, counts_M, *w), inputs)
     actual = forward_backward(lambda x, *w: grouped_swiglu(x, counts_M, *w), inputs)
@@ -427,7 +429,7 @@ def test_deferred_weight_gradients_sum_every_call(case, dtype):
 @pytest.mark.gpu
 def test_deferred_weight_gradients_on_cuda():
     """The CUDA path: grouped_mm (CUTLASS) with its row padding, rows regrouped on the device."""
-    if not grouped_mm_supported(torch.empty(1, 16, device="cuda", dtype=torch.bfloat16), torch.empty(1, 32, 16)):
+    if not grouped_mm_supported(torch.bfloat16, "cuda", torch.empty(1, 32, 16)):
         pytest.skip("torch._grouped_mm missing from this torch build")
     check_deferred_weight_gradients(torch.bfloat16, "cuda", hidden=64, width=128)
 

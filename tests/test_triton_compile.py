@@ -44,14 +44,17 @@ def kernels_module(name: str):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_elementwise_kernels_compile_for_hopper(dtype):
-    combine, rotary, swiglu = (kernels_module(name) for name in ("combine", "rotary", "swiglu"))
-    rows = dict(BLOCK_ROWS=combine.BLOCK_ROWS, BLOCK_D=combine.MAX_BLOCK_D)
+    permute, rotary, swiglu = (kernels_module(name) for name in ("permute", "rotary", "swiglu"))
+    rows = dict(TOP_K=2, BLOCK_ROWS=permute.BLOCK_ROWS, BLOCK_D=permute.MAX_BLOCK_D)
     specs = [
-        spec("combine", "_combine_forward_kernel",
-             dict(y_ptr=f"*{dtype}", gate_ptr="*fp32", row_ptr="*i64", out_ptr=f"*{dtype}", tokens="i32", dim="i32"),
-             dict(TOP_K=2, **rows), ("dim",)),
-        spec("combine", "_combine_backward_kernel",
-             dict(grad_ptr=f"*{dtype}", y_ptr=f"*{dtype}", gate_ptr="*fp32", token_ptr="*i64", grad_y_ptr=f"*{dtype}",
+        spec("permute", "_gather_rows_kernel",
+             dict(x_ptr="*fp32", slot_ptr="*i64", out_ptr=f"*{dtype}", rows="i32", dim="i32"), rows, ("dim",)),
+    ] + [spec("permute", "_sum_rows_kernel",
+              dict(rows_ptr=f"*{dtype}", gate_ptr="*fp32", row_ptr="*i64", out_ptr=f"*{out}", tokens="i32", dim="i32"),
+              dict(WEIGHTED=weighted, **rows), ("dim",))
+         for weighted, out in ((True, dtype), (False, "fp32"))] + [
+        spec("permute", "_combine_backward_kernel",
+             dict(grad_ptr=f"*{dtype}", y_ptr=f"*{dtype}", gate_ptr="*fp32", slot_ptr="*i64", grad_y_ptr=f"*{dtype}",
                   grad_gate_ptr="*fp32", rows="i32", dim="i32"), rows, ("dim",)),
         spec("rotary", "_rotary_kernel",
              dict(x_ptr=f"*{dtype}", out_ptr=f"*{dtype}", cos_ptr="*fp32", sin_ptr="*fp32", rows="i32", heads="i32",

@@ -37,7 +37,7 @@ class ModelConfig:
     rms_norm: Literal["auto", "torch", "apex"] = "auto"  # apex: FusedRMSNorm, needs apex and CUDA
     rope_kernel: Literal["torch", "triton"] = "torch"  # triton: one fused pass each way (needs Triton, CUDA)
     swiglu_kernel: Literal["torch", "triton"] = "torch"  # silu(gate) * up: likewise (dense FFN, grouped_mm experts)
-    combine_kernel: Literal["torch", "triton"] = "torch"  # the MoE combine (gate-weighted sum of expert outputs): likewise
+    permute_kernel: Literal["torch", "triton"] = "torch"  # the MoE permute and combine, both ways: likewise
     # a pool shared by several layers: its weight gradients once per backward over all of their tokens
     # ("deferred": keeps each layer's expert activations and their gradients until then) or per layer
     pool_weight_gradients: Literal["deferred", "per_layer"] = "deferred"

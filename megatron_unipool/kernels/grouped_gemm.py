@@ -34,27 +34,38 @@ GROUPED_MM_ALIGN_BYTES = 16
 WEIGHT_GRADIENT_OPERANDS = ((1, 0), (2, 0), (4, 3))
 
 
-def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> bool:
     """torch._grouped_mm exists and takes these operands (16-byte aligned rows; bf16 only on CUDA)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.is_cuda and x.dtype != torch.bfloat16:
+    if torch.device(device).type == "cuda" and dtype != torch.bfloat16:
         return False
-    align = GROUPED_MM_ALIGN_BYTES // x.element_size()
+    align = GROUPED_MM_ALIGN_BYTES // dtype.itemsize
     return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
 
 
-def resolve_expert_gemm(backend: str, x: torch.Tensor, *weights: torch.Tensor) -> str:
-    if backend == "grouped_mm" and not grouped_mm_supported(x, *weights):
+def resolve_expert_gemm(backend: str, dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> str:
+    """The expert GEMM `backend` (model.expert_gemm) runs as for operands of `dtype` on `device`."""
+    device = torch.device(device)
+    if backend == "grouped_mm" and not grouped_mm_supported(dtype, device, *weights):
         raise KernelUnavailableError(
-            f"model.expert_gemm='grouped_mm' is not available for {x.dtype} on {x.device.type} with expert"
+            f"model.expert_gemm='grouped_mm' is not available for {dtype} on {device.type} with expert"
             f" shapes {[tuple(w.shape) for w in weights]} (needs torch._grouped_mm, bf16 on CUDA, widths that"
-            f" are multiples of {GROUPED_MM_ALIGN_BYTES // x.element_size()}); use 'auto' or 'loop'"
+            f" are multiples of {GROUPED_MM_ALIGN_BYTES // dtype.itemsize}); use 'auto' or 'loop'"
         )
     if backend == "auto":
         # on CPU torch's grouped_mm kernel is no faster than the loop (docs/benchmarks.md, moe_layer)
-        return "grouped_mm" if x.is_cuda and grouped_mm_supported(x, *weights) else "loop"
+        return "grouped_mm" if device.type == "cuda" and grouped_mm_supported(dtype, device, *weights) else "loop"
     return backend
+
+
+def expert_row_alignment(backend: str, dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> int:
+    """What each expert's number of rows must be a multiple of for the expert GEMM: 16 bytes of rows
+    for torch._grouped_mm on CUDA, 1 otherwise."""
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda and resolve_expert_gemm(backend, dtype, device, *weights) == "grouped_mm":
+        return GROUPED_MM_ALIGN_BYTES // dtype.itemsize
+    return 1
 
 
 def autocast_dtype(t: torch.Tensor) -> torch.dtype:
@@ -80,8 +91,9 @@ def grouped_swiglu(
     With `deferred`, backward leaves the weight gradients to it (see DeferredWeightGradients).
     `activation` computes silu(gate) * up and its backward on the grouped_mm path (kernels.swiglu:
     torch or triton); the segment loop, a CPU path, uses torch's ops.
-    `align_rows` overrides the per-expert row padding of the grouped_mm path (tests use it to
-    exercise the CUDA padding on CPU).
+    `align_rows` overrides the per-expert row padding of the grouped_mm path (expert_row_alignment):
+    1 where the rows are laid out padded already (kernels.permute), or tests exercising the CUDA padding
+    on CPU.
     """
     if x_SD.shape[0] == 0:  # no slots: an empty result still tied to x_SD, so every rank's backward has the same steps
         return x_SD * 0
@@ -89,9 +101,9 @@ def grouped_swiglu(
     dtype = autocast_dtype(x_SD)
     with torch.autocast(x_SD.device.type, enabled=False):
         x_SD, w_gate_MFD, w_up_MFD, w_down_MDF = (t.to(dtype) for t in (x_SD, w_gate_MFD, w_up_MFD, w_down_MDF))
-        if resolve_expert_gemm(backend, x_SD, w_gate_MFD, w_down_MDF) == "grouped_mm":
+        if resolve_expert_gemm(backend, dtype, x_SD.device, w_gate_MFD, w_down_MDF) == "grouped_mm":
             if align_rows is None:
-                align_rows = GROUPED_MM_ALIGN_BYTES // x_SD.element_size() if x_SD.is_cuda else 1
+                align_rows = expert_row_alignment(backend, dtype, x_SD.device, w_gate_MFD, w_down_MDF)
             return _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows, deferred,
                                       activation)
         return _SegmentSwiGLU.apply(x_SD, tuple(counts_M.tolist()), w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
@@ -173,7 +185,7 @@ def _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_r
                        ) -> torch.Tensor:
     if align_rows == 1:
         return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation)
-    rows_P, padded_counts_M = _padded_rows(counts_M, align_rows, x_SD.shape[0])
+    rows_P, padded_counts_M = padded_rows(counts_M, align_rows, x_SD.shape[0])
     # in place into fresh zeros (index_copy would clone them first); the rows come back by index_select,
     # whose backward is an index_add, not the sort-based index_put that advanced indexing runs
     padded = x_SD.new_zeros(x_SD.shape[0] + counts_M.numel() * (align_rows - 1), x_SD.shape[1])
@@ -399,7 +411,7 @@ def _expert_major_destinations(counts_CG: torch.Tensor, total: int) -> torch.Ten
     return target_start[block] + torch.arange(total, device=counts_CG.device) - source_start[block]
 
 
-def _padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row of each slot when every expert's slice starts at a multiple of `align`; padded counts.
 
     Computed on the device without a host sync (the slot count is known from the shapes).

@@ -107,7 +107,7 @@ class LanguageModel(nn.Module):
             for slot, layer in enumerate(layers):
                 ffns[layer] = MoELayer(moe, model.hidden_size, pool, stats, slot, len(layers), model.init_std, output_std,
                                        recompute_experts=model.activation_checkpointing == "ffn", lock=lock,
-                                       combine_kernel=model.combine_kernel)
+                                       permute_kernel=model.permute_kernel)
         self.layers = nn.ModuleList(
             Block(model, self.rope, ffns.get(i) or SwiGLU(model.hidden_size, model.ffn_hidden_size, model.init_std, output_std,
                                                           model.swiglu_kernel), output_std)

@@ -1,6 +1,11 @@
 """Token permutation: sort routing slots by expert, drop over capacity, scatter results back.
 
-Shapes: T tokens, k slots per token, M experts, S kept slots (S = T*k when dropless), D hidden.
+Shapes: T tokens, k slots per token, M experts, S kept slots (S = T*k when dropless), D hidden,
+P rows of the experts' input when each expert's rows are padded (ExpertRows).
+
+Two implementations (model.permute_kernel): torch's ops on the kept slots in expert order (the expert
+GEMM pads them itself where it must), or the Triton kernels of kernels/permute.py, which copy each
+slot's row straight to its place in the padded layout (`expert_rows`) and combine from there.
 """
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.combine import combine_backward, combine_forward
-from ..kernels.triton_support import wants_triton
+from ..kernels.grouped_gemm import padded_rows
+from ..kernels.permute import CombineRows, GatherRows
 
 
 @dataclass
@@ -62,10 +67,39 @@ def _counts(experts: torch.Tensor, num_experts: int, weights: torch.Tensor | Non
     return torch.zeros(num_experts, dtype=torch.long, device=experts.device).index_add_(0, experts, ones)
 
 
-def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Copy each kept slot's token row; backward scatter-adds (index_select's index_add, not the
-    sort-based index_put that advanced indexing `x[idx]` runs in backward)."""
-    return x_TD.index_select(0, plan.token_S)
+@dataclass
+class ExpertRows:
+    """Where the Triton kernels put each kept slot: expert by expert in the plan's order, each expert's
+    rows padded to a multiple of the expert GEMM's alignment (the rows past the padded counts, up to
+    the static size P = S + M * (align - 1), are padding too)."""
+
+    slot_P: torch.Tensor  # the slot (t * k + j) held by each row; -1: padding
+    row_TK: torch.Tensor  # the row holding each (token, slot); -1: dropped
+    counts_M: torch.Tensor  # rows per expert, padding included
+
+
+def expert_rows(plan: DispatchPlan, num_tokens: int, top_k: int, align: int) -> ExpertRows:
+    """The padded layout of `plan`'s kept slots, computed on the device (no host sync: P follows from
+    the shapes)."""
+    slots = plan.slot_S
+    if align == 1:
+        rows_S, counts_M, num_rows = torch.arange(slots.numel(), device=slots.device), plan.kept_per_expert_M, slots.numel()
+    else:
+        rows_S, counts_M = padded_rows(plan.kept_per_expert_M, align, slots.numel())
+        num_rows = slots.numel() + counts_M.numel() * (align - 1)
+    slot_P = torch.full((num_rows,), -1, dtype=slots.dtype, device=slots.device).index_copy_(0, rows_S, slots)
+    row_TK = torch.full((num_tokens * top_k,), -1, dtype=slots.dtype, device=slots.device).index_copy_(0, slots, rows_S)
+    return ExpertRows(slot_P, row_TK.view(num_tokens, top_k), counts_M)
+
+
+def permute(x_TD: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype, rows: ExpertRows | None = None
+            ) -> torch.Tensor:
+    """Each kept slot's token row in `dtype`, in expert order: torch's cast and index_select (whose
+    backward is an index_add, not the sort-based index_put of advanced indexing `x[idx]`), or with `rows`
+    one Triton gather into that padded layout that casts as it copies."""
+    if rows is None:
+        return x_TD.to(dtype).index_select(0, plan.token_S)
+    return GatherRows.apply(x_TD, rows.slot_P, rows.row_TK, dtype)
 
 
 class _Combine(torch.autograd.Function):
@@ -73,40 +107,28 @@ class _Combine(torch.autograd.Function):
 
     Backward gathers the output gradient once per slot and derives both input gradients from it
     (grad_y = gate * g, grad_gate = <g, y>); autograd on the unfused expression would also keep
-    the weighted [S, D] copy alive until the scatter. With `row_TK` (each token's rows of y) the
-    Triton kernels of kernels/combine.py do each direction in one pass.
+    the weighted [S, D] copy alive until the scatter.
     """
 
     @staticmethod
-    def forward(ctx, y_SD, gate_S, token_S, row_TK, num_tokens: int):
+    def forward(ctx, y_SD, gate_S, token_S, num_tokens: int):
         ctx.save_for_backward(y_SD, gate_S, token_S)
-        ctx.fused = row_TK is not None
-        if ctx.fused:
-            return combine_forward(y_SD, gate_S, row_TK)
         weighted = y_SD * gate_S.unsqueeze(-1).to(y_SD.dtype)
         return y_SD.new_zeros(num_tokens, y_SD.shape[-1]).index_add_(0, token_S, weighted)
 
     @staticmethod
     def backward(ctx, grad_TD):
         y_SD, gate_S, token_S = ctx.saved_tensors
-        if ctx.fused:
-            grad_y, grad_gate = combine_backward(grad_TD, y_SD, gate_S, token_S)
-            return (grad_y if ctx.needs_input_grad[0] else None, grad_gate if ctx.needs_input_grad[1] else None,
-                    None, None, None)
         grad_SD = grad_TD.index_select(0, token_S)
         grad_y = grad_SD * gate_S.unsqueeze(-1).to(grad_SD.dtype) if ctx.needs_input_grad[0] else None
         grad_gate = (grad_SD.float() * y_SD.float()).sum(-1).to(gate_S.dtype) if ctx.needs_input_grad[1] else None
-        return grad_y, grad_gate, None, None, None
+        return grad_y, grad_gate, None, None
 
 
-def unpermute(y_SD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan, num_tokens: int,
-              kernel: str = "torch") -> torch.Tensor:
-    """sum over a token's kept slots of gate * expert output; dropped slots contribute nothing.
-    `kernel` (model.combine_kernel): torch's ops, or a Triton pass each way."""
-    row_TK = None
-    if wants_triton(kernel, y_SD, "model.combine_kernel"):  # each (token, slot)'s row of y; -1: dropped
-        slots = plan.slot_S
-        rows = torch.arange(slots.numel(), device=slots.device)
-        row_TK = torch.full((gates_TK.numel(),), -1, device=slots.device).index_copy_(0, slots, rows)
-        row_TK = row_TK.view_as(gates_TK)
-    return _Combine.apply(y_SD, gates_TK.reshape(-1)[plan.slot_S], plan.token_S, row_TK, num_tokens)
+def unpermute(y: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan, num_tokens: int,
+              rows: ExpertRows | None = None) -> torch.Tensor:
+    """sum over a token's kept slots of gate * expert output (dropped slots contribute nothing), from
+    y in `permute`'s layout: torch's ops, or with `rows` one Triton pass each way."""
+    if rows is None:
+        return _Combine.apply(y, gates_TK.reshape(-1)[plan.slot_S], plan.token_S, num_tokens)
+    return CombineRows.apply(y, gates_TK, rows.row_TK, rows.slot_P)

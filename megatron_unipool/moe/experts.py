@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels import DeferredWeightGradients, autocast_dtype, grouped_swiglu, swiglu_activation
+from ..kernels.grouped_gemm import expert_row_alignment
 from ..parallel.expert_parallel import dispatch_to_experts, return_to_sources
 from ..parallel.state import Group
 
@@ -64,11 +65,21 @@ class ExpertPool(nn.Module):
         finally:
             self._deferred = self._compute_weights = None
 
-    def forward(self, x_SD: torch.Tensor, counts_M: torch.Tensor) -> torch.Tensor:
-        """Outputs for slots sorted by expert (counts_M over the whole pool), in the same order."""
+    def row_alignment(self, dtype: torch.dtype, device: torch.device) -> int:
+        """What each expert's number of input rows must be a multiple of (the expert GEMM's alignment, see
+        `forward`); 1 under expert parallelism, whose exchange regroups the rows (the pool pads them after)."""
+        if self.ep_group is not None:
+            return 1
+        return expert_row_alignment(self.gemm, dtype, device, self.w_gate, self.w_down)
+
+    def forward(self, x_SD: torch.Tensor, counts_M: torch.Tensor, rows_aligned: bool = False) -> torch.Tensor:
+        """Outputs for slots sorted by expert (counts_M over the whole pool), in the same order.
+        `rows_aligned`: each expert's rows are padded to `row_alignment` already (zero rows), so the
+        expert GEMM pads nothing itself."""
         weights = self._compute_weights or (self.w_gate, self.w_up, self.w_down)
         if self.ep_group is None:
-            return grouped_swiglu(x_SD, counts_M, *weights, self.gemm, deferred=self._deferred, activation=self.activation)
+            return grouped_swiglu(x_SD, counts_M, *weights, self.gemm, align_rows=1 if rows_aligned else None,
+                                  deferred=self._deferred, activation=self.activation)
         x_local, exchange = dispatch_to_experts(x_SD, counts_M, self.ep_group)
         y_local = grouped_swiglu(x_local, exchange.local_counts, *weights, self.gemm, deferred=self._deferred,
                                  activation=self.activation)

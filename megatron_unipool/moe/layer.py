@@ -19,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MoEConfig
 from ..kernels import autocast_dtype
+from ..kernels.triton_support import wants_triton
 from .balance import PoolStats
-from .dispatch import DispatchPlan, permute, plan_dispatch, unpermute
+from .dispatch import DispatchPlan, expert_rows, permute, plan_dispatch, unpermute
 from .experts import ExpertPool, SwiGLU
 from .lock import PoolLock, cardinality_entropy_loss
 from .losses import load_balancing_loss, z_loss
@@ -30,9 +31,9 @@ from .router import Router, Routing, capacity
 class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, hidden_size: int, pool: ExpertPool, stats: PoolStats, layer_slot: int,
                  layers_in_pool: int, init_std: float, output_std: float, recompute_experts: bool = False,
-                 lock: Optional[PoolLock] = None, combine_kernel: str = "torch"):
+                 lock: Optional[PoolLock] = None, permute_kernel: str = "torch"):
         super().__init__()
-        self.combine_kernel = combine_kernel  # moe.dispatch.unpermute: torch | triton
+        self.permute_kernel = permute_kernel  # moe.dispatch's permute and unpermute: torch | triton
         object.__setattr__(self, "lock", lock)  # shared with the pool's other layers, owned by the model
         self.config = config
         self.recompute_experts = recompute_experts
@@ -72,10 +73,14 @@ class MoELayer(nn.Module):
         return routing, plan, self._losses(routing, plan.routed_per_expert_M, num_tokens)
 
     def _experts(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        # the experts compute in the autocast dtype: cast the tokens before they are permuted, so that the
+        # the experts compute in the autocast dtype: the tokens are cast as they are permuted, so that the
         # copies and the expert-parallel all-to-all move bf16 rows, not fp32 ones (their gradients likewise)
-        y_SD = self.pool(permute(x_TD.to(autocast_dtype(x_TD)), plan), plan.kept_per_expert_M)
-        out_TD = unpermute(y_SD, gates_TK, plan, x_TD.shape[0], self.combine_kernel)
+        dtype, rows = autocast_dtype(x_TD), None
+        if wants_triton(self.permute_kernel, x_TD, "model.permute_kernel"):  # straight into the GEMM's padded layout
+            rows = expert_rows(plan, *gates_TK.shape, self.pool.row_alignment(dtype, x_TD.device))
+        counts_M = plan.kept_per_expert_M if rows is None else rows.counts_M
+        y = self.pool(permute(x_TD, plan, dtype, rows), counts_M, rows_aligned=rows is not None)
+        out_TD = unpermute(y, gates_TK, plan, x_TD.shape[0], rows)
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
         return out_TD
