@@ -116,6 +116,15 @@ def test_layouts_match_single_process(world, fast, reference, data_cache, tmp_pa
         assert_same_run(results[name], reference(kind), name)
 
 
+def test_triton_permute_under_expert_parallelism_runs_the_single_process_step(reference, data_cache, tmp_path):
+    """ep 2 with model.permute_kernel=triton (interpreted here): the kernels lay the rows out unpadded,
+    since the exchange regroups them, and the step is the one process's with torch's ops."""
+    name = "unipool_ep2_triton_permute"
+    jobs = [(name, "unipool", [f"train.max_steps={STEPS}"] + VARIANTS["unipool"]
+             + ["parallel.ep=2", "model.permute_kernel=triton"])]
+    assert_same_run(run_parallel(2, jobs, data_cache, tmp_path)[name], reference("unipool"), name)
+
+
 def test_pool_replicas_over_data_parallel_ranks_count_once(reference, data_cache, tmp_path):
     """dp 4 with ep 2: every pool shard has two data-parallel replicas, which the gradient norm
     (clipping) and the gathered gradients must count once. NormRouter top-1, whose pool carries
