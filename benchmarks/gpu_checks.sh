@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md in one go, on one H100/H200, in under 10 minutes
-# (step limits 550 s, the deepspeed import check 30 s, plus the wheel install): the kernel tests on
+# (step limits 555 s, the deepspeed import check 30 s, plus the wheel install): the kernel tests on
 # CUDA, expert GEMMs vs dense (alone, and as a pool 12 layers share), the MoE layer vs DeepSpeed's, the
 # Triton kernels vs torch's ops, and end-to-end tokens/s, TFLOP/s and MFU of the 182M and 469M models at
 # the suites' micro-batches (UniPool vs vanilla step time; the 182M ones with a profile of one step; both
-# with the Triton kernels for RoPE, SwiGLU and the pool's weight gradients: the -fused rows). Every step
+# with the Triton kernels for RoPE, SwiGLU, the MoE permute and combine and the pool's weight gradients: the
+# -fused rows). Every step
 # has its own time limit, appends its output to <out>/steps.log and writes <out>/<step>.json (8 files in
 # all: a device lends back at most 8); a failing step does not stop the others.
 #
@@ -79,7 +80,7 @@ corpus=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${toke
         --set "data.valid_prefix=$data/shakespeare_${tokenizer}_valid")
 if ! ds_error=$(timeout 30 $python -c "import deepspeed" 2>&1); then
     echo "deepspeed not importable, the MoE layer is measured without it: $(tail -n 3 <<<"$ds_error")" | tee -a "$out/steps.log"
-    layer+=(--impls ours ours_loop loop dense routing routing_norm)
+    layer+=(--impls ours ours_loop ours_triton loop dense routing routing_norm)
 fi
 
 step environment 20 $python -c "import torch; print(torch.__version__, torch.version.cuda,
@@ -90,8 +91,8 @@ step kernels 45 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py t
     tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py tests/test_permute.py \
     tests/test_benchmarks.py::test_step_profile_finds_a_host_stall_and_a_sync_on_cuda -k "not training_step"
 step grouped_gemm 45 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
-step pool_gemm 40 $python benchmarks/grouped_gemm.py "${pool_gemm[@]}" --json "$out/pool_gemm.json"
-step moe_layer 60 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
+step pool_gemm 35 $python benchmarks/grouped_gemm.py "${pool_gemm[@]}" --json "$out/pool_gemm.json"
+step moe_layer 70 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
 step triton_kernels 40 $python benchmarks/triton_kernels.py "${fused[@]}" --json "$out/triton_kernels.json"
 step end_to_end_182m 160 $python benchmarks/end_to_end.py "${e2e_182m[@]}" "${corpus[@]}" --json "$out/end_to_end_182m.json"
 step end_to_end_469m 140 $python benchmarks/end_to_end.py "${e2e_469m[@]}" "${corpus[@]}" --json "$out/end_to_end_469m.json"

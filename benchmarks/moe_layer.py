@@ -4,12 +4,14 @@ a dense SwiGLU of equal active FLOPs, over token and expert counts, measured in 
     python benchmarks/moe_layer.py [--tokens 2048 8192] [--experts 8 32] [--json results.json]
 
 Prints a table (tokens/s and the ratio to DeepSpeed's layer) and writes one JSON row per
-measurement: impl (ours | ours_grouped_mm | ours_loop | deepspeed | loop | dense | routing | routing_norm), tokens,
+measurement: impl (ours | ours_grouped_mm | ours_loop | ours_triton | deepspeed | loop | dense | routing | routing_norm), tokens,
 experts, top_k, hidden, ffn, dtype, tokens_per_second, ms, vs_deepspeed (null without DeepSpeed's row),
 device (or `error` where a measurement failed, e.g. out of memory: the others still run). Weights stay fp32 and bf16 runs under autocast, as in training
 (`--dtype auto`: bf16 on CUDA). `ours` uses the expert GEMM that model.expert_gemm='auto'
 picks on this device (torch._grouped_mm on CUDA, the segment loop on CPU); by default the other one
-is measured too, as `ours_loop` on CUDA or `ours_grouped_mm` on CPU. Routing is softmax top-k;
+is measured too, as `ours_loop` on CUDA or `ours_grouped_mm` on CPU; `ours_triton` is ours with the MoE
+layer's Triton kernels (model.permute_kernel and model.swiglu_kernel), where Triton runs (CUDA, or a
+CPU in its interpreter with TRITON_INTERPRET=1: slow). Routing is softmax top-k;
 DeepSpeed's layer needs a capacity, so it gets `--capacity-factor` while ours and the loop are
 dropless (DeepSpeed computes padded capacity slots, we compute only routed ones: part of what is
 being compared), and its second expert is the deterministic second-best, as ours (not its default
@@ -36,6 +38,7 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from megatron_unipool.config import MoEConfig  # noqa: E402
 from megatron_unipool.moe import ExpertPool, MoELayer, PoolStats, SwiGLU  # noqa: E402
+from megatron_unipool.kernels.triton_support import triton_runs_on  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
 from measurement import (add_measurement_arguments, add_ratios, compute_dtype, measure_row, print_table,  # noqa: E402
@@ -48,11 +51,12 @@ INIT_STD = 0.02
 ROUTERS = {"softmax": dict(router="softmax", aux_loss="layer"), "norm": dict(router="norm", aux_loss="pool")}
 
 
-def build_ours(hidden, ffn, experts, top_k, gemm="auto", router="softmax"):
+def build_ours(hidden, ffn, experts, top_k, gemm="auto", router="softmax", kernels="torch"):
+    """Our layer; `kernels` 'triton': its permute and combine and the experts' SwiGLU activation in Triton."""
     config = MoEConfig(kind="vanilla", num_experts=experts, top_k=top_k, **ROUTERS[router])
-    pool = ExpertPool(experts, hidden, ffn, INIT_STD, INIT_STD, gemm)
+    pool = ExpertPool(experts, hidden, ffn, INIT_STD, INIT_STD, gemm, activation=kernels)
     stats = PoolStats(1, experts, "step")
-    layer = MoELayer(config, hidden, pool, stats, 0, 1, INIT_STD, INIT_STD)
+    layer = MoELayer(config, hidden, pool, stats, 0, 1, INIT_STD, INIT_STD, permute_kernel=kernels)
     # the pool and the stats are not submodules of the layer: hold them all so that .to(device) moves them
     return torch.nn.ModuleList([layer, pool, stats]), lambda x: layer(x)[0], list(layer.parameters()) + list(pool.parameters())
 
@@ -111,16 +115,17 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=512, help="expert width")
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="for DeepSpeed's layer")
-    parser.add_argument("--impls", nargs="+", choices=["ours", "ours_grouped_mm", "ours_loop", "deepspeed", "loop",
-                                                       "dense", "routing", "routing_norm"],
-                        help="default: ours, the expert GEMM ours does not pick here, deepspeed, loop, dense, routing,"
-                             " routing_norm")
+    parser.add_argument("--impls", nargs="+", choices=["ours", "ours_grouped_mm", "ours_loop", "ours_triton",
+                                                       "deepspeed", "loop", "dense", "routing", "routing_norm"],
+                        help="default: ours, the expert GEMM ours does not pick here, ours_triton where Triton runs,"
+                             " deepspeed, loop, dense, routing, routing_norm")
     add_measurement_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.impls is None:
         other = "ours_loop" if device.type == "cuda" else "ours_grouped_mm"  # the GEMM 'auto' does not take here
-        args.impls = ["ours", other, "deepspeed", "loop", "dense", "routing", "routing_norm"]
+        triton = ["ours_triton"] if triton_runs_on(torch.empty(0, device=device)) else []
+        args.impls = ["ours", other, *triton, "deepspeed", "loop", "dense", "routing", "routing_norm"]
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
@@ -128,7 +133,8 @@ def main(argv=None) -> int:
     if "deepspeed" in args.impls:
         init_distributed_from_env(600, even_alone=True)  # DeepSpeed's layer asks for its process groups
     builders = {"ours": build_ours, "ours_grouped_mm": lambda *a: build_ours(*a, gemm="grouped_mm"),
-                "ours_loop": lambda *a: build_ours(*a, gemm="loop"), "loop": build_loop, "dense": build_dense,
+                "ours_loop": lambda *a: build_ours(*a, gemm="loop"), "ours_triton": lambda *a: build_ours(*a, kernels="triton"),
+                "loop": build_loop, "dense": build_dense,
                 "routing": build_routing, "routing_norm": lambda *a: build_routing(*a, router="norm"),
                 "deepspeed": lambda *a: build_deepspeed(*a, args.capacity_factor)}
     rows = []
