@@ -118,12 +118,16 @@ def test_padding_rows_get_zero_gradients_whatever_the_experts_left_there(triton_
     assert (y.grad[rows.slot_P < 0] == 0).all() and torch.isfinite(y.grad).all()
 
 
-@pytest.mark.parametrize("config", ["configs/tiny_vanilla_cpu.json", "configs/tiny_unipool_cpu.json"])
+@pytest.mark.parametrize("config, checkpointing", [("configs/tiny_vanilla_cpu.json", "none"),
+                                                   ("configs/tiny_unipool_cpu.json", "none"),
+                                                   ("configs/tiny_unipool_cpu.json", "ffn")])
 @pytest.mark.parametrize("align", [1, 8], ids=["unpadded", "padded"])
-def test_model_with_the_kernels_equals_the_torch_model(config, align, tiny_config, triton_runs, monkeypatch):
-    """model.permute_kernel reaches every MoE layer: one gather and one combine per layer each way. With
-    the grouped_mm experts padded as on CUDA (`align` 8): the kernels lay the rows out padded and the
-    experts pad nothing again; the torch path's experts pad them themselves; the same numbers."""
+def test_model_with_the_kernels_equals_the_torch_model(config, checkpointing, align, tiny_config, triton_runs,
+                                                       monkeypatch):
+    """model.permute_kernel reaches every MoE layer: one gather and one combine per layer each way (the
+    forward twice where the experts are recomputed in backward). With the grouped_mm experts padded as on
+    CUDA (`align` 8): the kernels lay the rows out padded and the experts pad nothing again; the torch
+    path's experts pad them themselves; the same numbers."""
     from megatron_unipool.kernels import grouped_gemm, permute as kernels
     from megatron_unipool.moe import experts
 
@@ -141,16 +145,17 @@ def test_model_with_the_kernels_equals_the_torch_model(config, align, tiny_confi
 
     def launched_once_each_way_per_layer(model, kernel):
         layers = len(model.moe_layers()) if kernel == "triton" else 0
+        forwards = 2 if checkpointing == "ffn" else 1
         # forward: a gather and a combine (a sum of rows); backward: the combine's and the gather's (a sum of rows)
-        assert sorted(launches) == sorted(["_gather_rows_kernel", "_sum_rows_kernel", "_combine_backward_kernel",
-                                           "_sum_rows_kernel"] * layers)
+        assert sorted(launches) == sorted((["_gather_rows_kernel", "_sum_rows_kernel"] * forwards
+                                           + ["_combine_backward_kernel", "_sum_rows_kernel"]) * layers)
         launches.clear()
         grouped_gemm.padded_rows = pad  # the torch path's experts pad
 
     # grouped_mm experts take fp32 on a CPU (on CUDA only bf16: there the fp32 model's experts are the loop)
     gemm = "grouped_mm" if DEVICE == "cpu" else "auto"
-    assert_triton_model_equals_torch_model(tiny_config(config, "moe.top_k=2", f"model.expert_gemm={gemm}"),
-                                           "permute_kernel", DEVICE, launched_once_each_way_per_layer)
+    cfg = tiny_config(config, "moe.top_k=2", f"model.expert_gemm={gemm}", f"model.activation_checkpointing={checkpointing}")
+    assert_triton_model_equals_torch_model(cfg, "permute_kernel", DEVICE, launched_once_each_way_per_layer)
 
 
 class _Launcher:
