@@ -42,31 +42,42 @@ def kernels_module(name: str):
     return importlib.import_module(f"megatron_unipool.kernels.{name}")
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_elementwise_kernels_compile_for_hopper(dtype):
-    permute, rotary, swiglu = (kernels_module(name) for name in ("permute", "rotary", "swiglu"))
-    rows = dict(TOP_K=2, BLOCK_ROWS=permute.BLOCK_ROWS, BLOCK_D=permute.MAX_BLOCK_D)
-    specs = [
+def permute_specs(dtype: str) -> list[dict]:
+    """kernels/permute.py: fp32 tokens gathered into `dtype` rows, their gradient summed back in fp32."""
+    permute = kernels_module("permute")
+    blocks = dict(TOP_K=2, BLOCK_ROWS=permute.BLOCK_ROWS, BLOCK_D=permute.MAX_BLOCK_D)
+    sum_rows = dict(rows_ptr=f"*{dtype}", gate_ptr="*fp32", row_ptr="*i64", tokens="i32", dim="i32")
+    return [
         spec("permute", "_gather_rows_kernel",
-             dict(x_ptr="*fp32", slot_ptr="*i64", out_ptr=f"*{dtype}", rows="i32", dim="i32"), rows, ("dim",)),
-    ] + [spec("permute", "_sum_rows_kernel",
-              dict(rows_ptr=f"*{dtype}", gate_ptr="*fp32", row_ptr="*i64", out_ptr=f"*{out}", tokens="i32", dim="i32"),
-              dict(WEIGHTED=weighted, **rows), ("dim",))
-         for weighted, out in ((True, dtype), (False, "fp32"))] + [
+             dict(x_ptr="*fp32", slot_ptr="*i64", out_ptr=f"*{dtype}", rows="i32", dim="i32"), blocks, ("dim",)),
+        spec("permute", "_sum_rows_kernel", dict(sum_rows, out_ptr=f"*{dtype}"), dict(WEIGHTED=True, **blocks), ("dim",)),
+        spec("permute", "_sum_rows_kernel", dict(sum_rows, out_ptr="*fp32"), dict(WEIGHTED=False, **blocks), ("dim",)),
         spec("permute", "_combine_backward_kernel",
              dict(grad_ptr=f"*{dtype}", y_ptr=f"*{dtype}", gate_ptr="*fp32", slot_ptr="*i64", grad_y_ptr=f"*{dtype}",
-                  grad_gate_ptr="*fp32", rows="i32", dim="i32"), rows, ("dim",)),
+                  grad_gate_ptr="*fp32", rows="i32", dim="i32"), blocks, ("dim",)),
+    ]
+
+
+def activation_specs(dtype: str) -> list[dict]:
+    """kernels/rotary.py and kernels/swiglu.py."""
+    rotary, swiglu = kernels_module("rotary"), kernels_module("swiglu")
+    swiglu_backward = dict(grad_hidden_ptr=f"*{dtype}", gate_ptr=f"*{dtype}", up_ptr=f"*{dtype}",
+                           grad_gate_ptr=f"*{dtype}", grad_up_ptr=f"*{dtype}", hidden_ptr=f"*{dtype}", n="i64")
+    return [
         spec("rotary", "_rotary_kernel",
              dict(x_ptr=f"*{dtype}", out_ptr=f"*{dtype}", cos_ptr="*fp32", sin_ptr="*fp32", rows="i32", heads="i32",
                   seq="i32", batch_stride="i32", seq_stride="i32", head_stride="i32", table_stride="i32", sign="fp32"),
              dict(HALF=32, BLOCK_HALF=32, BLOCK_ROWS=rotary.ROWS_PER_PROGRAM)),
         spec("swiglu", "_swiglu_forward_kernel",
              dict(gate_ptr=f"*{dtype}", up_ptr=f"*{dtype}", hidden_ptr=f"*{dtype}", n="i64"), dict(BLOCK=swiglu.BLOCK)),
-    ] + [spec("swiglu", "_swiglu_backward_kernel",
-              dict(grad_hidden_ptr=f"*{dtype}", gate_ptr=f"*{dtype}", up_ptr=f"*{dtype}", grad_gate_ptr=f"*{dtype}",
-                   grad_up_ptr=f"*{dtype}", hidden_ptr=f"*{dtype}", n="i64"),
-              dict(WRITE_HIDDEN=write_hidden, BLOCK=swiglu.BLOCK)) for write_hidden in (True, False)]
-    assert all(result["cubin_bytes"] > 0 for result in compile_kernels(specs))
+        spec("swiglu", "_swiglu_backward_kernel", swiglu_backward, dict(WRITE_HIDDEN=True, BLOCK=swiglu.BLOCK)),
+        spec("swiglu", "_swiglu_backward_kernel", swiglu_backward, dict(WRITE_HIDDEN=False, BLOCK=swiglu.BLOCK)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_elementwise_kernels_compile_for_hopper(dtype):
+    assert all(result["cubin_bytes"] > 0 for result in compile_kernels(permute_specs(dtype) + activation_specs(dtype)))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
