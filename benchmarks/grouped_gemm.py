@@ -11,6 +11,12 @@ loads (as early in training), `uniform` equal ones. Each backend of kernels.grou
 this device supports is measured (grouped_mm needs 16-byte-aligned widths, and bf16 on CUDA).
 FLOPs: 3 GEMMs of 2*rows*hidden*ffn forward, twice that backward.
 
+With one layer, dense and grouped_mm are also timed in two parts, each a third of the FLOPs: the
+forward alone (`fwd`) and the weight gradients alone (`wgrad`: the three GEMMs that contract over each
+expert's rows, on random operands of their shapes, rows padded as on CUDA); the rest of a forward +
+backward is the input gradient and the activation's backward. Where few rows reach each expert this
+says which GEMMs lose the rate.
+
 `--layers L` makes the experts a pool that L layers call in turn, `--rows` each (UniPool's case): their
 weight gradients are deferred to one pass over every layer's rows (kernels.DeferredWeightGradients),
 whose grouped_mm variants are `grouped_mm` (rows regrouped for torch._grouped_mm) and
@@ -34,11 +40,13 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from megatron_unipool.kernels.grouped_gemm import DeferredWeightGradients, grouped_mm_supported, grouped_swiglu  # noqa: E402
+from megatron_unipool.kernels.grouped_gemm import (DeferredWeightGradients, expert_row_alignment,  # noqa: E402
+                                                  grouped_mm_supported, grouped_swiglu, grouped_weight_gradients,
+                                                  padded_rows)
 from megatron_unipool.kernels.triton_support import triton_runs_on  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from measurement import (add_measurement_arguments, add_ratios, compute_dtype, measure_row, print_table,  # noqa: E402
-                         time_forward_backward)
+from measurement import (add_measurement_arguments, add_ratios, compute_dtype, measure_row,  # noqa: E402
+                         median_seconds, print_table, time_forward_backward)
 
 
 def expert_counts(rows: int, experts: int, balance: str, seed: int = 0) -> list[int]:
@@ -78,6 +86,41 @@ def measure(impl: str, rows: int, experts: int, args, device, dtype) -> float:
     return time_forward_backward(forward, params, x, args.repeats, args.warmup)
 
 
+PHASED = ("dense", "grouped_mm")  # the implementations timed in parts (with one layer)
+
+
+def phase_seconds(impl: str, rows: int, experts: int, args, device, dtype) -> tuple[float, float]:
+    """(forward alone, the three weight-gradient GEMMs alone): median seconds, as the module docstring says."""
+    torch.manual_seed(0)
+    operand_widths = {"x": args.hidden, "grad_gate": args.ffn, "grad_up": args.ffn, "hidden": args.ffn,
+                        "grad_out": args.hidden}
+    if impl == "dense":
+        params = weights(1, args.hidden, args.ffn, device, dtype)
+        gate, up, down = (w[0].detach() for w in params)
+        forward = (lambda x: F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down))
+        operands = {name: torch.randn(rows, width, device=device, dtype=dtype) for name, width in operand_widths.items()}
+
+        def wgrad():
+            return (operands["grad_gate"].t() @ operands["x"], operands["grad_up"].t() @ operands["x"],
+                    operands["grad_out"].t() @ operands["hidden"])
+    else:
+        params = [w.detach() for w in weights(experts, args.hidden, args.ffn, device, dtype)]
+        counts = torch.tensor(expert_counts(rows, experts, args.balance), device=device)
+        forward = (lambda x: grouped_swiglu(x, counts, *params, backend=impl))
+        align = expert_row_alignment(impl, dtype, device, params[0], params[2])
+        padded = rows + experts * (align - 1)  # the rows the CUDA padding lays out, as grouped_swiglu does
+        _, padded_counts = padded_rows(counts, align, rows)
+        operands = {name: torch.randn(padded, width, device=device, dtype=dtype)
+                    for name, width in operand_widths.items()}
+
+        def wgrad():
+            return grouped_weight_gradients(padded_counts, *operands.values())
+    x = torch.randn(rows, args.hidden, device=device, dtype=dtype)
+    with torch.no_grad():
+        return (median_seconds(lambda: forward(x), args.repeats, args.warmup, device),
+                median_seconds(wgrad, args.repeats, args.warmup, device))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[8192, 32768], help="routed token slots")
@@ -115,12 +158,18 @@ def main(argv=None) -> int:
                             lambda seconds, rows=rows: {"ms": 1e3 * seconds,
                                                         "tflops": flops_per_row * args.layers * rows / seconds / 1e12},
                             args.json)
+                if args.layers == 1 and impl in PHASED and "error" not in row:
+                    forward_s, wgrad_s = phase_seconds(impl, rows, experts, args, device, dtype)
+                    third = flops_per_row * rows / 3  # of a forward + backward's FLOPs: each part's
+                    row.update(fwd_ms=1e3 * forward_s, fwd_tflops=third / forward_s / 1e12, wgrad_ms=1e3 * wgrad_s,
+                               wgrad_tflops=third / wgrad_s / 1e12)
     shared = f", a pool shared by {args.layers} layers of --rows each" if args.layers > 1 else ""
     print(f"expert SwiGLU forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"{str(dtype).removeprefix('torch.')}, {args.balance} loads{shared}")
     add_ratios(results, "dense", "rows", "tflops", "vs_dense")
     print_table(results, [("experts", "experts", 7, ""), ("rows", "rows", 7, ""), ("impl", "impl", 23, ""),
-                          ("ms", "ms", 9, "{:.2f}"), ("TFLOP/s", "tflops", 9, "{:.3f}"), ("vs dense", "vs_dense", 9, "{:.0%}")])
+                          ("ms", "ms", 9, "{:.2f}"), ("TFLOP/s", "tflops", 9, "{:.3f}"), ("vs dense", "vs_dense", 9, "{:.0%}"),
+                          ("fwd TFLOP/s", "fwd_tflops", 12, "{:.3f}"), ("wgrad TFLOP/s", "wgrad_tflops", 14, "{:.3f}")])
     if args.json:  # again, with the ratios
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -72,6 +72,21 @@ def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocas
     return statistics.median(times)
 
 
+def median_seconds(run, repeats: int, warmup: int, device: torch.device) -> float:
+    """Median seconds of `run()` (the device drained before and after each)."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def measure_row(rows: list[dict], row: dict, label: str, measure, derive, json_path: Path | None) -> None:
     """Fill `row` with `derive(seconds)` of `measure()`, or with `error` when it raised (out of memory,
     a shape a kernel refuses, DeepSpeed refusing a config: the other measurements go on); append it

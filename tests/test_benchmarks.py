@@ -69,6 +69,13 @@ def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
         assert row["rows"] == 96 and row["experts"] == 4 and row["tflops"] > 0 and row["balance"] == "skewed"
     assert next(r for r in rows if r["impl"] == "dense")["vs_dense"] == 1.0
     assert "vs dense" in done.stdout
+    for row in rows:  # dense and grouped_mm also in two parts, each a third of the FLOPs (18 x rows x hidden x ffn)
+        phased = row["impl"] in ("dense", "grouped_mm")
+        assert ("fwd_ms" in row and "wgrad_ms" in row) == phased, row
+        if phased:
+            assert row["fwd_ms"] > 0 and row["wgrad_ms"] > 0
+            for part in ("fwd", "wgrad"):
+                assert row[f"{part}_tflops"] == pytest.approx(6 * 96 * 32 * 16 / (row[f"{part}_ms"] / 1e3) / 1e12)
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from grouped_gemm import expert_counts

@@ -222,10 +222,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
         if ctx.deferred is not None:
             ctx.deferred.add_rows(counts_M, *operands)
             return grad_x, None, None, None, None, None, None
-        return (grad_x, None, *_grouped_weight_gradients(counts_M, *operands), None, None)
+        return (grad_x, None, *grouped_weight_gradients(counts_M, *operands), None, None)
 
 
-def _grouped_weight_gradients(counts_M, *operands):
+def grouped_weight_gradients(counts_M, *operands):
     """(dW_gate [M, F, D], dW_up [M, F, D], dW_down [M, D, F]) from the expert-sorted rows of
     (x, grad_gate, grad_up, hidden, grad_out), one `_grouped_mm` each (contracting over each expert's
     rows; rows past the last count are ignored)."""
@@ -293,7 +293,7 @@ class DeferredWeightGradients:
         if rows and self.kernel == "triton":
             return _segmented_weight_gradients(rows)
         if rows:
-            return _grouped_weight_gradients(*_regrouped(rows))
+            return grouped_weight_gradients(*_regrouped(rows))
         return None
 
 
