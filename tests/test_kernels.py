@@ -15,6 +15,7 @@ from megatron_unipool.kernels import (DeferredWeightGradients, KernelUnavailable
 from megatron_unipool.kernels.attention import flash_available
 from megatron_unipool.kernels.grouped_gemm import expert_row_alignment, grouped_mm_supported, resolve_expert_gemm
 from megatron_unipool.kernels.rms_norm import apex_rms_norm_available
+from megatron_unipool.kernels.triton_support import triton_runs_on
 from megatron_unipool.model import LanguageModel
 from megatron_unipool.moe import Router
 from megatron_unipool.moe.dispatch import permute, plan_dispatch, unpermute
@@ -72,11 +73,16 @@ GEMM_CASES = {
     "loop": dict(backend="loop"),
     "grouped_mm": dict(backend="grouped_mm"),
     "grouped_mm_padded": dict(backend="grouped_mm", align_rows=8),  # the CUDA path's row padding, on CPU
+    "triton": dict(backend="triton"),  # kernels.rows_gemm and segmented_gemm: compiled on CUDA, interpreted on a CPU
 }
+TRITON_RUNS = triton_runs_on(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu"))
+CASES = [pytest.param(case, marks=pytest.mark.skipif(case == "triton" and not TRITON_RUNS,
+                                                     reason="Triton runs neither compiled (no CUDA) nor interpreted here"))
+         for case in GEMM_CASES]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(GEMM_CASES))
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("counts", [[3, 0, 7, 1, 9], [0, 0, 0, 0, 5], [4, 4, 4, 4, 4], [128, 64, 0, 200]],
                          ids=["uneven", "one", "even", "large"])
 def test_grouped_swiglu_matches_per_slot_reference(case, dtype, counts):
@@ -88,7 +94,7 @@ def test_grouped_swiglu_matches_per_slot_reference(case, dtype, counts):
         assert_close_relative(a, e, TOLERANCE[dtype], f"{case} {name}")
 
 
-@pytest.mark.parametrize("case", list(GEMM_CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_grouped_swiglu_without_slots_keeps_the_graph(case):
     x, counts_M, *weights = expert_inputs([0, 0, 0])
     out = grouped_swiglu(x, counts_M, *weights, **GEMM_CASES[case])
@@ -124,7 +130,7 @@ def test_fused_permute_and_combine_match_plain_indexing(dtype, capacity):
                                      torch.rand(tokens, k, dtype=torch.float64, requires_grad=True)))
 
 
-@pytest.mark.parametrize("case", list(GEMM_CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_grouped_swiglu_takes_a_broadcast_gradient(case):
     """`out.sum().backward()` hands the kernel a stride-0 gradient."""
     x, counts_M, *weights = expert_inputs([3, 5])
@@ -397,7 +403,7 @@ def check_deferred_weight_gradients(dtype, device="cpu", hidden=16, width=24, **
             x_all = torch.cat(xs)
             deferred = None
             if not reference:
-                deferred = DeferredWeightGradients()
+                deferred = DeferredWeightGradients("triton" if gemm.get("backend") == "triton" else "torch")
                 x_all = deferred.attach(x_all, w_gate, w_up, w_down)
             outs = []
             for x, c in zip(x_all.split([len(x) for x in xs]), counts):
@@ -420,7 +426,7 @@ def check_deferred_weight_gradients(dtype, device="cpu", hidden=16, width=24, **
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", list(GEMM_CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_deferred_weight_gradients_sum_every_call(case, dtype):
     check_deferred_weight_gradients(dtype, **GEMM_CASES[case])
 
@@ -465,7 +471,9 @@ def test_deferred_weight_gradients_without_rows_are_zeros():
     assert all(w.grad is not None and not w.grad.any() for w in weights)
 
 
-@pytest.mark.parametrize("case", list(GEMM_CASES))
+# (Triton's: the weight-gradient kernel sums in fp32 by construction, tests/test_segmented_gemm.py; 128 interpreted
+# calls would take half a minute)
+@pytest.mark.parametrize("case", [case for case in GEMM_CASES if case != "triton"])
 def test_deferred_sum_over_many_bf16_calls_keeps_fp32_precision(case):
     """64 calls (layers) under bf16 autocast: the deferred weight gradient equals the fp32 sum of the
     calls' own gradients, as per-layer accumulation into the fp32 .grad gives. The loop sums in fp32
@@ -500,7 +508,7 @@ def test_deferred_sum_over_many_bf16_calls_keeps_fp32_precision(case):
         assert_close_relative(actual, total, tolerance, f"{case} {name}")
 
 
-@pytest.mark.parametrize("case", list(GEMM_CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_a_backward_that_stops_short_of_the_anchor_leaves_nothing_behind(case):
     """torch.autograd.grad to an intermediate tensor runs the calls' backward but not the anchor's:
     the operands it collected must not be counted again by the next, full backward."""
@@ -521,7 +529,7 @@ def test_a_backward_that_stops_short_of_the_anchor_leaves_nothing_behind(case):
         assert_close_relative(w.grad, e, 1e-6, f"{case} {name}")
 
 
-@pytest.mark.parametrize("case", list(GEMM_CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_a_call_whose_output_is_unused_adds_nothing(case, monkeypatch):
     """Of three deferred calls, the loss uses two: the third's backward never runs, so its rows among
     the gathered operands are never written; they must add nothing (buffers start as NaN here)."""
@@ -680,7 +688,7 @@ def test_activation_checkpointing_stores_less():
     assert saved["attention"] < saved["none"], saved
 
 
-@pytest.mark.parametrize("case", list(GEMM_CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_grouped_swiglu_under_autocast_computes_in_bf16_with_fp32_gradients(case):
     x, counts_M, *weights = expert_inputs([3, 0, 7, 1, 9])
     expected = forward_backward(lambda x, *w: per_slot_reference(x, counts_M, *w), [x, *weights])

@@ -11,7 +11,7 @@ import torch
 
 from megatron_unipool.kernels import KernelUnavailableError
 from megatron_unipool.moe.dispatch import expert_rows, permute, plan_dispatch, unpermute
-from kernel_models import assert_triton_model_equals_torch_model
+from kernel_models import RecordedLaunches, assert_triton_model_equals_torch_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -133,7 +133,7 @@ def test_model_with_the_kernels_equals_the_torch_model(config, checkpointing, al
 
     launches = []
     for name in ("_gather_rows_kernel", "_sum_rows_kernel", "_combine_backward_kernel"):
-        monkeypatch.setattr(kernels, name, _Launcher(getattr(kernels, name), name, launches))
+        monkeypatch.setattr(kernels, name, RecordedLaunches(getattr(kernels, name), name, launches))
     for module in (grouped_gemm, experts):
         monkeypatch.setattr(module, "expert_row_alignment", lambda *args: align)
     pad = grouped_gemm.padded_rows
@@ -156,19 +156,6 @@ def test_model_with_the_kernels_equals_the_torch_model(config, checkpointing, al
     gemm = "grouped_mm" if DEVICE == "cpu" else "auto"
     cfg = tiny_config(config, "moe.top_k=2", f"model.expert_gemm={gemm}", f"model.activation_checkpointing={checkpointing}")
     assert_triton_model_equals_torch_model(cfg, "permute_kernel", DEVICE, launched_once_each_way_per_layer)
-
-
-class _Launcher:
-    """A Triton kernel that records each launch by name."""
-
-    def __init__(self, kernel, name: str, launches: list):
-        self.kernel, self.name, self.launches = kernel, name, launches
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(self.name)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")

@@ -113,6 +113,29 @@ def test_pool_weight_gradient_gemm_compiles_to_tensor_cores_fed_by_16_byte_copie
         assert result["wgmma_bf16"] and result["async_copies"] and not result["two_byte_loads"], tile
 
 
+def test_expert_gemms_for_few_rows_compile_to_tensor_cores_fed_by_16_byte_copies():
+    """kernels/rows_gemm.py, every tile the autotuner may pick, bf16, as the experts call it: forward
+    (weights [M, F, D] read transposed: the contraction contiguous) and input gradient (weights read as
+    they lie, two products summed). Strides of 1 are constants, as the JIT specialises them."""
+    rows_gemm = kernels_module("rows_gemm")
+    pointers = {name: "*bf16" for name in ("a_ptr", "b_ptr", "a2_ptr", "b2_ptr", "out_ptr")}
+    integers = {name: "i32" for name in ("experts", "N", "K", "K2", "stride_be", "stride_bk", "stride_bn",
+                                         "stride_b2e", "stride_b2k", "stride_b2n", "rows_bucket")}
+    layouts = {"forward": (dict(stride_bk=1, stride_b2k=1), False), "input gradient": (dict(stride_bn=1, stride_b2n=1), True)}
+    specs, labels = [], []
+    for layout, (unit_strides, pair) in layouts.items():
+        for block_n, block_k, block_s, warps, stages in rows_gemm.GPU_TILES:
+            types = {name: kind for name, kind in {**pointers, **integers, "ends_ptr": "*i64"}.items()
+                     if name not in unit_strides}
+            constants = dict(unit_strides, PAIR=pair, EXPERTS_P2=128, IEEE=False, BLOCK_N=block_n, BLOCK_K=block_k,
+                             BLOCK_S=block_s, UPCAST=False)
+            multiples = [name for name in integers if name not in unit_strides and name not in ("experts", "rows_bucket")]
+            specs.append(spec("rows_gemm", "_rows_grouped_mm_kernel", types, constants, multiples, warps, stages))
+            labels.append((layout, block_n, block_k, block_s))
+    for label, result in zip(labels, compile_kernels(specs)):
+        assert result["wgmma_bf16"] and result["async_copies"] and not result["two_byte_loads"], label
+
+
 def _compile_for_hopper(item: dict) -> dict:
     """In the child process: one spec compiled for sm_90, and what its PTX holds."""
     import triton

@@ -33,7 +33,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     # Kernels and memory: "auto" takes the fastest implementation this machine has (docs/performance.md)
     attention: Literal["auto", "sdpa", "flash"] = "auto"  # flash needs flash-attn and CUDA
-    expert_gemm: Literal["auto", "grouped_mm", "loop"] = "auto"  # grouped_mm: torch._grouped_mm (bf16 on CUDA)
+    # grouped_mm: torch._grouped_mm (bf16 on CUDA); triton: Triton GEMMs for few rows per expert (needs Triton, CUDA)
+    expert_gemm: Literal["auto", "grouped_mm", "loop", "triton"] = "auto"
     rms_norm: Literal["auto", "torch", "apex"] = "auto"  # apex: FusedRMSNorm, needs apex and CUDA
     rope_kernel: Literal["torch", "triton"] = "torch"  # triton: one fused pass each way (needs Triton, CUDA)
     swiglu_kernel: Literal["torch", "triton"] = "torch"  # silu(gate) * up: likewise (dense FFN, grouped_mm experts)

@@ -10,6 +10,9 @@ Two implementations with the same numbers, forward and backward:
   on CUDA each expert's slice is padded to a multiple of 16 bytes / element size rows
   (torchtitan does the same); padding rows are zero and never read back.
 - "loop": one dense GEMM per expert's contiguous slice, with its own backward (_SegmentSwiGLU).
+- "triton": every expert GEMM in Triton, for few rows per expert: the forward and input-gradient GEMMs
+  with the rows as the small side (kernels.rows_gemm), the weight gradients read in place
+  (kernels.segmented_gemm). No row padding.
 
 Both have explicit backward passes whose weight gradients can be deferred to a
 `DeferredWeightGradients`: an expert pool shared by L layers then gets one weight-gradient GEMM per
@@ -23,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import KernelUnavailableError
+from .rows_gemm import rows_grouped_mm
 from .segmented_gemm import segmented_weight_gradient
 from .swiglu import swiglu_backward, swiglu_forward
-from .triton_support import wants_triton
+from .triton_support import triton_runs_on, wants_triton
 
 GROUPED_MM_ALIGN_BYTES = 16
 # The weight-gradient operands of one call are (x, grad_gate, grad_up, hidden, grad_out); each weight's
@@ -47,6 +51,8 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *weights: tor
 def resolve_expert_gemm(backend: str, dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> str:
     """The expert GEMM `backend` (model.expert_gemm) runs as for operands of `dtype` on `device`."""
     device = torch.device(device)
+    if backend == "triton" and not triton_runs_on(torch.empty(0, device=device)):
+        raise KernelUnavailableError("model.expert_gemm='triton' needs Triton and a CUDA device")
     if backend == "grouped_mm" and not grouped_mm_supported(dtype, device, *weights):
         raise KernelUnavailableError(
             f"model.expert_gemm='grouped_mm' is not available for {dtype} on {device.type} with expert"
@@ -101,11 +107,14 @@ def grouped_swiglu(
     dtype = autocast_dtype(x_SD)
     with torch.autocast(x_SD.device.type, enabled=False):
         x_SD, w_gate_MFD, w_up_MFD, w_down_MDF = (t.to(dtype) for t in (x_SD, w_gate_MFD, w_up_MFD, w_down_MDF))
-        if resolve_expert_gemm(backend, dtype, x_SD.device, w_gate_MFD, w_down_MDF) == "grouped_mm":
+        resolved = resolve_expert_gemm(backend, dtype, x_SD.device, w_gate_MFD, w_down_MDF)
+        if resolved == "grouped_mm":
             if align_rows is None:
                 align_rows = expert_row_alignment(backend, dtype, x_SD.device, w_gate_MFD, w_down_MDF)
             return _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows, deferred,
                                       activation)
+        if resolved == "triton":
+            return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation, "triton")
         return _SegmentSwiGLU.apply(x_SD, tuple(counts_M.tolist()), w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
 
 
@@ -184,45 +193,58 @@ def _per_expert_zeros(like_MXY: torch.Tensor, segments) -> torch.Tensor:
 def _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows: int, deferred, activation
                        ) -> torch.Tensor:
     if align_rows == 1:
-        return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation)
+        return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation, "torch")
     rows_P, padded_counts_M = padded_rows(counts_M, align_rows, x_SD.shape[0])
     # in place into fresh zeros (index_copy would clone them first); the rows come back by index_select,
     # whose backward is an index_add, not the sort-based index_put that advanced indexing runs
     padded = x_SD.new_zeros(x_SD.shape[0] + counts_M.numel() * (align_rows - 1), x_SD.shape[1])
     padded.index_copy_(0, rows_P, x_SD)
-    out = _GroupedSwiGLU.apply(padded, padded_counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation)
+    out = _GroupedSwiGLU.apply(padded, padded_counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation, "torch")
     return out.index_select(0, rows_P)
 
 
+def _grouped_mm(kernel: str, a, b, offsets, a2=None, b2=None):
+    """a[s] @ b[e] for expert e's rows (+ a2[s] @ b2[e]): torch._grouped_mm, or kernels.rows_gemm."""
+    if kernel == "triton":
+        return rows_grouped_mm(a, b, offsets, a2, b2)
+    out = torch._grouped_mm(a, b, offs=offsets)
+    return out if a2 is None else out + torch._grouped_mm(a2, b2, offs=offsets)
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
-    """SwiGLU experts as three `torch._grouped_mm` calls, with the backward written out so that the
-    weight gradients can be deferred. Rows past the last expert's (padded) count are ignored; padding
-    rows are zero, so they add nothing to the weight gradients."""
+    """SwiGLU experts as three grouped GEMMs (`kernel`: torch._grouped_mm, or Triton's, see
+    grouped_swiglu), with the backward written out so that the weight gradients can be deferred. Rows
+    past the last expert's (padded) count are ignored; padding rows are zero, so they add nothing to
+    the weight gradients."""
 
     @staticmethod
-    def forward(ctx, x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation):
+    def forward(ctx, x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation, kernel):
         offsets = torch.cumsum(counts_M, 0).to(torch.int32)
-        gate = torch._grouped_mm(x_SD, w_gate_MFD.transpose(-2, -1), offs=offsets)
-        up = torch._grouped_mm(x_SD, w_up_MFD.transpose(-2, -1), offs=offsets)
-        ctx.deferred, ctx.activation = deferred, activation
+        gate = _grouped_mm(kernel, x_SD, w_gate_MFD.transpose(-2, -1), offsets)
+        up = _grouped_mm(kernel, x_SD, w_up_MFD.transpose(-2, -1), offsets)
+        ctx.deferred, ctx.activation, ctx.kernel = deferred, activation, kernel
         ctx.save_for_backward(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up)
         hidden = swiglu_forward(gate, up, activation)
-        return torch._grouped_mm(hidden, w_down_MDF.transpose(-2, -1), offs=offsets)
+        return _grouped_mm(kernel, hidden, w_down_MDF.transpose(-2, -1), offsets)
 
     @staticmethod
     def backward(ctx, grad_SD):
         x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up = ctx.saved_tensors
         grad_SD = grad_SD.contiguous()  # a broadcast (stride 0) gradient, as from `out.sum()`, is not a GEMM operand
         offsets = torch.cumsum(counts_M, 0).to(torch.int32)
-        grad_hidden = torch._grouped_mm(grad_SD, w_down_MDF, offs=offsets)
+        grad_hidden = _grouped_mm(ctx.kernel, grad_SD, w_down_MDF, offsets)
         grad_gate, grad_up, hidden = swiglu_backward(grad_hidden, gate, up, ctx.activation)
-        grad_x = (torch._grouped_mm(grad_gate, w_gate_MFD, offs=offsets)
-                  + torch._grouped_mm(grad_up, w_up_MFD, offs=offsets))
+        grad_x = _grouped_mm(ctx.kernel, grad_gate, w_gate_MFD, offsets, grad_up, w_up_MFD)
         operands = (x_SD, grad_gate, grad_up, hidden, grad_SD)
         if ctx.deferred is not None:
             ctx.deferred.add_rows(counts_M, *operands)
-            return grad_x, None, None, None, None, None, None
-        return (grad_x, None, *grouped_weight_gradients(counts_M, *operands), None, None)
+            return grad_x, None, None, None, None, None, None, None
+        if ctx.kernel == "triton":  # fp32 sums, rounded once to the weights' dtype
+            grads = [g.to(w.dtype) for g, w in zip(_segmented_weight_gradients([(counts_M, *operands)]),
+                                                   (w_gate_MFD, w_up_MFD, w_down_MDF))]
+        else:
+            grads = grouped_weight_gradients(counts_M, *operands)
+        return (grad_x, None, *grads, None, None, None)
 
 
 def grouped_weight_gradients(counts_M, *operands):

@@ -26,7 +26,7 @@ class ExpertPool(nn.Module):
                  gemm: str = "auto", activation: str = "torch", wgrad_kernel: str = "torch"):
         super().__init__()
         self.num_experts = num_experts  # in the whole pool, whatever this rank holds
-        self.gemm = gemm  # kernels.grouped_swiglu backend: auto | grouped_mm | loop
+        self.gemm = gemm  # kernels.grouped_swiglu backend: auto | grouped_mm | loop | triton
         self.activation = activation  # kernels.swiglu backend: torch | triton
         self.wgrad_kernel = wgrad_kernel  # kernels.DeferredWeightGradients kernel: torch | triton
         self.ep_group: Group = None
@@ -57,7 +57,8 @@ class ExpertPool(nn.Module):
         recomputation (activation checkpointing) outside this context is unaffected.
         """
         weights = (self.w_gate, self.w_up, self.w_down)
-        self._deferred = DeferredWeightGradients(self.wgrad_kernel)
+        # the Triton expert GEMMs pad no rows, which torch._grouped_mm's weight-gradient GEMM would need
+        self._deferred = DeferredWeightGradients("triton" if self.gemm == "triton" else self.wgrad_kernel)
         dtype = autocast_dtype(self.w_gate)
         self._compute_weights = tuple(w.detach().to(dtype) for w in weights)  # gradients come from the anchor
         try:
