@@ -114,7 +114,8 @@ def grouped_swiglu(
             return _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_rows, deferred,
                                       activation)
         if resolved == "triton":
-            return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation, "triton")
+            return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation,
+                                        "triton")
         return _SegmentSwiGLU.apply(x_SD, tuple(counts_M.tolist()), w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
 
 

@@ -22,19 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import interpreting, tl, triton
+from .triton_support import gemm_configs, tl, triton
 
 # (BLOCK_N, BLOCK_K, BLOCK_S, warps, stages): weight-side tile, contraction step, row block
 GPU_TILES = [(128, 64, 16, 4, 4), (128, 64, 32, 4, 4), (128, 64, 64, 4, 4)]
-
-
-def _configs() -> list:
-    """The interpreter (tests on CPU) takes small blocks, and operands upcast to fp32 (its tl.dot misreads
-    bf16: Triton 3.9)."""
-    if interpreting():
-        return [triton.Config(dict(BLOCK_N=16, BLOCK_K=16, BLOCK_S=16, UPCAST=True))]
-    return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, BLOCK_S=s, UPCAST=False), num_warps=warps, num_stages=stages)
-            for n, k, s, warps, stages in GPU_TILES]
 
 
 def rows_grouped_mm(a_SK: torch.Tensor, b_MKN: torch.Tensor, ends_M: torch.Tensor, a2_SK: torch.Tensor | None = None,
@@ -83,7 +74,8 @@ if triton is not None:  # the kernel exists only where Triton does
         return acc
 
     # tuned per shape, weight layout (stride_bk 1: read transposed) and rows-per-expert regime; out is rewritten whole
-    @triton.autotune(configs=_configs(), key=["N", "K", "stride_bk", "EXPERTS_P2", "rows_bucket"])
+    @triton.autotune(configs=gemm_configs(GPU_TILES, ("BLOCK_N", "BLOCK_K", "BLOCK_S")),
+                     key=["N", "K", "stride_bk", "EXPERTS_P2", "rows_bucket"])
     @triton.jit
     def _rows_grouped_mm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, out_ptr, ends_ptr, experts, N, K, K2,
                                 stride_be, stride_bk, stride_bn, stride_b2e, stride_b2k, stride_b2n, rows_bucket,

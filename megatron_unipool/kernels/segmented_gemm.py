@@ -21,21 +21,12 @@ from __future__ import annotations
 
 import torch
 
-from .triton_support import interpreting, tl, triton
+from .triton_support import gemm_configs, tl, triton
 
 ALIGN_BYTES = 16
 # (BLOCK_N, BLOCK_K, BLOCK_R, warps, stages): tiles of the [N, K] gradient and rows per step; on a GPU the
 # fastest of these for each (N, K), timed at the first call (Triton's autotuner)
 GPU_TILES = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3)]
-
-
-def _configs() -> list:
-    """The interpreter (tests on CPU) takes small blocks, and operands upcast to fp32 (its tl.dot misreads
-    bf16: Triton 3.9)."""
-    if interpreting():
-        return [triton.Config(dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, UPCAST=True))]
-    return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, BLOCK_R=r, UPCAST=False), num_warps=warps, num_stages=stages)
-            for n, k, r, warps, stages in GPU_TILES]
 
 
 def segmented_weight_gradient(a_calls: list[torch.Tensor], b_calls: list[torch.Tensor], counts_CM: torch.Tensor
@@ -77,7 +68,8 @@ def _offsets(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 if triton is not None:  # the kernel exists only where Triton does
-    @triton.autotune(configs=_configs(), key=["N", "K"])  # it writes every entry of out: timing it twice is harmless
+    # it writes every entry of out: timing it more than once is harmless
+    @triton.autotune(configs=gemm_configs(GPU_TILES, ("BLOCK_N", "BLOCK_K", "BLOCK_R")), key=["N", "K"])
     @triton.jit
     def _segmented_at_b_kernel(a_base, a_offsets, b_base, b_offsets, starts_ptr, counts_ptr, out_ptr,
                                calls, experts, N, K, ALIGN: tl.constexpr,

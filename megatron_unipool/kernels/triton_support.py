@@ -31,3 +31,13 @@ def wants_triton(backend: str, t: torch.Tensor, field: str) -> bool:
     if backend == "triton" and not triton_runs_on(t):
         raise KernelUnavailableError(f"{field}='triton' needs Triton and a CUDA device")
     return backend == "triton"
+
+
+def gemm_configs(tiles: list[tuple[int, ...]], block_names: tuple[str, ...]) -> list:
+    """Autotuner configs of a GEMM kernel: on a GPU one per tile (its blocks named `block_names`, then
+    warps and stages); in the interpreter (tests on CPU) blocks of 16 and the operands upcast to fp32
+    (`UPCAST`: its tl.dot misreads bf16, Triton 3.9)."""
+    if interpreting():
+        return [triton.Config({**dict.fromkeys(block_names, 16), "UPCAST": True})]
+    return [triton.Config({**dict(zip(block_names, tile)), "UPCAST": False}, num_warps=tile[-2], num_stages=tile[-1])
+            for tile in tiles]

@@ -83,7 +83,8 @@ def expert_rows(plan: DispatchPlan, num_tokens: int, top_k: int, align: int) -> 
     the shapes)."""
     slots = plan.slot_S
     if align == 1:
-        rows_S, counts_M, num_rows = torch.arange(slots.numel(), device=slots.device), plan.kept_per_expert_M, slots.numel()
+        rows_S, counts_M = torch.arange(slots.numel(), device=slots.device), plan.kept_per_expert_M
+        num_rows = slots.numel()
     else:
         rows_S, counts_M = padded_rows(plan.kept_per_expert_M, align, slots.numel())
         num_rows = slots.numel() + counts_M.numel() * (align - 1)
