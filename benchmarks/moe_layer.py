@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.impls is None:
         other = "ours_loop" if device.type == "cuda" else "ours_grouped_mm"  # the GEMM 'auto' does not take here
-        triton = ["ours_triton"] if triton_runs_on(torch.empty(0, device=device)) else []
+        triton = ["ours_triton"] if triton_runs_on(device) else []
         args.impls = ["ours", other, *triton, "deepspeed", "loop", "dense", "routing", "routing_norm"]
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)

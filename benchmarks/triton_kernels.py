@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     device_label = device_name()
     dtype = compute_dtype(args.dtype, device)
     impls = ["torch"]
-    if triton_runs_on(torch.empty(0, device=device)):
+    if triton_runs_on(device):
         impls.append("triton")
     else:
         print("  triton not measured: Triton is not installed, or no CUDA device (TRITON_INTERPRET=1 runs it on a CPU)",

@@ -75,7 +75,7 @@ GEMM_CASES = {
     "grouped_mm_padded": dict(backend="grouped_mm", align_rows=8),  # the CUDA path's row padding, on CPU
     "triton": dict(backend="triton"),  # kernels.rows_gemm and segmented_gemm: compiled on CUDA, interpreted on a CPU
 }
-TRITON_RUNS = triton_runs_on(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu"))
+TRITON_RUNS = triton_runs_on("cuda" if torch.cuda.is_available() else "cpu")
 CASES = [pytest.param(case, marks=pytest.mark.skipif(case == "triton" and not TRITON_RUNS,
                                                      reason="Triton runs neither compiled (no CUDA) nor interpreted here"))
          for case in GEMM_CASES]

@@ -51,7 +51,7 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *weights: tor
 def resolve_expert_gemm(backend: str, dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> str:
     """The expert GEMM `backend` (model.expert_gemm) runs as for operands of `dtype` on `device`."""
     device = torch.device(device)
-    if backend == "triton" and not triton_runs_on(torch.empty(0, device=device)):
+    if backend == "triton" and not triton_runs_on(device):
         raise KernelUnavailableError("model.expert_gemm='triton' needs Triton and a CUDA device")
     if backend == "grouped_mm" and not grouped_mm_supported(dtype, device, *weights):
         raise KernelUnavailableError(

@@ -20,9 +20,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def triton_runs_on(t: torch.Tensor) -> bool:
-    """A Triton kernel can take `t` here: compiled on CUDA, interpreted on a CPU."""
-    return triton is not None and (t.is_cuda or interpreting())
+def triton_runs_on(where: torch.Tensor | torch.device | str) -> bool:
+    """A Triton kernel can take tensors like `where` (a tensor, or a device) here: compiled on CUDA,
+    interpreted on a CPU."""
+    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+    return triton is not None and (device.type == "cuda" or interpreting())
 
 
 def wants_triton(backend: str, t: torch.Tensor, field: str) -> bool:
