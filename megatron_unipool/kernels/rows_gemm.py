@@ -6,12 +6,12 @@ contraction, N the output width. For every row s of expert e:
     out[s] = a[s] @ b[e]        (a [S, K], b [M, K, N] with any strides; optionally + a2[s] @ b2[e])
 
 which is `torch._grouped_mm(a, b, offs=ends)`. Where few rows reach each expert (UniPool's pool: about
-85 per expert and layer for the 469M model) CUTLASS's grouped GEMM computes them in 128-row tiles and
-ran at 41% of the dense rate on an H200 (docs/benchmarks.md). Here each program computes a
-[BLOCK_N, BLOCK_S] tile of out^T = b[e]^T a^T: the weight's N side fills the tensor cores' M dimension
-and the rows take the N dimension, which can be as narrow as 16, so 85 rows waste 11 of 96 computed,
-not 43 of 128. Programs over one expert's row blocks are adjacent in the grid, so they run together
-and read each weight tile from L2 after the first. No row padding is needed: the rows of a block past
+85 per expert and layer for the 469M model) torch._grouped_mm ran at 41% of a dense GEMM's rate on an
+H200, 2.75 ms where the weights' memory traffic bounds it near 1.0 ms (docs/benchmarks.md). Here each
+program computes a [BLOCK_N, BLOCK_S] tile of out^T = b[e]^T a^T: the weight's N side fills the tensor
+cores' 64-row dimension and the rows take the other, in blocks as narrow as 16, so 85 rows cost 96
+computed. Programs over one expert's row blocks are adjacent in the grid, so they run together and read
+each weight tile from L2 after the first. No row padding is needed: the rows of a block past
 its expert's end are masked. The second pair (a2, b2) sums two products in one pass (the input
 gradient of the gate and up projections). fp32 operands are multiplied in full fp32 ("ieee"), not TF32.
 
