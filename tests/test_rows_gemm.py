@@ -91,8 +91,16 @@ def test_model_with_the_triton_expert_gemms_equals_the_loop_model(config, tiny_c
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")
-def test_triton_expert_gemms_without_cuda_or_the_interpreter_are_refused(monkeypatch):
+@pytest.mark.parametrize("config", ["configs/tiny_vanilla_cpu.json", "configs/tiny_unipool_cpu.json"])
+def test_triton_expert_gemms_without_cuda_or_the_interpreter_are_refused(config, tiny_config, monkeypatch):
+    """Named as the setting the user made, also where UniPool's shared pool first asks for the Triton
+    weight-gradient kernel."""
+    from megatron_unipool.model import LanguageModel
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, counts, weights = torch.zeros(3, 16), torch.tensor([1, 2]), [torch.zeros(2, 32, 16)] * 2 + [torch.zeros(2, 16, 32)]
     with pytest.raises(KernelUnavailableError, match="model.expert_gemm='triton'"):
         grouped_swiglu(x, counts, *weights, backend="triton")
+    cfg = tiny_config(config, "model.expert_gemm=triton")
+    with pytest.raises(KernelUnavailableError, match="model.expert_gemm='triton'"):
+        LanguageModel(cfg.model, cfg.moe)(torch.zeros(1, 8, dtype=torch.long))

@@ -269,8 +269,8 @@ class DeferredWeightGradients:
     rows in place (no copies; fp32 results).
     """
 
-    def __init__(self, kernel: str = "torch"):
-        self.kernel = kernel
+    def __init__(self, kernel: str = "torch", field: str = "model.pool_wgrad_kernel"):
+        self.kernel, self.field = kernel, field  # field: the config setting that chose `kernel`, for errors
         self._slices: list[dict[int, tuple]] = []  # segment loop: per call, expert -> its rows' operands
         self._rows: list[tuple] = []  # grouped_mm: per call, (counts_M, *expert-sorted operands)
         self._discard_queued = False
@@ -292,7 +292,7 @@ class DeferredWeightGradients:
         """`anchor`, unchanged, wired so that its backward gives `weights` (w_gate, w_up, w_down)
         their gradients from every call collected by then. Compute every grouped_swiglu that
         defers to this object from the returned tensor, so their backward passes all run first."""
-        wants_triton(self.kernel, weights[0], "model.pool_wgrad_kernel")  # refused here, not in backward
+        wants_triton(self.kernel, weights[0], self.field)  # refused here, not in backward
         return _ReleaseWeightGradients.apply(anchor, self, *weights)
 
     def add_slices(self, slices: dict[int, tuple]) -> None:

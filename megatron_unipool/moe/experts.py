@@ -58,7 +58,10 @@ class ExpertPool(nn.Module):
         """
         weights = (self.w_gate, self.w_up, self.w_down)
         # the Triton expert GEMMs pad no rows, which torch._grouped_mm's weight-gradient GEMM would need
-        self._deferred = DeferredWeightGradients("triton" if self.gemm == "triton" else self.wgrad_kernel)
+        if self.gemm == "triton":
+            self._deferred = DeferredWeightGradients("triton", "model.expert_gemm")
+        else:
+            self._deferred = DeferredWeightGradients(self.wgrad_kernel)
         dtype = autocast_dtype(self.w_gate)
         self._compute_weights = tuple(w.detach().to(dtype) for w in weights)  # gradients come from the anchor
         try:
