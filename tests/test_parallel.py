@@ -116,13 +116,18 @@ def test_layouts_match_single_process(world, fast, reference, data_cache, tmp_pa
         assert_same_run(results[name], reference(kind), name)
 
 
-def test_triton_permute_under_expert_parallelism_runs_the_single_process_step(reference, data_cache, tmp_path):
-    """ep 2 with model.permute_kernel=triton (interpreted here): the kernels lay the rows out unpadded,
-    since the exchange regroups them, and the step is the one process's with torch's ops."""
-    name = "unipool_ep2_triton_permute"
-    jobs = [(name, "unipool", [f"train.max_steps={STEPS}"] + VARIANTS["unipool"]
-             + ["parallel.ep=2", "model.permute_kernel=triton"])]
-    assert_same_run(run_parallel(2, jobs, data_cache, tmp_path)[name], reference("unipool"), name)
+def test_triton_kernels_under_expert_parallelism_run_the_single_process_step(reference, data_cache, tmp_path):
+    """ep 2 with the Triton permute (interpreted here), which lays the rows out unpadded since the exchange
+    regroups them, and the same with every expert GEMM in Triton on each rank's received rows (a narrower
+    model: the interpreter runs every program in Python): each the one process's step with torch's ops."""
+    narrow = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1",
+              "model.ffn_hidden_size=32"]
+    base = [f"train.max_steps={STEPS}"] + VARIANTS["unipool"] + ["parallel.ep=2"]
+    jobs = [("unipool_ep2_triton_permute", "unipool", base + ["model.permute_kernel=triton"]),
+            ("unipool_ep2_triton_gemm", "unipool", base + narrow + ["model.expert_gemm=triton"])]
+    results = run_parallel(2, jobs, data_cache, tmp_path)
+    assert_same_run(results["unipool_ep2_triton_permute"], reference("unipool"), "unipool_ep2_triton_permute")
+    assert_same_run(results["unipool_ep2_triton_gemm"], reference("unipool", narrow), "unipool_ep2_triton_gemm")
 
 
 def test_pool_replicas_over_data_parallel_ranks_count_once(reference, data_cache, tmp_path):
