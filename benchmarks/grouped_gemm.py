@@ -99,26 +99,23 @@ PHASED = ("dense", "grouped_mm", "triton")  # the implementations timed in parts
 def phase_seconds(impl: str, rows: int, experts: int, args, device, dtype) -> tuple[float, float]:
     """(forward alone, the three weight-gradient GEMMs alone): median seconds, as the module docstring says."""
     torch.manual_seed(0)
-    # the weight-gradient operands, in grouped_weight_gradients' order
-    operand_widths = {"x": args.hidden, "grad_gate": args.ffn, "grad_up": args.ffn, "hidden": args.ffn,
-                      "grad_out": args.hidden}
+    # the weight-gradient operands, in grouped_weight_gradients' order: x, grad_gate, grad_up, hidden, grad_out
+    widths = (args.hidden, args.ffn, args.ffn, args.ffn, args.hidden)
     if impl == "dense":
-        params = weights(1, args.hidden, args.ffn, device, dtype)
-        gate, up, down = (w[0].detach() for w in params)
+        gate, up, down = (w[0].detach() for w in weights(1, args.hidden, args.ffn, device, dtype))
         forward = (lambda x: F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down))
-        operands = {name: torch.randn(rows, width, device=device, dtype=dtype) for name, width in operand_widths.items()}
+        operands = [torch.randn(rows, width, device=device, dtype=dtype) for width in widths]
 
         def wgrad():
-            return (operands["grad_gate"].t() @ operands["x"], operands["grad_up"].t() @ operands["x"],
-                    operands["grad_out"].t() @ operands["hidden"])
+            return [operands[g].t() @ operands[i] for g, i in WEIGHT_GRADIENT_OPERANDS]
     else:
         params = [w.detach() for w in weights(experts, args.hidden, args.ffn, device, dtype)]
         counts = torch.tensor(expert_counts(rows, experts, args.balance), device=device)
         forward = (lambda x: grouped_swiglu(x, counts, *params, backend=impl))
+        # the rows as the expert GEMM lays them out (padded for torch._grouped_mm on CUDA)
         align = expert_row_alignment(impl, dtype, device, params[0], params[2])
-        padded = rows + experts * (align - 1)  # the rows the CUDA padding lays out, as grouped_swiglu does
-        _, padded_counts = padded_rows(counts, align, rows)
-        operands = [torch.randn(padded, width, device=device, dtype=dtype) for width in operand_widths.values()]
+        _, padded_counts, padded = padded_rows(counts, align, rows)
+        operands = [torch.randn(padded, width, device=device, dtype=dtype) for width in widths]
 
         def wgrad():
             if impl == "triton":  # unpadded rows, read in place

@@ -35,7 +35,7 @@ except ImportError:  # a checkout without `pip install -e .`
 from megatron_unipool.kernels import cross_entropy_sum, rotary, swiglu_activation  # noqa: E402
 from megatron_unipool.kernels.triton_support import triton_runs_on  # noqa: E402
 from megatron_unipool.model.rope import RotaryEmbedding  # noqa: E402
-from megatron_unipool.kernels.grouped_gemm import GROUPED_MM_ALIGN_BYTES  # noqa: E402
+from megatron_unipool.kernels.grouped_gemm import expert_row_alignment  # noqa: E402
 from megatron_unipool.moe.dispatch import expert_rows, permute, plan_dispatch, unpermute  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
 from measurement import (add_measurement_arguments, compute_dtype, measure_row, print_table,  # noqa: E402
@@ -63,7 +63,9 @@ def workload(kernel: str, tokens: int, args, device, dtype):
     if kernel == "permute":
         plan = plan_dispatch(torch.randint(0, 8, (tokens, 1), generator=generator).to(device), 8, None)
         gates = torch.rand(tokens, 1, generator=generator).to(device).requires_grad_()
-        align = GROUPED_MM_ALIGN_BYTES // dtype.itemsize if device.type == "cuda" else 1
+        # the layout the model's experts take (padded for torch._grouped_mm on CUDA), experts of the 182M shape
+        expert_weight = torch.empty(8, args.ffn, args.hidden, device="meta")
+        align = expert_row_alignment("auto", dtype, device, expert_weight, expert_weight.transpose(-2, -1))
 
         def round_trip(impl):
             rows = expert_rows(plan, tokens, 1, align) if impl == "triton" else None

@@ -3,7 +3,11 @@ check every Triton kernel's tests end with."""
 import torch
 import torch.nn.functional as F
 
+from megatron_unipool.kernels.triton_support import triton_runs_on
 from megatron_unipool.model import LanguageModel
+
+# Triton kernels run here: compiled on CUDA, or interpreted on a CPU (conftest.py sets TRITON_INTERPRET there)
+TRITON_RUNS = triton_runs_on("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def assert_triton_model_equals_torch_model(cfg, field: str, device, after_backward=None, reference: str = "torch") -> None:

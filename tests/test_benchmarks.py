@@ -10,12 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_unipool.kernels.triton_support import triton_runs_on
+from kernel_models import TRITON_RUNS  # where the scripts run Triton kernels, as they decide it
 
 REPO = Path(__file__).resolve().parents[1]
-# Triton kernels run here, as the scripts decide it: compiled on CUDA, or interpreted on a CPU (conftest.py sets
-# TRITON_INTERPRET there)
-TRITON_RUNS = triton_runs_on("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_benchmark(tmp_path, script: str, *arguments: str, status: int = 0, cwd=None):

@@ -15,11 +15,11 @@ from megatron_unipool.kernels import (DeferredWeightGradients, KernelUnavailable
 from megatron_unipool.kernels.attention import flash_available
 from megatron_unipool.kernels.grouped_gemm import expert_row_alignment, grouped_mm_supported, resolve_expert_gemm
 from megatron_unipool.kernels.rms_norm import apex_rms_norm_available
-from megatron_unipool.kernels.triton_support import triton_runs_on
 from megatron_unipool.model import LanguageModel
 from megatron_unipool.moe import Router
 from megatron_unipool.moe.dispatch import permute, plan_dispatch, unpermute
 from megatron_unipool.training.optimizer import build_optimizer
+from kernel_models import TRITON_RUNS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -75,7 +75,6 @@ GEMM_CASES = {
     "grouped_mm_padded": dict(backend="grouped_mm", align_rows=8),  # the CUDA path's row padding, on CPU
     "triton": dict(backend="triton"),  # kernels.rows_gemm and segmented_gemm: compiled on CUDA, interpreted on a CPU
 }
-TRITON_RUNS = triton_runs_on("cuda" if torch.cuda.is_available() else "cpu")
 CASES = [pytest.param(case, marks=pytest.mark.skipif(case == "triton" and not TRITON_RUNS,
                                                      reason="Triton runs neither compiled (no CUDA) nor interpreted here"))
          for case in GEMM_CASES]
@@ -153,10 +152,12 @@ def test_padded_rows_start_each_expert_at_an_aligned_row():
     expert 2's at 16-18 (an empty expert takes no rows)."""
     from megatron_unipool.kernels.grouped_gemm import padded_rows
 
-    rows, padded = padded_rows(torch.tensor([0, 16, 3]), 8, 19)
-    assert padded.tolist() == [0, 16, 8] and rows.tolist() == list(range(19))
-    rows, padded = padded_rows(torch.tensor([3, 0, 9]), 8, 12)
-    assert padded.tolist() == [8, 0, 16] and rows.tolist() == [0, 1, 2] + list(range(8, 17))
+    rows, padded, num_rows = padded_rows(torch.tensor([0, 16, 3]), 8, 19)
+    assert padded.tolist() == [0, 16, 8] and rows.tolist() == list(range(19)) and num_rows == 19 + 3 * 7
+    rows, padded, num_rows = padded_rows(torch.tensor([3, 0, 9]), 8, 12)
+    assert padded.tolist() == [8, 0, 16] and rows.tolist() == [0, 1, 2] + list(range(8, 17)) and num_rows == 12 + 3 * 7
+    rows, padded, num_rows = padded_rows(torch.tensor([3, 0, 9]), 1, 12)  # unpadded: every slot where it is
+    assert padded.tolist() == [3, 0, 9] and rows.tolist() == list(range(12)) and num_rows == 12
 
 
 def test_row_padding_copies_rows_once_each_way():

@@ -29,7 +29,7 @@ from .errors import KernelUnavailableError
 from .rows_gemm import rows_grouped_mm
 from .segmented_gemm import segmented_weight_gradient
 from .swiglu import swiglu_backward, swiglu_forward
-from .triton_support import triton_runs_on, wants_triton
+from .triton_support import wants_triton
 
 GROUPED_MM_ALIGN_BYTES = 16
 # The weight-gradient operands of one call are (x, grad_gate, grad_up, hidden, grad_out); each weight's
@@ -51,8 +51,7 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *weights: tor
 def resolve_expert_gemm(backend: str, dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> str:
     """The expert GEMM `backend` (model.expert_gemm) runs as for operands of `dtype` on `device`."""
     device = torch.device(device)
-    if backend == "triton" and not triton_runs_on(device):
-        raise KernelUnavailableError("model.expert_gemm='triton' needs Triton and a CUDA device")
+    wants_triton(backend, device, "model.expert_gemm")  # refuses a "triton" this machine cannot run
     if backend == "grouped_mm" and not grouped_mm_supported(dtype, device, *weights):
         raise KernelUnavailableError(
             f"model.expert_gemm='grouped_mm' is not available for {dtype} on {device.type} with expert"
@@ -195,10 +194,10 @@ def _swiglu_grouped_mm(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, align_r
                        ) -> torch.Tensor:
     if align_rows == 1:
         return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation, "torch")
-    rows_P, padded_counts_M = padded_rows(counts_M, align_rows, x_SD.shape[0])
+    rows_P, padded_counts_M, num_rows = padded_rows(counts_M, align_rows, x_SD.shape[0])
     # in place into fresh zeros (index_copy would clone them first); the rows come back by index_select,
     # whose backward is an index_add, not the sort-based index_put that advanced indexing runs
-    padded = x_SD.new_zeros(x_SD.shape[0] + counts_M.numel() * (align_rows - 1), x_SD.shape[1])
+    padded = x_SD.new_zeros(num_rows, x_SD.shape[1])
     padded.index_copy_(0, rows_P, x_SD)
     out = _GroupedSwiGLU.apply(padded, padded_counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation, "torch")
     return out.index_select(0, rows_P)
@@ -434,11 +433,15 @@ def _expert_major_destinations(counts_CG: torch.Tensor, total: int) -> torch.Ten
     return target_start[block] + torch.arange(total, device=counts_CG.device) - source_start[block]
 
 
-def padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row of each slot when every expert's slice starts at a multiple of `align`; padded counts.
+def padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Row of each slot when every expert's slice starts at a multiple of `align`; padded counts; and the
+    padded layout's number of rows, num_slots + M * (align - 1) whatever the counts (rows past the padded
+    counts are padding too).
 
     Computed on the device without a host sync (the slot count is known from the shapes).
     """
+    if align == 1:
+        return torch.arange(num_slots, device=counts_M.device), counts_M, num_slots
     padded = (counts_M + align - 1) // align * align
     padded_start = torch.cumsum(padded, 0) - padded
     start = torch.cumsum(counts_M, 0) - counts_M
@@ -446,4 +449,4 @@ def padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[tor
     expert_of_slot = torch.repeat_interleave(experts, counts_M, output_size=num_slots)
     slot = torch.arange(num_slots, device=counts_M.device)
     rows = padded_start[expert_of_slot] + slot - start[expert_of_slot]
-    return rows, padded
+    return rows, padded, num_slots + counts_M.numel() * (align - 1)

@@ -27,10 +27,10 @@ def triton_runs_on(where: torch.Tensor | torch.device | str) -> bool:
     return triton is not None and (device.type == "cuda" or interpreting())
 
 
-def wants_triton(backend: str, t: torch.Tensor, field: str) -> bool:
+def wants_triton(backend: str, where: torch.Tensor | torch.device | str, field: str) -> bool:
     """Whether config `field` set to `backend` asks for the Triton kernel; one this machine cannot run
-    on `t` is the user's error."""
-    if backend == "triton" and not triton_runs_on(t):
+    on `where` (a tensor, or a device) is the user's error."""
+    if backend == "triton" and not triton_runs_on(where):
         raise KernelUnavailableError(f"{field}='triton' needs Triton and a CUDA device")
     return backend == "triton"
 

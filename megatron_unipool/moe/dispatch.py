@@ -82,12 +82,7 @@ def expert_rows(plan: DispatchPlan, num_tokens: int, top_k: int, align: int) -> 
     """The padded layout of `plan`'s kept slots, computed on the device (no host sync: P follows from
     the shapes)."""
     slots = plan.slot_S
-    if align == 1:
-        rows_S, counts_M = torch.arange(slots.numel(), device=slots.device), plan.kept_per_expert_M
-        num_rows = slots.numel()
-    else:
-        rows_S, counts_M = padded_rows(plan.kept_per_expert_M, align, slots.numel())
-        num_rows = slots.numel() + counts_M.numel() * (align - 1)
+    rows_S, counts_M, num_rows = padded_rows(plan.kept_per_expert_M, align, slots.numel())
     slot_P = torch.full((num_rows,), -1, dtype=slots.dtype, device=slots.device).index_copy_(0, rows_S, slots)
     row_TK = torch.full((num_tokens * top_k,), -1, dtype=slots.dtype, device=slots.device).index_copy_(0, slots, rows_S)
     return ExpertRows(slot_P, row_TK.view(num_tokens, top_k), counts_M)
