@@ -51,31 +51,12 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocast_to: torch.dtype | None = None
-                          ) -> float:
-    """Median seconds of one forward + backward (the forward under autocast when `autocast_to` is given)."""
+def median_seconds(run, repeats: int, warmup: int, device: torch.device, setup=None) -> float:
+    """Median seconds of `run()` (the device drained before and after each; `setup()`, untimed, before)."""
     times = []
     for i in range(warmup + repeats):
-        for p in params:
-            p.grad = None
-        x.grad = None
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=autocast_to, enabled=autocast_to is not None):
-            loss = forward(x).float().pow(2).mean()
-        loss.backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def median_seconds(run, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median seconds of `run()` (the device drained before and after each)."""
-    times = []
-    for i in range(warmup + repeats):
+        if setup is not None:
+            setup()
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -85,6 +66,22 @@ def median_seconds(run, repeats: int, warmup: int, device: torch.device) -> floa
         if i >= warmup:
             times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocast_to: torch.dtype | None = None
+                          ) -> float:
+    """Median seconds of one forward + backward (the forward under autocast when `autocast_to` is given)."""
+    def clear_gradients():
+        for p in params:
+            p.grad = None
+        x.grad = None
+
+    def forward_backward():
+        with torch.autocast(x.device.type, dtype=autocast_to, enabled=autocast_to is not None):
+            loss = forward(x).float().pow(2).mean()
+        loss.backward()
+
+    return median_seconds(forward_backward, repeats, warmup, x.device, setup=clear_gradients)
 
 
 def measure_row(rows: list[dict], row: dict, label: str, measure, derive, json_path: Path | None) -> None:

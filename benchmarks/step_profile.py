@@ -131,41 +131,40 @@ def device_timeline(prof) -> tuple[list[DeviceSpan], list[tuple[float, str]]]:
     return spans, waits
 
 
+def ranked(items) -> list[tuple[str, float, int]]:
+    """(name, summed microseconds, how many) for each name of the (name, microseconds) items, largest first."""
+    totals: dict[str, tuple[float, int]] = {}
+    for name, micros in items:
+        total, count = totals.get(name, (0.0, 0))
+        totals[name] = (total + micros, count + 1)
+    return sorted(((name, total, count) for name, (total, count) in totals.items()), key=lambda row: -row[1])
+
+
 def idle_gaps(spans: list[DeviceSpan], steps: int, top: int = 8) -> dict:
     """The device's idle time between its first and last span, per step: in all, by gap size, and by
     the operator that launched the span ending each gap (largest first). Spans may overlap (streams)."""
-    by_cause: dict[str, list[float]] = {}
+    gaps = []  # (operator that launched the span ending the gap, microseconds)
     by_size = {label: 0.0 for _, label in GAP_SIZES_US}
     busy_until = None
     for span in sorted(spans, key=lambda s: s.start_us):
         if busy_until is not None and span.start_us > busy_until:
             gap = span.start_us - busy_until
-            totals = by_cause.setdefault(span.launched_by, [0.0, 0])
-            totals[0] += gap
-            totals[1] += 1
+            gaps.append((span.launched_by, gap))
             by_size[next(label for limit, label in GAP_SIZES_US if gap < limit)] += gap
         busy_until = span.end_us if busy_until is None else max(busy_until, span.end_us)
     per_step_ms = 1e-3 / steps
-    causes = sorted(by_cause.items(), key=lambda item: -item[1][0])
-    return {"idle_ms": sum(total for total, _ in by_cause.values()) * per_step_ms,
-            "gaps_per_step": sum(count for _, count in by_cause.values()) / steps,
+    return {"idle_ms": sum(gap for _, gap in gaps) * per_step_ms, "gaps_per_step": len(gaps) / steps,
             "by_size_ms": {label: micros * per_step_ms for label, micros in by_size.items()},
             "causes": [{"launched_by": name, "ms": total * per_step_ms, "gaps": count / steps}
-                       for name, (total, count) in causes[:top]]}
+                       for name, total, count in ranked(gaps)[:top]]}
 
 
 def host_waits(waits: list[tuple[float, str]], steps: int, top: int = 8) -> dict:
     """The host's waits for the device per step: in all and by operator (largest first)."""
-    by_operator: dict[str, list[float]] = {}
-    for micros, operator in waits:
-        totals = by_operator.setdefault(operator, [0.0, 0])
-        totals[0] += micros
-        totals[1] += 1
     per_step_ms = 1e-3 / steps
-    ranked = sorted(by_operator.items(), key=lambda item: -item[1][0])
     return {"ms": sum(micros for micros, _ in waits) * per_step_ms, "per_step": len(waits) / steps,
             "operators": [{"operator": name, "ms": total * per_step_ms, "calls": count / steps}
-                          for name, (total, count) in ranked[:top]]}
+                          for name, total, count in ranked((operator, micros) for micros, operator in waits)[:top]]}
 
 
 def difference(summary: dict, reference: dict, top: int = 10) -> dict:
