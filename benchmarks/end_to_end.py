@@ -13,7 +13,8 @@ torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on CPU.
 The table's last column compares each MoE model's step time with the vanilla MoE model's.
 A model whose run fails gets a row with `error` (its traceback is in the output) and the others
 still run; the JSON is rewritten after each model, so a run stopped early keeps what it measured.
-The exit status is 1 when any model failed. `--profile-steps N` then profiles N more steps of each
+The exit status is 1 when any model failed. The `-compiled` models (model.compile) compile in their first
+warm-up step. `--profile-steps N` then profiles N more steps of each
 model (step_profile.py: device time by kernel category, the busiest kernels, launches per step, how
 busy the device was) into its row's `profile` and the output, and prints where the device time of
 vanilla MoE goes beyond dense's, and each other MoE model's beyond vanilla's. `--set deepspeed.enabled=true --set deepspeed.zero_stage=1`
@@ -60,6 +61,7 @@ FUSED = ["model.rope_kernel=triton", "model.swiglu_kernel=triton", "model.permut
          "model.pool_wgrad_kernel=triton"]
 ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]  # DeepSpeed's engine: bf16 weights, fp32 masters
 ROWS_GEMM = FUSED + ["model.expert_gemm=triton"]  # and every expert GEMM in Triton (few rows per expert)
+COMPILED = ["model.compile=true"]  # torch.compile's graphs for the blocks' attention sublayers, norms and dense FFNs
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
     "cpu": {
@@ -68,6 +70,8 @@ SUITES = {
         "unipool": ("configs/tiny_unipool_cpu.json", []),
         "unipool-pool50%": ("configs/tiny_unipool_cpu.json", ["moe.pool_size=16"]),
         "unipool-per-layer-wgrad": ("configs/tiny_unipool_cpu.json", [PER_LAYER]),
+        "dense-compiled": ("configs/tiny_dense_cpu.json", COMPILED),
+        "unipool-compiled": ("configs/tiny_unipool_cpu.json", COMPILED),
     },
     "gpu-182m": {
         "dense": ("configs/dense_182m.json", ONE_GPU_182M),
@@ -83,6 +87,9 @@ SUITES = {
         "unipool-zero1": ("configs/unipool_182m.json", ONE_GPU_182M + ZERO1),
         "unipool-router-tf32": ("configs/unipool_182m.json", ONE_GPU_182M + ["moe.router_tf32=true"]),
         "unipool-triton-gemm": ("configs/unipool_182m.json", ONE_GPU_182M + ROWS_GEMM),
+        "dense-compiled": ("configs/dense_182m.json", ONE_GPU_182M + COMPILED),
+        "vanilla-compiled": ("configs/vanilla_182m.json", ONE_GPU_182M + COMPILED),
+        "unipool-compiled": ("configs/unipool_182m.json", ONE_GPU_182M + COMPILED),
     },
     "gpu-469m": {
         "dense": ("configs/dense_469m.json", ONE_GPU_469M),
@@ -91,6 +98,9 @@ SUITES = {
         "unipool-pool96": ("configs/unipool_469m_pool96.json", ONE_GPU_469M),
         "unipool-fused": ("configs/unipool_469m.json", ONE_GPU_469M + FUSED),
         "unipool-triton-gemm": ("configs/unipool_469m.json", ONE_GPU_469M + ROWS_GEMM),
+        "dense-compiled": ("configs/dense_469m.json", ONE_GPU_469M + COMPILED),
+        "vanilla-compiled": ("configs/vanilla_469m.json", ONE_GPU_469M + COMPILED),
+        "unipool-compiled": ("configs/unipool_469m.json", ONE_GPU_469M + COMPILED),
     },
 }
 
@@ -99,6 +109,8 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
     """Time `steps` optimizer steps after `warmup` in this process, then profile `profiled` more;
     one JSON-able row."""
     config = load_config(REPO / config_path, QUIET + overrides + [f"train.max_steps={warmup + steps + profiled}"])
+    if config.model.compile and warmup < 1:
+        raise ValueError("model.compile: the first step compiles the blocks, so --warmup must be at least 1")
     if config.deepspeed.enabled:  # its engine needs a process group, of one process here
         init_distributed_from_env(config.parallel.timeout_s, even_alone=True)
     with tempfile.TemporaryDirectory() as run_dir:

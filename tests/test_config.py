@@ -101,10 +101,20 @@ def test_options_that_would_be_ignored_are_refused(overrides, named):
     (["deepspeed.enabled=true", "train.precision=bf16"], "deepspeed.zero_stage=0 with train.precision='bf16'"),
     (["moe.lock_start_step=100", "moe.top_k=9"], "fewer than moe.top_k=9"),
     (["deepspeed.config_file=ds.json"], "deepspeed.config_file is set but deepspeed.enabled is false"),
+    (["model.compile=true", "model.rope_kernel=triton"], "the compiled attention fuses RoPE itself"),
+    (["model.compile=true", "model.swiglu_kernel=triton", "moe.kind=dense"], "the dense FFN layers are compiled"),
+    (["model.compile=true", "model.swiglu_kernel=triton", "moe.moe_layer_interval=2"],
+     "the dense FFN layers are compiled"),
 ])
 def test_contradictory_settings_are_named(overrides, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+
+
+def test_compiled_blocks_take_the_triton_swiglu_where_only_experts_use_it():
+    """Every layer an MoE layer: the Triton SwiGLU runs in the (eager) experts, never inside a compiled block."""
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json", ["model.compile=true", "model.swiglu_kernel=triton"])
+    assert config.model.compile and config.model.swiglu_kernel == "triton"
 
 
 def test_a_section_that_is_not_an_object_is_named(tmp_path):

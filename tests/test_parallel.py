@@ -130,6 +130,19 @@ def test_triton_kernels_under_expert_parallelism_run_the_single_process_step(ref
     assert_same_run(results["unipool_ep2_triton_gemm"], reference("unipool", narrow), "unipool_ep2_triton_gemm")
 
 
+def test_compiled_blocks_under_tensor_and_pipeline_parallelism_run_the_single_process_step(reference, data_cache,
+                                                                                           tmp_path):
+    """model.compile at tp 2 (the column- and row-parallel projections, whose autograd functions all-reduce,
+    inside the compiled attention sublayers) and at pp 2 (the second stage's blocks start from received
+    hidden states); each against the one process's eager run."""
+    jobs = [(f"unipool_{layout}_compiled", "unipool",
+             [f"train.max_steps={STEPS}"] + VARIANTS["unipool"] + LAYOUTS[layout][1] + ["model.compile=true"])
+            for layout in ("tp2", "pp2")]
+    results = run_parallel(2, jobs, data_cache, tmp_path)
+    for name, _, _ in jobs:
+        assert_same_run(results[name], reference("unipool"), name)
+
+
 def test_pool_replicas_over_data_parallel_ranks_count_once(reference, data_cache, tmp_path):
     """dp 4 with ep 2: every pool shard has two data-parallel replicas, which the gradient norm
     (clipping) and the gathered gradients must count once. NormRouter top-1, whose pool carries

@@ -47,6 +47,9 @@ class ModelConfig:
     pool_wgrad_kernel: Literal["torch", "triton"] = "torch"
     # recompute in backward instead of storing: the attention core, the (MoE) FFN with its norm, or whole blocks
     activation_checkpointing: Literal["none", "attention", "ffn", "block"] = "none"
+    # torch.compile each block's attention sublayer, MoE input norm and dense FFN (MoE routing and experts stay
+    # eager): fused elementwise kernels, a slower first step
+    compile: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -250,6 +253,14 @@ class Config:
              f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
         need(m.head_dim % 2 == 0, f"head dim model.hidden_size/model.num_heads={m.head_dim} must be even for RoPE")
         need(t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}")
+        # a Triton kernel inside a compiled block would split its graph where torch.compile fuses the same work
+        need(not (m.compile and m.rope_kernel == "triton"),
+             "model.compile=true with model.rope_kernel='triton': the compiled attention fuses RoPE itself; set"
+             " model.rope_kernel='torch' (or model.compile=false)")
+        need(not (m.compile and m.swiglu_kernel == "triton" and len(moe.moe_layers(m.num_layers)) < m.num_layers),
+             "model.compile=true with model.swiglu_kernel='triton': the dense FFN layers are compiled, which fuses"
+             " their activation itself; set model.swiglu_kernel='torch' (or model.compile=false). With every layer an"
+             " MoE layer the two combine: the experts are not compiled")
         if world_size is not None:
             need(world_size % (p.tp * p.pp) == 0,
                  f"world size {world_size} must be divisible by parallel.tp={p.tp} x parallel.pp={p.pp}")

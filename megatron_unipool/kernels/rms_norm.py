@@ -22,6 +22,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
     if backend == "apex" and not apex_rms_norm_available(x):
         raise KernelUnavailableError("model.rms_norm='apex' needs NVIDIA apex (with its CUDA extensions) and a CUDA device")
-    if backend in ("auto", "apex") and apex_rms_norm_available(x):
+    # inside a torch.compile graph torch's op fuses with its neighbours, where apex's kernel would split the graph
+    auto_apex = backend == "auto" and not torch.compiler.is_compiling()
+    if (auto_apex or backend == "apex") and apex_rms_norm_available(x):
         return fused_rms_norm_affine(x, weight, weight.shape, eps)
     return F.rms_norm(x, weight.shape, weight, eps)

@@ -36,9 +36,29 @@ class RMSNorm(nn.RMSNorm):
         return rms_norm(x, self.weight, self.eps, self.backend)
 
 
+# A block's parts that model.compile hands to torch.compile. They take the block as an argument rather
+# than being its methods, so that one compiled graph serves every block, and copies of the model, alike.
+def _attention_sublayer(block: "Block", x: torch.Tensor) -> torch.Tensor:
+    return x + block.attention(block.attention_norm(x))
+
+
+def _ffn_input(block: "Block", x: torch.Tensor) -> torch.Tensor:
+    return block.ffn_norm(x)
+
+
+def _dense_ffn(block: "Block", x: torch.Tensor) -> torch.Tensor:
+    return block.ffn(block.ffn_norm(x))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. model.activation_checkpointing 'block' recomputes all of it in
-    backward ('ffn' and 'attention' are handled by the FFN / attention themselves)."""
+    backward ('ffn' and 'attention' are handled by the FFN / attention themselves).
+
+    model.compile: its attention sublayer (norm, attention, residual add), the MoE layer's input norm and
+    a dense FFN with its norm run as torch.compile graphs, which fuse their elementwise work (norms, RoPE,
+    SwiGLU's activation, casts, the residual add) into a few kernels; an MoE layer's routing, dispatch and
+    experts, whose row counts change every micro-batch, stay eager.
+    """
 
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding, ffn: nn.Module, output_std: float):
         super().__init__()
@@ -47,6 +67,9 @@ class Block(nn.Module):
         self.attention = Attention(config, rope, output_std)
         self.ffn_norm = RMSNorm(config)
         self.ffn = ffn
+        parts = (_attention_sublayer, _ffn_input, _dense_ffn)
+        self._attention_sublayer, self._ffn_input, self._dense_ffn = (
+            tuple(torch.compile(part) for part in parts) if config.compile else parts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.config.activation_checkpointing == "block" and torch.is_grad_enabled():
@@ -56,16 +79,13 @@ class Block(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = x + self.attention(self.attention_norm(x))
+        x = self._attention_sublayer(self, x)
         if isinstance(self.ffn, MoELayer):
-            out, losses = self.ffn(self.ffn_norm(x))
+            out, losses = self.ffn(self._ffn_input(self, x))
             return x + out, losses
         if self.config.activation_checkpointing == "ffn" and torch.is_grad_enabled():
-            return x + checkpoint(self._dense_ffn, x, use_reentrant=False), {}
-        return x + self._dense_ffn(x), {}
-
-    def _dense_ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn(self.ffn_norm(x))
+            return x + checkpoint(self._dense_ffn, self, x, use_reentrant=False), {}
+        return x + self._dense_ffn(self, x), {}
 
 
 @dataclass

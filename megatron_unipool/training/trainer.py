@@ -314,6 +314,9 @@ class Trainer:
                 print(f"note: train.warmup_steps={cfg.train.warmup_steps} > train.max_steps={cfg.train.max_steps}:"
                       f" the learning rate ends at {learning_rate(cfg.train.max_steps - 1, cfg.train):.3g}, in warm-up,"
                       f" below train.lr={cfg.train.lr:g}", flush=True)
+            if cfg.model.compile:
+                print("note: model.compile: the first step (and the first evaluation) also compiles the blocks, so its"
+                      " time and tokens/s understate the run's", flush=True)
         while self.state.step < cfg.train.max_steps:
             started = time.perf_counter()
             metrics, routing = self.train_step()
