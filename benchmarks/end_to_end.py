@@ -61,6 +61,9 @@ FUSED = ["model.rope_kernel=triton", "model.swiglu_kernel=triton", "model.permut
          "model.pool_wgrad_kernel=triton"]
 ZERO1 = ["deepspeed.enabled=true", "deepspeed.zero_stage=1"]  # DeepSpeed's engine: bf16 weights, fp32 masters
 ROWS_GEMM = FUSED + ["model.expert_gemm=triton"]  # and every expert GEMM in Triton (few rows per expert)
+# twice the 469M suite's micro-batch, its memory made room for by recomputing the expert computation in backward:
+# twice the rows per expert (UniPool's pool of 192 reads its weights as often either way) for a third more expert FLOPs
+RECOMPUTE_MB32 = ["parallel.ep=1", "train.micro_batch=32", "train.global_batch=128", "model.activation_checkpointing=ffn"]
 COMPILED = ["model.compile=true"]  # torch.compile's graphs for the blocks' attention sublayers, norms and dense FFNs
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
@@ -101,6 +104,8 @@ SUITES = {
         "dense-compiled": ("configs/dense_469m.json", ONE_GPU_469M + COMPILED),
         "vanilla-compiled": ("configs/vanilla_469m.json", ONE_GPU_469M + COMPILED),
         "unipool-compiled": ("configs/unipool_469m.json", ONE_GPU_469M + COMPILED),
+        "vanilla-mb32-recompute": ("configs/vanilla_469m.json", RECOMPUTE_MB32),
+        "unipool-mb32-recompute": ("configs/unipool_469m.json", RECOMPUTE_MB32),
     },
 }
 

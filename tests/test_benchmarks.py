@@ -120,6 +120,19 @@ TINY = ["model.seq_len=32", "model.hidden_size=64", "model.num_heads=4", "model.
         "train.global_batch=8", "train.micro_batch=2"]
 
 
+def test_every_end_to_end_suite_model_is_a_valid_config(monkeypatch):
+    """A GPU call is rare and short: a suite row whose overrides do not load would only fail there."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from end_to_end import QUIET, SUITES
+
+    from megatron_unipool.config import load_config
+
+    for suite in SUITES.values():
+        for name, (config, overrides) in suite.items():
+            loaded = load_config(REPO / config, QUIET + overrides)
+            assert loaded.model.compile == name.endswith("-compiled"), name
+
+
 def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
     done, rows = run_benchmark(tmp_path, "end_to_end.py", "--models", "vanilla", "unipool", "dense", "--warmup", "1",
                                "--steps", "1", "--profile-steps", "1",
