@@ -64,7 +64,7 @@ ROWS_GEMM = FUSED + ["model.expert_gemm=triton"]  # and every expert GEMM in Tri
 # twice the 469M suite's micro-batch, its memory made room for by recomputing the expert computation in backward:
 # twice the rows per expert (UniPool's pool of 192 reads its weights as often either way) for a third more expert FLOPs
 RECOMPUTE_MB32 = ["parallel.ep=1", "train.micro_batch=32", "train.global_batch=128", "model.activation_checkpointing=ffn"]
-COMPILED = ["model.compile=true"]  # torch.compile's graphs for the blocks' attention sublayers, norms and dense FFNs
+COMPILED = ["model.compile=true"]  # torch.compile graphs: attention sublayers, norms, MoE routers, dense FFNs
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
     "cpu": {

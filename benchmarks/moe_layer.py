@@ -4,7 +4,8 @@ a dense SwiGLU of equal active FLOPs, over token and expert counts, measured in 
     python benchmarks/moe_layer.py [--tokens 2048 8192] [--experts 8 32] [--json results.json]
 
 Prints a table (tokens/s and the ratio to DeepSpeed's layer) and writes one JSON row per
-measurement: impl (ours | ours_grouped_mm | ours_loop | ours_triton | deepspeed | loop | dense | routing | routing_norm), tokens,
+measurement: impl (ours | ours_grouped_mm | ours_loop | ours_triton | deepspeed | loop | dense | routing | routing_norm
+| routing_fused | routing_norm_fused), tokens,
 experts, top_k, hidden, ffn, dtype, tokens_per_second, ms, vs_deepspeed (null without DeepSpeed's row),
 device (or `error` where a measurement failed, e.g. out of memory: the others still run). Weights stay fp32 and bf16 runs under autocast, as in training
 (`--dtype auto`: bf16 on CUDA). `ours` uses the expert GEMM that model.expert_gemm='auto'
@@ -19,6 +20,8 @@ Gumbel-sampled one). `routing` times our layer's routing half alone (MoELayer.ro
 top-k, gates, the sort and counts of the dispatch plan, the aux loss), with its share of `ours` in
 `share_of_ours`: at most what a fused router could save; `routing_norm` the same with UniPool's
 routing (NormRouter, pool aux loss), its share taken of the same `ours` (the experts' work is the same).
+`routing_fused` / `routing_norm_fused` (by name in --impls) are those with the router from its logits to the
+gates compiled as model.compile runs it: the fused router; their first call per shape compiles (untimed warm-up).
 """
 from __future__ import annotations
 
@@ -51,20 +54,22 @@ INIT_STD = 0.02
 ROUTERS = {"softmax": dict(router="softmax", aux_loss="layer"), "norm": dict(router="norm", aux_loss="pool")}
 
 
-def build_ours(hidden, ffn, experts, top_k, gemm="auto", router="softmax", kernels="torch"):
-    """Our layer; `kernels` 'triton': its permute and combine and the experts' SwiGLU activation in Triton."""
+def build_ours(hidden, ffn, experts, top_k, gemm="auto", router="softmax", kernels="torch", compile_router=False):
+    """Our layer; `kernels` 'triton': its permute and combine and the experts' SwiGLU activation in Triton;
+    `compile_router`: its router from the logits to the gates as one torch.compile graph (model.compile)."""
     config = MoEConfig(kind="vanilla", num_experts=experts, top_k=top_k, **ROUTERS[router])
     pool = ExpertPool(experts, hidden, ffn, INIT_STD, INIT_STD, gemm, activation=kernels)
     stats = PoolStats(1, experts, "step")
-    layer = MoELayer(config, hidden, pool, stats, 0, 1, INIT_STD, INIT_STD, permute_kernel=kernels)
+    layer = MoELayer(config, hidden, pool, stats, 0, 1, INIT_STD, INIT_STD, permute_kernel=kernels,
+                     compile_router=compile_router)
     # the pool and the stats are not submodules of the layer: hold them all so that .to(device) moves them
     return torch.nn.ModuleList([layer, pool, stats]), lambda x: layer(x)[0], list(layer.parameters()) + list(pool.parameters())
 
 
-def build_routing(hidden, ffn, experts, top_k, router="softmax"):
+def build_routing(hidden, ffn, experts, top_k, router="softmax", compiled=False):
     """Our layer's MoELayer.route alone, its outputs (gates, losses) reduced so that backward reaches every
-    routing parameter as in the layer."""
-    module, _, _ = build_ours(hidden, ffn, experts, top_k, router=router)
+    routing parameter as in the layer; `compiled`: with the router compiled (the fused router)."""
+    module, _, _ = build_ours(hidden, ffn, experts, top_k, router=router, compile_router=compiled)
     layer = module[0]
 
     def forward(x):
@@ -116,9 +121,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn", type=int, default=512, help="expert width")
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="for DeepSpeed's layer")
     parser.add_argument("--impls", nargs="+", choices=["ours", "ours_grouped_mm", "ours_loop", "ours_triton",
-                                                       "deepspeed", "loop", "dense", "routing", "routing_norm"],
+                                                       "deepspeed", "loop", "dense", "routing", "routing_norm",
+                                                       "routing_fused", "routing_norm_fused"],
                         help="default: ours, the expert GEMM ours does not pick here, ours_triton where Triton runs,"
-                             " deepspeed, loop, dense, routing, routing_norm")
+                             " deepspeed, loop, dense, routing, routing_norm (the _fused ones compile first: asked"
+                             " for by name)")
     add_measurement_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +143,8 @@ def main(argv=None) -> int:
                 "ours_loop": lambda *a: build_ours(*a, gemm="loop"), "ours_triton": lambda *a: build_ours(*a, kernels="triton"),
                 "loop": build_loop, "dense": build_dense,
                 "routing": build_routing, "routing_norm": lambda *a: build_routing(*a, router="norm"),
+                "routing_fused": lambda *a: build_routing(*a, compiled=True),
+                "routing_norm_fused": lambda *a: build_routing(*a, router="norm", compiled=True),
                 "deepspeed": lambda *a: build_deepspeed(*a, args.capacity_factor)}
     rows = []
     for experts in args.experts:
@@ -151,7 +160,7 @@ def main(argv=None) -> int:
                     x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
                     return time_forward_backward(forward, params, x, args.repeats, args.warmup, autocast_to)
 
-                measure_row(rows, row, f"{impl:15s} tokens {tokens:6d} experts {experts:3d}", measure,
+                measure_row(rows, row, f"{impl:18s} tokens {tokens:6d} experts {experts:3d}", measure,
                             lambda seconds, tokens=tokens: {"tokens_per_second": tokens / seconds, "ms": 1e3 * seconds},
                             args.json)
     print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
@@ -160,7 +169,7 @@ def main(argv=None) -> int:
     add_ratios([row for row in rows if not row["impl"].startswith("routing")], "deepspeed", "tokens",
                "tokens_per_second", "vs_deepspeed")
     add_ratios(routing, "ours", "tokens", "ms", "share_of_ours", references=rows)  # its share of our whole layer
-    print_table(rows, [("experts", "experts", 7, ""), ("tokens", "tokens", 7, ""), ("impl", "impl", 15, ""),
+    print_table(rows, [("experts", "experts", 7, ""), ("tokens", "tokens", 7, ""), ("impl", "impl", 18, ""),
                        ("tokens/s", "tokens_per_second", 12, "{:,.0f}"), ("ms", "ms", 9, "{:.2f}"),
                        ("vs deepspeed", "vs_deepspeed", 13, "{:.2f}x"), ("share of ours", "share_of_ours", 14, "{:.1%}")])
     if args.json:  # again, with the ratios

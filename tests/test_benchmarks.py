@@ -47,6 +47,17 @@ def test_moe_layer_benchmark_writes_one_row_per_measurement(tmp_path, dtype):
     assert "vs deepspeed" in done.stdout
 
 
+def test_moe_layer_benchmark_times_the_fused_router_by_name(tmp_path):
+    """routing_fused / routing_norm_fused: the routing half with the router compiled, each a share of ours."""
+    _, rows = run_benchmark(tmp_path, "moe_layer.py", "--tokens", "64", "--experts", "4", "--hidden", "32", "--ffn",
+                            "64", "--repeats", "1", "--warmup", "1", "--impls", "ours", "routing_fused",
+                            "routing_norm_fused")
+    assert [row["impl"] for row in rows] == ["ours", "routing_fused", "routing_norm_fused"]
+    for row in rows[1:]:
+        assert "error" not in row, row
+        assert row["share_of_ours"] == pytest.approx(row["ms"] / rows[0]["ms"])
+
+
 def test_moe_layer_benchmark_reports_a_failed_shape_and_measures_the_rest(tmp_path):
     """An expert width grouped_mm cannot take (not 16-byte aligned) fails that one measurement only."""
     done, (failed, measured) = run_benchmark(tmp_path, "moe_layer.py", "--tokens", "64", "--experts", "4", "--hidden",

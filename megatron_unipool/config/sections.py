@@ -47,8 +47,8 @@ class ModelConfig:
     pool_wgrad_kernel: Literal["torch", "triton"] = "torch"
     # recompute in backward instead of storing: the attention core, the (MoE) FFN with its norm, or whole blocks
     activation_checkpointing: Literal["none", "attention", "ffn", "block"] = "none"
-    # torch.compile each block's attention sublayer, MoE input norm and dense FFN (MoE routing and experts stay
-    # eager): fused elementwise kernels, a slower first step
+    # torch.compile each block's attention sublayer, MoE input norm, MoE router (logits to gates) and dense FFN
+    # (MoE dispatch and experts stay eager): fused elementwise kernels, a slower first step
     compile: bool = False
 
     @property

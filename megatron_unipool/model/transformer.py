@@ -56,8 +56,9 @@ class Block(nn.Module):
 
     model.compile: its attention sublayer (norm, attention, residual add), the MoE layer's input norm and
     a dense FFN with its norm run as torch.compile graphs, which fuse their elementwise work (norms, RoPE,
-    SwiGLU's activation, casts, the residual add) into a few kernels; an MoE layer's routing, dispatch and
-    experts, whose row counts change every micro-batch, stay eager.
+    SwiGLU's activation, casts, the residual add) into a few kernels; so does the MoE router from its logits
+    to the gates (moe.router). The MoE layer's dispatch and experts, whose row counts change every
+    micro-batch, stay eager.
     """
 
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding, ffn: nn.Module, output_std: float):
@@ -127,7 +128,7 @@ class LanguageModel(nn.Module):
             for slot, layer in enumerate(layers):
                 ffns[layer] = MoELayer(moe, model.hidden_size, pool, stats, slot, len(layers), model.init_std, output_std,
                                        recompute_experts=model.activation_checkpointing == "ffn", lock=lock,
-                                       permute_kernel=model.permute_kernel)
+                                       permute_kernel=model.permute_kernel, compile_router=model.compile)
         self.layers = nn.ModuleList(
             Block(model, self.rope, ffns.get(i) or SwiGLU(model.hidden_size, model.ffn_hidden_size, model.init_std, output_std,
                                                           model.swiglu_kernel), output_std)

@@ -31,13 +31,13 @@ from .router import Router, Routing, capacity
 class MoELayer(nn.Module):
     def __init__(self, config: MoEConfig, hidden_size: int, pool: ExpertPool, stats: PoolStats, layer_slot: int,
                  layers_in_pool: int, init_std: float, output_std: float, recompute_experts: bool = False,
-                 lock: Optional[PoolLock] = None, permute_kernel: str = "torch"):
+                 lock: Optional[PoolLock] = None, permute_kernel: str = "torch", compile_router: bool = False):
         super().__init__()
         self.permute_kernel = permute_kernel  # moe.dispatch's permute and unpermute: torch | triton
         object.__setattr__(self, "lock", lock)  # shared with the pool's other layers, owned by the model
         self.config = config
         self.recompute_experts = recompute_experts
-        self.router = Router(hidden_size, pool.num_experts, config, init_std)
+        self.router = Router(hidden_size, pool.num_experts, config, init_std, compile_router)
         object.__setattr__(self, "pool", pool)  # shared, owned by the model
         object.__setattr__(self, "stats", stats)
         self.layer_slot = layer_slot

@@ -66,10 +66,12 @@ class Router(nn.Module):
     selected, never the gates, and is updated outside autograd after each optimizer step.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, config: MoEConfig, init_std: float):
+    def __init__(self, hidden_size: int, num_experts: int, config: MoEConfig, init_std: float, compile: bool = False):
         super().__init__()
         self.config = config
         self.num_experts = num_experts
+        # model.compile: from the logits on (scores, top-k, gates) one torch.compile graph, the fused router
+        self._select = torch.compile(_select) if compile else _select
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size).normal_(0.0, init_std))
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         if config.router == "norm":
@@ -83,38 +85,9 @@ class Router(nn.Module):
             return self._route(x_TD.float(), logit_offset_M)
 
     def _route(self, x_TD: torch.Tensor, offset_M: Optional[torch.Tensor]) -> Routing:
-        cfg, k = self.config, self.config.top_k
-        logits = (tf32_linear if cfg.router_tf32 else F.linear)(x_TD, self.weight.float())
-        if offset_M is not None and cfg.router != "norm":
-            logits = logits + offset_M
-        if cfg.router == "softmax":
-            scores = logits.softmax(dim=-1)
-        elif cfg.router == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            if offset_M is not None:  # masked experts are zeroed before the norm (design note)
-                logits = logits.masked_fill(torch.isneginf(offset_M), 0.0)
-            unit = logits / (logits.norm(dim=-1, keepdim=True) + NORM_EPS)
-            if offset_M is not None:  # on the unit vector: the penalty must not rescale the allowed experts
-                unit = unit + offset_M
-            scores = self.scale * self.norm_constant * torch.relu(unit)
-        selection = scores + self.expert_bias if cfg.bias_balancing else scores
-        if cfg.router == "norm" and cfg.bias_balancing:  # the bias reorders the experts the ReLU kept: a
-            selection = selection.masked_fill(scores == 0, -math.inf)  # zeroed one would take a slot, weightless
-        if offset_M is not None:  # the penalty is in the scores already; a masked expert must also beat the bias
-            selection = selection.masked_fill(torch.isneginf(offset_M), -math.inf)
-        indices = top_k_indices(selection, k)
-        if cfg.router == "softmax" and not cfg.softmax_before_topk:
-            gates = logits.gather(-1, indices).softmax(dim=-1)
-        else:
-            gates = scores.gather(-1, indices)
-            if cfg.normalize_gates and cfg.router != "norm":
-                gates = gates / gates.sum(dim=-1, keepdim=True)
-        balance_scores = scores / scores.sum(dim=-1, keepdim=True) if cfg.router == "sigmoid" else scores
-        # NormRouter's ReLU zeroes experts; a token with fewer than k positive scores fills its remaining
-        # slots with zero-gate experts. They must not skew the load counts or take capacity (plan_dispatch).
-        active = gates > 0 if cfg.router == "norm" else None
-        return Routing(indices, gates, balance_scores, logits, active)
+        # the logits GEMM stays outside the compiled part: with moe.router_tf32 it switches a cuBLAS setting
+        logits = (tf32_linear if self.config.router_tf32 else F.linear)(x_TD, self.weight.float())
+        return Routing(*self._select(self, logits, offset_M))
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert_M: torch.Tensor, usable_M: Optional[torch.Tensor] = None) -> None:
@@ -130,6 +103,42 @@ class Router(nn.Module):
             return
         mean = counts[usable_M].mean()
         self.expert_bias += self.config.bias_update_rate * torch.sign(mean - counts) * usable_M
+
+
+def _select(router: Router, logits: torch.Tensor, offset_M: Optional[torch.Tensor]) -> tuple:
+    """Scores, top-k and gates from the logits: Routing's fields. A function of the router, not its method,
+    so that under model.compile one graph serves every layer's router and every copy of the model."""
+    cfg, k = router.config, router.config.top_k
+    if offset_M is not None and cfg.router != "norm":
+        logits = logits + offset_M
+    if cfg.router == "softmax":
+        scores = logits.softmax(dim=-1)
+    elif cfg.router == "sigmoid":
+        scores = logits.sigmoid()
+    else:
+        if offset_M is not None:  # masked experts are zeroed before the norm (design note)
+            logits = logits.masked_fill(torch.isneginf(offset_M), 0.0)
+        unit = logits / (logits.norm(dim=-1, keepdim=True) + NORM_EPS)
+        if offset_M is not None:  # on the unit vector: the penalty must not rescale the allowed experts
+            unit = unit + offset_M
+        scores = router.scale * router.norm_constant * torch.relu(unit)
+    selection = scores + router.expert_bias if cfg.bias_balancing else scores
+    if cfg.router == "norm" and cfg.bias_balancing:  # the bias reorders the experts the ReLU kept: a
+        selection = selection.masked_fill(scores == 0, -math.inf)  # zeroed one would take a slot, weightless
+    if offset_M is not None:  # the penalty is in the scores already; a masked expert must also beat the bias
+        selection = selection.masked_fill(torch.isneginf(offset_M), -math.inf)
+    indices = top_k_indices(selection, k)
+    if cfg.router == "softmax" and not cfg.softmax_before_topk:
+        gates = logits.gather(-1, indices).softmax(dim=-1)
+    else:
+        gates = scores.gather(-1, indices)
+        if cfg.normalize_gates and cfg.router != "norm":
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+    balance_scores = scores / scores.sum(dim=-1, keepdim=True) if cfg.router == "sigmoid" else scores
+    # NormRouter's ReLU zeroes experts; a token with fewer than k positive scores fills its remaining
+    # slots with zero-gate experts. They must not skew the load counts or take capacity (plan_dispatch).
+    active = gates > 0 if cfg.router == "norm" else None
+    return indices, gates, balance_scores, logits, active
 
 
 def top_k_indices(selection_TM: torch.Tensor, k: int) -> torch.Tensor:
