@@ -8,8 +8,14 @@
 # and combine and the pool's weight gradients: the -fused rows). Every step has its own time limit,
 # appends its output to <out>/steps.log and writes <out>/<step>.json (8 files in all: a device lends
 # back at most 8); a failing step does not stop the others.
+# SET=followup runs the second set instead, in the same 550 s: what docs/benchmarks.md's "waiting for one"
+# table measures by hand, each with its baseline in the same call: the compiled router against the eager
+# one (MoE layer); 182M eager vs compiled (dense, vanilla, UniPool) and through DeepSpeed's engine
+# (ZeRO-1: bf16 weights, fp32 masters); 469M at 32 sequences per micro-batch with the experts
+# recomputed against 16 (UniPool, vanilla), and UniPool with the Triton expert GEMMs.
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]          # default runs/gpu_checks
+#   SET=followup bash benchmarks/gpu_checks.sh OUT   # the second set
 #   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes: checks the plumbing, on CPU too
 #
 # Data: the end-to-end step reads GPT-2-tokenised Shakespeare (byte-level with QUICK) from $DATA_DIR
@@ -24,6 +30,11 @@
 #       annotated-types typing-inspection typing-extensions
 set -uo pipefail
 cd "$(dirname "$0")/.."
+set_name=${SET:-main}
+if [[ $set_name != main && $set_name != followup ]]; then
+    echo "SET must be main or followup, not '$set_name'" >&2
+    exit 2
+fi
 out=${1:-${OUT:-runs/gpu_checks}}
 data=${DATA_DIR:-data_cache}
 mkdir -p "$out"
@@ -58,6 +69,9 @@ if [[ -n ${QUICK:-} ]]; then
     fused=(--tokens 64 --vocab 500 --seq-len 16 --heads 2 --head-dim 8 --ffn 32 --hidden 32 --repeats 1 --warmup 0)
     e2e_182m=(--suite cpu --models vanilla unipool --profile-steps 1 "${tiny[@]}")
     e2e_469m=(--suite cpu --models dense "${tiny[@]}")
+    routing=(--tokens 128 --experts 4 --hidden 32 --ffn 64 --repeats 1 --warmup 1)
+    followup_182m=(--suite cpu --models vanilla unipool-compiled "${tiny[@]}")
+    followup_469m=(--suite cpu --models unipool "${tiny[@]}")
 else
     # the 182M models' expert shape (d 768, width 3072; vanilla 8 experts a layer, UniPool a pool of 96);
     # 8192 rows = one micro-batch of 8 x 1024 tokens at top-1
@@ -75,7 +89,15 @@ else
     # (in call 5 two 469M models fit in the step's 150 s, not three: vanilla last, as calls 4-5 measured it, so that
     # a run cut at the limit still compares UniPool with and without the kernels)
     e2e_469m=(--suite gpu-469m --models unipool unipool-fused vanilla --warmup 2 --steps 3)
+    # SET=followup: the routing half of the MoE layer, eager and compiled, at the MoE layer step's shapes
+    routing=(--tokens 8192 32768 --experts 8 96 --hidden 768 --ffn 3072 --repeats 3 --warmup 1)
+    # each model next to its baseline, in the order the decisions need them (a step cut off keeps the first)
+    followup_182m=(--suite gpu-182m --models vanilla vanilla-compiled unipool unipool-compiled dense dense-compiled
+                   vanilla-zero1 unipool-zero1 --warmup 2 --steps 4)
+    followup_469m=(--suite gpu-469m --models unipool unipool-mb32-recompute vanilla vanilla-mb32-recompute
+                   unipool-triton-gemm --warmup 2 --steps 3)
 fi
+routing+=(--impls ours routing routing_fused routing_norm routing_norm_fused)
 corpus=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${tokenizer}_train"
         --set "data.valid_prefix=$data/shakespeare_${tokenizer}_valid")
 if ! ds_error=$(timeout 30 $python -c "import deepspeed" 2>&1); then
@@ -86,6 +108,14 @@ fi
 step environment 20 $python -c "import torch; print(torch.__version__, torch.version.cuda,
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))
 import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'flash_attn')]"
+if [[ $set_name == followup ]]; then
+    step moe_layer 60 $python benchmarks/moe_layer.py "${routing[@]}" --json "$out/moe_layer.json"
+    step end_to_end_182m 200 $python benchmarks/end_to_end.py "${followup_182m[@]}" "${corpus[@]}" \
+        --json "$out/end_to_end_182m.json"
+    step end_to_end_469m 270 $python benchmarks/end_to_end.py "${followup_469m[@]}" "${corpus[@]}" \
+        --json "$out/end_to_end_469m.json"
+    exit 0
+fi
 # (the cross-entropy test that trains a model needs the `shakespeare` package: it runs on CPU, interpreted)
 step kernels 55 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cross_entropy.py \
     tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py tests/test_permute.py tests/test_rows_gemm.py \

@@ -346,22 +346,42 @@ def test_comm_benchmark_counts_every_token_exchange(data_cache, tmp_path, precis
         assert 0 < row["remote_fraction"] < 1
 
 
-def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path):
-    """The one-call GPU script's plumbing, at tiny sizes on CPU: every step ends 0 and writes its rows."""
+@pytest.mark.parametrize("step_set, checks, measuring", [
+    ("main", ("kernels",), ("grouped_gemm", "pool_gemm", "moe_layer", "triton_kernels", "end_to_end_182m",
+                            "end_to_end_469m")),
+    ("followup", (), ("moe_layer", "end_to_end_182m", "end_to_end_469m")),
+])
+def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path, step_set, checks, measuring):
+    """The one-call GPU script's plumbing, at tiny sizes on CPU, for each of its step sets: every step
+    ends 0 and writes its rows, and nothing else lands in OUT (a device lends back at most 8 files)."""
     from megatron_unipool.data import prepare_default_corpus
 
     prepare_default_corpus("byte", data_cache)
     out = tmp_path / "out"
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)], capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_cache))
+                          text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_cache, SET=step_set))
     assert done.returncode == 0, done.stderr[-2000:]
-    measuring = ("grouped_gemm", "pool_gemm", "moe_layer", "triton_kernels", "end_to_end_182m", "end_to_end_469m")
-    for step in ("environment", "kernels", *measuring):
+    steps = [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("== ") and ": exit " in line]
+    assert steps == [f"== {step}" for step in ("environment", *checks, *measuring)], done.stdout[-3000:]
+    for step in ("environment", *checks, *measuring):
         assert f"== {step}: exit 0" in done.stdout, done.stdout[-3000:]
-    for rows in measuring:
-        assert json.loads((out / f"{rows}.json").read_text())
-    assert all("profile" in row for row in json.loads((out / "end_to_end_182m.json").read_text()))
-    assert sorted(path.name for path in out.iterdir()) == sorted([f"{rows}.json" for rows in measuring] + ["steps.log"])
+    rows = {name: json.loads((out / f"{name}.json").read_text()) for name in measuring}
+    assert all(rows.values())
+    if step_set == "main":
+        assert all("profile" in row for row in rows["end_to_end_182m"])
+    else:  # the router eager and compiled beside the layer; a compiled model beside its baseline
+        assert {row["impl"] for row in rows["moe_layer"]} == {"ours", "routing", "routing_fused", "routing_norm",
+                                                              "routing_norm_fused"}
+        assert [row["name"] for row in rows["end_to_end_182m"]] == ["vanilla", "unipool-compiled"]
+        assert all("error" not in row for step_rows in rows.values() for row in step_rows)
+    assert sorted(path.name for path in out.iterdir()) == sorted([f"{name}.json" for name in measuring] + ["steps.log"])
+
+
+def test_gpu_checks_script_refuses_an_unknown_step_set(tmp_path):
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, SET="follow-up"))
+    assert done.returncode == 2 and "SET must be main or followup, not 'follow-up'" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("script, arguments, message", [
