@@ -91,9 +91,10 @@ else
     e2e_469m=(--suite gpu-469m --models unipool unipool-fused vanilla --warmup 2 --steps 3)
     # SET=followup: the routing half of the MoE layer, eager and compiled, at the MoE layer step's shapes
     routing=(--tokens 8192 32768 --experts 8 96 --hidden 768 --ffn 3072 --repeats 3 --warmup 1)
-    # each model next to its baseline, in the order the decisions need them (a step cut off keeps the first)
-    followup_182m=(--suite gpu-182m --models vanilla vanilla-compiled unipool unipool-compiled dense dense-compiled
-                   vanilla-zero1 unipool-zero1 --warmup 2 --steps 4)
+    # each model next to its baseline, in the order the decisions need them: a step cut off at its limit keeps
+    # the first (182M: about 20 s a model in call 5, more for a compile or DeepSpeed's engine; 469M: about 70 s)
+    followup_182m=(--suite gpu-182m --models vanilla vanilla-compiled unipool unipool-compiled vanilla-zero1
+                   unipool-zero1 dense dense-compiled --warmup 2 --steps 4)
     followup_469m=(--suite gpu-469m --models unipool unipool-mb32-recompute vanilla vanilla-mb32-recompute
                    unipool-triton-gemm --warmup 2 --steps 3)
 fi
@@ -109,10 +110,10 @@ step environment 20 $python -c "import torch; print(torch.__version__, torch.ver
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))
 import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'flash_attn')]"
 if [[ $set_name == followup ]]; then
-    step moe_layer 60 $python benchmarks/moe_layer.py "${routing[@]}" --json "$out/moe_layer.json"
-    step end_to_end_182m 200 $python benchmarks/end_to_end.py "${followup_182m[@]}" "${corpus[@]}" \
+    step moe_layer 40 $python benchmarks/moe_layer.py "${routing[@]}" --json "$out/moe_layer.json"
+    step end_to_end_182m 230 $python benchmarks/end_to_end.py "${followup_182m[@]}" "${corpus[@]}" \
         --json "$out/end_to_end_182m.json"
-    step end_to_end_469m 270 $python benchmarks/end_to_end.py "${followup_469m[@]}" "${corpus[@]}" \
+    step end_to_end_469m 260 $python benchmarks/end_to_end.py "${followup_469m[@]}" "${corpus[@]}" \
         --json "$out/end_to_end_469m.json"
     exit 0
 fi
