@@ -1,6 +1,7 @@
 """model.compile: the blocks' torch.compile graphs against the eager blocks they replace."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,9 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from megatron_unipool.config import load_config
+from megatron_unipool.config import MoEConfig, load_config
 from megatron_unipool.model import LanguageModel
+from megatron_unipool.moe.router import Router
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {kind: REPO / f"configs/tiny_{kind}_cpu.json" for kind in ("dense", "vanilla", "unipool")}
@@ -23,10 +25,6 @@ def fresh_compiler():
     torch._dynamo.utils.counters.clear()  # graphs and graph breaks, which reset() leaves counted
     yield
     torch._dynamo.reset()
-
-
-from megatron_unipool.config import MoEConfig  # noqa: E402
-from megatron_unipool.moe.router import Router  # noqa: E402
 
 
 def twin_models(kind: str, overrides: list[str]) -> tuple[LanguageModel, LanguageModel]:
@@ -75,8 +73,6 @@ def test_compiled_blocks_compute_the_eager_losses_and_gradients(kind, checkpoint
 def test_a_compiled_model_keeps_the_eager_state_dict_and_its_copies_share_the_graphs():
     """Compiling changes no parameter name (checkpoints load either way), and a copy of a compiled model,
     as upcycling and the tools make, runs on the graphs already compiled."""
-    import copy
-
     eager, compiled = twin_models("unipool", [])
     assert list(compiled.state_dict()) == list(eager.state_dict())
     tokens = torch.randint(0, eager.config.vocab_size, (2, eager.config.seq_len + 1), generator=torch.Generator().manual_seed(2))
