@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import pickle
 import struct
 import subprocess
 import sys
@@ -167,6 +168,7 @@ def rewrite_header(prefix: Path, **fields) -> None:
     ({"version": 2}, "unsupported format version 2"),
     ({"dtype": 3}, "unknown dtype code 3"),
     ({"eod": 100}, "eod_id 100 is outside"),
+    ({"vocab": 70000}, "tokens stored as uint16 for a vocabulary of 70000, which needs uint32"),
     ({"total": 8}, "total_tokens=8"),
 ])
 def test_damaged_or_future_headers_are_named(small_dataset_prefix, fields, error):
@@ -350,6 +352,17 @@ def test_hf_tokenizer_adds_no_bos_or_eos_of_its_own(tmp_path):
 def test_hf_tokenizer_prefers_endoftext_as_eod(tmp_path):
     tokenizer = HFTokenizer(word_level_tokenizer(tmp_path / "t.json", ["</s>", "<|endoftext|>"]))
     assert tokenizer.eod_id == 4  # <|endoftext|>, not </s> (3)
+
+
+def test_hf_tokenizer_copy_for_a_worker_keeps_special_token_text_as_data(tmp_path):
+    """Encoding workers started by spawn or forkserver get a pickled tokenizer; the Rust side drops
+    `encode_special_tokens` in pickling, which made text spelling <|endoftext|> a document break
+    there, so the output depended on --workers."""
+    tokenizer = HFTokenizer(save_hf_tokenizer(tmp_path / "tok.json", ["<|endoftext|>"]))
+    text = "a <|endoftext|> b"
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    assert tokenizer.eod_id not in tokenizer.encode(text)
+    assert copy.encode(text) == tokenizer.encode(text)
 
 
 def test_build_tokenizer_specs(tmp_path):
@@ -740,10 +753,12 @@ def test_cli_trains_the_tokenizer_on_every_document(tmp_path, preprocess_main):
 
 
 @pytest.mark.parametrize("extra_args", [["--train-tokenizer-vocab", "300"],
-                                        ["--tokenizer", "byte", "--tokenizer-output", "t.json"], []])
+                                        ["--tokenizer", "byte", "--tokenizer-output", "t.json"], [],
+                                        ["--tokenizer", "byte", "--workers", "0"]])
 def test_cli_contradictory_or_missing_tokenizer_options_are_refused(tmp_path, preprocess_main, extra_args, capsys):
     """--train-tokenizer-vocab without --tokenizer-output, --tokenizer-output with a given tokenizer,
-    or no tokenizer at all: argparse's usage error (exit 2), before anything is read."""
+    no tokenizer at all, or no worker: argparse's usage error (exit 2), before anything is read (or a
+    tokenizer trained)."""
     with pytest.raises(SystemExit) as exit_:
         preprocess_main(["--input", str(tmp_path / "absent.jsonl"), "--output-prefix", str(tmp_path / "c"), *extra_args])
     assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
@@ -755,6 +770,9 @@ def test_cli_contradictory_or_missing_tokenizer_options_are_refused(tmp_path, pr
         ("\n \n", [], r"corpus\.jsonl contains no \(non-blank\) documents"),
         ('{"text": "a"}\n{"text": "b"}\n', ["--valid-fraction", "0.6"], "leaving no training document"),
         ('{"text": "a"}\n{"body": "b"}\n', [], r"corpus\.jsonl:2: missing key 'text'"),
+        # valid JSON and UTF-8, but no tokenizer encodes it: refused in the first pass, not while writing
+        ('{"text": "a"}\n{"text": "b \\ud800"}\n', ["--valid-fraction", "0.5"],
+         r"corpus\.jsonl:2: 'text' holds a lone surrogate \(U\+D800 at character 2\)"),
     ],
 )
 def test_cli_bad_input_errors_and_writes_nothing(tmp_path, preprocess_main, content, extra_args, error):
@@ -764,6 +782,32 @@ def test_cli_bad_input_errors_and_writes_nothing(tmp_path, preprocess_main, cont
     with pytest.raises(ValueError, match=error):
         preprocess_main(argv + extra_args)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_cli_failure_in_the_second_split_replaces_neither(tmp_path, preprocess_main, monkeypatch):
+    """The splits are published together: a failure while writing the validation split (a full disk
+    here) keeps the previous run's train and validation files, not a new train beside an old valid."""
+    corpus = tmp_path / "corpus.jsonl"
+    argv = ["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte",
+            "--valid-fraction", "0.5"]
+    corpus.write_text('{"text": "old train"}\n{"text": "old valid"}\n')
+    preprocess_main(argv)
+    globals_ = preprocess_main.__globals__
+    real = globals_["write_indexed"]
+
+    def disk_full_on_the_second_split(prefix, *args, **kwargs):
+        if "_valid" in str(prefix):
+            raise OSError(28, "No space left on device")
+        return real(prefix, *args, **kwargs)
+
+    monkeypatch.setitem(globals_, "write_indexed", disk_full_on_the_second_split)
+    corpus.write_text('{"text": "new train"}\n{"text": "new valid"}\n')
+    with pytest.raises(OSError, match="No space left"):
+        preprocess_main(argv)
+    assert decoded_documents(tmp_path / "c_train", ByteTokenizer()) == ["old train"]
+    assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == ["old valid"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "c_train.bin", "c_train.idx", "c_valid.bin", "c_valid.idx", "corpus.jsonl"]
 
 
 def test_cli_hands_workers_and_document_counts_on_and_reports_progress(tmp_path, preprocess_main, monkeypatch,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ if importlib.util.find_spec("megatron_unipool") is None:  # run from a checkout,
 from megatron_unipool.data import (
     build_tokenizer,
     holdout_count,
+    publish_indexed,
     read_documents,
+    remove_indexed,
     train_bpe_tokenizer,
     write_indexed,
 )
@@ -68,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--train-tokenizer-vocab needs --tokenizer-output")
     if args.tokenizer_output is not None and args.train_tokenizer_vocab is None:
         parser.error("--tokenizer-output is only used with --train-tokenizer-vocab")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     return args
 
 
@@ -102,12 +107,22 @@ def main(argv: list[str] | None = None) -> None:
              num_documents - num_valid),
             (f"{args.output_prefix}_valid", stream, num_valid),
         ]
-    for prefix, split_documents, count in splits:
-        stats = write_indexed(
-            prefix, tokenizer, split_documents, args.workers, report_every_s=PROGRESS_EVERY_S,
-            expected_documents=count,
-        )
-        print(f"wrote {prefix}.bin/.idx: {stats}", flush=True)
+    # Every split is written under a staging name and all are published together: a failure in the
+    # second never leaves the first beside a split of an earlier run (or of none).
+    staged = []
+    try:
+        for prefix, split_documents, count in splits:
+            staged.append((f"{prefix}.partial-{os.getpid()}", prefix))
+            stats = write_indexed(
+                staged[-1][0], tokenizer, split_documents, args.workers, report_every_s=PROGRESS_EVERY_S,
+                expected_documents=count,
+            )
+            print(f"encoded {prefix}: {stats}", flush=True)
+        publish_indexed(staged)
+    finally:
+        for staging, _ in staged:
+            remove_indexed(staging)
+    print("wrote " + ", ".join(f"{prefix}.bin/.idx" for _, prefix in staged), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@ from megatron_unipool.data.corpus import (
     split_shakespeare,
     write_indexed,
 )
-from megatron_unipool.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megatron_unipool.data.indexed_dataset import (
+    IndexedDataset,
+    IndexedDatasetWriter,
+    publish_indexed,
+    remove_indexed,
+)
 from megatron_unipool.data.samples import TokenSampleDataset
 from megatron_unipool.data.tokenizers import (
     ByteTokenizer,
@@ -36,7 +41,9 @@ __all__ = [
     "holdout_count",
     "play_of",
     "prepare_default_corpus",
+    "publish_indexed",
     "read_documents",
+    "remove_indexed",
     "shakespeare_documents",
     "split_shakespeare",
     "train_bpe_tokenizer",

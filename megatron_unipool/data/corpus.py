@@ -210,6 +210,13 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
             text = record[json_key]
             if not isinstance(text, str):
                 raise ValueError(f"{where}: {json_key!r} holds {type(text).__name__}, expected a string")
+            try:  # JSON escapes can spell a lone surrogate ("\\ud800"), which no tokenizer can encode
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"{where}: {json_key!r} holds a lone surrogate (U+{ord(text[error.start]):04X} at "
+                    f"character {error.start}), which is not encodable text"
+                ) from error
             yield text
 
 

@@ -64,6 +64,33 @@ def _temporary_sibling(path: Path) -> Path:
     return temporary
 
 
+def _publish(pairs: Sequence[tuple[tuple[Path, Path], str | os.PathLike]]) -> None:
+    """Rename finished ``(.bin, .idx)`` files onto their target prefixes.
+
+    Every stale target index is dropped first: a crash between the renames then
+    leaves a missing ``.idx``, which fails loudly, never a pair (or two splits)
+    from different runs.
+    """
+    targets = [_paths(prefix) for _, prefix in pairs]
+    for _, idx_path in targets:
+        idx_path.unlink(missing_ok=True)
+    for (bin_source, idx_source), (bin_path, idx_path) in zip((files for files, _ in pairs), targets):
+        os.replace(bin_source, bin_path)
+        os.replace(idx_source, idx_path)
+
+
+def publish_indexed(moves: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> None:
+    """Moves finished datasets (source prefix, target prefix) into place together, e.g. a train and a
+    validation split written under staging names, so a failure in either leaves neither replaced."""
+    _publish([(_paths(source), target) for source, target in moves])
+
+
+def remove_indexed(prefix: str | os.PathLike) -> None:
+    """Deletes ``<prefix>.bin``/``.idx`` where they exist."""
+    for path in _paths(prefix):
+        path.unlink(missing_ok=True)
+
+
 class IndexedDatasetWriter:
     """Streams documents into ``<prefix>.bin``/``.idx``, published atomically.
 
@@ -137,11 +164,7 @@ class IndexedDatasetWriter:
                     f"no documents were added to {self.prefix}; refusing to write an empty dataset"
                 )
             self._write_index(self._idx_tmp)
-            # Drop a stale index first: a crash between the renames then leaves a
-            # pair that fails loudly ("missing .idx") instead of a mismatched pair.
-            self.idx_path.unlink(missing_ok=True)
-            os.replace(self._bin_tmp, self.bin_path)
-            os.replace(self._idx_tmp, self.idx_path)
+            _publish([((self._bin_tmp, self._idx_tmp), self.prefix)])
         finally:
             # No-ops after a successful publish: the temporaries were renamed.
             self._bin_tmp.unlink(missing_ok=True)
@@ -195,6 +218,11 @@ class IndexedDataset:
             )
         if not 0 <= eod_id < vocab_size:
             raise ValueError(f"{self.idx_path}: eod_id {eod_id} is outside the vocabulary [0, {vocab_size})")
+        if _DTYPE_CODES[dtype_code] != _token_dtype(vocab_size):
+            raise ValueError(
+                f"{self.idx_path}: tokens stored as {_DTYPE_CODES[dtype_code].name} for a vocabulary of "
+                f"{vocab_size}, which needs {_token_dtype(vocab_size).name}; the index is damaged"
+            )
         if num_docs == 0:
             raise ValueError(f"{self.idx_path}: holds no documents")
         expected_size = _HEADER.size + (num_docs + 1) * _OFFSET_DTYPE.itemsize

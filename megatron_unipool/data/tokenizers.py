@@ -110,6 +110,12 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = max(vocab.values()) + 1  # ids may have gaps: the token count can be below the top id
         self.name = "hf-" + hashlib.sha256(contents).hexdigest()[:12]
 
+    def __setstate__(self, state: dict) -> None:
+        # The Rust tokenizer pickles without `encode_special_tokens`, so a copy sent to a spawned
+        # encoding worker would turn text spelling a special token into a document break.
+        self.__dict__.update(state)
+        self._tokenizer.encode_special_tokens = True
+
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
