@@ -107,7 +107,7 @@ def test_pool_weight_gradient_gemm_compiles_to_tensor_cores_fed_by_16_byte_copie
                   dict(a_base="*bf16", a_offsets="*i64", b_base="*bf16", b_offsets="*i64", starts_ptr="*i64",
                        counts_ptr="*i64", out_ptr="*fp32", calls="i32", experts="i32", N="i32", K="i32"),
                   dict(ALIGN=segmented_gemm.ALIGN_BYTES // 2, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-                       UPCAST=False), ("N", "K"), warps, stages)
+                       UPCAST=False, IEEE=False), ("N", "K"), warps, stages)
              for block_n, block_k, block_r, warps, stages in segmented_gemm.GPU_TILES]
     for tile, result in zip(segmented_gemm.GPU_TILES, compile_kernels(specs)):
         assert result["wgmma_bf16"] and result["async_copies"] and not result["two_byte_loads"], tile
@@ -136,6 +136,63 @@ def test_expert_gemms_for_few_rows_compile_to_tensor_cores_fed_by_16_byte_copies
         assert result["wgmma_bf16"] and result["async_copies"] and not result["two_byte_loads"], label
 
 
+def fp32_gemm_specs(ieee: bool) -> list[dict]:
+    """The expert GEMMs with fp32 operands (train.precision=fp32), first tile: the pool's weight gradient,
+    and the few-rows forward."""
+    segmented_gemm, rows_gemm = kernels_module("segmented_gemm"), kernels_module("rows_gemm")
+    block_n, block_k, block_r, warps, stages = segmented_gemm.GPU_TILES[0]
+    segmented = spec("segmented_gemm", "_segmented_at_b_kernel",
+                     dict(a_base="*fp32", a_offsets="*i64", b_base="*fp32", b_offsets="*i64", starts_ptr="*i64",
+                          counts_ptr="*i64", out_ptr="*fp32", calls="i32", experts="i32", N="i32", K="i32"),
+                     dict(ALIGN=segmented_gemm.ALIGN_BYTES // 4, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+                          UPCAST=False, IEEE=ieee), ("N", "K"), warps, stages)
+    block_n, block_k, block_s, warps, stages = rows_gemm.GPU_TILES[0]
+    types = {name: "*fp32" for name in ("a_ptr", "b_ptr", "a2_ptr", "b2_ptr", "out_ptr")}
+    types.update({name: "i32" for name in ("experts", "N", "K", "K2", "stride_be", "stride_bn", "stride_b2e",
+                                            "stride_b2n", "rows_bucket")}, ends_ptr="*i64")
+    rows = spec("rows_gemm", "_rows_grouped_mm_kernel", types,
+                dict(stride_bk=1, stride_b2k=1, PAIR=False, EXPERTS_P2=128, IEEE=ieee, BLOCK_N=block_n,
+                     BLOCK_K=block_k, BLOCK_S=block_s, UPCAST=False), (), warps, stages)
+    return [segmented, rows]
+
+
+def test_fp32_expert_gemms_multiply_in_full_fp32_not_tf32():
+    """Triton's tl.dot rounds fp32 operands to TF32 by default; the expert GEMMs pass IEEE for fp32 so
+    that train.precision=fp32 with model.expert_gemm=triton computes what torch's fp32 GEMMs do (TF32 stays
+    opt-in, as moe.router_tf32). The interpreter ignores the precision: only the compiled code shows it."""
+    assert [result["tf32_mma"] for result in compile_kernels(fp32_gemm_specs(ieee=False))] == [True, True]
+    assert [result["tf32_mma"] for result in compile_kernels(fp32_gemm_specs(ieee=True))] == [False, False]
+
+
+class RecordedLaunches:
+    """Stands in for a Triton kernel (`kernel[grid](...)`), recording each launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_expert_gemms_ask_for_full_fp32_exactly_when_the_operands_are_fp32(dtype, triton_runs, monkeypatch):
+    import torch
+
+    segmented_gemm, rows_gemm = kernels_module("segmented_gemm"), kernels_module("rows_gemm")
+    recorded = {}
+    for module, name in ((segmented_gemm, "_segmented_at_b_kernel"), (rows_gemm, "_rows_grouped_mm_kernel")):
+        recorded[name] = RecordedLaunches(getattr(module, name))
+        monkeypatch.setattr(module, name, recorded[name])
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    rows = torch.randn(6, 16).to(torch_dtype)
+    segmented_gemm.segmented_weight_gradient([rows], [rows], torch.tensor([[2, 4]]))
+    rows_gemm.rows_grouped_mm(rows, torch.randn(2, 16, 16).to(torch_dtype), torch.tensor([2, 6]))
+    assert [launch["IEEE"] for r in recorded.values() for launch in r.launches] == [dtype == "fp32"] * 2
+
+
 def _compile_for_hopper(item: dict) -> dict:
     """In the child process: one spec compiled for sm_90, and what its PTX holds."""
     import triton
@@ -154,7 +211,8 @@ def _compile_for_hopper(item: dict) -> dict:
                               options={"num_warps": item["warps"], "num_stages": item["stages"]})
     ptx = compiled.asm["ptx"]
     return {"cubin_bytes": len(compiled.asm["cubin"]), "wgmma_bf16": "wgmma.mma_async" in ptx and ".bf16.bf16" in ptx,
-            "async_copies": "cp.async.cg.shared.global" in ptx, "two_byte_loads": "ld.global.b16" in ptx}
+            "async_copies": "cp.async.cg.shared.global" in ptx, "two_byte_loads": "ld.global.b16" in ptx,
+            "tf32_mma": ".tf32" in ptx}
 
 
 if __name__ == "__main__":

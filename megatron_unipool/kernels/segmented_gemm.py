@@ -15,7 +15,7 @@ A pool shared by L layers (UniPool) otherwise regroups the layers' operands expe
 buffer per operand before one `torch._grouped_mm` per weight (kernels/grouped_gemm.py), a copy of
 every operand. Each program computes one [BLOCK_N, BLOCK_K] tile of one expert's gradient, walking
 that expert's row segment in every call in turn, accumulating in fp32: the sum over the calls is
-rounded once, to fp32.
+rounded once, to fp32. fp32 operands are multiplied in full fp32 ("ieee"), not TF32 (Triton's default).
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def segmented_weight_gradient(a_calls: list[torch.Tensor], b_calls: list[torch.T
         return triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), experts
 
     _segmented_at_b_kernel[grid](a_calls[0], _offsets(a_calls), b_calls[0], _offsets(b_calls), starts_CM, counts_CM,
-                                 out, calls, experts, n, k, ALIGN=ALIGN_BYTES // a_calls[0].element_size())
+                                 out, calls, experts, n, k, ALIGN=ALIGN_BYTES // a_calls[0].element_size(),
+                                 IEEE=a_calls[0].dtype == torch.float32)
     return out
 
 
@@ -74,7 +75,7 @@ if triton is not None:  # the kernel exists only where Triton does
     def _segmented_at_b_kernel(a_base, a_offsets, b_base, b_offsets, starts_ptr, counts_ptr, out_ptr,
                                calls, experts, N, K, ALIGN: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                               UPCAST: tl.constexpr):
+                               UPCAST: tl.constexpr, IEEE: tl.constexpr):
         tile, expert = tl.program_id(0), tl.program_id(1)
         tiles_k = tl.cdiv(K, BLOCK_K)
         cols_n = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,6 +97,9 @@ if triton is not None:  # the kernel exists only where Triton does
                             mask=in_segment[:, None] & (cols_k < K)[None, :], other=0.0)
                 if UPCAST:
                     a, b = a.to(tl.float32), b.to(tl.float32)
-                total += tl.dot(tl.trans(a), b)
+                if IEEE:
+                    total = tl.dot(tl.trans(a), b, total, input_precision="ieee")
+                else:
+                    total = tl.dot(tl.trans(a), b, total)
         out = out_ptr + expert.to(tl.int64) * N * K + cols_n[:, None] * K + cols_k[None, :]
         tl.store(out, total, mask=(cols_n < N)[:, None] & (cols_k < K)[None, :])
