@@ -108,6 +108,38 @@ def test_save_keeps_the_last_n_and_points_latest_at_the_newest(tmp_path):
     assert torch.load(latest_checkpoint(tmp_path) / "state.pt")["w"].tolist() == [9.0, 9.0]
 
 
+def test_a_kill_while_a_step_is_saved_again_keeps_the_checkpoint_latest_names(tmp_path, monkeypatch):
+    """A run that went back saves the step `latest` names again: the old checkpoint was deleted before the
+    new one took its name, so a kill in between left `latest` naming nothing. Now it is set aside and
+    resumed from until the swap is done; a finished save leaves nothing of it."""
+    save_checkpoint(tmp_path, 4, {"w": torch.full((2,), 4.0)}, keep_last=2)
+    real_replace = os.replace
+
+    def killed_before_the_new_checkpoint_is_renamed(source, target):
+        if Path(source).name == ".step_0000004.tmp":
+            raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_new_checkpoint_is_renamed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 4, {"w": torch.full((2,), 9.0)}, keep_last=2)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert torch.load(latest_checkpoint(tmp_path) / "state.pt")["w"].tolist() == [4.0, 4.0]
+    save_checkpoint(tmp_path, 4, {"w": torch.full((2,), 9.0)}, keep_last=2)
+    assert torch.load(latest_checkpoint(tmp_path) / "state.pt")["w"].tolist() == [9.0, 9.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000004"]
+
+
+@pytest.mark.parametrize("content, error", [(b"\xff\xfe", "latest is damaged: not text"),
+                                            (b"", "latest is damaged: it holds '', not the name of a step_"),
+                                            (b"../elsewhere", "latest is damaged: it holds '../elsewhere'")])
+def test_a_damaged_latest_pointer_is_named(tmp_path, content, error):
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(1)}, keep_last=1)
+    (tmp_path / "latest").write_bytes(content)
+    with pytest.raises(CheckpointError, match=error):
+        latest_checkpoint(tmp_path)
+
+
 def test_pruning_orders_steps_by_number_and_never_deletes_the_new_checkpoint(tmp_path):
     """By name, step_10000000 sorts before step_9999999, and higher steps left by an earlier run sort
     after the one just written: either way the new checkpoint was deleted and `latest` dangled."""

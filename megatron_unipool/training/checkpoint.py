@@ -91,14 +91,24 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
+    replaced = _replaced(final)
+    if final.exists():  # a run that went back saves this step again; `latest` may name it: set it aside, not delete
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(temporary, final)
     _fsync_directory(directory)
     _fsync_write(directory / f".{LATEST}.tmp", name.encode())
     os.replace(directory / f".{LATEST}.tmp", directory / LATEST)
     _fsync_directory(directory)
+    shutil.rmtree(replaced, ignore_errors=True)
     _prune(directory, final, keep_last)
     return final
+
+
+def _replaced(checkpoint: Path) -> Path:
+    """Where a save of the same step keeps the checkpoint it replaces until `latest` is updated: a kill
+    between its two renames leaves `latest` naming a missing step, which resumes from here."""
+    return checkpoint.with_name(f".{checkpoint.name}.old")
 
 
 def _prune(directory: Path, written: Path, keep_last: int) -> None:
@@ -112,7 +122,7 @@ def _prune(directory: Path, written: Path, keep_last: int) -> None:
                if p.is_dir() and (m := _STEP_DIRECTORY.fullmatch(p.name)) and int(m.group(1)) < step]
     for _, old in sorted(earlier)[:max(0, len(earlier) - (keep_last - 1))]:
         shutil.rmtree(old)
-    for unfinished in directory.glob(".step_*.tmp"):
+    for unfinished in (*directory.glob(".step_*.tmp"), *directory.glob(".step_*.old")):
         shutil.rmtree(unfinished, ignore_errors=True)
 
 
@@ -142,8 +152,16 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
     pointer = directory / LATEST
     if not pointer.is_file():
         return None
-    path = directory / pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{pointer} is damaged: not text ({error.reason} at byte {error.start})") from error
+    if not _STEP_DIRECTORY.fullmatch(name):
+        raise CheckpointError(f"{pointer} is damaged: it holds {name[:80]!r}, not the name of a step_* directory")
+    path = directory / name
     if not (path / "state.pt").is_file():
+        if (_replaced(path) / "state.pt").is_file():  # killed while a save of the same step swapped it
+            return _replaced(path)
         raise CheckpointError(f"{pointer} names {path.name}, which has no state.pt")
     return path
 
