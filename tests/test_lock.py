@@ -78,6 +78,20 @@ def test_phases_follow_the_config():
     assert offsets[6].tolist() == [-math.inf, 0.0, -math.inf, 0.0]
 
 
+def test_a_hard_lock_stays_hard_when_the_step_count_starts_over():
+    """An upcycled run restarts at step 0 with its source's hard lock: reaching lock_start again must not
+    anneal it back to finite penalties (found after upcycling: -inf became -2.5, -7.5, -10)."""
+    config = MoEConfig(kind="unipool", lock_start_step=4, lock_window_steps=2, lock_anneal_steps=2, lock_penalty=6.0)
+    lock = PoolLock(config, 2, 4)
+    for step in range(1, 8):
+        lock.end_step(step, torch.tensor([[3, 0, 3, 0], [0, 2, 0, 2]]))
+    hard = [[0.0, -math.inf, 0.0, -math.inf], [-math.inf, 0.0, -math.inf, 0.0]]
+    assert lock.offset.tolist() == hard
+    for step in range(1, 8):  # the continued run
+        lock.end_step(step, torch.tensor([[0, 5, 0, 5], [5, 0, 5, 0]]))
+        assert lock.offset.tolist() == hard and lock.owner.tolist() == [0, 1, 0, 1]
+
+
 def test_assignment_waits_for_an_applied_step_when_the_one_at_lock_start_was_skipped():
     """The trainer calls end_step only for applied updates: skipping step 4 must delay the
     assignment to step 5, not leave every expert unowned and so masked for every layer."""

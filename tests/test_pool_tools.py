@@ -71,6 +71,9 @@ def trained(tmp_path_factory, data_cache):
                                   "moe.lock_window_steps=5", "moe.lock_anneal_steps=5"]),
         "capacity_top1": ("unipool", ["moe.router=softmax", "moe.normalize_gates=true", "moe.top_k=1",
                                       "moe.capacity_factor=1.25"]),
+        # selection by probability + the balancing bias, which 30 steps move far enough to reorder experts
+        "softmax_bias_top1": ("unipool", ["moe.router=softmax", "moe.normalize_gates=true", "moe.top_k=1",
+                                          "moe.bias_balancing=true"]),
     }
     out = {}
     for name, (kind, overrides) in runs.items():
@@ -81,7 +84,7 @@ def trained(tmp_path_factory, data_cache):
     return out
 
 
-@pytest.mark.parametrize("name", ["softmax_top1", "norm_top1", "vanilla_top1", "raw_softmax_top1"])
+@pytest.mark.parametrize("name", ["softmax_top1", "norm_top1", "vanilla_top1", "raw_softmax_top1", "softmax_bias_top1"])
 def test_uniform_top1_upcycling_keeps_the_function(trained, name):
     config, payload, _ = trained[name]
     result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2, noise=0.0)
@@ -157,6 +160,11 @@ def test_locked_pool_upcycles_and_keeps_the_function(trained):
     with torch.no_grad():
         expected, actual = model_from(config, payload["model"])(batch[:, :-1])[0], grown(batch[:, :-1])[0]
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # a source not yet assigned: the continued run (its step count restarted) sums a routing window of its own
+    unassigned = dict(payload["model"], **{"pool_locks.0.owner": torch.full_like(owner, -1),
+                                           "pool_locks.0.offset": torch.zeros_like(payload["model"]["pool_locks.0.offset"])})
+    early = upcycle(config, unassigned, payload["optimizer"], multiplier=2)
+    assert payload["model"]["pool_locks.0.mass"].any() and not early.model_state["pool_locks.0.mass"].any()
 
 
 def test_capacity_upcycling_keeps_each_experts_slots(trained):
@@ -291,6 +299,14 @@ def test_dense_to_vanilla_upcycling_keeps_the_function(data_cache):
         expected = model_from(dense, dense_state)(batch[:, :-1])[0]
         actual = model_from(result.config, result.model_state)(batch[:, :-1])[0]
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # a shared expert is a new always-on branch: it starts at 0 so the function is kept
+    shared = small_config(data_cache, "vanilla", "moe.router=softmax", "moe.normalize_gates=true", "moe.top_k=2",
+                          "moe.expert_ffn_hidden_size=128", "moe.num_experts=4", "moe.shared_expert_ffn_hidden_size=64")
+    with_shared = upcycle_dense(dense, dense_state, shared)
+    with torch.no_grad():
+        actual = model_from(with_shared.config, with_shared.model_state)(batch[:, :-1])[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert with_shared.model_state["layers.0.ffn.shared_expert.w_gate.weight"].std() > 0  # initialised as usual
     mismatched = small_config(data_cache, "vanilla", "moe.expert_ffn_hidden_size=64")
     with pytest.raises(ValueError, match="expert width 64 must equal the dense FFN width 128"):
         upcycle_dense(dense, dense_state, mismatched)
@@ -320,6 +336,10 @@ def test_dense_to_unipool_pool_experts_copy_the_moe_layers_in_turn(data_cache):
     # layers 0 and 2 stay dense and copy the dense FFNs, so their width must match too
     (["moe.moe_layer_interval=2", "model.ffn_hidden_size=256", "moe.expert_ffn_hidden_size=128"],
      "model.ffn_hidden_size: dense 128 vs target 256"),
+    # gates not summing to 1 (relative error of the FFN output 0.44-0.46 when these were accepted), or drops
+    (["moe.router=sigmoid", "moe.normalize_gates=false"], "sigmoid gates .* set moe.normalize_gates=true"),
+    (["moe.router=norm", "moe.normalize_gates=false"], "NormRouter gates are scaled scores that do not sum to 1"),
+    (["moe.capacity_factor=1.5"], "moe.capacity_factor drops the tokens over an expert's capacity"),
 ])
 def test_dense_upcycling_refuses_a_target_computing_another_function(data_cache, overrides, message):
     dense = small_config(data_cache, "dense")
@@ -456,6 +476,11 @@ def test_upcycle_cli_hands_every_option_to_the_library(trained, tmp_path, monkey
     assert calls["expert_utility"][2] == "weight_x_grad"
     multiplier, selection, utility, *rest = calls["upcycle"][3:]
     assert (multiplier, selection, rest) == (3, "utility", [0.05, "copy", 7]) and utility is not None
+    # softmax_top2 has no bias balancing: the routers never read the noise, which the tool says
+    assert "warning: --noise has no effect" in capsys.readouterr().err
+    assert tool.main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "balanced"), "--noise", "0.05",
+                      "--set", "moe.bias_balancing=true"]) == 0
+    assert "--noise" not in capsys.readouterr().err
 
 
 # ---- routing probe (tools/routing_probe.py): shares the trained checkpoints above ----

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection", choices=["uniform", "utility"], default="uniform")
     parser.add_argument("--utility-score", choices=["grad_sq", "weight_x_grad"], default="grad_sq")
     parser.add_argument("--utility-batches", type=int, default=8, help="training batches the utility is averaged over")
-    parser.add_argument("--noise", type=float, default=1e-3, help="U(-noise, noise) on the replicas' selection bias")
+    parser.add_argument("--noise", type=float, default=1e-3,
+                        help="U(-noise, noise) on the replicas' selection bias (read only with moe.bias_balancing)")
     parser.add_argument("--optimizer", choices=["reset", "copy"], default="reset", help="AdamW state of the result")
     parser.add_argument("--to-config", type=Path, help="dense source: the MoE config to upcycle into")
     parser.add_argument("--seed", type=int, default=0)
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         result.config.checkpoint.resume, result.config.checkpoint.load = True, None  # the launcher starts from our checkpoint
         new_config = config_from_dict(apply_overrides(config_to_dict(result.config), args.overrides), world_size=None)
         check_fits(new_config, result.model_state, "after --set, the upcycled weights")  # a --set changing shapes
+        if config.moe.kind != "dense" and args.noise != parser.get_default("noise") and not new_config.moe.bias_balancing:
+            print("warning: --noise has no effect: routers read the selection bias only with moe.bias_balancing, off in"
+                  " the written config (the replicas' router rows separate through the aux loss's gradients)",
+                  file=sys.stderr)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -79,13 +79,17 @@ class PoolLock(nn.Module):
         start = cfg.lock_start_step
         if start - cfg.lock_window_steps <= step - 1 < start:
             self.mass += counts_LM.to(self.mass)
-        if step >= start and bool((self.owner < 0).any()):  # at lock_start, or after it if that update was skipped
+        if step < start:
+            return
+        unassigned, hard = torch.stack([(self.owner < 0).any(), torch.isinf(self.offset).any()]).tolist()
+        if hard:  # final: an upcycled run restarts its step count with the lock in place and must not anneal again
+            return
+        if unassigned:  # at lock_start, or after it if that update was skipped
             self.owner.copy_(torch.from_numpy(solve_assignment(self.mass.cpu().numpy())))
-        if step >= start:
-            progress = (step - start + 1) / cfg.lock_anneal_steps if cfg.lock_anneal_steps else math.inf
-            penalty = HARD if progress > 1 else cfg.lock_penalty * (1 - math.cos(math.pi * progress)) / 2
-            layers = torch.arange(self.offset.shape[0], device=self.owner.device).unsqueeze(1)
-            self.offset.copy_(torch.where(self.owner.unsqueeze(0) != layers, -penalty, 0.0))
+        progress = (step - start + 1) / cfg.lock_anneal_steps if cfg.lock_anneal_steps else math.inf
+        penalty = HARD if progress > 1 else cfg.lock_penalty * (1 - math.cos(math.pi * progress)) / 2
+        layers = torch.arange(self.offset.shape[0], device=self.owner.device).unsqueeze(1)
+        self.offset.copy_(torch.where(self.owner.unsqueeze(0) != layers, -penalty, 0.0))
 
 
 def cardinality_entropy_loss(scores_TM: torch.Tensor, target_experts: float, coeff: float) -> torch.Tensor:

@@ -25,8 +25,12 @@ gives ties to the lower index (the source), so a source keeps its tokens and its
 replicas belong to their source's layer.
 Exact (the source's logits): uniform replication and top-1, with any router and gating, dropless or
 capacity, before or after a lock (not during NormRouter's anneal: its penalty, added to logits of
-unit norm, weighs sqrt(m) more once they shrink); the noise only reorders a source and its copies
-unless bias balancing is on, where it can also reorder experts whose selection scores are within it.
+unit norm, weighs sqrt(m) more once they shrink). The selection bias, and so the noise, is read only
+with bias balancing on (without it the replicas' router rows separate through the aux loss's
+gradients): there the noise reorders a source and its copies, and experts whose selection scores
+are within it. Softmax routers select by probability + bias; the probabilities shrink by m, so the
+copied biases are divided by m (exact under uniform replication, about right under utility
+selection, as w_down's factor).
 Not exact: top-k > 1, where a source and its copies tie for a token's k slots (the token gets one
 expert's output twice instead of its second choice): the loss moved by about +0.02 to +0.12 on the
 tiny test model, depending on the router, far below a fresh model's gap (tests/test_pool_tools.py).
@@ -154,6 +158,8 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
     new_config = upcycled_config(config, multiplier * old_experts)
     # raw softmax gates: p_e = exp(z_e) / sum_j r_j exp(z_j), p_e / m under uniform replication; w_down * m undoes it
     down_scale = float(multiplier) if raw_softmax_gates(config) else 1.0
+    # a softmax router selects by probability + bias: the probabilities shrink by m, so must the copied biases
+    bias_scale = 1.0 / multiplier if config.moe.router == "softmax" else 1.0
     generator = torch.Generator().manual_seed(seed)
     state = dict(model_state)
     rename: dict[str, list[int]] = {}  # tensors indexed along dim 0 by expert -> sources
@@ -162,15 +168,18 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
         for w in ExpertPool.WEIGHTS:
             rename[f"expert_pools.{p}.{w}"] = source
         if f"pool_locks.{p}.owner" in model_state:  # UniPool-lock: a replica belongs to its source's layer
-            state[f"pool_locks.{p}.owner"] = model_state[f"pool_locks.{p}.owner"][index].clone()
+            owner = model_state[f"pool_locks.{p}.owner"]
+            state[f"pool_locks.{p}.owner"] = owner[index].clone()
             for buffer in ("mass", "offset"):  # [layers, experts]
                 state[f"pool_locks.{p}.{buffer}"] = model_state[f"pool_locks.{p}.{buffer}"][:, index].clone()
+            if (owner < 0).any():  # not assigned yet: the continued run, its step count restarted, sums a window of its own
+                state[f"pool_locks.{p}.mass"].zero_()
         state[f"pool_stats.{p}.load_fraction"] = torch.zeros(len(source))  # f_bar of the old pool no longer applies
         state[f"pool_stats.{p}.has_load_fraction"] = torch.zeros((), dtype=torch.bool)
         for layer in layers:
             prefix = f"layers.{layer}.ffn.router"
             rename[f"{prefix}.weight"] = source
-            bias = model_state[f"{prefix}.expert_bias"][index].clone()
+            bias = model_state[f"{prefix}.expert_bias"][index] * bias_scale
             bias[old_experts:] += (torch.rand(len(source) - old_experts, generator=generator) * 2 - 1) * noise
             state[f"{prefix}.expert_bias"] = bias
             if config.moe.router == "norm":
@@ -203,9 +212,10 @@ def _norm_router_rescale(old: Config, new: Config, source: list[int]) -> float:
 
 def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], target: Config) -> Upcycled:
     """Dense -> MoE: the target's experts copy the dense FFNs; routers and everything else that the
-    dense model lacks keep the target's initialisation. Vanilla: layer i's experts copy layer i's
-    FFN (with gates summing to 1 this is exactly the dense model; raw softmax gates are refused).
-    UniPool: pool expert j copies the FFN of the j-th MoE layer taken in turn."""
+    dense model lacks keep the target's initialisation, except a shared expert's output projection,
+    zero. Vanilla: layer i's experts copy layer i's FFN, exactly the dense model where every token's
+    gates sum to 1 and none is dropped (other targets are refused). UniPool: pool expert j copies the
+    FFN of the j-th MoE layer taken in turn."""
     if dense_config.moe.kind != "dense":
         raise ValueError(f"upcycle_dense() needs a dense checkpoint, not moe.kind={dense_config.moe.kind!r}")
     # every model field the copied weights compute with (seq_len may differ: RoPE angles depend on the position
@@ -219,11 +229,23 @@ def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], ta
     width = target.moe.expert_width(target.model.ffn_hidden_size)
     if width != dense_config.model.ffn_hidden_size:
         problems.append(f"expert width {width} must equal the dense FFN width {dense_config.model.ffn_hidden_size}")
-    if target.moe.kind == "dense":
+    moe = target.moe
+    if moe.kind == "dense":
         problems.append("the target config must be vanilla or unipool")
-    elif raw_softmax_gates(target):  # copies of one FFN compute it only if a token's gates sum to 1
+    # copies of one FFN compute it only if every token's gates sum to 1 and no token is dropped
+    elif raw_softmax_gates(target):
         problems.append("raw softmax gates (moe.router=softmax, softmax_before_topk, no normalize_gates) scale each token's"
                         " FFN output by its top-k probability: set moe.normalize_gates=true or moe.softmax_before_topk=false")
+    elif moe.router == "sigmoid" and not moe.normalize_gates:
+        problems.append("sigmoid gates (no normalize_gates) scale each token's FFN output by their sum: set"
+                        " moe.normalize_gates=true")
+    elif moe.router == "norm":
+        problems.append("NormRouter gates are scaled scores that do not sum to 1, so they would scale each token's FFN"
+                        " output: upcycle into moe.router=softmax (with moe.normalize_gates=true or"
+                        " moe.softmax_before_topk=false) or moe.router=sigmoid with moe.normalize_gates=true")
+    if moe.kind != "dense" and moe.capacity_factor is not None:
+        problems.append("moe.capacity_factor drops the tokens over an expert's capacity (their FFN output becomes 0):"
+                        " upcycle into a dropless config, and set the capacity for the continued run")
     if problems:
         raise ValueError("the dense checkpoint cannot be upcycled into this config:\n  " + "\n  ".join(problems))
     torch.manual_seed(target.train.seed)
@@ -242,4 +264,6 @@ def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], ta
         if not target.moe.is_moe_layer(i):
             for w in ExpertPool.WEIGHTS:
                 state[f"layers.{i}.ffn.{w}.weight"] = dense_state[f"layers.{i}.ffn.{w}.weight"].clone()
+        elif moe.shared_expert_ffn_hidden_size:  # a new always-on branch: it starts at 0 and grows from the first step
+            state[f"layers.{i}.ffn.shared_expert.w_down.weight"].zero_()
     return Upcycled(copy.deepcopy(target), state, {}, sources)
