@@ -118,10 +118,13 @@ def test_learning_rate_warms_up_linearly_then_decays_on_a_cosine():
 
     train = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, max_steps=12)
     assert [learning_rate(step, train) for step in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
-    assert learning_rate(4, train) == pytest.approx(1e-3)  # the cosine starts at its top
-    assert learning_rate(8, train) == pytest.approx(5.5e-4)  # halfway: the mean of lr and min_lr
-    assert learning_rate(6, train) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi / 4)))
-    assert learning_rate(12, train) == pytest.approx(1e-4) and learning_rate(20, train) == pytest.approx(1e-4)
+    # steps 4..11 decay over 8 steps, as Megatron's (step + 1 - warmup) / (max - warmup): lr once, not twice,
+    # and min_lr at the last step the run takes (11), not after it
+    assert learning_rate(4, train) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi / 8)))
+    assert learning_rate(7, train) == pytest.approx(5.5e-4)  # halfway: the mean of lr and min_lr
+    assert learning_rate(11, train) == pytest.approx(1e-4) and learning_rate(20, train) == pytest.approx(1e-4)
+    # a run one step longer than its warmup still decays
+    assert learning_rate(20, TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20, max_steps=21)) == pytest.approx(1e-4)
 
 
 def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):

@@ -40,11 +40,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig, groups: list[dict] | 
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    """The rate of optimizer step `step` (0-based; Megatron counts it step + 1): linear warmup reaching lr at
+    the last warmup step, then cosine decay reaching min_lr at the last step, max_steps - 1."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     decay_steps = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    progress = min(1.0, (step + 1 - config.warmup_steps) / decay_steps)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
