@@ -21,7 +21,7 @@ def tiny_config(data_cache):
 
     def make(config_file="configs/tiny_unipool_cpu.json", *overrides):
         base = [f"data.cache_dir={data_cache}", "logging.tensorboard=false", "model.seq_len=64",
-                "train.global_batch=8", "train.micro_batch=4", "train.eval_batches=2", "checkpoint.save_interval=0"]
+                "train.global_batch=8", "train.micro_batch=4", "train.eval_batches=1", "checkpoint.save_interval=0"]
         return load_config(config_file, base + list(overrides))
 
     return make

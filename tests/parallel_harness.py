@@ -26,7 +26,7 @@ from megatron_unipool.training.distributed import gather_full_tensors
 # small enough for 8 processes on 2 cores; heads, layers, vocabulary and pool divide by 2 and 4
 BASE = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=128",
         "model.seq_len=32", "train.global_batch=8", "train.micro_batch=2", "train.warmup_steps=1",
-        "train.eval_batches=2", "train.eval_interval=0", "logging.tensorboard=false", "checkpoint.save_interval=0",
+        "train.eval_batches=1", "train.eval_interval=0", "logging.tensorboard=false", "checkpoint.save_interval=0",
         "checkpoint.resume=false", "train.lr=0.003"]
 
 

@@ -377,7 +377,12 @@ def test_deepspeed_config_file_is_checked_at_load_time(tmp_path):
     broken.write_text('{"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5, "x": 1}')
     config = load_config(None, enabled + [f"deepspeed.config_file={broken}"])
     merged = deepspeed_config(config, micro_batches=1)
-    assert merged["zero_optimization"] == {"reduce_bucket_size": 1000, "stage": 0} and merged["x"] == 1
+    assert merged["zero_optimization"] == {"reduce_bucket_size": 1000, "stage": 0, "compute_grad_norm": True}
+    assert merged["x"] == 1
+    broken.write_text('{"bfloat16": {"immediate_grad_update": true}}')  # the old name's options reach bf16
+    merged = deepspeed_config(load_config(None, enabled + [f"deepspeed.config_file={broken}"]), micro_batches=1)
+    assert merged["bf16"] == {"enabled": False, "check_grad_overflow": True, "immediate_grad_update": True}
+    assert "bfloat16" not in merged
     broken.write_text("{")  # changed after loading: the engine's read names it too
     with pytest.raises(ConfigError, match=r"deepspeed.config_file .*ds\.json is not valid JSON"):
         deepspeed_config(config, micro_batches=1)
@@ -390,7 +395,8 @@ def test_generated_deepspeed_config_follows_precision_and_clips_once():
 
     fp32 = load_config(REPO / "configs/tiny_unipool_cpu.json", ["deepspeed.enabled=true", "deepspeed.zero_stage=0"])
     generated = deepspeed_config(fp32, micro_batches=1)
-    assert generated["gradient_clipping"] == 0.0 and generated["bf16"] == {"enabled": False}
+    assert generated["gradient_clipping"] == 0.0 and generated["bf16"] == {"enabled": False, "check_grad_overflow": True}
+    assert generated["zero_optimization"] == {"stage": 0, "compute_grad_norm": True}
     zero1 = load_config(REPO / "configs/tiny_unipool_cpu.json", ["deepspeed.enabled=true", "deepspeed.zero_stage=1"])
     assert deepspeed_config(zero1, micro_batches=1)["gradient_clipping"] == zero1.train.grad_clip == 1.0
 
@@ -401,6 +407,15 @@ def test_generated_deepspeed_config_follows_precision_and_clips_once():
     ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9]}}}, "fp32", "optimizer.params.betas"),
     ({"optimizer": {"type": "AdamW", "params": {"eps": 0.95}}}, "fp32", "optimizer.params.eps"),
     ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-8}}}, "fp32", None),  # train.adam_eps: agrees
+    # DeepSpeed's old name for bf16 was read only without bf16, which ours always sets: ignored
+    ({"bfloat16": {"enabled": True}}, "fp32", "bf16.enabled"),
+    ({"bfloat16": {"enabled": True}, "bf16": {"enabled": True}}, "bf16", "sets both bf16 and its old name bfloat16"),
+    # a GradScaler the trainer's clipping would run before: a 65536x gradient norm, updates clipped to 1/65536
+    ({"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}, "fp32", "torch_autocast.enabled"),
+    # without them DeepSpeed applied a step with a NaN loss, counted as a healthy one
+    ({"bf16": {"check_grad_overflow": False}}, "bf16", "bf16.check_grad_overflow (the trainer skips steps"),
+    ({"zero_optimization": {"compute_grad_norm": False}}, "fp32", "zero_optimization.compute_grad_norm (the trainer"),
+    ({"bf16": {"check_grad_overflow": True, "immediate_grad_update": True}}, "bf16", None),
 ])
 def test_deepspeed_config_file_values_are_compared_with_the_run(tmp_path, content, precision, named):
     (tmp_path / "ds.json").write_text(json.dumps(content))
@@ -422,6 +437,9 @@ def test_home_is_expanded_in_paths(tmp_path, monkeypatch):
                           "deepspeed.config_file=ds.json"])
     assert config.data.cache_dir == str(tmp_path / "home" / "cache")
     assert config.deepspeed.config_file == str(tmp_path / "ds.json")  # relative: to where the command runs
+    # the home of no known user: a config error naming the field, not a traceback from expanduser
+    with pytest.raises(ConfigError, match=r"data.cache_dir='~nosuchuser_x9/cache': Could not determine home"):
+        load_config(REPO / "configs/tiny_unipool_cpu.json", ["data.cache_dir=~nosuchuser_x9/cache"])
 
 
 def test_param_budget_tool_honours_set_names_its_config_and_refuses_bad_ones(capsys):

@@ -610,9 +610,10 @@ def test_deepspeed_config_is_generated_from_train_and_merged(tmp_path):
     assert generated["train_batch_size"] == config.train.global_batch
     assert generated["train_micro_batch_size_per_gpu"] == config.train.micro_batch
     assert generated["gradient_accumulation_steps"] == accumulation
-    assert generated["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # the stage is ours
+    # the stage is ours, and so are the overflow checks the trainer's skipping relies on
+    assert generated["zero_optimization"] == {"stage": 1, "overlap_comm": True, "compute_grad_norm": True}
     assert generated["comms_logger"] == {"enabled": True}
-    assert generated["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert generated["bf16"] == {"enabled": True, "immediate_grad_update": True, "check_grad_overflow": True}
     assert "optimizer" not in generated and "scheduler" not in generated  # the optimizer and schedule are ours
     assert generated["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 gradients summed in fp32 by default
     extra.write_text(json.dumps({"data_types": {"grad_accum_dtype": "bf16"}}))  # unless the file says otherwise

@@ -23,7 +23,7 @@ from script_modules import load_script
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=128",
          "model.seq_len=32", "train.global_batch=8", "train.micro_batch=4", "train.warmup_steps=2",
-         "train.eval_batches=4", "train.eval_interval=0", "logging.tensorboard=false", "checkpoint.save_interval=0",
+         "train.eval_batches=2", "train.eval_interval=0", "logging.tensorboard=false", "checkpoint.save_interval=0",
          "checkpoint.resume=false", "train.lr=0.003"]
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -613,7 +613,7 @@ def test_probe_cli_hands_its_options_on_and_writes_where_asked(trained, tmp_path
     assert tool.main(["--checkpoint", str(run_dir), "--top-n", "2", "--seeds", "3", "--eval-batches", "1",
                       "--layers", "1"]) == 0
     assert seen["routing_batches"][1] == 1 and seen["probe"][2:5] == ([1], 2, 3)
-    assert f"on {config.train.micro_batch} validation sequences" in capsys.readouterr().out
+    assert f"on {config.train.global_batch} validation sequences" in capsys.readouterr().out  # one global batch
     assert json.loads((tmp_path / "probe" / "probe.json").read_text())["rows"]
     assert tool.main(["--checkpoint", str(run_dir), "--eval-batches", "1", "--layers", "1",
                       "--output", str(tmp_path / "a" / "b")]) == 0
@@ -747,7 +747,7 @@ def test_utilisation_tool_counts_every_routed_slot(trained, tmp_path):
                            "--eval-batches", "2"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "utilisation.json").read_text())
-    tokens = 2 * config.train.micro_batch * config.model.seq_len
+    tokens = 2 * config.train.global_batch * config.model.seq_len  # --eval-batches counts global batches
     counts = torch.tensor(report["counts_per_pool"][0])
     assert counts.shape == (4, 32) and (counts.sum(1) == tokens * 2).all()  # top-2, dropless, every layer
     _, _, model = load_routed_model(run_dir, "")

@@ -71,6 +71,16 @@ def test_non_finite_step_changes_nothing_and_is_counted(where, lag, lock, tiny_c
     assert trainer.state.skipped_steps == 1 and trainer.state.consumed_samples == 4 * config.train.global_batch
 
 
+def test_an_update_applied_despite_a_non_finite_loss_stops_the_run(tiny_config, tmp_path):
+    """Under ZeRO DeepSpeed decides the skip itself, from its own overflow check: where that check was off
+    (options the config now refuses) it applied a NaN step, which was counted as a healthy one."""
+    trainer = Trainer(tiny_config(UNIPOOL, "train.max_steps=2", "train.eval_interval=0"), tmp_path)
+    poison(trainer, {1}, "loss")
+    trainer.backend.step = lambda skip: (1.0, True)  # an engine that did not see the overflow
+    with pytest.raises(NonFiniteError, match="step 1: the loss was not finite .* but DeepSpeed applied the update"):
+        trainer.train_step()
+
+
 def test_consecutive_non_finite_steps_stop_the_run_without_saving(tiny_config, tmp_path, capsys):
     config = tiny_config(UNIPOOL, "train.max_steps=10", "train.eval_interval=0", "checkpoint.save_interval=2",
                          "train.max_consecutive_skips=3")
@@ -395,12 +405,26 @@ def test_validation_batches_are_whole_micro_batches_spread_over_the_split():
         def sample(self, i):
             return np.array([i])
 
-    def positions(n, micro_batch, eval_batches):
-        return [batch.flatten().tolist() for batch in validation_batches(Samples(n), micro_batch, eval_batches)]
+    def positions(n, micro_batch, sequences):
+        return [batch.flatten().tolist() for batch in validation_batches(Samples(n), micro_batch, sequences)]
 
-    assert positions(10, 4, 3) == [[0, 1, 3, 4], [5, 6, 8, 9]]  # 2 whole batches, first to last sample
-    assert positions(100, 2, 2) == [[0, 33], [66, 99]]
-    assert positions(4, 4, 5) == [[0, 1, 2, 3]]
+    assert positions(10, 4, 12) == [[0, 1, 3, 4], [5, 6, 8, 9]]  # 2 whole batches, first to last sample
+    assert positions(100, 2, 4) == [[0, 33], [66, 99]]
+    assert positions(4, 4, 20) == [[0, 1, 2, 3]]
+    # the same sequences in any micro-batching (a memory knob), as long as the split holds them all
+    assert sum(positions(100, 8, 16), []) == sum(positions(100, 2, 16), []) == sum(positions(100, 16, 16), [])
+
+
+def test_validation_loss_does_not_depend_on_the_micro_batch(tiny_config, tmp_path):
+    """train.eval_batches counts global batches: with micro-batches counted instead, micro_batch 1, 2 and 8
+    evaluated 4, 8 and 32 sequences (5.7669, 5.7799, 5.7723 for the same weights)."""
+    losses = []
+    for micro_batch in (2, 8):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_config(UNIPOOL, f"train.micro_batch={micro_batch}", "train.eval_batches=2"),
+                          tmp_path / str(micro_batch))
+        losses.append(trainer.evaluate())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_training_order_follows_the_seed_and_validation_stays_in_file_order(tiny_config, tmp_path):
@@ -439,7 +463,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
 def launch_command(run_dir: Path, data_cache: str) -> list[str]:
     sets = ["train.max_steps=12", "checkpoint.save_interval=3", "train.eval_interval=6", "logging.log_interval=1",
             "logging.tensorboard=false", f"data.cache_dir={data_cache}", "model.seq_len=32", "train.global_batch=8",
-            "train.micro_batch=4", "train.eval_batches=2"]
+            "train.micro_batch=4", "train.eval_batches=1"]
     return [str(REPO / "launch/pretrain.py"), "--run-dir", str(run_dir)] + [a for s in sets for a in ("--set", s)]
 
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", default="deep", help="deep (default), all, or a comma-separated list")
     parser.add_argument("--top-n", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=1, help="random draws averaged per layer")
-    parser.add_argument("--eval-batches", type=int, default=None, help="default: the run's train.eval_batches")
+    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of train.global_batch sequences (default: the run's train.eval_batches)")
     parser.add_argument("--output", type=Path, default=Path("probe"))
     args = parser.parse_args(argv)
     if args.seeds < 1:  # each loss is a mean over the draws

@@ -20,6 +20,7 @@ DEEPSPEED_KEYS_FROM_CONFIG = {
     "bf16": "train.precision",
     "fp16": "train.precision: fp32 or bf16",
     "amp": "train.precision: fp32 or bf16",
+    "torch_autocast": "train.precision: the trainer autocasts, and clips before a GradScaler would unscale",
     "optimizer": "train.lr, beta1, beta2, adam_eps, weight_decay: DeepSpeed gets our AdamW",
     "scheduler": "train.lr, min_lr, warmup_steps: the schedule is ours",
     "managed_gradient_accumulation": "by the trainer, which runs the micro-batches itself",
@@ -27,6 +28,9 @@ DEEPSPEED_KEYS_FROM_CONFIG = {
 }
 # sections whose other keys (bf16 or ZeRO options) reach DeepSpeed beside the generated ones
 MERGED_SECTIONS = ("bf16", "zero_optimization")
+# options in them the trainer relies on (generated, and a file may not turn them off): DeepSpeed must find a
+# step whose gradients are not finite, for the step to be skipped; without them it applies the update
+NON_FINITE_CHECKS = {"bf16": {"check_grad_overflow": True}, "zero_optimization": {"compute_grad_norm": True}}
 
 
 def deepspeed_config(config: Config, micro_batches: int) -> dict:
@@ -34,7 +38,8 @@ def deepspeed_config(config: Config, micro_batches: int) -> dict:
     train, ds = config.train, config.deepspeed
     decided = _decided_values(config, micro_batches)  # the values a user's file is checked against
     generated = {key: decided[key] for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                                               "gradient_accumulation_steps", "bf16", "zero_optimization")}
+                                               "gradient_accumulation_steps")}
+    generated.update({section: {**decided[section], **required} for section, required in NON_FINITE_CHECKS.items()})
     generated.update({
         "gradient_clipping": train.grad_clip if ds.zero_stage > 0 else 0.0,  # stage 0: the backend clips
         "managed_gradient_accumulation": True,
@@ -63,8 +68,13 @@ def read_deepspeed_file(config: Config, micro_batches: Optional[int] = None) -> 
     extra = read_json(path, "deepspeed.config_file")
     if not isinstance(extra, dict):
         raise ConfigError(f"deepspeed.config_file {path} must hold a JSON object, got {type(extra).__name__}")
-    if not isinstance(extra.get("zero_optimization", {}), dict):
-        raise ConfigError(f"deepspeed.config_file {path}: zero_optimization must be an object")
+    if "bfloat16" in extra:  # DeepSpeed's old name, read only where bf16 is absent: ours always sets bf16
+        if "bf16" in extra:
+            raise ConfigError(f"deepspeed.config_file {path} sets both bf16 and its old name bfloat16: keep bf16")
+        extra["bf16"] = extra.pop("bfloat16")
+    for section in MERGED_SECTIONS:
+        if not isinstance(extra.get(section, {}), dict):
+            raise ConfigError(f"deepspeed.config_file {path}: {section} must be an object")
     decided = _decided_values(config, micro_batches)
     checked = [key for key in DEEPSPEED_KEYS_FROM_CONFIG if key in extra
                and (key != "gradient_accumulation_steps" or micro_batches is not None)]
@@ -72,6 +82,9 @@ def read_deepspeed_file(config: Config, micro_batches: Optional[int] = None) -> 
                     for name in _disagreements(extra[key], decided.get(key), key)]
     contradicted += [f"{name} (set deepspeed.zero_stage)" for name in _disagreements(
         extra.get("zero_optimization", {}), decided["zero_optimization"], "zero_optimization")]
+    contradicted += [f"{name} (the trainer skips steps whose gradients are not finite)"
+                     for section, required in NON_FINITE_CHECKS.items()
+                     for name in _disagreements(extra.get(section, {}), required, section)]
     if contradicted:
         raise ConfigError(f"deepspeed.config_file {path} sets what the run's config decides, to other values: remove"
                           f" {'; '.join(contradicted)}")
@@ -84,7 +97,7 @@ def _decided_values(config: Config, micro_batches: Optional[int]) -> dict[str, A
     decided = {
         "train_batch_size": train.global_batch, "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_clipping": train.grad_clip, "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {"enabled": False}, "amp": {"enabled": False},
+        "fp16": {"enabled": False}, "amp": {"enabled": False}, "torch_autocast": {"enabled": False},
         "optimizer": {"type": "adamw", "params": {"lr": train.lr, "betas": [train.beta1, train.beta2],
                                                   "eps": train.adam_eps, "weight_decay": train.weight_decay}},
         "zero_optimization": {"stage": config.deepspeed.zero_stage},

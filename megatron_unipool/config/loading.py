@@ -166,15 +166,22 @@ def _with_absolute_paths(config: Config) -> Config:
     """Relative paths mean the directory the command runs in; made absolute here, as the run's
     checkpoints store them, the tools that read a run's config (probe, plots, upcycling, possibly
     started elsewhere) find the same files instead of tokenising a corpus again or failing."""
-    def absolute(path: str | None) -> str | None:
-        return None if path is None else str(Path(path).expanduser().absolute())
+    def absolute(field: str, path: str | None) -> str | None:
+        if path is None:
+            return None
+        try:
+            return str(Path(path).expanduser().absolute())
+        except RuntimeError as error:  # ~name of no known user
+            raise ConfigError(f"{field}={path!r}: {error}") from error
 
     data, checkpoint, ds = config.data, config.checkpoint, config.deepspeed
-    data.cache_dir, data.train_prefix, data.valid_prefix = map(absolute, (data.cache_dir, data.train_prefix,
-                                                                          data.valid_prefix))
+    data.cache_dir = absolute("data.cache_dir", data.cache_dir)
+    data.train_prefix = absolute("data.train_prefix", data.train_prefix)
+    data.valid_prefix = absolute("data.valid_prefix", data.valid_prefix)
     if data.tokenizer not in BUILT_IN_TOKENIZERS:
-        data.tokenizer = absolute(data.tokenizer)
-    checkpoint.load, ds.config_file = absolute(checkpoint.load), absolute(ds.config_file)
+        data.tokenizer = absolute("data.tokenizer", data.tokenizer)
+    checkpoint.load = absolute("checkpoint.load", checkpoint.load)
+    ds.config_file = absolute("deepspeed.config_file", ds.config_file)
     return config
 
 

@@ -172,7 +172,9 @@ class TrainConfig:
     # the language-model loss: a Triton kernel (auto: when Triton is importable, on CUDA) or F.cross_entropy in fp32
     cross_entropy: Literal["auto", "torch", "triton"] = "auto"
     eval_interval: int = bounded(100, 0)  # steps; 0 evaluates only at the end
-    eval_batches: int = bounded(8, 1)
+    # validation sequences, in batches of global_batch (Megatron's eval_iters), evaluated micro_batch at a time:
+    # the same sequences whatever micro_batch is, so validation losses compare across runs
+    eval_batches: int = bounded(1, 1)
 
     def micro_batches(self, data_parallel: int) -> int:
         """Micro-batches each data-parallel rank runs per optimizer step."""

@@ -57,10 +57,11 @@ def _build_datasets(config: Config) -> RunData:
     )
 
 
-def validation_batches(valid: TokenSampleDataset, micro_batch: int, eval_batches: int) -> list[torch.Tensor]:
-    """`eval_batches` micro-batches of samples spread evenly over the validation split (its first
-    samples alone would be one play's cast list); the count is rounded down to whole micro-batches."""
-    count = min(eval_batches * micro_batch, len(valid)) // micro_batch * micro_batch
+def validation_batches(valid: TokenSampleDataset, micro_batch: int, sequences: int) -> list[torch.Tensor]:
+    """`sequences` samples spread evenly over the validation split (its first samples alone would be one
+    play's cast list), in micro-batches; a split holding fewer gives all of its samples, rounded down to
+    whole micro-batches."""
+    count = min(sequences, len(valid)) // micro_batch * micro_batch
     positions = np.linspace(0, len(valid) - 1, count).round().astype(np.int64)
     return [torch.from_numpy(np.stack([valid.sample(int(g)) for g in positions[i: i + micro_batch]]))
             for i in range(0, count, micro_batch)]

@@ -74,10 +74,11 @@ def load_routed_model(checkpoint: Path, why: str) -> tuple[Path, Config, Languag
 
 
 def routing_batches(config: Config, eval_batches: Optional[int] = None) -> list[torch.Tensor]:
-    """The run's validation batches (`eval_batches` of them, default the run's), read after the
-    tools have checked their other arguments against the config."""
-    return validation_batches(build_datasets(config).valid, config.train.micro_batch,
-                              eval_batches or config.train.eval_batches)
+    """The run's validation sequences (`eval_batches` global batches of them, default the run's), read after
+    the tools have checked their other arguments against the config."""
+    train = config.train
+    return validation_batches(build_datasets(config).valid, train.micro_batch,
+                              (eval_batches or train.eval_batches) * train.global_batch)
 
 
 @torch.no_grad()

@@ -243,7 +243,13 @@ class Trainer:
         lr = learning_rate(self.state.step, train)
         self.backend.set_lr(lr)
         totals = self.compute_gradients()  # reduced over all ranks: every rank sees the same values
-        grad_norm, applied = self.backend.step(skip=not bool(torch.isfinite(totals).all()))
+        skip = not bool(torch.isfinite(totals).all())
+        grad_norm, applied = self.backend.step(skip=skip)
+        if skip and applied:  # ZeRO decides itself, from the gradient norm: one it did not find non-finite
+            raise NonFiniteError(
+                f"step {self.state.step + 1}: the loss was not finite (loss {totals[0].item():.4f}) but DeepSpeed applied"
+                f" the update (gradient norm {grad_norm:.4g}): the weights are no longer finite and nothing was saved;"
+                " continue from the latest checkpoint, with a deepspeed.config_file that keeps its overflow checks")
         routing = self.model.end_optimizer_step(self._reduce_routing, applied=applied)
         self.state.step += 1
         if applied:
@@ -293,7 +299,8 @@ class Trainer:
         """Mean token loss over the validation batches (datasets.validation_batches). Every
         data-parallel replica evaluates the same samples."""
         self.model.eval()
-        batches = validation_batches(self.data.valid, self.config.train.micro_batch, self.config.train.eval_batches)
+        train = self.config.train
+        batches = validation_batches(self.data.valid, train.micro_batch, train.eval_batches * train.global_batch)
         totals = self._run_micro_batches(batches, train=False)
         self.model.train()
         return totals[0].item()  # each replica's share is its 1/dp of the same mean
