@@ -112,6 +112,32 @@ def test_gradient_clipping_scales_to_the_limit_and_zero_turns_it_off():
     assert clipped.norm().item() == pytest.approx(1.0, rel=1e-5)
 
 
+def test_a_replica_without_canonical_gradients_reduces_its_zero_on_the_model_device(monkeypatch):
+    """A data-parallel replica counts no slice of the norm; its zero was made on the CPU, which NCCL cannot
+    all-reduce (every multi-GPU run with dp > ep failed in its first step). Meta stands for a GPU here."""
+    from megatron_unipool.parallel import Layout, ParallelState
+    from megatron_unipool.training.distributed import global_grad_norm
+
+    model = torch.nn.Linear(4, 3, device="meta")
+    model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+    reduced = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *args, **kwargs: reduced.append(tensor))
+    global_grad_norm(model, {}, ParallelState(Layout(dp=2, rank=1)))  # replicated weights: rank 0 counts them
+    assert [tensor.device.type for tensor in reduced] == ["meta"]
+
+
+@pytest.mark.parametrize("fused, capturable, device", [(True, False, "meta"), (False, True, "meta"),
+                                                       (False, False, "cpu")])
+def test_adam_steps_are_restored_where_torch_keeps_them(fused, capturable, device):
+    """Fused and capturable AdamW read `step` on the parameter's device (a host one is not theirs); the
+    others on the host, where a device step would cost a sync per tensor (torch.optim.Adam._init_group)."""
+    from megatron_unipool.training.backends import adam_step
+
+    step = adam_step(torch.tensor(7.0), {"fused": fused, "capturable": capturable}, torch.empty(2, device="meta"))
+    assert step.device.type == device and step.dtype == torch.float32 and step.dim() == 0
+    assert adam_step(7, {"fused": False, "capturable": False}, torch.empty(2)).item() == 7.0
+
+
 def test_learning_rate_warms_up_linearly_then_decays_on_a_cosine():
     from megatron_unipool.config import TrainConfig
     from megatron_unipool.training.optimizer import learning_rate

@@ -34,6 +34,13 @@ from .optimizer import build_optimizer, decay_groups, set_learning_rate
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def adam_step(value, group: dict, param: torch.Tensor) -> torch.Tensor:
+    """An AdamW `step` where torch's keeps it (torch.optim.Adam._init_group): on the parameter's device for
+    the fused and capturable kernels, which read it there, on the host otherwise."""
+    on_device = group.get("fused") or group.get("capturable")
+    return torch.tensor(float(value), dtype=torch.float32, device=param.device if on_device else "cpu")
+
+
 class NativeBackend:
     """AdamW on every rank (no optimizer-state sharding); our own reductions and clipping."""
 
@@ -85,11 +92,13 @@ class NativeBackend:
 
     def load_optimizer_state(self, full_state: dict[str, dict]) -> None:
         """Give each local parameter its slice of the saved full-model optimizer state."""
+        groups = {param: group for group in self.optimizer.param_groups for param in group["params"]}
         for name, param in self.model.named_parameters():
             if name in full_state:
                 spec = self.specs.get(name, REPLICATED)
                 self.optimizer.state[param] = {
-                    key: (spec.take(value) if value.dim() else value).clone().to(param.device)
+                    key: adam_step(value, groups[param], param) if key == "step"
+                    else (spec.take(value) if value.dim() else value).clone().to(param.device)
                     for key, value in full_state[name].items()
                 }
 
@@ -217,7 +226,7 @@ class DeepSpeedBackend(NativeBackend):
         for group in base.param_groups:
             for flat in group["params"]:
                 if not base.state.get(flat):
-                    base.state[flat] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(flat),
+                    base.state[flat] = {"step": adam_step(0, group, flat), "exp_avg": torch.zeros_like(flat),
                                         "exp_avg_sq": torch.zeros_like(flat)}
         self.optimizer._hp_optimizer_states_linked = False
         self.optimizer._lazy_init_hp_params_optimizer_state()
@@ -252,8 +261,9 @@ class DeepSpeedBackend(NativeBackend):
         if not full_state:
             return
         step = next(iter(full_state.values()))["step"]
-        for state in self.optimizer.optimizer.state.values():  # ZeRO's flat partitions
-            state["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+        for group in self.optimizer.optimizer.param_groups:  # ZeRO's flat partitions
+            for flat in group["params"]:
+                self.optimizer.optimizer.state[flat]["step"] = adam_step(step, group, flat)
 
 def build_backend(model: nn.Module, config: Config, specs: dict[str, ShardSpec], parallel: ParallelState,
                   micro_batches: int) -> NativeBackend:

@@ -64,7 +64,9 @@ def global_grad_norm(model: nn.Module, specs: dict[str, ShardSpec], state: Paral
     multi-tensor kernels: a few launches, not a few per parameter)."""
     grads = [param.grad.detach() for name, param in model.named_parameters()
              if param.grad is not None and specs.get(name, REPLICATED).holds_canonical_copy(state.layout)]
-    total = torch.nn.utils.get_total_norm(grads).float().square() if grads else torch.zeros(())
+    # a rank holding no canonical slice (a data-parallel replica) adds a zero, on the model's device: NCCL has no CPU
+    total = (torch.nn.utils.get_total_norm(grads).float().square() if grads
+             else torch.zeros((), device=next(model.parameters()).device))
     if state.distributed:
         dist.all_reduce(total)
     return total.sqrt()
