@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from megatron_unipool.config import MoEConfig, config_to_dict  # noqa: E402
 from megatron_unipool.model import LanguageModel  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, to_hf  # noqa: E402
-from megatron_unipool.training import save_checkpoint  # noqa: E402
+from megatron_unipool.training import latest_checkpoint, save_checkpoint  # noqa: E402
 from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,6 +188,9 @@ def test_tied_llama_imports_with_the_same_logits(tmp_path):
     ({"architectures": ["LlamaForSequenceClassification"]}, "only LlamaForCausalLM"),  # model_type llama too
     ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    # rope_scaling is the legacy key, which transformers reads before rope_parameters
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+     "rope type 'linear'"),
     ({"head_dim": 32}, r"head_dim=32 x num_attention_heads=4 != hidden_size=64"),
     ({"hidden_size": 0}, "hidden_size=0 is not a positive integer"),
     ({}, "missing model.embed_tokens.weight"),  # representable config, no tensors
@@ -196,6 +199,13 @@ def test_unrepresentable_llama_is_refused(change, message):
     config = {**llama_config().to_dict(), **change}
     with pytest.raises(ValueError, match=message):
         from_hf_llama(config, {})
+
+
+def test_swish_is_transformers_other_name_for_silu():
+    from megatron_unipool.model.hf_format import llama_model_config
+
+    assert llama_model_config({**llama_config().to_dict(), "hidden_act": "swish"}) == llama_model_config(
+        llama_config().to_dict())
 
 
 def test_llama_import_names_unexpected_tensors_and_uses_llama_defaults():
@@ -341,6 +351,23 @@ def test_cli_output_handling_replaces_only_what_it_may(tmp_path, convert_tool, c
     status, err = convert("--output", tmp_path / "wide", "--set", "model.hidden_size=128")
     assert status == 2 and err.startswith("error: ") and "do not fit" in err and "vs model (96, 128)" in err
     assert not (tmp_path / "wide").exists()
+    # the same shapes, another function: tying made the embedding the Llama's lm_head
+    status, err = convert("--output", tmp_path / "tied", "--set", "model.tie_embeddings=true")
+    assert status == 2 and "output.weight differs from embedding.weight" in err and not (tmp_path / "tied").exists()
+
+    # an export's --force must not delete the checkpoint it reads: the step directory the run resolves to, or
+    # the checkpoints directory holding it, though neither is the --checkpoint as given (the run directory)
+    step = latest_checkpoint(tmp_path / "busy" / "checkpoints")
+    for output in (step, step.parent):
+        done = convert_tool.main(["--to", "hf", "--checkpoint", str(tmp_path / "busy"), "--output", str(output),
+                                  "--force"])
+        assert done == 2 and "holds the --checkpoint" in capsys.readouterr().err and (step / "state.pt").is_file()
+    # nor the directory the command runs in (its temporary would sit inside it; nothing was written)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    status, err = convert("--output", ".")
+    assert status == 2 and "holds the directory this command runs in" in err
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as refused:
         convert_tool.main(["--to", "hf", "--checkpoint", str(tmp_path / "busy"), "--output", str(tmp_path / "hf"),
                            "--set", "train.max_steps=3"])

@@ -833,6 +833,10 @@ def test_reproduction_refuses_runs_of_other_overrides(reproduce_tool, tmp_path, 
     with pytest.raises(SystemExit, match=re.escape(f"{stale} was trained with the overrides ['train.max_steps=9']")):
         module.main(["--seeds", "1", "2", "--models", "vanilla", "unipool", "--output", "other"])
     assert len(launched) == 1
+    # one seed twice is one run counted twice: a spread of 0 the orderings would be judged against
+    with pytest.raises(SystemExit):
+        module.main(["--seeds", "1", "1", "--models", "vanilla", "--output", "dup"])
+    assert "--seeds must differ from each other, got [1, 1]" in capsys.readouterr().err and len(launched) == 1
 
 
 def test_reproduction_report_states_each_ordering_against_the_seed_spread():

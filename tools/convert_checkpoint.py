@@ -38,7 +38,8 @@ from megatron_unipool.config import (Config, ConfigError, MoEConfig, apply_overr
                                      config_to_dict)
 from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
-from megatron_unipool.training.checkpoint import check_fits, load_trained_model, write_run_directory  # noqa: E402
+from megatron_unipool.training.checkpoint import (check_fits, load_trained_model, resolve_checkpoint,  # noqa: E402
+                                                  write_run_directory)
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -51,9 +52,14 @@ def describe(tensors: dict) -> str:
     return f"{len(tensors)} tensors, {count / 1e6:.2f}M parameters, {size / 2**20:.1f} MiB"
 
 
-def check_output(output: Path, source: Path, force: bool) -> None:
-    if source.resolve().is_relative_to(output.resolve()):
-        raise CheckpointError(f"--output {output} holds the --checkpoint {source}; choose another --output")
+def check_output(output: Path, sources: list[Path], force: bool) -> None:
+    """Refuse an --output whose replacement would delete an input (the --checkpoint as given or the step
+    directory it resolves to) or the directory the command runs in."""
+    for source in sources:
+        if source.resolve().is_relative_to(output.resolve()):
+            raise CheckpointError(f"--output {output} holds the --checkpoint {source}; choose another --output")
+    if Path.cwd().is_relative_to(output.resolve()):
+        raise CheckpointError(f"--output {output} holds the directory this command runs in; choose a new directory")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
         raise CheckpointError(f"{output} exists and is not empty; choose a new --output or pass --force to replace it")
 
@@ -176,13 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.to and args.overrides:
         parser.error("--set applies to --from hf (the exported config follows the checkpoint)")
     try:
-        check_output(args.output, args.checkpoint, args.force)
+        sources = [args.checkpoint] + ([resolve_checkpoint(args.checkpoint)] if args.to else [])
+        check_output(args.output, sources, args.force)
         if args.to:
             export_hf(args)
         else:
             import_hf(args)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the output cannot be written (permissions, a full disk): nothing was replaced
+        print(f"error: {args.output}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="applied to every run, e.g. train.max_steps=300")
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):  # one run counted twice would shrink the spread the table reports
+        parser.error(f"--seeds must differ from each other, got {args.seeds}")
     args.output = args.output.resolve()  # absolute: named in the launch commands and in results.json
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}

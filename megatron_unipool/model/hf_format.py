@@ -216,13 +216,14 @@ def llama_model_config(config: dict) -> ModelConfig:
     if bad:
         raise ValueError("this LlamaForCausalLM config lacks required sizes:\n  " + "\n  ".join(bad))
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}  # transformers' order: the legacy key wins
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     head_dim = config.get("head_dim") or hidden // heads
     refusals = [
         (config.get("attention_bias", False), "attention_bias=true: our attention projections have no bias"),
         (config.get("mlp_bias", False), "mlp_bias=true: our SwiGLU projections have no bias"),
-        (config.get("hidden_act", "silu") != "silu", f"hidden_act={config.get('hidden_act')!r}: our FFN is SwiGLU (silu)"),
+        (config.get("hidden_act", "silu") not in ("silu", "swish"),  # transformers' two names of one function
+         f"hidden_act={config.get('hidden_act')!r}: our FFN is SwiGLU (silu)"),
         (rope_type != "default", f"rope type {rope_type!r}: our RoPE has no scaling (only 'default')"),
         (head_dim * heads != hidden, f"head_dim={head_dim} x num_attention_heads={heads} != hidden_size={hidden}:"
                                      " our head dim is hidden_size / num_heads"),

@@ -199,7 +199,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
     """Load weights, naming every missing, unexpected or differently shaped tensor."""
-    problems = _misfits(model.state_dict(), state)
+    problems = _misfits(model, state)
     if problems:
         raise CheckpointError(f"checkpoint {source} does not fit this model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state)
@@ -210,13 +210,15 @@ def check_fits(config: Config, state: dict[str, torch.Tensor], what: str) -> Non
     memory, no initialisation), for tools that write a config beside weights."""
     with torch.device("meta"):
         model = LanguageModel(config.model, config.moe)
-    problems = _misfits(model.state_dict(), state)
+    problems = _misfits(model, state)
     if problems:
         raise CheckpointError(f"{what} do not fit the model its config describes:\n  " + "\n  ".join(problems))
 
 
-def _misfits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
-    """Every missing, unexpected or differently shaped tensor of `state`, named."""
+def _misfits(model: LanguageModel, state: dict[str, torch.Tensor]) -> list[str]:
+    """Every missing, unexpected or differently shaped tensor of `state`, named, and an untied output layer
+    for a tied model (both names are in its state dict, with the same shapes; loading would keep the output)."""
+    own = model.state_dict()
     problems = [f"missing {k}" for k in own if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]
     problems += [
@@ -224,6 +226,9 @@ def _misfits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> li
         for k, v in state.items()
         if k in own and v.shape != own[k].shape
     ]
+    if (model.output.weight is model.embedding.weight and not problems
+            and not torch.equal(state["output.weight"], state["embedding.weight"])):
+        problems.append("output.weight differs from embedding.weight, which model.tie_embeddings=true makes one tensor")
     return problems
 
 
