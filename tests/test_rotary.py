@@ -43,6 +43,15 @@ def test_kernel_matches_the_eager_rotation_in_fp32(dtype, shape, triton_runs):
         torch.testing.assert_close(a, e, **tolerance)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_sequence_longer_than_the_tables_is_refused_by_both_paths(backend, triton_runs):
+    """The kernel read the angles of positions past the tables from whatever memory followed them (NaN or
+    wrong logits, an out-of-bounds read on CUDA); the eager path failed with a broadcast error."""
+    cos, sin = tables(8, positions=8)
+    with pytest.raises(ValueError, match="a sequence of 12 positions is longer than the rotary tables' 8"):
+        rotary(torch.randn(1, 12, 2, 8).to(DEVICE), cos, sin, backend)
+
+
 def test_kernel_reads_strided_rows(triton_runs):
     """A [B, S, H, K] view of a [B, H, S, K] tensor (how the gradient comes back through attention's
     transpose) and rows with a gap between them: the kernel reads them in place."""

@@ -9,7 +9,8 @@ fp32: Milakov & Gimelshein's online softmax) and keeps each row's log-sum-exp; b
 again and writes the gradient, softmax - onehot times the incoming gradient, computed in fp32 and
 rounded once to the logits' dtype. The same numbers as the eager path up to that rounding.
 
-A target outside the vocabulary gives that row a NaN loss (the eager path raises instead).
+A target outside the vocabulary gives that row a NaN loss (the eager path raises instead, except for
+-100, F.cross_entropy's ignore_index, whose row it drops; targets here are token ids, never negative).
 `"triton"` also runs in Triton's interpreter on a CPU (`triton_support`); `"auto"` takes the kernel
 on CUDA only.
 """

@@ -20,6 +20,9 @@ def rotary(x_BSHK: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor, bac
     """x rotated by position: cos_SK / sin_SK hold cos and sin of each position's angles, the first
     half of K repeated in the second (at least x's sequence length of rows)."""
     seq = x_BSHK.shape[1]
+    if seq > cos_SK.shape[0]:  # the kernel would read angles past the tables (the eager path fails to broadcast)
+        raise ValueError(f"a sequence of {seq} positions is longer than the rotary tables' {cos_SK.shape[0]}"
+                         " (model.seq_len)")
     if wants_triton(backend, x_BSHK, "model.rope_kernel"):
         return TritonRotary.apply(x_BSHK, cos_SK[:seq], sin_SK[:seq])
     cos, sin = cos_SK[:seq, None, :].to(x_BSHK.dtype), sin_SK[:seq, None, :].to(x_BSHK.dtype)
