@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--json", type=json_output)
     args = parser.parse_args(argv)
+    if args.ep < 2:  # one expert-parallel rank sends nothing: no traffic to count (nor a process group to count it on)
+        parser.error(f"--ep must be at least 2, not {args.ep}")
     world = int(os.environ.get("WORLD_SIZE", args.ep))
     checked_overrides(parser, [(REPO / path, QUIET + [f"parallel.ep={args.ep}"] + args.overrides)
                                for path in SUITES[args.suite].values()], world_size=world)

@@ -8,7 +8,7 @@
 Each model runs in a fresh process (clean peak memory, no allocator reuse across models) through
 the real Trainer and data pipeline: `--warmup` steps, then `--steps` timed optimizer steps.
 FLOPs per token are the PaLM convention of model/accounting.py (6 x active matmul parameters +
-attention scores); MFU divides by the device's dense bf16 peak (GPU only). Peak memory is
+attention scores); MFU divides by the device's dense bf16 peak (GPU, bf16 runs only). Peak memory is
 torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on CPU.
 The table's last column compares each MoE model's step time with the vanilla MoE model's.
 A model whose run fails gets a row with `error` (its traceback is in the output) and the others
@@ -133,7 +133,7 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
     tokens_per_step = config.train.global_batch * config.model.seq_len
     flops_per_token = trainer.budget.train_flops_per_token
     tokens_per_second = tokens_per_step / seconds
-    peak = peak_flops()
+    peak = peak_flops(config.train.precision)
     if torch.cuda.is_available():
         memory, memory_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda max allocated"
     else:

@@ -6,7 +6,7 @@
 # and MFU of the 182M and 469M models at the suites' micro-batches (UniPool vs vanilla step time; the
 # 182M ones with a profile of one step; both with the Triton kernels for RoPE, SwiGLU, the MoE permute
 # and combine and the pool's weight gradients: the -fused rows). Every step has its own time limit,
-# appends its output to <out>/steps.log and writes <out>/<step>.json (8 files in all: a device lends
+# appends its output to <out>/steps.log and writes <out>/<step>.json (7 files in all: a device lends
 # back at most 8); a failing step does not stop the others.
 # SET=followup runs the second set instead, in the same 550 s: what docs/benchmarks.md's "waiting for one"
 # table measures by hand, each with its baseline in the same call: the compiled router against the eager

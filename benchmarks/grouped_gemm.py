@@ -75,8 +75,9 @@ def measure(impl: str, rows: int, experts: int, args, device, dtype) -> float:
     torch.manual_seed(0)
     x = torch.randn(args.layers * rows, args.hidden, device=device, dtype=dtype, requires_grad=True)
     if impl == "dense":  # plain torch GEMMs through autograd: the rate a dense FFN of these FLOPs gets
-        params = weights(1, args.hidden, args.ffn, device, dtype)
-        gate, up, down = (w[0] for w in params)
+        # leaves of their own: views of [1, F, D] tensors would add a select's backward (a zero fill and a copy)
+        params = [w[0].detach().requires_grad_() for w in weights(1, args.hidden, args.ffn, device, dtype)]
+        gate, up, down = params
         forward = (lambda x: F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down))
     else:
         params = weights(experts, args.hidden, args.ffn, device, dtype)

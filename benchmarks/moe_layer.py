@@ -69,6 +69,8 @@ def build_ours(hidden, ffn, experts, top_k, gemm="auto", router="softmax", kerne
 def build_routing(hidden, ffn, experts, top_k, router="softmax", compiled=False):
     """Our layer's MoELayer.route alone, its outputs (gates, losses) reduced so that backward reaches every
     routing parameter as in the layer; `compiled`: with the router compiled (the fused router)."""
+    if compiled:  # a graph of these shapes, static as model.compile's: not the dynamic one a recompile would make
+        torch._dynamo.reset()
     module, _, _ = build_ours(hidden, ffn, experts, top_k, router=router, compile_router=compiled)
     layer = module[0]
 
@@ -152,6 +154,8 @@ def main(argv=None) -> int:
             for impl in args.impls:
                 row = {"impl": impl, "tokens": tokens, "experts": experts, "top_k": args.top_k,
                        "hidden": args.hidden, "ffn": args.ffn, "dtype": dtype_name, "device": device_label}
+                if impl == "deepspeed":  # its rows (and every vs_deepspeed ratio) depend on it
+                    row["capacity_factor"] = args.capacity_factor
                 torch.manual_seed(0)
 
                 def measure(impl=impl, tokens=tokens, experts=experts):
@@ -164,7 +168,9 @@ def main(argv=None) -> int:
                             lambda seconds, tokens=tokens: {"tokens_per_second": tokens / seconds, "ms": 1e3 * seconds},
                             args.json)
     print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
-          f"top-{args.top_k}, {dtype_name}")
+          f"top-{args.top_k}, {dtype_name}"
+          + (f"; DeepSpeed's layer at capacity factor {args.capacity_factor}, its second expert deterministic"
+             if "deepspeed" in args.impls else ""))
     routing = [row for row in rows if row["impl"].startswith("routing")]  # a part of a layer, not a layer:
     add_ratios([row for row in rows if not row["impl"].startswith("routing")], "deepspeed", "tokens",
                "tokens_per_second", "vs_deepspeed")

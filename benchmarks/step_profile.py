@@ -23,14 +23,17 @@ from torch.profiler import ProfilerActivity, profile
 CATEGORIES = (
     ("optimizer", ("adam", "multi_tensor_apply")),
     ("attention", ("flash", "fmha", "attention", "scaled_dot_product")),
-    ("grouped gemm", ("grouped_mm", "groupproblemshape", "grouped")),
+    # our Triton kernels by name: the pool's weight gradients, the MoE permute / combine, RoPE and SwiGLU
+    ("grouped gemm", ("grouped_mm", "groupproblemshape", "grouped", "segmented_at_b")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")),
-    ("copy / fill", ("memcpy", "memset", "copy", "fill", "aten::to", "aten::zero")),
+    # not "aten::to", which aten::topk contains (aten::to's copies are aten::_to_copy and aten::copy_)
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "aten::zero")),
     ("sort / scan / index", ("sort", "scan", "index", "scatter", "gather", "histogram", "bincount", "cumsum",
-                             "topk", "radix")),
+                             "topk", "radix", "_sum_rows_kernel", "_combine_backward_kernel")),
     ("cross entropy / softmax", ("softmax", "nll", "cross_entropy", "log_softmax")),
     ("reduction", ("reduce", "norm", "sum", "mean", "amax")),
-    ("elementwise", ("elementwise", "vectorized", "unrolled", "aten::mul", "aten::add", "aten::silu", "aten::div")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "aten::mul", "aten::add", "aten::silu", "aten::div",
+                     "_rotary_kernel", "_swiglu_")),
 )
 
 

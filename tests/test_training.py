@@ -338,9 +338,11 @@ def test_a_run_shorter_than_its_warmup_says_where_its_learning_rate_ends(tiny_co
     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
     ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),
     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10", 125.0), ("NVIDIA L40S", 362.0),
-    ("NVIDIA A10G", None), ("NVIDIA RTX A1000", None), ("Tesla V100-SXM2-16GB", None)])
+    ("NVIDIA A10G", None), ("NVIDIA RTX A1000", None), ("Tesla V100-SXM2-16GB", None),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None), ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", None)])
 def test_mfu_peak_matches_the_whole_device_name(name, tflops):
-    """Datasheet dense bf16 peaks; a name that only contains a known one (A10G, RTX A1000) has no MFU."""
+    """Datasheet dense bf16 peaks; a name that only contains a known one (A10G, RTX A1000) has no MFU, nor
+    a MIG slice (a share of the card's SMs: MFU against the whole card's peak was up to 7x low)."""
     from megatron_unipool.training.hardware import peak_bf16_tflops
 
     assert peak_bf16_tflops(name) == tflops
@@ -527,4 +529,5 @@ def test_mfu_peak_is_in_flop_per_second_and_the_gpu_monitor_reads_nothing_withou
     assert GpuMonitor().read() == {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H100 80GB HBM3")
-    assert peak_flops() == pytest.approx(989e12)
+    assert peak_flops() == pytest.approx(989e12) and peak_flops("bf16") == peak_flops()
+    assert peak_flops("fp32") is None  # fp32 GEMMs are far from the bf16 tensor-core peak: no MFU

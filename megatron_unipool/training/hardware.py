@@ -20,16 +20,20 @@ def device_name() -> str:
 
 
 def peak_bf16_tflops(name: str) -> Optional[float]:
-    """The datasheet peak of the GPU called `name` (as CUDA reports it), or None when unknown."""
+    """The datasheet peak of the GPU called `name` (as CUDA reports it), or None when unknown, and for a
+    MIG slice ("... MIG 1g.10gb"), which has a share of the card's SMs."""
+    if re.search(r"(?<!\w)MIG(?!\w)", name):
+        return None
     for key, tflops in PEAK_BF16_TFLOPS.items():
         if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", name):
             return tflops
     return None
 
 
-def peak_flops() -> Optional[float]:
-    """Peak dense bf16 FLOP/s of the current CUDA device, or None (CPU or unknown GPU: no MFU)."""
-    if not torch.cuda.is_available():
+def peak_flops(precision: str = "bf16") -> Optional[float]:
+    """Peak dense bf16 FLOP/s of the current CUDA device, or None (CPU, unknown GPU, or an fp32 run, whose
+    GEMMs do not run at that peak: no MFU)."""
+    if precision != "bf16" or not torch.cuda.is_available():
         return None
     tflops = peak_bf16_tflops(torch.cuda.get_device_name())
     return tflops * 1e12 if tflops else None

@@ -309,7 +309,7 @@ class Trainer:
         cfg = self.config
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps, enabled=self.is_logger,
                                resumed_step=self.state.step)
-        peak = peak_flops()  # of one device; TFLOP/s and MFU are per device, as Megatron logs them
+        peak = peak_flops(cfg.train.precision)  # of one device; TFLOP/s and MFU are per device, as Megatron logs them
         tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
         if self.is_logger:
             L = self.layout
