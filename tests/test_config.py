@@ -416,6 +416,9 @@ def test_generated_deepspeed_config_follows_precision_and_clips_once():
     ({"bf16": {"check_grad_overflow": False}}, "bf16", "bf16.check_grad_overflow (the trainer skips steps"),
     ({"zero_optimization": {"compute_grad_norm": False}}, "fp32", "zero_optimization.compute_grad_norm (the trainer"),
     ({"bf16": {"check_grad_overflow": True, "immediate_grad_update": True}}, "bf16", None),
+    # Hugging Face style files carry these; the trainer generates the same values
+    ({"zero_allow_untested_optimizer": True, "managed_gradient_accumulation": True}, "fp32", None),
+    ({"managed_gradient_accumulation": False}, "fp32", "managed_gradient_accumulation (set by the trainer"),
 ])
 def test_deepspeed_config_file_values_are_compared_with_the_run(tmp_path, content, precision, named):
     (tmp_path / "ds.json").write_text(json.dumps(content))

@@ -38,12 +38,11 @@ def deepspeed_config(config: Config, micro_batches: int) -> dict:
     train, ds = config.train, config.deepspeed
     decided = _decided_values(config, micro_batches)  # the values a user's file is checked against
     generated = {key: decided[key] for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                                               "gradient_accumulation_steps")}
+                                               "gradient_accumulation_steps", "managed_gradient_accumulation",
+                                               "zero_allow_untested_optimizer")}
     generated.update({section: {**decided[section], **required} for section, required in NON_FINITE_CHECKS.items()})
     generated.update({
         "gradient_clipping": train.grad_clip if ds.zero_stage > 0 else 0.0,  # stage 0: the backend clips
-        "managed_gradient_accumulation": True,
-        "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     })
@@ -98,6 +97,7 @@ def _decided_values(config: Config, micro_batches: Optional[int]) -> dict[str, A
         "train_batch_size": train.global_batch, "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_clipping": train.grad_clip, "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": False}, "amp": {"enabled": False}, "torch_autocast": {"enabled": False},
+        "managed_gradient_accumulation": True, "zero_allow_untested_optimizer": True,  # as generated
         "optimizer": {"type": "adamw", "params": {"lr": train.lr, "betas": [train.beta1, train.beta2],
                                                   "eps": train.adam_eps, "weight_decay": train.weight_decay}},
         "zero_optimization": {"stage": config.deepspeed.zero_stage},
