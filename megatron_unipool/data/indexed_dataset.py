@@ -71,10 +71,10 @@ def _publish(pairs: Sequence[tuple[tuple[Path, Path], str | os.PathLike]]) -> No
     leaves a missing ``.idx``, which fails loudly, never a pair (or two splits)
     from different runs.
     """
-    targets = [_paths(prefix) for _, prefix in pairs]
-    for _, idx_path in targets:
+    moves = [(files, _paths(prefix)) for files, prefix in pairs]
+    for _, (_, idx_path) in moves:
         idx_path.unlink(missing_ok=True)
-    for (bin_source, idx_source), (bin_path, idx_path) in zip((files for files, _ in pairs), targets):
+    for (bin_source, idx_source), (bin_path, idx_path) in moves:
         os.replace(bin_source, bin_path)
         os.replace(idx_source, idx_path)
 

@@ -100,8 +100,7 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
     _fsync_write(directory / f".{LATEST}.tmp", name.encode())
     os.replace(directory / f".{LATEST}.tmp", directory / LATEST)
     _fsync_directory(directory)
-    shutil.rmtree(replaced, ignore_errors=True)
-    _prune(directory, final, keep_last)
+    _prune(directory, final, keep_last)  # removes the replaced checkpoint too, now that `latest` is updated
     return final
 
 
@@ -113,7 +112,8 @@ def _replaced(checkpoint: Path) -> Path:
 
 def _prune(directory: Path, written: Path, keep_last: int) -> None:
     """Keep `written` and the `keep_last - 1` highest steps below it, ordered by number, not name
-    (step_10000000 sorts before step_9999999); remove what saves killed half-way left (.step_N.tmp).
+    (step_10000000 sorts before step_9999999); remove what saves killed half-way left (.step_N.tmp), and
+    checkpoints a save of their step replaced (.step_N.old).
     Higher steps belong to a run this one went back from (checkpoint.load of an earlier step): they
     are neither counted nor removed (this run replaces each when it saves that step), so the earlier
     checkpoint it started from is not the first to go."""
