@@ -18,6 +18,7 @@ import torch
 from megatron_unipool.data import (
     VALIDATION_PLAYS,
     ByteTokenizer,
+    DataError,
     GPT2Tokenizer,
     HFTokenizer,
     IndexedDataset,
@@ -477,6 +478,24 @@ def test_sample_arguments_are_checked(sample_source):
             TokenSampleDataset(dataset, seq_len=2, seed=0, unshuffled=unshuffled).sample(-1)
     with pytest.raises(ValueError, match="batch_size"):
         TokenSampleDataset(dataset, seq_len=2, seed=0).batch(0, 0)
+
+
+def test_a_token_id_outside_the_vocabulary_is_named_where_it_is_read(sample_source):
+    """A damaged .bin (an id the index's vocabulary does not hold) fails in the window reading it, naming the
+    file, instead of as an embedding lookup's device-side assert; the other windows read as before."""
+    dataset, stream = sample_source
+    damaged_at = 100
+    raw = np.fromfile(dataset.bin_path, dtype=dataset.dtype)
+    raw[damaged_at] = dataset.vocab_size  # the first id outside [0, vocab_size)
+    raw.tofile(dataset.bin_path)
+    samples = TokenSampleDataset(IndexedDataset(dataset.bin_path.with_suffix("")), seq_len=7, seed=0, unshuffled=True)
+    for window in range(len(samples)):
+        if window * 7 <= damaged_at <= window * 7 + 7:
+            with pytest.raises(DataError, match=rf"ds\.bin: token id 500 in tokens \[{window * 7}, {window * 7 + 8}\)"
+                                                r" is outside the vocabulary \[0, 500\)"):
+                samples.sample(window)
+        else:
+            np.testing.assert_array_equal(samples.sample(window), stream[window * 7: window * 7 + 8])
 
 
 def test_too_short_stream_is_an_error(small_dataset_prefix):

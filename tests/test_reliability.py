@@ -390,6 +390,14 @@ def test_data_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     exactly_one_batch = write(tmp_path / "four", [rng.integers(0, 200, 4 * 64 + 1).tolist()], 256, 255)
     assert len(build(train, exactly_one_batch).data.valid) == 4  # one micro-batch is enough
+    damaged = Path(write(tmp_path / "damaged", long, 256, 255) + ".bin")
+    tokens = np.fromfile(damaged, dtype=np.uint16)
+    tokens[::50] = 300  # in every sample: ids the index's vocabulary of 256 does not hold
+    tokens.tofile(damaged)
+    with pytest.raises(DataError, match=r"damaged\.bin: token id 300 in tokens .* outside the vocabulary \[0, 256\)"):
+        build(damaged.with_suffix(""), train).compute_gradients()  # read as each step reads its batch
+    with pytest.raises(DataError, match=r"damaged\.bin: token id 300"):
+        build(train, damaged.with_suffix("")).evaluate()
 
 
 def test_validation_batches_are_whole_micro_batches_spread_over_the_split():

@@ -17,7 +17,7 @@ from megatron_unipool.data.indexed_dataset import (
     publish_indexed,
     remove_indexed,
 )
-from megatron_unipool.data.samples import TokenSampleDataset
+from megatron_unipool.data.samples import DataError, TokenSampleDataset
 from megatron_unipool.data.tokenizers import (
     ByteTokenizer,
     GPT2Tokenizer,
@@ -30,6 +30,7 @@ from megatron_unipool.data.tokenizers import (
 __all__ = [
     "VALIDATION_PLAYS",
     "ByteTokenizer",
+    "DataError",
     "GPT2Tokenizer",
     "HFTokenizer",
     "IndexedDataset",

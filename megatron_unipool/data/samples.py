@@ -19,6 +19,10 @@ import torch
 from megatron_unipool.data.indexed_dataset import IndexedDataset
 
 
+class DataError(ValueError):
+    """The data a run reads cannot train its model: missing, damaged, empty or mismatched files."""
+
+
 class TokenSampleDataset:
     """Windows of ``seq_len + 1`` tokens: inputs are ``[:-1]``, labels ``[1:]``."""
 
@@ -64,7 +68,14 @@ class TokenSampleDataset:
     def sample(self, global_index: int) -> np.ndarray:
         """``seq_len + 1`` tokens (int64) of global sample ``global_index``."""
         start = self.window_index(global_index) * self.seq_len
-        return self.dataset.tokens(start, start + self.seq_len + 1).astype(np.int64)
+        tokens = self.dataset.tokens(start, start + self.seq_len + 1).astype(np.int64)
+        largest = int(tokens.max())  # stored unsigned: only the top can leave the vocabulary
+        if largest >= self.dataset.vocab_size:  # an embedding lookup would fail (on CUDA: a device-side assert)
+            raise DataError(
+                f"{self.dataset.bin_path}: token id {largest} in tokens [{start}, {start + self.seq_len + 1}) is"
+                f" outside the vocabulary [0, {self.dataset.vocab_size}) its index records; the file is damaged"
+            )
+        return tokens
 
     def batch(self, start: int, batch_size: int) -> torch.Tensor:
         """Samples ``start .. start + batch_size - 1`` as a LongTensor ``[batch_size, seq_len + 1]``."""

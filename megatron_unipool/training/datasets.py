@@ -7,11 +7,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..data import IndexedDataset, TokenSampleDataset, prepare_default_corpus
-
-
-class DataError(ValueError):
-    """The data a config names cannot train its model: missing, damaged, empty or mismatched files."""
+from ..data import DataError, IndexedDataset, TokenSampleDataset, prepare_default_corpus
 
 
 @dataclass
