@@ -303,6 +303,9 @@ def test_layer_under_unipool_lock_matches_reference(router, phase, bias, capacit
         layer.router.expert_bias.copy_(torch.tensor([0.0, 0.3, 0.0, 0.3, 0.0, 0.3, 0.0, 0.3]) * (4 if router == "norm" else 1))
     dropped = check_against_reference(layer, x)
     routing = layer.router(x.detach().reshape(-1, D), lock.logit_offset(0))
+    # the z-loss reads the raw logits W h, as without a lock (design note), for every router
+    torch.testing.assert_close(routing.logits_TM, torch.nn.functional.linear(
+        x.detach().reshape(-1, D).float(), layer.router.weight.float()), rtol=0, atol=0)
     foreign = ~owned[routing.indices_TK[routing.gates_TK > 0]]  # NormRouter slots without weight go nowhere
     if phase == "hard":
         assert not foreign.any()

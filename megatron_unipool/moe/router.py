@@ -109,6 +109,7 @@ def _select(router: Router, logits: torch.Tensor, offset_M: Optional[torch.Tenso
     """Scores, top-k and gates from the logits: Routing's fields. A function of the router, not its method,
     so that under model.compile one graph serves every layer's router and every copy of the model."""
     cfg, k = router.config, router.config.top_k
+    raw_logits = logits  # the z-loss's, whatever the lock does to the ones routing reads (design note)
     if offset_M is not None and cfg.router != "norm":
         logits = logits + offset_M
     if cfg.router == "softmax":
@@ -138,7 +139,7 @@ def _select(router: Router, logits: torch.Tensor, offset_M: Optional[torch.Tenso
     # NormRouter's ReLU zeroes experts; a token with fewer than k positive scores fills its remaining
     # slots with zero-gate experts. They must not skew the load counts or take capacity (plan_dispatch).
     active = gates > 0 if cfg.router == "norm" else None
-    return indices, gates, balance_scores, logits, active
+    return indices, gates, balance_scores, raw_logits, active
 
 
 def top_k_indices(selection_TM: torch.Tensor, k: int) -> torch.Tensor:
