@@ -2,7 +2,7 @@
 a run directory that the normal launcher continues from.
 
     python tools/upcycle.py --checkpoint runs/tiny_unipool_cpu --multiplier 2 --output runs/upcycled
-    python tools/upcycle.py --checkpoint RUN --multiplier 2 --selection utility --utility-batches 8 --output OUT
+    python tools/upcycle.py --checkpoint RUN --multiplier 2 --selection utility --utility-batches 10 --output OUT
     python tools/upcycle.py --checkpoint runs/tiny_dense_cpu --to-config configs/tiny_vanilla_cpu.json \
         --set moe.normalize_gates=true --output OUT
     python launch/pretrain.py --config OUT/config.json --run-dir OUT      # continued pretraining
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--multiplier", type=int, default=2, help="new experts per pool = multiplier x old")
     parser.add_argument("--selection", choices=["uniform", "utility"], default="uniform")
     parser.add_argument("--utility-score", choices=["grad_sq", "weight_x_grad"], default="grad_sq")
-    parser.add_argument("--utility-batches", type=int, default=8, help="training batches the utility is averaged over")
+    parser.add_argument("--utility-batches", type=int, default=10,
+                        help="training batches the utility is averaged over (the design note: about 10)")
     parser.add_argument("--noise", type=float, default=1e-3,
                         help="U(-noise, noise) on the replicas' selection bias (read only with moe.bias_balancing)")
     parser.add_argument("--optimizer", choices=["reset", "copy"], default="reset", help="AdamW state of the result")
