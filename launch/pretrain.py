@@ -15,10 +15,12 @@ parallel degrees come from the config's `parallel` section, data parallelism tak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,9 +34,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from megatron_unipool.config import ConfigError, load_config  # noqa: E402
 from megatron_unipool.kernels import KernelUnavailableError  # noqa: E402
-from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
+from megatron_unipool.parallel import LaunchError, init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, Trainer,  # noqa: E402
-                                       checkpoints_dir, init_parallel, latest_checkpoint)
+                                       checkpoint_to_resume, checkpoints_dir, init_parallel)
 
 # reported as one line (a ConfigError here: a file the config names changed after loading; KernelUnavailableError:
 # a kernel choice this machine cannot run); anything else is a bug: traceback
@@ -45,6 +47,36 @@ PEER_FAILURES = ("Timed out", "timed out", "Connection reset", "Connection close
 
 def peer_failure(error: BaseException) -> bool:
     return dist.is_initialized() and (isinstance(error, dist.DistError) or any(s in str(error) for s in PEER_FAILURES))
+
+
+class Interruption:
+    """Ctrl-C, or the SIGTERM with which the deepspeed launcher and torchrun stop every rank: a
+    KeyboardInterrupt while the job works, once; a signal that comes later (a launcher sends both, or
+    again) or while the run reports and cleans up is only noted, so that those run whole."""
+
+    def __init__(self):
+        self.seen = False
+        self.raising = True
+
+    def __call__(self, signum, frame) -> None:
+        self.seen = True
+        if self.raising:
+            self.raising = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        if self.seen:  # noted between two interruptible parts
+            raise KeyboardInterrupt
+        self.raising = True
+        try:
+            yield
+        finally:
+            self.raising = False
+
+
+# a rank whose peer the launcher's Ctrl-C stopped gets its own signal moments later (it reaches every rank)
+PEER_SIGNAL_GRACE_S = 1.0
 
 DEFAULT_CONFIG = REPO / "configs" / "tiny_unipool_cpu.json"
 
@@ -67,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field, type-checked like the file; repeatable")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
-    # the deepspeed launcher and torchrun stop every rank with SIGTERM on Ctrl-C: end as Ctrl-C does
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    interruption = Interruption()
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, interruption)
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     # Once the ranks have joined, errors that can differ between nodes are raised on every rank alike
     # (Trainer), so rank 0 reports them. Before that, a node can fail alone (a file only some nodes
@@ -91,28 +124,43 @@ def main(argv: list[str] | None = None) -> int:
         say_on_each_node(f"error: run directory {run_dir} cannot be used: {e.strerror or e}")
         return 2
     try:
-        init_distributed_from_env(config.parallel.timeout_s, even_alone=config.deepspeed.enabled)
-    except dist.DistError as e:  # the rendezvous timed out: a rank failed (or never started) before joining
+        with interruption.interruptible():
+            init_distributed_from_env(config.parallel.timeout_s, even_alone=config.deepspeed.enabled)
+    except LaunchError as e:
+        say_on_each_node(f"error: {e}")
+        return 2
+    except dist.DistError as e:
+        cause = str(e).splitlines()[0][:300]
+        if "EADDRINUSE" in str(e):  # rank 0 could not listen: nothing to wait for
+            say_on_each_node(f"error: MASTER_PORT {os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is in"
+                             f" use by another process: start the job with another port ({cause})")
+            return 2
+        # the rendezvous timed out: a rank failed (or never started) before joining
         print(f"error: rank {rank} of {world_size}: not every rank joined the job within parallel.timeout_s="
-              f"{config.parallel.timeout_s:g} s; one that stopped before joining says why in its log:"
-              f" {str(e).splitlines()[0][:300]}", file=sys.stderr)
+              f"{config.parallel.timeout_s:g} s; one that stopped before joining says why in its log: {cause}",
+              file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # arrives once the rendezvous returns: it blocks in C++, up to parallel.timeout_s
+        say_on_each_node("interrupted while the ranks joined; nothing was trained")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 130
     try:
-        parallel = init_parallel(config)
-        device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None
-        summary = Trainer(config, run_dir, device=device, parallel=parallel).train()
+        with interruption.interruptible():
+            parallel = init_parallel(config)
+            device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None
+            summary = Trainer(config, run_dir, device=device, parallel=parallel).train()
     except RUN_ERRORS as e:
         say(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        latest = latest_checkpoint(checkpoints_dir(run_dir)) if config.checkpoint.resume else None
-        say(f"interrupted; run again to resume from {latest}" if latest else
-            "interrupted; no checkpoint to resume from (none written yet, or checkpoint.resume is false)",
-            file=sys.stderr)
-        return 130
+        return interrupted(config, run_dir, say)
     except RuntimeError as e:
         if not peer_failure(e):
             raise
+        time.sleep(PEER_SIGNAL_GRACE_S)
+        if interruption.seen:  # this rank waited in a collective when an interrupted peer left it
+            return interrupted(config, run_dir, say)
         print(f"error: rank {dist.get_rank()} of {dist.get_world_size()}: a collective failed because another rank "
               f"died or stopped responding for parallel.timeout_s={config.parallel.timeout_s:g} s (see that rank's "
               f"log): {str(e).splitlines()[0][:300]}", file=sys.stderr)
@@ -129,6 +177,16 @@ def main(argv: list[str] | None = None) -> int:
               f"validation loss {summary['final_val_loss']:.4f}, {summary['tokens_per_second']:,.0f} tokens/s; "
               f"summary in {run_dir / 'summary.json'}")
     return 0
+
+
+def interrupted(config, run_dir: Path, say) -> int:
+    try:
+        source = checkpoint_to_resume(config, run_dir)
+    except CheckpointError:
+        source = None
+    say(f"interrupted; run again to resume from {source}" if source else
+        "interrupted; no checkpoint to resume from (none written yet, or checkpoint.resume is false)", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

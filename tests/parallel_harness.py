@@ -59,15 +59,20 @@ def poison_forward(trainer, step: int) -> None:
         lambda module, inputs, output: output * float("nan") if trainer.state.step + 1 == step and module.training else None)
 
 
+# logged per step, and summed over (or divided by) the ranks: what a layout must not change
+LOGGED = ("dropped_fraction", "unrouted_fraction", "tokens_per_second", "tflops_per_device")
+
+
 def run_job(config, run_dir: Path, parallel=None, nan_at_step: int | None = None) -> dict | None:
     trainer = Trainer(config, run_dir, device=torch.device("cpu"), parallel=parallel)
     if nan_at_step is not None:
         poison_forward(trainer, nan_at_step)
-    grad_norms, train_step = [], trainer.train_step
+    grad_norms, step_metrics, train_step = [], [], trainer.train_step
 
     def recording_step():  # the global gradient norm each step, as the backend computed it for clipping
         metrics, routing = train_step()
         grad_norms.append(metrics["grad_norm"])
+        step_metrics.append(metrics)  # the dict the loop then completes with the step's rates and logs
         return metrics, routing
 
     trainer.train_step = recording_step
@@ -82,7 +87,8 @@ def run_job(config, run_dir: Path, parallel=None, nan_at_step: int | None = None
     if trainer.layout.rank != 0:
         return None
     return {"losses": summary["train_losses"], "val_losses": summary["val_losses"], "grad_norms": grad_norms, "grads": grads,
-            "pool_replica_gap": replica_gap, "skipped_steps": trainer.state.skipped_steps}
+            "pool_replica_gap": replica_gap, "skipped_steps": trainer.state.skipped_steps,
+            "metrics": [{key: m.get(key) for key in LOGGED} for m in step_metrics], "world_size": trainer.layout.world_size}
 
 
 @contextlib.contextmanager

@@ -516,6 +516,23 @@ def test_ties_go_to_the_lower_expert_index(router, experts):
     assert chosen.numel() > 0 and bool((chosen < half).all())
 
 
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
+def test_routing_stays_fp32_under_bf16_autocast(router):
+    """bf16 logits (8-bit mantissa) would move near-tied tokens to other experts: the router computes in
+    fp32 whatever autocast the caller runs under (docs/design.md), from the bf16 activations it is given."""
+    from megatron_unipool.moe.router import Router
+
+    torch.manual_seed(0)
+    module = Router(64, 16, MoEConfig(kind="unipool", router=router, top_k=2), 0.02)
+    x = torch.randn(256, 64).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = module(x)
+    plain = module(x)
+    assert routed.logits_TM.dtype == routed.gates_TK.dtype == torch.float32
+    torch.testing.assert_close(routed.logits_TM, torch.nn.functional.linear(x.float(), module.weight), rtol=0, atol=0)
+    assert torch.equal(routed.indices_TK, plain.indices_TK) and torch.equal(routed.gates_TK, plain.gates_TK)
+
+
 def test_top_k_indices_equal_a_stable_descending_sort():
     """Ties (many here), -inf (masked experts), +-0 (NormRouter's ReLU) and +inf: the integer key
     ranks exactly as a stable sort, which keeps the lower index first among equal values."""

@@ -91,6 +91,13 @@ def assert_same_run(parallel: dict, single: dict, name: str):
     norms = parallel["grad_norms"]  # a resumed run has the steps after its checkpoint only
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(single["grad_norms"][-len(norms):]), rtol=1e-4,
                                atol=0, msg=lambda m: f"{name} gradient norms: {m}")
+    for step, (got, want) in enumerate(zip(parallel["metrics"], single["metrics"][-len(norms):])):
+        for key in ("dropped_fraction", "unrouted_fraction"):  # counted over every rank, as by the one process
+            assert (got[key] is None) == (want[key] is None) and (got[key] or 0) == pytest.approx(want[key] or 0), \
+                f"{name} step {step} {key}: {got[key]} vs {want[key]}"
+        # the job's FLOPs shared by its devices: per device, per token of the job, 1/world of the one process's
+        assert got["tflops_per_device"] * parallel["world_size"] / got["tokens_per_second"] == pytest.approx(
+            want["tflops_per_device"] / want["tokens_per_second"], rel=1e-9), f"{name} step {step} TFLOP/s per device"
     if not parallel["grads"]:  # DeepSpeed's ZeRO keeps its reduced gradients partitioned
         return
     assert parallel["grads"].keys() == single["grads"].keys(), name
@@ -489,6 +496,65 @@ def test_a_rank_that_fails_before_joining_is_reported_and_the_others_stop(data_c
     assert status1 == 2 and said1.startswith("rank 1: error: ") and "unknown key train.max_step" in said1, said1
     assert status0 == 1 and "Traceback" not in said0, said0[-2000:]
     assert said0.startswith("error: rank 0 of 2: not every rank joined the job within parallel.timeout_s=5 s"), said0
+
+
+def test_ranks_that_loaded_different_configs_stop_together_naming_the_fields(data_cache, tmp_path):
+    """Rank 1 reads another copy of the config (a node-local file, a --set of its own): a replica with another
+    learning rate would drift apart silently, another shape hang in a collective. Both stop before training."""
+    sets = [a for o in [f"data.cache_dir={data_cache}", "parallel.timeout_s=60", "logging.tensorboard=false"]
+            for a in ("--set", o)]
+    said = _start_ranks([({"LOCAL_RANK": "0"}, ["--run-dir", "run", *sets], tmp_path),
+                         ({"LOCAL_RANK": "1"}, ["--run-dir", "run", *sets, "--set", "train.lr=0.02", "--set",
+                                                "model.ffn_hidden_size=256"], tmp_path)])
+    assert [status for status, _ in said] == [1, 1], said
+    default = load_config("configs/tiny_unipool_cpu.json")
+    assert said[0][1].strip() == ("error: the ranks loaded different configs (a node's copy of the file, or its --set,"
+                                  f" differs): rank 1: model.ffn_hidden_size=256 (rank 0: {default.model.ffn_hidden_size}),"
+                                  f" train.lr=0.02 (rank 0: {default.train.lr})"), said[0][1][-2000:]
+    assert said[1][1] == ""  # rank 0 speaks for the job
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ctrl_c_on_every_rank_ends_each_as_interrupted(data_cache, tmp_path):
+    """A launcher's Ctrl-C reaches every rank, followed by its SIGTERM. Rank 1 gets its signal late, when its
+    collective has already failed because the interrupted rank 0 left: interrupted too (exit 130, not a
+    dead-peer error), and no traceback from the second signal during either rank's cleanup."""
+    port = str(32500 + os.getpid() % 1000)
+    procs, lines = [], queue.Queue()
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--run-dir", str(tmp_path / "run"),
+                   "--set", "parallel.ep=2", "--set", "parallel.timeout_s=60", "--set", "logging.log_interval=1",
+                   "--set", f"data.cache_dir={data_cache}", "--set", "logging.tensorboard=false",
+                   "--set", "train.max_steps=1000", "--set", "checkpoint.save_interval=2"]
+        procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in procs[0].stdout], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if re.match(r"step\s+3/", lines.get(timeout=5)):  # after the step-2 checkpoint
+                    break
+            except queue.Empty:
+                assert procs[0].poll() is None, procs[0].stderr.read()[-2000:]
+        else:
+            pytest.fail("training never started")
+        for p in procs:
+            for stop in (signal.SIGINT, signal.SIGTERM):
+                p.send_signal(stop)
+                time.sleep(0.05)
+            time.sleep(0.5)  # while rank 0 reports and leaves
+        said = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+        assert [status for status, _ in said] == [130, 130], said
+        assert said[0][1].strip().startswith(f"interrupted; run again to resume from {tmp_path / 'run' / 'checkpoints'}")
+        assert said[1][1] == "", said[1][1][-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
 
 def _launch(nproc: int, run_dir: Path, data_cache: str, overrides: list[str], launcher: str = "torchrun") -> list[float]:

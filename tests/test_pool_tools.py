@@ -4,6 +4,7 @@ launcher round trip), the routing probe and the utilisation analysis."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -853,6 +854,20 @@ def test_reproduction_report_states_each_ordering_against_the_seed_spread():
     assert "- vanilla below dense: did not hold (2.1000 vs 1.9000, largest std 0.1414)" in text
     assert "- unipool below vanilla: held (1.6000 vs 2.1000, largest std 0.1414)" in text
     assert "- unipool-67% below vanilla: held, within the seed spread (2.0000 vs 2.1000, largest std 0.1414)" in text
+
+
+def test_reproduction_plot_reads_a_skipped_steps_null_loss_as_a_gap(tmp_path, monkeypatch):
+    module = tool_module("reproduce")
+    drawn, draw = {}, module.plt.Axes.plot
+
+    def recording(ax, x, y, **kwargs):
+        drawn[kwargs["label"]] = list(y)
+        return draw(ax, x, y, **kwargs)
+
+    monkeypatch.setattr(module.plt.Axes, "plot", recording)
+    module.plot({"vanilla": [{"train_losses": [3.0, None, 2.0]}, {"train_losses": [2.0, 2.0, 1.0]}]}, tmp_path / "c.png")
+    assert drawn["vanilla"][0] == 2.5 and math.isnan(drawn["vanilla"][1]) and drawn["vanilla"][2] == 1.5
+    assert (tmp_path / "c.png").stat().st_size > 0
 
 
 def test_reproduction_trains_seed_by_seed_without_checkpoints_and_reuses_reduced_pools(reproduce_tool, tmp_path,

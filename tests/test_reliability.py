@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -69,6 +70,19 @@ def test_non_finite_step_changes_nothing_and_is_counted(where, lag, lock, tiny_c
     metrics, _ = trainer.train_step()  # the next batch trains normally
     assert math.isfinite(metrics["lm_loss"]) and trainer.state.consecutive_skips == 0
     assert trainer.state.skipped_steps == 1 and trainer.state.consumed_samples == 4 * config.train.global_batch
+
+
+def test_a_skipped_steps_loss_is_null_in_the_strict_json_summary(tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(UNIPOOL, "train.max_steps=3", "train.eval_interval=0"), tmp_path)
+    poison(trainer, {2}, "loss")
+    returned = trainer.train()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    written = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert math.isinf(returned["train_losses"][1]) and written["train_losses"][1] is None
+    assert written["train_losses"][::2] == returned["train_losses"][::2] and written["skipped_steps"] == 1
 
 
 def test_an_update_applied_despite_a_non_finite_loss_stops_the_run(tiny_config, tmp_path):
@@ -574,6 +588,30 @@ def test_launcher_refuses_a_run_directory_it_cannot_use_and_says_config_errors_o
     assert said[2].stderr.startswith("rank 2: error: invalid config:\n  unknown key train.max_step")
 
 
+def test_a_job_environment_the_launcher_did_not_finish_is_one_line(data_cache, tmp_path):
+    """WORLD_SIZE without the rest (a hand-written job script): DeepSpeed would look for MPI instead and fail
+    in a traceback about mpi4py, or with it make each rank a job of its own. A master port another process
+    holds is said as such, not as ranks that failed to join."""
+    bare = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    command = [sys.executable] + launch_command(tmp_path / "run", data_cache)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(bare, OMP_NUM_THREADS="1", WORLD_SIZE="2", RANK="1", LOCAL_RANK="0"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == ("rank 1: error: WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT are not set: start the job with the"
+                           " deepspeed launcher or torchrun, or set RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for every"
+                           " process (LOCAL_RANK: its rank within its node)\n")
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(command + ["--set", "parallel.timeout_s=30"], capture_output=True, text=True, timeout=300,
+                              env=dict(bare, OMP_NUM_THREADS="1", WORLD_SIZE="2", RANK="0", LOCAL_RANK="0",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: MASTER_PORT {port} on 127.0.0.1 is in use by another process: start the job"
+                                  " with another port"), done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(sig, data_cache, tmp_path):
     """Ctrl-C, or the SIGTERM the deepspeed launcher and torchrun send every rank on Ctrl-C."""
@@ -582,6 +620,10 @@ def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(sig, data_cache, tmp_p
     status, stderr = signalled(command, "step  4/12", sig)  # after the step-3 checkpoint
     assert status == 130, stderr[-2000:]
     assert stderr.strip() == f"interrupted; run again to resume from {run_dir / 'checkpoints' / 'step_0000003'}"
+    started_from = tmp_path / "started_from"  # checkpoint.load's, until the run has a checkpoint of its own
+    status, stderr = signalled(launch_command(started_from, data_cache) + ["--set", f"checkpoint.load={run_dir}"],
+                               "step  5/12", sig)
+    assert status == 130 and stderr.strip() == f"interrupted; run again to resume from {run_dir / 'checkpoints' / 'step_0000003'}"
     assert run_to_end(command, run_dir)["steps"] == 12
     fresh = tmp_path / "fresh"  # interrupted before its first checkpoint: nothing to promise
     status, stderr = signalled(launch_command(fresh, data_cache), "step  2/12", sig)

@@ -110,6 +110,12 @@ def test_gradient_clipping_scales_to_the_limit_and_zero_turns_it_off():
     clip_gradients(model, {}, ParallelState(), 1.0)
     clipped = torch.cat([model.weight.grad.flatten(), model.bias.grad])
     assert clipped.norm().item() == pytest.approx(1.0, rel=1e-5)
+    model.weight.grad.mul_(1.2)  # norm 1.2: just above a limit of 1.1, just below one of 1.3
+    before = torch.cat([model.weight.grad.flatten(), model.bias.grad]).norm().item()
+    clip_gradients(model, {}, ParallelState(), 1.3)
+    assert torch.cat([model.weight.grad.flatten(), model.bias.grad]).norm().item() == pytest.approx(before, rel=1e-6)
+    clip_gradients(model, {}, ParallelState(), 1.1)
+    assert torch.cat([model.weight.grad.flatten(), model.bias.grad]).norm().item() == pytest.approx(1.1, rel=1e-5)
 
 
 def test_a_replica_without_canonical_gradients_reduces_its_zero_on_the_model_device(monkeypatch):
@@ -260,6 +266,39 @@ def test_weight_decay_reaches_matrices_and_experts_not_norms_or_scales(tiny_conf
     assert any(name.endswith("router.scale") for name in map(names.get, no_decay))
     assert any("norm" in name for name in map(names.get, no_decay))
     assert any(name.startswith("expert_pools.") for name in map(names.get, decay)) and not decay & no_decay
+
+
+def test_adamw_steps_follow_the_formula_with_decay_on_matrices_only(tiny_config):
+    """Two steps of the optimizer the trainer builds against AdamW written out: the configured betas, eps and
+    rate, decoupled decay on matrices and expert tensors, none on norms and the NormRouter's scale."""
+    from megatron_unipool.model import LanguageModel
+    from megatron_unipool.training import build_optimizer
+
+    full = tiny_config("configs/tiny_unipool_cpu.json", "train.weight_decay=0.1", "train.beta1=0.8",
+                       "train.beta2=0.99", "train.adam_eps=1e-6")
+    config, model = full.train, LanguageModel(full.model, full.moe)
+    params = list(model.parameters())
+    optimizer = build_optimizer(model, config)
+    lr = 0.01
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    expected = [p.detach().clone().double() for p in params]
+    first = [torch.zeros_like(e) for e in expected]
+    second = [torch.zeros_like(e) for e in expected]
+    generator = torch.Generator().manual_seed(0)
+    for t in (1, 2):
+        grads = [torch.randn(p.shape, generator=generator) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            decay = config.weight_decay if p.ndim >= 2 else 0.0
+            first[i] = config.beta1 * first[i] + (1 - config.beta1) * g.double()
+            second[i] = config.beta2 * second[i] + (1 - config.beta2) * g.double() ** 2
+            step = (first[i] / (1 - config.beta1 ** t)) / ((second[i] / (1 - config.beta2 ** t)).sqrt() + config.adam_eps)
+            expected[i] = expected[i] * (1 - lr * decay) - lr * step
+    for (name, p), e in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 def test_dropped_fraction_is_of_the_routed_slots(tiny_config, tmp_path):

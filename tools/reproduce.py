@@ -122,7 +122,7 @@ def report(results: dict[str, list[dict]]) -> str:
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, runs in results.items():
-        losses = np.mean([r["train_losses"] for r in runs], axis=0)
+        losses = np.mean([np.asarray(r["train_losses"], dtype=float) for r in runs], axis=0)  # null: a skipped step
         window = max(1, len(losses) // 30)
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax.plot(np.arange(len(smooth)) + window, smooth, label=name)

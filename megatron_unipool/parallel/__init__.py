@@ -3,6 +3,7 @@
 Knows no model: the model package shards itself with these layers and collectives.
 """
 from .state import (
+    LaunchError,
     Layout,
     ParallelState,
     all_reduce,

@@ -169,6 +169,13 @@ def build_parallel_state(tp: int, pp: int, ep: int, pool_stage_sets: Iterable[It
     return state
 
 
+class LaunchError(RuntimeError):
+    """The environment does not describe a job this process can join."""
+
+
+JOB_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # beside WORLD_SIZE: what the launchers set
+
+
 def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int:
     """Join the job the launcher (deepspeed, torchrun) described in the environment; returns the world size.
 
@@ -181,6 +188,11 @@ def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int
         return dist.get_world_size()
     if world == 1 and not even_alone:
         return 1
+    missing = [name for name in JOB_VARIABLES if name not in os.environ]
+    if world > 1 and missing:  # DeepSpeed would look for MPI instead (mpi4py), and could make each rank a job of 1
+        raise LaunchError(f"WORLD_SIZE={world} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set:"
+                          " start the job with the deepspeed launcher or torchrun, or set " + ", ".join(JOB_VARIABLES)
+                          + " for every process (LOCAL_RANK: its rank within its node)")
     if world == 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -197,7 +209,7 @@ def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int
     except ImportError:
         dist.init_process_group(backend, timeout=timeout)
     else:
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
     return dist.get_world_size()
 
 

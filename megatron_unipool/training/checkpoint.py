@@ -166,6 +166,13 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
     return path
 
 
+def checkpoint_to_resume(config: Config, run_dir: Path) -> Optional[Path]:
+    """The run directory's own latest checkpoint (with checkpoint.resume) wins, so a rerun continues where
+    it stopped; checkpoint.load only starts a run directory that has none."""
+    path = latest_checkpoint(checkpoints_dir(run_dir)) if config.checkpoint.resume else None
+    return resolve_checkpoint(config.checkpoint.load) if path is None and config.checkpoint.load else path
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A run directory (its latest checkpoint), a checkpoints directory, or one step_* directory."""
     path = Path(path)

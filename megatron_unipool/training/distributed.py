@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..config import Config
+from ..config import Config, ConfigError, config_to_dict
 from ..model.sharding import REPLICATED, ShardSpec
 from ..parallel import ParallelState, build_parallel_state
 
@@ -34,6 +34,21 @@ def _sum_over(tensors: list[torch.Tensor], group) -> None:
         dist.all_reduce(flat, group=group)
         for t, reduced in zip(same, _unflatten_dense_tensors(flat, same)):
             t.copy_(reduced)
+
+
+def check_same_config(config: Config) -> None:
+    """Raise ConfigError on every rank unless all loaded the same config. Node-local copies of a file can
+    differ: replicas with another learning rate drift apart silently, other shapes hang in a collective."""
+    fields = {f"{section}.{key}": value for section, values in config_to_dict(config).items()
+              for key, value in values.items()}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, fields)
+    differences = [f"rank {rank}: " + ", ".join(f"{key}={theirs[key]!r} (rank 0: {every[0][key]!r})"
+                                                 for key in every[0] if theirs[key] != every[0][key])
+                   for rank, theirs in enumerate(every) if theirs != every[0]]
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more ranks" if len(differences) > 4 else "")
+        raise ConfigError(f"the ranks loaded different configs (a node's copy of the file, or its --set, differs): {shown}")
 
 
 def reduce_gradients(model: nn.Module, specs: dict[str, ShardSpec], state: ParallelState) -> None:
@@ -140,6 +155,9 @@ def gather_full_state(model: nn.Module, model_tensors: dict[str, torch.Tensor], 
 
 
 def init_parallel(config: Config) -> ParallelState:
-    """The process groups of `config.parallel` on the already initialised default group."""
+    """The process groups of `config.parallel` on the already initialised default group, once every rank
+    is known to have loaded the same config."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        check_same_config(config)
     p = config.parallel
     return build_parallel_state(p.tp, p.pp, p.ep, config.moe.pool_stages(config.model.num_layers, p.pp), p.timeout_s)

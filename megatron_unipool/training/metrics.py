@@ -16,6 +16,17 @@ from ..config import LoggingConfig
 from .hardware import GpuMonitor
 from .plots import utilisation_figure
 
+
+def _finite_or_null(value):
+    """NaN and infinities (a skipped step's loss) as null: they are not JSON, and jq or JavaScript refuse the file."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
 COUNTERS = ("skipped_steps",)  # metrics that are running totals
 LATEST = ("lr",)  # the value at the logged step, as Megatron prints it
 RATES = ("tokens_per_second", "tflops_per_device", "mfu_percent")  # per-step work / step time
@@ -118,6 +129,6 @@ class MetricsLogger:
     def close(self, summary: dict) -> None:
         if not self.enabled:
             return
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.run_dir / "summary.json").write_text(json.dumps(_finite_or_null(summary), indent=2, allow_nan=False))
         if self.writer:
             self.writer.close()

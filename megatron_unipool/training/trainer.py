@@ -32,8 +32,8 @@ from ..parallel import ParallelState, all_reduce
 from ..parallel.agreement import decided_by_rank0, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
-from .checkpoint import (CheckpointError, checkpoint_payload, checkpoints_dir, latest_checkpoint, load_checkpoint, resolve_checkpoint,
-                         restore_model, save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint,
+                         load_checkpoint, restore_model, save_checkpoint, set_rng_state)
 from .datasets import DataError, build_datasets, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
@@ -135,22 +135,15 @@ class Trainer:
               flush=True)
 
     def _checkpoint_to_resume(self):
-        """The run directory's own latest checkpoint (with checkpoint.resume) wins, so a rerun continues
-        where it stopped; checkpoint.load only starts a run directory that has none. Rank 0 chooses
-        for all, so no node resumes from another step because its view of the files differs."""
-        ckpt = self.config.checkpoint
-
-        def choose() -> Optional[Path]:
-            path = latest_checkpoint(self.checkpoints) if ckpt.resume else None
-            return resolve_checkpoint(ckpt.load) if path is None and ckpt.load else path
-
+        """checkpoint.checkpoint_to_resume's choice and its payload. Rank 0 chooses for all, so no node
+        resumes from another step because its view of the files differs."""
         def load(path: Path) -> dict:
             if not path.exists():
                 raise CheckpointError(f"{path}, which rank 0 resumes from, is not visible here: rank 0 writes the"
                                       " checkpoints, so every node must see the run directory (a shared file system)")
             return load_checkpoint(path)
 
-        path = decided_by_rank0(choose, self.parallel)
+        path = decided_by_rank0(lambda: checkpoint_to_resume(self.config, self.run_dir), self.parallel)
         return (None, None) if path is None else (on_every_rank(lambda: load(path), self.parallel, (CheckpointError,)),
                                                   path)
 
@@ -371,6 +364,7 @@ class Trainer:
             "tokens_per_second": len(measured) / sum(1.0 / rate for rate in measured) if measured else None,
             "train_flops_per_token": b.train_flops_per_token,
             "steps": s.step,
+            "skipped_steps": s.skipped_steps,  # their train_losses are not finite (null in summary.json)
             "consumed_samples": s.consumed_samples,
             "config": config_to_dict(self.config),
         }
