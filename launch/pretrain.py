@@ -5,7 +5,7 @@
     deepspeed --num_gpus 8 launch/pretrain.py --config configs/unipool_182m.json
     deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 launch/pretrain.py --config ...
 
-Without --config it trains configs/tiny_unipool_cpu.json (a few minutes on 2 CPU cores); a run
+Without --config it trains configs/tiny_unipool_cpu.json (1-3 minutes on 2 CPU cores); a run
 directory's config.json (tools/upcycle.py and convert_checkpoint.py write OUT/config.json beside
 OUT/checkpoints) continues that run without --run-dir. Relative paths in the config mean the
 directory the command runs in (stored absolute in the run's checkpoints). The
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         say_on_each_node(f"error: {e}")
         return 2
     except OSError as e:
-        say_on_each_node(f"error: run directory {run_dir} cannot be used: {e.strerror or e}")
+        say_on_each_node(f"error: run directory {run_dir} cannot be used: "
+                         + ("it is a file" if run_dir.is_file() else str(e.strerror or e)))
         return 2
     try:
         with interruption.interruptible():

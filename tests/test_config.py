@@ -203,6 +203,11 @@ def test_all_problems_reported_together(tmp_path):
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.json")
+    with pytest.raises(ConfigError, match=r"config file \S+ is a directory$"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text("{}")  # a run directory, as the tools write one
+    with pytest.raises(ConfigError, match=rf"config file {tmp_path} is a directory: pass {tmp_path / 'config.json'}$"):
+        load_config(tmp_path)
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path / "broken.json")

@@ -217,6 +217,9 @@ def test_missing_partial_and_dangling_checkpoints_are_named(saved_run, tiny_conf
     run, files = saved_run
     with pytest.raises(CheckpointError, match="no checkpoint at .*nowhere"):
         Trainer(tiny_config(UNIPOOL, f"checkpoint.load={tmp_path / 'nowhere'}"), tmp_path / "other")
+    (tmp_path / "notes.json").write_text("{}")  # a file, but not one torch.save wrote: what a checkpoint may be
+    with pytest.raises(CheckpointError, match=r"no checkpoint at \S+notes.json: expected a run directory"):
+        Trainer(tiny_config(UNIPOOL, f"checkpoint.load={tmp_path / 'notes.json'}"), tmp_path / "other")
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "state.pt").write_bytes((run / "checkpoints/step_0000002/state.pt").read_bytes()[:5000])
@@ -576,7 +579,7 @@ def test_launcher_refuses_a_run_directory_it_cannot_use_and_says_config_errors_o
     command = launch_command(tmp_path / "a_file", data_cache)
     done = subprocess.run([sys.executable] + command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-1500:]
-    assert done.stderr.strip().startswith(f"error: run directory {tmp_path / 'a_file'} cannot be used")
+    assert done.stderr.strip() == f"error: run directory {tmp_path / 'a_file'} cannot be used: it is a file"
     # a config error reaches every rank of a launcher: rank 0 says it, the others stay silent
     typo = launch_command(tmp_path / "run", data_cache) + ["--set", "train.max_step=3"]
     said = [subprocess.run([sys.executable] + typo, capture_output=True, text=True, timeout=300,

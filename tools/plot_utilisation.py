@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="run directory or step_* directory")
     parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of train.global_batch sequences (default: the run's train.eval_batches)")
-    parser.add_argument("--output", type=Path, default=Path("utilisation"))
+    parser.add_argument("--output", type=Path, default=Path("utilisation"),
+                        help="directory for the plots (default: ./utilisation, replaced per file)")
     args = parser.parse_args(argv)
     if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")

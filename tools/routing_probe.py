@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-n", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=1, help="random draws averaged per layer")
     parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of train.global_batch sequences (default: the run's train.eval_batches)")
-    parser.add_argument("--output", type=Path, default=Path("probe"))
+    parser.add_argument("--output", type=Path, default=Path("probe"),
+                        help="directory for the table, JSON and plot (default: ./probe, replaced per file)")
     args = parser.parse_args(argv)
     if args.seeds < 1:  # each loss is a mean over the draws
         parser.error(f"--seeds must be at least 1, not {args.seeds}")

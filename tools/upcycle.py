@@ -3,7 +3,7 @@ a run directory that the normal launcher continues from.
 
     python tools/upcycle.py --checkpoint runs/tiny_unipool_cpu --multiplier 2 --output runs/upcycled
     python tools/upcycle.py --checkpoint RUN --multiplier 2 --selection utility --utility-batches 10 --output OUT
-    python tools/upcycle.py --checkpoint runs/tiny_dense_cpu --to-config configs/tiny_vanilla_cpu.json \
+    python tools/upcycle.py --checkpoint runs/tiny_dense_cpu --to-config configs/tiny_vanilla_cpu.json \\
         --set moe.normalize_gates=true --output OUT
     python launch/pretrain.py --config OUT/config.json --run-dir OUT      # continued pretraining
 

@@ -148,6 +148,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            inside = path / "config.json"
+            raise ConfigError(f"config file {path} is a directory" + (f": pass {inside}" if inside.is_file() else ""))
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         raw = read_json(path, "config file")

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -179,8 +180,8 @@ def resolve_checkpoint(path: Path) -> Path:
     for directory in (checkpoints_dir(path), path):
         if (directory / LATEST).is_file():
             return latest_checkpoint(directory)
-    if (path / "state.pt").is_file() or path.is_file():
-        return path
+    if (path / "state.pt").is_file() or (path.is_file() and (path.name == "state.pt" or zipfile.is_zipfile(path))):
+        return path  # a file torch.save wrote (a zip archive), or a damaged state.pt: load_checkpoint says which
     raise CheckpointError(f"no checkpoint at {path}: expected a run directory, its checkpoints/ directory or a"
                           " step_* directory holding state.pt")
 
