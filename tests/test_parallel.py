@@ -5,6 +5,7 @@ The default suite runs a representative subset; the full layout matrix is
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -12,6 +13,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -515,46 +517,59 @@ def test_ranks_that_loaded_different_configs_stop_together_naming_the_fields(dat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_ctrl_c_on_every_rank_ends_each_as_interrupted(data_cache, tmp_path):
-    """A launcher's Ctrl-C reaches every rank, followed by its SIGTERM. Rank 1 gets its signal late, when its
-    collective has already failed because the interrupted rank 0 left: interrupted too (exit 130, not a
-    dead-peer error), and no traceback from the second signal during either rank's cleanup."""
-    port = str(32500 + os.getpid() % 1000)
+@contextlib.contextmanager
+def _two_ranks_training(tmp_path: Path, data_cache: str, sets: list[str], step: int, merge_stderr: bool = False):
+    """launch/pretrain.py as two ranks of one job, yielded (processes, queue of rank 0's output lines) once
+    rank 0 has logged `step`; a rank still running on the way out is killed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    sets = ["parallel.timeout_s=60", "logging.log_interval=1", f"data.cache_dir={data_cache}",
+            "logging.tensorboard=false", "train.max_steps=1000", *sets]
     procs, lines = [], queue.Queue()
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port, OMP_NUM_THREADS="1")
         command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--run-dir", str(tmp_path / "run"),
-                   "--set", "parallel.ep=2", "--set", "parallel.timeout_s=60", "--set", "logging.log_interval=1",
-                   "--set", f"data.cache_dir={data_cache}", "--set", "logging.tensorboard=false",
-                   "--set", "train.max_steps=1000", "--set", "checkpoint.save_interval=2"]
-        procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+                   *[a for s in sets for a in ("--set", s)]]
+        procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True,
+                                      stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                                      # a pytest started in the background (nohup, &) passes SIGINT ignored
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
     reader = threading.Thread(target=lambda: [lines.put(line) for line in procs[0].stdout], daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
-                if re.match(r"step\s+3/", lines.get(timeout=5)):  # after the step-2 checkpoint
+                if re.match(rf"step\s+{step}/", lines.get(timeout=5)):
                     break
             except queue.Empty:
-                assert procs[0].poll() is None, procs[0].stderr.read()[-2000:]
+                assert procs[0].poll() is None, "rank 0 ended before training"
         else:
             pytest.fail("training never started")
+        yield procs, lines
+    finally:
         for p in procs:
+            if p.poll() is None:
+                p.kill()
+        reader.join(timeout=30)  # rank 0's output, up to its end
+
+
+def test_ctrl_c_on_every_rank_ends_each_as_interrupted(data_cache, tmp_path):
+    """A launcher's Ctrl-C reaches every rank, followed by its SIGTERM. Rank 1 gets its signal late, when its
+    collective has already failed because the interrupted rank 0 left: interrupted too (exit 130, not a
+    dead-peer error), and no traceback from the second signal during either rank's cleanup."""
+    with _two_ranks_training(tmp_path, data_cache, ["parallel.ep=2", "checkpoint.save_interval=2"], 3) as (procs, _):
+        for p in procs:  # after the step-2 checkpoint
             for stop in (signal.SIGINT, signal.SIGTERM):
                 p.send_signal(stop)
                 time.sleep(0.05)
             time.sleep(0.5)  # while rank 0 reports and leaves
         said = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-        assert [status for status, _ in said] == [130, 130], said
-        assert said[0][1].strip().startswith(f"interrupted; run again to resume from {tmp_path / 'run' / 'checkpoints'}")
-        assert said[1][1] == "", said[1][1][-2000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    assert [status for status, _ in said] == [130, 130], said
+    assert said[0][1].strip().startswith(f"interrupted; run again to resume from {tmp_path / 'run' / 'checkpoints'}")
+    assert said[1][1] == "", said[1][1][-2000:]
 
 
 def _launch(nproc: int, run_dir: Path, data_cache: str, overrides: list[str], launcher: str = "torchrun") -> list[float]:
@@ -596,42 +611,16 @@ def test_a_dead_or_stuck_rank_ends_the_job_with_an_error(fault, layout, data_cac
     """Rank 1 is killed (its sockets close) or frozen (they stay open, so only the collective's
     timeout can notice) mid-run; rank 0 must exit with an error, not hang. At pp2 rank 0 waits in a
     send on the default group, at ep2 in the all-to-all of a subgroup: parallel.timeout_s holds for both."""
-    port = str(30500 + os.getpid() % 1000)
-    procs, lines = [], queue.Queue()
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=port, OMP_NUM_THREADS="1")
-        command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--run-dir", str(tmp_path / "run"),
-                   "--set", layout, "--set", "parallel.timeout_s=20", "--set", "logging.log_interval=1",
-                   "--set", f"data.cache_dir={data_cache}", "--set", "logging.tensorboard=false",
-                   "--set", "train.max_steps=1000", "--set", "checkpoint.save_interval=0"]
-        procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in procs[0].stdout], daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if re.match(r"step\s+1/", lines.get(timeout=5)):
-                    break
-            except queue.Empty:
-                assert procs[0].poll() is None, "rank 0 ended before training"
-        else:
-            pytest.fail("training never started")
+    sets = [layout, "parallel.timeout_s=20", "checkpoint.save_interval=0"]
+    with _two_ranks_training(tmp_path, data_cache, sets, 1, merge_stderr=True) as (procs, lines):
         procs[1].send_signal(fault)
         started = time.monotonic()
         code = procs[0].wait(timeout=120)
         assert code != 0
         assert time.monotonic() - started < 120
-        reader.join(timeout=30)  # rank 0's last lines, up to the end of its output
-        said = "".join(lines.get_nowait() for _ in range(lines.qsize()))
-        assert "error: rank 0 of 2: a collective failed because another rank died or stopped responding" in said
-        assert "Traceback" not in said
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    said = "".join(lines.get_nowait() for _ in range(lines.qsize()))
+    assert "error: rank 0 of 2: a collective failed because another rank died or stopped responding" in said
+    assert "Traceback" not in said
 
 
 def test_deepspeed_config_is_generated_from_train_and_merged(tmp_path):
