@@ -27,6 +27,7 @@ def _finite_or_null(value):
         return [_finite_or_null(item) for item in value]
     return value
 
+
 COUNTERS = ("skipped_steps",)  # metrics that are running totals
 LATEST = ("lr",)  # the value at the logged step, as Megatron prints it
 RATES = ("tokens_per_second", "tflops_per_device", "mfu_percent")  # per-step work / step time
