@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides, world_size=world_size)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(args.config))
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)  # on every rank, before any waits for another
     except ConfigError as e:
         say_on_each_node(f"error: {e}")
@@ -153,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = Trainer(config, run_dir, device=device, parallel=parallel).train()
     except RUN_ERRORS as e:
         say(f"error: {e}", file=sys.stderr)
+        if created:  # a run that failed before it wrote anything leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
         return 1
     except KeyboardInterrupt:
         return interrupted(config, run_dir, say)

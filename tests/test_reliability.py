@@ -572,6 +572,9 @@ def test_launcher_reports_run_errors_in_one_line(settings, message, data_cache, 
                           env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().startswith(message) and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert not (tmp_path / "run").exists() or any((tmp_path / "run").iterdir())  # no empty run directory left
+    if "checkpoint.load=nowhere" in settings or "data.train_prefix=nowhere" in settings:
+        assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_launcher_refuses_a_run_directory_it_cannot_use_and_says_config_errors_once(data_cache, tmp_path):
