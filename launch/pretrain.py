@@ -5,7 +5,8 @@
     deepspeed --num_gpus 8 launch/pretrain.py --config configs/unipool_182m.json
     deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 launch/pretrain.py --config ...
 
-Without --config it trains configs/tiny_unipool_cpu.json (1-3 minutes on 2 CPU cores); a run
+SIGTERM (a scheduler's preemption) saves the step under way and exits 130; Ctrl-C interrupts at once
+(docs/reliability.md). Without --config it trains configs/tiny_unipool_cpu.json (1-3 minutes on 2 CPU cores); a run
 directory's config.json (tools/upcycle.py and convert_checkpoint.py write OUT/config.json beside
 OUT/checkpoints) continues that run without --run-dir. Relative paths in the config mean the
 directory the command runs in (stored absolute in the run's checkpoints). The
@@ -35,7 +36,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from megatron_unipool.config import ConfigError, load_config  # noqa: E402
 from megatron_unipool.kernels import KernelUnavailableError  # noqa: E402
 from megatron_unipool.parallel import LaunchError, init_distributed_from_env  # noqa: E402
-from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, Trainer,  # noqa: E402
+from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, RunStopped, Trainer,  # noqa: E402
                                        checkpoint_to_resume, checkpoints_dir, init_parallel)
 
 # reported as one line (a ConfigError here: a file the config names changed after loading; KernelUnavailableError:
@@ -50,29 +51,40 @@ def peer_failure(error: BaseException) -> bool:
 
 
 class Interruption:
-    """Ctrl-C, or the SIGTERM with which the deepspeed launcher and torchrun stop every rank: a
-    KeyboardInterrupt while the job works, once; a signal that comes later (a launcher sends both, or
-    again) or while the run reports and cleans up is only noted, so that those run whole."""
+    """Ctrl-C (SIGINT), or SIGTERM (a scheduler's preemption, which torchrun and the deepspeed launcher
+    pass on to every rank; the deepspeed launcher follows Ctrl-C with it): a KeyboardInterrupt while
+    the job works, once; a signal that comes later (a launcher sends both, or again) or while the run
+    reports and cleans up is only noted, so that those run whole. While the job trains with
+    checkpoint.save_on_sigterm, SIGTERM only sets `stop_requested`: the trainer saves at the end of
+    the step and stops."""
 
     def __init__(self):
         self.seen = False
         self.raising = True
+        self.sigterm_stops_at_step_end = False
+        self.sigterm_seen = False
 
     def __call__(self, signum, frame) -> None:
         self.seen = True
+        if signum == signal.SIGTERM and self.sigterm_stops_at_step_end:
+            self.sigterm_seen = True
+            return
         if self.raising:
             self.raising = False
             raise KeyboardInterrupt
 
+    def stop_requested(self) -> bool:
+        return self.sigterm_seen
+
     @contextlib.contextmanager
-    def interruptible(self):
+    def interruptible(self, sigterm_stops_at_step_end: bool = False):
         if self.seen:  # noted between two interruptible parts
             raise KeyboardInterrupt
-        self.raising = True
+        self.raising, self.sigterm_stops_at_step_end = True, sigterm_stops_at_step_end
         try:
             yield
         finally:
-            self.raising = False
+            self.raising, self.sigterm_stops_at_step_end = False, False
 
 
 # a rank whose peer the launcher's Ctrl-C stopped gets its own signal moments later (it reaches every rank)
@@ -148,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
         return 130
     try:
-        with interruption.interruptible():
-            parallel = init_parallel(config)
-            device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None
-            summary = Trainer(config, run_dir, device=device, parallel=parallel).train()
+        summary = train(config, run_dir, interruption)
+    except RunStopped as e:
+        say(f"stopped by SIGTERM at the end of step {e.step}; run again to resume from {e.checkpoint}", file=sys.stderr)
+        return 130
     except RUN_ERRORS as e:
         say(f"error: {e}", file=sys.stderr)
         if created:  # a run that failed before it wrote anything leaves no empty directory behind
@@ -177,11 +189,22 @@ def main(argv: list[str] | None = None) -> int:
             # "terminate called without an active exception") instead of ending it with the status above
             gc.collect()
             dist.destroy_process_group()
-    if parallel.layout.rank == 0:
+    if rank == 0:
         print(f"done: {summary['steps']} steps, final train loss {summary['final_train_loss']:.4f}, "
               f"validation loss {summary['final_val_loss']:.4f}, {summary['tokens_per_second']:,.0f} tokens/s; "
               f"summary in {run_dir / 'summary.json'}")
     return 0
+
+
+def train(config, run_dir: Path, interruption: Interruption) -> dict:
+    """The run's summary. A SIGTERM before training starts (while the job is set up) interrupts at once:
+    there is nothing to save yet."""
+    with interruption.interruptible():
+        parallel = init_parallel(config)
+        device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else None
+        trainer = Trainer(config, run_dir, device=device, parallel=parallel)
+    with interruption.interruptible(sigterm_stops_at_step_end=config.checkpoint.save_on_sigterm):
+        return trainer.train(stop_requested=interruption.stop_requested)
 
 
 def interrupted(config, run_dir: Path, say) -> int:

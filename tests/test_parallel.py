@@ -29,6 +29,7 @@ from megatron_unipool.config import ConfigError, load_config
 from megatron_unipool.model import LanguageModel
 from megatron_unipool.model.sharding import ShardSpec
 from megatron_unipool.parallel import Layout, group_ranks
+from megatron_unipool.training import latest_checkpoint, load_checkpoint
 from parallel_harness import job_config, run_job, run_on_ranks, run_parallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,8 +256,6 @@ def test_bf16_deepspeed_sums_micro_batch_gradients_in_fp32(data_cache, tmp_path)
     torch.testing.assert_close(torch.tensor(zero["grad_norms"]), torch.tensor(native["grad_norms"]), rtol=5e-3, atol=0)
     torch.testing.assert_close(torch.tensor(zero["losses"]), torch.tensor(native["losses"]), rtol=0, atol=5e-3)
     # the final checkpoint holds ZeRO's fp32 masters, not the bf16 copies the model computes with
-    from megatron_unipool.training import load_checkpoint
-
     saved = load_checkpoint(tmp_path / "zero" / "checkpoints" / "step_0000002")["model"]
     weights = [saved[name] for name in ("expert_pools.0.w_gate", "layers.0.attention.wq.weight", "output.weight")]
     assert all(w.dtype == torch.float32 and (w != w.bfloat16().float()).any() for w in weights)
@@ -570,6 +569,23 @@ def test_ctrl_c_on_every_rank_ends_each_as_interrupted(data_cache, tmp_path):
     assert [status for status, _ in said] == [130, 130], said
     assert said[0][1].strip().startswith(f"interrupted; run again to resume from {tmp_path / 'run' / 'checkpoints'}")
     assert said[1][1] == "", said[1][1][-2000:]
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_one_shared_checkpoint(data_cache, tmp_path):
+    """A preemption signal that reaches one rank only (one node of the job): every rank ends the same step,
+    saves it together and exits 130; rank 0 says where the rerun resumes."""
+    with _two_ranks_training(tmp_path, data_cache, ["parallel.ep=2", "checkpoint.save_interval=0"], 2) as (procs, _):
+        procs[1].send_signal(signal.SIGTERM)
+        said = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert [status for status, _ in said] == [130, 130], said
+    assert said[1][1] == "", said[1][1][-2000:]
+    stopped = re.fullmatch(r"stopped by SIGTERM at the end of step (\d+); run again to resume from (.+)",
+                           said[0][1].strip())
+    assert stopped, said[0][1][-2000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert Path(stopped[2]) == latest_checkpoint(checkpoints) == checkpoints / f"step_{int(stopped[1]):07d}"
+    assert [p.name for p in checkpoints.glob("step_*")] == [Path(stopped[2]).name]
+    assert load_checkpoint(Path(stopped[2]))["train_state"]["step"] == int(stopped[1])
 
 
 def _launch(nproc: int, run_dir: Path, data_cache: str, overrides: list[str], launcher: str = "torchrun") -> list[float]:

@@ -4,6 +4,7 @@ bad checkpoints and data end with one clear error and leave the run directory as
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 from megatron_unipool.data import IndexedDatasetWriter
-from megatron_unipool.training import CheckpointError, DataError, NonFiniteError, Trainer, latest_checkpoint
+from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, RunStopped, Trainer,
+                                       latest_checkpoint)
 from megatron_unipool.training.checkpoint import (load_checkpoint, load_trained_model, nan_tensors, save_checkpoint,
                                                   set_rng_state)
 
@@ -196,6 +198,36 @@ def test_going_back_to_an_earlier_checkpoint_keeps_it_while_the_new_branch_is_sh
     back.train()
     assert latest_checkpoint(checkpoints).name == "step_0000003"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0000002", "step_0000003", "step_0000004"]
+
+
+@pytest.mark.parametrize("stop_after", [3, 4], ids=["between-saves", "at-a-save"])
+def test_a_stop_request_saves_that_step_and_the_rerun_continues_the_run(stop_after, tiny_config, tmp_path,
+                                                                         monkeypatch):
+    """What SIGTERM does under the launcher: the trainer saves the step it finished (once, if it was due
+    anyway), flushes TensorBoard and stops; the rerun continues the uninterrupted run's curves, and
+    TensorBoard shows each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = ["train.max_steps=6", "checkpoint.save_interval=4", "train.eval_interval=2", "logging.tensorboard=true"]
+    whole = Trainer(tiny_config(UNIPOOL, *overrides), tmp_path / "whole").train()
+    run = tmp_path / "stopped"
+    trainer = Trainer(tiny_config(UNIPOOL, *overrides), run)
+    saves = []
+    save = trainer.save
+    monkeypatch.setattr(trainer, "save", lambda: saves.append(trainer.state.step) or save())
+    with pytest.raises(RunStopped) as stopped:
+        trainer.train(stop_requested=lambda: trainer.state.step >= stop_after)
+    checkpoint = run / "checkpoints" / f"step_{stop_after:07d}"
+    assert (stopped.value.step, stopped.value.checkpoint) == (stop_after, checkpoint)
+    assert saves == [stop_after] and latest_checkpoint(run / "checkpoints") == stopped.value.checkpoint
+    assert not (run / "summary.json").exists()
+    logged = EventAccumulator(str(run / "tensorboard")).Reload().Scalars("train/lm_loss")
+    assert [e.step for e in logged] == list(range(1, stop_after + 1))
+    resumed = Trainer(tiny_config(UNIPOOL, *overrides), run).train()
+    assert resumed["train_losses"] == whole["train_losses"] and resumed["val_losses"] == whole["val_losses"]
+    logged = EventAccumulator(str(run / "tensorboard")).Reload().Scalars("train/lm_loss")
+    assert [e.step for e in logged] == list(range(1, 7))
+    assert [e.value for e in logged] == pytest.approx(whole["train_losses"], rel=1e-6)
 
 
 # ------------------------------------------------------------------ bad checkpoints
@@ -618,23 +650,61 @@ def test_a_job_environment_the_launcher_did_not_finish_is_one_line(data_cache, t
                                   " with another port"), done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(sig, data_cache, tmp_path):
-    """Ctrl-C, or the SIGTERM the deepspeed launcher and torchrun send every rank on Ctrl-C."""
+@pytest.mark.parametrize("sig, sets", [(signal.SIGINT, []), (signal.SIGTERM, ["checkpoint.save_on_sigterm=false"])],
+                         ids=["ctrl-c", "sigterm-at-once"])
+def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(sig, sets, data_cache, tmp_path):
+    """Ctrl-C, or SIGTERM when the config says it interrupts at once too: the run keeps its last checkpoint."""
+    sets = [a for s in sets for a in ("--set", s)]
     run_dir = tmp_path / "run"
-    command = launch_command(run_dir, data_cache)
+    command = launch_command(run_dir, data_cache) + sets
     status, stderr = signalled(command, "step  4/12", sig)  # after the step-3 checkpoint
     assert status == 130, stderr[-2000:]
     assert stderr.strip() == f"interrupted; run again to resume from {run_dir / 'checkpoints' / 'step_0000003'}"
     started_from = tmp_path / "started_from"  # checkpoint.load's, until the run has a checkpoint of its own
-    status, stderr = signalled(launch_command(started_from, data_cache) + ["--set", f"checkpoint.load={run_dir}"],
+    status, stderr = signalled(launch_command(started_from, data_cache) + sets + ["--set", f"checkpoint.load={run_dir}"],
                                "step  5/12", sig)
     assert status == 130 and stderr.strip() == f"interrupted; run again to resume from {run_dir / 'checkpoints' / 'step_0000003'}"
     assert run_to_end(command, run_dir)["steps"] == 12
     fresh = tmp_path / "fresh"  # interrupted before its first checkpoint: nothing to promise
-    status, stderr = signalled(launch_command(fresh, data_cache), "step  2/12", sig)
+    status, stderr = signalled(launch_command(fresh, data_cache) + sets, "step  2/12", sig)
     assert status == 130 and stderr.strip() == ("interrupted; no checkpoint to resume from (none written yet, or"
                                                 " checkpoint.resume is false)"), stderr[-2000:]
+
+
+def test_sigterm_saves_at_the_end_of_the_step_and_the_rerun_gives_the_uninterrupted_losses(uninterrupted, data_cache,
+                                                                                            tmp_path):
+    """A scheduler's preemption: the step under way ends, is saved (between two scheduled saves) and the run
+    stops with one line; nothing trained is lost."""
+    run_dir = tmp_path / "run"
+    command = launch_command(run_dir, data_cache)
+    status, stderr = signalled(command, "step  4/12", signal.SIGTERM)  # after the step-3 checkpoint
+    stopped = re.fullmatch(r"stopped by SIGTERM at the end of step (\d+); run again to resume from (.+)", stderr.strip())
+    assert status == 130 and stopped, stderr[-2000:]
+    step = int(stopped[1])
+    assert 4 <= step < 12 and Path(stopped[2]) == latest_checkpoint(run_dir / "checkpoints") == \
+        run_dir / "checkpoints" / f"step_{step:07d}"
+    resumed = run_to_end(command, run_dir)
+    assert resumed["train_losses"] == uninterrupted["train_losses"]
+    assert resumed["val_losses"] == uninterrupted["val_losses"]
+
+
+def test_sigterm_while_the_job_is_set_up_interrupts_at_once_and_during_training_only_asks_to_stop():
+    """Before the trainer runs there is nothing to save: SIGTERM interrupts. While it trains, SIGTERM only
+    asks to stop (unless checkpoint.save_on_sigterm is false); Ctrl-C still interrupts."""
+    from script_modules import load_script
+
+    launcher = load_script(REPO / "launch" / "pretrain.py")
+    setting_up = launcher.Interruption()
+    with pytest.raises(KeyboardInterrupt), setting_up.interruptible():
+        setting_up(signal.SIGTERM, None)
+    assert not setting_up.stop_requested()
+    training = launcher.Interruption()
+    with pytest.raises(KeyboardInterrupt), training.interruptible(sigterm_stops_at_step_end=True):
+        training(signal.SIGTERM, None)
+        training(signal.SIGTERM, None)  # a launcher's second SIGTERM
+        assert training.stop_requested()
+        training(signal.SIGINT, None)
+    training(signal.SIGINT, None)  # while the run reports: only noted
 
 
 def test_default_run_directory_is_a_run_directorys_own_only_for_its_config_json(tmp_path):

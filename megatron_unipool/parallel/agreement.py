@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from .state import ParallelState
@@ -30,6 +31,16 @@ def decided_by_rank0(decide: Callable[[], T], state: ParallelState) -> T:
     if error is not None:
         raise error
     return value
+
+
+def on_any_rank(flag: bool, state: ParallelState) -> bool:
+    """Whether `flag` holds on some rank, the same answer on every rank (through host memory: no
+    device synchronisation)."""
+    if not state.distributed:
+        return flag
+    anywhere = torch.tensor([int(flag)])
+    dist.all_reduce(anywhere, op=dist.ReduceOp.MAX, group=state.host_group)
+    return bool(anywhere.item())
 
 
 def on_every_rank(action: Callable[[], T], state: ParallelState, errors: tuple[type[Exception], ...]) -> T:

@@ -127,9 +127,11 @@ class MetricsLogger:
                                         layers_per_pool)
             self.writer.add_figure("pool/utilisation", figure, step)
 
-    def close(self, summary: dict) -> None:
+    def close(self, summary: Optional[dict] = None) -> None:
+        """Flush and close TensorBoard's events; write summary.json for a finished run."""
         if not self.enabled:
             return
-        (self.run_dir / "summary.json").write_text(json.dumps(_finite_or_null(summary), indent=2, allow_nan=False))
+        if summary is not None:
+            (self.run_dir / "summary.json").write_text(json.dumps(_finite_or_null(summary), indent=2, allow_nan=False))
         if self.writer:
             self.writer.close()

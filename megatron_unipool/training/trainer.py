@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from ..kernels import cross_entropy_sum
 from ..model import LanguageModel, RoutingStepStats, param_budget
 from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
-from ..parallel.agreement import decided_by_rank0, on_every_rank
+from ..parallel.agreement import decided_by_rank0, on_any_rank, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
 from .checkpoint import (CheckpointError, checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint,
@@ -46,6 +46,15 @@ MOE_LOSSES = ("aux_loss", "z_loss", "entropy_loss")
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a NaN or infinite loss or gradient."""
+
+
+class RunStopped(Exception):
+    """The run stopped early on request (`Trainer.train`'s stop_requested), after saving `checkpoint`
+    (on rank 0; None on the others) at the end of step `step`."""
+
+    def __init__(self, step: int, checkpoint: Optional[Path]):
+        super().__init__(f"stopped at the end of step {step}, checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -298,7 +307,10 @@ class Trainer:
         self.model.train()
         return totals[0].item()  # each replica's share is its 1/dp of the same mean
 
-    def train(self) -> dict:
+    def train(self, stop_requested: Optional[Callable[[], bool]] = None) -> dict:
+        """Train to train.max_steps and return the summary. `stop_requested` (a preemption signal seen) is
+        asked at the end of each step; once it holds on any rank, every rank saves the step (unless it
+        was just saved) and raises RunStopped, so the rerun resumes with nothing lost."""
         cfg = self.config
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps, enabled=self.is_logger,
                                resumed_step=self.state.step)
@@ -336,8 +348,12 @@ class Trainer:
                                image=last or (interval and step % interval == 0))
             if last or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
                 self._record_evaluation(logger)
-            if last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
-                self.save()
+            saved = last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)
+            checkpoint = self.save() if saved else None
+            if not last and stop_requested is not None and on_any_rank(stop_requested(), self.parallel):
+                checkpoint = checkpoint if saved else self.save()
+                logger.close()  # TensorBoard holds every step the checkpoint does: the rerun logs only later ones
+                raise RunStopped(step, checkpoint)
         if not self.state.val_losses or self.state.val_losses[-1][0] != self.state.step:
             self._record_evaluation(logger)  # resumed at (or past) max_steps: no step ran, so neither did this
         summary = self.summary()
