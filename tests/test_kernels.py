@@ -147,6 +147,33 @@ def test_expert_gemm_choice_and_clear_refusal():
         grouped_swiglu(x, counts_M, w_gate, w_up, w_down, backend="grouped_mm")
 
 
+@pytest.mark.parametrize("counts", [[4, 4, 0], [4, 4, 4], [12, -2, 0]], ids=["short", "long", "negative"])
+def test_counts_that_do_not_split_the_rows_are_refused_by_the_loop(counts):
+    """The loop, which reads the counts anyway, checks that they split x's 10 rows (it returned 8 rows for
+    a split of 8, and ran the wrong experts for one of 12)."""
+    x, _, w_gate, w_up, w_down = expert_inputs([4, 4, 2], hidden=8, width=8)
+    with pytest.raises(ValueError, match=r"counts_M .* must give each expert a number of rows >= 0, in all the 10"
+                                         r" rows of x_SD"):
+        grouped_swiglu(x, torch.tensor(counts), w_gate, w_up, w_down, backend="loop")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_counts_for_another_number_of_experts_are_refused(case):
+    x, _, w_gate, w_up, w_down = expert_inputs([4, 4, 2], hidden=8, width=8)
+    with pytest.raises(ValueError, match=r"counts_M of shape \(2,\) must hold one count for each of the 3 experts"):
+        grouped_swiglu(x, torch.tensor([5, 5]), w_gate, w_up, w_down, **GEMM_CASES[case])
+
+
+@pytest.mark.parametrize("dtype, device, needs", [
+    (torch.float32, "cpu", "expert widths that are multiples of 4 for torch.float32"),
+    (torch.float32, "cuda", "bf16 operands on CUDA"),
+])
+def test_the_grouped_mm_refusal_names_the_condition_that_failed(dtype, device, needs):
+    w = torch.empty(2, 10, 6, device="meta")
+    with pytest.raises(KernelUnavailableError, match=f": it needs {needs}; use 'auto' or 'loop'"):
+        resolve_expert_gemm("grouped_mm", dtype, torch.device(device), w, w)
+
+
 def test_padded_rows_start_each_expert_at_an_aligned_row():
     """Counts [0, 16, 3] at alignment 8: slices padded to [0, 16, 8]; expert 1's slots at rows 0-15,
     expert 2's at 16-18 (an empty expert takes no rows)."""

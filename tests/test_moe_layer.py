@@ -232,7 +232,7 @@ def test_gate_variants_match_reference(router, softmax_before_topk, normalize_ga
     else:
         # NormRouter gates stay the raw scores whatever normalize_gates says
         length = logits.norm(dim=-1, keepdim=True)
-        raw = layer.router.scale * layer.router.norm_constant * torch.clamp(logits / (length + 1e-8), min=0)
+        raw = layer.router.scale.float() * layer.router.norm_constant * torch.clamp(logits / (length + 1e-8), min=0)
         torch.testing.assert_close(routing.gates_TK, torch.gather(raw, 1, routing.indices_TK), rtol=1e-5, atol=1e-7)
         if top_k > 1:
             assert not torch.allclose(routing.gates_TK.sum(-1).double(), torch.ones(T, dtype=torch.float64))
@@ -531,6 +531,20 @@ def test_routing_stays_fp32_under_bf16_autocast(router):
     assert routed.logits_TM.dtype == routed.gates_TK.dtype == torch.float32
     torch.testing.assert_close(routed.logits_TM, torch.nn.functional.linear(x.float(), module.weight), rtol=0, atol=0)
     assert torch.equal(routed.indices_TK, plain.indices_TK) and torch.equal(routed.gates_TK, plain.gates_TK)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
+def test_a_float64_router_still_selects_on_fp32_scores(router):
+    """In a float64 model (as these tests build) the NormRouter scale and the balancing bias are float64;
+    the selection scores stay fp32, so top_k_indices orders exactly the values the gates are read from
+    (float64 scores 1 and 1 + 1e-12 were rounded to a tie there, which the lower index won)."""
+    from megatron_unipool.moe.router import Router
+
+    torch.manual_seed(0)
+    module = Router(32, 8, MoEConfig(kind="unipool", router=router, top_k=2, bias_balancing=True), 0.02).double()
+    module.expert_bias.copy_(torch.linspace(0, 1e-3, 8, dtype=torch.float64))
+    routed = module(torch.randn(64, 32, dtype=torch.float64))
+    assert routed.gates_TK.dtype == routed.scores_TM.dtype == torch.float32
 
 
 def test_top_k_indices_equal_a_stable_descending_sort():

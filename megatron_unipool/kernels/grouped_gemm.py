@@ -53,10 +53,15 @@ def resolve_expert_gemm(backend: str, dtype: torch.dtype, device: torch.device, 
     device = torch.device(device)
     wants_triton(backend, device, "model.expert_gemm")  # refuses a "triton" this machine cannot run
     if backend == "grouped_mm" and not grouped_mm_supported(dtype, device, *weights):
+        if not hasattr(torch, "_grouped_mm"):
+            needs = f"torch._grouped_mm, which torch {torch.__version__} lacks"
+        elif device.type == "cuda" and dtype != torch.bfloat16:
+            needs = "bf16 operands on CUDA"
+        else:
+            needs = f"expert widths that are multiples of {GROUPED_MM_ALIGN_BYTES // dtype.itemsize} for {dtype}"
         raise KernelUnavailableError(
             f"model.expert_gemm='grouped_mm' is not available for {dtype} on {device.type} with expert"
-            f" shapes {[tuple(w.shape) for w in weights]} (needs torch._grouped_mm, bf16 on CUDA, widths that"
-            f" are multiples of {GROUPED_MM_ALIGN_BYTES // dtype.itemsize}); use 'auto' or 'loop'"
+            f" shapes {[tuple(w.shape) for w in weights]}: it needs {needs}; use 'auto' or 'loop'"
         )
     if backend == "auto":
         # on CPU torch's grouped_mm kernel is no faster than the loop (docs/benchmarks.md, moe_layer)
@@ -96,10 +101,16 @@ def grouped_swiglu(
     With `deferred`, backward leaves the weight gradients to it (see DeferredWeightGradients).
     `activation` computes silu(gate) * up and its backward on the grouped_mm path (kernels.swiglu:
     torch or triton); the segment loop, a CPU path, uses torch's ops.
+    `counts_M` splits x_SD's rows over the experts in order: the loop path, which reads it anyway, checks
+    that; the grouped_mm and Triton paths trust it (checking would wait for the device), and ignore
+    rows past the padded counts.
     `align_rows` overrides the per-expert row padding of the grouped_mm path (expert_row_alignment):
     1 where the rows are laid out padded already (kernels.permute), or tests exercising the CUDA padding
     on CPU.
     """
+    if counts_M.shape != w_gate_MFD.shape[:1]:
+        raise ValueError(f"counts_M of shape {tuple(counts_M.shape)} must hold one count for each of the"
+                         f" {w_gate_MFD.shape[0]} experts")
     if x_SD.shape[0] == 0:  # no slots: an empty result still tied to x_SD, so every rank's backward has the same steps
         return x_SD * 0
     # cast here, outside the kernels, so that weight gradients flow back to the fp32 masters through the casts
@@ -115,7 +126,11 @@ def grouped_swiglu(
         if resolved == "triton":
             return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation,
                                         "triton")
-        return _SegmentSwiGLU.apply(x_SD, tuple(counts_M.tolist()), w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
+        counts = tuple(counts_M.tolist())
+        if min(counts) < 0 or sum(counts) != x_SD.shape[0]:
+            raise ValueError(f"counts_M {list(counts)} must give each expert a number of rows >= 0, in all the"
+                             f" {x_SD.shape[0]} rows of x_SD")
+        return _SegmentSwiGLU.apply(x_SD, counts, w_gate_MFD, w_up_MFD, w_down_MDF, deferred)
 
 
 class _SegmentSwiGLU(torch.autograd.Function):

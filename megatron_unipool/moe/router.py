@@ -122,8 +122,9 @@ def _select(router: Router, logits: torch.Tensor, offset_M: Optional[torch.Tenso
         unit = logits / (logits.norm(dim=-1, keepdim=True) + NORM_EPS)
         if offset_M is not None:  # on the unit vector: the penalty must not rescale the allowed experts
             unit = unit + offset_M
-        scores = router.scale * router.norm_constant * torch.relu(unit)
-    selection = scores + router.expert_bias if cfg.bias_balancing else scores
+        scores = router.scale.float() * router.norm_constant * torch.relu(unit)
+    # fp32 whatever the module's dtype: top_k_indices orders fp32 values
+    selection = scores + router.expert_bias.float() if cfg.bias_balancing else scores
     if cfg.router == "norm" and cfg.bias_balancing:  # the bias reorders the experts the ReLU kept: a
         selection = selection.masked_fill(scores == 0, -math.inf)  # zeroed one would take a slot, weightless
     if offset_M is not None:  # the penalty is in the scores already; a masked expert must also beat the bias

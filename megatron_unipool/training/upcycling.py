@@ -21,7 +21,8 @@ Function preservation. Replication changes two things that the upcycled model un
   so the factor m is only about right (on the tiny test model the loss moved by under 0.01);
 - NormRouter scores depend on the logit norm and on c(M, k): its scale is rescaled (below).
 Capacity is per expert, ceil(C T k / M): the capacity factor is multiplied by m, and the router
-gives ties to the lower index (the source), so a source keeps its tokens and its slots. UniPool-lock
+gives ties to the lower index (the source), so a source keeps its tokens and its slots (where the router
+GEMM gives copied rows bit-equal logits: docs/design.md, Routing). UniPool-lock
 replicas belong to their source's layer.
 Exact (the source's logits): uniform replication and top-1, with any router and gating, dropless or
 capacity, before or after a lock (not during NormRouter's anneal: its penalty, added to logits of
