@@ -244,6 +244,7 @@ def test_cli_chain_llama_to_upcycled_mixtral_keeps_the_logits(tmp_path):
     assert "data.tokenizer" in done.stdout and "tools/upcycle.py" in done.stdout
     _, payload, dense, model = load_trained_model(tmp_path / "dense")
     assert dense.moe.kind == "dense" and dense.train.max_steps == 10 and payload["optimizer"] == {}
+    assert Path(dense.data.cache_dir).is_absolute()  # the default, relative to the directory the tool ran in
     torch.testing.assert_close(our_logits(model, batch), expected, atol=1e-4, rtol=1e-4)
 
     target = config_to_dict(dense)
@@ -347,6 +348,9 @@ def test_cli_output_handling_replaces_only_what_it_may(tmp_path, convert_tool, c
     payload = load_trained_model(tmp_path / "busy")[1]
     assert payload["imported_from"] == str(source)
     assert convert("--output", tmp_path / "new" / "nested" / "run")[0] == 0
+    status, err = convert("--output", tmp_path / "file" / "config.json" / "run")  # a parent is a file
+    assert status == 2 and err == (f"error: --output {tmp_path / 'file' / 'config.json' / 'run'}:"
+                                   f" {tmp_path / 'file' / 'config.json'} is a file, not a directory\n"), err
 
     status, err = convert("--output", tmp_path / "wide", "--set", "model.hidden_size=128")
     assert status == 2 and err.startswith("error: ") and "do not fit" in err and "vs model (96, 128)" in err

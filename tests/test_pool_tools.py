@@ -428,15 +428,16 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
     (["--set", "moe.pool_size=5"], "after --set, the upcycled weights do not fit the model its config describes:\n"
                                    "  expert_pools.0.w_gate: checkpoint (64, 128, 64) vs model (5, 128, 64)"),
     (["--output-is-a-file"], "is a file, not a directory"),
+    (["--output-under-a-file"], "upcycled is a file, not a directory"),
 ])
 def test_upcycle_refuses_what_would_write_an_unusable_run(trained, tmp_path, arguments, message):
     """Each was accepted: --to-config silently ignored, a config whose pool does not fit the written
     weights (found only when continuing), or the output lost after the work."""
     _, _, run_dir = trained["softmax_top2"]
     out = tmp_path / "upcycled"
-    if arguments == ["--output-is-a-file"]:
+    if arguments in (["--output-is-a-file"], ["--output-under-a-file"]):
         out.write_text("")
-        arguments = []
+        out, arguments = (out if arguments == ["--output-is-a-file"] else out / "run"), []
     done = subprocess.run([sys.executable, str(REPO / "tools" / "upcycle.py"), "--checkpoint", str(run_dir),
                            "--output", str(out), *arguments], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
@@ -479,9 +480,11 @@ def test_upcycle_cli_hands_every_option_to_the_library(trained, tmp_path, monkey
     assert (multiplier, selection, rest) == (3, "utility", [0.05, "copy", 7]) and utility is not None
     # softmax_top2 has no bias balancing: the routers never read the noise, which the tool says
     assert "warning: --noise has no effect" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # a relative path given with --set means the directory the tool runs in
     assert tool.main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "balanced"), "--noise", "0.05",
-                      "--set", "moe.bias_balancing=true"]) == 0
+                      "--set", "moe.bias_balancing=true", "--set", "data.cache_dir=cache"]) == 0
     assert "--noise" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "balanced" / "config.json").read_text())["data"]["cache_dir"] == str(tmp_path / "cache")
 
 
 # ---- routing probe (tools/routing_probe.py): shares the trained checkpoints above ----
@@ -578,9 +581,11 @@ def test_probe_tool_reports_each_layer(trained, tmp_path):
     assert bad.returncode == 2 and "--layers 'last': expected deep, all, or comma-separated layer numbers" in bad.stderr
     (tmp_path / "a_file").write_text("")
     for tool in ("routing_probe.py", "plot_utilisation.py"):  # refused before the work, not after it
-        bad = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--checkpoint", str(run_dir), "--output",
-                              str(tmp_path / "a_file")], capture_output=True, text=True, timeout=300)
-        assert bad.returncode == 2 and "is a file, not a directory" in bad.stderr and "probed" not in bad.stdout
+        for output in (tmp_path / "a_file", tmp_path / "a_file" / "probe"):
+            bad = subprocess.run([sys.executable, str(REPO / "tools" / tool), "--checkpoint", str(run_dir), "--output",
+                                  str(output)], capture_output=True, text=True, timeout=300)
+            assert bad.returncode == 2 and bad.stderr == f"error: --output {output}: {tmp_path / 'a_file'} is a file, not a" \
+                " directory\n" and "probed" not in bad.stdout, bad.stderr[-2000:]
 
 
 def test_probe_checks_its_arguments_before_reading_data(trained, monkeypatch, capsys):
@@ -703,10 +708,23 @@ def test_utilisation_figure_shows_each_layers_shares_and_the_pools_load():
     plt.close(fig)
 
 
+def test_an_output_directory_that_cannot_be_made_or_written_is_named_and_nothing_is_created(tmp_path):
+    from megatron_unipool.training.outputs import check_output_directory
+
+    check_output_directory(tmp_path / "new" / "nested", "--output new/nested")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=f"^--output file/x: {tmp_path / 'file'} is a file, not a directory$"):
+        check_output_directory(tmp_path / "file" / "x", "--output file/x")
+    if Path("/proc/sys").is_dir():  # a directory no one writes in, root included
+        with pytest.raises(ValueError, match=r"^--output /proc/sys/x: cannot write in /proc/sys \("):
+            check_output_directory(Path("/proc/sys/x"), "--output /proc/sys/x")
+
+
 def test_save_atomically_keeps_the_previous_file_when_a_write_fails(tmp_path):
     import matplotlib.pyplot as plt
 
-    from megatron_unipool.training.plots import save_atomically
+    from megatron_unipool.training.outputs import save_atomically
 
     path = tmp_path / "report.json"
     written = []
@@ -804,6 +822,19 @@ def reproduce_tool(monkeypatch):
 
     monkeypatch.setattr(module, "subprocess", types.SimpleNamespace(run=launch, STDOUT=subprocess.STDOUT))
     return module, launched
+
+
+def test_reproduction_reuses_runs_of_the_same_settings_given_in_another_order(reproduce_tool, tmp_path, monkeypatch):
+    module, launched = reproduce_tool
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"error: --output {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file"):
+        module.main(["--output", "file/out"])
+    args = ["--seeds", "1", "--models", "vanilla", "--output", "out", "--set", "train.max_steps=3"]
+    assert module.main(args + ["--set", "train.lr=0.001"]) == 0 and len(launched) == 1
+    assert module.main(["--set", "train.lr=1e-3"] + args) == 0 and len(launched) == 1  # reused
+    with pytest.raises(SystemExit, match="was trained with the overrides"):
+        module.main(args + ["--set", "train.lr=0.001", "--set", "train.lr=0.002"])
 
 
 def test_reproduction_refuses_runs_of_other_overrides(reproduce_tool, tmp_path, monkeypatch, capsys):

@@ -34,12 +34,12 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from megatron_unipool.config import (Config, ConfigError, MoEConfig, apply_overrides, config_from_dict,  # noqa: E402
-                                     config_to_dict)
+from megatron_unipool.config import Config, ConfigError, MoEConfig, with_overrides  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import (check_fits, load_trained_model, resolve_checkpoint,  # noqa: E402
                                                   write_run_directory)
+from megatron_unipool.training.outputs import check_output_directory  # noqa: E402
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -148,8 +148,7 @@ def export_hf(args) -> None:
 def import_hf(args) -> None:
     hf_config, tensors = read_hf_directory(args.checkpoint)
     model_config, state = from_hf_llama(hf_config, tensors)
-    raw = apply_overrides(config_to_dict(Config(model=model_config, moe=MoEConfig(kind="dense"))), args.overrides)
-    config = config_from_dict(raw, world_size=None)
+    config = with_overrides(Config(model=model_config, moe=MoEConfig(kind="dense")), args.overrides)
     check_fits(config, state, f"the weights of {args.checkpoint}, after --set,")
     print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
 
@@ -184,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sources = [args.checkpoint] + ([resolve_checkpoint(args.checkpoint)] if args.to else [])
         check_output(args.output, sources, args.force)
+        check_output_directory(args.output.parent, f"--output {args.output}")  # --force may replace a file there
         if args.to:
             export_hf(args)
         else:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the output cannot be written (permissions, a full disk): nothing was replaced
-        print(f"error: {args.output}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: --output {args.output}: {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
-from megatron_unipool.training.plots import save_atomically, utilisation_figure  # noqa: E402
+from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
+from megatron_unipool.training.plots import utilisation_figure  # noqa: E402
 from megatron_unipool.training.probe import (load_routed_model, record_routing, routing_batches,  # noqa: E402
                                              unique_experts_by_depth)
 
@@ -44,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
         path, config, model = load_routed_model(args.checkpoint, "it has no experts")
-        if args.output.exists() and not args.output.is_dir():  # known before the routing pass, not after it
-            raise ValueError(f"--output {args.output} is a file, not a directory")
+        check_output_directory(args.output, f"--output {args.output}")
         batches = routing_batches(config, args.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,8 +34,9 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
+from megatron_unipool.config import ConfigError, parse_override  # noqa: E402
 from megatron_unipool.training import checkpoints_dir  # noqa: E402
-from megatron_unipool.training.plots import save_atomically  # noqa: E402
+from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
 
 LOG_TAIL = 20  # lines of a failed run's log shown
 FULL_POOL = 32  # tiny configs: 4 MoE layers x 8 experts
@@ -53,6 +54,16 @@ def run_dir_of(name: str, seed: int, output: Path) -> Path:
     return output / name / f"seed{seed}"
 
 
+def same_settings(overrides: list[str], others: list[str]) -> bool:
+    """Whether two --set lists give the same fields the same values, whatever their order or spelling
+    (the last value given for a field counts)."""
+    try:
+        return ({(section, key): value for section, key, value in map(parse_override, overrides)}
+                == {(section, key): value for section, key, value in map(parse_override, others)})
+    except ConfigError:  # an override the launch will refuse: only the same text is the same
+        return overrides == others
+
+
 def refuse_stale(name: str, seed: int, output: Path, overrides: list[str]) -> None:
     """A run directory that would be reused (summary.json) or resumed (a checkpoint) must have been
     trained with the same overrides: results of another setting must not enter the table."""
@@ -64,7 +75,7 @@ def refuse_stale(name: str, seed: int, output: Path, overrides: list[str]) -> No
         raise SystemExit(f"error: {run_dir} holds a run with no overrides.json (an older reproduce.py), so its --set"
                          f" overrides are unknown; delete it, use another --output, or if it was trained with"
                          f" {wanted} write that list to {recorded}")
-    if json.loads(recorded.read_text()) != wanted:
+    if not same_settings(json.loads(recorded.read_text()), wanted):
         raise SystemExit(f"error: {run_dir} was trained with the overrides {json.loads(recorded.read_text())},"
                          f" not {wanted}; delete it or use another --output")
 
@@ -147,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):  # one run counted twice would shrink the spread the table reports
         parser.error(f"--seeds must differ from each other, got {args.seeds}")
     args.output = args.output.resolve()  # absolute: named in the launch commands and in results.json
+    try:
+        check_output_directory(args.output, f"--output {args.output}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     total, done, started = len(args.models) * len(args.seeds), 0, time.perf_counter()

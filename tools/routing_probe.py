@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
-from megatron_unipool.training.plots import save_atomically  # noqa: E402
+from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
 from megatron_unipool.training.probe import load_routed_model, probe, routing_batches  # noqa: E402
 
 
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         top_n = config.moe.num_experts if args.top_n is None else args.top_n
         if top_n and top_n < config.moe.top_k:
             raise ValueError(f"--top-n {top_n} is below moe.top_k={config.moe.top_k}")
-        if args.output.exists() and not args.output.is_dir():  # known before the probe, not after it
-            raise ValueError(f"--output {args.output} is a file, not a directory")
+        check_output_directory(args.output, f"--output {args.output}")
         batches = routing_batches(config, args.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

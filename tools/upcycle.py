@@ -30,10 +30,11 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_unipool.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config  # noqa: E402
+from megatron_unipool.config import ConfigError, load_config, with_overrides  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import (LATEST, check_fits, checkpoints_dir, load_trained_model,  # noqa: E402
                                                   write_run_directory)
+from megatron_unipool.training.outputs import check_output_directory  # noqa: E402
 from megatron_unipool.training.upcycling import (MAX_EXTRA, expert_utility, upcycle, upcycle_dense,  # noqa: E402
                                                  utility_batches)
 
@@ -65,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (checkpoints_dir(args.output) / LATEST).exists():
             raise CheckpointError(f"{args.output} already holds a checkpoint; choose a new --output")
-        if args.output.exists() and not args.output.is_dir():  # known before the work, not after it
-            raise ValueError(f"--output {args.output} is a file, not a directory")
+        check_output_directory(args.output, f"--output {args.output}")
         source_path, payload, config, model = load_trained_model(args.checkpoint)
         if config.moe.kind != "dense" and args.to_config is not None:
             raise ValueError("--to-config is for a dense checkpoint; an MoE one keeps its config (change it with --set)")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             result = upcycle(config, payload["model"], payload["optimizer"], args.multiplier, args.selection, utility,
                              args.noise, args.optimizer, args.seed)
         result.config.checkpoint.resume, result.config.checkpoint.load = True, None  # the launcher starts from our checkpoint
-        new_config = config_from_dict(apply_overrides(config_to_dict(result.config), args.overrides), world_size=None)
+        new_config = with_overrides(result.config, args.overrides)
         check_fits(new_config, result.model_state, "after --set, the upcycled weights")  # a --set changing shapes
         if config.moe.kind != "dense" and args.noise != parser.get_default("noise") and not new_config.moe.bias_balancing:
             print("warning: --noise has no effect: routers read the selection bias only with moe.bias_balancing, off in"

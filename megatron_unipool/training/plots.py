@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
-from typing import Callable
 
 import matplotlib
 
@@ -47,16 +44,3 @@ def utilisation_figure(counts_per_pool: list[np.ndarray], title: str, layers_per
         axes[1, p].set_ylabel("load, mean over layers" if per_layer else "load, all layers")
         axes[1, p].legend(loc="upper right", fontsize="small")
     return fig
-
-
-def save_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """write(a temporary path in the same directory), then rename it to `path`: a reader, or a crash,
-    never sees a half-written file, and a failed write leaves the previous one. A writer that picks
-    the format from the suffix (savefig) must be given it: the temporary name ends in .tmp."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
