@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from megatron_unipool.data import (
     train_bpe_tokenizer,
     write_indexed,
 )
+from megatron_unipool.data.corpus import count_documents
 from script_modules import load_script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +117,13 @@ def test_missing_file_is_named(small_dataset_prefix, suffix):
     Path(f"{small_dataset_prefix}{suffix}").unlink()
     with pytest.raises(FileNotFoundError, match=rf"ds\{suffix}"):
         IndexedDataset(small_dataset_prefix)
+
+
+def test_a_prefix_given_with_its_suffix_is_named_with_what_to_do(small_dataset_prefix):
+    """data.train_prefix = ".../ds.bin" looks for ds.bin.idx: the error says to drop the suffix."""
+    for given in (f"{small_dataset_prefix}.bin", f"{small_dataset_prefix}.idx"):
+        with pytest.raises(FileNotFoundError, match=r"ds\.(bin|idx)\.idx; give the prefix without \.bin/\.idx"):
+            IndexedDataset(given)
 
 
 def test_corrupted_magic_is_rejected(small_dataset_prefix):
@@ -293,6 +302,14 @@ def test_trained_bpe_round_trips_and_is_deterministic(tmp_path):
     assert first.eod_id not in first.encode(unseen)
     assert first.decode(first.encode(unseen)) == unseen
     assert first.decode([first.eod_id]) == "<|endoftext|>"
+
+
+def test_trained_bpe_that_cannot_be_saved_is_an_os_error(tmp_path):
+    """The tokenizers library raises a bare Exception; a directory is refused before training."""
+    with pytest.raises(IsADirectoryError, match="it is a directory"):
+        train_bpe_tokenizer(iter(TRAINING_TEXTS), 300, tmp_path)
+    with pytest.raises(OSError, match=r"cannot save the tokenizer to /proc/t\.json: No such file"):
+        train_bpe_tokenizer(iter(TRAINING_TEXTS), 300, "/proc/t.json")
 
 
 def save_hf_tokenizer(path: Path, special_tokens: list[str]) -> Path:
@@ -741,6 +758,31 @@ def test_blank_lines_split_crlf_text_too(tmp_path):
     assert documents == ["First block,\r\nover two lines.", "Second.", "Third.", "Fourth.\r\n"]
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Editors on Windows start UTF-8 files with U+FEFF: neither a .txt nor a .jsonl keeps it."""
+    (tmp_path / "c.txt").write_bytes(b"\xef\xbb\xbfFirst.\n\nSecond.\n")
+    assert list(read_documents(tmp_path / "c.txt", split_on_blank_lines=True)) == ["First.", "Second.\n"]
+    (tmp_path / "c.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert list(read_documents(tmp_path / "c.jsonl")) == ["a", "b"]
+
+
+def test_blank_documents_are_counted_and_an_input_directory_is_named(tmp_path):
+    """count_documents counts what read_documents yields and the blank documents it skips; the empty
+    blocks a blank-line run at the start or end of a file leaves are no documents."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a"}\n{"text": ""}\n\n{"text": " \\n\\t"}\n{"text": "bé"}\n')
+    stats = count_documents(corpus)
+    assert (stats.documents, stats.blank_documents, stats.text_bytes) == (2, 2, 4)
+    assert list(read_documents(corpus)) == ["a", "bé"]
+    assert "skipped 2 blank documents" in str(stats)
+    (tmp_path / "c.txt").write_text("\n\nFirst.\n\nSecond.\n\n")
+    assert count_documents(tmp_path / "c.txt", split_on_blank_lines=True).blank_documents == 0
+    with pytest.raises(IsADirectoryError, match="input .* is a directory; expected a .txt or .jsonl file"):
+        count_documents(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        read_documents(tmp_path)
+
+
 def test_cli_txt_is_one_document(tmp_path, preprocess_main):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Para one.\n\nPara two.\n")
@@ -760,15 +802,18 @@ def test_cli_holds_out_a_single_document(tmp_path, preprocess_main):
                          "--valid-fraction", "1.0"])
 
 
-def test_cli_trains_the_tokenizer_on_every_document(tmp_path, preprocess_main):
-    texts = ["alpha beta gamma " * 5, "delta epsilon zeta " * 5, "theta iota kappa " * 5]
+def test_cli_trains_the_tokenizer_on_the_training_documents_only(tmp_path, preprocess_main):
+    """The held-out documents stay unseen: the tokenizer is the one trained on the training split alone
+    (the validation text, trained on, would add merges of its own)."""
+    texts = ["alpha beta gamma " * 5, "delta epsilon zeta " * 5, "theta iota kappa " * 5, "qxqxqx zwzwzw " * 20]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--train-tokenizer-vocab", "300",
-                     "--tokenizer-output", str(tmp_path / "cli.json")])
-    train_bpe_tokenizer(texts, 300, tmp_path / "direct.json")
+                     "--tokenizer-output", str(tmp_path / "cli.json"), "--valid-fraction", "0.25"])
+    train_bpe_tokenizer(texts[:3], 300, tmp_path / "direct.json")
     assert (json.loads((tmp_path / "cli.json").read_text())["model"]
             == json.loads((tmp_path / "direct.json").read_text())["model"])
+    assert "qx" not in json.loads((tmp_path / "cli.json").read_text())["model"]["vocab"]
 
 
 @pytest.mark.parametrize("extra_args", [["--train-tokenizer-vocab", "300"],
@@ -852,3 +897,131 @@ def test_cli_hands_workers_and_document_counts_on_and_reports_progress(tmp_path,
                           "--tokenizer", "byte")
     assert done.returncode == 1 and done.stderr.startswith("preprocess_data: error: ") and "absent.txt" in done.stderr
     assert "Traceback" not in done.stderr and not list(tmp_path.glob("missing*"))
+
+
+def train_tokenizer_argv(tmp_path) -> list[str]:
+    return ["--input", str(tmp_path / "corpus.jsonl"), "--output-prefix", str(tmp_path / "c"),
+            "--valid-fraction", "0.5", "--train-tokenizer-vocab", "300", "--tokenizer-output", str(tmp_path / "tok.json")]
+
+
+def file_contents(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def test_cli_a_failure_after_training_keeps_the_previous_tokenizer(tmp_path, preprocess_main, monkeypatch):
+    """The trained tokenizer is published with the datasets, not when trained: a failure while encoding
+    leaves the previous tokenizer.json beside the token ids it made, and no staged copy."""
+    (tmp_path / "corpus.jsonl").write_text('{"text": "old train old"}\n{"text": "old valid"}\n')
+    preprocess_main(train_tokenizer_argv(tmp_path))
+    before = file_contents(tmp_path)
+    globals_ = preprocess_main.__globals__
+    real = globals_["write_indexed"]
+
+    def disk_full_on_the_second_split(prefix, *args, **kwargs):
+        if "_valid" in str(prefix):
+            raise OSError(28, "No space left on device")
+        return real(prefix, *args, **kwargs)
+
+    monkeypatch.setitem(globals_, "write_indexed", disk_full_on_the_second_split)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "a new train text"}\n{"text": "a new valid text"}\n')
+    with pytest.raises(OSError, match="No space left"):
+        preprocess_main(train_tokenizer_argv(tmp_path))
+    assert file_contents(tmp_path) == {**before, "corpus.jsonl": (tmp_path / "corpus.jsonl").read_bytes()}
+
+
+@pytest.mark.parametrize("taken", ["corpus.jsonl", "c_train.bin", "c_valid.idx"])
+def test_cli_refuses_a_tokenizer_output_that_is_the_input_or_a_dataset(tmp_path, preprocess_main, taken, capsys):
+    (tmp_path / "corpus.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    argv = train_tokenizer_argv(tmp_path)
+    argv[argv.index("--tokenizer-output") + 1] = str(tmp_path / taken)
+    with pytest.raises(SystemExit) as exit_:
+        preprocess_main(argv)
+    assert exit_.value.code == 2 and f"--tokenizer-output {tmp_path}/{taken} is " in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_cli_checks_where_it_writes_before_reading(tmp_path, preprocess_main, capsys):
+    """Unwritable or misnamed outputs fail first, named as given (not as a staging file), even before a
+    missing input is noticed: not after reading and training for hours."""
+    argv = train_tokenizer_argv(tmp_path)  # its --input does not exist
+    tokenizer_output = argv.index("--tokenizer-output") + 1
+    argv[tokenizer_output] = "/proc/t.json"
+    with pytest.raises(ValueError, match=r"^--tokenizer-output /proc/t\.json: cannot write in /proc \("):
+        preprocess_main(argv)
+    argv[tokenizer_output] = str(tmp_path)
+    with pytest.raises(SystemExit):
+        preprocess_main(argv)
+    assert f"--tokenizer-output {tmp_path} is a directory" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=rf"^--output-prefix {tmp_path}/afile/x: {tmp_path}/afile is a file"):
+        preprocess_main(["--input", str(tmp_path / "absent.txt"), "--output-prefix", str(tmp_path / "afile" / "x"),
+                         "--tokenizer", "byte"])
+    with pytest.raises(SystemExit):  # would write the hidden files out/.bin and out/.idx
+        preprocess_main(["--input", str(tmp_path / "absent.txt"), "--output-prefix", f"{tmp_path}/out/",
+                         "--tokenizer", "byte"])
+    assert "has no file name" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile"]
+
+
+def test_cli_reports_each_phase_under_the_names_given(tmp_path, preprocess_main, monkeypatch, capsys):
+    """Reading, training and encoding each say when they start and end, progress lines name the prefix
+    the files are published as (never a staging name), and skipped blank records are counted."""
+    records = ["first document", " ", "second document", "", "third document", "fourth document"]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in records))
+    monkeypatch.setitem(preprocess_main.__globals__, "PROGRESS_EVERY_S", 0.0)  # a progress line per document
+    preprocess_main(train_tokenizer_argv(tmp_path))
+    out = capsys.readouterr().out
+    assert "partial" not in out
+    lines = out.splitlines()
+    assert lines[0] == f"reading {tmp_path}/corpus.jsonl ..."
+    assert lines[-1] == f"wrote {tmp_path}/c_train.bin/.idx, {tmp_path}/c_valid.bin/.idx, {tmp_path}/tok.json"
+    assert any(line.startswith(f"read {tmp_path}/corpus.jsonl: 4 documents,")
+               and line.endswith("; skipped 2 blank documents; 2 held out for validation") for line in lines)
+    for expected in ("training a byte-level BPE tokenizer of 300 tokens on the 2 training documents ...",
+                     "training the tokenizer: 2/2 documents (100.0%)", "trained HFTokenizer(",
+                     f"encoding {tmp_path}/c_train (2 documents) ...",
+                     f"{tmp_path}/c_valid: 1 documents", f"encoded {tmp_path}/c_valid: 2 documents"):
+        assert any(line.startswith(expected) for line in lines), (expected, lines)
+
+
+# Runs the tool with a validation split that takes 0.1 s a document to write, so that a signal sent once the
+# training split is staged arrives while the tool works, however fast the machine.
+SLOW_VALID_SPLIT = """
+import runpy, sys, time
+from megatron_unipool.data.indexed_dataset import IndexedDatasetWriter
+add_document = IndexedDatasetWriter.add_document
+def add_slowly(self, token_ids):
+    if "_valid" in self.prefix:
+        time.sleep(0.1)
+    add_document(self, token_ids)
+IndexedDatasetWriter.add_document = add_slowly
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(("stop", "workers"), [(signal.SIGTERM, "2"), (signal.SIGINT, "1")])
+def test_cli_interrupted_by_a_signal_removes_what_it_staged(tmp_path, preprocess_main, stop, workers):
+    """SIGTERM (`timeout`, a scheduler) stops the tool as Ctrl-C does: the staged datasets and tokenizer
+    are removed, the previous files are left byte for byte, and it says so in one line (exit 130), with
+    no traceback from it or its encoding workers."""
+    (tmp_path / "corpus.jsonl").write_text('{"text": "old train"}\n{"text": "old valid"}\n')
+    preprocess_main(train_tokenizer_argv(tmp_path))
+    before = file_contents(tmp_path)
+    new_documents = [json.dumps({"text": f"new document {i}"}) + "\n" for i in range(400)]
+    (tmp_path / "corpus.jsonl").write_text("".join(new_documents))
+    tool = subprocess.Popen(
+        [sys.executable, "-c", SLOW_VALID_SPLIT, str(PREPROCESS_SCRIPT), *train_tokenizer_argv(tmp_path),
+         "--workers", workers],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for line in tool.stdout:
+            if line.startswith(f"encoded {tmp_path}/c_train:"):
+                tool.send_signal(stop)
+                break
+        out, err = tool.communicate(timeout=60)
+    finally:
+        tool.kill()
+    assert (tool.returncode, err) == (130, "preprocess_data: interrupted; the previous files are unchanged\n"), out
+    assert file_contents(tmp_path) == {**before, "corpus.jsonl": (tmp_path / "corpus.jsonl").read_bytes()}

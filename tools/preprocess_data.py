@@ -6,17 +6,22 @@
 Writes ``P.bin``/``P.idx``, or with ``--valid-fraction F`` ``P_train`` and
 ``P_valid`` (the last ceil(F * n) whole documents).  With
 ``--train-tokenizer-vocab N --tokenizer-output PATH`` a byte-level BPE is first
-trained on the input and then used.
+trained on the training documents (never the validation ones) and then used.
+Every file is written under a staging name and all are published together once
+complete: a failure, Ctrl-C or SIGTERM (exit 130) leaves the previous ones as they were.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import itertools
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 if importlib.util.find_spec("megatron_unipool") is None:  # run from a checkout, not installed
@@ -31,8 +36,30 @@ from megatron_unipool.data import (
     train_bpe_tokenizer,
     write_indexed,
 )
+from megatron_unipool.data.corpus import count_documents
+from megatron_unipool.training.outputs import check_output_directory
 
 PROGRESS_EVERY_S = 10.0
+
+
+class Interruption:
+    """SIGINT or SIGTERM (from `timeout`, a scheduler): a KeyboardInterrupt, whose clean-up removes the
+    staged files. Later signals are ignored so that the clean-up runs whole (`timeout` signals the
+    process and then its process group, which holds it too). A KeyboardInterrupt raised inside a
+    finalizer or an at-fork hook is lost: `check` raises it again, so an interrupted run never publishes."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self, signum, frame) -> None:
+        self.seen = True
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train-tokenizer-vocab",
         type=int,
         metavar="N",
-        help="train a byte-level BPE of N tokens on the input",
+        help="train a byte-level BPE of N tokens on the training documents (not the --valid-fraction ones)",
     )
     parser.add_argument(
         "--tokenizer-output", type=Path, help="where --train-tokenizer-vocab saves tokenizer.json"
@@ -73,60 +100,123 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--tokenizer-output is only used with --train-tokenizer-vocab")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if os.path.basename(args.output_prefix) in ("", ".", ".."):
+        parser.error(f"--output-prefix {args.output_prefix!r} has no file name: give one, e.g. "
+                     f"{os.path.join(args.output_prefix, 'corpus')} for corpus.bin/.idx there")
+    if args.tokenizer_output is not None:
+        if args.tokenizer_output.is_dir():
+            parser.error(f"--tokenizer-output {args.tokenizer_output} is a directory; give the file to write")
+        outputs = [Path(f"{args.output_prefix}{split}{suffix}")
+                   for split in ("", "_train", "_valid") for suffix in (".bin", ".idx")]
+        taken_paths = [(args.input, "the --input"), *((path, "an output of --output-prefix") for path in outputs)]
+        for taken, what in taken_paths:
+            if args.tokenizer_output.resolve() == taken.resolve():
+                parser.error(f"--tokenizer-output {args.tokenizer_output} is {what} ({taken}); give another path")
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def remove_staged(staging: str) -> None:
+    """Deletes every file named after ``staging``: its pair, and the temporary files its writer creates
+    first, which an interrupt that comes while they are created leaves behind. The name holds this
+    process's id, so none of them is another run's."""
+    staging = Path(staging)
+    for path in staging.parent.glob(f"{glob.escape(staging.name)}.*"):
+        path.unlink(missing_ok=True)
+
+
+def reported(documents: Iterable[str], what: str, expected: int) -> Iterator[str]:
+    """``documents``, with a line on how many went by at most every PROGRESS_EVERY_S: the BPE trainer reads
+    them silently (its own progress bars leave only blank lines in a log)."""
+    started = last_report = time.perf_counter()
+    for done, document in enumerate(documents, start=1):
+        yield document
+        now = time.perf_counter()
+        if now - last_report >= PROGRESS_EVERY_S:
+            print(f"{what}: {done}/{expected} documents ({100 * done / expected:.1f}%) in {now - started:.0f} s",
+                  flush=True)
+            last_report = now
+
+
+def main(argv: list[str] | None = None, interruption: Interruption | None = None) -> None:
     args = parse_args(argv)
+    interruption = interruption or Interruption()
+    # before reading and training, not after
+    check_output_directory(Path(args.output_prefix).parent, f"--output-prefix {args.output_prefix}")
+    if args.tokenizer_output is not None:
+        check_output_directory(args.tokenizer_output.parent, f"--tokenizer-output {args.tokenizer_output}")
 
     def documents():
         return read_documents(args.input, args.json_key, args.split_on_blank_lines)
 
     tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer is not None else None
     # A full pass before writing: an empty input, a bad line or a bad fraction fails with nothing written.
-    started = time.perf_counter()
-    num_documents = sum(1 for _ in documents())
-    num_valid = holdout_count(num_documents, args.valid_fraction)
-    print(f"read {num_documents} documents from {args.input} in {time.perf_counter() - started:.1f} s"
-          + (f" ({num_valid} held out for validation)" if num_valid else ""), flush=True)
-    if tokenizer is None:
-        print(f"training a byte-level BPE tokenizer of {args.train_tokenizer_vocab} tokens on them ...", flush=True)
-        started = time.perf_counter()
-        tokenizer = train_bpe_tokenizer(documents(), args.train_tokenizer_vocab, args.tokenizer_output)
-        print(
-            f"trained {tokenizer} in {time.perf_counter() - started:.1f} s -> {args.tokenizer_output}",
-            flush=True,
-        )
+    print(f"reading {args.input} ...", flush=True)
+    read = count_documents(args.input, args.json_key, args.split_on_blank_lines, report_every_s=PROGRESS_EVERY_S)
+    num_valid = holdout_count(read.documents, args.valid_fraction)
+    num_train = read.documents - num_valid
+    print(f"read {args.input}: {read}" + (f"; {num_valid} held out for validation" if num_valid else ""),
+          flush=True)
 
     if num_valid == 0:
-        splits = [(args.output_prefix, documents(), num_documents)]
+        splits = [(args.output_prefix, documents(), num_train)]
     else:
         stream = documents()
         splits = [
-            (f"{args.output_prefix}_train", itertools.islice(stream, num_documents - num_valid),
-             num_documents - num_valid),
+            (f"{args.output_prefix}_train", itertools.islice(stream, num_train), num_train),
             (f"{args.output_prefix}_valid", stream, num_valid),
         ]
-    # Every split is written under a staging name and all are published together: a failure in the
-    # second never leaves the first beside a split of an earlier run (or of none).
+    # Every file is written under a staging name and all are published together: a failure in the
+    # second split never leaves the first (or a new tokenizer) beside files of an earlier run (or of none).
     staged = []
+    staged_tokenizer = None
     try:
+        if tokenizer is None:
+            staged_tokenizer = args.tokenizer_output.with_name(
+                f"{args.tokenizer_output.name}.partial-{os.getpid()}"
+            )
+            print(f"training a byte-level BPE tokenizer of {args.train_tokenizer_vocab} tokens on the {num_train} "
+                  "training documents ...", flush=True)
+            started = time.perf_counter()
+            tokenizer = train_bpe_tokenizer(
+                reported(itertools.islice(documents(), num_train), "training the tokenizer", num_train),
+                args.train_tokenizer_vocab, staged_tokenizer,
+            )
+            print(f"trained {tokenizer} in {time.perf_counter() - started:.1f} s", flush=True)
         for prefix, split_documents, count in splits:
+            interruption.check()
             staged.append((f"{prefix}.partial-{os.getpid()}", prefix))
+            print(f"encoding {prefix} ({count} documents) ...", flush=True)
             stats = write_indexed(
                 staged[-1][0], tokenizer, split_documents, args.workers, report_every_s=PROGRESS_EVERY_S,
-                expected_documents=count,
+                expected_documents=count, report_as=prefix,
             )
             print(f"encoded {prefix}: {stats}", flush=True)
+        interruption.check()
+        # The previous datasets go first: an interruption between the renames then leaves missing files,
+        # which fail loudly, never a new tokenizer beside token ids of the old one.
+        for _, prefix in staged:
+            remove_indexed(prefix)
+        if staged_tokenizer is not None:
+            os.replace(staged_tokenizer, args.tokenizer_output)
         publish_indexed(staged)
     finally:
         for staging, _ in staged:
-            remove_indexed(staging)
-    print("wrote " + ", ".join(f"{prefix}.bin/.idx" for _, prefix in staged), flush=True)
+            remove_staged(staging)
+        if staged_tokenizer is not None:
+            staged_tokenizer.unlink(missing_ok=True)
+    written = [f"{prefix}.bin/.idx" for _, prefix in staged]
+    print("wrote " + ", ".join(written + ([str(args.tokenizer_output)] if staged_tokenizer else [])), flush=True)
 
 
 if __name__ == "__main__":
+    interruption = Interruption()
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(stop) is not signal.SIG_IGN:  # a job started in the background keeps ignoring Ctrl-C
+            signal.signal(stop, interruption)
     try:
-        main()
+        main(interruption=interruption)
     except (OSError, ValueError) as error:
         sys.exit(f"preprocess_data: error: {error}")
+    except KeyboardInterrupt:
+        print("preprocess_data: interrupted; the previous files are unchanged", file=sys.stderr)
+        sys.exit(130)

@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -46,6 +47,8 @@ _MODERN_SUFFIX = "_gut"
 _FOLIO_SUFFIX = "_gut_f"
 _NOT_A_TEXT = "metadata"
 _BLANK_LINE_RUN = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")  # LF or CRLF line ends
+_BYTE_ORDER_MARK = "\ufeff"
+_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
 # ---------------------------------------------------------------- default corpus
@@ -161,15 +164,63 @@ def read_documents(
     with the text under ``json_key``.  Raises at the end if nothing was found.
     """
     path = Path(path)
+    return _non_blank(_all_documents(path, json_key, split_on_blank_lines), path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadStats:
+    documents: int
+    blank_documents: int  # skipped: read_documents never yields them
+    text_bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        read = f"{self.documents} documents, {self.text_bytes / 1e6:.2f} MB of text, in {self.seconds:.1f} s"
+        if not self.blank_documents:
+            return read
+        return f"{read}; skipped {self.blank_documents} blank document{'s' * (self.blank_documents != 1)}"
+
+
+def count_documents(
+    path: str | os.PathLike,
+    json_key: str = "text",
+    split_on_blank_lines: bool = False,
+    report_every_s: float | None = None,
+) -> ReadStats:
+    """Reads ``path`` as ``read_documents`` does, checking every line, and counts what it would yield
+    and the blank documents it would skip, so that a caller can say how many were dropped.
+
+    ``report_every_s`` prints a progress line at most that often: a large input takes minutes.
+    """
+    path = Path(path)
+    started = last_report = time.perf_counter()
+    documents = blank_documents = text_bytes = 0
+    for document in _all_documents(path, json_key, split_on_blank_lines):
+        if not document.strip():
+            blank_documents += 1
+            continue
+        documents += 1
+        text_bytes += len(document.encode("utf-8"))
+        now = time.perf_counter()
+        if report_every_s is not None and now - last_report >= report_every_s:
+            print(f"reading {path}: {ReadStats(documents, blank_documents, text_bytes, now - started)}", flush=True)
+            last_report = now
+    if documents == 0:
+        raise _no_documents_error(path)
+    return ReadStats(documents, blank_documents, text_bytes, time.perf_counter() - started)
+
+
+def _all_documents(path: Path, json_key: str, split_on_blank_lines: bool) -> Iterator[str]:
+    """The documents of ``path``, blank ones included; a bad path fails here, not when iterated."""
+    if path.is_dir():
+        raise IsADirectoryError(f"input {path} is a directory; expected a .txt or .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     if path.suffix == ".txt":
-        documents = _txt_documents(path, split_on_blank_lines)
-    elif path.suffix == ".jsonl":
-        documents = _jsonl_documents(path, json_key)
-    else:
-        raise ValueError(f"{path}: unsupported input type {path.suffix!r}; expected .txt or .jsonl")
-    return _non_blank(documents, path)
+        return _txt_documents(path, split_on_blank_lines)
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path, json_key)
+    raise ValueError(f"{path}: unsupported input type {path.suffix!r}; expected .txt or .jsonl")
 
 
 def _non_blank(documents: Iterable[str], path: Path) -> Iterator[str]:
@@ -179,12 +230,20 @@ def _non_blank(documents: Iterable[str], path: Path) -> Iterator[str]:
             found = True
             yield document
     if not found:
-        raise ValueError(f"{path} contains no (non-blank) documents")
+        raise _no_documents_error(path)
+
+
+def _no_documents_error(path: Path) -> ValueError:
+    return ValueError(f"{path} contains no (non-blank) documents")
 
 
 def _txt_documents(path: Path, split_on_blank_lines: bool) -> Iterator[str]:
     text = _read_utf8(path)
-    yield from _BLANK_LINE_RUN.split(text) if split_on_blank_lines else [text]
+    if not split_on_blank_lines:
+        yield text
+        return
+    # A blank-line run at the start or end of the file leaves an empty block, which is no document.
+    yield from (block for block in _BLANK_LINE_RUN.split(text) if block)
 
 
 def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
@@ -197,6 +256,8 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
                 raise ValueError(
                     f"{where}: not valid UTF-8 ({error.reason} at byte {error.start})"
                 ) from error
+            if line_number == 1:
+                line = line.removeprefix(_BYTE_ORDER_MARK)
             if not line.strip():
                 continue
             try:
@@ -221,8 +282,9 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
 
 
 def _read_utf8(path: Path) -> str:
+    """The text of ``path`` without the byte-order mark some editors put first, which is no text."""
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8").removeprefix(_BYTE_ORDER_MARK)
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
 
@@ -269,12 +331,14 @@ def write_indexed(
     workers: int = 1,
     report_every_s: float | None = None,
     expected_documents: int | None = None,
+    report_as: str | None = None,
 ) -> WriteStats:
     """Tokenises ``documents`` into ``<prefix>.bin``/``.idx``; nothing is written if it fails.
 
     ``workers > 1`` encodes in a process pool (document order is preserved).
     ``report_every_s`` prints a progress line at most that often, with the share done and an ETA
-    when ``expected_documents`` says how many there are.
+    when ``expected_documents`` says how many there are; the line names ``report_as`` (default
+    ``prefix``), e.g. the prefix a file written under a staging name will be published as.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -285,9 +349,15 @@ def write_indexed(
         if workers == 1:
             encoded = (_encode(tokenizer, text) for text in documents)
         else:
-            pool = stack.enter_context(
-                multiprocessing.Pool(workers, initializer=_set_worker_tokenizer, initargs=(tokenizer,))
-            )
+            # Interrupts wait while the workers are forked: a KeyboardInterrupt raised in an at-fork hook
+            # would be lost. The workers inherit the mask and lift it (_start_worker).
+            interrupts_before = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+            try:
+                pool = stack.enter_context(
+                    multiprocessing.Pool(workers, initializer=_start_worker, initargs=(tokenizer,))
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, interrupts_before)
             encoded = pool.imap(_encode_in_worker, documents, chunksize=16)
         for token_ids, num_bytes in encoded:
             writer.add_document(token_ids)
@@ -295,8 +365,8 @@ def write_indexed(
             now = time.perf_counter()
             if report_every_s is not None and now - last_report >= report_every_s:
                 progress = WriteStats(writer.num_documents, writer.num_tokens, text_bytes, now - started)
-                print(f"{prefix}: {progress}{_share_done(writer.num_documents, expected_documents, now - started)}",
-                      flush=True)
+                print(f"{report_as or prefix}: {progress}"
+                      f"{_share_done(writer.num_documents, expected_documents, now - started)}", flush=True)
                 last_report = now
     return WriteStats(writer.num_documents, writer.num_tokens, text_bytes, time.perf_counter() - started)
 
@@ -318,9 +388,14 @@ def _encode(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, int]:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _set_worker_tokenizer(tokenizer: Tokenizer) -> None:
+def _start_worker(tokenizer: Tokenizer) -> None:
+    """Interrupts are the parent's to handle: it stops the pool (SIGTERM, here the default: exit at once)
+    and removes what it wrote, instead of every worker printing a KeyboardInterrupt traceback."""
     global _worker_tokenizer
     _worker_tokenizer = tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
 
 
 def _encode_in_worker(text: str) -> tuple[np.ndarray, int]:

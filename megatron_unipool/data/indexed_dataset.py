@@ -187,7 +187,8 @@ class IndexedDataset:
         self.bin_path, self.idx_path = _paths(prefix)
         for path in (self.idx_path, self.bin_path):
             if not path.is_file():
-                raise FileNotFoundError(f"indexed dataset file missing: {path}")
+                hint = "; give the prefix without .bin/.idx" if os.fspath(prefix).endswith((".bin", ".idx")) else ""
+                raise FileNotFoundError(f"indexed dataset file missing: {path}{hint}")
         self._read_index()
         self._check_bin_size()
         self._tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))

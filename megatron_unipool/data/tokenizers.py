@@ -200,6 +200,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_path: str 
         raise ValueError(
             f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {minimum} (256 bytes + EOD)"
         )
+    output_path = Path(output_path)
+    if output_path.is_dir():  # found before training, which can take hours, not after
+        raise IsADirectoryError(f"cannot save the tokenizer to {output_path}: it is a directory")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
     tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = hf_tokenizers.decoders.ByteLevel()
@@ -207,12 +211,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_path: str 
         vocab_size=vocab_size,
         special_tokens=[ENDOFTEXT],
         initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=False,  # its bars leave only blank lines in a log; callers report progress
     )
     tokenizer.train_from_iterator(texts, trainer)
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(output_path))
+    try:
+        tokenizer.save(str(output_path))
+    except Exception as error:  # the Rust side raises a bare Exception, e.g. "Is a directory (os error 21)"
+        raise OSError(f"cannot save the tokenizer to {output_path}: {error}") from error
     return HFTokenizer(output_path)
 
 
