@@ -982,6 +982,8 @@ def test_cli_reports_each_phase_under_the_names_given(tmp_path, preprocess_main,
                      f"encoding {tmp_path}/c_train (2 documents) ...",
                      f"{tmp_path}/c_valid: 1 documents", f"encoded {tmp_path}/c_valid: 2 documents"):
         assert any(line.startswith(expected) for line in lines), (expected, lines)
+    vocab_size = HFTokenizer(tmp_path / "tok.json").vocab_size  # two short documents hold few pairs to merge
+    assert vocab_size < 300 and f"note: the training documents gave only {vocab_size} of the 300 tokens asked for" in lines
 
 
 # Runs the tool with a validation split that takes 0.1 s a document to write, so that a signal sent once the

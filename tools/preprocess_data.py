@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
                 args.train_tokenizer_vocab, staged_tokenizer,
             )
             print(f"trained {tokenizer} in {time.perf_counter() - started:.1f} s", flush=True)
+            if tokenizer.vocab_size < args.train_tokenizer_vocab:  # the BPE ran out of pairs to merge
+                print(f"note: the training documents gave only {tokenizer.vocab_size} of the"
+                      f" {args.train_tokenizer_vocab} tokens asked for", flush=True)
         for prefix, split_documents, count in splits:
             interruption.check()
             staged.append((f"{prefix}.partial-{os.getpid()}", prefix))
