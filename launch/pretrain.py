@@ -5,8 +5,8 @@
     deepspeed --num_gpus 8 launch/pretrain.py --config configs/unipool_182m.json
     deepspeed --hostfile hosts --num_nodes 2 --num_gpus 8 launch/pretrain.py --config ...
 
-SIGTERM (a scheduler's preemption) saves the step under way and exits 130; Ctrl-C interrupts at once
-(docs/reliability.md). Without --config it trains configs/tiny_unipool_cpu.json (1-3 minutes on 2 CPU cores); a run
+SIGTERM (a scheduler's preemption) saves the step under way and exits 143; Ctrl-C interrupts at once
+(exit 130; docs/reliability.md). Without --config it trains configs/tiny_unipool_cpu.json (1-3 minutes on 2 CPU cores); a run
 directory's config.json (tools/upcycle.py and convert_checkpoint.py write OUT/config.json beside
 OUT/checkpoints) continues that run without --run-dir. Relative paths in the config mean the
 directory the command runs in (stored absolute in the run's checkpoints). The
@@ -56,16 +56,19 @@ class Interruption:
     the job works, once; a signal that comes later (a launcher sends both, or again) or while the run
     reports and cleans up is only noted, so that those run whole. While the job trains with
     checkpoint.save_on_sigterm, SIGTERM only sets `stop_requested`: the trainer saves at the end of
-    the step and stops."""
+    the step and stops. The job exits with 128 + the first signal's number, as a shell reports a process
+    that signal ended: 130 for Ctrl-C, 143 for SIGTERM."""
 
     def __init__(self):
         self.seen = False
+        self.exit_status = 130
         self.raising = True
         self.sigterm_stops_at_step_end = False
         self.sigterm_seen = False
 
     def __call__(self, signum, frame) -> None:
-        self.seen = True
+        if not self.seen:
+            self.seen, self.exit_status = True, 128 + signum
         if signum == signal.SIGTERM and self.sigterm_stops_at_step_end:
             self.sigterm_seen = True
             return
@@ -158,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         say_on_each_node("interrupted while the ranks joined; nothing was trained")
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 130
+        return interruption.exit_status
     try:
         summary = train(config, run_dir, interruption)
     except RunStopped as e:
-        say(f"stopped by SIGTERM at the end of step {e.step}; run again to resume from {e.checkpoint}", file=sys.stderr)
-        return 130
+        say(f"stopped by SIGTERM at the end of step {e.step}; " + (
+            f"run again to resume from {e.checkpoint}" if config.checkpoint.resume else
+            f"saved {e.checkpoint}, but checkpoint.resume is false: continue from it with checkpoint.load"), file=sys.stderr)
+        return 128 + signal.SIGTERM
     except RUN_ERRORS as e:
         say(f"error: {e}", file=sys.stderr)
         if created:  # a run that failed before it wrote anything leaves no empty directory behind
@@ -171,13 +176,13 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir.rmdir()
         return 1
     except KeyboardInterrupt:
-        return interrupted(config, run_dir, say)
+        return interrupted(config, run_dir, say, interruption.exit_status)
     except RuntimeError as e:
         if not peer_failure(e):
             raise
         time.sleep(PEER_SIGNAL_GRACE_S)
         if interruption.seen:  # this rank waited in a collective when an interrupted peer left it
-            return interrupted(config, run_dir, say)
+            return interrupted(config, run_dir, say, interruption.exit_status)
         print(f"error: rank {dist.get_rank()} of {dist.get_world_size()}: a collective failed because another rank "
               f"died or stopped responding for parallel.timeout_s={config.parallel.timeout_s:g} s (see that rank's "
               f"log): {str(e).splitlines()[0][:300]}", file=sys.stderr)
@@ -207,14 +212,14 @@ def train(config, run_dir: Path, interruption: Interruption) -> dict:
         return trainer.train(stop_requested=interruption.stop_requested)
 
 
-def interrupted(config, run_dir: Path, say) -> int:
+def interrupted(config, run_dir: Path, say, exit_status: int) -> int:
     try:
         source = checkpoint_to_resume(config, run_dir)
     except CheckpointError:
         source = None
     say(f"interrupted; run again to resume from {source}" if source else
         "interrupted; no checkpoint to resume from (none written yet, or checkpoint.resume is false)", file=sys.stderr)
-    return 130
+    return exit_status
 
 
 if __name__ == "__main__":

@@ -573,11 +573,11 @@ def test_ctrl_c_on_every_rank_ends_each_as_interrupted(data_cache, tmp_path):
 
 def test_sigterm_on_one_rank_stops_every_rank_after_one_shared_checkpoint(data_cache, tmp_path):
     """A preemption signal that reaches one rank only (one node of the job): every rank ends the same step,
-    saves it together and exits 130; rank 0 says where the rerun resumes."""
+    saves it together and exits 143; rank 0 says where the rerun resumes."""
     with _two_ranks_training(tmp_path, data_cache, ["parallel.ep=2", "checkpoint.save_interval=0"], 2) as (procs, _):
         procs[1].send_signal(signal.SIGTERM)
         said = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-    assert [status for status, _ in said] == [130, 130], said
+    assert [status for status, _ in said] == [143, 143], said
     assert said[1][1] == "", said[1][1][-2000:]
     stopped = re.fullmatch(r"stopped by SIGTERM at the end of step (\d+); run again to resume from (.+)",
                            said[0][1].strip())

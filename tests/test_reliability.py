@@ -658,16 +658,16 @@ def test_ctrl_c_ends_the_run_with_one_line_and_it_resumes(sig, sets, data_cache,
     run_dir = tmp_path / "run"
     command = launch_command(run_dir, data_cache) + sets
     status, stderr = signalled(command, "step  4/12", sig)  # after the step-3 checkpoint
-    assert status == 130, stderr[-2000:]
+    assert status == 128 + sig, stderr[-2000:]
     assert stderr.strip() == f"interrupted; run again to resume from {run_dir / 'checkpoints' / 'step_0000003'}"
     started_from = tmp_path / "started_from"  # checkpoint.load's, until the run has a checkpoint of its own
     status, stderr = signalled(launch_command(started_from, data_cache) + sets + ["--set", f"checkpoint.load={run_dir}"],
                                "step  5/12", sig)
-    assert status == 130 and stderr.strip() == f"interrupted; run again to resume from {run_dir / 'checkpoints' / 'step_0000003'}"
+    assert status == 128 + sig and stderr.strip() == f"interrupted; run again to resume from {run_dir / 'checkpoints' / 'step_0000003'}"
     assert run_to_end(command, run_dir)["steps"] == 12
     fresh = tmp_path / "fresh"  # interrupted before its first checkpoint: nothing to promise
     status, stderr = signalled(launch_command(fresh, data_cache) + sets, "step  2/12", sig)
-    assert status == 130 and stderr.strip() == ("interrupted; no checkpoint to resume from (none written yet, or"
+    assert status == 128 + sig and stderr.strip() == ("interrupted; no checkpoint to resume from (none written yet, or"
                                                 " checkpoint.resume is false)"), stderr[-2000:]
 
 
@@ -679,13 +679,19 @@ def test_sigterm_saves_at_the_end_of_the_step_and_the_rerun_gives_the_uninterrup
     command = launch_command(run_dir, data_cache)
     status, stderr = signalled(command, "step  4/12", signal.SIGTERM)  # after the step-3 checkpoint
     stopped = re.fullmatch(r"stopped by SIGTERM at the end of step (\d+); run again to resume from (.+)", stderr.strip())
-    assert status == 130 and stopped, stderr[-2000:]
+    assert status == 143 and stopped, stderr[-2000:]
     step = int(stopped[1])
     assert 4 <= step < 12 and Path(stopped[2]) == latest_checkpoint(run_dir / "checkpoints") == \
         run_dir / "checkpoints" / f"step_{step:07d}"
     resumed = run_to_end(command, run_dir)
     assert resumed["train_losses"] == uninterrupted["train_losses"]
     assert resumed["val_losses"] == uninterrupted["val_losses"]
+    fresh = tmp_path / "fresh"  # a rerun would start over: the line must not promise a resume
+    status, stderr = signalled(launch_command(fresh, data_cache) + ["--set", "checkpoint.resume=false"], "step  2/12",
+                               signal.SIGTERM)
+    assert status == 143 and re.fullmatch(r"stopped by SIGTERM at the end of step \d+; saved .*step_\d+, but"
+                                          r" checkpoint.resume is false: continue from it with checkpoint.load",
+                                          stderr.strip()), stderr[-2000:]
 
 
 def test_sigterm_while_the_job_is_set_up_interrupts_at_once_and_during_training_only_asks_to_stop():

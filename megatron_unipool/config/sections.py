@@ -224,7 +224,7 @@ class CheckpointConfig:
     # own to resume from
     load: Optional[str] = None
     # SIGTERM (a scheduler's preemption or time limit; torchrun's stop on Ctrl-C) lets every rank finish the
-    # step, save a checkpoint and exit 130; false: SIGTERM interrupts at once, as Ctrl-C (SIGINT) always does
+    # step, save a checkpoint and exit 143; false: SIGTERM interrupts at once, as Ctrl-C (SIGINT) always does
     save_on_sigterm: bool = True
 
 
