@@ -101,6 +101,7 @@ def test_options_that_would_be_ignored_are_refused(overrides, named):
     (["deepspeed.enabled=true", "train.precision=bf16"], "deepspeed.zero_stage=0 with train.precision='bf16'"),
     (["moe.lock_start_step=100", "moe.top_k=9"], "fewer than moe.top_k=9"),
     (["deepspeed.config_file=ds.json"], "deepspeed.config_file is set but deepspeed.enabled is false"),
+    (["deepspeed.zero_stage=2"], "deepspeed.zero_stage=2 is set but deepspeed.enabled is false"),
     (["model.compile=true", "model.rope_kernel=triton"], "the compiled attention fuses RoPE itself"),
     (["model.compile=true", "model.swiglu_kernel=triton", "moe.kind=dense"], "the dense FFN layers are compiled"),
     (["model.compile=true", "model.swiglu_kernel=triton", "moe.moe_layer_interval=2"],
@@ -424,6 +425,9 @@ def test_generated_deepspeed_config_follows_precision_and_clips_once():
     # Hugging Face style files carry these; the trainer generates the same values
     ({"zero_allow_untested_optimizer": True, "managed_gradient_accumulation": True}, "fp32", None),
     ({"managed_gradient_accumulation": False}, "fp32", "managed_gradient_accumulation (set by the trainer"),
+    # DeepSpeed refuses ZeRO-Offload with a client optimizer, at deepspeed.initialize: a traceback, not a config error
+    ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}, "fp32",
+     "sets zero_optimization.offload_optimizer: ZeRO-Offload needs DeepSpeed's CPU Adam"),
 ])
 def test_deepspeed_config_file_values_are_compared_with_the_run(tmp_path, content, precision, named):
     (tmp_path / "ds.json").write_text(json.dumps(content))

@@ -41,10 +41,16 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_config, tmp_path):
     full = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path / "full").train()
     midway = tmp_path / "full" / "checkpoints" / "step_0000003"
     assert midway.is_dir() and latest_checkpoint(tmp_path / "full" / "checkpoints").name == "step_0000006"
-    resumed = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides, f"checkpoint.load={midway}"),
-                      tmp_path / "resumed").train()
+    trainer = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides, f"checkpoint.load={midway}"),
+                      tmp_path / "resumed")
+    resumed = trainer.train()
     assert resumed["train_losses"] == full["train_losses"]
     assert resumed["val_losses"] == full["val_losses"]
+    # tokens/s over the run leaves out the warm-up of each session: steps 1 and 4
+    rates = trainer.state.tokens_per_second
+    assert trainer.state.resumed_at_steps == [4] and len(rates) == 6
+    measured = [rates[step - 1] for step in (2, 3, 5, 6)]
+    assert resumed["tokens_per_second"] == pytest.approx(4 / sum(1 / rate for rate in measured), rel=1e-12)
     # a second start in a finished run directory resumes at the end and trains nothing more
     again = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path / "full")
     assert again.state.step == 6 and again.state.train_losses == full["train_losses"]
@@ -360,6 +366,33 @@ def test_eta_is_the_mean_time_of_this_session_steps_times_the_steps_left(tmp_pat
         logger.step(step, {"step_time_s": 2.0})
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("step 12/20") and line.endswith("ETA 0:00:16"), line
+
+
+@pytest.mark.parametrize("router, gating", [
+    ("softmax", ["moe.normalize_gates=true"]), ("softmax", ["moe.softmax_before_topk=false"]),
+    ("sigmoid", ["moe.normalize_gates=true"]), ("softmax", []), ("sigmoid", []), ("norm", []),
+])
+def test_top1_with_a_renormalised_gate_is_named_as_leaving_the_routers_to_the_balancing_losses(router, gating,
+                                                                                                tiny_config):
+    """MoEConfig.gate_is_always_one holds exactly where the LM loss gives the routers no gradient."""
+    from megatron_unipool.model import LanguageModel
+
+    config = tiny_config("configs/tiny_vanilla_cpu.json", "moe.top_k=1", f"moe.router={router}", *gating,
+                         "moe.aux_loss=none", "model.seq_len=16")
+    torch.manual_seed(0)
+    model = LanguageModel(config.model, config.moe)
+    tokens = torch.randint(0, config.model.vocab_size, (2, 17))
+    logits, _ = model(tokens[:, :-1])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    router_gradient = max(p.grad.abs().max().item() for name, p in model.named_parameters() if "router" in name)
+    assert config.moe.gate_is_always_one == (router_gradient < 1e-7), router_gradient
+
+
+def test_the_trainer_says_when_only_the_balancing_losses_train_the_routers(tiny_config, tmp_path, capsys):
+    config = tiny_config("configs/tiny_vanilla_cpu.json", "moe.normalize_gates=true", "train.max_steps=1",
+                         "model.seq_len=16")
+    Trainer(config, tmp_path / "run").train()
+    assert "note: moe.top_k=1 with the gate renormalised over the one chosen expert" in capsys.readouterr().out
 
 
 def test_a_run_shorter_than_its_warmup_says_where_its_learning_rate_ends(tiny_config, tmp_path, capsys):

@@ -4,7 +4,7 @@ a run directory that the normal launcher continues from.
     python tools/upcycle.py --checkpoint runs/tiny_unipool_cpu --multiplier 2 --output runs/upcycled
     python tools/upcycle.py --checkpoint RUN --multiplier 2 --selection utility --utility-batches 10 --output OUT
     python tools/upcycle.py --checkpoint runs/tiny_dense_cpu --to-config configs/tiny_vanilla_cpu.json \\
-        --set moe.normalize_gates=true --output OUT
+        --set moe.normalize_gates=true --set moe.top_k=2 --output OUT
     python launch/pretrain.py --config OUT/config.json --run-dir OUT      # continued pretraining
 
 --checkpoint takes a run directory (its latest checkpoint) or one step_* directory. The output
@@ -16,7 +16,8 @@ written config resumes from the run directory (checkpoint.resume true, checkpoin
 it applies to --to-config before upcycling, whose expert count then comes from that config alone
 (--multiplier, --selection and --optimizer do not apply). The copies of a dense FFN compute it only
 with gates that sum to 1: raw softmax gates (as in configs/*vanilla*.json) are refused, hence
-moe.normalize_gates=true above.
+moe.normalize_gates=true above (with top-2: at top-1 a renormalised gate is always 1, which leaves the
+routers to the balancing losses alone).
 """
 from __future__ import annotations
 

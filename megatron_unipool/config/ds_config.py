@@ -74,6 +74,10 @@ def read_deepspeed_file(config: Config, micro_batches: Optional[int] = None) -> 
     for section in MERGED_SECTIONS:
         if not isinstance(extra.get(section, {}), dict):
             raise ConfigError(f"deepspeed.config_file {path}: {section} must be an object")
+    offloaded = [key for key in ("offload_optimizer", "offload_param") if key in extra.get("zero_optimization", {})]
+    if offloaded:
+        raise ConfigError(f"deepspeed.config_file {path} sets zero_optimization.{' and '.join(offloaded)}: ZeRO-Offload"
+                          " needs DeepSpeed's CPU Adam, and the optimizer is the trainer's AdamW; remove it")
     decided = _decided_values(config, micro_batches)
     checked = [key for key in DEEPSPEED_KEYS_FROM_CONFIG if key in extra
                and (key != "gradient_accumulation_steps" or micro_batches is not None)]

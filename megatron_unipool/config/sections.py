@@ -128,6 +128,13 @@ class MoEConfig:
             return self.expert_ffn_hidden_size
         return max(1, round(self.granularity * dense_ffn_width))
 
+    @property
+    def gate_is_always_one(self) -> bool:
+        """Top-1 with the gate renormalised over the chosen expert (normalize_gates, or softmax after
+        top-k): the LM loss then gives the routers no gradient, only the balancing losses train them."""
+        return self.kind != "dense" and self.top_k == 1 and self.router != "norm" and (
+            self.normalize_gates or (self.router == "softmax" and not self.softmax_before_topk))
+
 
 @dataclass
 class DataConfig:
@@ -289,6 +296,8 @@ class Config:
              f"deepspeed.zero_stage=2 needs parallel.pp=1 (it reduces gradients during each backward, which"
              f" pipeline stages run at different times; use zero_stage 1 with pp={p.pp})")
         need(ds.config_file is None or ds.enabled, "deepspeed.config_file is set but deepspeed.enabled is false")
+        need(ds.zero_stage == 0 or ds.enabled, f"deepspeed.zero_stage={ds.zero_stage} is set but deepspeed.enabled is"
+             " false (the built-in optimizer shards nothing): set deepspeed.enabled=true")
         need(not (ds.enabled and ds.zero_stage == 0 and t.precision == "bf16"),
              "deepspeed.zero_stage=0 with train.precision='bf16' is not supported (DeepSpeed's unfused bf16 optimizer"
              " looks expert groups up by a name ours do not have): use zero_stage 1 or 2, or the built-in optimizer")

@@ -66,6 +66,8 @@ class TrainState:
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     tokens_per_second: list[float] = field(default_factory=list)
+    # where each resume started: that step's time includes warm-up (allocation, compilation), as step 1's does
+    resumed_at_steps: list[int] = field(default_factory=list)
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
 
@@ -326,9 +328,16 @@ class Trainer:
                 print(f"note: train.warmup_steps={cfg.train.warmup_steps} > train.max_steps={cfg.train.max_steps}:"
                       f" the learning rate ends at {learning_rate(cfg.train.max_steps - 1, cfg.train):.3g}, in warm-up,"
                       f" below train.lr={cfg.train.lr:g}", flush=True)
+            if cfg.moe.gate_is_always_one:
+                print("note: moe.top_k=1 with the gate renormalised over the one chosen expert (moe.normalize_gates, or"
+                      " softmax after top-k): every gate is 1, so the LM loss gives the routers no gradient and only"
+                      " the balancing losses train them (Switch Transformer gates by the softmax probability)",
+                      flush=True)
             if cfg.model.compile:
                 print("note: model.compile: the first step (and the first evaluation) also compiles the blocks, so its"
                       " time and tokens/s understate the run's", flush=True)
+        if 0 < self.state.step < cfg.train.max_steps:
+            self.state.resumed_at_steps.append(self.state.step + 1)
         while self.state.step < cfg.train.max_steps:
             started = time.perf_counter()
             metrics, routing = self.train_step()
@@ -366,7 +375,9 @@ class Trainer:
 
     def summary(self) -> dict:
         s, b = self.state, self.budget
-        measured = s.tokens_per_second[1:] or s.tokens_per_second  # the first step includes warm-up
+        warm_up = {1, *s.resumed_at_steps}  # the first step of each start and resume
+        measured = [rate for step, rate in enumerate(s.tokens_per_second, start=1) if step not in warm_up]
+        measured = measured or s.tokens_per_second
         return {
             "final_train_loss": s.train_losses[-1] if s.train_losses else None,
             "final_val_loss": s.val_losses[-1][1] if s.val_losses else None,
@@ -380,7 +391,8 @@ class Trainer:
             "tokens_per_second": len(measured) / sum(1.0 / rate for rate in measured) if measured else None,
             "train_flops_per_token": b.train_flops_per_token,
             "steps": s.step,
-            "skipped_steps": s.skipped_steps,  # their train_losses are not finite (null in summary.json)
+            # skipped for a non-finite loss (null in summary.json's train_losses) or gradient norm (a finite loss)
+            "skipped_steps": s.skipped_steps,
             "consumed_samples": s.consumed_samples,
             "config": config_to_dict(self.config),
         }
