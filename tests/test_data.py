@@ -848,14 +848,8 @@ def test_cli_bad_input_errors_and_writes_nothing(tmp_path, preprocess_main, cont
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
 
 
-def test_cli_failure_in_the_second_split_replaces_neither(tmp_path, preprocess_main, monkeypatch):
-    """The splits are published together: a failure while writing the validation split (a full disk
-    here) keeps the previous run's train and validation files, not a new train beside an old valid."""
-    corpus = tmp_path / "corpus.jsonl"
-    argv = ["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte",
-            "--valid-fraction", "0.5"]
-    corpus.write_text('{"text": "old train"}\n{"text": "old valid"}\n')
-    preprocess_main(argv)
+def fill_the_disk_on_the_validation_split(preprocess_main, monkeypatch) -> None:
+    """The tool's next run fails with a full disk while it writes the validation split."""
     globals_ = preprocess_main.__globals__
     real = globals_["write_indexed"]
 
@@ -865,6 +859,17 @@ def test_cli_failure_in_the_second_split_replaces_neither(tmp_path, preprocess_m
         return real(prefix, *args, **kwargs)
 
     monkeypatch.setitem(globals_, "write_indexed", disk_full_on_the_second_split)
+
+
+def test_cli_failure_in_the_second_split_replaces_neither(tmp_path, preprocess_main, monkeypatch):
+    """The splits are published together: a failure while writing the validation split (a full disk
+    here) keeps the previous run's train and validation files, not a new train beside an old valid."""
+    corpus = tmp_path / "corpus.jsonl"
+    argv = ["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte",
+            "--valid-fraction", "0.5"]
+    corpus.write_text('{"text": "old train"}\n{"text": "old valid"}\n')
+    preprocess_main(argv)
+    fill_the_disk_on_the_validation_split(preprocess_main, monkeypatch)
     corpus.write_text('{"text": "new train"}\n{"text": "new valid"}\n')
     with pytest.raises(OSError, match="No space left"):
         preprocess_main(argv)
@@ -914,15 +919,7 @@ def test_cli_a_failure_after_training_keeps_the_previous_tokenizer(tmp_path, pre
     (tmp_path / "corpus.jsonl").write_text('{"text": "old train old"}\n{"text": "old valid"}\n')
     preprocess_main(train_tokenizer_argv(tmp_path))
     before = file_contents(tmp_path)
-    globals_ = preprocess_main.__globals__
-    real = globals_["write_indexed"]
-
-    def disk_full_on_the_second_split(prefix, *args, **kwargs):
-        if "_valid" in str(prefix):
-            raise OSError(28, "No space left on device")
-        return real(prefix, *args, **kwargs)
-
-    monkeypatch.setitem(globals_, "write_indexed", disk_full_on_the_second_split)
+    fill_the_disk_on_the_validation_split(preprocess_main, monkeypatch)
     (tmp_path / "corpus.jsonl").write_text('{"text": "a new train text"}\n{"text": "a new valid text"}\n')
     with pytest.raises(OSError, match="No space left"):
         preprocess_main(train_tokenizer_argv(tmp_path))
