@@ -360,7 +360,8 @@ class Trainer:
             saved = last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)
             checkpoint = self.save() if saved else None
             if not last and stop_requested is not None and on_any_rank(stop_requested(), self.parallel):
-                checkpoint = checkpoint if saved else self.save()
+                if not saved:  # every rank calls save, so every rank decides alike (the save above, or none)
+                    checkpoint = self.save()
                 logger.close()  # TensorBoard holds every step the checkpoint does: the rerun logs only later ones
                 raise RunStopped(step, checkpoint)
         if not self.state.val_losses or self.state.val_losses[-1][0] != self.state.step:
