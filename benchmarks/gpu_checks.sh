@@ -67,7 +67,7 @@ if [[ -n ${QUICK:-} ]]; then
     gemm=(--rows 256 --experts 4 --hidden 64 --ffn 32 --repeats 1 --warmup 0)
     pool_gemm=(--rows 64 --experts 4 --hidden 32 --ffn 32 --layers 3 --repeats 1 --warmup 0)
     layer_base=(--tokens 128 --experts 4 --hidden 32 --ffn 64 --repeats 1)
-    layer=("${layer_base[@]}" --warmup 0)
+    layer=("${layer_base[@]}" --warmup 0 --top-k 1 2)
     tiny=(--warmup 1 --steps 1 --set model.seq_len=32 --set train.global_batch=4 --set train.micro_batch=2)
     fused=(--tokens 64 --vocab 500 --seq-len 16 --heads 2 --head-dim 8 --ffn 32 --hidden 32 --repeats 1 --warmup 0)
     e2e_182m=(--suite cpu --models vanilla unipool --profile-steps 1 "${tiny[@]}")
@@ -83,8 +83,9 @@ else
     pool_gemm=(--rows 8192 32768 --experts 96 --layers 12 --hidden 768 --ffn 3072 --repeats 3)
     # the MoE layer's shapes and repetitions, shared by the main set's layer step and the followup's routing step
     layer_base=(--tokens 8192 32768 --experts 8 96 --hidden 768 --ffn 3072 --repeats 3 --warmup 1)
-    # capacity 1.0: the least DeepSpeed's top-2 computes (ours is dropless, so at least as much work)
-    layer=("${layer_base[@]}" --capacity-factor 1.0)
+    # capacity 1.0: the least DeepSpeed computes (ours is dropless, so at least as much work); top-1 first, as the
+    # 182M and 469M models route (a step stopped at its limit keeps it), then top-2, as calls 1-5 measured
+    layer=("${layer_base[@]}" --capacity-factor 1.0 --top-k 1 2)
     # the 182M models' shapes (its defaults) at micro-batches of 8 and 32 sequences of 1024 tokens
     fused=(--tokens 8192 32768)
     # the models the targets name first: a step stopped at its limit keeps the rows measured so far;
@@ -94,8 +95,8 @@ else
     # (in call 5 two 469M models fit in the step's 150 s, not three: vanilla last, as calls 4-5 measured it, so that
     # a run cut at the limit still compares UniPool with and without the kernels)
     e2e_469m=(--suite gpu-469m --models unipool unipool-fused vanilla --warmup 2 --steps 3)
-    # SET=followup: the routing half of the MoE layer, eager and compiled, at the MoE layer step's shapes
-    routing=("${layer_base[@]}")
+    # SET=followup: the routing half of the MoE layer, eager and compiled, at the MoE layer step's shapes, top-1
+    routing=("${layer_base[@]}" --top-k 1)
     # each model next to its baseline, in the order the decisions need them: a step cut off at its limit keeps
     # the first (182M: about 20 s a model in call 5, more for a compile or DeepSpeed's engine; 469M: about 70 s)
     followup_182m=(--suite gpu-182m --models vanilla vanilla-compiled unipool unipool-compiled vanilla-zero1

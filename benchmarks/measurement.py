@@ -70,7 +70,12 @@ def median_seconds(run, repeats: int, warmup: int, device: torch.device, setup=N
 
 def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocast_to: torch.dtype | None = None
                           ) -> float:
-    """Median seconds of one forward + backward (the forward under autocast when `autocast_to` is given)."""
+    """Median seconds of one forward + backward (the forward under autocast when `autocast_to` is given).
+    The backward starts from a gradient of the output made once, in the first (warm-up) run: a loss
+    computed from the output would add its own passes over it (a fp32 copy, square, mean and their
+    backward: about half the time of an elementwise kernel's row) to every measurement."""
+    output_gradient = []
+
     def clear_gradients():
         for p in params:
             p.grad = None
@@ -78,10 +83,12 @@ def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocas
 
     def forward_backward():
         with torch.autocast(x.device.type, dtype=autocast_to, enabled=autocast_to is not None):
-            loss = forward(x).float().pow(2).mean()
-        loss.backward()
+            out = forward(x)
+        if not output_gradient:
+            output_gradient.append(torch.randn_like(out))
+        out.backward(output_gradient[0])
 
-    return median_seconds(forward_backward, repeats, warmup, x.device, setup=clear_gradients)
+    return median_seconds(forward_backward, repeats, max(warmup, 1), x.device, setup=clear_gradients)
 
 
 def measure_row(rows: list[dict], row: dict, label: str, measure, derive, json_path: Path | None) -> None:
@@ -105,24 +112,26 @@ def add_ratios(rows: list[dict], reference: str, size: str, value: str, ratio: s
                references: list[dict] | None = None) -> None:
     """row[ratio] = row[value] / the same shape's `reference` impl's (None where that one failed or
     was not measured), the reference found among `references` (default: `rows`); `size` names the rows'
-    size column (shape = experts and size)."""
+    size column (shape = experts, top-k where rows have one, and size)."""
     for row in rows:
         if "error" in row:
             continue
         twin = next((r for r in (references or rows) if r["impl"] == reference and r[size] == row[size]
-                     and r["experts"] == row["experts"] and "error" not in r), None)
+                     and r["experts"] == row["experts"] and r.get("top_k") == row.get("top_k")
+                     and "error" not in r), None)
         row[ratio] = row[value] / twin[value] if twin else None
 
 
-def print_table(rows: list[dict], columns: list[tuple[str, str, int, str]]) -> None:
+def print_table(rows: list[dict], columns: list[tuple[str, str, int, str]], naming: int = 3) -> None:
     """One line per row; `columns`: (header, row key, width, template such as "{:.2f}x"). The first
-    three columns name the shape and impl, so a failed row prints those and its error; a missing
+    `naming` columns name the shape and impl, so a failed row prints those and its error; a missing
     value prints '-'."""
     print(" ".join(f"{header:>{width}}" for header, _, width, _ in columns))
     for row in rows:
-        shape = " ".join(f"{row[key]:>{width}}" for _, key, width, _ in columns[:3])
+        shape = " ".join(f"{row[key]:>{width}}" for _, key, width, _ in columns[:naming])
         if "error" in row:
             print(f"{shape}  failed: {row['error']}")
             continue
-        values = [template.format(row[key]) if row.get(key) is not None else "-" for _, key, _, template in columns[3:]]
-        print(shape, " ".join(f"{value:>{width}}" for value, (_, _, width, _) in zip(values, columns[3:])))
+        measured = columns[naming:]
+        values = [template.format(row[key]) if row.get(key) is not None else "-" for _, key, _, template in measured]
+        print(shape, " ".join(f"{value:>{width}}" for value, (_, _, width, _) in zip(values, measured)))

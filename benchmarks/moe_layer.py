@@ -16,7 +16,8 @@ CPU in its interpreter with TRITON_INTERPRET=1: slow). Routing is softmax top-k;
 DeepSpeed's layer needs a capacity, so it gets `--capacity-factor` while ours and the loop are
 dropless (DeepSpeed computes padded capacity slots, we compute only routed ones: part of what is
 being compared), and its second expert is the deterministic second-best, as ours (not its default
-Gumbel-sampled one). `routing` times our layer's routing half alone (MoELayer.route: logits, softmax,
+Gumbel-sampled one); at top-1 it keeps the first tokens of each expert's capacity, as ours would (not
+its default random selection, `use_rts`, extra work per token). `--top-k 1 2` measures both. `routing` times our layer's routing half alone (MoELayer.route: logits, softmax,
 top-k, gates, the sort and counts of the dispatch plan, the aux loss), with its share of `ours` in
 `share_of_ours`: at most what a fused router could save; `routing_norm` the same with UniPool's
 routing (NormRouter, pool aux loss), its share taken of the same `ours` (the experts' work is the same).
@@ -26,6 +27,7 @@ gates compiled as model.compile runs it: the fused router; their first call per 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -104,7 +106,7 @@ def build_deepspeed(hidden, ffn, experts, top_k, capacity_factor):
 
     layer = MoE(hidden_size=hidden, expert=SwiGLU(hidden, ffn, INIT_STD, INIT_STD), num_experts=experts, ep_size=1,
                 k=top_k, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, min_capacity=4,
-                drop_tokens=True, top2_2nd_expert_sampling=False)
+                drop_tokens=True, top2_2nd_expert_sampling=False, use_rts=False)
     layer.set_deepspeed_parallelism()
     return layer, lambda x: layer(x)[0], list(layer.parameters())
 
@@ -118,7 +120,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--top-k", type=int, default=2, choices=[1, 2], help="DeepSpeed's layer supports 1 and 2")
+    parser.add_argument("--top-k", type=int, nargs="+", default=[2], choices=[1, 2],
+                        help="DeepSpeed's layer supports 1 and 2 (the 182M and 469M models route top-1)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=512, help="expert width")
     parser.add_argument("--capacity-factor", type=float, default=1.25, help="for DeepSpeed's layer")
@@ -149,35 +152,37 @@ def main(argv=None) -> int:
                 "routing_norm_fused": lambda *a: build_routing(*a, router="norm", compiled=True),
                 "deepspeed": lambda *a: build_deepspeed(*a, args.capacity_factor)}
     rows = []
-    for experts in args.experts:
-        for tokens in args.tokens:
-            for impl in args.impls:
-                row = {"impl": impl, "tokens": tokens, "experts": experts, "top_k": args.top_k,
-                       "hidden": args.hidden, "ffn": args.ffn, "dtype": dtype_name, "device": device_label}
-                if impl == "deepspeed":  # its rows (and every vs_deepspeed ratio) depend on it
-                    row["capacity_factor"] = args.capacity_factor
-                torch.manual_seed(0)
+    for top_k, experts, tokens, impl in itertools.product(args.top_k, args.experts, args.tokens, args.impls):
+        row = {"impl": impl, "tokens": tokens, "experts": experts, "top_k": top_k,
+               "hidden": args.hidden, "ffn": args.ffn, "dtype": dtype_name, "device": device_label}
+        if impl == "deepspeed":  # its rows (and every vs_deepspeed ratio) depend on it
+            row["capacity_factor"] = args.capacity_factor
+        torch.manual_seed(0)
 
-                def measure(impl=impl, tokens=tokens, experts=experts):
-                    module, forward, params = builders[impl](args.hidden, args.ffn, experts, args.top_k)
-                    module.to(device)
-                    x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
-                    return time_forward_backward(forward, params, x, args.repeats, args.warmup, autocast_to)
+        def measure(impl=impl, tokens=tokens, experts=experts, top_k=top_k):
+            module, forward, params = builders[impl](args.hidden, args.ffn, experts, top_k)
+            module.to(device)
+            x = torch.randn(1, tokens, args.hidden, device=device, requires_grad=True)
+            return time_forward_backward(forward, params, x, args.repeats, args.warmup, autocast_to)
 
-                measure_row(rows, row, f"{impl:18s} tokens {tokens:6d} experts {experts:3d}", measure,
-                            lambda seconds, tokens=tokens: {"tokens_per_second": tokens / seconds, "ms": 1e3 * seconds},
-                            args.json)
+        measure_row(rows, row, f"{impl:18s} top-{top_k} tokens {tokens:6d} experts {experts:3d}", measure,
+                    lambda seconds, tokens=tokens: {"tokens_per_second": tokens / seconds, "ms": 1e3 * seconds},
+                    args.json)
     print(f"MoE layer forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
-          f"top-{args.top_k}, {dtype_name}"
+          f"top-k {' and '.join(map(str, args.top_k))}, {dtype_name}"
           + (f"; DeepSpeed's layer at capacity factor {args.capacity_factor}, its second expert deterministic"
              if "deepspeed" in args.impls else ""))
     routing = [row for row in rows if row["impl"].startswith("routing")]  # a part of a layer, not a layer:
     add_ratios([row for row in rows if not row["impl"].startswith("routing")], "deepspeed", "tokens",
                "tokens_per_second", "vs_deepspeed")
     add_ratios(routing, "ours", "tokens", "ms", "share_of_ours", references=rows)  # its share of our whole layer
-    print_table(rows, [("experts", "experts", 7, ""), ("tokens", "tokens", 7, ""), ("impl", "impl", 18, ""),
+    for row in routing:
+        row.setdefault("vs_deepspeed", None)
+    print_table(rows, [("top-k", "top_k", 5, ""), ("experts", "experts", 7, ""), ("tokens", "tokens", 7, ""),
+                       ("impl", "impl", 18, ""),
                        ("tokens/s", "tokens_per_second", 12, "{:,.0f}"), ("ms", "ms", 9, "{:.2f}"),
-                       ("vs deepspeed", "vs_deepspeed", 13, "{:.2f}x"), ("share of ours", "share_of_ours", 14, "{:.1%}")])
+                       ("vs deepspeed", "vs_deepspeed", 13, "{:.2f}x"), ("share of ours", "share_of_ours", 14, "{:.1%}")],
+                naming=4)
     if args.json:  # again, with the ratios
         args.json.write_text(json.dumps(rows, indent=2))
     if torch.distributed.is_initialized():

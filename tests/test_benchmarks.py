@@ -31,22 +31,62 @@ def config_overrides(*overrides: str) -> list[str]:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_moe_layer_benchmark_writes_one_row_per_measurement(tmp_path, dtype):
     done, rows = run_benchmark(tmp_path, "moe_layer.py", "--tokens", "64", "128", "--experts", "4", "--hidden", "32",
-                               "--ffn", "64", "--repeats", "1", "--warmup", "0", "--dtype", dtype, cwd=tmp_path)
+                               "--ffn", "64", "--repeats", "1", "--warmup", "0", "--dtype", dtype, "--top-k", "1", "2",
+                               cwd=tmp_path)
     impls = ["ours", "ours_grouped_mm", "deepspeed", "loop", "dense", "routing", "routing_norm"]
     impls += ["ours_triton"] if TRITON_RUNS else []  # where Triton runs: compiled on CUDA, interpreted here
-    assert sorted((r["impl"], r["tokens"]) for r in rows) == sorted((impl, tokens) for impl in impls for tokens in (64, 128))
+    assert sorted((r["top_k"], r["impl"], r["tokens"]) for r in rows) == sorted(
+        (k, impl, tokens) for k in (1, 2) for impl in impls for tokens in (64, 128))
+
+    def twin(row, impl):
+        return next(r for r in rows if (r["impl"], r["tokens"], r["top_k"]) == (impl, row["tokens"], row["top_k"]))
+
     for routing in (r for r in rows if r["impl"].startswith("routing")):  # a part of our layer, not compared with DeepSpeed
-        ours = next(r for r in rows if r["impl"] == "ours" and r["tokens"] == routing["tokens"])
-        assert routing["share_of_ours"] == pytest.approx(routing["ms"] / ours["ms"]) and "vs_deepspeed" not in routing
+        assert routing["share_of_ours"] == pytest.approx(routing["ms"] / twin(routing, "ours")["ms"])
+        assert routing["vs_deepspeed"] is None
+    for row in (r for r in rows if not r["impl"].startswith("routing")):  # each against DeepSpeed at its own top-k
+        assert row["vs_deepspeed"] == pytest.approx(row["tokens_per_second"] / twin(row, "deepspeed")["tokens_per_second"])
     assert all("share_of_ours" not in r for r in rows if not r["impl"].startswith("routing"))
     for row in rows:
         assert "error" not in row, row
         assert {"impl", "tokens", "experts", "top_k", "hidden", "tokens_per_second", "device"} <= set(row)
-        assert row["experts"] == 4 and row["top_k"] == 2 and row["hidden"] == 32 and row["tokens_per_second"] > 0
+        assert row["experts"] == 4 and row["hidden"] == 32 and row["tokens_per_second"] > 0
         assert row["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
         # every vs_deepspeed ratio depends on DeepSpeed's capacity factor: its rows and the header say which
         assert row.get("capacity_factor") == (1.25 if row["impl"] == "deepspeed" else None)
     assert "vs deepspeed" in done.stdout and "DeepSpeed's layer at capacity factor 1.25" in done.stdout
+
+
+def test_the_timing_harness_times_the_forward_and_its_backward_only():
+    """No loss of its own: a loss computed from the output (fp32 copy, square, mean and their backward)
+    made about half of an elementwise kernel's row. The backward starts from one fixed output gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from script_modules import load_script
+
+    measurement = load_script(REPO / "benchmarks" / "measurement.py")
+    runs = []  # the ops of each run, from its forward on
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if runs:
+                runs[-1].append(func.overloadpacket.__name__)
+            return func(*args, **kwargs)
+
+    weight = torch.randn(8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def forward(x):
+        runs.append([])
+        return x * weight
+
+    with Ops():
+        measurement.time_forward_backward(forward, [weight], x, repeats=2, warmup=0)
+    assert len(runs) == 3  # one warm-up run at least: it makes the output gradient
+    computed = [sorted(op for op in ops if op not in ("view", "detach")) for ops in runs]  # views, gradient storing
+    assert computed[1] == computed[2] == ["mul", "mul", "mul", "sum"], runs  # the forward; both gradients
+    grad_out = x.grad / weight  # d(x * w)/dx = grad_out * w
+    torch.testing.assert_close(weight.grad, (grad_out * x).sum(0))
 
 
 def test_moe_layer_benchmark_times_the_fused_router_by_name(tmp_path):

@@ -596,6 +596,15 @@ def test_console_window_and_tensorboard_names(tmp_path, capsys):
     assert events.Scalars("validation/perplexity")[0].value == pytest.approx(math.exp(8.0), rel=1e-6)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="names the CPU")
+def test_a_cpu_is_named_with_the_threads_its_timings_ran_on(monkeypatch):
+    from megatron_unipool.training.hardware import device_name
+
+    for threads, named in ((1, "1 thread"), (2, "2 threads")):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        assert device_name() == f"cpu ({os.cpu_count()} cores, {named})"
+
+
 def test_mfu_peak_is_in_flop_per_second_and_the_gpu_monitor_reads_nothing_without_a_gpu(monkeypatch):
     from megatron_unipool.training.hardware import GpuMonitor, peak_flops
 

@@ -15,8 +15,12 @@ PEAK_BF16_TFLOPS = {"H200 NVL": 835.0, "GH200": 989.0, "H200": 989.0, "H100 NVL"
 
 
 def device_name() -> str:
-    """What benchmark rows and logs call the device: the GPU's name, or the CPU with its core count."""
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    """What benchmark rows and logs call the device: the GPU's name, or the CPU with its core count and
+    the threads torch computes with (OMP_NUM_THREADS), which CPU timings depend on."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    threads = torch.get_num_threads()
+    return f"cpu ({os.cpu_count()} cores, {threads} thread{'s' * (threads != 1)})"
 
 
 def peak_bf16_tflops(name: str) -> Optional[float]:
