@@ -147,6 +147,19 @@ def test_expert_gemm_choice_and_clear_refusal():
         grouped_swiglu(x, counts_M, w_gate, w_up, w_down, backend="grouped_mm")
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_no_rows_give_every_weight_a_zero_gradient(case):
+    """An expert-parallel rank whose shard of a pool got no tokens: its weights get zero gradients, not
+    none, as on the copies of that shard that got tokens (DeepSpeed's ZeRO buckets skip a parameter
+    without a gradient: the copies' reductions then differed in size and gloo aborted)."""
+    x, counts_M, *weights = expert_inputs([0, 0, 0], hidden=8, width=8)
+    out = grouped_swiglu(x, counts_M, *weights, **GEMM_CASES[case])
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    for w in weights:
+        assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w))
+
+
 @pytest.mark.parametrize("counts", [[4, 4, 0], [4, 4, 4], [12, -2, 0]], ids=["short", "long", "negative"])
 def test_counts_that_do_not_split_the_rows_are_refused_by_the_loop(counts):
     """The loop, which reads the counts anyway, checks that they split x's 10 rows (it returned 8 rows for

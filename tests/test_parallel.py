@@ -126,6 +126,16 @@ def test_layouts_match_single_process(world, fast, reference, data_cache, tmp_pa
         assert_same_run(results[name], reference(kind), name)
 
 
+def test_zero_with_copies_of_a_pool_shard_that_got_no_tokens_runs_the_single_process_step(reference, data_cache,
+                                                                                          tmp_path):
+    """dp 4 at ep 2: two copies of each expert shard, and in step 3 no token reaches one copy's shard of
+    a layer. Its weights got no gradient (None) where its twin's got one, ZeRO's buckets then differed in
+    size between the two, and gloo aborted the job (an NCCL job would hang)."""
+    name = "vanilla_dp4ep2_zero1"
+    jobs = [(name, "vanilla", [f"train.max_steps={STEPS}"] + VARIANTS["vanilla"] + ["parallel.ep=2"] + ZERO["zero1"])]
+    assert_same_run(run_parallel(4, jobs, data_cache, tmp_path)[name], reference("vanilla"), name)
+
+
 def test_triton_kernels_under_expert_parallelism_run_the_single_process_step(reference, data_cache, tmp_path):
     """ep 2 with the Triton permute (interpreted here), which lays the rows out unpadded since the exchange
     regroups them, and the same with every expert GEMM in Triton on each rank's received rows (a narrower

@@ -111,8 +111,12 @@ def grouped_swiglu(
     if counts_M.shape != w_gate_MFD.shape[:1]:
         raise ValueError(f"counts_M of shape {tuple(counts_M.shape)} must hold one count for each of the"
                          f" {w_gate_MFD.shape[0]} experts")
-    if x_SD.shape[0] == 0:  # no slots: an empty result still tied to x_SD, so every rank's backward has the same steps
-        return x_SD * 0
+    if x_SD.shape[0] == 0:
+        # no slots: an empty result still tied to x_SD and to the weights (without reading them), so that every
+        # rank's backward has the same steps and every copy of a pool shard gets a gradient, zeros here: ZeRO
+        # buckets skip a parameter without one, and the copies' reductions would then differ in size
+        untouched = sum(w.view(-1)[:0].sum() for w in (w_gate_MFD, w_up_MFD, w_down_MDF))
+        return x_SD * 0 + untouched.to(x_SD.dtype)
     # cast here, outside the kernels, so that weight gradients flow back to the fp32 masters through the casts
     dtype = autocast_dtype(x_SD)
     with torch.autocast(x_SD.device.type, enabled=False):
