@@ -51,8 +51,8 @@ def peer_failure(error: BaseException) -> bool:
 
 
 class Interruption:
-    """Ctrl-C (SIGINT), or SIGTERM (a scheduler's preemption, which torchrun and the deepspeed launcher
-    pass on to every rank; the deepspeed launcher follows Ctrl-C with it): a KeyboardInterrupt while
+    """Ctrl-C (SIGINT), or SIGTERM (a scheduler's preemption, which torchrun and deepspeed.launcher.launch
+    pass on to every rank, and with which the latter follows Ctrl-C): a KeyboardInterrupt while
     the job works, once; a signal that comes later (a launcher sends both, or again) or while the run
     reports and cleans up is only noted, so that those run whole. While the job trains with
     checkpoint.save_on_sigterm, SIGTERM only sets `stop_requested`: the trainer saves at the end of

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_unipool.config import ConfigError, load_config
+from megatron_unipool.config import ConfigError, config_from_dict, config_to_dict, load_config
 from megatron_unipool.model import LanguageModel, param_budget
 
 REPO = Path(__file__).resolve().parents[1]
@@ -428,6 +428,7 @@ def test_generated_deepspeed_config_follows_precision_and_clips_once():
     # DeepSpeed refuses ZeRO-Offload with a client optimizer, at deepspeed.initialize: a traceback, not a config error
     ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}, "fp32",
      "sets zero_optimization.offload_optimizer: ZeRO-Offload needs DeepSpeed's CPU Adam"),
+    ({"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "none"}, "offload_param": None}}, "fp32", None),
 ])
 def test_deepspeed_config_file_values_are_compared_with_the_run(tmp_path, content, precision, named):
     (tmp_path / "ds.json").write_text(json.dumps(content))
@@ -438,6 +439,16 @@ def test_deepspeed_config_file_values_are_compared_with_the_run(tmp_path, conten
         return
     with pytest.raises(ConfigError, match=re.escape(named)):
         load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+
+
+def test_a_checkpoints_config_may_hold_a_zero_stage_its_run_ignored():
+    """Runs saved before zero_stage without deepspeed.enabled was refused still open in the tools (which read
+    a checkpoint's config without a world size); a run is refused it."""
+    raw = config_to_dict(load_config(REPO / "configs/tiny_unipool_cpu.json"))
+    raw["deepspeed"]["zero_stage"] = 1
+    assert config_from_dict(raw, world_size=None).deepspeed.zero_stage == 1
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage=1 is set but deepspeed.enabled is false"):
+        config_from_dict(raw, world_size=1)
 
 
 def test_home_is_expanded_in_paths(tmp_path, monkeypatch):

@@ -1002,8 +1002,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 @pytest.mark.parametrize(("stop", "workers"), [(signal.SIGTERM, "2"), (signal.SIGINT, "1")])
 def test_cli_interrupted_by_a_signal_removes_what_it_staged(tmp_path, preprocess_main, stop, workers):
     """SIGTERM (`timeout`, a scheduler) stops the tool as Ctrl-C does: the staged datasets and tokenizer
-    are removed, the previous files are left byte for byte, and it says so in one line (exit 130), with
-    no traceback from it or its encoding workers."""
+    are removed, the previous files are left byte for byte, and it says so in one line (exit 128 + the
+    signal's number), with no traceback from it or its encoding workers."""
     (tmp_path / "corpus.jsonl").write_text('{"text": "old train"}\n{"text": "old valid"}\n')
     preprocess_main(train_tokenizer_argv(tmp_path))
     before = file_contents(tmp_path)
@@ -1022,5 +1022,32 @@ def test_cli_interrupted_by_a_signal_removes_what_it_staged(tmp_path, preprocess
         out, err = tool.communicate(timeout=60)
     finally:
         tool.kill()
-    assert (tool.returncode, err) == (130, "preprocess_data: interrupted; the previous files are unchanged\n"), out
+    assert (tool.returncode, err) == (128 + stop, "preprocess_data: interrupted; the previous files are unchanged\n"), out
     assert file_contents(tmp_path) == {**before, "corpus.jsonl": (tmp_path / "corpus.jsonl").read_bytes()}
+
+
+# Runs the tool with a SIGTERM sent to itself as it starts publishing, once the old files are gone.
+SIGNAL_WHILE_PUBLISHING = """
+import os, runpy, signal, sys
+import megatron_unipool.data as data
+publish_indexed = data.publish_indexed
+def signalled(staged):
+    os.kill(os.getpid(), signal.SIGTERM)
+    publish_indexed(staged)
+data.publish_indexed = signalled
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_cli_a_signal_while_publishing_lets_the_new_files_stand_whole(tmp_path):
+    """Publishing removes the previous datasets before it renames the new ones in: a signal then would
+    have left neither (and a message saying the previous files were unchanged)."""
+    (tmp_path / "corpus.jsonl").write_text('{"text": "new train"}\n{"text": "new valid"}\n')
+    done = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_PUBLISHING, str(PREPROCESS_SCRIPT), "--input",
+                           str(tmp_path / "corpus.jsonl"), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte",
+                           "--valid-fraction", "0.5"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == ("preprocess_data: the interrupt came while the files were"
+                                                    " published: they were published whole\n"), done.stderr
+    assert decoded_documents(tmp_path / "c_train", ByteTokenizer()) == ["new train"]
+    assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == ["new valid"]

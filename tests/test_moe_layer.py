@@ -534,17 +534,20 @@ def test_routing_stays_fp32_under_bf16_autocast(router):
 
 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
-def test_a_float64_router_still_selects_on_fp32_scores(router):
+def test_a_float64_router_still_selects_on_fp32_scores(router, monkeypatch):
     """In a float64 model (as these tests build) the NormRouter scale and the balancing bias are float64;
     the selection scores stay fp32, so top_k_indices orders exactly the values the gates are read from
     (float64 scores 1 and 1 + 1e-12 were rounded to a tie there, which the lower index won)."""
-    from megatron_unipool.moe.router import Router
+    from megatron_unipool.moe import router as routers
 
+    selected = []
+    top_k_indices = routers.top_k_indices
+    monkeypatch.setattr(routers, "top_k_indices", lambda scores, k: selected.append(scores.dtype) or top_k_indices(scores, k))
     torch.manual_seed(0)
-    module = Router(32, 8, MoEConfig(kind="unipool", router=router, top_k=2, bias_balancing=True), 0.02).double()
+    module = routers.Router(32, 8, MoEConfig(kind="unipool", router=router, top_k=2, bias_balancing=True), 0.02).double()
     module.expert_bias.copy_(torch.linspace(0, 1e-3, 8, dtype=torch.float64))
     routed = module(torch.randn(64, 32, dtype=torch.float64))
-    assert routed.gates_TK.dtype == routed.scores_TM.dtype == torch.float32
+    assert selected == [torch.float32] and routed.gates_TK.dtype == routed.scores_TM.dtype == torch.float32
 
 
 def test_top_k_indices_equal_a_stable_descending_sort():

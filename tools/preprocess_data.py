@@ -8,7 +8,7 @@ Writes ``P.bin``/``P.idx``, or with ``--valid-fraction F`` ``P_train`` and
 ``--train-tokenizer-vocab N --tokenizer-output PATH`` a byte-level BPE is first
 trained on the training documents (never the validation ones) and then used.
 Every file is written under a staging name and all are published together once
-complete: a failure, Ctrl-C or SIGTERM (exit 130) leaves the previous ones as they were.
+complete: a failure, Ctrl-C or SIGTERM (exit 130 or 143) leaves the previous ones as they were.
 """
 
 from __future__ import annotations
@@ -44,18 +44,22 @@ PROGRESS_EVERY_S = 10.0
 
 class Interruption:
     """SIGINT or SIGTERM (from `timeout`, a scheduler): a KeyboardInterrupt, whose clean-up removes the
-    staged files. Later signals are ignored so that the clean-up runs whole (`timeout` signals the
-    process and then its process group, which holds it too). A KeyboardInterrupt raised inside a
-    finalizer or an at-fork hook is lost: `check` raises it again, so an interrupted run never publishes."""
+    staged files; the tool exits 128 + the signal's number. Later signals are ignored so that the
+    clean-up runs whole (`timeout` signals the process and then its process group, which holds it too).
+    A KeyboardInterrupt raised inside a finalizer or an at-fork hook is lost: `check` raises it again,
+    so an interrupted run never publishes. While the files are published (`publishing`) a signal is
+    only noted: the renames finish, and the new files stand whole."""
 
     def __init__(self):
-        self.seen = False
+        self.seen, self.exit_status, self.publishing = False, 130, False
 
     def __call__(self, signum, frame) -> None:
-        self.seen = True
+        if not self.seen:
+            self.seen, self.exit_status = True, 128 + signum
         for stop in (signal.SIGINT, signal.SIGTERM):
             signal.signal(stop, signal.SIG_IGN)
-        raise KeyboardInterrupt
+        if not self.publishing:
+            raise KeyboardInterrupt
 
     def check(self) -> None:
         if self.seen:
@@ -195,8 +199,9 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
             )
             print(f"encoded {prefix}: {stats}", flush=True)
         interruption.check()
-        # The previous datasets go first: an interruption between the renames then leaves missing files,
-        # which fail loudly, never a new tokenizer beside token ids of the old one.
+        interruption.publishing = True
+        # The previous datasets go first: a crash between the renames then leaves missing files, which fail
+        # loudly, never a new tokenizer beside token ids of the old one.
         for _, prefix in staged:
             remove_indexed(prefix)
         if staged_tokenizer is not None:
@@ -209,6 +214,9 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
             staged_tokenizer.unlink(missing_ok=True)
     written = [f"{prefix}.bin/.idx" for _, prefix in staged]
     print("wrote " + ", ".join(written + ([str(args.tokenizer_output)] if staged_tokenizer else [])), flush=True)
+    if interruption.seen:
+        print("preprocess_data: the interrupt came while the files were published: they were published whole",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -222,4 +230,4 @@ if __name__ == "__main__":
         sys.exit(f"preprocess_data: error: {error}")
     except KeyboardInterrupt:
         print("preprocess_data: interrupted; the previous files are unchanged", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(interruption.exit_status)

@@ -74,7 +74,9 @@ def read_deepspeed_file(config: Config, micro_batches: Optional[int] = None) -> 
     for section in MERGED_SECTIONS:
         if not isinstance(extra.get(section, {}), dict):
             raise ConfigError(f"deepspeed.config_file {path}: {section} must be an object")
-    offloaded = [key for key in ("offload_optimizer", "offload_param") if key in extra.get("zero_optimization", {})]
+    zero = extra.get("zero_optimization", {})
+    offloaded = [key for key in ("offload_optimizer", "offload_param")  # {"device": "none"} is no offload
+                 if (zero.get(key) or {}).get("device", "none") not in ("none", None)]
     if offloaded:
         raise ConfigError(f"deepspeed.config_file {path} sets zero_optimization.{' and '.join(offloaded)}: ZeRO-Offload"
                           " needs DeepSpeed's CPU Adam, and the optimizer is the trainer's AdamW; remove it")

@@ -230,7 +230,7 @@ class CheckpointConfig:
     # start from this checkpoint (a run, checkpoints/ or step_* directory) when the run directory has none of its
     # own to resume from
     load: Optional[str] = None
-    # SIGTERM (a scheduler's preemption or time limit; torchrun's stop on Ctrl-C) lets every rank finish the
+    # SIGTERM (a scheduler's preemption or time limit, passed on by torchrun) lets every rank finish the
     # step, save a checkpoint and exit 143; false: SIGTERM interrupts at once, as Ctrl-C (SIGINT) always does
     save_on_sigterm: bool = True
 
@@ -296,8 +296,9 @@ class Config:
              f"deepspeed.zero_stage=2 needs parallel.pp=1 (it reduces gradients during each backward, which"
              f" pipeline stages run at different times; use zero_stage 1 with pp={p.pp})")
         need(ds.config_file is None or ds.enabled, "deepspeed.config_file is set but deepspeed.enabled is false")
-        need(ds.zero_stage == 0 or ds.enabled, f"deepspeed.zero_stage={ds.zero_stage} is set but deepspeed.enabled is"
-             " false (the built-in optimizer shards nothing): set deepspeed.enabled=true")
+        # for a run (a world size); a checkpoint's config read by the tools (None) may hold one its run ignored
+        need(ds.zero_stage == 0 or ds.enabled or world_size is None, f"deepspeed.zero_stage={ds.zero_stage} is set"
+             " but deepspeed.enabled is false (the built-in optimizer shards nothing): set deepspeed.enabled=true")
         need(not (ds.enabled and ds.zero_stage == 0 and t.precision == "bf16"),
              "deepspeed.zero_stage=0 with train.precision='bf16' is not supported (DeepSpeed's unfused bf16 optimizer"
              " looks expert groups up by a name ours do not have): use zero_stage 1 or 2, or the built-in optimizer")

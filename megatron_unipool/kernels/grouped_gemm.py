@@ -38,27 +38,28 @@ GROUPED_MM_ALIGN_BYTES = 16
 WEIGHT_GRADIENT_OPERANDS = ((1, 0), (2, 0), (4, 3))
 
 
-def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> bool:
-    """torch._grouped_mm exists and takes these operands (16-byte aligned rows; bf16 only on CUDA)."""
+def grouped_mm_refusal(dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> str | None:
+    """What torch._grouped_mm lacks to take these operands (16-byte aligned rows; bf16 only on CUDA), or None."""
     if not hasattr(torch, "_grouped_mm"):
-        return False
+        return f"torch._grouped_mm, which torch {torch.__version__} lacks"
     if torch.device(device).type == "cuda" and dtype != torch.bfloat16:
-        return False
+        return "bf16 operands on CUDA"
     align = GROUPED_MM_ALIGN_BYTES // dtype.itemsize
-    return all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
+    if not all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights):
+        return f"expert widths that are multiples of {align} for {dtype}"
+    return None
+
+
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> bool:
+    return grouped_mm_refusal(dtype, device, *weights) is None
 
 
 def resolve_expert_gemm(backend: str, dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> str:
     """The expert GEMM `backend` (model.expert_gemm) runs as for operands of `dtype` on `device`."""
     device = torch.device(device)
     wants_triton(backend, device, "model.expert_gemm")  # refuses a "triton" this machine cannot run
-    if backend == "grouped_mm" and not grouped_mm_supported(dtype, device, *weights):
-        if not hasattr(torch, "_grouped_mm"):
-            needs = f"torch._grouped_mm, which torch {torch.__version__} lacks"
-        elif device.type == "cuda" and dtype != torch.bfloat16:
-            needs = "bf16 operands on CUDA"
-        else:
-            needs = f"expert widths that are multiples of {GROUPED_MM_ALIGN_BYTES // dtype.itemsize} for {dtype}"
+    needs = grouped_mm_refusal(dtype, device, *weights) if backend == "grouped_mm" else None
+    if needs is not None:
         raise KernelUnavailableError(
             f"model.expert_gemm='grouped_mm' is not available for {dtype} on {device.type} with expert"
             f" shapes {[tuple(w.shape) for w in weights]}: it needs {needs}; use 'auto' or 'loop'"
