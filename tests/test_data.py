@@ -1022,7 +1022,8 @@ def test_cli_interrupted_by_a_signal_removes_what_it_staged(tmp_path, preprocess
         out, err = tool.communicate(timeout=60)
     finally:
         tool.kill()
-    assert (tool.returncode, err) == (128 + stop, "preprocess_data: interrupted; the previous files are unchanged\n"), out
+    interrupted = "preprocess_data: interrupted; the previous files are unchanged\n"
+    assert (tool.returncode, err) == (128 + stop, interrupted), out
     assert file_contents(tmp_path) == {**before, "corpus.jsonl": (tmp_path / "corpus.jsonl").read_bytes()}
 
 

@@ -542,7 +542,8 @@ def test_a_float64_router_still_selects_on_fp32_scores(router, monkeypatch):
 
     selected = []
     top_k_indices = routers.top_k_indices
-    monkeypatch.setattr(routers, "top_k_indices", lambda scores, k: selected.append(scores.dtype) or top_k_indices(scores, k))
+    monkeypatch.setattr(routers, "top_k_indices",
+                        lambda scores, k: selected.append(scores.dtype) or top_k_indices(scores, k))
     torch.manual_seed(0)
     module = routers.Router(32, 8, MoEConfig(kind="unipool", router=router, top_k=2, bias_balancing=True), 0.02).double()
     module.expert_bias.copy_(torch.linspace(0, 1e-3, 8, dtype=torch.float64))
