@@ -201,10 +201,20 @@ def fail_differently_on_each_rank(rank: int, world_size: int) -> tuple[str, str]
     return "none", ""
 
 
+def flag_on_one_rank(rank: int, world_size: int) -> list[bool]:
+    from megatron_unipool.parallel import build_parallel_state
+    from megatron_unipool.parallel.agreement import on_any_rank
+
+    state = build_parallel_state(1, 1, 1)
+    return [on_any_rank(rank == 1, state), on_any_rank(False, state)]
+
+
 def test_agreement_spreads_rank0s_decision_error_and_names_every_failing_rank(tmp_path):
     """A decision rank 0 could not make raises its error on every rank (no rank starts without it);
-    failures on several ranks raise the lowest rank's error type on all, listing the ranks."""
+    failures on several ranks raise the lowest rank's error type on all, listing the ranks; a flag
+    raised on one rank (a stop request, a refused save) is seen on all."""
     assert run_on_ranks(2, decide_failing_on_rank0, tmp_path / "decide") == ["decided on rank 0"] * 2
+    assert run_on_ranks(2, flag_on_one_rank, tmp_path / "flag") == [[True, False]] * 2
     for kind, message in run_on_ranks(2, fail_differently_on_each_rank, tmp_path / "fail"):
         assert kind == "KeyError" and "on ranks 0, 1 of 2" in message and "rank 0 failed" in message
 

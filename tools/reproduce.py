@@ -57,9 +57,11 @@ def run_dir_of(name: str, seed: int, output: Path) -> Path:
 def same_settings(overrides: list[str], others: list[str]) -> bool:
     """Whether two --set lists give the same fields the same values, whatever their order or spelling
     (the last value given for a field counts)."""
+    def settings(texts: list[str]) -> dict:
+        return {(section, key): value for section, key, value in map(parse_override, texts)}
+
     try:
-        return ({(section, key): value for section, key, value in map(parse_override, overrides)}
-                == {(section, key): value for section, key, value in map(parse_override, others)})
+        return settings(overrides) == settings(others)
     except ConfigError:  # an override the launch will refuse: only the same text is the same
         return overrides == others
 

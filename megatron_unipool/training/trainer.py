@@ -170,12 +170,10 @@ class Trainer:
                 path = save_checkpoint(self.checkpoints, self.state.step, payload, self.config.checkpoint.keep_last)
             except CheckpointError as e:
                 refusal = e
-        refused = torch.tensor([float(refusal is not None)], device=self.device)
-        if self.parallel.distributed:
-            dist.all_reduce(refused)
+        refused = on_any_rank(refusal is not None, self.parallel)
         if refusal is not None:
             raise refusal
-        if refused.item():
+        if refused:
             raise CheckpointError(f"rank 0 refused to write the step {self.state.step} checkpoint (see its error)")
         return path
 
