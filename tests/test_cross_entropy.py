@@ -15,8 +15,7 @@ from megatron_unipool.kernels import cross_entropy as ce_module
 from megatron_unipool.kernels import triton_support
 from megatron_unipool.training import Trainer
 
-pytestmark = [pytest.mark.usefixtures("single_thread"),
-              pytest.mark.skipif(triton_support.triton is None, reason="Triton is not installed")]
+pytestmark = pytest.mark.usefixtures("single_thread")  # the kernel's tests skip without Triton (triton_runs)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -64,6 +63,21 @@ def test_extreme_logits_and_strided_rows(triton_runs):
                                     row_weights)
     assert torch.isfinite(ours[0]).all()
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-6)
+
+
+def test_rows_that_open_with_a_block_of_minus_infinity(triton_runs):
+    """Masked logits (-inf) filling a row's first block, or the middle one: the online sum starts from
+    no finite logit, which must not make it NaN."""
+    logits, targets = logits_and_targets(3, 64, torch.float32)
+    logits[0, :20] = float("-inf")  # the whole first block of 16
+    logits[1, 16:32] = float("-inf")
+    targets[:2] = torch.tensor([40, 50])
+    row_weights = torch.ones(3, device=DEVICE)
+    ours = losses_and_gradient(lambda x: ce_module.TritonCrossEntropy.apply(x, targets, 16), logits, row_weights)
+    reference = losses_and_gradient(lambda x: F.cross_entropy(x, targets, reduction="none"), logits, row_weights)
+    assert torch.isfinite(ours[0]).all()
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-6)
 
 

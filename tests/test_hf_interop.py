@@ -210,7 +210,9 @@ def test_swish_is_transformers_other_name_for_silu():
 
 def test_llama_import_names_unexpected_tensors_and_uses_llama_defaults():
     """An extra tensor (a q_proj bias) is named, not dropped; a config.json without rms_norm_eps or
-    tie_word_embeddings means LlamaConfig's defaults (1e-6, untied)."""
+    tie_word_embeddings or max_position_embeddings means LlamaConfig's defaults (1e-6, untied, 2048).
+    A tied model whose file holds an lm_head.weight of its own is refused: transformers loads the two
+    untied, and a tied import would compute other logits."""
     config = llama_config().to_dict()
     tensors = dict(tiny_llama().state_dict())
     tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
@@ -218,10 +220,14 @@ def test_llama_import_names_unexpected_tensors_and_uses_llama_defaults():
         from_hf_llama(config, tensors)
     from megatron_unipool.model.hf_format import llama_model_config
 
-    for key in ("rms_norm_eps", "tie_word_embeddings"):
+    tied = {**tiny_llama(tie=True).state_dict()}
+    tied["lm_head.weight"] = tied["model.embed_tokens.weight"] + 1
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight although"):
+        from_hf_llama(llama_config(tie=True).to_dict(), tied)
+    for key in ("rms_norm_eps", "tie_word_embeddings", "max_position_embeddings"):
         del config[key]
     model = llama_model_config(config)
-    assert model.norm_eps == 1e-6 and model.tie_embeddings is False
+    assert model.norm_eps == 1e-6 and model.tie_embeddings is False and model.seq_len == 2048
 
 
 def run_tool(*args: str, script: Path = TOOL) -> subprocess.CompletedProcess:
@@ -345,8 +351,10 @@ def test_cli_output_handling_replaces_only_what_it_may(tmp_path, convert_tool, c
         status, err = convert("--output", output, "--force")
         assert status == 0, err
         assert sorted(p.name for p in output.iterdir()) == ["checkpoints", "config.json"]
-    payload = load_trained_model(tmp_path / "busy")[1]
+    _, payload, written, _ = load_trained_model(tmp_path / "busy")
     assert payload["imported_from"] == str(source)
+    # the config loads the checkpoint where it was published (not in the temporary it was written to)
+    assert written.checkpoint.load == str((tmp_path / "busy" / "checkpoints" / "step_0000000").resolve())
     assert convert("--output", tmp_path / "new" / "nested" / "run")[0] == 0
     status, err = convert("--output", tmp_path / "file" / "config.json" / "run")  # a parent is a file
     assert status == 2 and err == (f"error: --output {tmp_path / 'file' / 'config.json' / 'run'}:"
@@ -355,9 +363,16 @@ def test_cli_output_handling_replaces_only_what_it_may(tmp_path, convert_tool, c
     status, err = convert("--output", tmp_path / "wide", "--set", "model.hidden_size=128")
     assert status == 2 and err.startswith("error: ") and "do not fit" in err and "vs model (96, 128)" in err
     assert not (tmp_path / "wide").exists()
-    # the same shapes, another function: tying made the embedding the Llama's lm_head
-    status, err = convert("--output", tmp_path / "tied", "--set", "model.tie_embeddings=true")
-    assert status == 2 and "output.weight differs from embedding.weight" in err and not (tmp_path / "tied").exists()
+    # the same shapes, another function: tying would make the embedding the Llama's lm_head; the heads
+    # re-split, another RoPE base or norm epsilon would compute other logits from the same weights
+    for change, named in (("model.tie_embeddings=true", "model.tie_embeddings=True (the checkpoint's is False)"),
+                          ("model.num_heads=8", "model.num_heads=8 (the checkpoint's is 4)"),
+                          ("model.rope_base=10000", "model.rope_base=10000.0 (the checkpoint's is 50000.0)"),
+                          ("model.norm_eps=1e-6", "model.norm_eps=1e-06 (the checkpoint's is 0.01)")):
+        status, err = convert("--output", tmp_path / "changed", "--set", change)
+        assert status == 2 and "would change what the imported weights compute" in err and named in err, err
+        assert not (tmp_path / "changed").exists()
+    assert convert("--output", tmp_path / "shorter", "--set", "model.seq_len=16")[0] == 0  # the table's length: free
 
     # an export's --force must not delete the checkpoint it reads: the step directory the run resolves to, or
     # the checkpoints directory holding it, though neither is the --checkpoint as given (the run directory)
@@ -386,6 +401,30 @@ def test_cli_output_handling_replaces_only_what_it_may(tmp_path, convert_tool, c
     assert status == 2 and "no space left" in err and not (tmp_path / ".busy.tmp").exists()
     assert load_trained_model(tmp_path / "busy")[1]["imported_from"] == str(source)  # the old run is intact
     monkeypatch.undo()
+
+    # Ctrl-C once the old run is moved aside, before the new one takes its place: the old one is put back
+    rename = Path.rename
+
+    def interrupted_rename(self, target):
+        if self.name == ".busy.tmp":
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    (tmp_path / "busy" / "mine.txt").write_text("kept")
+    monkeypatch.setattr(Path, "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        convert("--output", tmp_path / "busy", "--force")
+    monkeypatch.undo()
+    assert (tmp_path / "busy" / "mine.txt").read_text() == "kept"
+    assert not (tmp_path / ".busy.tmp").exists() and not (tmp_path / ".busy.old").exists()
+    # killed between the renames: the next run puts the old output back first (a failure then keeps it)
+    (tmp_path / "busy").rename(tmp_path / ".busy.old")
+    monkeypatch.setattr(convert_tool, "write_run_directory", fill_that_fails)
+    assert convert("--output", tmp_path / "busy", "--force")[0] == 2
+    monkeypatch.undo()
+    assert (tmp_path / "busy" / "mine.txt").read_text() == "kept"
+    assert convert("--output", tmp_path / "busy", "--force")[0] == 0
+    assert not (tmp_path / "busy" / "mine.txt").exists() and not (tmp_path / ".busy.old").exists()
 
     (source / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     status, err = convert("--output", tmp_path / "broken")

@@ -265,6 +265,14 @@ def test_apex_rms_norm_matches_torch():
     actual = forward_backward(lambda x, w: rms_norm(x, w, 1e-5, "apex"), [x, weight])
     for name, a, e in zip(["out", "grad x", "grad weight"], actual, expected):
         assert_close_relative(a, e, TOLERANCE[torch.bfloat16], f"apex rms_norm {name}")
+    # the model's case: an fp32 residual stream and weight under bf16 autocast stay fp32, as torch's op keeps them
+    x32, weight32 = (t.detach().float().requires_grad_() for t in (x, weight))
+    with torch.autocast("cuda", torch.bfloat16):
+        expected = forward_backward(lambda x, w: rms_norm(x, w, 1e-5, "torch"), [x32, weight32])
+        actual = forward_backward(lambda x, w: rms_norm(x, w, 1e-5, "apex"), [x32, weight32])
+    assert actual[0].dtype == expected[0].dtype == torch.float32
+    for name, a, e in zip(["out", "grad x", "grad weight"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[torch.float32], f"apex rms_norm under autocast {name}")
 
 
 def attention_inputs(device="cpu", dtype=torch.float32):

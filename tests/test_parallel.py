@@ -281,6 +281,21 @@ def test_bf16_deepspeed_sums_micro_batch_gradients_in_fp32(data_cache, tmp_path)
     assert all(w.dtype == torch.float32 and (w != w.bfloat16().float()).any() for w in weights)
 
 
+def test_tied_weights_under_bf16_zero_are_saved_as_one_fp32_master(data_cache, tmp_path):
+    """The output layer tied to the embedding, bf16 under ZeRO-1: both names hold the same fp32 master,
+    so the checkpoint loads (the output layer's name had kept the bf16 copy, which no load accepted)."""
+    from megatron_unipool.training.checkpoint import load_trained_model
+
+    job = ("tied", "dense", ["train.max_steps=2", "train.precision=bf16", "model.tie_embeddings=true"] + ZERO["zero1"])
+    run_parallel(2, [job], data_cache, tmp_path)
+    step = tmp_path / "tied" / "checkpoints" / "step_0000002"
+    saved = load_checkpoint(step)["model"]
+    assert saved["output.weight"].dtype == torch.float32
+    assert torch.equal(saved["output.weight"], saved["embedding.weight"])
+    assert (saved["embedding.weight"] != saved["embedding.weight"].bfloat16().float()).any()  # the master
+    torch.testing.assert_close(load_trained_model(step)[3].output.weight, saved["embedding.weight"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("save_layout, load_layout", [
     ("tp2pp2", "ep2"),
     (("ep2", "zero1"), ("tp2", "zero2")),
@@ -367,20 +382,24 @@ def vocab_parallel_loss_and_grad(rank: int, world_size: int) -> tuple[torch.Tens
     logits = VOCAB_PARALLEL_LOGITS[:, rank * width:(rank + 1) * width].clone().requires_grad_()
     loss = vocab_parallel_cross_entropy_sum(logits, VOCAB_PARALLEL_TARGETS, dist.group.WORLD)
     loss.backward()
-    return loss.detach(), logits.grad
+    outside = [vocab_parallel_cross_entropy_sum(logits.detach()[:1], torch.tensor([target]), dist.group.WORLD)
+               for target in (-1, VOCAB_PARALLEL_LOGITS.shape[1])]
+    return loss.detach(), logits.grad, outside
 
 
 @pytest.mark.parametrize("tp", [2, 3])
 def test_vocab_parallel_cross_entropy_equals_the_full_one(tp, tmp_path):
     """Each rank holds a vocabulary range; loss and the concatenated gradient slices equal plain
-    cross-entropy on the full logits, also for targets at the edges of the ranges."""
+    cross-entropy on the full logits, also for targets at the edges of the ranges; a target outside the
+    vocabulary gives NaN, not a loss without its target term."""
     results = run_on_ranks(tp, vocab_parallel_loss_and_grad, tmp_path)
     logits = VOCAB_PARALLEL_LOGITS.clone().requires_grad_()
     loss = F.cross_entropy(logits, VOCAB_PARALLEL_TARGETS, reduction="sum")
     loss.backward()
-    for rank_loss, _ in results:
+    for rank_loss, _, outside in results:
         torch.testing.assert_close(rank_loss, loss.detach())
-    torch.testing.assert_close(torch.cat([grad for _, grad in results], dim=1), logits.grad)
+        assert all(torch.isnan(value) for value in outside)
+    torch.testing.assert_close(torch.cat([grad for _, grad, _ in results], dim=1), logits.grad)
 
 
 def test_pool_stages_and_shard_specs():
@@ -456,6 +475,26 @@ def test_sharded_model_keeps_full_model_names(kind, data_cache):
     for name, held in slices.items():  # each slice of a sharded tensor exactly once
         if held[0].dim is not None:
             assert sorted(s.index for s in held) == list(range(held[0].parts)), name
+
+
+@pytest.mark.parametrize("kind", ["dense", "vanilla"])
+def test_tensor_parallel_backward_reduces_each_shared_input_once(kind, data_cache, monkeypatch):
+    """Per block, one all-reduce of the input gradient for q, k and v together and one for the SwiGLU's
+    gate and up (the dense FFN, or vanilla's shared expert), plus the output layer's: not one per
+    projection. All-reduces are counted, not run (one process holds rank 0's shard of tp 2)."""
+    from megatron_unipool.model.sharding import shard_model
+    from megatron_unipool.parallel import ParallelState
+    from megatron_unipool.parallel import tensor_parallel
+
+    config = job_config(kind, VARIANTS.get(kind, []), data_cache, None)
+    model = LanguageModel(config.model, config.moe)
+    shard_model(model, ParallelState(Layout(tp=2, rank=0), tp_group=object()))
+    reduced = []
+    monkeypatch.setattr(tensor_parallel.dist, "all_reduce", lambda tensor, **_: reduced.append(tensor.numel()))
+    logits = model(torch.randint(0, config.model.vocab_size, (2, 16)))[0]
+    reduced.clear()  # the row-parallel outputs' and the embedding's, in forward
+    logits.float().square().mean().backward()
+    assert reduced == [2 * 16 * config.model.hidden_size] * (1 + 2 * config.model.num_layers)  # hidden-state gradients
 
 
 def test_tied_output_stays_the_embedding_on_each_tensor_parallel_rank(data_cache):

@@ -134,16 +134,68 @@ def test_upcycling_noise_reaches_only_the_copies(trained):
     result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2, noise=1e-2)
     old = config.moe.experts_per_pool(config.model.num_layers)
     sources = torch.tensor(result.sources_per_pool[0])
+    first = torch.tensor([j == result.sources_per_pool[0].index(e) for j, e in enumerate(sources.tolist())])
+    assert torch.equal(sources[first], torch.arange(old))  # each source once, before its copies
     for layer in config.moe.moe_layers(config.model.num_layers):
         name = f"layers.{layer}.ffn.router.expert_bias"
         before, after = payload["model"][name], result.model_state[name]
-        assert torch.equal(after[:old], before[sources[:old]])
-        shift = after[old:] - before[sources[old:]]
+        assert torch.equal(after[first], before)
+        shift = after[~first] - before[sources[~first]]
         assert (shift != 0).all() and (shift.abs() <= 1e-2).all()
         assert (shift > 0).any() and (shift < 0).any()  # symmetric: copies are not favoured over their sources
     # the old pool's f_bar does not describe the new one: the pool aux loss waits for a step of its own
     assert not result.model_state["pool_stats.0.has_load_fraction"]
     assert not result.model_state["pool_stats.0.load_fraction"].any()
+
+
+def test_copies_sit_beside_their_source_so_expert_parallel_shards_keep_their_load(trained):
+    """Uniform top-1 x2: each source keeps its tokens (its copies tie and lose), and contiguous shards of
+    the grown pool (expert parallelism's) get the tokens the same shards of the source pool got. With the
+    copies after all the sources, the first half of the pool got every token and the second none."""
+    config, payload, _ = trained["softmax_top1"]
+    result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2, noise=0.0)
+    batch = tokens(config, count=8)
+    per_expert = []
+    for cfg, state in ((config, payload["model"]), (result.config, result.model_state)):
+        model = model_from(cfg, state).train()  # training mode records the routing counts
+        with torch.no_grad():
+            model(batch[:, :-1])
+        per_expert.append(model.pool_stats[0].step_counts.sum(0))
+    source_load, grown_load = per_expert
+    assert (source_load > 0).sum() > 2  # the source spreads its tokens
+    for ep in (2, 4):
+        torch.testing.assert_close(grown_load.view(ep, -1).sum(1), source_load.view(ep, -1).sum(1), rtol=0, atol=0)
+
+
+def test_upcycling_refuses_a_lock_in_its_anneal(trained):
+    """Assigned but not yet hard: the continued run, its step count restarted, would hold the penalty
+    until lock_start_step and then anneal again from 0."""
+    config, payload, _ = trained["lock_top1"]
+    offset = payload["model"]["pool_locks.0.offset"]
+    annealing = dict(payload["model"], **{"pool_locks.0.offset": torch.where(torch.isinf(offset), -2.0, offset)})
+    with pytest.raises(ValueError, match="pool 0's UniPool-lock is annealing"):
+        upcycle(config, annealing, payload["optimizer"], multiplier=2)
+
+
+def test_norm_router_scale_moments_follow_its_gradient(trained):
+    """--optimizer copy: NormRouter's scale is multiplied by f, so its gradient is divided by f (measured
+    here on the upcycled model, which computes the source's function); its moments must follow."""
+    config, payload, _ = trained["norm_top1"]
+    result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2, noise=0.0, optimizer="copy")
+    batch = tokens(config)
+    layer = config.moe.moe_layers(config.model.num_layers)[0]
+    gradients = []
+    for cfg, state in ((config, payload["model"]), (result.config, result.model_state)):
+        model = model_from(cfg, state)
+        logits, _ = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        gradients.append(torch.autograd.grad(loss, model.layers[layer].ffn.router.scale)[0])
+    ratio = float(gradients[1] / gradients[0])
+    assert abs(ratio - 1) > 0.05  # the scale was rescaled: a copied moment would be off by this much
+    name = f"layers.{layer}.ffn.router.scale"
+    old, new = payload["optimizer"][name], result.optimizer_state[name]
+    torch.testing.assert_close(new["exp_avg"], old["exp_avg"] * ratio, rtol=1e-4, atol=0)
+    torch.testing.assert_close(new["exp_avg_sq"], old["exp_avg_sq"] * ratio ** 2, rtol=1e-4, atol=0)
 
 
 def test_locked_pool_upcycles_and_keeps_the_function(trained):
@@ -224,10 +276,9 @@ def test_top2_upcycling_gap_is_far_below_a_fresh_model(trained, data_cache):
 def test_utility_allocation_gives_extra_copies_to_the_top_experts():
     utility = torch.tensor([0.1, 5.0, 3.0, 0.2, 4.0])
     sources = replica_sources(5, multiplier=2, utility=utility)
-    assert sources[:5] == [0, 1, 2, 3, 4]
-    copies = [sources.count(e) for e in range(5)]
-    assert copies == [1, 1 + MAX_EXTRA, 1, 1, 1 + 2]  # 5 extra: 3 to the best, the remaining 2 to the second
-    assert replica_sources(3, multiplier=3) == [0, 1, 2, 0, 0, 1, 1, 2, 2]
+    assert sources == [0, 1, 1, 1, 1, 2, 3, 4, 4, 4]  # 5 extra: 3 to the best, the remaining 2 to the second
+    # each source followed by its copies: contiguous expert-parallel shards hold whole groups
+    assert replica_sources(3, multiplier=3) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     ranked = replica_sources(4, multiplier=3, utility=torch.tensor([4.0, 3.0, 2.0, 1.0]))  # 8 extra, at most 3 each
     assert [ranked.count(e) for e in range(4)] == [1 + 3, 1 + 3, 1 + 2, 1]
     with pytest.raises(ValueError, match="multiplier can be at most 4"):
@@ -315,11 +366,13 @@ def test_dense_to_vanilla_upcycling_keeps_the_function(data_cache):
 
 def test_dense_to_unipool_pool_experts_copy_the_moe_layers_in_turn(data_cache):
     """UniPool: pool expert j is the FFN of the (j mod L)-th MoE layer, so every layer's FFN is in the
-    pool (here 2 MoE layers, 1 and 3, into 6 experts: 1, 3, 1, 3, 1, 3); dense layers keep their own."""
+    pool (here 2 MoE layers, 1 and 3, into 6 experts: 1, 3, 1, 3, 1, 3); dense layers keep their own.
+    Every layer routes over all of them, so no router keeps the dense function: NormRouter with
+    capacity (the paper's UniPool) is accepted, which vanilla targets refuse."""
     dense = small_config(data_cache, "dense")
     torch.manual_seed(3)
     dense_state = LanguageModel(dense.model, dense.moe).state_dict()
-    target = small_config(data_cache, "unipool", "moe.router=softmax", "moe.normalize_gates=true",
+    target = small_config(data_cache, "unipool", "moe.router=norm", "moe.capacity_factor=1.25",
                           "moe.expert_ffn_hidden_size=128", "moe.moe_layer_interval=2", "moe.pool_size=6")
     result = upcycle_dense(dense, dense_state, target)
     assert result.sources_per_pool == [[1, 3, 1, 3, 1, 3]]
@@ -391,6 +444,11 @@ def test_tool_dense_example_of_the_readme(data_cache, tmp_path):
     assert "copies per source" not in done.stdout and "pool 3: 8 experts copying the FFNs of layers [3]" in done.stdout
     _, _, config, model = load_trained_model(tmp_path / "moe")
     assert config.moe.normalize_gates and config.moe.num_experts == 8
+    # into UniPool with a pool smaller than the MoE layers: the layers left out are named
+    small_pool = subprocess.run([*command[:-1], str(REPO / "configs/tiny_unipool_cpu.json"), "--set", "moe.pool_size=2",
+                                 "--output", str(tmp_path / "pool2")], capture_output=True, text=True, timeout=300)
+    assert small_pool.returncode == 0, small_pool.stderr[-2000:]
+    assert "note: the FFNs of layers [2, 3] are in no expert" in small_pool.stderr
     batch = tokens(dense)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(batch[:, :-1])[0], model_from(dense, dense_state)(batch[:, :-1])[0],
@@ -417,9 +475,22 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
     assert summary["consumed_samples"] == payload["train_state"]["consumed_samples"] + 2 * config.train.global_batch
     # the first step trains the upcycled weights: its loss is the source model's, not a fresh model's
     assert summary["train_losses"][0] < payload["train_state"]["train_losses"][0] - 0.5
+    # another run directory starts from them too (checkpoint.load), not from a fresh model
+    done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(out / "config.json"),
+                           "--run-dir", str(tmp_path / "elsewhere")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoints' / 'step_0000000'}" in done.stdout
+    elsewhere = json.loads((tmp_path / "elsewhere" / "summary.json").read_text())
+    assert elsewhere["train_losses"][0] == summary["train_losses"][0]
     again = subprocess.run([sys.executable, str(REPO / "tools" / "upcycle.py"), "--checkpoint", str(run_dir),
                             "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("kept")  # the output is written whole: other files are refused
+    again = subprocess.run([sys.executable, str(REPO / "tools" / "upcycle.py"), "--checkpoint", str(run_dir),
+                            "--output", str(tmp_path / "notes")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds files" in again.stderr
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["mine.txt"]
     assert config_to_dict(written)["model"] == config_to_dict(config)["model"]
 
 
@@ -485,6 +556,13 @@ def test_upcycle_cli_hands_every_option_to_the_library(trained, tmp_path, monkey
                       "--set", "moe.bias_balancing=true", "--set", "data.cache_dir=cache"]) == 0
     assert "--noise" not in capsys.readouterr().err
     assert json.loads((tmp_path / "balanced" / "config.json").read_text())["data"]["cache_dir"] == str(tmp_path / "cache")
+    # a capacity factor grows with the pool, which the tool says, unless --set chose one
+    _, _, capacity_run = trained["capacity_top1"]
+    assert tool.main(["--checkpoint", str(capacity_run), "--output", str(tmp_path / "capacity")]) == 0
+    assert ("note: moe.capacity_factor 1.25 -> 2.5: capacity is per expert" in capsys.readouterr().err)
+    assert tool.main(["--checkpoint", str(capacity_run), "--output", str(tmp_path / "capacity_set"),
+                      "--set", "moe.capacity_factor=1.25"]) == 0
+    assert "capacity_factor" not in capsys.readouterr().err
 
 
 # ---- routing probe (tools/routing_probe.py): shares the trained checkpoints above ----

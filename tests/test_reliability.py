@@ -158,7 +158,8 @@ def test_a_kill_while_a_step_is_saved_again_keeps_the_checkpoint_latest_names(tm
 
 @pytest.mark.parametrize("content, error", [(b"\xff\xfe", "latest is damaged: not text"),
                                             (b"", "latest is damaged: it holds '', not the name of a step_"),
-                                            (b"../elsewhere", "latest is damaged: it holds '../elsewhere'")])
+                                            (b"../elsewhere", "latest is damaged: it holds '../elsewhere'"),
+                                            (b"global_step4", "holds a DeepSpeed engine checkpoint")])
 def test_a_damaged_latest_pointer_is_named(tmp_path, content, error):
     save_checkpoint(tmp_path, 1, {"w": torch.zeros(1)}, keep_last=1)
     (tmp_path / "latest").write_bytes(content)

@@ -103,3 +103,8 @@ def test_triton_without_cuda_or_the_interpreter_is_refused(monkeypatch):
     gate, up, _ = tensors(2, 8)
     with pytest.raises(KernelUnavailableError, match="model.swiglu_kernel='triton'"):
         swiglu_forward(gate, up, "triton")
+    # the experts' segment loop, which computes the activation with torch's ops, refuses it alike
+    x = torch.randn(8, 16)
+    weights = [torch.randn(shape) for shape in ((3, 24, 16), (3, 24, 16), (3, 16, 24))]
+    with pytest.raises(KernelUnavailableError, match="model.swiglu_kernel='triton'"):
+        grouped_swiglu(x, torch.tensor([3, 0, 5]), *weights, backend="loop", activation="triton")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +38,7 @@ from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, 
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import (check_fits, load_trained_model, resolve_checkpoint,  # noqa: E402
                                                   write_run_directory)
-from megatron_unipool.training.outputs import check_output_directory  # noqa: E402
+from megatron_unipool.training.outputs import check_output_directory, write_directory  # noqa: E402
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -62,23 +61,6 @@ def check_output(output: Path, sources: list[Path], force: bool) -> None:
         raise CheckpointError(f"--output {output} holds the directory this command runs in; choose a new directory")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
         raise CheckpointError(f"{output} exists and is not empty; choose a new --output or pass --force to replace it")
-
-
-def write_directory(output: Path, fill) -> None:
-    """Call fill(temporary directory), then put that directory at `output` (replacing what is there)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.parent / f".{output.name}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    try:
-        fill(temporary)
-        if output.is_dir():
-            shutil.rmtree(output)
-        elif output.exists():
-            output.unlink()
-        temporary.rename(output)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def read_json(path: Path) -> dict:
@@ -145,22 +127,32 @@ def export_hf(args) -> None:
           f"  transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
 
 
+# what the imported weights compute besides their shapes (which check_fits compares): a --set may not change it
+COMPUTED_BY_THE_WEIGHTS = ("num_heads", "num_kv_heads", "rope_base", "norm_eps", "tie_embeddings")
+
+
 def import_hf(args) -> None:
     hf_config, tensors = read_hf_directory(args.checkpoint)
     model_config, state = from_hf_llama(hf_config, tensors)
     config = with_overrides(Config(model=model_config, moe=MoEConfig(kind="dense")), args.overrides)
+    changed = [f"model.{name}={getattr(config.model, name)!r} (the checkpoint's is {getattr(model_config, name)!r})"
+               for name in COMPUTED_BY_THE_WEIGHTS if getattr(config.model, name) != getattr(model_config, name)]
+    if changed:
+        raise ConfigError("--set would change what the imported weights compute:\n  " + "\n  ".join(changed))
     check_fits(config, state, f"the weights of {args.checkpoint}, after --set,")
     print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
 
     write_directory(args.output, lambda directory: write_run_directory(
-        directory, config, state, {}, asdict(TrainState()), imported_from=str(args.checkpoint)))
+        directory, config, state, {}, asdict(TrainState()), published_as=args.output,
+        imported_from=str(args.checkpoint)))
     tokenizer = args.checkpoint / "tokenizer.json"
     hint = f" (this model's is {tokenizer})" if tokenizer.is_file() else ""
     print(f"wrote {args.output / 'checkpoints' / 'step_0000000'} and {args.output / 'config.json'}\n"
           f"check before training (--set section.key=value here, or edit config.json):\n"
           f"  data: our defaults (data.corpus={config.data.corpus!r}, data.tokenizer={config.data.tokenizer!r});"
           f" set data.tokenizer to the model's tokenizer.json{hint} and the corpus or data.train_prefix/valid_prefix\n"
-          f"  model.seq_len={config.model.seq_len} (from max_position_embeddings) is also the training sequence length\n"
+          f"  model.seq_len={config.model.seq_len} (max_position_embeddings: {model_config.seq_len}) is also the training"
+          f" sequence length\n"
           f"  train: our defaults (lr {config.train.lr}, {config.train.max_steps} steps, batch {config.train.global_batch})\n"
           f"continue with\n  python launch/pretrain.py --config {args.output / 'config.json'} --run-dir {args.output}\n"
           f"or upcycle to MoE with\n  python tools/upcycle.py --checkpoint {args.output} --to-config MOE_CONFIG.json"

@@ -11,13 +11,17 @@ a run directory that the normal launcher continues from.
 holds config.json (the source config with the grown pool) and checkpoints/step_0000000: the
 upcycled weights, the optimizer state (reset, or copied to the replicas with --optimizer copy)
 and the source's position in the data; the learning-rate schedule starts again at step 0. The
-written config resumes from the run directory (checkpoint.resume true, checkpoint.load unset).
+written config continues the run directory (checkpoint.resume) and loads that checkpoint by its
+absolute path (checkpoint.load) when launched with another --run-dir. A capacity factor is
+multiplied by the multiplier (capacity is per expert: each keeps its slots); --set sets it back.
 `--set` changes the written config (e.g. train.max_steps, train.warmup_steps); for a dense source
 it applies to --to-config before upcycling, whose expert count then comes from that config alone
-(--multiplier, --selection and --optimizer do not apply). The copies of a dense FFN compute it only
-with gates that sum to 1: raw softmax gates (as in configs/*vanilla*.json) are refused, hence
-moe.normalize_gates=true above (with top-2: at top-1 a renormalised gate is always 1, which leaves the
-routers to the balancing losses alone).
+(--multiplier, --selection and --optimizer do not apply). Into vanilla MoE, the copies of a dense FFN
+compute it only with gates that sum to 1 and no drops: raw softmax gates (as in configs/*vanilla*.json)
+and capacity are refused, hence moe.normalize_gates=true above (with top-2: at top-1 a renormalised
+gate is always 1, which leaves the routers to the balancing losses alone). Into UniPool, the pool's
+experts copy the layers' FFNs in turn, so a layer's router reaches other layers' FFNs: a warm start,
+not the dense model's function, and any router is accepted.
 """
 from __future__ import annotations
 
@@ -31,19 +35,19 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_unipool.config import ConfigError, load_config, with_overrides  # noqa: E402
+from megatron_unipool.config import Config, ConfigError, load_config, with_overrides  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import (LATEST, check_fits, checkpoints_dir, load_trained_model,  # noqa: E402
-                                                  write_run_directory)
-from megatron_unipool.training.outputs import check_output_directory  # noqa: E402
-from megatron_unipool.training.upcycling import (MAX_EXTRA, expert_utility, upcycle, upcycle_dense,  # noqa: E402
-                                                 utility_batches)
+                                                  step_directory_name, write_run_directory)
+from megatron_unipool.training.outputs import check_output_directory, write_directory  # noqa: E402
+from megatron_unipool.training.upcycling import (MAX_EXTRA, Upcycled, expert_utility, upcycle,  # noqa: E402
+                                                 upcycle_dense, utility_batches)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--output", required=True, type=Path, help="the new run directory (must not hold a checkpoint)")
+    parser.add_argument("--output", required=True, type=Path, help="the new run directory (absent or empty)")
     parser.add_argument("--multiplier", type=int, default=2, help="new experts per pool = multiplier x old")
     parser.add_argument("--selection", choices=["uniform", "utility"], default="uniform")
     parser.add_argument("--utility-score", choices=["grad_sq", "weight_x_grad"], default="grad_sq")
@@ -65,16 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--selection utility gives an expert at most {MAX_EXTRA} extra copies: --multiplier must be at"
                      f" most {MAX_EXTRA + 1}, not {args.multiplier}")
     try:
-        if (checkpoints_dir(args.output) / LATEST).exists():
-            raise CheckpointError(f"{args.output} already holds a checkpoint; choose a new --output")
         check_output_directory(args.output, f"--output {args.output}")
+        if args.output.is_dir() and any(args.output.iterdir()):  # written whole, in place of what is there
+            held = "a checkpoint" if (checkpoints_dir(args.output) / LATEST).exists() else "files"
+            raise CheckpointError(f"{args.output} already holds {held}; choose a new --output")
         source_path, payload, config, model = load_trained_model(args.checkpoint)
         if config.moe.kind != "dense" and args.to_config is not None:
             raise ValueError("--to-config is for a dense checkpoint; an MoE one keeps its config (change it with --set)")
         if config.moe.kind == "dense":
             if args.to_config is None:
                 parser.error("the checkpoint is dense: give the MoE config to upcycle into with --to-config")
-            ignored = [f"--{flag}" for flag in ("multiplier", "selection", "optimizer")
+            ignored = [f"--{flag.replace('_', '-')}" for flag in ("multiplier", "selection", "optimizer", "noise", "seed",
+                                                                   "utility_score", "utility_batches")
                        if getattr(args, flag) != parser.get_default(flag)]
             if ignored:
                 print(f"warning: {', '.join(ignored)} ignored: a dense checkpoint's experts are copies of its FFNs, as"
@@ -100,18 +106,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     train_state = TrainState(consumed_samples=payload["train_state"]["consumed_samples"])
-    written = write_run_directory(args.output, new_config, result.model_state, result.optimizer_state,
-                                  asdict(train_state), upcycled_from=str(source_path),
-                                  sources_per_pool=result.sources_per_pool)
+    try:
+        write_directory(args.output, lambda directory: write_run_directory(
+            directory, new_config, result.model_state, result.optimizer_state, asdict(train_state),
+            published_as=args.output, upcycled_from=str(source_path), sources_per_pool=result.sources_per_pool))
+    except OSError as e:  # the output cannot be written (permissions, a full disk): nothing is left half-written
+        print(f"error: --output {args.output}: {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    report(config, result, new_config)
+    print(f"wrote {checkpoints_dir(args.output) / step_directory_name(0)} and {args.output / 'config.json'}; continue"
+          f" with\n"
+          f"  python launch/pretrain.py --config {args.output / 'config.json'} --run-dir {args.output}")
+    return 0
+
+
+def report(source: Config, result: Upcycled, written: Config) -> None:
+    """Where each new expert came from, and what the upcycling changed beyond the pool's size."""
     for p, sources in enumerate(result.sources_per_pool):
-        if config.moe.kind == "dense":  # the sources are layer indices
+        if source.moe.kind == "dense":  # the sources are layer indices
             print(f"pool {p}: {len(sources)} experts copying the FFNs of layers {sorted(set(sources))}")
         else:
             copies = [sources.count(e) for e in range(max(sources) + 1)]
             print(f"pool {p}: {len(sources)} experts; copies per source: {copies}")
-    print(f"wrote {written} and {args.output / 'config.json'}; continue with\n"
-          f"  python launch/pretrain.py --config {args.output / 'config.json'} --run-dir {args.output}")
-    return 0
+    if source.moe.kind == "dense":
+        copied = {layer for sources in result.sources_per_pool for layer in sources}
+        uncopied = [layer for layer in written.moe.moe_layers(written.model.num_layers) if layer not in copied]
+        if uncopied:
+            print(f"note: the FFNs of layers {uncopied} are in no expert: the pool has fewer experts than MoE layers",
+                  file=sys.stderr)
+    grown, before = result.config.moe.capacity_factor, source.moe.capacity_factor
+    if source.moe.kind != "dense" and grown != before and written.moe.capacity_factor == grown:
+        print(f"note: moe.capacity_factor {before} -> {grown}: capacity is per expert, so each keeps its slots (the"
+              f" source's function at the first step), and the pool has {grown / before:g}x the slots in all; set it"
+              f" back with --set moe.capacity_factor={before}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,9 @@ if triton is not None:  # the kernels exist only where Triton does
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(running_max, tl.max(x, axis=0))
-            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            # while every logit so far is -inf, shift by 0: exp(-inf - -inf) would make the sum NaN
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), axis=0)
             running_max = new_max
         lse = running_max + tl.log(running_sum)
         target = tl.load(targets_ptr + row)

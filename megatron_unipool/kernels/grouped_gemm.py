@@ -101,7 +101,8 @@ def grouped_swiglu(
 
     With `deferred`, backward leaves the weight gradients to it (see DeferredWeightGradients).
     `activation` computes silu(gate) * up and its backward on the grouped_mm path (kernels.swiglu:
-    torch or triton); the segment loop, a CPU path, uses torch's ops.
+    torch or triton); the segment loop, a CPU path, uses torch's ops, and refuses 'triton' where Triton
+    cannot run, as the dense FFN does.
     `counts_M` splits x_SD's rows over the experts in order: the loop path, which reads it anyway, checks
     that; the grouped_mm and Triton paths trust it (checking would wait for the device), and ignore
     rows past the padded counts.
@@ -131,6 +132,7 @@ def grouped_swiglu(
         if resolved == "triton":
             return _GroupedSwiGLU.apply(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation,
                                         "triton")
+        wants_triton(activation, x_SD, "model.swiglu_kernel")  # a setting this machine cannot run is refused
         counts = tuple(counts_M.tolist())
         if min(counts) < 0 or sum(counts) != x_SD.shape[0]:
             raise ValueError(f"counts_M {list(counts)} must give each expert a number of rows >= 0, in all the"

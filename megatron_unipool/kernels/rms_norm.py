@@ -25,5 +25,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     # inside a torch.compile graph torch's op fuses with its neighbours, where apex's kernel would split the graph
     auto_apex = backend == "auto" and not torch.compiler.is_compiling()
     if (auto_apex or backend == "apex") and apex_rms_norm_available(x):
-        return fused_rms_norm_affine(x, weight, weight.shape, eps)
+        # apex casts its inputs to the autocast dtype; torch's op keeps the fp32 residual stream fp32 (the
+        # router reads the norm's output in fp32), so apex runs in the inputs' dtype too
+        with torch.autocast("cuda", enabled=False):
+            return fused_rms_norm_affine(x, weight, weight.shape, eps)
     return F.rms_norm(x, weight.shape, weight, eps)

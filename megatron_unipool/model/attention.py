@@ -26,10 +26,13 @@ class Attention(nn.Module):
             nn.init.normal_(w.weight, 0.0, config.init_std)
         nn.init.normal_(self.wo.weight, 0.0, output_std)
         object.__setattr__(self, "rope", rope)  # one table shared by all layers, owned by the model
+        # the input of wq, wk and wv; tensor parallelism reduces its gradient here, once (model.sharding)
+        self.projection_input = nn.Identity()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         b, s, _ = x_BSD.shape
         cfg = self.config
+        x_BSD = self.projection_input(x_BSD)
         # -1 heads: this rank's share of them under tensor parallelism; RoPE on the projections' own
         # [B, S, H, K] layout, then the [B, H, S, K] views attention takes
         q = self.rope(self.wq(x_BSD).view(b, s, -1, cfg.head_dim)).transpose(1, 2)

@@ -198,6 +198,7 @@ def _qwen2_moe_zeros(model: ModelConfig, moe_layers, like: torch.Tensor) -> dict
 
 
 LLAMA_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+LLAMA_DEFAULT_MAX_POSITIONS = 2048  # transformers' LlamaConfig default, for a config.json without the key
 
 
 def llama_model_config(config: dict) -> ModelConfig:
@@ -234,7 +235,7 @@ def llama_model_config(config: dict) -> ModelConfig:
     return ModelConfig(
         num_layers=config["num_hidden_layers"], hidden_size=hidden, num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads, ffn_hidden_size=config["intermediate_size"],
-        vocab_size=config["vocab_size"], seq_len=config.get("max_position_embeddings", ModelConfig.seq_len),
+        vocab_size=config["vocab_size"], seq_len=config.get("max_position_embeddings", LLAMA_DEFAULT_MAX_POSITIONS),
         rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
         norm_eps=config.get("rms_norm_eps", 1e-6), init_std=config.get("initializer_range", ModelConfig.init_std),
         tie_embeddings=config.get("tie_word_embeddings", False))
@@ -249,6 +250,12 @@ def from_hf_llama(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[Model
     problems = [f"missing {theirs}" for theirs in names.values() if theirs not in tensors]
     problems += [f"unexpected {name}" for name in sorted(tensors)
                  if name not in known and not name.endswith(IGNORED_ON_IMPORT)]
+    tied_output, embedding = tensors.get(TIED_OUTPUT[1]), tensors.get(names["embedding.weight"])
+    if model.tie_embeddings and tied_output is not None and embedding is not None and not torch.equal(tied_output,
+                                                                                                     embedding):
+        # transformers then loads the two untied, and our tied model would compute other logits
+        problems.append(f"{TIED_OUTPUT[1]} differs from {names['embedding.weight']} although tie_word_embeddings=true;"
+                        " set tie_word_embeddings=false in config.json to import them as two tensors")
     if problems:
         raise ValueError("the tensors do not fit a LlamaForCausalLM of this config:\n  " + "\n  ".join(problems))
     state = {ours: tensors[theirs].float() for ours, theirs in names.items()}

@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from ..moe import ExpertPool, MoELayer, SwiGLU
 from ..parallel.state import Layout, ParallelState
-from ..parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from ..parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TensorParallelInput,
+                                        VocabParallelEmbedding)
 from .transformer import LanguageModel
 
 
@@ -83,12 +84,15 @@ def shard_model(model: LanguageModel, state: ParallelState) -> dict[str, ShardSp
         for i in keep:
             block = model.layers[i]
             attention = block.attention
-            attention.wq, attention.wk, attention.wv = (
-                ColumnParallelLinear(linear, *tp) for linear in (attention.wq, attention.wk, attention.wv))
+            attention.projection_input = TensorParallelInput(state.tp_group)
+            attention.wq, attention.wk, attention.wv = (ColumnParallelLinear(linear, *tp, shared_input=True)
+                                                        for linear in (attention.wq, attention.wk, attention.wv))
             attention.wo = RowParallelLinear(attention.wo, *tp)
             ffn = block.ffn.shared_expert if isinstance(block.ffn, MoELayer) else block.ffn
             if isinstance(ffn, SwiGLU):
-                ffn.w_gate, ffn.w_up = ColumnParallelLinear(ffn.w_gate, *tp), ColumnParallelLinear(ffn.w_up, *tp)
+                ffn.projection_input = TensorParallelInput(state.tp_group)
+                ffn.w_gate, ffn.w_up = (ColumnParallelLinear(linear, *tp, shared_input=True)
+                                        for linear in (ffn.w_gate, ffn.w_up))
                 ffn.w_down = RowParallelLinear(ffn.w_down, *tp)
         if model.embedding is not None:
             model.embedding = VocabParallelEmbedding(model.embedding, *tp)

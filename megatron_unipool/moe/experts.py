@@ -102,6 +102,8 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
         for w, std in ((self.w_gate, init_std), (self.w_up, init_std), (self.w_down, output_std)):
             nn.init.normal_(w.weight, 0.0, std)
+        self.projection_input = nn.Identity()  # of w_gate and w_up: where tensor parallelism reduces its gradient
 
     def forward(self, x):
+        x = self.projection_input(x)
         return self.w_down(swiglu_activation(self.w_gate(x), self.w_up(x), self.activation))

@@ -57,12 +57,28 @@ def shard(full: torch.Tensor, dim: int, rank: int, parts: int) -> torch.Tensor:
     return full.chunk(parts, dim=dim)[rank].clone()
 
 
-class ColumnParallelLinear(nn.Module):
-    """y_slice = x W_slice^T: the output features are split; the input is replicated."""
+class TensorParallelInput(nn.Module):
+    """The input that several column-parallel linears share (q, k, v; a SwiGLU's gate and up): one
+    all-reduce of its summed gradient in backward, where each linear copying the input itself would
+    all-reduce a gradient of its own (Megatron fuses such linears into one for the same reason)."""
 
-    def __init__(self, full: nn.Linear, group: Group, rank: int, parts: int):
+    def __init__(self, group: Group):
         super().__init__()
         self.group = group
+
+    def forward(self, x):
+        return copy_to_tensor_parallel(x, self.group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_slice = x W_slice^T: the output features are split; the input is replicated.
+
+    ``shared_input``: the input has passed through a `TensorParallelInput` already, which reduces its
+    gradient over the group."""
+
+    def __init__(self, full: nn.Linear, group: Group, rank: int, parts: int, shared_input: bool = False):
+        super().__init__()
+        self.group = None if shared_input else group
         self.weight = nn.Parameter(shard(full.weight.data, 0, rank, parts))
 
     def forward(self, x):
@@ -103,7 +119,8 @@ def vocab_parallel_cross_entropy_sum(logits_slice: torch.Tensor, targets: torch.
     logits_slice [N, V/tp] holds this rank's vocabulary range (without tensor parallelism the
     trainer takes `kernels.cross_entropy_sum`). The max is a constant shift (no gradient); the two
     sums are all-reduced with an identity backward, so each rank's gradient is softmax - onehot on
-    its own slice.
+    its own slice. A target outside the vocabulary gives a NaN loss, as the Triton kernel's does, where
+    it would otherwise add log(sum exp) alone.
     """
     logits_slice = logits_slice.float()
     width = logits_slice.shape[-1]
@@ -116,4 +133,5 @@ def vocab_parallel_cross_entropy_sum(logits_slice: torch.Tensor, targets: torch.
     inside = (local >= 0) & (local < width)
     target_logit = shifted.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1) * inside
     target_logit = reduce_from_tensor_parallel(target_logit, group)
-    return (sum_exp.log() - target_logit).sum()
+    outside_vocabulary = (targets < 0) | (targets >= width * dist.get_world_size(group))
+    return (sum_exp.log() - target_logit).masked_fill(outside_vocabulary, float("nan")).sum()

@@ -203,8 +203,13 @@ class DeepSpeedBackend(NativeBackend):
         if self.partitioned:
             from deepspeed.utils import safe_get_full_fp32_param
 
-            for name, param in self.model.named_parameters():  # collectives: same order on every rank
-                tensors[name] = safe_get_full_fp32_param(param)
+            masters = {}
+            # every name of a tied weight too (the output layer's is the embedding's), or the state dict
+            # keeps the bf16 copy under the second name; one gather each, in the same order on every rank
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                if id(param) not in masters:
+                    masters[id(param)] = safe_get_full_fp32_param(param)
+                tensors[name] = masters[id(param)]
         return tensors
 
     def load_state(self, full_model: dict[str, torch.Tensor], full_optimizer: dict[str, dict]) -> None:

@@ -10,6 +10,7 @@ values and are read with torch.load(weights_only=True): loading one cannot run c
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -78,13 +79,17 @@ def nan_tensors(payload: Any, prefix: str = "") -> list[str]:
     return []
 
 
+def step_directory_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_last: int) -> Path:
     bad = nan_tensors(payload)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise CheckpointError(f"refusing to write the step {step} checkpoint: NaN in {shown}")
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
+    name = step_directory_name(step)
     final, temporary = directory / name, directory / f".{name}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
@@ -140,9 +145,19 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def write_run_directory(directory: Path, config: Config, model_state: dict[str, torch.Tensor],
-                        optimizer_state: dict[str, dict], train_state: dict, **provenance) -> Path:
+                        optimizer_state: dict[str, dict], train_state: dict, published_as: Optional[Path] = None,
+                        **provenance) -> Path:
     """A new run directory that launch/pretrain.py continues: checkpoints/step_0000000 and config.json.
-    For tools that make a model (upcycling, imports); `provenance` is stored in the checkpoint."""
+    For tools that make a model (upcycling, imports); `provenance` is stored in the checkpoint.
+
+    Unless `config` names another checkpoint.load, the written config loads that checkpoint by its
+    absolute path, so that a launch with any --run-dir starts from these weights, not from a fresh
+    model (in the run directory itself, resuming finds them first). `published_as`: the run
+    directory's final path, when `directory` is a temporary one the caller renames (write_directory)."""
+    if config.checkpoint.load is None:
+        written_at = checkpoints_dir(Path(published_as or directory)) / step_directory_name(0)
+        config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint,
+                                                                           load=str(written_at.resolve())))
     payload = checkpoint_payload(config, model_state, optimizer_state, train_state, **provenance)
     written = save_checkpoint(checkpoints_dir(directory), 0, payload, keep_last=config.checkpoint.keep_last)
     (directory / "config.json").write_text(json.dumps(payload["config"], indent=2) + "\n")
@@ -157,6 +172,10 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
         name = pointer.read_text().strip()
     except UnicodeDecodeError as error:
         raise CheckpointError(f"{pointer} is damaged: not text ({error.reason} at byte {error.start})") from error
+    if re.fullmatch(r"global_step\d+", name):
+        raise CheckpointError(f"{directory} holds a DeepSpeed engine checkpoint ({pointer} names {name!r}): only this"
+                              " project's own step_* checkpoints are read (launch/pretrain.py writes them, with or"
+                              " without deepspeed.enabled)")
     if not _STEP_DIRECTORY.fullmatch(name):
         raise CheckpointError(f"{pointer} is damaged: it holds {name[:80]!r}, not the name of a step_* directory")
     path = directory / name

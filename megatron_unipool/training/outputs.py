@@ -1,8 +1,9 @@
 """Files the tools write: an output location is checked before the long work that fills it, and
-each file is replaced whole, so a failure leaves the previous one."""
+each file or directory is replaced whole, so a failure leaves the previous one."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -33,3 +34,38 @@ def save_atomically(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_directory(output: Path, fill: Callable[[Path], object]) -> None:
+    """Call fill(a temporary directory beside `output`), then put that directory at `output`. What was
+    there is moved aside first and deleted once the new directory stands in its place: an interrupt
+    leaves one of them whole at `output` (a process killed between the two renames leaves the old one
+    aside, which the next call puts back before it starts)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary, previous = (output.parent / f".{output.name}.{suffix}" for suffix in ("tmp", "old"))
+    if previous.exists() and not output.exists():
+        previous.rename(output)
+    for leftover in (temporary, previous):
+        remove(leftover)
+    temporary.mkdir()
+    try:
+        fill(temporary)
+        if output.exists():
+            output.rename(previous)
+        temporary.rename(output)
+    except BaseException:
+        if previous.exists() and not output.exists():
+            previous.rename(output)
+        raise
+    finally:
+        remove(temporary)
+    remove(previous)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

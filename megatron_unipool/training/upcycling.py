@@ -11,7 +11,8 @@ between identical experts can break. Which experts are replicated:
   with g_e the gradient of the LM loss w.r.t. expert e's weights averaged over a few training batches.
 
 A dense checkpoint can also be upcycled into MoE: every expert of layer i is a copy of layer i's
-dense FFN (vanilla), or the pool's experts are copies of the layers' FFNs taken in turn (UniPool).
+dense FFN (vanilla: the dense model's function), or the pool's experts are copies of the layers' FFNs
+taken in turn (UniPool: a warm start, each layer reaching every layer's FFN).
 
 Function preservation. Replication changes two things that the upcycled model undoes:
 - raw softmax gates (router=softmax, softmax_before_topk, no normalize_gates) are exp(z_e) / sum_j
@@ -66,8 +67,10 @@ class Upcycled:
 
 
 def replica_sources(num_experts: int, multiplier: int, utility: Optional[torch.Tensor] = None) -> list[int]:
-    """Old expert behind each of the multiplier * num_experts new ones: the originals first, in order,
-    then the replicas, grouped by source."""
+    """Old expert behind each of the multiplier * num_experts new ones: each source followed by its
+    copies. The source wins their ties (the lower index) until they separate, and a contiguous
+    expert-parallel shard holds whole groups, so the tokens spread over the ranks as before the
+    upcycling (with the copies after all the sources, the first 1/m of the ranks got every token)."""
     extra_total = (multiplier - 1) * num_experts
     if utility is None:
         extra = [multiplier - 1] * num_experts
@@ -80,7 +83,7 @@ def replica_sources(num_experts: int, multiplier: int, utility: Optional[torch.T
         for e in torch.argsort(utility.double(), descending=True, stable=True).tolist():
             extra[e] = min(MAX_EXTRA, remaining)
             remaining -= extra[e]
-    return list(range(num_experts)) + [e for e in range(num_experts) for _ in range(extra[e])]
+    return [e for e in range(num_experts) for _ in range(1 + extra[e])]
 
 
 def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str = "grad_sq") -> list[torch.Tensor]:
@@ -164,12 +167,20 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
     generator = torch.Generator().manual_seed(seed)
     state = dict(model_state)
     rename: dict[str, list[int]] = {}  # tensors indexed along dim 0 by expert -> sources
+    rescaled: dict[str, float] = {}  # parameters multiplied by a factor -> the factor
     for p, (layers, source) in enumerate(zip(layout, sources)):
         index = torch.tensor(source)
+        is_copy = torch.tensor([j > 0 and source[j - 1] == e for j, e in enumerate(source)])
         for w in ExpertPool.WEIGHTS:
             rename[f"expert_pools.{p}.{w}"] = source
         if f"pool_locks.{p}.owner" in model_state:  # UniPool-lock: a replica belongs to its source's layer
             owner = model_state[f"pool_locks.{p}.owner"]
+            if (owner >= 0).any() and not torch.isinf(model_state[f"pool_locks.{p}.offset"]).any():
+                raise ValueError(
+                    "pool {p}'s UniPool-lock is annealing (experts assigned, the lock not yet hard): the continued run"
+                    " restarts its step count, so it would hold this penalty until moe.lock_start_step and then anneal"
+                    " again from 0; upcycle before the assignment (step < moe.lock_start_step) or once the lock is hard"
+                    " (after moe.lock_anneal_steps more)".format(p=p))
             state[f"pool_locks.{p}.owner"] = owner[index].clone()
             for buffer in ("mass", "offset"):  # [layers, experts]
                 state[f"pool_locks.{p}.{buffer}"] = model_state[f"pool_locks.{p}.{buffer}"][:, index].clone()
@@ -181,10 +192,11 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
             prefix = f"layers.{layer}.ffn.router"
             rename[f"{prefix}.weight"] = source
             bias = model_state[f"{prefix}.expert_bias"][index] * bias_scale
-            bias[old_experts:] += (torch.rand(len(source) - old_experts, generator=generator) * 2 - 1) * noise
+            bias[is_copy] += (torch.rand(int(is_copy.sum()), generator=generator) * 2 - 1) * noise
             state[f"{prefix}.expert_bias"] = bias
             if config.moe.router == "norm":
-                state[f"{prefix}.scale"] = model_state[f"{prefix}.scale"] * _norm_router_rescale(config, new_config, source)
+                rescaled[f"{prefix}.scale"] = _norm_router_rescale(config, new_config, source)
+                state[f"{prefix}.scale"] = model_state[f"{prefix}.scale"] * rescaled[f"{prefix}.scale"]
     for name, source in rename.items():
         state[name] = model_state[name][torch.tensor(source)].clone()
         if name.endswith(".w_down"):
@@ -195,10 +207,32 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
             source = rename.get(name)
             new_optimizer[name] = {key: value[torch.tensor(source)].clone() if source is not None and value.dim() else value.clone()
                                    for key, value in moments.items()}
-            if name.endswith(".w_down") and source is not None:  # its gradient is the gate's: 1/m of the source's
-                new_optimizer[name]["exp_avg"] /= down_scale
-                new_optimizer[name]["exp_avg_sq"] /= down_scale ** 2
+            # a parameter multiplied by f has 1/f of the gradient: w_down under raw softmax gates (the gate's
+            # gradient, 1/m of the source's), NormRouter's scale
+            factor = down_scale if name.endswith(".w_down") and source is not None else rescaled.get(name, 1.0)
+            new_optimizer[name]["exp_avg"] /= factor
+            new_optimizer[name]["exp_avg_sq"] /= factor ** 2
     return Upcycled(new_config, state, new_optimizer, sources)
+
+
+def _ways_copies_differ_from_the_ffn(target: Config) -> list[str]:
+    """Why a vanilla layer whose experts all copy its dense FFN would not compute that FFN: gates that do
+    not sum to 1 for every token scale its output, and capacity drops tokens."""
+    moe, problems = target.moe, []
+    if raw_softmax_gates(target):
+        problems.append("raw softmax gates (moe.router=softmax, softmax_before_topk, no normalize_gates) scale each token's"
+                        " FFN output by its top-k probability: set moe.normalize_gates=true or moe.softmax_before_topk=false")
+    elif moe.router == "sigmoid" and not moe.normalize_gates:
+        problems.append("sigmoid gates (no normalize_gates) scale each token's FFN output by their sum: set"
+                        " moe.normalize_gates=true")
+    elif moe.router == "norm":
+        problems.append("NormRouter gates are scaled scores that do not sum to 1, so they would scale each token's FFN"
+                        " output: upcycle into moe.router=softmax (with moe.normalize_gates=true or"
+                        " moe.softmax_before_topk=false) or moe.router=sigmoid with moe.normalize_gates=true")
+    if moe.capacity_factor is not None:
+        problems.append("moe.capacity_factor drops the tokens over an expert's capacity (their FFN output becomes 0):"
+                        " upcycle into a dropless config, and set the capacity for the continued run")
+    return problems
 
 
 def _norm_router_rescale(old: Config, new: Config, source: list[int]) -> float:
@@ -215,8 +249,9 @@ def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], ta
     """Dense -> MoE: the target's experts copy the dense FFNs; routers and everything else that the
     dense model lacks keep the target's initialisation, except a shared expert's output projection,
     zero. Vanilla: layer i's experts copy layer i's FFN, exactly the dense model where every token's
-    gates sum to 1 and none is dropped (other targets are refused). UniPool: pool expert j copies the
-    FFN of the j-th MoE layer taken in turn."""
+    gates sum to 1 and none is dropped (other vanilla targets are refused). UniPool: pool expert j
+    copies the FFN of the j-th MoE layer taken in turn, and every layer routes over all of them: a warm
+    start, not the dense model's function (a pool smaller than the MoE layers leaves some FFNs out)."""
     if dense_config.moe.kind != "dense":
         raise ValueError(f"upcycle_dense() needs a dense checkpoint, not moe.kind={dense_config.moe.kind!r}")
     # every model field the copied weights compute with (seq_len may differ: RoPE angles depend on the position
@@ -233,20 +268,8 @@ def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], ta
     moe = target.moe
     if moe.kind == "dense":
         problems.append("the target config must be vanilla or unipool")
-    # copies of one FFN compute it only if every token's gates sum to 1 and no token is dropped
-    elif raw_softmax_gates(target):
-        problems.append("raw softmax gates (moe.router=softmax, softmax_before_topk, no normalize_gates) scale each token's"
-                        " FFN output by its top-k probability: set moe.normalize_gates=true or moe.softmax_before_topk=false")
-    elif moe.router == "sigmoid" and not moe.normalize_gates:
-        problems.append("sigmoid gates (no normalize_gates) scale each token's FFN output by their sum: set"
-                        " moe.normalize_gates=true")
-    elif moe.router == "norm":
-        problems.append("NormRouter gates are scaled scores that do not sum to 1, so they would scale each token's FFN"
-                        " output: upcycle into moe.router=softmax (with moe.normalize_gates=true or"
-                        " moe.softmax_before_topk=false) or moe.router=sigmoid with moe.normalize_gates=true")
-    if moe.kind != "dense" and moe.capacity_factor is not None:
-        problems.append("moe.capacity_factor drops the tokens over an expert's capacity (their FFN output becomes 0):"
-                        " upcycle into a dropless config, and set the capacity for the continued run")
+    elif moe.kind == "vanilla":  # UniPool's layers reach other layers' FFNs: another function whatever the router
+        problems += _ways_copies_differ_from_the_ffn(target)
     if problems:
         raise ValueError("the dense checkpoint cannot be upcycled into this config:\n  " + "\n  ".join(problems))
     torch.manual_seed(target.train.seed)
