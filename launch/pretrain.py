@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             f"saved {e.checkpoint}, but checkpoint.resume is false: continue from it with checkpoint.load"), file=sys.stderr)
         return 128 + signal.SIGTERM
     except RUN_ERRORS as e:
+        if raised_while_interrupted(e):
+            return interrupted(config, run_dir, say, interruption.exit_status)
         say(f"error: {e}", file=sys.stderr)
         if created:  # a run that failed before it wrote anything leaves no empty directory behind
             with contextlib.suppress(OSError):
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return interrupted(config, run_dir, say, interruption.exit_status)
     except RuntimeError as e:
+        if raised_while_interrupted(e):
+            return interrupted(config, run_dir, say, interruption.exit_status)
         if not peer_failure(e):
             raise
         time.sleep(PEER_SIGNAL_GRACE_S)
@@ -210,6 +214,16 @@ def train(config, run_dir: Path, interruption: Interruption) -> dict:
         trainer = Trainer(config, run_dir, device=device, parallel=parallel)
     with interruption.interruptible(sigterm_stops_at_step_end=config.checkpoint.save_on_sigterm):
         return trainer.train(stop_requested=interruption.stop_requested)
+
+
+def raised_while_interrupted(error: BaseException) -> bool:
+    """Whether `error` replaced our KeyboardInterrupt as it unwound: torch.save's zip writer, cut off
+    mid-checkpoint, raises its own RuntimeError in its place (the checkpoint stays unpublished)."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__context__
+    return False
 
 
 def interrupted(config, run_dir: Path, say, exit_status: int) -> int:

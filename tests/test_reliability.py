@@ -714,6 +714,33 @@ def test_sigterm_while_the_job_is_set_up_interrupts_at_once_and_during_training_
     training(signal.SIGINT, None)  # while the run reports: only noted
 
 
+def test_ctrl_c_inside_a_checkpoint_write_ends_with_the_one_line(data_cache, tmp_path, monkeypatch, capsys):
+    """torch.save's zip writer, interrupted mid-write, raises a RuntimeError of its own in place of the
+    KeyboardInterrupt: the run still ends as interrupted (one line, 130), not with a traceback."""
+    from script_modules import load_script
+
+    launcher = load_script(REPO / "launch" / "pretrain.py")
+
+    def train_interrupted_while_saving(config, run_dir, interruption):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 105293440 vs 105293332")
+
+    monkeypatch.setattr(launcher, "train", train_interrupted_while_saving)
+    # main installs its signal handlers: put pytest's back afterwards
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = launcher.main(["--run-dir", str(tmp_path / "run"), "--set", f"data.cache_dir={data_cache}"])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert status == 130
+    assert capsys.readouterr().err.strip() == ("interrupted; no checkpoint to resume from (none written yet, or"
+                                               " checkpoint.resume is false)")
+    assert not launcher.raised_while_interrupted(RuntimeError("a bug of ours"))
+
+
 def test_default_run_directory_is_a_run_directorys_own_only_for_its_config_json(tmp_path):
     from script_modules import load_script
 

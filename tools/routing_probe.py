@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="run directory or step_* directory")
     parser.add_argument("--layers", default="deep", help="deep (default), all, or a comma-separated list")
-    parser.add_argument("--top-n", type=int, default=None)
+    parser.add_argument("--top-n", type=int, default=None,
+                        help="also draw from each layer's N most used experts (default: moe.num_experts; 0: no)")
     parser.add_argument("--seeds", type=int, default=1, help="random draws averaged per layer")
     parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of train.global_batch sequences (default: the run's train.eval_batches)")
     parser.add_argument("--output", type=Path, default=Path("probe"),
