@@ -462,7 +462,7 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
                            "--multiplier", "2", "--selection", "utility", "--utility-batches", "2", "--output", str(out),
                            "--set", "train.max_steps=2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "continue with" in done.stdout
+    assert "continue with" in done.stdout and "scored 2/2 batches in" in done.stdout  # utility scoring's progress
     written = config_from_dict(json.loads((out / "config.json").read_text()), world_size=None)
     assert written.moe.pool_size == 2 * config.moe.experts_per_pool(config.model.num_layers)
     # without --run-dir a config inside a run directory continues that run (runs/config would start a fresh model)
@@ -523,9 +523,9 @@ def test_upcycle_cli_hands_every_option_to_the_library(trained, tmp_path, monkey
     calls = {}
 
     def spy(name, real):
-        def record(*args):
+        def record(*args, **kwargs):
             calls[name] = args
-            return real(*args)
+            return real(*args, **kwargs)
         return record
 
     for name in ("upcycle", "expert_utility", "utility_batches"):
@@ -583,6 +583,14 @@ def test_random_routing_draws_uniformly_from_the_candidates(trained):
     assert (counts / counts.sum() - 0.25).abs().max() < 0.02  # 8000 draws: uniform within 2 points
     # each of the k gates is 1/k of the learned gates' sum, not the learned split
     torch.testing.assert_close(routing.gates_TK, learned.gates_TK.sum(-1, keepdim=True).expand(-1, 2) / 2)
+    # NormRouter: a token with no positive score, which the learned router sends nowhere, is sent nowhere
+    config, payload, _ = trained["norm_top1"]
+    router = model_from(config, payload["model"]).layers[1].ffn.router
+    nowhere = -router.weight.detach().sum(0)  # every logit negative
+    x = torch.cat([torch.randn(200, config.model.hidden_size), nowhere.unsqueeze(0)])
+    learned, routing = router(x), RandomRouting(router, candidates, torch.Generator().manual_seed(0))(x)
+    assert not learned.active_TK[-1].any() and learned.active_TK[:-1].any()
+    assert torch.equal(routing.active_TK, learned.active_TK.any(-1, keepdim=True))
 
 
 def test_probe_averages_its_seeds_and_leaves_the_model_as_it_was(trained):

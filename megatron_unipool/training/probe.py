@@ -39,7 +39,10 @@ class RandomRouting(nn.Module):
         picks = torch.multinomial(weights, k, replacement=False, generator=self.generator)
         indices = self.candidates[picks].to(x_TD.device)
         gates = learned.gates_TK.sum(-1, keepdim=True).expand(tokens, k) / k
-        return Routing(indices, gates.contiguous(), learned.scores_TM, learned.logits_TM, None)
+        # a token the learned router sent nowhere (NormRouter) goes nowhere: under a capacity factor its
+        # weightless random slots would take other tokens' places
+        active = None if learned.active_TK is None else learned.active_TK.any(-1, keepdim=True).expand(tokens, k)
+        return Routing(indices, gates.contiguous(), learned.scores_TM, learned.logits_TM, active)
 
 
 @contextlib.contextmanager

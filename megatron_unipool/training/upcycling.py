@@ -43,7 +43,7 @@ import copy
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,22 +86,26 @@ def replica_sources(num_experts: int, multiplier: int, utility: Optional[torch.T
     return [e for e in range(num_experts) for _ in range(1 + extra[e])]
 
 
-def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str = "grad_sq") -> list[torch.Tensor]:
+def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str = "grad_sq",
+                   progress: Optional[Callable[[int], None]] = None) -> list[torch.Tensor]:
     """Per pool, each expert's utility (the design note's): g_e = the gradient of the LM loss w.r.t.
     expert e's weights averaged over `batches` (token tensors [B, S+1]), then ||g_e||^2 ('grad_sq')
-    or ||w_e|| * ||g_e|| ('weight_x_grad'). The model's mode and pool statistics (f_bar) are kept."""
+    or ||w_e|| * ||g_e|| ('weight_x_grad'). The model's mode and pool statistics (f_bar) are kept.
+    `progress(batches done)` after each batch: on a large model each takes a while."""
     pools = list(model.expert_pools)
     grads = [{w: torch.zeros_like(getattr(pool, w), dtype=torch.float64) for w in ExpertPool.WEIGHTS} for pool in pools]
     was_training = model.training
     model.train()
     try:
-        for tokens in batches:
+        for done, tokens in enumerate(batches, start=1):
             model.zero_grad(set_to_none=True)
             logits, _ = model(tokens[:, :-1])
             F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
             for grad, pool in zip(grads, pools):
                 for w in ExpertPool.WEIGHTS:
                     grad[w] += getattr(pool, w).grad.double() / len(batches)
+            if progress is not None:
+                progress(done)
     finally:
         model.zero_grad(set_to_none=True)
         for stats in model.pool_stats:  # the scoring passes are not training steps: drop their counts, keep f_bar
