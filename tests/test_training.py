@@ -163,6 +163,10 @@ def test_learning_rate_warms_up_linearly_then_decays_on_a_cosine():
     assert learning_rate(11, train) == pytest.approx(1e-4) and learning_rate(20, train) == pytest.approx(1e-4)
     # a run one step longer than its warmup still decays
     assert learning_rate(20, TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20, max_steps=21)) == pytest.approx(1e-4)
+    # without warmup the first step is the peak (it was one decay step below, and a 1-step run got min_lr)
+    no_warmup = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0, max_steps=3)
+    assert [learning_rate(step, no_warmup) for step in range(3)] == pytest.approx([1e-3, 5.5e-4, 1e-4])
+    assert learning_rate(0, TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0, max_steps=1)) == pytest.approx(1e-3)
 
 
 def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
@@ -404,6 +408,19 @@ def test_a_run_shorter_than_its_warmup_says_where_its_learning_rate_ends(tiny_co
     Trainer(tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=2", "train.warmup_steps=2",
                         "train.eval_batches=1", "model.seq_len=16"), tmp_path / "equal").train()
     assert "note: train.warmup_steps" not in capsys.readouterr().out  # its last step is at train.lr
+
+
+def test_a_training_split_smaller_than_a_global_batch_is_noted(tiny_config, tmp_path, capsys):
+    from megatron_unipool.data import IndexedDatasetWriter
+
+    for split, tokens in (("train", 40), ("valid", 100)):  # 2 and 6 samples of 16 tokens (+1 for the target)
+        with IndexedDatasetWriter(tmp_path / split, 320, 0) as writer:
+            writer.add_document(list(range(1, tokens)))
+    config = tiny_config("configs/tiny_dense_cpu.json", "data.corpus=null", f"data.train_prefix={tmp_path / 'train'}",
+                         f"data.valid_prefix={tmp_path / 'valid'}", "model.seq_len=16", "train.max_steps=1")
+    Trainer(config, tmp_path / "run").train()
+    assert ("note: the training split holds 2 samples of 16 tokens, fewer than a global batch of 8: every step"
+            " reads some of them more than once") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name,tflops", [

@@ -41,11 +41,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig, groups: list[dict] | 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
     """The rate of optimizer step `step` (0-based; Megatron counts it step + 1): linear warmup reaching lr at
-    the last warmup step, then cosine decay reaching min_lr at the last step, max_steps - 1."""
+    the last warmup step, then cosine decay reaching min_lr at the last step, max_steps - 1. Without
+    warmup the first step is the peak."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    decay_steps = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step + 1 - config.warmup_steps) / decay_steps)
+    peak = max(config.warmup_steps - 1, 0)
+    progress = min(1.0, (step - peak) / max(1, config.max_steps - 1 - peak))
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 

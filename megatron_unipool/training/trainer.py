@@ -326,6 +326,10 @@ class Trainer:
                 print(f"note: train.warmup_steps={cfg.train.warmup_steps} > train.max_steps={cfg.train.max_steps}:"
                       f" the learning rate ends at {learning_rate(cfg.train.max_steps - 1, cfg.train):.3g}, in warm-up,"
                       f" below train.lr={cfg.train.lr:g}", flush=True)
+            if len(self.data.train) < cfg.train.global_batch:
+                print(f"note: the training split holds {len(self.data.train)} samples of {cfg.model.seq_len} tokens,"
+                      f" fewer than a global batch of {cfg.train.global_batch}: every step reads some of them"
+                      f" more than once", flush=True)
             if cfg.moe.gate_is_always_one:
                 print("note: moe.top_k=1 with the gate renormalised over the one chosen expert (moe.normalize_gates, or"
                       " softmax after top-k): every gate is 1, so the LM loss gives the routers no gradient and only"
