@@ -410,6 +410,16 @@ def test_a_run_shorter_than_its_warmup_says_where_its_learning_rate_ends(tiny_co
     assert "note: train.warmup_steps" not in capsys.readouterr().out  # its last step is at train.lr
 
 
+def test_tensorboard_that_cannot_be_imported_is_a_config_error_before_the_model_is_built(tiny_config, tmp_path,
+                                                                                       monkeypatch):
+    from megatron_unipool.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(Trainer, "_checkpoint_to_resume", lambda self: pytest.fail("built the model first"))
+    with pytest.raises(ConfigError, match="logging.tensorboard=true needs the tensorboard package"):
+        Trainer(tiny_config("configs/tiny_dense_cpu.json", "logging.tensorboard=true"), tmp_path / "run")
+
+
 def test_a_training_split_smaller_than_a_global_batch_is_noted(tiny_config, tmp_path, capsys):
     from megatron_unipool.data import IndexedDatasetWriter
 
@@ -458,6 +468,17 @@ def test_gpu_monitor_drops_a_counter_the_gpu_does_not_offer(monkeypatch, capsys)
     assert monitor.read() == expected and monitor.read() == expected
     assert capsys.readouterr().out == "note: gpu/utilisation_percent is not logged: NotSupported: Not Supported\n"
     assert "gpu/utilisation_percent" in GpuMonitor.COUNTERS  # dropped by this monitor, not for the next one
+    # without nvidia-ml-py every NVML counter fails alike: one note for them all
+    def refused_without_pynvml():
+        raise ModuleNotFoundError("pynvml does not seem to be installed")
+
+    for counter in ("utilization", "device_memory_used", "power_draw"):
+        monkeypatch.setattr(torch.cuda, counter, refused_without_pynvml)
+
+    assert GpuMonitor().read() == {"gpu/max_allocated_gib": 1.0}
+    assert capsys.readouterr().out == ("note: gpu/utilisation_percent, gpu/memory_used_gib, gpu/power_watts are not"
+                                       " logged: ModuleNotFoundError: pynvml does not seem to be installed\n")
+    assert GpuMonitor(torch.device("cpu")).read() == {}  # a run on the CPU of a GPU machine: the idle GPU's are not its
 
 
 @pytest.mark.parametrize("deterministic", [True, False])
@@ -630,3 +651,4 @@ def test_mfu_peak_is_in_flop_per_second_and_the_gpu_monitor_reads_nothing_withou
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H100 80GB HBM3")
     assert peak_flops() == pytest.approx(989e12) and peak_flops("bf16") == peak_flops()
     assert peak_flops("fp32") is None  # fp32 GEMMs are far from the bf16 tensor-core peak: no MFU
+    assert peak_flops("bf16", torch.device("cpu")) is None and peak_flops("bf16", torch.device("cuda", 0)) == peak_flops()

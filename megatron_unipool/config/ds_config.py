@@ -1,7 +1,9 @@
 """The ds_config DeepSpeed starts with: generated from the run's config and merged with the user's
 `deepspeed.config_file`. What is generated and what a file may say about it are decided here
 together, so a stock ds_config that repeats the run's values (or says "auto") is accepted and
-one that contradicts them is refused, instead of one of the two being silently ignored.
+one that contradicts them is refused, instead of one of the two being silently ignored. A
+`scheduler` section is refused even with "auto" values: its type is a schedule (HF's stock files
+say WarmupLR, constant after warmup), and the run's is train's warmup and cosine decay.
 """
 from __future__ import annotations
 

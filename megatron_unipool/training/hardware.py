@@ -34,10 +34,16 @@ def peak_bf16_tflops(name: str) -> Optional[float]:
     return None
 
 
-def peak_flops(precision: str = "bf16") -> Optional[float]:
-    """Peak dense bf16 FLOP/s of the current CUDA device, or None (CPU, unknown GPU, or an fp32 run, whose
-    GEMMs do not run at that peak: no MFU)."""
-    if precision != "bf16" or not torch.cuda.is_available():
+def trains_on_a_gpu(device: Optional[torch.device]) -> bool:
+    """Whether `device` (default: the current CUDA device, if any) is a GPU; a run on the CPU of a GPU
+    machine reports neither MFU nor the idle GPU's counters."""
+    return torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+
+
+def peak_flops(precision: str = "bf16", device: Optional[torch.device] = None) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of the CUDA device the run trains on, or None (CPU, unknown GPU, or an fp32
+    run, whose GEMMs do not run at that peak: no MFU)."""
+    if precision != "bf16" or not trains_on_a_gpu(device):
         return None
     tflops = peak_bf16_tflops(torch.cuda.get_device_name())
     return tflops * 1e12 if tflops else None
@@ -55,17 +61,21 @@ class GpuMonitor:
         "gpu/power_watts": lambda: torch.cuda.power_draw() / 1000.0,
     }
 
-    def __init__(self):
-        self.counters = dict(self.COUNTERS) if torch.cuda.is_available() else {}
+    def __init__(self, device: Optional[torch.device] = None):
+        self.on_gpu = trains_on_a_gpu(device)
+        self.counters = dict(self.COUNTERS) if self.on_gpu else {}
 
     def read(self) -> dict[str, float]:
-        if not torch.cuda.is_available():
+        if not self.on_gpu:
             return {}
         values = {"gpu/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+        dropped: dict[str, list[str]] = {}  # reason -> counters: one note for a cause they share (no nvidia-ml-py)
         for name, counter in list(self.counters.items()):
             try:
                 values[name] = counter()
             except Exception as e:  # NVMLError_NotSupported, no pynvml, ...: this counter is not logged
                 del self.counters[name]
-                print(f"note: {name} is not logged: {type(e).__name__}: {e}", flush=True)
+                dropped.setdefault(f"{type(e).__name__}: {e}", []).append(name)
+        for reason, names in dropped.items():
+            print(f"note: {', '.join(names)} {'is' if len(names) == 1 else 'are'} not logged: {reason}", flush=True)
         return values

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import LoggingConfig
+from ..config import ConfigError, LoggingConfig
 from .hardware import GpuMonitor
 from .plots import utilisation_figure
 
@@ -42,9 +42,20 @@ def _finite_mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def check_tensorboard(config: LoggingConfig) -> None:
+    """A ConfigError when the run starts, on every rank, rather than a traceback on the logging rank once
+    the model is built, when logging.tensorboard asks for a writer that cannot be imported."""
+    if config.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"logging.tensorboard=true needs the tensorboard package ({e}): pip install"
+                              " tensorboard, or set logging.tensorboard=false") from e
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, config: LoggingConfig, max_steps: int, enabled: bool = True,
-                 resumed_step: int = 0):
+                 resumed_step: int = 0, device: Optional[torch.device] = None):
         self.config, self.max_steps, self.enabled = config, max_steps, enabled
         self.run_dir = run_dir
         self.writer = None
@@ -55,7 +66,7 @@ class MetricsLogger:
             # past T before it stopped; purge_step makes TensorBoard drop those, so each step shows
             # once, with the resumed run's values.
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
-        self.gpu = GpuMonitor() if enabled else None  # only the logging rank reads NVML
+        self.gpu = GpuMonitor(device) if enabled else None  # only the logging rank reads NVML
         self.window: list[dict[str, float]] = []
         self.started = time.perf_counter()
         self.first_step: Optional[int] = None

@@ -38,7 +38,7 @@ from .datasets import DataError, build_datasets, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
 from .hardware import peak_flops
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, check_tensorboard
 from .optimizer import learning_rate
 
 MOE_LOSSES = ("aux_loss", "z_loss", "entropy_loss")
@@ -101,6 +101,7 @@ class Trainer:
         if self.is_logger:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        check_tensorboard(config.logging)  # before the data and the model, on every rank
         seed_everything(config.train.seed, config.train.deterministic)
         self.data = on_every_rank(lambda: build_datasets(config), self.parallel, (DataError,))  # node-local files
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
@@ -313,8 +314,9 @@ class Trainer:
         was just saved) and raises RunStopped, so the rerun resumes with nothing lost."""
         cfg = self.config
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps, enabled=self.is_logger,
-                               resumed_step=self.state.step)
-        peak = peak_flops(cfg.train.precision)  # of one device; TFLOP/s and MFU are per device, as Megatron logs them
+                               resumed_step=self.state.step, device=self.device)
+        # of one device; TFLOP/s and MFU are per device, as Megatron logs them
+        peak = peak_flops(cfg.train.precision, self.device)
         tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
         if self.is_logger:
             L = self.layout
