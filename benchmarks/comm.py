@@ -36,9 +36,8 @@ from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer, init_parallel  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from measurement import checked_overrides, json_output  # noqa: E402
+from measurement import QUIET, checked_overrides, json_output  # noqa: E402
 
-QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
 SUITES = {
     "cpu": {"vanilla": "configs/tiny_vanilla_cpu.json", "unipool": "configs/tiny_unipool_cpu.json"},
     "gpu-182m": {"vanilla": "configs/vanilla_182m.json", "unipool": "configs/unipool_182m.json"},

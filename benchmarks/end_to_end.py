@@ -44,10 +44,9 @@ from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
 from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
-from measurement import checked_overrides, json_output  # noqa: E402
+from measurement import QUIET, checked_overrides, json_output  # noqa: E402
 from step_profile import difference, format_difference, format_profile, profile_steps  # noqa: E402
 
-QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
 # 128 sequences per step in several micro-batches: the optimizer step is amortised as in training (the 182M/469M
 # configs' global batch of 512 is 16-64 micro-batches on one GPU), which 1 micro-batch per step would overstate 2-4x
 # for the MoE models. Micro-batches as large as an 80 GB H100 holds: at 8 sequences the step was host-bound (device

@@ -28,6 +28,10 @@ def add_measurement_arguments(parser: argparse.ArgumentParser, repeats: int = 5,
     parser.add_argument("--json", type=json_output, help="write the rows here")
 
 
+# a training-step benchmark measures steps: no TensorBoard, checkpoints, resumes or validation
+QUIET = ["logging.tensorboard=false", "checkpoint.save_interval=0", "checkpoint.resume=false", "train.eval_interval=0"]
+
+
 def checked_overrides(parser: argparse.ArgumentParser, runs: list[tuple[Path, list[str]]], world_size: int = 1) -> None:
     """Load each (config, overrides) before any model is built or process started: when none loads (a
     --set typo) that is one argparse error, not a traceback per model or rank; when only some do, the

@@ -346,6 +346,9 @@ def test_dense_to_vanilla_upcycling_keeps_the_function(data_cache):
     torch.manual_seed(12345)  # fresh parameters (the routers) come from the target's seed, not the caller's RNG
     again = upcycle_dense(dense, dense_state, target)
     assert all(torch.equal(again.model_state[name], value) for name, value in result.model_state.items())
+    after = torch.rand(3)
+    torch.manual_seed(12345)
+    assert torch.equal(after, torch.rand(3))  # and the caller's RNG is where it was
     batch = tokens(dense)
     with torch.no_grad():
         expected = model_from(dense, dense_state)(batch[:, :-1])[0]
@@ -747,7 +750,6 @@ def test_analysis_tools_refuse_empty_averages(tmp_path, tool, args, message):
 def test_utilisation_figure_stays_readable_for_many_vanilla_layers():
     """48 vanilla layers are 48 one-row pools: one panel (not 48 4-inch columns), at most 16 layer labels,
     and the colorbar leaves the heatmap's expert columns above the bars below."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
     from megatron_unipool.training.plots import utilisation_figure
@@ -756,7 +758,7 @@ def test_utilisation_figure_stays_readable_for_many_vanilla_layers():
     for counts, layers in (([rng.integers(0, 50, (1, 8)) for _ in range(48)], [[i] for i in range(48)]),
                            ([rng.integers(0, 50, (40, 64))], [list(range(40))])):
         fig = utilisation_figure(counts, "test", layers)
-        fig.canvas.draw()
+        fig.draw_without_rendering()  # the constrained layout, as saving or TensorBoard's drawing runs it
         width, height = fig.get_size_inches()
         heat, bars = fig.axes[0], fig.axes[1]
         labels = [t.get_text() for t in heat.get_yticklabels()]
@@ -766,14 +768,12 @@ def test_utilisation_figure_stays_readable_for_many_vanilla_layers():
         assert heat.get_position().x0 == pytest.approx(bars.get_position().x0, abs=1e-6)
         assert heat.get_position().x1 == pytest.approx(bars.get_position().x1, abs=1e-6)
         assert heat.get_xlim() == pytest.approx(bars.get_xlim())  # expert j's column above its bar
-        plt.close(fig)
 
 
 def test_utilisation_figure_shows_each_layers_shares_and_the_pools_load():
     """Heatmap rows are each layer's shares of its slots, labelled with the model layers (dense ones
     in between skip); the bars are each expert's share of the pool's slots over all layers, with the
     uniform share marked; single-row pools stack into one panel, pools of several rows do not."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
     from megatron_unipool.training.plots import utilisation_figure
@@ -785,13 +785,10 @@ def test_utilisation_figure_shows_each_layers_shares_and_the_pools_load():
     assert [t.get_text() for t in heat.get_yticklabels()] == ["1", "3"]
     np.testing.assert_allclose([bar.get_height() for bar in bars.patches], np.array([6, 4, 2, 4]) / 16)
     assert bars.lines[0].get_ydata()[0] == pytest.approx(1 / 4)
-    plt.close(fig)
     fig = utilisation_figure([counts[:1], counts[1:]], "test", [[1], [3]])  # vanilla: one row per pool
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["1", "3"] and len(fig.axes[0].images) == 1
-    plt.close(fig)
     fig = utilisation_figure([counts[:1], np.vstack([counts, counts])], "test", [[0], [1, 2, 3, 4]])
     assert sum(len(ax.images) for ax in fig.axes) == 2  # two pools, two panels
-    plt.close(fig)
 
 
 def test_an_output_directory_that_cannot_be_made_or_written_is_named_and_nothing_is_created(tmp_path):

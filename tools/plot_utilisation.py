@@ -61,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     figure = utilisation_figure([c.numpy() for c in counts], f"pool utilisation ({path.name})", layout)
     save_atomically(args.output / "utilisation.png", lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
-    plt.close(figure)
     moe_layers = sorted(routing)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(1, len(curve) + 1), curve, marker="o", label="distinct experts met")

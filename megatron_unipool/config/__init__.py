@@ -12,4 +12,5 @@ from .sections import (
     MoEConfig,
     ParallelConfig,
     TrainConfig,
+    stage_layers,
 )

@@ -162,10 +162,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
     return config
 
 
-def with_overrides(config: Config, overrides: Iterable[str], world_size: int | None = None) -> Config:
-    """`config` with `section.key=value` overrides, validated, its paths absolute as load_config makes them
-    (a tool writing a run's config.json from a checkpoint's config)."""
-    return _with_absolute_paths(config_from_dict(apply_overrides(config_to_dict(config), overrides), world_size))
+def with_overrides(config: Config, overrides: Iterable[str]) -> Config:
+    """`config` with `section.key=value` overrides, validated as a tool's config (no world size), its paths
+    absolute as load_config makes them (a tool writing a run's config.json from a checkpoint's config)."""
+    return _with_absolute_paths(config_from_dict(apply_overrides(config_to_dict(config), overrides), None))
 
 
 BUILT_IN_TOKENIZERS = ("byte", "gpt2")

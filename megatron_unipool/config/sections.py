@@ -16,6 +16,13 @@ def bounded(default, low=None, high=None, exclusive_low=False, exclusive_high=Fa
                                             "exclusive_max": exclusive_high})
 
 
+def stage_layers(num_layers: int, pp: int, stage: int) -> range:
+    """The layers pipeline stage `stage` of `pp` holds (model.num_layers divisible by pp). The one place
+    that says so: the model's cut (model.sharding) and the pools' process groups (pool_stages) must agree."""
+    per_stage = num_layers // pp
+    return range(stage * per_stage, (stage + 1) * per_stage)
+
+
 @dataclass
 class ModelConfig:
     """LLaMA decoder shape: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
@@ -112,9 +119,9 @@ class MoEConfig:
         return [layers[i : i + group] for i in range(0, len(layers), group)]
 
     def pool_stages(self, num_layers: int, pp: int) -> list[tuple[int, ...]]:
-        """For each pool, the pipeline stages (of `pp`, each num_layers/pp layers) whose layers use it."""
-        per_stage = num_layers // pp
-        return [tuple(sorted({layer // per_stage for layer in layers})) for layers in self.pool_layout(num_layers)]
+        """For each pool, the pipeline stages (of `pp`) whose layers use it: its replicas' process groups."""
+        return [tuple(stage for stage in range(pp) if set(stage_layers(num_layers, pp, stage)) & set(layers))
+                for layers in self.pool_layout(num_layers)]
 
     def experts_per_pool(self, num_layers: int) -> int:
         if self.kind == "vanilla":

@@ -17,7 +17,8 @@ from megatron_unipool.data.indexed_dataset import (
     publish_indexed,
     remove_indexed,
 )
-from megatron_unipool.data.samples import DataError, TokenSampleDataset
+from megatron_unipool.data.errors import DataError
+from megatron_unipool.data.samples import TokenSampleDataset
 from megatron_unipool.data.tokenizers import (
     ByteTokenizer,
     GPT2Tokenizer,

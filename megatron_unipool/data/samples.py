@@ -16,11 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megatron_unipool.data.errors import DataError
 from megatron_unipool.data.indexed_dataset import IndexedDataset
-
-
-class DataError(ValueError):
-    """The data a run reads cannot train its model: missing, damaged, empty or mismatched files."""
 
 
 class TokenSampleDataset:
@@ -28,12 +25,12 @@ class TokenSampleDataset:
 
     def __init__(self, dataset: IndexedDataset, seq_len: int, seed: int, unshuffled: bool = False):
         if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+            raise DataError(f"seq_len must be >= 1, got {seq_len}")
         if seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {seed}")
+            raise DataError(f"seed must be >= 0 (numpy SeedSequence), got {seed}")
         num_samples = (dataset.num_tokens - 1) // seq_len
         if num_samples < 1:
-            raise ValueError(
+            raise DataError(
                 f"{dataset.bin_path} holds {dataset.num_tokens} tokens, too few for one sample of "
                 f"seq_len={seq_len} (needs seq_len + 1 = {seq_len + 1})"
             )
@@ -80,6 +77,6 @@ class TokenSampleDataset:
     def batch(self, start: int, batch_size: int) -> torch.Tensor:
         """Samples ``start .. start + batch_size - 1`` as a LongTensor ``[batch_size, seq_len + 1]``."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
         rows = [self.sample(index) for index in range(start, start + batch_size)]
         return torch.from_numpy(np.stack(rows))

@@ -19,6 +19,8 @@ import numpy as np
 import tiktoken
 import tokenizers as hf_tokenizers
 
+from megatron_unipool.data.errors import DataError
+
 GPT2_RANKS_ENV = "MEGATRON_UNIPOOL_GPT2_RANKS"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
@@ -70,7 +72,7 @@ class ByteTokenizer(Tokenizer):
         """EOD decodes to ``<|endoftext|>`` as in the BPE tokenizers; broken UTF-8 to U+FFFD."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(
+            raise DataError(
                 f"byte tokenizer ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}"
             )
         segments = np.split(ids, np.flatnonzero(ids == self.eod_id))
@@ -95,11 +97,11 @@ class HFTokenizer(Tokenizer):
         try:
             self._tokenizer = hf_tokenizers.Tokenizer.from_str(contents.decode("utf-8"))
         except Exception as error:  # the Rust side raises a bare Exception
-            raise ValueError(f"{path} is not a valid Hugging Face tokenizer.json: {error}") from error
+            raise DataError(f"{path} is not a valid Hugging Face tokenizer.json: {error}") from error
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         eod_token = next((token for token in _HF_EOD_CANDIDATES if token in vocab), None)
         if eod_token is None:
-            raise ValueError(
+            raise DataError(
                 f"{path}: no end-of-document token in the vocabulary; "
                 f"expected one of {list(_HF_EOD_CANDIDATES)}"
             )
@@ -182,11 +184,11 @@ def _read_tiktoken_ranks(path: Path, expected_count: int) -> dict[bytes, int]:
                 token, rank = fields
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as error:
-                raise ValueError(
+                raise DataError(
                     f"{path}:{line_number}: expected '<base64 token> <rank>', got {line[:80]!r}"
                 ) from error
     if len(ranks) != expected_count:
-        raise ValueError(f"{path}: holds {len(ranks)} ranks, GPT-2 has {expected_count}")
+        raise DataError(f"{path}: holds {len(ranks)} ranks, GPT-2 has {expected_count}")
     return ranks
 
 
@@ -197,7 +199,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_path: str 
     """
     minimum = _BYTE_ALPHABET_SIZE + 1
     if vocab_size < minimum:
-        raise ValueError(
+        raise DataError(
             f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {minimum} (256 bytes + EOD)"
         )
     output_path = Path(output_path)
@@ -229,6 +231,6 @@ def build_tokenizer(spec: str) -> Tokenizer:
         return GPT2Tokenizer()
     if spec.endswith(".json") or Path(spec).is_file():
         return HFTokenizer(spec)
-    raise ValueError(
+    raise DataError(
         f"unknown tokenizer {spec!r}; expected 'byte', 'gpt2', or a path to a Hugging Face tokenizer.json"
     )

@@ -3,7 +3,7 @@
 Shapes: S sorted token slots, D hidden, F expert width, M experts, P padded slots.
 x_SD holds expert 0's tokens first, then expert 1's, ...; counts_M says how many each has.
 
-Two implementations with the same numbers, forward and backward:
+Three implementations with the same numbers, forward and backward:
 - "grouped_mm": `torch._grouped_mm`, one kernel per projection for all experts (CUTLASS on
   Hopper), offsets computed on the device so nothing waits for the host. Its GPU kernels need
   16-byte-aligned strides, including along the token dimension in the weight-gradient GEMM, so
@@ -14,7 +14,7 @@ Two implementations with the same numbers, forward and backward:
   with the rows as the small side (kernels.rows_gemm), the weight gradients read in place
   (kernels.segmented_gemm). No row padding.
 
-Both have explicit backward passes whose weight gradients can be deferred to a
+All have explicit backward passes whose weight gradients can be deferred to a
 `DeferredWeightGradients`: an expert pool shared by L layers then gets one weight-gradient GEMM per
 expert over all L layers' tokens, instead of L full-pool gradients each from 1/L of the tokens. On the
 grouped_mm path those GEMMs either regroup the layers' rows expert-major for `torch._grouped_mm`, or

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch.nn as nn
 
+from ..config import stage_layers
 from ..moe import ExpertPool, MoELayer, SwiGLU
 from ..parallel.state import Layout, ParallelState
 from ..parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TensorParallelInput,
@@ -48,11 +49,6 @@ class ShardSpec:
 
 
 REPLICATED = ShardSpec()
-
-
-def stage_layers(num_layers: int, pp: int, stage: int) -> range:
-    per_stage = num_layers // pp
-    return range(stage * per_stage, (stage + 1) * per_stage)
 
 
 def shard_model(model: LanguageModel, state: ParallelState) -> dict[str, ShardSpec]:

@@ -143,7 +143,8 @@ class LanguageModel(nn.Module):
             nn.init.normal_(self.output.weight, 0.0, model.init_std)
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits [B, S, V] and the MoE losses summed over layers (aux_loss, z_loss, as configured).
+        """Logits [B, S, V] and the MoE losses summed over layers (aux_loss, z_loss, entropy_loss: those
+        configured).
 
         `inputs` are tokens [B, S]; a pipeline stage without the embedding takes the previous
         stage's hidden states [B, S, D] and, without the output layer, returns its own.

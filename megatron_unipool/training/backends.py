@@ -1,7 +1,7 @@
 """How gradients become an update: the built-in AdamW, or DeepSpeed's engine with ZeRO 0/1/2.
 
-Both take this rank's loss share per micro-batch (`backward`), then `step` reduces the
-gradients over their replicas, clips by the global norm and updates, unless the norm (or the
+Both take this rank's loss share per micro-batch (`backward`), then `reduce` reduces the
+gradients over their replicas and `step` clips by the global norm and updates, unless the norm (or the
 step's loss) is not finite: then the update is skipped, on every rank alike. Both read and write the
 optimizer state as full-model tensors by parameter name, so checkpoints do not depend on the
 backend or the layout.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,8 +25,8 @@ import torch.nn as nn
 
 from ..config import Config
 from ..config.ds_config import deepspeed_config
+from ..model import ExpertPool
 from ..model.sharding import REPLICATED, ShardSpec
-from ..moe import ExpertPool
 from ..parallel import ParallelState
 from ..parallel.deepspeed_mpu import DeepSpeedTopology
 from .distributed import OPTIMIZER_KEY, clip_gradients, reduce_gradients
@@ -44,9 +45,10 @@ def adam_step(value, group: dict, param: torch.Tensor) -> torch.Tensor:
 class NativeBackend:
     """AdamW on every rank (no optimizer-state sharding); our own reductions and clipping."""
 
-    def __init__(self, model: nn.Module, config: Config, specs: dict[str, ShardSpec], parallel: ParallelState):
+    def __init__(self, model: nn.Module, config: Config, specs: dict[str, ShardSpec], parallel: ParallelState,
+                 optimizer: Optional[torch.optim.Optimizer] = None):
         self.model, self.config, self.specs, self.parallel = model, config, specs, parallel
-        self.optimizer = build_optimizer(model, config.train)
+        self.optimizer = optimizer or build_optimizer(model, config.train)  # DeepSpeedBackend passes its engine's
         self.activation_dtype = torch.float32  # what travels between pipeline stages
         self.loss_scale = 1.0  # applied to each micro-batch's loss share before the pipeline's backward
 
@@ -130,7 +132,6 @@ class DeepSpeedBackend(NativeBackend):
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         from deepspeed.utils import groups
 
-        self.model, self.config, self.specs, self.parallel = model, config, specs, parallel
         layout = parallel.layout
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)  # wraps our group
         topology = DeepSpeedTopology(parallel)
@@ -146,9 +147,10 @@ class DeepSpeedBackend(NativeBackend):
                 groups._EXPERT_DATA_PARALLEL_GROUP[group_name] = parallel.pool_group(spec.pool_stages) or topology.own_rank
         param_groups = split_params_into_different_moe_groups_for_optimizer(decay_groups(model, config.train))
         with _expert_pools_count_as_moe_layers():
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            self.engine, optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=build_optimizer(model, config.train, param_groups), mpu=topology,
                 dist_init_required=False, config=deepspeed_config(config, micro_batches))
+        super().__init__(model, config, specs, parallel, optimizer)
         # ZeRO and bf16 keep fp32 master weights and moments in their own partitions
         self.partitioned = hasattr(next(model.parameters()), "_hp_mapping")
         self.activation_dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32

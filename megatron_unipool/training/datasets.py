@@ -20,7 +20,7 @@ class RunData:
 def build_datasets(config: Config) -> RunData:
     try:
         return _build_datasets(config)
-    except (OSError, ValueError) as e:  # the data modules' own errors name the file and the problem
+    except OSError as e:  # the data modules' own errors (DataError) name the file and the problem already
         raise DataError(str(e)) from e
 
 
@@ -33,15 +33,15 @@ def _build_datasets(config: Config) -> RunData:
     train, valid = IndexedDataset(train_prefix), IndexedDataset(valid_prefix)
     for name, split in (("data.train_prefix", train), ("data.valid_prefix", valid)):
         if split.vocab_size > model.vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"{name} was tokenised with a vocabulary of {split.vocab_size} tokens, larger than"
                 f" model.vocab_size={model.vocab_size}: raise model.vocab_size to at least {split.vocab_size}"
             )
     if train.vocab_size != valid.vocab_size or train.eod_id != valid.eod_id:
-        raise ValueError(f"train and validation files come from different tokenizers ({train_prefix}, {valid_prefix})")
+        raise DataError(f"train and validation files come from different tokenizers ({train_prefix}, {valid_prefix})")
     valid_samples = TokenSampleDataset(valid, model.seq_len, config.train.seed, unshuffled=True)
     if len(valid_samples) < config.train.micro_batch:  # evaluation would get no batch: refuse before training
-        raise ValueError(
+        raise DataError(
             f"{valid_prefix} holds {len(valid_samples)} validation samples of model.seq_len={model.seq_len}, fewer"
             f" than train.micro_batch={config.train.micro_batch} needed for one evaluation batch: lower"
             " train.micro_batch or model.seq_len, or use a larger validation split"

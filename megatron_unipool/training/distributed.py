@@ -125,7 +125,8 @@ def gather_full_tensors(tensors: dict[str, torch.Tensor], specs: dict[str, Shard
     return {name: _assemble(p) for name, p in by_name.items()}
 
 
-OPTIMIZER_KEY = "{name}::{key}"
+OPTIMIZER_SEPARATOR = "::"
+OPTIMIZER_KEY = "{name}" + OPTIMIZER_SEPARATOR + "{key}"
 
 
 def gather_full_state(model: nn.Module, model_tensors: dict[str, torch.Tensor], optimizer_tensors: dict[str, torch.Tensor],
@@ -138,7 +139,7 @@ def gather_full_state(model: nn.Module, model_tensors: dict[str, torch.Tensor], 
     """
     tensors, all_specs = dict(model_tensors), dict(specs)
     for flat, value in optimizer_tensors.items():
-        name = flat.split("::")[0]
+        name = flat.split(OPTIMIZER_SEPARATOR)[0]
         tensors[flat] = value
         all_specs[flat] = specs.get(name, REPLICATED) if value.shape == model.get_parameter(name).shape else REPLICATED
     full = gather_full_tensors(tensors, all_specs, state)
@@ -146,8 +147,8 @@ def gather_full_state(model: nn.Module, model_tensors: dict[str, torch.Tensor], 
         return None
     model_state, optimizer_state = {}, defaultdict(dict)
     for flat, value in full.items():
-        if "::" in flat:
-            name, key = flat.split("::")
+        if OPTIMIZER_SEPARATOR in flat:
+            name, key = flat.split(OPTIMIZER_SEPARATOR)
             optimizer_state[name][key] = value
         else:
             model_state[flat] = value

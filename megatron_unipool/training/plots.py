@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # not pyplot: importing the library leaves the caller's backend alone
 
 MAX_ROW_LABELS = 16  # beyond this the layer labels of a heatmap overlap
 
@@ -23,8 +20,8 @@ def utilisation_figure(counts_per_pool: list[np.ndarray], title: str, layers_per
         layers_per_pool = [[layer for layers in layers_per_pool for layer in layers]]
     pools = len(counts_per_pool)
     # constrained layout: the heatmap, narrowed by its colorbar, and the bars below keep the same width
-    fig, axes = plt.subplots(2, pools, figsize=(max(6, 4 * pools), 6), squeeze=False, layout="constrained",
-                             gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(max(6, 4 * pools), 6), layout="constrained")
+    axes = fig.subplots(2, pools, squeeze=False, gridspec_kw={"height_ratios": [3, 1]})
     for p, counts in enumerate(counts_per_pool):
         counts = np.asarray(counts, dtype=np.float64)
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)

@@ -15,12 +15,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import Config
-from ..model import LanguageModel
-from ..moe import MoELayer
-from ..moe.router import Routing
+from ..model import LanguageModel, MoELayer, Routing, lm_loss_sum
 from .checkpoint import load_trained_model
 from .datasets import build_datasets, validation_batches
 
@@ -62,7 +59,7 @@ def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
     for batch in batches:
         logits, _ = model(batch[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        total += lm_loss_sum(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
         count += batch[:, 1:].numel()
     return total / count
 

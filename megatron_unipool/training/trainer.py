@@ -25,13 +25,11 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, config_to_dict
-from ..kernels import cross_entropy_sum
-from ..model import LanguageModel, RoutingStepStats, param_budget
+from ..model import LanguageModel, RoutingStepStats, lm_loss_sum, param_budget
 from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
 from ..parallel.agreement import decided_by_rank0, on_any_rank, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
-from ..parallel.tensor_parallel import vocab_parallel_cross_entropy_sum
 from .checkpoint import (CheckpointError, checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint,
                          load_checkpoint, restore_model, save_checkpoint, set_rng_state)
 from .datasets import DataError, build_datasets, validation_batches
@@ -184,8 +182,9 @@ class Trainer:
     def _run_micro_batches(self, batches: list[torch.Tensor], train: bool) -> torch.Tensor:
         """Forward (and backward) every micro-batch through this rank's stage.
 
-        Returns this rank's share of [lm loss, aux loss, z loss], each already divided as in the
-        training loss (summed over ranks it gives the step's totals).
+        Returns the step's totals of the LM loss and of each of MOE_LOSSES, each divided as in the
+        training loss: every rank's shares, already all-reduced over the world (tensor-parallel ranks,
+        which computed the same values, count once).
         """
         cfg = self.config
         global_tokens = len(batches) * self.layout.dp * batches[0][:, 1:].numel()
@@ -208,9 +207,7 @@ class Trainer:
                     loss = share if loss is None else loss + share
             if self.channel.last:
                 logits, targets = out.flatten(0, 1), tokens[:, 1:].flatten()
-                tp_group = self.parallel.tp_group
-                lm = (cross_entropy_sum(logits, targets, cfg.train.cross_entropy) if tp_group is None
-                      else vocab_parallel_cross_entropy_sum(logits, targets, tp_group))
+                lm = lm_loss_sum(logits, targets, cfg.train.cross_entropy, self.parallel.tp_group)
                 totals[0] += lm.detach() / global_tokens
                 loss = lm / global_tokens if loss is None else lm / global_tokens + loss
                 out = None

@@ -46,12 +46,9 @@ from fractions import Fraction
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
-from ..model import LanguageModel
-from ..moe import ExpertPool
-from ..moe.router import norm_router_constant
+from ..model import ExpertPool, LanguageModel, lm_loss_sum, norm_router_constant
 from .datasets import build_datasets
 
 MAX_EXTRA = 3  # extra replicas one expert may receive under utility selection
@@ -100,7 +97,7 @@ def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str
         for done, tokens in enumerate(batches, start=1):
             model.zero_grad(set_to_none=True)
             logits, _ = model(tokens[:, :-1])
-            F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+            (lm_loss_sum(logits.flatten(0, 1), tokens[:, 1:].flatten()) / tokens[:, 1:].numel()).backward()
             for grad, pool in zip(grads, pools):
                 for w in ExpertPool.WEIGHTS:
                     grad[w] += getattr(pool, w).grad.double() / len(batches)
@@ -276,8 +273,9 @@ def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], ta
         problems += _ways_copies_differ_from_the_ffn(target)
     if problems:
         raise ValueError("the dense checkpoint cannot be upcycled into this config:\n  " + "\n  ".join(problems))
-    torch.manual_seed(target.train.seed)
-    state = LanguageModel(target.model, target.moe).state_dict()
+    with torch.random.fork_rng(devices=[]):  # the target's initialisation, from its seed; the caller's RNG untouched
+        torch.manual_seed(target.train.seed)
+        state = LanguageModel(target.model, target.moe).state_dict()
     for name, value in dense_state.items():
         if name in state and ".ffn." not in name:
             state[name] = value.clone()
