@@ -1,4 +1,5 @@
 """Config loading: every bad field is named; overrides are type-checked; shipped configs load."""
+import dataclasses
 import json
 import re
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_unipool.config import ConfigError, config_from_dict, config_to_dict, load_config
 from megatron_unipool.model import LanguageModel, param_budget
@@ -298,7 +300,15 @@ def test_tiny_twins_have_equal_active_parameters():
                                        ["moe.kind=vanilla", "moe.aux_loss=layer", "model.tie_embeddings=true"],
                                        ["moe.shared_expert_ffn_hidden_size=64", "moe.moe_layer_interval=2"]])
 def test_param_budget_counts_the_built_model(overrides):
-    config = load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+    """Parameters, active parameters, the vanilla expert budget and the training FLOPs per token (which
+    TFLOP/s and MFU divide by) against the built model: its parameters, and the FLOPs a counter sees in
+    one forward (x3 for forward and backward; attention through SDPA's math path, whose score and value
+    matmuls the counter sees, over the full sequence as the PaLM convention counts them)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json", overrides + ["model.seq_len=32",
+                                                                              "model.expert_gemm=loop"])
     model = LanguageModel(config.model, config.moe)
     budget = param_budget(config.model, config.moe)
     assert budget.total_params == sum(p.numel() for p in model.parameters())
@@ -307,6 +317,13 @@ def test_param_budget_counts_the_built_model(overrides):
     per_expert = sum(p[0].numel() for pool in model.expert_pools for p in pool.parameters()) // max(1, len(pools))
     unvisited = sum(p.numel() for p in model.expert_pools.parameters()) - len(config.moe.moe_layers(config.model.num_layers)) * config.moe.top_k * per_expert
     assert budget.active_params == budget.total_params - unvisited
+    vanilla = dataclasses.replace(config.moe, kind="vanilla", pool_size=None, layers_per_pool=None)
+    if config.moe.kind != "dense":  # the per-layer MoE twin holds the budget the pool is measured against
+        assert budget.vanilla_expert_params == sum(p.numel() for p in LanguageModel(config.model, vanilla).expert_pools.parameters())
+    tokens = torch.randint(0, config.model.vocab_size, (2, config.model.seq_len))
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.eval()(tokens)
+    assert 3 * counter.get_total_flops() / tokens.numel() == budget.train_flops_per_token
 
 
 def test_param_budget_tool_reproduces_the_paper_figure():

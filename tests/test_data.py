@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import pickle
 import signal
 import struct
@@ -226,8 +227,36 @@ def test_token_ranges_outside_the_stream_are_index_errors(small_dataset_prefix, 
     assert dataset.num_tokens == 9
     with pytest.raises(IndexError):
         dataset.tokens(start, stop)
-    with pytest.raises(IndexError):
-        dataset.document(-1)
+    for index in (-1, dataset.num_documents):
+        with pytest.raises(IndexError):
+            dataset.document(index)
+
+
+def test_a_failure_between_the_renames_leaves_no_pair_from_two_writes(tmp_path, monkeypatch):
+    """Rewriting a prefix fails after the new .bin is in place but before its .idx: the old .idx is gone,
+    so the prefix fails to open, where it would have paired the new tokens with the old index (the same
+    size here, so no size check could tell)."""
+    from megatron_unipool.data import indexed_dataset
+
+    write_documents(tmp_path / "ds", [np.array([1, 2, 3])], 100, 0)
+    replace = os.replace
+
+    def fails_on_the_index(source, target):
+        if str(target).endswith(".idx"):
+            raise OSError("disk full")
+        replace(source, target)
+
+    monkeypatch.setattr(indexed_dataset.os, "replace", fails_on_the_index)
+    with pytest.raises(OSError, match="disk full"):
+        write_documents(tmp_path / "ds", [np.array([4, 5, 6])], 100, 0)
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError):
+        IndexedDataset(tmp_path / "ds")
+
+
+def test_the_largest_vocabulary_stores_its_last_id(tmp_path):
+    write_documents(tmp_path / "ds", [np.array([2**32 - 1, 7])], 2**32, 0)
+    assert IndexedDataset(tmp_path / "ds").document(0).tolist() == [2**32 - 1, 7, 0]
 
 
 def test_out_of_vocab_token_names_document_and_writes_nothing(tmp_path):

@@ -187,18 +187,28 @@ def decide_failing_on_rank0(rank: int, world_size: int) -> str:
     return "no error"
 
 
-def fail_differently_on_each_rank(rank: int, world_size: int) -> tuple[str, str]:
+def fail_on_ranks(rank: int, world_size: int) -> list[tuple[str, str]]:
+    """What on_every_rank raised here: when every rank failed differently, and when rank 1 alone failed."""
     from megatron_unipool.parallel import build_parallel_state
     from megatron_unipool.parallel.agreement import on_every_rank
 
-    def action():
+    state = build_parallel_state(1, 1, 1)
+
+    def differently():
         raise (KeyError if rank == 0 else LookupError)(f"rank {rank} failed")
 
-    try:
-        on_every_rank(action, build_parallel_state(1, 1, 1), (KeyError, LookupError))
-    except LookupError as e:  # KeyError is a LookupError
-        return type(e).__name__, str(e)
-    return "none", ""
+    def on_rank_1_alone():
+        if rank == 1:
+            raise KeyError("rank 1 failed")
+        return "done"
+
+    outcomes = []
+    for action in (differently, on_rank_1_alone):
+        try:
+            outcomes.append(("none", on_every_rank(action, state, (KeyError, LookupError))))
+        except LookupError as e:  # KeyError is a LookupError
+            outcomes.append((type(e).__name__, str(e)))
+    return outcomes
 
 
 def flag_on_one_rank(rank: int, world_size: int) -> list[bool]:
@@ -211,12 +221,14 @@ def flag_on_one_rank(rank: int, world_size: int) -> list[bool]:
 
 def test_agreement_spreads_rank0s_decision_error_and_names_every_failing_rank(tmp_path):
     """A decision rank 0 could not make raises its error on every rank (no rank starts without it);
-    failures on several ranks raise the lowest rank's error type on all, listing the ranks; a flag
-    raised on one rank (a stop request, a refused save) is seen on all."""
+    failures on several ranks raise the lowest rank's error type on all, listing the ranks, and a failure
+    on one rank raises on the ranks that succeeded too; a flag raised on one rank (a stop request, a
+    refused save) is seen on all."""
     assert run_on_ranks(2, decide_failing_on_rank0, tmp_path / "decide") == ["decided on rank 0"] * 2
     assert run_on_ranks(2, flag_on_one_rank, tmp_path / "flag") == [[True, False]] * 2
-    for kind, message in run_on_ranks(2, fail_differently_on_each_rank, tmp_path / "fail"):
+    for (kind, message), alone in run_on_ranks(2, fail_on_ranks, tmp_path / "fail"):
         assert kind == "KeyError" and "on ranks 0, 1 of 2" in message and "rank 0 failed" in message
+        assert alone[0] == "KeyError" and "on rank 1 of 2: " in alone[1] and "rank 1 failed" in alone[1], alone
 
 
 def test_layout_errors_name_an_ep_that_does_not_divide_dp():

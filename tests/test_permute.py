@@ -118,6 +118,21 @@ def test_padding_rows_get_zero_gradients_whatever_the_experts_left_there(triton_
     assert (y.grad[rows.slot_P < 0] == 0).all() and torch.isfinite(y.grad).all()
 
 
+def test_bf16_rows_of_fp32_tokens_sum_their_gradients_in_fp32(triton_runs):
+    """Top-2 rows gathered from fp32 tokens into bf16: each token's gradient is the sum of its two rows'
+    bf16 gradients, taken in fp32 and rounded once to fp32 (a sum in bf16 loses about 3 digits)."""
+    tokens, top_k = 21, 2
+    _, _, plan = routed(tokens, 4, top_k, None)
+    rows = expert_rows(plan, tokens, top_k, 1)
+    x = torch.randn(tokens, 32, device=DEVICE, requires_grad=True)
+    x_rows = permute(x, plan, torch.bfloat16, rows)
+    grad_rows = torch.randn(x_rows.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+    x_rows.backward(grad_rows)
+    expected = grad_rows.double()[rows.row_TK].sum(1)  # [T, k, D] -> [T, D], every slot kept (dropless)
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("config, checkpointing", [("configs/tiny_vanilla_cpu.json", "none"),
                                                    ("configs/tiny_unipool_cpu.json", "none"),
                                                    ("configs/tiny_unipool_cpu.json", "ffn")])

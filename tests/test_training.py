@@ -589,8 +589,8 @@ def test_logged_rates_and_summary_follow_their_formulas(tiny_config, tmp_path, m
 
     ticks = iter(0.25 * i for i in range(10_000))
     monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(ticks))
-    asked = []  # the peak of the run's precision: 2e12 FLOP/s here
-    monkeypatch.setattr(trainer_module, "peak_flops", lambda precision: asked.append(precision) or 2e12)
+    asked = []  # the peak of the run's precision on its device: 2e12 FLOP/s here
+    monkeypatch.setattr(trainer_module, "peak_flops", lambda precision, device: asked.append((precision, device)) or 2e12)
     logged = []
     monkeypatch.setattr(MetricsLogger, "step", lambda self, step, metrics: logged.append(dict(metrics)))
     config = tiny_config("configs/tiny_vanilla_cpu.json", "train.max_steps=3", "checkpoint.save_interval=1",
@@ -604,7 +604,7 @@ def test_logged_rates_and_summary_follow_their_formulas(tiny_config, tmp_path, m
         assert metrics["step_time_s"] == 0.25 and metrics["tokens_per_second"] == pytest.approx(tokens_per_second)
         assert metrics["tflops_per_device"] == pytest.approx(flops / 1e12)
         assert metrics["mfu_percent"] == pytest.approx(100 * flops / 2e12)
-    assert summary["tokens_per_second"] == pytest.approx(tokens_per_second) and asked == [config.train.precision]
+    assert summary["tokens_per_second"] == pytest.approx(tokens_per_second) and asked == [(config.train.precision, trainer.device)]
     assert (summary["total_params"], summary["active_params"]) == (trainer.budget.total_params,
                                                                    trainer.budget.active_params)
     assert summary["total_params"] > summary["active_params"]  # vanilla MoE: a swap would show
