@@ -3,6 +3,7 @@ measured gap where it cannot, utility-based replicas, optimizer-state copies, de
 launcher round trip), the routing probe and the utilisation analysis."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -175,6 +176,18 @@ def test_upcycling_refuses_a_lock_in_its_anneal(trained):
     annealing = dict(payload["model"], **{"pool_locks.0.offset": torch.where(torch.isinf(offset), -2.0, offset)})
     with pytest.raises(ValueError, match="pool 0's UniPool-lock is annealing"):
         upcycle(config, annealing, payload["optimizer"], multiplier=2)
+
+
+def test_a_lock_over_one_layer_pools_is_final_once_assigned(data_cache):
+    """moe.layers_per_pool=1: each layer owns its whole pool, so no offset ever turns -inf; the lock is
+    not annealing anything and the pools upcycle."""
+    config = small_config(data_cache, "unipool", "moe.layers_per_pool=1", "moe.lock_start_step=2",
+                          "moe.lock_window_steps=1")
+    state = LanguageModel(config.model, config.moe).state_dict()
+    for p in range(len(config.moe.pool_layout(config.model.num_layers))):
+        state[f"pool_locks.{p}.owner"] = torch.zeros_like(state[f"pool_locks.{p}.owner"])
+    result = upcycle(config, state, {}, multiplier=2)
+    assert (result.model_state["pool_locks.0.owner"] == 0).all()
 
 
 def test_norm_router_scale_moments_follow_its_gradient(trained):
@@ -503,17 +516,22 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
                                    "  expert_pools.0.w_gate: checkpoint (64, 128, 64) vs model (5, 128, 64)"),
     (["--output-is-a-file"], "is a file, not a directory"),
     (["--output-under-a-file"], "upcycled is a file, not a directory"),
+    (["--output-is-the-cwd"], "--output . holds the directory this command runs in"),
 ])
 def test_upcycle_refuses_what_would_write_an_unusable_run(trained, tmp_path, arguments, message):
     """Each was accepted: --to-config silently ignored, a config whose pool does not fit the written
     weights (found only when continuing), or the output lost after the work."""
     _, _, run_dir = trained["softmax_top2"]
     out = tmp_path / "upcycled"
+    cwd = REPO
     if arguments in (["--output-is-a-file"], ["--output-under-a-file"]):
         out.write_text("")
         out, arguments = (out if arguments == ["--output-is-a-file"] else out / "run"), []
+    if arguments == ["--output-is-the-cwd"]:  # replacing it would pull the directory from under the command
+        out.mkdir()
+        cwd, out, arguments = out, Path("."), []
     done = subprocess.run([sys.executable, str(REPO / "tools" / "upcycle.py"), "--checkpoint", str(run_dir),
-                           "--output", str(out), *arguments], capture_output=True, text=True, timeout=300, cwd=REPO)
+                           "--output", str(out), *arguments], capture_output=True, text=True, timeout=300, cwd=cwd)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (out / "checkpoints").exists()
 
@@ -789,6 +807,36 @@ def test_utilisation_figure_shows_each_layers_shares_and_the_pools_load():
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["1", "3"] and len(fig.axes[0].images) == 1
     fig = utilisation_figure([counts[:1], np.vstack([counts, counts])], "test", [[0], [1, 2, 3, 4]])
     assert sum(len(ax.images) for ax in fig.axes) == 2  # two pools, two panels
+
+
+def test_tools_read_a_gpu_runs_checkpoint_with_kernels_that_run_here(trained, tmp_path):
+    """A run's kernel settings (Triton, flash-attn) are for its own GPUs: a tool builds the model with the
+    defaults, the same function, and keeps the run's settings in the config it reports or writes."""
+    from megatron_unipool.training.checkpoint import load_trained_model, write_run_directory
+
+    config, payload, _ = trained["softmax_top2"]
+    gpu_run = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, swiglu_kernel="triton", rope_kernel="triton", attention="flash", expert_gemm="triton"))
+    write_run_directory(tmp_path / "gpu_run", gpu_run, payload["model"], {}, payload["train_state"])
+    _, _, read, model = load_trained_model(tmp_path / "gpu_run")
+    assert read.model.swiglu_kernel == "triton" and model.config.swiglu_kernel == "torch"
+    batch = tokens(config)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batch[:, :-1])[0], model_from(config, payload["model"])(batch[:, :-1])[0])
+
+
+def test_a_directory_written_through_a_symlink_lands_where_it_points_and_a_killed_replacement_is_recovered(tmp_path):
+    from megatron_unipool.training.outputs import recover_replaced_directory, write_directory
+
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "scratch")  # e.g. a run directory linked to a scratch disk
+    write_directory(tmp_path / "out", lambda directory: (directory / "config.json").write_text("new"))
+    assert (tmp_path / "out").is_symlink() and (tmp_path / "scratch" / "config.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "scratch"]
+    # killed between its two renames: the old output waits aside until the next command puts it back
+    (tmp_path / "scratch").rename(tmp_path / ".scratch.old")
+    recover_replaced_directory(tmp_path / "out")
+    assert (tmp_path / "scratch" / "config.json").read_text() == "new" and not (tmp_path / ".scratch.old").exists()
 
 
 def test_an_output_directory_that_cannot_be_made_or_written_is_named_and_nothing_is_created(tmp_path):

@@ -38,7 +38,8 @@ from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, 
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import (check_fits, load_trained_model, resolve_checkpoint,  # noqa: E402
                                                   write_run_directory)
-from megatron_unipool.training.outputs import check_output_directory, write_directory  # noqa: E402
+from megatron_unipool.training.outputs import (check_output_directory, check_replaceable_output,  # noqa: E402
+                                               recover_replaced_directory, write_directory)
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -49,18 +50,6 @@ def describe(tensors: dict) -> str:
     count = sum(t.numel() for t in unique)
     size = sum(t.numel() * t.element_size() for t in unique)
     return f"{len(tensors)} tensors, {count / 1e6:.2f}M parameters, {size / 2**20:.1f} MiB"
-
-
-def check_output(output: Path, sources: list[Path], force: bool) -> None:
-    """Refuse an --output whose replacement would delete an input (the --checkpoint as given or the step
-    directory it resolves to) or the directory the command runs in."""
-    for source in sources:
-        if source.resolve().is_relative_to(output.resolve()):
-            raise CheckpointError(f"--output {output} holds the --checkpoint {source}; choose another --output")
-    if Path.cwd().is_relative_to(output.resolve()):
-        raise CheckpointError(f"--output {output} holds the directory this command runs in; choose a new directory")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise CheckpointError(f"{output} exists and is not empty; choose a new --output or pass --force to replace it")
 
 
 def read_json(path: Path) -> dict:
@@ -174,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--set applies to --from hf (the exported config follows the checkpoint)")
     try:
         sources = [args.checkpoint] + ([resolve_checkpoint(args.checkpoint)] if args.to else [])
-        check_output(args.output, sources, args.force)
+        recover_replaced_directory(args.output)
+        check_replaceable_output(args.output, sources, args.force)
         check_output_directory(args.output.parent, f"--output {args.output}")  # --force may replace a file there
         if args.to:
             export_hf(args)

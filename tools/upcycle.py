@@ -40,7 +40,8 @@ from megatron_unipool.config import Config, ConfigError, load_config, with_overr
 from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import (LATEST, check_fits, checkpoints_dir, load_trained_model,  # noqa: E402
                                                   step_directory_name, write_run_directory)
-from megatron_unipool.training.outputs import check_output_directory, write_directory  # noqa: E402
+from megatron_unipool.training.outputs import (check_output_directory, check_replaceable_output,  # noqa: E402
+                                               recover_replaced_directory, write_directory)
 from megatron_unipool.training.upcycling import (MAX_EXTRA, Upcycled, expert_utility, upcycle,  # noqa: E402
                                                  upcycle_dense, utility_batches)
 
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--selection utility gives an expert at most {MAX_EXTRA} extra copies: --multiplier must be at"
                      f" most {MAX_EXTRA + 1}, not {args.multiplier}")
     try:
+        recover_replaced_directory(args.output)
+        check_replaceable_output(args.output, [args.checkpoint], force=True)  # emptiness: below, more precisely
         check_output_directory(args.output, f"--output {args.output}")
+        check_output_directory(args.output.resolve().parent, f"--output {args.output}")  # the temporary beside it
         if args.output.is_dir() and any(args.output.iterdir()):  # written whole, in place of what is there
             held = "a checkpoint" if (checkpoints_dir(args.output) / LATEST).exists() else "files"
             raise CheckpointError(f"{args.output} already holds {held}; choose a new --output")

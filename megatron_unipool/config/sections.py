@@ -6,7 +6,7 @@ sizes (expert width, pool size, which layers are MoE) are properties, computed i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
 
@@ -58,9 +58,19 @@ class ModelConfig:
     # (MoE dispatch and experts stay eager): fused elementwise kernels, a slower first step
     compile: bool = False
 
+    # how the model computes, not what: the same function (up to rounding) whatever they say
+    KERNEL_FIELDS = ("attention", "expert_gemm", "rms_norm", "rope_kernel", "swiglu_kernel", "permute_kernel",
+                     "pool_weight_gradients", "pool_wgrad_kernel", "activation_checkpointing", "compile")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    def with_default_kernels(self) -> "ModelConfig":
+        """This model computed with the defaults, which run on any machine: for tools reading a checkpoint
+        whose run chose kernels for its own GPUs (Triton, flash-attn, apex, compilation)."""
+        defaults = ModelConfig()
+        return replace(self, **{name: getattr(defaults, name) for name in self.KERNEL_FIELDS})
 
 
 @dataclass

@@ -260,10 +260,12 @@ def _misfits(model: LanguageModel, state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def load_trained_model(checkpoint: Path) -> tuple[Path, dict[str, Any], Config, LanguageModel]:
-    """(checkpoint path, payload, config, model with its weights) of a run or step_* directory, for tools."""
+    """(checkpoint path, payload, config, model with its weights) of a run or step_* directory, for tools.
+    The model computes with the default kernels (a GPU run's Triton or flash-attn settings would not run
+    on the machine a tool reads it on); the config keeps the run's own."""
     path = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(path)
     config = config_from_dict(payload["config"], world_size=None)
-    model = LanguageModel(config.model, config.moe)
+    model = LanguageModel(config.model.with_default_kernels(), config.moe)
     restore_model(model, payload["model"], path)
     return path, payload, config, model

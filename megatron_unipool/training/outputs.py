@@ -36,16 +36,41 @@ def save_atomically(path: Path, write: Callable[[Path], object]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def write_directory(output: Path, fill: Callable[[Path], object]) -> None:
-    """Call fill(a temporary directory beside `output`), then put that directory at `output`. What was
-    there is moved aside first and deleted once the new directory stands in its place: an interrupt
-    leaves one of them whole at `output` (a process killed between the two renames leaves the old one
-    aside, which the next call puts back before it starts)."""
+def check_replaceable_output(output: Path, sources: list[Path], force: bool) -> None:
+    """A ValueError for an --output that `write_directory` must not replace: one holding an input (each of
+    `sources`) or the directory the command runs in, or, without `force`, one that is not empty."""
+    for source in sources:
+        if Path(source).resolve().is_relative_to(output.resolve()):
+            raise ValueError(f"--output {output} holds the --checkpoint {source}; choose another --output")
+    if Path.cwd().is_relative_to(output.resolve()):
+        raise ValueError(f"--output {output} holds the directory this command runs in; choose a new directory")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise ValueError(f"{output} exists and is not empty; choose a new --output or pass --force to replace it")
+
+
+def _replaced_paths(output: Path) -> tuple[Path, Path, Path]:
+    """(the output, written through a symlink to where it points; the temporary directory; the old output
+    moved aside), the last two beside the first."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary, previous = (output.parent / f".{output.name}.{suffix}" for suffix in ("tmp", "old"))
+    output = output.resolve() if output.is_symlink() else output
+    return output, output.parent / f".{output.name}.tmp", output.parent / f".{output.name}.old"
+
+
+def recover_replaced_directory(output: Path) -> None:
+    """Put back an output that a process killed between write_directory's two renames left aside; tools call
+    it before they check the output, so that those checks see it."""
+    output, _, previous = _replaced_paths(output)
     if previous.exists() and not output.exists():
         previous.rename(output)
+
+
+def write_directory(output: Path, fill: Callable[[Path], object]) -> None:
+    """Call fill(a temporary directory beside `output`), then put that directory at `output` (where a
+    symlink there points). What was there is moved aside first and deleted once the new directory
+    stands in its place: an interrupt leaves one of them whole at `output`."""
+    recover_replaced_directory(output)
+    output, temporary, previous = _replaced_paths(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     for leftover in (temporary, previous):
         remove(leftover)
     temporary.mkdir()

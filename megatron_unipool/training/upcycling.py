@@ -65,9 +65,10 @@ class Upcycled:
 
 def replica_sources(num_experts: int, multiplier: int, utility: Optional[torch.Tensor] = None) -> list[int]:
     """Old expert behind each of the multiplier * num_experts new ones: each source followed by its
-    copies. The source wins their ties (the lower index) until they separate, and a contiguous
-    expert-parallel shard holds whole groups, so the tokens spread over the ranks as before the
-    upcycling (with the copies after all the sources, the first 1/m of the ranks got every token)."""
+    copies. The source wins their ties (the lower index) until they separate, and under uniform
+    selection a contiguous expert-parallel shard holds whole groups, so the tokens spread over the ranks
+    as before the upcycling (with the copies after all the sources, the first 1/m of the ranks got every
+    token)."""
     extra_total = (multiplier - 1) * num_experts
     if utility is None:
         extra = [multiplier - 1] * num_experts
@@ -175,8 +176,9 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
         for w in ExpertPool.WEIGHTS:
             rename[f"expert_pools.{p}.{w}"] = source
         if f"pool_locks.{p}.owner" in model_state:  # UniPool-lock: a replica belongs to its source's layer
-            owner = model_state[f"pool_locks.{p}.owner"]
-            if (owner >= 0).any() and not torch.isinf(model_state[f"pool_locks.{p}.offset"]).any():
+            owner, offset = model_state[f"pool_locks.{p}.owner"], model_state[f"pool_locks.{p}.offset"]
+            others = owner.unsqueeze(0) != torch.arange(offset.shape[0]).unsqueeze(1)  # [layers, experts] not owned
+            if (owner >= 0).any() and torch.isfinite(offset[others]).any():  # a one-layer pool has no others
                 raise ValueError(
                     "pool {p}'s UniPool-lock is annealing (experts assigned, the lock not yet hard): the continued run"
                     " restarts its step count, so it would hold this penalty until moe.lock_start_step and then anneal"
