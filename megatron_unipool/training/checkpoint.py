@@ -146,7 +146,7 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 def write_run_directory(directory: Path, config: Config, model_state: dict[str, torch.Tensor],
                         optimizer_state: dict[str, dict], train_state: dict, published_as: Optional[Path] = None,
-                        **provenance) -> Path:
+                        **provenance) -> None:
     """A new run directory that launch/pretrain.py continues: checkpoints/step_0000000 and config.json.
     For tools that make a model (upcycling, imports); `provenance` is stored in the checkpoint.
 
@@ -159,9 +159,8 @@ def write_run_directory(directory: Path, config: Config, model_state: dict[str, 
         config = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint,
                                                                            load=str(written_at.resolve())))
     payload = checkpoint_payload(config, model_state, optimizer_state, train_state, **provenance)
-    written = save_checkpoint(checkpoints_dir(directory), 0, payload, keep_last=config.checkpoint.keep_last)
+    save_checkpoint(checkpoints_dir(directory), 0, payload, keep_last=config.checkpoint.keep_last)
     (directory / "config.json").write_text(json.dumps(payload["config"], indent=2) + "\n")
-    return written
 
 
 def latest_checkpoint(directory: Path) -> Optional[Path]:

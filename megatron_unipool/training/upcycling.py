@@ -169,21 +169,23 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
     generator = torch.Generator().manual_seed(seed)
     state = dict(model_state)
     rename: dict[str, list[int]] = {}  # tensors indexed along dim 0 by expert -> sources
-    rescaled: dict[str, float] = {}  # parameters multiplied by a factor -> the factor
+    rescaled: dict[str, float] = {}  # parameters multiplied by a factor (after copying) -> the factor
     for p, (layers, source) in enumerate(zip(layout, sources)):
         index = torch.tensor(source)
         is_copy = torch.tensor([j > 0 and source[j - 1] == e for j, e in enumerate(source)])
         for w in ExpertPool.WEIGHTS:
             rename[f"expert_pools.{p}.{w}"] = source
+        if down_scale != 1.0:
+            rescaled[f"expert_pools.{p}.w_down"] = down_scale
         if f"pool_locks.{p}.owner" in model_state:  # UniPool-lock: a replica belongs to its source's layer
             owner, offset = model_state[f"pool_locks.{p}.owner"], model_state[f"pool_locks.{p}.offset"]
             others = owner.unsqueeze(0) != torch.arange(offset.shape[0]).unsqueeze(1)  # [layers, experts] not owned
             if (owner >= 0).any() and torch.isfinite(offset[others]).any():  # a one-layer pool has no others
                 raise ValueError(
-                    "pool {p}'s UniPool-lock is annealing (experts assigned, the lock not yet hard): the continued run"
+                    f"pool {p}'s UniPool-lock is annealing (experts assigned, the lock not yet hard): the continued run"
                     " restarts its step count, so it would hold this penalty until moe.lock_start_step and then anneal"
                     " again from 0; upcycle before the assignment (step < moe.lock_start_step) or once the lock is hard"
-                    " (after moe.lock_anneal_steps more)".format(p=p))
+                    " (after moe.lock_anneal_steps more)")
             state[f"pool_locks.{p}.owner"] = owner[index].clone()
             for buffer in ("mass", "offset"):  # [layers, experts]
                 state[f"pool_locks.{p}.{buffer}"] = model_state[f"pool_locks.{p}.{buffer}"][:, index].clone()
@@ -199,11 +201,10 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
             state[f"{prefix}.expert_bias"] = bias
             if config.moe.router == "norm":
                 rescaled[f"{prefix}.scale"] = _norm_router_rescale(config, new_config, source)
-                state[f"{prefix}.scale"] = model_state[f"{prefix}.scale"] * rescaled[f"{prefix}.scale"]
     for name, source in rename.items():
         state[name] = model_state[name][torch.tensor(source)].clone()
-        if name.endswith(".w_down"):
-            state[name] *= down_scale
+    for name, factor in rescaled.items():
+        state[name] = state[name] * factor
     new_optimizer = {}
     if optimizer == "copy":
         for name, moments in optimizer_state.items():
@@ -212,9 +213,9 @@ def upcycle(config: Config, model_state: dict[str, torch.Tensor], optimizer_stat
                                    for key, value in moments.items()}
             # a parameter multiplied by f has 1/f of the gradient: w_down under raw softmax gates (the gate's
             # gradient, 1/m of the source's), NormRouter's scale
-            factor = down_scale if name.endswith(".w_down") and source is not None else rescaled.get(name, 1.0)
-            new_optimizer[name]["exp_avg"] /= factor
-            new_optimizer[name]["exp_avg_sq"] /= factor ** 2
+            if name in rescaled:
+                new_optimizer[name]["exp_avg"] /= rescaled[name]
+                new_optimizer[name]["exp_avg_sq"] /= rescaled[name] ** 2
     return Upcycled(new_config, state, new_optimizer, sources)
 
 
