@@ -60,7 +60,8 @@ def poison_forward(trainer, step: int) -> None:
 
 
 # logged per step, and summed over (or divided by) the ranks: what a layout must not change
-LOGGED = ("dropped_fraction", "unrouted_fraction", "tokens_per_second", "tflops_per_device")
+LOGGED = ("dropped_fraction", "unrouted_fraction", "tokens_per_second", "tflops_per_device", "aux_loss", "z_loss",
+          "entropy_loss")
 
 
 def run_job(config, run_dir: Path, parallel=None, nan_at_step: int | None = None) -> dict | None:

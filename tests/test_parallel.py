@@ -47,7 +47,8 @@ VARIANTS = {
     "unipool": ["moe.bias_balancing=true", "moe.top_k=2", "moe.router=softmax", "moe.aux_loss=pool"],
     "vanilla": ["moe.capacity_factor=1.0", "moe.shared_expert_ffn_hidden_size=64"],
 }
-FAST = {("unipool", "tp2pp2"), ("vanilla", "pp2ep2"), ("unipool", "ep2"), ("vanilla", "tp2")}
+# unipool pp2ep2: the one shared pool's shards reduced over both stages with expert parallelism on
+FAST = {("unipool", "tp2pp2"), ("vanilla", "pp2ep2"), ("unipool", "pp2ep2"), ("unipool", "ep2"), ("vanilla", "tp2")}
 ZERO = {"zero0": ["deepspeed.enabled=true", "deepspeed.zero_stage=0"],
         "zero1": ["deepspeed.enabled=true", "deepspeed.zero_stage=1"],
         "zero2": ["deepspeed.enabled=true", "deepspeed.zero_stage=2"]}
@@ -98,6 +99,13 @@ def assert_same_run(parallel: dict, single: dict, name: str):
         for key in ("dropped_fraction", "unrouted_fraction"):  # counted over every rank, as by the one process
             assert (got[key] is None) == (want[key] is None) and (got[key] or 0) == pytest.approx(want[key] or 0), \
                 f"{name} step {step} {key}: {got[key]} vs {want[key]}"
+        # the MoE losses as logged: each stage's layers' shares summed, the pool loss from the f_bar of every stage's
+        # counts (a stage's counts left out of f_bar changes the aux loss, but hardly the LM loss, within 4 steps)
+        for key in ("aux_loss", "z_loss", "entropy_loss"):
+            assert (got.get(key) is None) == (want.get(key) is None), f"{name} step {step} {key}"
+            if want.get(key) is not None:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), \
+                    f"{name} step {step} {key}: {got[key]} vs {want[key]}"
         # the job's FLOPs shared by its devices: per device, per token of the job, 1/world of the one process's
         assert got["tflops_per_device"] * parallel["world_size"] / got["tokens_per_second"] == pytest.approx(
             want["tflops_per_device"] / want["tokens_per_second"], rel=1e-9), f"{name} step {step} TFLOP/s per device"
@@ -333,6 +341,24 @@ def test_checkpoint_saved_at_one_layout_resumes_at_another(save_layout, load_lay
     resumed = run_parallel(load_world, [("resume", "unipool", base + load_overrides + [f"checkpoint.load={midway}"])],
                            data_cache, tmp_path)["resume"]
     assert_same_run(resumed, reference("unipool"), f"{save_layout} -> {load_layout}")
+
+
+def test_pipeline_resumes_at_pp2_and_runs_fewer_micro_batches_than_stages(reference, data_cache, tmp_path):
+    """A pp 2 checkpoint resumed at pp 2 (built-in optimizer and ZeRO-1) continues the single-process losses;
+    and one micro-batch per step at pp 2, where 1F1B has no steady phase (warm-up cut to the micro-batches)."""
+    base = [f"train.max_steps={STEPS}"] + VARIANTS["unipool"] + LAYOUTS["pp2"][1]
+    one = ["train.global_batch=2"]
+    jobs = []
+    for backend, extra in (("native", []), ("zero1", ZERO["zero1"])):
+        jobs += [(f"save_{backend}", "unipool", base + extra + ["checkpoint.save_interval=2"]),
+                 (f"resume_{backend}", "unipool", base + extra + [
+                     f"checkpoint.load={tmp_path / f'save_{backend}' / 'checkpoints' / 'step_0000002'}"])]
+    jobs.append(("one_micro_batch", "unipool", base + one))
+    results = run_parallel(2, jobs, data_cache, tmp_path)
+    for backend in ("native", "zero1"):
+        assert len(results[f"resume_{backend}"]["grad_norms"]) == STEPS - 2  # it ran steps 3 and 4 only
+        assert_same_run(results[f"resume_{backend}"], reference("unipool"), f"pp2 -> pp2 resume ({backend})")
+    assert_same_run(results["one_micro_batch"], reference("unipool", one), "pp2, one micro-batch per step")
 
 
 def test_zero_starts_from_a_checkpoint_without_optimizer_state(data_cache, tmp_path, single_thread):
