@@ -36,7 +36,7 @@ from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer, init_parallel  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from measurement import QUIET, checked_overrides, json_output  # noqa: E402
+from measurement import QUIET, checked_overrides, json_output, positive_int  # noqa: E402
 
 SUITES = {
     "cpu": {"vanilla": "configs/tiny_vanilla_cpu.json", "unipool": "configs/tiny_unipool_cpu.json"},
@@ -134,7 +134,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ep", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=3)
     parser.add_argument("--suite", choices=list(SUITES), default="cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--json", type=json_output)

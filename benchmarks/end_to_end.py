@@ -44,7 +44,7 @@ from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
 from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
-from measurement import QUIET, checked_overrides, json_output  # noqa: E402
+from measurement import QUIET, checked_overrides, json_output, positive_int  # noqa: E402
 from step_profile import difference, format_difference, format_profile, profile_steps  # noqa: E402
 
 # 128 sequences per step in several micro-batches: the optimizer step is amortised as in training (the 182M/469M
@@ -128,7 +128,13 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
         for _ in range(steps):
             metrics, _ = trainer.train_step()  # .item() on the loss waits for the device
         seconds = (time.perf_counter() - started) / steps
-        profile = profile_steps(trainer.train_step, profiled) if profiled else None
+        profile, profile_error = None, None
+        if profiled:  # after the timing: a profiler that fails (its CUDA timeline) keeps the row's measurements
+            try:
+                profile = profile_steps(trainer.train_step, profiled)
+            except Exception as error:
+                profile_error = f"{type(error).__name__}: {error}"
+                print(f"profiling failed, the row keeps its timing: {profile_error}", file=sys.stderr, flush=True)
     tokens_per_step = config.train.global_batch * config.model.seq_len
     flops_per_token = trainer.budget.train_flops_per_token
     tokens_per_second = tokens_per_step / seconds
@@ -146,7 +152,7 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
         "mfu_percent": 100.0 * tokens_per_second * flops_per_token / peak if peak else None,
         "peak_memory_mib": memory, "memory_kind": memory_kind, "last_loss": metrics["lm_loss"],
         "device": device_name(), "date": time.strftime("%Y-%m-%d"),
-    } | ({"profile": profile} if profile else {})
+    } | ({"profile": profile} if profile else {}) | ({"profile_error": profile_error} if profile_error else {})
 
 
 def table(rows: list[dict]) -> str:
@@ -176,7 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override applied to every model; repeatable")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=5)
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many more steps per model")
     parser.add_argument("--json", type=json_output, help="write the rows here")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "ROW_FILE"), help=argparse.SUPPRESS)  # child process

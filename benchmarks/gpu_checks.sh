@@ -29,6 +29,9 @@
 #       --platform manylinux2014_x86_64 -d DIR hjson pydantic pydantic-core==<pydantic's pin> \
 #       annotated-types typing-inspection typing-extensions
 set -uo pipefail
+if [[ -n ${1:-} && $1 != /* ]]; then  # OUT_DIR as given, relative to the caller's directory (not the repo's)
+    set -- "$PWD/$1"
+fi
 cd "$(dirname "$0")/.."
 set_name=${SET:-main}
 if [[ $set_name != main && $set_name != followup ]]; then
@@ -48,13 +51,16 @@ if [[ -n ${WHEELS:-} ]]; then
         || echo "installing the wheels in $WHEELS failed: going on without them"
 fi
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, append its log to $out/steps.log, report the status
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, its log into $out/steps.log as it runs, report the status
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s): $*"
-    timeout -k 10 "$limit" "$@" > "$logs/$name.log" 2>&1
-    local status=$?
-    { echo "== $name: $*"; cat "$logs/$name.log"; echo "== $name: exit $status"; } >> "$out/steps.log"
+    echo "== $name: $*" >> "$out/steps.log"
+    # written as it comes: a call killed at the device's own limit (the 550 s of steps plus the deepspeed check and
+    # the wheel install come near 600) still returns the step it was in
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$out/steps.log" > "$logs/$name.log"
+    local status=${PIPESTATUS[0]}
+    echo "== $name: exit $status" >> "$out/steps.log"
     tail -n 25 "$logs/$name.log"
     echo "== $name: exit $status"
 }
@@ -107,6 +113,17 @@ fi
 routing+=(--impls ours routing routing_fused routing_norm routing_norm_fused)
 corpus=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${tokenizer}_train"
         --set "data.valid_prefix=$data/shakespeare_${tokenizer}_valid")
+missing_data=()
+for split in train valid; do
+    for ext in bin idx; do
+        [[ -f $data/shakespeare_${tokenizer}_$split.$ext ]] || missing_data+=("$data/shakespeare_${tokenizer}_$split.$ext")
+    done
+done
+if (( ${#missing_data[@]} )); then  # else each end-to-end model starts, builds and fails on its own: minutes of device time
+    echo "no ${missing_data[*]}: stopping before any GPU work (make the corpus as this script's header says, or set DATA_DIR)" \
+        | tee -a "$out/steps.log" >&2
+    exit 2
+fi
 if ! ds_error=$(timeout 30 $python -c "import deepspeed" 2>&1); then
     echo "deepspeed not importable, the MoE layer is measured without it: $(tail -n 3 <<<"$ds_error")" | tee -a "$out/steps.log"
     layer+=(--impls ours ours_loop ours_triton loop dense routing routing_norm)

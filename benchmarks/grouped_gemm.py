@@ -167,10 +167,17 @@ def main(argv=None) -> int:
                                                         "tflops": flops_per_row * args.layers * rows / seconds / 1e12},
                             args.json)
                 if args.layers == 1 and impl in PHASED and "error" not in row:
-                    forward_s, wgrad_s = phase_seconds(impl, rows, experts, args, device, dtype)
-                    third = flops_per_row * rows / 3  # of a forward + backward's FLOPs: each part's
-                    row.update(fwd_ms=1e3 * forward_s, fwd_tflops=third / forward_s / 1e12, wgrad_ms=1e3 * wgrad_s,
-                               wgrad_tflops=third / wgrad_s / 1e12)
+                    try:  # as measure_row: a part that fails (out of memory, a kernel refusing a shape) ends no run
+                        forward_s, wgrad_s = phase_seconds(impl, rows, experts, args, device, dtype)
+                    except Exception as error:
+                        row["phase_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                        print(f"  failed   {impl} fwd/wgrad parts: {row['phase_error']}", file=sys.stderr, flush=True)
+                    else:
+                        third = flops_per_row * rows / 3  # of a forward + backward's FLOPs: each part's
+                        row.update(fwd_ms=1e3 * forward_s, fwd_tflops=third / forward_s / 1e12,
+                                   wgrad_ms=1e3 * wgrad_s, wgrad_tflops=third / wgrad_s / 1e12)
+                    if args.json:  # the parts too, before the next shape: a step cut at its limit keeps them
+                        args.json.write_text(json.dumps(results, indent=2))
     shared = f", a pool shared by {args.layers} layers of --rows each" if args.layers > 1 else ""
     print(f"expert SwiGLU forward+backward on {device_label}: d={args.hidden}, expert width {args.ffn}, "
           f"{str(dtype).removeprefix('torch.')}, {args.balance} loads{shared}")

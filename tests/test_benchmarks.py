@@ -138,6 +138,33 @@ def test_grouped_gemm_benchmark_compares_each_backend_with_dense(tmp_path):
     assert expert_counts(10000, 8, "skewed")[0] > 2 * expert_counts(10000, 8, "skewed")[-1]
 
 
+def test_grouped_gemm_benchmark_keeps_the_rows_when_a_part_fails(tmp_path, monkeypatch):
+    """The forward / weight-gradient parts are timed after each row: one that fails (out of memory, a kernel
+    refusing a shape) is recorded on its row, and every shape is still measured and compared with dense."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import grouped_gemm
+
+    phase_seconds = grouped_gemm.phase_seconds
+
+    def failing_for_dense(impl, *args):
+        if impl == "dense":
+            raise RuntimeError("out of memory\nsecond line")
+        return phase_seconds(impl, *args)
+
+    monkeypatch.setattr(grouped_gemm, "phase_seconds", failing_for_dense)
+    out = tmp_path / "rows.json"
+    grouped_gemm.main(["--rows", "64", "128", "--experts", "4", "--hidden", "32", "--ffn", "16", "--repeats", "1",
+                       "--warmup", "0", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [row["rows"] for row in rows if row["impl"] == "dense"] == [64, 128]
+    assert all("vs_dense" in row and "error" not in row for row in rows)
+    for row in rows:
+        if row["impl"] == "dense":
+            assert row["phase_error"] == "RuntimeError: out of memory" and "fwd_ms" not in row
+        else:
+            assert "phase_error" not in row and ("fwd_ms" in row) == (row["impl"] in grouped_gemm.PHASED)
+
+
 def test_grouped_gemm_benchmark_measures_a_pool_shared_by_layers(tmp_path):
     """--layers: every layer's rows count in the FLOPs; the deferred weight gradients are measured both
     ways, and every GEMM in Triton, where Triton runs (here in its interpreter, which conftest.py turns on)."""
@@ -207,6 +234,23 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
     assert f"unipool vs vanilla: device busy {busy['unipool'] - busy['vanilla']:+.1f} ms per profiled step" in done.stdout
     assert f"vanilla vs dense: device busy {busy['vanilla'] - busy['dense']:+.1f} ms per profiled step" in done.stdout
     assert "dense vs" not in done.stdout
+
+
+def test_end_to_end_benchmark_keeps_the_timing_when_profiling_fails(data_cache, monkeypatch):
+    """The profile runs after the timed steps: a profiler that fails (its CUDA timeline) leaves the row's step
+    time and throughput, with the error beside them."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import end_to_end
+
+    def failing_profile(step, steps):
+        step()
+        raise AttributeError("no linked_correlation_id")
+
+    monkeypatch.setattr(end_to_end, "profile_steps", failing_profile)
+    row = end_to_end.measure("configs/tiny_dense_cpu.json", TINY + [f"data.cache_dir={data_cache}"], warmup=0,
+                             steps=1, profiled=1)
+    assert row["step_ms"] > 0 and row["tokens_per_second"] > 0 and "profile" not in row
+    assert row["profile_error"] == "AttributeError: no linked_correlation_id"
 
 
 def test_end_to_end_benchmark_measures_through_deepspeed(data_cache, tmp_path):
@@ -427,6 +471,16 @@ def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path, s
     assert sorted(path.name for path in out.iterdir()) == sorted([f"{name}.json" for name in measuring] + ["steps.log"])
 
 
+def test_gpu_checks_script_stops_before_any_work_without_its_corpus(tmp_path):
+    """Without the tokenised corpus every end-to-end model would start and fail on its own, at minutes of a
+    rare GPU call; a relative OUT is the caller's, not the repository's."""
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), "out"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env=dict(os.environ, QUICK="1", DATA_DIR=str(tmp_path / "none")))
+    assert done.returncode == 2 and f"no {tmp_path}/none/shakespeare_byte_train.bin" in done.stderr, done.stderr
+    assert "== environment" not in done.stdout
+    assert "stopping before any GPU work" in (tmp_path / "out" / "steps.log").read_text()
+
+
 def test_gpu_checks_script_refuses_an_unknown_step_set(tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=60, env=dict(os.environ, SET="follow-up"))
@@ -439,6 +493,8 @@ def test_gpu_checks_script_refuses_an_unknown_step_set(tmp_path):
     ("comm.py", ["--set", "train.max_step=3"], "unknown key train.max_step"),
     ("comm.py", ["--ep", "3"], "must be divisible by parallel.ep=3"),
     ("comm.py", ["--ep", "1"], "--ep must be at least 2, not 1"),  # was a traceback after its start
+    ("moe_layer.py", ["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),  # each row failed
+    ("end_to_end.py", ["--steps", "0"], "argument --steps: must be at least 1, not 0"),  # each model, after its build
     ("moe_layer.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
     ("grouped_gemm.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
     ("end_to_end.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
