@@ -826,9 +826,6 @@ def test_cli_holds_out_a_single_document(tmp_path, preprocess_main):
                      "--valid-fraction", "0.1"])
     assert decoded_documents(tmp_path / "c_train", ByteTokenizer()) == [f"document {i}" for i in range(9)]
     assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == ["document 9"]
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "d"), "--tokenizer", "byte",
-                         "--valid-fraction", "1.0"])
 
 
 def test_cli_trains_the_tokenizer_on_the_training_documents_only(tmp_path, preprocess_main):
@@ -845,16 +842,24 @@ def test_cli_trains_the_tokenizer_on_the_training_documents_only(tmp_path, prepr
     assert "qx" not in json.loads((tmp_path / "cli.json").read_text())["model"]["vocab"]
 
 
-@pytest.mark.parametrize("extra_args", [["--train-tokenizer-vocab", "300"],
-                                        ["--tokenizer", "byte", "--tokenizer-output", "t.json"], [],
-                                        ["--tokenizer", "byte", "--workers", "0"]])
-def test_cli_contradictory_or_missing_tokenizer_options_are_refused(tmp_path, preprocess_main, extra_args, capsys):
+@pytest.mark.parametrize(("extra_args", "message"), [
+    (["--train-tokenizer-vocab", "300"], "--train-tokenizer-vocab needs --tokenizer-output"),
+    (["--tokenizer", "byte", "--tokenizer-output", "t.json"], "--tokenizer-output is only used with"),
+    ([], "one of the arguments --tokenizer --train-tokenizer-vocab is required"),
+    (["--tokenizer", "byte", "--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--tokenizer", "byte", "--valid-fraction", "1.0"], "--valid-fraction must be in [0, 1), got 1.0"),
+    (["--tokenizer", "byte", "--valid-fraction", "-0.1"], "--valid-fraction must be in [0, 1), got -0.1"),
+    (["--train-tokenizer-vocab", "256", "--tokenizer-output", "t.json"],
+     "--train-tokenizer-vocab 256 is too small: byte-level BPE needs at least 257"),
+])
+def test_cli_contradictory_or_missing_tokenizer_options_are_refused(tmp_path, preprocess_main, extra_args, message,
+                                                                    capsys):
     """--train-tokenizer-vocab without --tokenizer-output, --tokenizer-output with a given tokenizer,
-    no tokenizer at all, or no worker: argparse's usage error (exit 2), before anything is read (or a
-    tokenizer trained)."""
+    no tokenizer at all, no worker, a held-out fraction outside [0, 1) or a BPE smaller than the bytes:
+    argparse's usage error (exit 2), before anything is read (the input here does not exist) or trained."""
     with pytest.raises(SystemExit) as exit_:
         preprocess_main(["--input", str(tmp_path / "absent.jsonl"), "--output-prefix", str(tmp_path / "c"), *extra_args])
-    assert exit_.value.code == 2 and "error:" in capsys.readouterr().err
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -910,6 +913,28 @@ def test_utilisation_tool_counts_every_routed_slot(trained, tmp_path):
     assert curve == pytest.approx(unique_experts_by_depth(routing, {layer: 0 for layer in range(4)}, 32))
     assert curve[0] == 2.0 and all(a <= b <= a + 2 for a, b in zip(curve, curve[1:]))
     assert (out / "utilisation.png").stat().st_size > 0 and (out / "unique_experts.png").stat().st_size > 0
+    assert report["slots_per_layer"] == [tokens * 2] * 4 and report["unrouted_share_per_layer"] == [0.0] * 4
+    assert "reached no expert" not in done.stdout
+
+
+def test_utilisation_tool_says_which_share_of_the_slots_norm_router_leaves_empty(trained, tmp_path):
+    """NormRouter routes a token to no expert where no score clears the threshold: the heatmap shares
+    are of the routed slots, so the report gives each layer's slots and the share that reached none."""
+    from megatron_unipool.training.probe import load_routed_model, record_routing, routing_batches
+
+    config, _, run_dir = trained["norm_top1"]
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "plot_utilisation.py"), "--checkpoint", str(run_dir),
+                           "--eval-batches", "1", "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "utilisation.json").read_text())
+    _, _, model = load_routed_model(run_dir, "")
+    _, routing = record_routing(model, routing_batches(config, 1))
+    empty = [(routing[layer] < 0).double().mean().item() for layer in range(4)]
+    assert report["slots_per_layer"] == [routing[layer].numel() for layer in range(4)]
+    assert report["unrouted_share_per_layer"] == pytest.approx(empty) and max(empty) > 0
+    assert ("slots that reached no expert (not in the heatmap's shares): "
+            + ", ".join(f"layer {layer} {100 * share:.1f}%" for layer, share in enumerate(empty))) in done.stdout
 
 
 def test_reproduction_tool_aggregates_seeds_and_resumes(data_cache, tmp_path):
@@ -933,25 +958,24 @@ def test_reproduction_tool_aggregates_seeds_and_resumes(data_cache, tmp_path):
 
 @pytest.fixture
 def reproduce_tool(monkeypatch):
-    """tools/reproduce.py as a module whose launcher is a stub: (module, the run directories it was given)."""
-    import types
-
+    """tools/reproduce.py as a module whose launcher is a stub: (module, the run directories it was given).
+    The stub's commands are in module.commands."""
     module = tool_module("reproduce")
-    launched = []
+    launched, module.commands = [], []
 
-    def launch(command, stdout, stderr, **elsewhere):
-        assert not elsewhere, "the launcher runs in the caller's directory: relative paths in --set are the caller's"
+    def launch(command, log):
         run_dir = Path(command[command.index("--run-dir") + 1])
         launched.append(run_dir)
-        stdout.write("".join(f"log line {i}\n" for i in range(40)))
+        module.commands.append(command)
+        log.write("".join(f"log line {i}\n" for i in range(40)))
         if "moe.aux_loss=layer" in command:  # the ablation's run fails
-            return subprocess.CompletedProcess(command, 1)
+            return 1, 0
         (run_dir / "summary.json").write_text(json.dumps({
             "final_val_loss": 2.0 + 0.1 * len(launched), "final_train_loss": 2.0, "total_params": 1e6,
             "active_params": 1e6, "tokens_per_second": 1.0, "train_losses": [3.0, 2.5, 2.0]}))
-        return subprocess.CompletedProcess(command, 0)
+        return 0, 0
 
-    monkeypatch.setattr(module, "subprocess", types.SimpleNamespace(run=launch, STDOUT=subprocess.STDOUT))
+    monkeypatch.setattr(module, "train_in_child", launch)
     return module, launched
 
 
@@ -1016,6 +1040,9 @@ def test_reproduction_report_states_each_ordering_against_the_seed_spread():
     assert "- vanilla below dense: did not hold (2.1000 vs 1.9000, largest std 0.1414)" in text
     assert "- unipool below vanilla: held (1.6000 vs 2.1000, largest std 0.1414)" in text
     assert "- unipool-67% below vanilla: held, within the seed spread (2.0000 vs 2.1000, largest std 0.1414)" in text
+    one_seed = module.report({"vanilla": runs(2.0), "unipool": runs(1.5), "dense": runs(1.9)})  # no spread: no verdict
+    assert "- unipool below vanilla: held (one seed: no spread to judge it) (1.5000 vs 2.0000" in one_seed
+    assert "- vanilla below dense: did not hold (one seed) (2.0000 vs 1.9000" in one_seed
 
 
 def test_reproduction_plot_reads_a_skipped_steps_null_loss_as_a_gap(tmp_path, monkeypatch):
@@ -1032,28 +1059,123 @@ def test_reproduction_plot_reads_a_skipped_steps_null_loss_as_a_gap(tmp_path, mo
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
-def test_reproduction_trains_seed_by_seed_without_checkpoints_and_reuses_reduced_pools(reproduce_tool, tmp_path,
-                                                                                     monkeypatch):
+def test_reproduction_trains_seed_by_seed_without_checkpoints_and_reuses_reduced_pools(reproduce_tool, tmp_path):
     """Whole seeds of every model first (an interrupted reproduction compares like with like), no
     checkpoints written, a reduced pool's own override recorded so that a rerun reuses it, and
     results.json holding each run's numbers."""
-    import types
-
     module, launched = reproduce_tool
-    commands = []
-    stub = module.subprocess.run
-    monkeypatch.setattr(module, "subprocess", types.SimpleNamespace(
-        run=lambda command, **kwargs: commands.append(command) or stub(command, **kwargs), STDOUT=subprocess.STDOUT))
     args = ["--seeds", "1", "2", "--models", "vanilla", "unipool-50%", "--output", str(tmp_path)]
     assert module.main(args) == 0
     assert launched == [tmp_path / name / f"seed{seed}" for seed in (1, 2) for name in ("vanilla", "unipool-50%")]
-    assert all("checkpoint.save_interval=0" in command for command in commands)
+    assert all("checkpoint.save_interval=0" in command for command in module.commands)
     assert json.loads((tmp_path / "unipool-50%" / "seed2" / "overrides.json").read_text()) == ["moe.pool_size=16"]
     results = json.loads((tmp_path / "results.json").read_text())
     summary = json.loads((tmp_path / "unipool-50%" / "seed2" / "summary.json").read_text())
-    assert results["unipool-50%"][1] == {key: summary[key] for key in (
-        "final_val_loss", "final_train_loss", "total_params", "active_params", "tokens_per_second", "train_losses")}
+    assert results["unipool-50%"][1] == {"seed": 2, **{key: summary[key] for key in (
+        "final_val_loss", "final_train_loss", "total_params", "active_params", "tokens_per_second", "train_losses")}}
     assert module.main(args) == 0 and len(launched) == 4  # every run reused, none refused
+
+
+def test_reproduction_checks_every_runs_settings_before_training(reproduce_tool, tmp_path, capsys):
+    """What the tool sets per run (the seed) or per model (a reduced pool's size, the ablation's router) is
+    not the user's to --set: the seeds became one run (+- 0) or a model another than its label; a --set
+    that one model refuses, a repeated model, or a bad seed ended the reproduction after the others trained."""
+    module, launched = reproduce_tool
+    out = ["--output", str(tmp_path)]
+    refusals = [
+        (["--models", "dense", "--set", "train.seed=7"], "error: --set train.seed: reproduce.py sets these per run"),
+        (["--models", "vanilla", "unipool-67%", "--set", "moe.pool_size=16", "--set", "train.lr=0.01"],
+         "error: --set moe.pool_size: reproduce.py sets these per run or per model"),
+        (["--models", "dense", "vanilla", "--set", "moe.layers_per_pool=2"], "error: vanilla seed 1: inconsistent config:\n  moe.pool_size and"),
+        (["--models", "dense", "--seeds", "1", "-1"], "error: dense seed -1: invalid config:\n  train.seed: -1 must be >= 0"),
+    ]
+    for arguments, message in refusals:
+        with pytest.raises(SystemExit) as refused:
+            module.main(arguments + out)
+        assert str(refused.value.code).startswith(message), refused.value.code
+    with pytest.raises(SystemExit):
+        module.main(["--models", "dense", "dense"] + out)
+    assert "--models must differ from each other, got ['dense', 'dense']" in capsys.readouterr().err
+    assert launched == []
+    assert module.main(["--models", "vanilla", "--seeds", "1", "--set", "moe.router=norm"] + out) == 0  # its own setting
+    assert launched == [tmp_path / "vanilla" / "seed1"]
+
+
+def test_reproduction_refuses_damaged_records_in_one_line(reproduce_tool, tmp_path):
+    """overrides.json is the file the tool asks people to write by hand, and a summary.json may be cut short:
+    each is named with what to do, not a traceback."""
+    module, launched = reproduce_tool
+    args = ["--models", "vanilla", "--seeds", "1", "--output", str(tmp_path)]
+    run_dir = tmp_path / "vanilla" / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text('{"final_val_loss": 2.')
+    for written in ("[train.max_steps=4", "[1]", '{"train.max_steps": 4}'):
+        (run_dir / "overrides.json").write_text(written)
+        with pytest.raises(SystemExit, match=re.escape(f"error: {run_dir / 'overrides.json'} is not a JSON list of"
+                                                       " section.key=value strings")):
+            module.main(args)
+    (run_dir / "overrides.json").write_text("[]")
+    with pytest.raises(SystemExit, match=re.escape(f"error: {run_dir / 'summary.json'} is damaged")):
+        module.main(args)
+    assert launched == []
+
+
+def test_reproduction_appends_a_resumed_runs_log(reproduce_tool, tmp_path):
+    module, launched = reproduce_tool
+    run_dir = tmp_path / "vanilla" / "seed1"
+    (run_dir / "checkpoints").mkdir(parents=True)  # stopped by a signal: its checkpoint and the log so far
+    (run_dir / "overrides.json").write_text("[]")
+    (run_dir / "log.txt").write_text("step 1 of the first part\n")
+    assert module.main(["--models", "vanilla", "--seeds", "1", "--output", str(tmp_path)]) == 0
+    assert (run_dir / "log.txt").read_text().startswith("step 1 of the first part\nlog line 0\n")
+
+
+# A stand-in for launch/pretrain.py that says which signal reached it; run through reproduce.train_in_child.
+SIGNALLED_LAUNCH = """
+import signal, sys, time
+received = []
+def stop(signum, frame):
+    print("launch stopped by", signal.Signals(signum).name, flush=True)
+    received.append(signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+print("launch ready", flush=True)
+while not received:
+    time.sleep(0.01)
+time.sleep(0.5)  # as a checkpoint is saved: a second signal would be seen
+sys.exit(3)
+"""
+TRAIN_IN_CHILD = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1] + "/tests")
+from script_modules import load_script
+with open(sys.argv[2], "a") as log:
+    print(load_script(Path(sys.argv[1]) / "tools" / "reproduce.py").train_in_child([sys.executable, "-c", sys.argv[3]], log))
+"""
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_reproduction_passes_a_signal_on_to_its_run_once(tmp_path, stop):
+    """A signal to the tool alone (kill, a scheduler) is passed on and waited for: no trainer left running
+    in the run directory. Ctrl-C, sent to the terminal's whole process group, reaches the run once: the run
+    has its own session, so only through the tool."""
+    log = tmp_path / "log.txt"
+    tool = subprocess.Popen([sys.executable, "-c", TRAIN_IN_CHILD, str(REPO), str(log), SIGNALLED_LAUNCH],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "launch ready" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if stop == signal.SIGINT:
+            os.killpg(tool.pid, stop)  # as a terminal's Ctrl-C: the tool's whole process group
+        else:
+            tool.send_signal(stop)
+        out, _ = tool.communicate(timeout=60)
+    finally:
+        tool.kill()
+    assert out.strip() == f"(3, {int(stop)})"
+    assert log.read_text() == f"launch ready\nlaunch stopped by {stop.name}\n"
 
 
 def test_reproduction_reports_a_failed_run_with_its_log(reproduce_tool, tmp_path):

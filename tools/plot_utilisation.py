@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     counts = [torch.stack([torch.bincount(routing[layer][routing[layer] >= 0], minlength=experts) for layer in layers])
               for layers in layout]
     curve = unique_experts_by_depth(routing, pool_of_layer, experts)
+    # NormRouter leaves slots empty (-1): the heatmap's rows are shares of the routed slots only, so say how
+    # many slots each layer had and how many reached no expert
+    slots = {layer: routing[layer].numel() for layer in routing}
+    unrouted = {layer: int((routing[layer] < 0).sum()) / max(slots[layer], 1) for layer in routing}
     args.output.mkdir(parents=True, exist_ok=True)
     figure = utilisation_figure([c.numpy() for c in counts], f"pool utilisation ({path.name})", layout)
     save_atomically(args.output / "utilisation.png", lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
@@ -78,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps({
         "checkpoint": str(path), "moe_layers": moe_layers, "pools": layout,
         "counts_per_pool": [c.tolist() for c in counts], "load_per_pool": loads,
-        "unique_experts_by_depth": curve}, indent=2)
+        "unique_experts_by_depth": curve, "slots_per_layer": [slots[layer] for layer in moe_layers],
+        "unrouted_share_per_layer": [unrouted[layer] for layer in moe_layers]}, indent=2)
     save_atomically(args.output / "utilisation.json", lambda temporary: temporary.write_text(text))
     for p, load in enumerate(loads):
         used = sum(1 for share in load if share > 0)
         print(f"pool {p}: {used}/{len(load)} experts used; largest load share {max(load):.3f} (uniform {1 / len(load):.3f})")
+    if any(unrouted.values()):
+        print("slots that reached no expert (not in the heatmap's shares): "
+              + ", ".join(f"layer {layer} {100 * unrouted[layer]:.1f}%" for layer in moe_layers))
     print("distinct experts per token after each MoE layer: " + ", ".join(f"{v:.2f}" for v in curve))
     print(f"wrote {args.output / 'utilisation.png'}, {args.output / 'unique_experts.png'}, {args.output / 'utilisation.json'}")
     return 0

@@ -37,6 +37,7 @@ from megatron_unipool.data import (
     write_indexed,
 )
 from megatron_unipool.data.corpus import count_documents
+from megatron_unipool.data.tokenizers import MIN_BPE_VOCAB
 from megatron_unipool.training.outputs import check_output_directory
 
 PROGRESS_EVERY_S = 10.0
@@ -104,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--tokenizer-output is only used with --train-tokenizer-vocab")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    # checked again where they are used; here, before the input is read (minutes for a large corpus)
+    if not 0 <= args.valid_fraction < 1:
+        parser.error(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
+    if args.train_tokenizer_vocab is not None and args.train_tokenizer_vocab < MIN_BPE_VOCAB:
+        parser.error(f"--train-tokenizer-vocab {args.train_tokenizer_vocab} is too small: byte-level BPE needs at"
+                     f" least {MIN_BPE_VOCAB} (256 bytes + EOD)")
     if os.path.basename(args.output_prefix) in ("", ".", ".."):
         parser.error(f"--output-prefix {args.output_prefix!r} has no file name: give one, e.g. "
                      f"{os.path.join(args.output_prefix, 'corpus')} for corpus.bin/.idx there")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from megatron_unipool.config import ConfigError, parse_override  # noqa: E402
+from megatron_unipool.config import ConfigError, load_config, parse_override  # noqa: E402
 from megatron_unipool.training import checkpoints_dir  # noqa: E402
 from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
 
@@ -48,6 +49,37 @@ MODELS = {
     "unipool-50%": ("configs/tiny_unipool_cpu.json", [f"moe.pool_size={FULL_POOL // 2}"]),
     "shared-pool-layer-aux-softmax": ("configs/tiny_unipool_cpu.json", ["moe.aux_loss=layer", "moe.router=softmax"]),
 }
+
+
+def launch_overrides(seed: int) -> list[str]:
+    return [f"train.seed={seed}", "checkpoint.save_interval=0"]
+
+
+def reserved_keys(models: list[str]) -> set[str]:
+    """The keys the tool sets per run (the seed) or per model (what the model's name says it is): a --set of
+    one would make the seeds one run, or a model something other than its label. (Checkpoints, off by
+    default, are the user's to turn on.)"""
+    overrides = ["train.seed=0", "moe.kind=dense"] + [o for name in models for o in MODELS[name][1]]
+    return {f"{section}.{key}" for section, key, _ in map(parse_override, overrides)}
+
+
+def check_settings(models: list[str], seeds: list[int], overrides: list[str]) -> None:
+    """Every run's config, validated before anything trains: a --set that only some models refuse must not
+    end the reproduction after the others' runs."""
+    try:
+        given = {f"{section}.{key}" for section, key, _ in map(parse_override, overrides)}
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    if reserved := sorted(given & reserved_keys(models)):
+        raise SystemExit(f"error: --set {', '.join(reserved)}: reproduce.py sets these per run or per model"
+                         f" (seeds: --seeds; models: --models)")
+    for seed in seeds:
+        for name in models:
+            config, model_overrides = MODELS[name]
+            try:
+                load_config(REPO / config, launch_overrides(seed) + model_overrides + overrides)
+            except ConfigError as e:
+                raise SystemExit(f"error: {name} seed {seed}: {e}")
 
 
 def run_dir_of(name: str, seed: int, output: Path) -> Path:
@@ -77,8 +109,14 @@ def refuse_stale(name: str, seed: int, output: Path, overrides: list[str]) -> No
         raise SystemExit(f"error: {run_dir} holds a run with no overrides.json (an older reproduce.py), so its --set"
                          f" overrides are unknown; delete it, use another --output, or if it was trained with"
                          f" {wanted} write that list to {recorded}")
-    if not same_settings(json.loads(recorded.read_text()), wanted):
-        raise SystemExit(f"error: {run_dir} was trained with the overrides {json.loads(recorded.read_text())},"
+    try:
+        previous = json.loads(recorded.read_text())
+        if not (isinstance(previous, list) and all(isinstance(o, str) for o in previous)):
+            raise ValueError("not a list of strings")
+    except ValueError as e:  # JSONDecodeError included: the file is written by hand (see above)
+        raise SystemExit(f"error: {recorded} is not a JSON list of section.key=value strings ({e}); fix or delete it")
+    if not same_settings(previous, wanted):
+        raise SystemExit(f"error: {run_dir} was trained with the overrides {previous},"
                          f" not {wanted}; delete it or use another --output")
 
 
@@ -90,18 +128,46 @@ def run(name: str, seed: int, output: Path, overrides: list[str]) -> dict:
     wanted = model_overrides + overrides
     if not summary.is_file():
         command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / config),
-                   "--run-dir", str(run_dir), "--set", f"train.seed={seed}", "--set", "checkpoint.save_interval=0"]
-        command += [item for o in wanted for item in ("--set", o)]
+                   "--run-dir", str(run_dir)]
+        command += [item for o in launch_overrides(seed) + wanted for item in ("--set", o)]
         run_dir.mkdir(parents=True, exist_ok=True)
         recorded.write_text(json.dumps(wanted) + "\n")
         print(f"training {name} seed {seed}: log in {log_path}", flush=True)
-        with open(log_path, "w") as log:
-            failed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        with open(log_path, "a") as log:  # a resumed run keeps the log of its first part
+            failed, stopped_by = train_in_child(command, log)
+        if stopped_by:
+            print(f"reproduce: interrupted ({signal.Signals(stopped_by).name}) during {name} seed {seed}; run the same"
+                  f" command again to continue (a SIGTERM-stopped run resumes from its checkpoint)", file=sys.stderr)
+            raise SystemExit(128 + stopped_by)  # as a shell reports the signal: 130 or 143
         if failed:
             tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL:]
             raise SystemExit(f"error: {name} seed {seed} failed (exit status {failed}); the end of {log_path}:\n"
                              + "\n".join(f"  {line}" for line in tail))
-    return json.loads(summary.read_text())
+    try:
+        return json.loads(summary.read_text())
+    except ValueError as e:  # written whole by the run, but a file a person edited or a disk filled may not be
+        raise SystemExit(f"error: {summary} is damaged ({e}); delete it and rerun: {name} seed {seed} resumes from"
+                         f" its last checkpoint")
+
+
+def train_in_child(command: list[str], log) -> tuple[int, int]:
+    """(exit status, the signal that stopped us or 0): SIGTERM and SIGINT are passed on to the launch and waited
+    for (it saves its step on SIGTERM), so no trainer is left running without us in the run directory. The child
+    has its own session, so a terminal's Ctrl-C reaches it once, through us."""
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = []
+
+    def forward(signum, frame):
+        seen.append(signum)
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        status = child.wait()  # retried after each forwarded signal (PEP 475)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return status, (seen[0] if seen else 0)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -115,12 +181,16 @@ def report(results: dict[str, list[dict]]) -> str:
         lines.append(f"| {name} | {runs[0]['total_params'] / 1e6:.2f}M | {runs[0]['active_params'] / 1e6:.2f}M | "
                      f"{val[name][0]:.4f} +- {val[name][1]:.4f} | {len(runs)} |")
     checks = []
+    seeds = {name: len(runs) for name, runs in results.items()}
 
     def compare(better: str, worse: str):
         if better in val and worse in val:
             gap = val[worse][0] - val[better][0]
             noise = max(val[better][1], val[worse][1])
-            verdict = "held" if gap > noise else ("held, within the seed spread" if gap > 0 else "did not hold")
+            if min(seeds[better], seeds[worse]) < 2:  # no spread to judge the gap against
+                verdict = "held (one seed: no spread to judge it)" if gap > 0 else "did not hold (one seed)"
+            else:
+                verdict = "held" if gap > noise else ("held, within the seed spread" if gap > 0 else "did not hold")
             checks.append(f"- {better} below {worse}: {verdict} ({val[better][0]:.4f} vs {val[worse][0]:.4f}, "
                           f"largest std {noise:.4f})")
 
@@ -159,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):  # one run counted twice would shrink the spread the table reports
         parser.error(f"--seeds must differ from each other, got {args.seeds}")
+    if len(set(args.models)) != len(args.models):  # the same: each run of a repeated model would count twice
+        parser.error(f"--models must differ from each other, got {args.models}")
     args.output = args.output.resolve()  # absolute: named in the launch commands and in results.json
     try:
         check_output_directory(args.output, f"--output {args.output}")
@@ -167,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     total, done, started = len(args.models) * len(args.seeds), 0, time.perf_counter()
-    for seed in args.seeds:  # before training anything
+    check_settings(args.models, args.seeds, args.overrides)  # before training anything
+    for seed in args.seeds:
         for name in args.models:
             refuse_stale(name, seed, args.output, args.overrides)
     for seed in args.seeds:  # seed-major: an interrupted reproduction has whole seeds of every model
@@ -179,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                   f" ({elapsed / 60:.1f} min elapsed)", flush=True)
     text = report(results)
     save_atomically(args.output / "results.md", lambda temporary: temporary.write_text(text))
-    table = json.dumps({name: [{k: s[k] for k in ("final_val_loss", "final_train_loss", "total_params", "active_params",
-                                                  "tokens_per_second", "train_losses")} for s in runs]
+    table = json.dumps({name: [{"seed": seed, **{k: s[k] for k in ("final_val_loss", "final_train_loss", "total_params",
+                                                                  "active_params", "tokens_per_second", "train_losses")}}
+                               for seed, s in zip(args.seeds, runs)]
                         for name, runs in results.items()}, indent=2)
     save_atomically(args.output / "results.json", lambda temporary: temporary.write_text(table))
     plot(results, args.output / "curves.png")

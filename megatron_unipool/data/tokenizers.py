@@ -28,6 +28,7 @@ _GPT2_MERGEABLE_RANKS = 50256  # byte-pair ranks; <|endoftext|> comes after them
 _GPT2_EOD_ID = 50256
 _HF_EOD_CANDIDATES = (ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>")
 _BYTE_ALPHABET_SIZE = 256
+MIN_BPE_VOCAB = _BYTE_ALPHABET_SIZE + 1  # a byte-level BPE holds every byte and EOD before any merge
 
 
 class Tokenizer(abc.ABC):
@@ -197,10 +198,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_path: str 
 
     Byte-level means every string is encodable and decodes back exactly.
     """
-    minimum = _BYTE_ALPHABET_SIZE + 1
-    if vocab_size < minimum:
+    if vocab_size < MIN_BPE_VOCAB:
         raise DataError(
-            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {minimum} (256 bytes + EOD)"
+            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least {MIN_BPE_VOCAB} (256 bytes + EOD)"
         )
     output_path = Path(output_path)
     if output_path.is_dir():  # found before training, which can take hours, not after

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ConfigError, LoggingConfig
 from .hardware import GpuMonitor
+from .outputs import save_atomically
 from .plots import utilisation_figure
 
 
@@ -143,6 +144,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         if summary is not None:
-            (self.run_dir / "summary.json").write_text(json.dumps(_finite_or_null(summary), indent=2, allow_nan=False))
+            text = json.dumps(_finite_or_null(summary), indent=2, allow_nan=False)
+            # whole or not at all: a run killed while writing it must not leave reproduce.py a part to read
+            save_atomically(self.run_dir / "summary.json", lambda temporary: temporary.write_text(text))
         if self.writer:
             self.writer.close()

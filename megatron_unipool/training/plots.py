@@ -32,7 +32,7 @@ def utilisation_figure(counts_per_pool: list[np.ndarray], title: str, layers_per
         axes[0, p].set_xlabel("expert")
         axes[0, p].set_ylabel("layer")
         axes[0, p].set_title(f"{title}" + (f" (pool {p})" if pools > 1 else ""))
-        fig.colorbar(heat, ax=axes[0, p], label="share of layer's slots")
+        fig.colorbar(heat, ax=axes[0, p], label="share of the layer's routed slots")
         load = counts.sum(axis=0) / max(counts.sum(), 1)
         axes[1, p].bar(np.arange(len(load)), load, width=1.0)
         axes[1, p].set_xlim(axes[0, p].get_xlim())  # column j of the heatmap above bar j
