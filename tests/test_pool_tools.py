@@ -1056,6 +1056,10 @@ def test_reproduction_plot_reads_a_skipped_steps_null_loss_as_a_gap(tmp_path, mo
     monkeypatch.setattr(module.plt.Axes, "plot", recording)
     module.plot({"vanilla": [{"train_losses": [3.0, None, 2.0]}, {"train_losses": [2.0, 2.0, 1.0]}]}, tmp_path / "c.png")
     assert drawn["vanilla"][0] == 2.5 and math.isnan(drawn["vanilla"][1]) and drawn["vanilla"][2] == 1.5
+    losses = [4.0 - 0.01 * step for step in range(60)]  # a window of 2 steps: the skipped step's neighbours stand
+    module.plot({"dense": [{"train_losses": losses[:30] + [None] + losses[31:]}]}, tmp_path / "c.png")
+    assert drawn["dense"] == pytest.approx([(a + b) / 2 for a, b in zip(losses, losses[1:])][:29] + [losses[29], losses[31]]
+                                           + [(a + b) / 2 for a, b in zip(losses[31:], losses[32:])])
     assert (tmp_path / "c.png").stat().st_size > 0
 
 

@@ -207,7 +207,11 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     for name, runs in results.items():
         losses = np.mean([np.asarray(r["train_losses"], dtype=float) for r in runs], axis=0)  # null: a skipped step
         window = max(1, len(losses) // 30)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        # the mean of the window's finite losses: a skipped step is a gap only where the window holds nothing else
+        finite = np.isfinite(losses)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            smooth = (np.convolve(np.where(finite, losses, 0.0), np.ones(window), mode="valid")
+                      / np.convolve(finite, np.ones(window), mode="valid"))
         ax.plot(np.arange(len(smooth)) + window, smooth, label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("training LM loss (mean over seeds)")
