@@ -394,6 +394,31 @@ def test_resuming_at_max_steps_evaluates_and_a_changed_schedule_is_announced(tin
             " not at the token where the checkpoint's data stopped") in capsys.readouterr().out
 
 
+def test_a_resume_under_another_head_split_is_refused_and_other_changes_are_named(saved_run, tiny_config, tmp_path,
+                                                                                  capsys):
+    """8 heads of 16 and 4 KV heads fit every tensor of 4 heads of 32 and 2 KV heads: it resumed silently as
+    another model. A RoPE base (longer contexts), routing or a seed may change on purpose: each is named."""
+    run, files = saved_run
+    with pytest.raises(CheckpointError) as error:
+        Trainer(tiny_config(UNIPOOL, "model.num_heads=8", "model.num_kv_heads=4", f"checkpoint.load={run}"),
+                tmp_path / "heads")
+    assert str(error.value) == (f"checkpoint {run / 'checkpoints' / 'step_0000002'} was trained with another attention"
+                                " head split: model.num_heads=8 (the checkpoint's: 4), model.num_kv_heads=4 (the"
+                                " checkpoint's: 2); its tensors may fit, but each head would read another's weights:"
+                                " set these back")
+    assert unchanged(run, files) and not (tmp_path / "heads" / "checkpoints").exists()
+    capsys.readouterr()
+    Trainer(tiny_config(UNIPOOL, "model.rope_base=500000", "moe.top_k=2", "train.seed=7", "model.expert_gemm=loop",
+                        f"checkpoint.load={run}"), tmp_path / "changed")
+    out = capsys.readouterr().out
+    assert ("note: resumed with model settings other than the checkpoint's: model.rope_base=500000.0 (was 10000.0),"
+            " moe.top_k=2 (was 1)\n") in out  # a kernel computes the same function: not named
+    assert "note: train.seed=7, the checkpoint's run had 1234: the rest of the epoch is read in another order" in out
+    Trainer(tiny_config(UNIPOOL, "train.max_steps=2", "train.eval_interval=0", f"checkpoint.load={run}"),
+            tmp_path / "same")
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_checkpoint_of_another_shape_names_the_tensors_that_differ(saved_run, tiny_config, tmp_path):
     run, files = saved_run
     with pytest.raises(CheckpointError) as error:

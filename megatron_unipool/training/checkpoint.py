@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..config import Config, config_from_dict, config_to_dict
+from ..config import Config, ModelConfig, config_from_dict, config_to_dict
 from ..model import LanguageModel
 
 LATEST = "latest"
@@ -229,6 +229,36 @@ def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source
     if problems:
         raise CheckpointError(f"checkpoint {source} does not fit this model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state)
+
+
+# How the model computes (kernels), where the data is cut (seq_len: a note of its own) and how it was first
+# drawn (init_std): nothing a resume changes about the function the weights compute.
+_UNCOMPARED_MODEL_FIELDS = ModelConfig.KERNEL_FIELDS + ("seq_len", "init_std")
+# A head split the weights were not trained with can fit every tensor's shape (4 heads of 16 -> 8 of 8 with
+# the KV heads alike): the projections would be read as other heads.
+HEAD_SPLIT_FIELDS = ("model.num_heads", "model.num_kv_heads")
+
+
+def changed_settings(saved_config: dict, config: Config) -> dict[str, tuple[Any, Any]]:
+    """{"section.key": (the checkpoint's value, this run's)} for each model or MoE setting that says what the
+    model computes and differs from the checkpoint's run (keys an older checkpoint lacks are not compared)."""
+    current = config_to_dict(config)
+    changed = {}
+    for section in ("model", "moe"):
+        saved = saved_config.get(section, {})
+        for key, value in current[section].items():
+            if key in saved and saved[key] != value and not (section == "model" and key in _UNCOMPARED_MODEL_FIELDS):
+                changed[f"{section}.{key}"] = (saved[key], value)
+    return changed
+
+
+def check_same_head_split(changed: dict[str, tuple[Any, Any]], source: Path | str) -> None:
+    """CheckpointError for a changed head split (see HEAD_SPLIT_FIELDS), before any tensor is loaded."""
+    split = [f"{name}={changed[name][1]} (the checkpoint's: {changed[name][0]})" for name in HEAD_SPLIT_FIELDS
+             if name in changed]
+    if split:
+        raise CheckpointError(f"checkpoint {source} was trained with another attention head split: {', '.join(split)};"
+                              " its tensors may fit, but each head would read another's weights: set these back")
 
 
 def check_fits(config: Config, state: dict[str, torch.Tensor], what: str) -> None:

@@ -30,8 +30,9 @@ from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
 from ..parallel.agreement import decided_by_rank0, on_any_rank, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
-from .checkpoint import (CheckpointError, checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint,
-                         load_checkpoint, restore_model, save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, changed_settings, check_same_head_split, checkpoint_payload,
+                         checkpoint_to_resume, checkpoints_dir, latest_checkpoint, load_checkpoint, restore_model,
+                         save_checkpoint, set_rng_state)
 from .datasets import DataError, build_datasets, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
@@ -107,6 +108,8 @@ class Trainer:
         self.checkpoints = checkpoints_dir(self.run_dir)
         payload, source = self._checkpoint_to_resume()
         if payload is not None:
+            changed = changed_settings(payload["config"], config)
+            check_same_head_split(changed, source)  # on every rank alike, before the model is sharded
             restore_model(model, payload["model"], source)
         self.specs = shard_model(model, self.parallel)
         self.model = model.to(self.device)
@@ -121,6 +124,7 @@ class Trainer:
                 print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
                       flush=True)
                 self._note_changed_schedule(payload["config"]["train"]["max_steps"])
+                self._note_changed_settings(changed, payload["config"]["train"]["seed"])
                 saved_seq_len = payload["config"]["model"]["seq_len"]
                 if saved_seq_len != config.model.seq_len:  # consumed_samples counts samples of the saved length
                     print(f"note: model.seq_len={config.model.seq_len}, the checkpoint's run had {saved_seq_len}: the"
@@ -143,6 +147,17 @@ class Trainer:
         print(f"note: train.max_steps={train.max_steps}, the checkpoint's run had {saved_max_steps}: the learning-rate"
               f" decay is recomputed, the next step's rate is {learning_rate(step, train):.3e} (was {before:.3e})",
               flush=True)
+
+    def _note_changed_settings(self, changed: dict, saved_seed: int) -> None:
+        """What a resume may change on purpose (a RoPE base for longer contexts, routing, balancing) but which
+        makes it another run than the checkpoint's: listed, so that a stale --set or config is seen."""
+        if changed:
+            print("note: resumed with model settings other than the checkpoint's: " + ", ".join(
+                f"{name}={new!r} (was {old!r})" for name, (old, new) in changed.items()), flush=True)
+        if saved_seed != self.config.train.seed:  # the sample order is a function of (seed, epoch)
+            print(f"note: train.seed={self.config.train.seed}, the checkpoint's run had {saved_seed}: the rest of the"
+                  " epoch is read in another order, so some samples repeat ones it trained on and others are"
+                  f" skipped; keep train.seed={saved_seed} to continue with the next unseen batch", flush=True)
 
     def _checkpoint_to_resume(self):
         """checkpoint.checkpoint_to_resume's choice and its payload. Rank 0 chooses for all, so no node
