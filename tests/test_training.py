@@ -369,7 +369,22 @@ def test_eta_is_the_mean_time_of_this_session_steps_times_the_steps_left(tmp_pat
     for step in (11, 12):
         logger.step(step, {"step_time_s": 2.0})
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("step 12/20") and line.endswith("ETA 0:00:16"), line
+    assert line.startswith("step 12/20 |") and line.endswith("ETA 0:00:16"), line
+
+
+def test_a_console_line_of_fewer_steps_than_the_interval_says_so(tmp_path, capsys):
+    """Resumed at step 24 with a log interval of 5, step 25's line is the mean of one step: an unbroken run's
+    line averages 21-25, so the two differ though the steps are the same."""
+    from megatron_unipool.config import LoggingConfig
+    from megatron_unipool.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False, log_interval=5), max_steps=32, resumed_step=24)
+    for step in range(25, 33):
+        logger.step(step, {"lm_loss": float(step)})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(" | ")[:2] for line in lines] == [["step 25/32 (window of 1 step)", "lm loss 25.0000"],
+                                                          ["step 30/32", "lm loss 28.0000"],
+                                                          ["step 32/32 (window of 2 steps)", "lm loss 31.5000"]]
 
 
 @pytest.mark.parametrize("router, gating", [

@@ -97,11 +97,14 @@ class MetricsLogger:
         if all(t > 0 for t in seconds):
             mean.update({k: sum(m[k] * t for m, t in zip(self.window, seconds)) / sum(seconds)
                          for k in RATES if all(k in m for m in self.window)})
+        # fewer steps than an interval (after a resume, or at the end): its means differ from an unbroken run's line
+        window = len(self.window)
         self.window.clear()
         elapsed = time.perf_counter() - self.started
         done = step - self.first_step
         eta = datetime.timedelta(seconds=round(elapsed / max(done, 1) * (self.max_steps - step)))
-        parts = [f"step {step:>{len(str(self.max_steps))}}/{self.max_steps}"]
+        parts = [f"step {step:>{len(str(self.max_steps))}}/{self.max_steps}"
+                 + (f" (window of {window} step{'s' if window > 1 else ''})" if window < self.config.log_interval else "")]
         formats = [("lr", "lr", "{:.3e}"), ("lm_loss", "lm loss", "{:.4f}"), ("aux_loss", "aux loss", "{:.3e}"),
                    ("z_loss", "z loss", "{:.3e}"), ("entropy_loss", "entropy loss", "{:.3e}"), ("grad_norm", "grad norm", "{:.3f}"),
                    ("step_time_s", "ms/step", None), ("tokens_per_second", "tokens/s", "{:,.0f}"),
