@@ -29,27 +29,24 @@
 #       --platform manylinux2014_x86_64 -d DIR hjson pydantic pydantic-core==<pydantic's pin> \
 #       annotated-types typing-inspection typing-extensions
 set -uo pipefail
-if [[ -n ${1:-} && $1 != /* ]]; then  # OUT_DIR as given, relative to the caller's directory (not the repo's)
-    set -- "$PWD/$1"
-fi
+absolute() {  # a path given relative to the caller's directory, as it reads after the cd to the repository
+    [[ -z $1 || $1 == /* ]] && echo "$1" || echo "$PWD/$1"
+}
+out=$(absolute "${1:-${OUT:-}}")
+data=$(absolute "${DATA_DIR:-}")
+wheels=$(absolute "${WHEELS:-}")
 cd "$(dirname "$0")/.."
 set_name=${SET:-main}
 if [[ $set_name != main && $set_name != followup ]]; then
     echo "SET must be main or followup, not '$set_name'" >&2
     exit 2
 fi
-out=${1:-${OUT:-runs/gpu_checks}}
-data=${DATA_DIR:-data_cache}
+out=${out:-$PWD/runs/gpu_checks}
+data=${data:-$PWD/data_cache}
 mkdir -p "$out"
 logs=$(mktemp -d)  # per-step logs; $out gets one combined log + the JSON (the device returns at most 8 files)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
-if [[ -n ${WHEELS:-} ]]; then
-    site=$(mktemp -d)
-    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:$site" \
-        || echo "installing the wheels in $WHEELS failed: going on without them"
-fi
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, its log into $out/steps.log as it runs, report the status
     local name=$1 limit=$2
@@ -57,7 +54,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, its log into $o
     echo "== $name (limit ${limit}s): $*"
     echo "== $name: $*" >> "$out/steps.log"
     # written as it comes: a call killed at the device's own limit (the 550 s of steps plus the deepspeed check and
-    # the wheel install come near 600) still returns the step it was in
+    # the wheel install come near 600) still returns the step it was in. (tee waits for every holder of the pipe:
+    # a step's process that left timeout's process group would hold the step open; none does.)
     timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$out/steps.log" > "$logs/$name.log"
     local status=${PIPESTATUS[0]}
     echo "== $name: exit $status" >> "$out/steps.log"
@@ -123,6 +121,12 @@ if (( ${#missing_data[@]} )); then  # else each end-to-end model starts, builds 
     echo "no ${missing_data[*]}: stopping before any GPU work (make the corpus as this script's header says, or set DATA_DIR)" \
         | tee -a "$out/steps.log" >&2
     exit 2
+fi
+if [[ -n $wheels ]]; then
+    site=$(mktemp -d)
+    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$site" \
+        || echo "installing the wheels in $wheels failed: going on without them"
 fi
 if ! ds_error=$(timeout 30 $python -c "import deepspeed" 2>&1); then
     echo "deepspeed not importable, the MoE layer is measured without it: $(tail -n 3 <<<"$ds_error")" | tee -a "$out/steps.log"

@@ -51,8 +51,8 @@ from megatron_unipool.kernels.grouped_gemm import (DeferredWeightGradients, expe
 from megatron_unipool.kernels.segmented_gemm import segmented_weight_gradient  # noqa: E402
 from megatron_unipool.kernels.triton_support import triton_runs_on  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
-from measurement import (add_measurement_arguments, add_ratios, compute_dtype, measure_row,  # noqa: E402
-                         median_seconds, print_table, time_forward_backward)
+from measurement import (add_measurement_arguments, add_ratios, compute_dtype, error_text,  # noqa: E402
+                         measure_row, median_seconds, print_table, time_forward_backward)
 
 
 def expert_counts(rows: int, experts: int, balance: str, seed: int = 0) -> list[int]:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                     try:  # as measure_row: a part that fails (out of memory, a kernel refusing a shape) ends no run
                         forward_s, wgrad_s = phase_seconds(impl, rows, experts, args, device, dtype)
                     except Exception as error:
-                        row["phase_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                        row["phase_error"] = error_text(error)
                         print(f"  failed   {impl} fwd/wgrad parts: {row['phase_error']}", file=sys.stderr, flush=True)
                     else:
                         third = flops_per_row * rows / 3  # of a forward + backward's FLOPs: each part's

@@ -103,6 +103,11 @@ def time_forward_backward(forward, params, x, repeats: int, warmup: int, autocas
     return median_seconds(forward_backward, repeats, max(warmup, 1), x.device, setup=clear_gradients)
 
 
+def error_text(error: Exception) -> str:
+    """A failed measurement's error in a row: its type and first line (a bare `assert` has none)."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+
+
 def measure_row(rows: list[dict], row: dict, label: str, measure, derive, json_path: Path | None) -> None:
     """Fill `row` with `derive(seconds)` of `measure()`, or with `error` when it raised (out of memory,
     a shape a kernel refuses, DeepSpeed refusing a config: the other measurements go on); append it
@@ -110,7 +115,7 @@ def measure_row(rows: list[dict], row: dict, label: str, measure, derive, json_p
     try:
         seconds = measure()
     except Exception as error:
-        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        row["error"] = error_text(error)
         print(f"  failed   {label}: {row['error']}", file=sys.stderr, flush=True)
     else:
         row.update(derive(seconds))

@@ -643,6 +643,12 @@ def test_holdout_is_the_ceiling_of_the_fraction_without_float_noise(documents, f
     assert holdout_count(documents, fraction) == held_out
 
 
+@pytest.mark.parametrize("fraction", [1.0, -0.1, float("nan")])
+def test_holdout_outside_zero_to_one_is_refused(fraction):
+    with pytest.raises(DataError, match=r"valid_fraction must be in \[0, 1\)"):
+        holdout_count(10, fraction)
+
+
 def test_prepare_default_corpus_rebuilds_damaged_files(tmp_path):
     train_prefix, _ = prepare_default_corpus("byte", tmp_path)
     bin_path = Path(f"{train_prefix}.bin")

@@ -517,6 +517,10 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
     (["--to-config", "configs/tiny_vanilla_cpu.json"], "error: --to-config is for a dense checkpoint"),
     (["--set", "moe.pool_size=5"], "after --set, the upcycled weights do not fit the model its config describes:\n"
                                    "  expert_pools.0.w_gate: checkpoint (64, 128, 64) vs model (5, 128, 64)"),
+    # every tensor fits 8 heads of 8 and 4 KV heads, read as other heads (the resume refused it, after the work)
+    (["--set", "model.num_heads=8", "--set", "model.num_kv_heads=4"],
+     "--set would change what the upcycled weights compute:\n  model.num_heads=8 (the checkpoint's is 4)\n"
+     "  model.num_kv_heads=4 (the checkpoint's is 2)"),
     (["--output-is-a-file"], "is a file, not a directory"),
     (["--output-under-a-file"], "upcycled is a file, not a directory"),
     (["--output-is-the-cwd"], "--output . holds the directory this command runs in"),
@@ -1090,6 +1094,8 @@ def test_reproduction_checks_every_runs_settings_before_training(reproduce_tool,
         (["--models", "dense", "--set", "train.seed=7"], "error: --set train.seed: reproduce.py sets these per run"),
         (["--models", "vanilla", "unipool-67%", "--set", "moe.pool_size=16", "--set", "train.lr=0.01"],
          "error: --set moe.pool_size: reproduce.py sets these per run or per model"),
+        (["--models", "unipool", "--set", "moe.router=softmax"],  # "unipool" would be the ablation
+         "error: --set moe.router: reproduce.py sets these per run or per model"),
         (["--models", "dense", "vanilla", "--set", "moe.layers_per_pool=2"], "error: vanilla seed 1: inconsistent config:\n  moe.pool_size and"),
         (["--models", "dense", "--seeds", "1", "-1"], "error: dense seed -1: invalid config:\n  train.seed: -1 must be >= 0"),
     ]
@@ -1124,6 +1130,64 @@ def test_reproduction_refuses_damaged_records_in_one_line(reproduce_tool, tmp_pa
     assert launched == []
 
 
+# The tool signalled the moment its run has started, before it could have known the run's pid.
+SIGNAL_AS_THE_RUN_STARTS = """
+import os, signal, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1] + "/tests")
+from script_modules import load_script
+popen = subprocess.Popen
+def started_then_signalled(*args, **kwargs):
+    child = popen(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return child
+subprocess.Popen = started_then_signalled
+with open(sys.argv[2], "a") as log:
+    status, stop = load_script(Path(sys.argv[1]) / "tools" / "reproduce.py").train_in_child(
+        [sys.executable, "-c", sys.argv[3]], log)
+print(stop, status in (3, -signal.SIGTERM))
+"""
+
+
+def test_reproduction_passes_on_a_signal_that_came_as_its_run_started(tmp_path):
+    """The handlers are in place before the run starts: a signal then is passed on once the run exists (it
+    killed the tool and left the run training without it)."""
+    done = subprocess.run([sys.executable, "-c", SIGNAL_AS_THE_RUN_STARTS, str(REPO), str(tmp_path / "log.txt"),
+                           SIGNALLED_LAUNCH], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"{int(signal.SIGTERM)} True\n"), done.stderr
+
+
+def test_reproduction_stopped_by_a_signal_exits_as_a_shell_reports_it(reproduce_tool, tmp_path, monkeypatch, capsys):
+    """The run ended by a forwarded SIGTERM: exit 143, one line saying how to continue, and no results
+    written from the runs so far."""
+    module, launched = reproduce_tool
+    monkeypatch.setattr(module, "train_in_child", lambda command, log: (1, signal.SIGTERM))
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["--models", "vanilla", "--seeds", "1", "--output", str(tmp_path)])
+    assert stopped.value.code == 143
+    assert capsys.readouterr().err == ("reproduce: interrupted (SIGTERM) during vanilla seed 1; run the same command"
+                                       " again to continue (a SIGTERM-stopped run resumes from its checkpoint)\n")
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.md").exists()
+
+
+def test_reproduction_runs_the_launch_in_the_callers_directory(tmp_path, monkeypatch):
+    """Relative paths in --set (a data prefix) are the caller's: the launch gets no other working directory."""
+    module = tool_module("reproduce")
+    given = {}
+
+    class Launched:
+        def __init__(self, command, **kwargs):
+            given.update(kwargs)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(module.subprocess, "Popen", Launched)
+    with open(tmp_path / "log.txt", "a") as log:
+        assert module.train_in_child(["launch"], log) == (0, 0)
+    assert "cwd" not in given and given["start_new_session"] is True
+
+
 def test_reproduction_appends_a_resumed_runs_log(reproduce_tool, tmp_path):
     module, launched = reproduce_tool
     run_dir = tmp_path / "vanilla" / "seed1"
@@ -1144,7 +1208,8 @@ def stop(signum, frame):
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
 print("launch ready", flush=True)
-while not received:
+deadline = time.monotonic() + 120  # a run the signal never reached must not outlive a failed test for long
+while not received and time.monotonic() < deadline:
     time.sleep(0.01)
 time.sleep(0.5)  # as a checkpoint is saved: a second signal would be seen
 sys.exit(3)
@@ -1159,11 +1224,13 @@ with open(sys.argv[2], "a") as log:
 """
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_reproduction_passes_a_signal_on_to_its_run_once(tmp_path, stop):
-    """A signal to the tool alone (kill, a scheduler) is passed on and waited for: no trainer left running
-    in the run directory. Ctrl-C, sent to the terminal's whole process group, reaches the run once: the run
-    has its own session, so only through the tool."""
+@pytest.mark.parametrize("stop, passed_on", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT),
+                                             (signal.SIGHUP, signal.SIGTERM)])
+def test_reproduction_passes_a_signal_on_to_its_run_once(tmp_path, stop, passed_on):
+    """A signal to the tool alone (kill, a scheduler, a closed terminal) is passed on and waited for: no
+    trainer left running in the run directory; a hangup stops it as SIGTERM does (it saves). Ctrl-C, sent to
+    the terminal's whole process group, reaches the run once: the run has its own session, so only through
+    the tool."""
     log = tmp_path / "log.txt"
     tool = subprocess.Popen([sys.executable, "-c", TRAIN_IN_CHILD, str(REPO), str(log), SIGNALLED_LAUNCH],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -1179,7 +1246,7 @@ def test_reproduction_passes_a_signal_on_to_its_run_once(tmp_path, stop):
     finally:
         tool.kill()
     assert out.strip() == f"(3, {int(stop)})"
-    assert log.read_text() == f"launch ready\nlaunch stopped by {stop.name}\n"
+    assert log.read_text() == f"launch ready\nlaunch stopped by {passed_on.name}\n"
 
 
 def test_reproduction_reports_a_failed_run_with_its_log(reproduce_tool, tmp_path):

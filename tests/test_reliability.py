@@ -403,16 +403,17 @@ def test_a_resume_under_another_head_split_is_refused_and_other_changes_are_name
         Trainer(tiny_config(UNIPOOL, "model.num_heads=8", "model.num_kv_heads=4", f"checkpoint.load={run}"),
                 tmp_path / "heads")
     assert str(error.value) == (f"checkpoint {run / 'checkpoints' / 'step_0000002'} was trained with another attention"
-                                " head split: model.num_heads=8 (the checkpoint's: 4), model.num_kv_heads=4 (the"
-                                " checkpoint's: 2); its tensors may fit, but each head would read another's weights:"
+                                " head split: model.num_heads=8 (the checkpoint's is 4), model.num_kv_heads=4 (the"
+                                " checkpoint's is 2); its tensors fit, but each head would read another's weights:"
                                 " set these back")
     assert unchanged(run, files) and not (tmp_path / "heads" / "checkpoints").exists()
     capsys.readouterr()
     Trainer(tiny_config(UNIPOOL, "model.rope_base=500000", "moe.top_k=2", "train.seed=7", "model.expert_gemm=loop",
-                        f"checkpoint.load={run}"), tmp_path / "changed")
+                        "moe.router_tf32=true", "moe.pool_size=32", f"checkpoint.load={run}"), tmp_path / "changed")
     out = capsys.readouterr().out
+    # kernels compute the same function, and the full pool of 32 is the unset pool_size: neither is named
     assert ("note: resumed with model settings other than the checkpoint's: model.rope_base=500000.0 (was 10000.0),"
-            " moe.top_k=2 (was 1)\n") in out  # a kernel computes the same function: not named
+            " moe.top_k=2 (was 1)\n") in out
     assert "note: train.seed=7, the checkpoint's run had 1234: the rest of the epoch is read in another order" in out
     Trainer(tiny_config(UNIPOOL, "train.max_steps=2", "train.eval_interval=0", f"checkpoint.load={run}"),
             tmp_path / "same")
@@ -421,8 +422,9 @@ def test_a_resume_under_another_head_split_is_refused_and_other_changes_are_name
 
 def test_checkpoint_of_another_shape_names_the_tensors_that_differ(saved_run, tiny_config, tmp_path):
     run, files = saved_run
-    with pytest.raises(CheckpointError) as error:
-        Trainer(tiny_config(UNIPOOL, "moe.pool_size=24", f"checkpoint.load={run / 'checkpoints'}"), tmp_path / "other")
+    with pytest.raises(CheckpointError) as error:  # another head split too: the tensors are what tells it
+        Trainer(tiny_config(UNIPOOL, "moe.pool_size=24", "model.num_heads=8", f"checkpoint.load={run / 'checkpoints'}"),
+                tmp_path / "other")
     message = str(error.value)
     assert "does not fit this model" in message
     assert "expert_pools.0.w_gate: checkpoint (32, " in message and "vs model (24, " in message

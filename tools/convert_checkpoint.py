@@ -33,11 +33,11 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from megatron_unipool.config import Config, ConfigError, MoEConfig, with_overrides  # noqa: E402
+from megatron_unipool.config import Config, ConfigError, MoEConfig, config_to_dict, with_overrides  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
-from megatron_unipool.training.checkpoint import (check_fits, load_trained_model, resolve_checkpoint,  # noqa: E402
-                                                  write_run_directory)
+from megatron_unipool.training.checkpoint import (check_fits, function_changes, load_trained_model,  # noqa: E402
+                                                  resolve_checkpoint, write_run_directory)
 from megatron_unipool.training.outputs import (check_output_directory, check_replaceable_output,  # noqa: E402
                                                recover_replaced_directory, write_directory)
 
@@ -116,16 +116,12 @@ def export_hf(args) -> None:
           f"  transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
 
 
-# what the imported weights compute besides their shapes (which check_fits compares): a --set may not change it
-COMPUTED_BY_THE_WEIGHTS = ("num_heads", "num_kv_heads", "rope_base", "norm_eps", "tie_embeddings")
-
-
 def import_hf(args) -> None:
     hf_config, tensors = read_hf_directory(args.checkpoint)
     model_config, state = from_hf_llama(hf_config, tensors)
     config = with_overrides(Config(model=model_config, moe=MoEConfig(kind="dense")), args.overrides)
-    changed = [f"model.{name}={getattr(config.model, name)!r} (the checkpoint's is {getattr(model_config, name)!r})"
-               for name in COMPUTED_BY_THE_WEIGHTS if getattr(config.model, name) != getattr(model_config, name)]
+    # what the weights compute besides their shapes (which check_fits compares): a --set may not change it
+    changed = function_changes(config_to_dict(Config(model=model_config))["model"], config_to_dict(config)["model"])
     if changed:
         raise ConfigError("--set would change what the imported weights compute:\n  " + "\n  ".join(changed))
     check_fits(config, state, f"the weights of {args.checkpoint}, after --set,")

@@ -56,10 +56,12 @@ def launch_overrides(seed: int) -> list[str]:
 
 
 def reserved_keys(models: list[str]) -> set[str]:
-    """The keys the tool sets per run (the seed) or per model (what the model's name says it is): a --set of
-    one would make the seeds one run, or a model something other than its label. (Checkpoints, off by
-    default, are the user's to turn on.)"""
-    overrides = ["train.seed=0", "moe.kind=dense"] + [o for name in models for o in MODELS[name][1]]
+    """The keys the tool sets per run (the seed) or that tell a model from its variants (a UniPool's pool size,
+    router and aux loss, whichever of them is asked for): a --set of one would make the seeds one run, or a
+    model something other than its label. (Checkpoints, off by default, are the user's to turn on.)"""
+    files = {MODELS[name][0] for name in models}
+    overrides = ["train.seed=0", "moe.kind=dense"] + [o for config, variant in MODELS.values() if config in files
+                                                      for o in variant]
     return {f"{section}.{key}" for section, key, _ in map(parse_override, overrides)}
 
 
@@ -150,23 +152,34 @@ def run(name: str, seed: int, output: Path, overrides: list[str]) -> dict:
                          f" its last checkpoint")
 
 
+# what a signal to us becomes for the run: a hangup (the terminal or ssh gone) stops it as SIGTERM does, saving
+FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGINT, signal.SIGHUP: signal.SIGTERM}
+
+
 def train_in_child(command: list[str], log) -> tuple[int, int]:
-    """(exit status, the signal that stopped us or 0): SIGTERM and SIGINT are passed on to the launch and waited
-    for (it saves its step on SIGTERM), so no trainer is left running without us in the run directory. The child
-    has its own session, so a terminal's Ctrl-C reaches it once, through us."""
-    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    seen = []
+    """(exit status, the signal that stopped us or 0): SIGTERM, SIGINT and SIGHUP are passed on to the launch
+    and waited for (it saves its step on SIGTERM), so no trainer is left running without us in the run directory.
+    The child has its own session, so a terminal's Ctrl-C reaches it once, through us. A signal we ignore
+    (nohup's SIGHUP) stays ignored, by the child too."""
+    seen, started, previous = [], [], {}
 
     def forward(signum, frame):
         seen.append(signum)
-        child.send_signal(signum)
+        for child in started:  # none while it starts: passed on below
+            child.send_signal(FORWARDED[signum])
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    try:  # the handlers before the child: a signal while it starts must not leave it running without us
+        for signum in FORWARDED:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, forward)
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(child)
+        if seen:  # came while it started (or just now, passed on already: a second signal is only noted by it)
+            child.send_signal(FORWARDED[seen[0]])
         status = child.wait()  # retried after each forwarded signal (PEP 475)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return status, (seen[0] if seen else 0)
 
 

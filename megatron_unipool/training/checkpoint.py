@@ -231,34 +231,47 @@ def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source
     model.load_state_dict(state)
 
 
-# How the model computes (kernels), where the data is cut (seq_len: a note of its own) and how it was first
-# drawn (init_std): nothing a resume changes about the function the weights compute.
-_UNCOMPARED_MODEL_FIELDS = ModelConfig.KERNEL_FIELDS + ("seq_len", "init_std")
-# A head split the weights were not trained with can fit every tensor's shape (4 heads of 16 -> 8 of 8 with
-# the KV heads alike): the projections would be read as other heads.
-HEAD_SPLIT_FIELDS = ("model.num_heads", "model.num_kv_heads")
+# What weights compute beyond their shapes: a model differing here can fit every tensor (8 heads of 16 and 4
+# KV heads fit 4 heads of 32 and 2) and compute another function from them.
+COMPUTED_BY_THE_WEIGHTS = ("num_heads", "num_kv_heads", "rope_base", "norm_eps", "tie_embeddings")
+# Of those, what no continued run changes on purpose (a RoPE base may be raised for longer contexts)
+HEAD_SPLIT_FIELDS = ("num_heads", "num_kv_heads")
+# How the model computes (kernels, the router's TF32), where the data is cut (seq_len: a note of its own) and
+# how it was first drawn (init_std): nothing that changes the function of resumed weights.
+_UNCOMPARED = {"model": ModelConfig.KERNEL_FIELDS + ("seq_len", "init_std"), "moe": ("router_tf32",)}
+
+
+def function_changes(before: dict, after: dict, fields: tuple[str, ...] = COMPUTED_BY_THE_WEIGHTS) -> list[str]:
+    """'model.X=after (the checkpoint's is before)' for each of `fields` where two model sections (as
+    config_to_dict writes them) differ."""
+    return [f"model.{name}={after[name]!r} (the checkpoint's is {before[name]!r})" for name in fields
+            if name in before and before[name] != after[name]]
 
 
 def changed_settings(saved_config: dict, config: Config) -> dict[str, tuple[Any, Any]]:
     """{"section.key": (the checkpoint's value, this run's)} for each model or MoE setting that says what the
-    model computes and differs from the checkpoint's run (keys an older checkpoint lacks are not compared)."""
+    model computes and differs from the checkpoint's run. Not compared: keys an older checkpoint lacks, a value
+    left unset on either side (derived, as a full pool's size: a real change there changes shapes, refused
+    anyway), and the MoE settings of a model that is dense in both."""
     current = config_to_dict(config)
     changed = {}
     for section in ("model", "moe"):
         saved = saved_config.get(section, {})
+        if section == "moe" and saved.get("kind") == "dense" and current["moe"]["kind"] == "dense":
+            continue
         for key, value in current[section].items():
-            if key in saved and saved[key] != value and not (section == "model" and key in _UNCOMPARED_MODEL_FIELDS):
+            if key in saved and None not in (saved[key], value) and saved[key] != value and key not in _UNCOMPARED[section]:
                 changed[f"{section}.{key}"] = (saved[key], value)
     return changed
 
 
-def check_same_head_split(changed: dict[str, tuple[Any, Any]], source: Path | str) -> None:
-    """CheckpointError for a changed head split (see HEAD_SPLIT_FIELDS), before any tensor is loaded."""
-    split = [f"{name}={changed[name][1]} (the checkpoint's: {changed[name][0]})" for name in HEAD_SPLIT_FIELDS
-             if name in changed]
+def check_same_head_split(saved_config: dict, config: Config, source: Path | str) -> None:
+    """CheckpointError for a head split other than the checkpoint's run's (HEAD_SPLIT_FIELDS): for weights that
+    fit, as restore_model finds first (a checkpoint of other shapes is better told by its tensors)."""
+    split = function_changes(saved_config.get("model", {}), config_to_dict(config)["model"], HEAD_SPLIT_FIELDS)
     if split:
         raise CheckpointError(f"checkpoint {source} was trained with another attention head split: {', '.join(split)};"
-                              " its tensors may fit, but each head would read another's weights: set these back")
+                              " its tensors fit, but each head would read another's weights: set these back")
 
 
 def check_fits(config: Config, state: dict[str, torch.Tensor], what: str) -> None:

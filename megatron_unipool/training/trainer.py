@@ -108,9 +108,8 @@ class Trainer:
         self.checkpoints = checkpoints_dir(self.run_dir)
         payload, source = self._checkpoint_to_resume()
         if payload is not None:
-            changed = changed_settings(payload["config"], config)
-            check_same_head_split(changed, source)  # on every rank alike, before the model is sharded
             restore_model(model, payload["model"], source)
+            check_same_head_split(payload["config"], config, source)  # on every rank alike, before sharding
         self.specs = shard_model(model, self.parallel)
         self.model = model.to(self.device)
         train = config.train
@@ -124,7 +123,8 @@ class Trainer:
                 print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
                       flush=True)
                 self._note_changed_schedule(payload["config"]["train"]["max_steps"])
-                self._note_changed_settings(changed, payload["config"]["train"]["seed"])
+                self._note_changed_settings(changed_settings(payload["config"], config),
+                                            payload["config"]["train"]["seed"])
                 saved_seq_len = payload["config"]["model"]["seq_len"]
                 if saved_seq_len != config.model.seq_len:  # consumed_samples counts samples of the saved length
                     print(f"note: model.seq_len={config.model.seq_len}, the checkpoint's run had {saved_seq_len}: the"
