@@ -260,7 +260,9 @@ def changed_settings(saved_config: dict, config: Config) -> dict[str, tuple[Any,
         if section == "moe" and saved.get("kind") == "dense" and current["moe"]["kind"] == "dense":
             continue
         for key, value in current[section].items():
-            if key in saved and None not in (saved[key], value) and saved[key] != value and key not in _UNCOMPARED[section]:
+            if key in _UNCOMPARED[section] or key not in saved or None in (saved[key], value):
+                continue
+            if saved[key] != value:
                 changed[f"{section}.{key}"] = (saved[key], value)
     return changed
 
