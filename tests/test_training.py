@@ -250,16 +250,19 @@ def test_tensorboard_gets_perplexity_and_each_experts_share_of_the_pool(tmp_path
     from megatron_unipool.config import LoggingConfig
     from megatron_unipool.training.metrics import MetricsLogger
 
-    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=True), max_steps=1)
+    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=True), max_steps=2)
     logger.evaluation(1, 2.5)
     counts = torch.tensor([[6, 0, 2], [0, 4, 0]])  # 2 layers x 3 experts: loads 6, 4, 2 of 12
     logger.utilisation(1, [counts], [[0, 1]], image=False)
+    logger.utilisation(2, [torch.zeros_like(counts)], [[0, 1]], image=False)  # nothing routed: nothing logged
     logger.close({})
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0}).Reload()
     assert events.Scalars("validation/perplexity")[0].value == pytest.approx(math.exp(2.5), rel=1e-6)
     load = events.Histograms("pool0/expert_load")[0].histogram_value
     assert (load.num, load.sum, load.max, load.min) == (3, pytest.approx(1.0), pytest.approx(0.5), pytest.approx(1 / 6))
     assert events.Scalars("pool0/max_over_mean_load")[0].value == pytest.approx(6 / 4)
+    assert [event.step for event in events.Scalars("pool0/max_over_mean_load")] == [1]
+    assert [event.step for event in events.Histograms("pool0/expert_load")] == [1]
 
 
 def test_weight_decay_reaches_matrices_and_experts_not_norms_or_scales(tiny_config):

@@ -135,6 +135,8 @@ class MetricsLogger:
             return
         for p, counts in enumerate(counts_per_pool):
             load = counts.sum(dim=0).float()
+            if not load.sum() > 0:  # nothing routed (every token unrouted, a skipped step): no balance to show,
+                continue  # where a peak-over-mean of 0 would read as perfect balance
             self.writer.add_histogram(f"pool{p}/expert_load", load / load.sum().clamp_min(1), step)
             self.writer.add_scalar(f"pool{p}/max_over_mean_load", (load.max() / load.mean().clamp_min(1e-9)).item(), step)
         if image:
