@@ -44,7 +44,7 @@ from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
 from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
-from measurement import QUIET, checked_overrides, json_output, positive_int  # noqa: E402
+from measurement import QUIET, checked_overrides, error_text, json_output, positive_int  # noqa: E402
 from step_profile import difference, format_difference, format_profile, profile_steps  # noqa: E402
 
 # 128 sequences per step in several micro-batches: the optimizer step is amortised as in training (the 182M/469M
@@ -133,7 +133,7 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
             try:
                 profile = profile_steps(trainer.train_step, profiled)
             except Exception as error:
-                profile_error = f"{type(error).__name__}: {error}"
+                profile_error = error_text(error)
                 print(f"profiling failed, the row keeps its timing: {profile_error}", file=sys.stderr, flush=True)
     tokens_per_step = config.train.global_batch * config.model.seq_len
     flops_per_token = trainer.budget.train_flops_per_token

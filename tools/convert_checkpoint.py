@@ -33,10 +33,10 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from megatron_unipool.config import Config, ConfigError, MoEConfig, config_to_dict, with_overrides  # noqa: E402
+from megatron_unipool.config import Config, ConfigError, MoEConfig, with_overrides  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
-from megatron_unipool.training.checkpoint import (check_fits, function_changes, load_trained_model,  # noqa: E402
+from megatron_unipool.training.checkpoint import (check_fits, check_same_function, load_trained_model,  # noqa: E402
                                                   resolve_checkpoint, write_run_directory)
 from megatron_unipool.training.outputs import (check_output_directory, check_replaceable_output,  # noqa: E402
                                                recover_replaced_directory, write_directory)
@@ -121,9 +121,7 @@ def import_hf(args) -> None:
     model_config, state = from_hf_llama(hf_config, tensors)
     config = with_overrides(Config(model=model_config, moe=MoEConfig(kind="dense")), args.overrides)
     # what the weights compute besides their shapes (which check_fits compares): a --set may not change it
-    changed = function_changes(config_to_dict(Config(model=model_config))["model"], config_to_dict(config)["model"])
-    if changed:
-        raise ConfigError("--set would change what the imported weights compute:\n  " + "\n  ".join(changed))
+    check_same_function(Config(model=model_config), config, "the imported weights")
     check_fits(config, state, f"the weights of {args.checkpoint}, after --set,")
     print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
 

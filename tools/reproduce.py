@@ -60,9 +60,8 @@ def reserved_keys(models: list[str]) -> set[str]:
     router and aux loss, whichever of them is asked for): a --set of one would make the seeds one run, or a
     model something other than its label. (Checkpoints, off by default, are the user's to turn on.)"""
     files = {MODELS[name][0] for name in models}
-    overrides = ["train.seed=0", "moe.kind=dense"] + [o for config, variant in MODELS.values() if config in files
-                                                      for o in variant]
-    return {f"{section}.{key}" for section, key, _ in map(parse_override, overrides)}
+    variants = [o for config, variant in MODELS.values() if config in files for o in variant]
+    return {"train.seed", "moe.kind"} | {f"{section}.{key}" for section, key, _ in map(parse_override, variants)}
 
 
 def check_settings(models: list[str], seeds: list[int], overrides: list[str]) -> None:

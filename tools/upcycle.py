@@ -36,9 +36,9 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_unipool.config import Config, ConfigError, config_to_dict, load_config, with_overrides  # noqa: E402
+from megatron_unipool.config import Config, ConfigError, load_config, with_overrides  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
-from megatron_unipool.training.checkpoint import (LATEST, check_fits, checkpoints_dir, function_changes,  # noqa: E402
+from megatron_unipool.training.checkpoint import (LATEST, check_fits, check_same_function, checkpoints_dir,  # noqa: E402
                                                   load_trained_model, step_directory_name, write_run_directory)
 from megatron_unipool.training.outputs import (check_output_directory, check_replaceable_output,  # noqa: E402
                                                recover_replaced_directory, write_directory)
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         new_config = with_overrides(result.config, args.overrides)
         check_fits(new_config, result.model_state, "after --set, the upcycled weights")  # a --set changing shapes
         # or what the weights compute with the same shapes (the resume would refuse a head split, too late)
-        if changed := function_changes(config_to_dict(result.config)["model"], config_to_dict(new_config)["model"]):
-            raise ConfigError("--set would change what the upcycled weights compute:\n  " + "\n  ".join(changed))
+        check_same_function(result.config, new_config, "the upcycled weights")
         if config.moe.kind != "dense" and args.noise != parser.get_default("noise") and not new_config.moe.bias_balancing:
             print("warning: --noise has no effect: routers read the selection bias only with moe.bias_balancing, off in"
                   " the written config (the replicas' router rows separate through the aux loss's gradients)",

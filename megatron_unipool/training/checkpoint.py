@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..config import Config, ModelConfig, config_from_dict, config_to_dict
+from ..config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 from ..model import LanguageModel
 
 LATEST = "latest"
@@ -246,6 +246,13 @@ def function_changes(before: dict, after: dict, fields: tuple[str, ...] = COMPUT
     config_to_dict writes them) differ."""
     return [f"model.{name}={after[name]!r} (the checkpoint's is {before[name]!r})" for name in fields
             if name in before and before[name] != after[name]]
+
+
+def check_same_function(before: Config, after: Config, what: str) -> None:
+    """ConfigError naming each COMPUTED_BY_THE_WEIGHTS field a --set changed from `before` (the config `what`
+    were trained with) to `after`: for tools that write weights beside a config."""
+    if changed := function_changes(config_to_dict(before)["model"], config_to_dict(after)["model"]):
+        raise ConfigError(f"--set would change what {what} compute:\n  " + "\n  ".join(changed))
 
 
 def changed_settings(saved_config: dict, config: Config) -> dict[str, tuple[Any, Any]]:

@@ -137,8 +137,8 @@ class MetricsLogger:
             load = counts.sum(dim=0).float()
             if not load.sum() > 0:  # nothing routed (every token unrouted, a skipped step): no balance to show,
                 continue  # where a peak-over-mean of 0 would read as perfect balance
-            self.writer.add_histogram(f"pool{p}/expert_load", load / load.sum().clamp_min(1), step)
-            self.writer.add_scalar(f"pool{p}/max_over_mean_load", (load.max() / load.mean().clamp_min(1e-9)).item(), step)
+            self.writer.add_histogram(f"pool{p}/expert_load", load / load.sum(), step)
+            self.writer.add_scalar(f"pool{p}/max_over_mean_load", (load.max() / load.mean()).item(), step)
         if image:
             figure = utilisation_figure([c.cpu().numpy() for c in counts_per_pool], f"pool utilisation, step {step}",
                                         layers_per_pool)
