@@ -177,14 +177,22 @@ def test_counts_for_another_number_of_experts_are_refused(case):
         grouped_swiglu(x, torch.tensor([5, 5]), w_gate, w_up, w_down, **GEMM_CASES[case])
 
 
-@pytest.mark.parametrize("dtype, device, needs", [
-    (torch.float32, "cpu", "expert widths that are multiples of 4 for torch.float32"),
-    (torch.float32, "cuda", "bf16 operands on CUDA"),
+@pytest.mark.parametrize("dtype, device, shape, needs", [
+    (torch.float32, "cpu", (2, 10, 6), "expert widths that are multiples of 4 for torch.float32"),
+    (torch.float32, "cuda", (2, 8, 8), "bf16 operands on CUDA"),
+    (torch.bfloat16, "cuda", (1024, 8, 8), "at most 1023 experts per rank on CUDA"),  # torch's CUDA kernel's limit
 ])
-def test_the_grouped_mm_refusal_names_the_condition_that_failed(dtype, device, needs):
-    w = torch.empty(2, 10, 6, device="meta")
+def test_the_grouped_mm_refusal_names_the_condition_that_failed(dtype, device, shape, needs):
+    w = torch.empty(*shape, device="meta")
     with pytest.raises(KernelUnavailableError, match=f": it needs {needs}; use 'auto' or 'loop'"):
         resolve_expert_gemm("grouped_mm", dtype, torch.device(device), w, w)
+
+
+def test_auto_expert_gemm_takes_the_loop_for_1024_experts_on_cuda():
+    w = torch.empty(1024, 8, 8, device="meta")
+    cuda = torch.device("cuda")
+    assert resolve_expert_gemm("auto", torch.bfloat16, cuda, w, w) == "loop"
+    assert resolve_expert_gemm("auto", torch.bfloat16, cuda, w[:1023], w[:1023]) == "grouped_mm"
 
 
 def test_padded_rows_start_each_expert_at_an_aligned_row():
@@ -299,6 +307,42 @@ def test_sdpa_attention_matches_reference(dtype):
     actual = forward_backward(lambda q, k, v: causal_attention(q, k, v, "sdpa"), inputs)
     for name, a, e in zip(["out", "grad q", "grad k", "grad v"], actual, expected):
         assert_close_relative(a, e, TOLERANCE[dtype], f"sdpa {name}")
+
+
+def test_sdpa_with_key_value_heads_repeated_matches_reference(monkeypatch):
+    """Where SDPA has no fused kernel for grouped heads (CUDA in fp32, or heads over 256 wide), K and V are
+    repeated per query head; forced here on CPU, the numbers and the K / V gradients summed back per group."""
+    from megatron_unipool.kernels import attention
+
+    monkeypatch.setattr(attention, "sdpa_takes_grouped_heads", lambda q: False)
+    inputs = attention_inputs()
+    expected = forward_backward(attention_reference, inputs)
+    actual = forward_backward(lambda q, k, v: causal_attention(q, k, v, "sdpa"), inputs)
+    for name, a, e in zip(["out", "grad q", "grad k", "grad v"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[torch.float32], f"repeated heads {name}")
+
+
+def test_sdpa_takes_grouped_heads_only_where_a_fused_kernel_does():
+    from megatron_unipool.kernels.attention import sdpa_takes_grouped_heads
+
+    def q(dtype, head_dim, device="meta"):
+        return torch.empty(1, 4, 8, head_dim, dtype=dtype, device=device)
+
+    assert sdpa_takes_grouped_heads(q(torch.float32, 64, "cpu"))
+    if torch.cuda.is_available():
+        assert sdpa_takes_grouped_heads(q(torch.bfloat16, 256, "cuda"))
+        assert not sdpa_takes_grouped_heads(q(torch.float32, 64, "cuda"))
+        assert not sdpa_takes_grouped_heads(q(torch.bfloat16, 320, "cuda"))
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_sdpa_attention_in_fp32_on_cuda_matches_reference():
+    inputs = attention_inputs("cuda", torch.float32)
+    expected = forward_backward(attention_reference, inputs)
+    actual = forward_backward(lambda q, k, v: causal_attention(q, k, v, "sdpa"), inputs)
+    for name, a, e in zip(["out", "grad q", "grad k", "grad v"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[torch.float32], f"cuda fp32 sdpa {name}")
 
 
 @needs_cuda

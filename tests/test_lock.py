@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from megatron_unipool.config import ConfigError, MoEConfig
-from megatron_unipool.moe.lock import PoolLock, cardinality_entropy_loss, solve_assignment
+from megatron_unipool.moe.lock import PoolLock, solve_assignment
+from megatron_unipool.moe.losses import cardinality_entropy_loss
 from megatron_unipool.training import Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")

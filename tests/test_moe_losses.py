@@ -162,6 +162,18 @@ def test_aux_loss_none_and_no_z_loss_by_default():
     assert losses == {}
 
 
+@pytest.mark.parametrize("kind", ["vanilla", "unipool", "dense"])
+@pytest.mark.parametrize("aux_loss", ["none", "layer", "pool"])
+@pytest.mark.parametrize("z_loss_coeff, lock_entropy_coeff", [(0.0, 0.0), (1e-3, 0.0), (0.0, 0.1), (1e-3, 0.1)])
+def test_the_config_names_exactly_the_losses_the_model_adds(kind, aux_loss, z_loss_coeff, lock_entropy_coeff):
+    """What the trainer logs and sums (MoEConfig.active_losses) against what the layers return."""
+    if kind == "vanilla" and aux_loss == "pool":
+        pytest.skip("the pool aux loss is UniPool's")
+    model = small_model(kind=kind, aux_loss=aux_loss, z_loss_coeff=z_loss_coeff, lock_entropy_coeff=lock_entropy_coeff)
+    _, losses = model(torch.randint(0, 40, (2, 8)))
+    assert tuple(losses) == model.moe_config.active_losses()
+
+
 # ------------------------------------------------------------------ pool aux loss and PoolStats
 
 

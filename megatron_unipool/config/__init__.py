@@ -3,6 +3,7 @@ from .json_files import ConfigError
 from .loading import (apply_overrides, config_from_dict, config_to_dict, load_config, parse_override,
                       with_overrides)
 from .sections import (
+    MOE_LOSSES,
     CheckpointConfig,
     Config,
     DataConfig,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
+MOE_LOSSES = ("aux_loss", "z_loss", "entropy_loss")  # every loss an MoE layer can add, in the trainer's order
+
 
 def bounded(default, low=None, high=None, exclusive_low=False, exclusive_high=False):
     """A field with an allowed range, checked by the loader."""
@@ -52,7 +54,8 @@ class ModelConfig:
     # deferred, on the grouped_mm path: regroup the layers' rows for torch._grouped_mm, or one Triton GEMM
     # per weight reading them in place (needs Triton, CUDA)
     pool_wgrad_kernel: Literal["torch", "triton"] = "torch"
-    # recompute in backward instead of storing: the attention core, the (MoE) FFN with its norm, or whole blocks
+    # recompute in backward instead of storing: the attention core, the FFN (a dense FFN with its norm, an MoE
+    # layer's permute, experts, combine and shared expert: not its norm or routing), or whole blocks
     activation_checkpointing: Literal["none", "attention", "ffn", "block"] = "none"
     # torch.compile each block's attention sublayer, MoE input norm, MoE router (logits to gates) and dense FFN
     # (MoE dispatch and experts stay eager): fused elementwise kernels, a slower first step
@@ -109,7 +112,9 @@ class MoEConfig:
     lock_start_step: Optional[int] = bounded(None, 1)  # unset: no lock
     lock_window_steps: int = bounded(50, 1)  # routing mass summed over the steps before the lock
     lock_anneal_steps: int = bounded(100, 0)  # penalty ramp on other layers' experts, then a hard mask
-    lock_penalty: float = bounded(10.0, 0.0)  # the ramp's final logit penalty
+    # the ramp's final penalty: on the raw logits (softmax, sigmoid), on the unit-norm logits in [-1, 1]
+    # (norm: any penalty of 2 or more already takes every other layer's expert out by the ReLU)
+    lock_penalty: float = bounded(10.0, 0.0)
     lock_entropy_coeff: float = bounded(0.0, 0.0)  # target-cardinality entropy loss (pool experts / layers)
 
     def is_moe_layer(self, layer: int) -> bool:
@@ -151,6 +156,14 @@ class MoEConfig:
         top-k): the LM loss then gives the routers no gradient, only the balancing losses train them."""
         return self.kind != "dense" and self.top_k == 1 and self.router != "norm" and (
             self.normalize_gates or (self.router == "softmax" and not self.softmax_before_topk))
+
+    def active_losses(self) -> tuple[str, ...]:
+        """The losses the MoE layers add to the training loss, by the names they report them under."""
+        if self.kind == "dense":
+            return ()
+        active = {"aux_loss": self.aux_loss != "none", "z_loss": self.z_loss_coeff > 0,
+                  "entropy_loss": self.lock_entropy_coeff > 0}
+        return tuple(name for name in MOE_LOSSES if active[name])
 
 
 @dataclass

@@ -16,11 +16,20 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 
 FLASH_MAX_HEAD_DIM = 256  # flash-attn 2 has no kernels for larger heads: "auto" falls back to SDPA
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def flash_supports(device_type: str, dtype: torch.dtype, head_dim: int) -> bool:
-    return (flash_attn_func is not None and device_type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    return (flash_attn_func is not None and device_type == "cuda" and dtype in HALF_DTYPES
             and head_dim <= FLASH_MAX_HEAD_DIM)
+
+
+def sdpa_takes_grouped_heads(q_BHSK: torch.Tensor) -> bool:
+    """Whether SDPA runs fewer key/value heads than query heads in a fused kernel. On CUDA only its flash
+    kernel takes them (half precision, head dim <= 256); otherwise it falls back to its math kernel, which
+    stores the [B, H, S, S] scores for backward, where K and V repeated per query head go to the
+    memory-efficient kernel."""
+    return q_BHSK.device.type != "cuda" or (q_BHSK.dtype in HALF_DTYPES and q_BHSK.shape[-1] <= FLASH_MAX_HEAD_DIM)
 
 
 def flash_available(q: torch.Tensor) -> bool:
@@ -35,4 +44,7 @@ def causal_attention(q_BHSK: torch.Tensor, k_BGSK: torch.Tensor, v_BGSK: torch.T
     if backend in ("auto", "flash") and flash_available(q_BHSK):
         out = flash_attn_func(q_BHSK.transpose(1, 2), k_BGSK.transpose(1, 2), v_BGSK.transpose(1, 2), causal=True)
         return out.transpose(1, 2)
+    if k_BGSK.shape[1] != q_BHSK.shape[1] and not sdpa_takes_grouped_heads(q_BHSK):
+        repeats = q_BHSK.shape[1] // k_BGSK.shape[1]
+        k_BGSK, v_BGSK = k_BGSK.repeat_interleave(repeats, dim=1), v_BGSK.repeat_interleave(repeats, dim=1)
     return F.scaled_dot_product_attention(q_BHSK, k_BGSK, v_BGSK, is_causal=True, enable_gqa=True)

@@ -32,6 +32,7 @@ from .swiglu import swiglu_backward, swiglu_forward
 from .triton_support import wants_triton
 
 GROUPED_MM_ALIGN_BYTES = 16
+GROUPED_MM_MAX_GROUPS = 1023  # torch's CUDA kernel sets its groups up in one thread block: < 1024 experts per call
 # The weight-gradient operands of one call are (x, grad_gate, grad_up, hidden, grad_out); each weight's
 # gradient is grad^T input over its expert's rows, with (grad, input) at these positions, for w_gate,
 # w_up and w_down in turn.
@@ -39,11 +40,14 @@ WEIGHT_GRADIENT_OPERANDS = ((1, 0), (2, 0), (4, 3))
 
 
 def grouped_mm_refusal(dtype: torch.dtype, device: torch.device, *weights: torch.Tensor) -> str | None:
-    """What torch._grouped_mm lacks to take these operands (16-byte aligned rows; bf16 only on CUDA), or None."""
+    """What torch._grouped_mm lacks to take these operands (16-byte aligned rows; on CUDA bf16 and fewer
+    than 1024 experts), or None."""
     if not hasattr(torch, "_grouped_mm"):
         return f"torch._grouped_mm, which torch {torch.__version__} lacks"
     if torch.device(device).type == "cuda" and dtype != torch.bfloat16:
         return "bf16 operands on CUDA"
+    if torch.device(device).type == "cuda" and any(w.shape[0] > GROUPED_MM_MAX_GROUPS for w in weights):
+        return f"at most {GROUPED_MM_MAX_GROUPS} experts per rank on CUDA"
     align = GROUPED_MM_ALIGN_BYTES // dtype.itemsize
     if not all(w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights):
         return f"expert widths that are multiples of {align} for {dtype}"

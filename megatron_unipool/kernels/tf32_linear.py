@@ -15,7 +15,9 @@ import torch
 
 @contextlib.contextmanager
 def tf32_matmuls() -> Iterator[None]:
-    """fp32 matmuls inside may use TF32 (torch's `fp32_precision` setting, restored on leaving)."""
+    """fp32 matmuls inside may use TF32 (torch's `fp32_precision` setting, restored on leaving). Inside,
+    torch's legacy readers of the setting (`get_float32_matmul_precision`, `matmul.allow_tf32`) raise on
+    the mix of its two APIs: only the GEMMs run here, which read the new one."""
     matmul = torch.backends.cuda.matmul
     previous = matmul.fp32_precision
     matmul.fp32_precision = "tf32"

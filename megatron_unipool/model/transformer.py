@@ -52,7 +52,8 @@ def _dense_ffn(block: "Block", x: torch.Tensor) -> torch.Tensor:
 
 class Block(nn.Module):
     """Pre-norm transformer block. model.activation_checkpointing 'block' recomputes all of it in
-    backward ('ffn' and 'attention' are handled by the FFN / attention themselves).
+    backward; 'ffn' a dense FFN with its norm (here) or an MoE layer's expert half (the layer itself:
+    its norm and routing run once); 'attention' the attention core (the attention itself).
 
     model.compile: its attention sublayer (norm, attention, residual add), the MoE layer's input norm and
     a dense FFN with its norm run as torch.compile graphs, which fuse their elementwise work (norms, RoPE,
@@ -101,6 +102,12 @@ class RoutingStepStats:
         """Share of the routing slots that reached no expert (NormRouter: fewer than k positive scores)."""
         slots = sum(int(s.sum()) for s in self.slots_per_pool)
         return 1 - sum(int(c.sum()) for c in self.counts_per_pool) / slots if slots else None
+
+    def unrouted_per_layer(self, pool_layout: list[list[int]]) -> dict[int, float]:
+        """The same share for each MoE layer, by its index (`pool_layout`: each pool's layers)."""
+        return {layer: 1 - int(routed_M.sum()) / max(int(slots), 1)
+                for layers, counts_LM, slots_L in zip(pool_layout, self.counts_per_pool, self.slots_per_pool)
+                for layer, routed_M, slots in zip(layers, counts_LM, slots_L)}
 
 
 class LanguageModel(nn.Module):

@@ -23,8 +23,8 @@ from ..kernels.triton_support import wants_triton
 from .balance import PoolStats
 from .dispatch import DispatchPlan, expert_rows, permute, plan_dispatch, unpermute
 from .experts import ExpertPool, SwiGLU
-from .lock import PoolLock, cardinality_entropy_loss
-from .losses import load_balancing_loss, z_loss
+from .lock import PoolLock
+from .losses import cardinality_entropy_loss, load_balancing_loss, z_loss
 from .router import Router, Routing, capacity
 
 

@@ -8,7 +8,8 @@ Phases, by optimizer step (moe.lock_* fields):
   every expert owned by exactly one layer and every layer owning floor(M/L) or ceil(M/L) experts
   (a mixed-integer program solved by scipy's HiGHS);
 - the next lock_anneal steps: each router's logits of experts it does not own are lowered by a
-  penalty rising on a half cosine to lock_penalty (the design note's cosine anneal);
+  penalty rising on a half cosine to lock_penalty (the design note's cosine anneal); a NormRouter's
+  on its unit-norm logits, in [-1, 1], where 2 already zeroes any score, the others' on raw logits;
 - afterwards: those experts are masked out (hard lock).
 The state (mass, assignment, phase) is in buffers, so checkpoints resume mid-phase.
 
@@ -91,11 +92,3 @@ class PoolLock(nn.Module):
         layers = torch.arange(self.offset.shape[0], device=self.owner.device).unsqueeze(1)
         self.offset.copy_(torch.where(self.owner.unsqueeze(0) != layers, -penalty, 0.0))
 
-
-def cardinality_entropy_loss(scores_TM: torch.Tensor, target_experts: float, coeff: float) -> torch.Tensor:
-    """coeff * (H(mean routing distribution) - log(target))^2: pulls a layer toward spreading its
-    tokens over about `target_experts` experts (its share of the pool after the lock)."""
-    p = scores_TM.float().mean(0)
-    p = p / p.sum().clamp(min=1e-12)
-    entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
-    return coeff * (entropy - math.log(target_experts)) ** 2

@@ -1,6 +1,8 @@
 """Balancing losses as stateless functions (formulas in shared/design/unipool.md)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -25,3 +27,12 @@ def pool_load_fraction(counts_LM: torch.Tensor, slots_L: torch.Tensor) -> torch.
     the routed ones, a layer whose NormRouter routes almost nothing would weigh as much as a full one."""
     per_layer = counts_LM.float() / slots_L.float().clamp_min(1)[:, None]
     return per_layer.mean(dim=0)
+
+
+def cardinality_entropy_loss(scores_TM: torch.Tensor, target_experts: float, coeff: float) -> torch.Tensor:
+    """coeff * (H(mean routing distribution) - log(target))^2: pulls a layer toward spreading its
+    tokens over about `target_experts` experts (its share of the pool after the lock)."""
+    p = scores_TM.float().mean(0)
+    p = p / p.sum().clamp(min=1e-12)
+    entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
+    return coeff * (entropy - math.log(target_experts)) ** 2

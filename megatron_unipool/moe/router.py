@@ -48,6 +48,12 @@ def norm_router_constant(num_experts: int, top_k: int, samples: int = 100_000, s
     return values[values <= torch.quantile(values, TRIM_QUANTILE)].mean().item()
 
 
+def norm_constant(config: MoEConfig, num_experts: int) -> float:
+    """NormRouter's c for a pool of `num_experts`: moe.norm_router_c, else c(M, k) above."""
+    return float(config.norm_router_c) if config.norm_router_c is not None else norm_router_constant(
+        num_experts, config.top_k)
+
+
 @dataclass
 class Routing:
     """One layer's routing of T tokens."""
@@ -76,8 +82,7 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         if config.router == "norm":
             self.scale = nn.Parameter(torch.ones(1))  # shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes
-            c = config.norm_router_c if config.norm_router_c is not None else norm_router_constant(num_experts, config.top_k)
-            self.norm_constant = float(c)
+            self.norm_constant = norm_constant(config, num_experts)
 
     def forward(self, x_TD: torch.Tensor, logit_offset_M: Optional[torch.Tensor] = None) -> Routing:
         """`logit_offset_M` (UniPool-lock) lowers, or with -inf removes, experts this layer may not use."""

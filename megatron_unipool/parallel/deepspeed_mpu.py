@@ -1,26 +1,27 @@
 """Our process groups as DeepSpeed's engine and ZeRO ask for them (Megatron's `mpu` interface)."""
 from __future__ import annotations
 
-from .state import ParallelState, create_groups, group_ranks
+import torch.distributed as dist
+
+from .state import ParallelState, create_groups
 
 
 class DeepSpeedTopology:
     """Our groups in the shape DeepSpeed's engine and ZeRO ask for (Megatron's `mpu`).
 
     "Model parallel" is every rank holding a different part of one model replica: the tp ranks
-    of every stage (DeepSpeed sums gradient norms over it).
+    of every stage (DeepSpeed sums gradient norms over it). Our groups are reused; DeepSpeed needs a
+    real group where ours has a single rank (None), so those all become one group of this rank alone,
+    which only this rank creates.
     """
 
     def __init__(self, parallel: ParallelState):
         layout = self.layout = parallel.layout
-        kinds = group_ranks(layout)
-        # DeepSpeed needs real groups where ours would have a single rank (None)
         timeout = parallel.timeout
-        self._dp = create_groups(kinds["dp"], layout.rank, timeout, single_rank=True)
-        self._tp = create_groups(kinds["tp"], layout.rank, timeout, single_rank=True)
-        self._mp = create_groups([layout.ranks(dp=[d]) for d in range(layout.dp)], layout.rank, timeout,
-                                 single_rank=True)
-        self.own_rank = create_groups([[r] for r in range(layout.world_size)], layout.rank, timeout, single_rank=True)
+        self.own_rank = dist.new_group([layout.rank], timeout=timeout, use_local_synchronization=True)
+        self._dp = parallel.dp_group or self.own_rank
+        self._tp = parallel.tp_group or self.own_rank
+        self._mp = create_groups([layout.ranks(dp=[d]) for d in range(layout.dp)], layout.rank, timeout) or self.own_rank
         self._dp_ranks = layout.ranks(tp=[layout.tp_rank], pp=[layout.pp_rank])
 
     def get_data_parallel_group(self):

@@ -55,7 +55,7 @@ def dispatch_to_experts(x_SD: torch.Tensor, counts_M: torch.Tensor, group: Group
     expert_of_slot = torch.repeat_interleave(local_experts, received_counts.flatten())
     order = torch.argsort(expert_of_slot, stable=True)
     exchange = Exchange(send_splits, recv_splits, order, received_counts.sum(0), group, x_SD.dtype)
-    return received[order], exchange
+    return received.index_select(0, order), exchange
 
 
 def return_to_sources(y_local_SD: torch.Tensor, exchange: Exchange) -> torch.Tensor:

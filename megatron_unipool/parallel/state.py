@@ -96,7 +96,7 @@ class ParallelState:
     tp_group: Group = None
     dp_group: Group = None  # replicas of this rank's dense weights
     ep_group: Group = None  # ranks holding the shards of one copy of each pool
-    routing_group: Group = None  # every rank that routes tokens into the pools (one tp rank of each)
+    routing_group: Group = None  # every rank with this rank's tp rank, over dp and pp: each routes its own tokens
     # every rank, over gloo: Python objects (checkpoint pieces, shared decisions) travel through host
     # memory, not through a GPU buffer of world size x the largest object as NCCL's object collectives
     host_group: Group = None
@@ -129,14 +129,13 @@ def group_ranks(layout: Layout, pool_stage_sets: Iterable[Iterable[int]] = ()) -
     return groups
 
 
-def create_groups(rank_sets: list[list[int]], rank: int, timeout: Optional[datetime.timedelta],
-                  single_rank: bool = False) -> Group:
+def create_groups(rank_sets: list[list[int]], rank: int, timeout: Optional[datetime.timedelta]) -> Group:
     """Create one group per rank set (every rank creates all of them, in the same order) and return
-    the one holding `rank`. Sets of one rank get no group (None) unless `single_rank`. `timeout`
+    the one holding `rank`. Sets of one rank get no group (None). `timeout`
     applies to the group's collectives (without it a subgroup waits the backend's default: 10-30 min)."""
     found = None
     for ranks in rank_sets:
-        group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 or single_rank else None
+        group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
         if rank in ranks:
             found = group
     return found

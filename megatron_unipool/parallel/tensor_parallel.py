@@ -116,8 +116,8 @@ class VocabParallelEmbedding(nn.Module):
 def vocab_parallel_cross_entropy_sum(logits_slice: torch.Tensor, targets: torch.Tensor, group: Group) -> torch.Tensor:
     """Sum over tokens of -log softmax(logits)[target], with the vocabulary split over `group`.
 
-    logits_slice [N, V/tp] holds this rank's vocabulary range (without tensor parallelism the
-    trainer takes `kernels.cross_entropy_sum`). The max is a constant shift (no gradient); the two
+    logits_slice [N, V/tp] holds this rank's vocabulary range (without tensor parallelism
+    model.loss takes `kernels.cross_entropy_sum`). The max is a constant shift (no gradient); the two
     sums are all-reduced with an identity backward, so each rank's gradient is softmax - onehot on
     its own slice. A target outside the vocabulary gives a NaN loss, as the Triton kernel's does, where
     it would otherwise add log(sum exp) alone.

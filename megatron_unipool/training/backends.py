@@ -168,9 +168,9 @@ class DeepSpeedBackend(NativeBackend):
         self.backward_calls = 0
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Stages 0/1 accumulate only: reducing inside the last backward would make that stage wait for
-        the pool's replicas in stages still running their own backward (a deadlock under 1F1B). Stage 2
-        reduces in every backward anyway (so it needs pp = 1); its last one is the boundary."""
+        """ZeRO stages 0/1 accumulate only: reducing inside the last backward would make that pipeline stage
+        wait for the pool's replicas in pipeline stages still running their own backward (a deadlock under
+        1F1B). ZeRO stage 2 reduces in every backward anyway (so it needs pp = 1); its last one is the boundary."""
         last = self.backward_calls == self.micro_batches - 1
         self.engine.set_gradient_accumulation_boundary(self.zero_stage == 2 and last)
         self.backward_calls += 1

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config, config_to_dict
+from ..config import MOE_LOSSES, Config, config_to_dict
 from ..model import LanguageModel, RoutingStepStats, lm_loss_sum, param_budget
 from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
@@ -39,8 +39,6 @@ from .distributed import gather_full_state
 from .hardware import peak_flops
 from .metrics import MetricsLogger, check_tensorboard
 from .optimizer import learning_rate
-
-MOE_LOSSES = ("aux_loss", "z_loss", "entropy_loss")
 
 
 class NonFiniteError(RuntimeError):
@@ -274,19 +272,14 @@ class Trainer:
         metrics = {"lr": lr, "lm_loss": totals[0].item(), "grad_norm": grad_norm,
                    "skipped_steps": self.state.skipped_steps}
         moe = self.config.moe
-        if moe.kind != "dense":
-            active = {"aux_loss": moe.aux_loss != "none", "z_loss": moe.z_loss_coeff > 0,
-                      "entropy_loss": moe.lock_entropy_coeff > 0}
-            metrics.update({name: totals[j].item() for j, name in enumerate(MOE_LOSSES, start=1) if active[name]})
+        metrics.update({name: totals[1 + MOE_LOSSES.index(name)].item() for name in moe.active_losses()})
         routed = sum(int(c.sum()) for c in routing.counts_per_pool)
         if routed:
             metrics["dropped_fraction"] = routing.dropped / routed
         if moe.kind != "dense" and moe.router == "norm":  # the one router that can leave a slot without an expert
             metrics["unrouted_fraction"] = routing.unrouted_fraction()
-            layout = moe.pool_layout(self.config.model.num_layers)
-            for layers, counts, slots in zip(layout, routing.counts_per_pool, routing.slots_per_pool):
-                for layer, routed_M, layer_slots in zip(layers, counts, slots):
-                    metrics[f"unrouted/layer{layer}"] = 1 - int(routed_M.sum()) / max(int(layer_slots), 1)
+            for layer, share in routing.unrouted_per_layer(moe.pool_layout(self.config.model.num_layers)).items():
+                metrics[f"unrouted/layer{layer}"] = share
         return metrics, routing
 
     def _count_skip(self, applied: bool, loss: float, grad_norm: float) -> None:

@@ -48,7 +48,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 from ..config import Config
-from ..model import ExpertPool, LanguageModel, lm_loss_sum, norm_router_constant
+from ..model import ExpertPool, LanguageModel, lm_loss_sum, norm_constant
 from .datasets import build_datasets
 
 MAX_EXTRA = 3  # extra replicas one expert may receive under utility selection
@@ -244,9 +244,7 @@ def _norm_router_rescale(old: Config, new: Config, source: list[int]) -> float:
     multiplies ||l|| by sqrt(m) and changes c; this factor on the scale undoes both, so each
     expert keeps its score (exactly for uniform replication, approximately otherwise)."""
     old_m, new_m, k = old.moe.experts_per_pool(old.model.num_layers), len(source), old.moe.top_k
-    old_c = old.moe.norm_router_c if old.moe.norm_router_c is not None else norm_router_constant(old_m, k)
-    new_c = new.moe.norm_router_c if new.moe.norm_router_c is not None else norm_router_constant(new_m, k)
-    return old_c / new_c * math.sqrt(new_m / old_m)
+    return norm_constant(old.moe, old_m) / norm_constant(new.moe, new_m) * math.sqrt(new_m / old_m)
 
 
 def upcycle_dense(dense_config: Config, dense_state: dict[str, torch.Tensor], target: Config) -> Upcycled:
