@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from megatron_unipool.config import ConfigError, load_config
 from megatron_unipool.model import LanguageModel
 from megatron_unipool.model.sharding import ShardSpec
-from megatron_unipool.parallel import Layout, group_ranks
+from megatron_unipool.parallel import Layout, build_parallel_state, group_ranks
 from megatron_unipool.training import latest_checkpoint, load_checkpoint
 from parallel_harness import job_config, run_job, run_on_ranks, run_parallel
 
@@ -240,10 +240,14 @@ def test_agreement_spreads_rank0s_decision_error_and_names_every_failing_rank(tm
 
 
 def test_layout_errors_name_an_ep_that_does_not_divide_dp():
-    from megatron_unipool.parallel.state import layout_errors
+    from megatron_unipool.config import ParallelConfig
 
-    assert layout_errors(1, 1, 3, 4) == ["ep 3 does not divide the data-parallel size 4 (world 4 / tp 1 / pp 1)"]
-    assert layout_errors(1, 2, 2, 4) == [] and layout_errors(2, 1, 1, 3) == ["world size 3 is not divisible by tp 2 x pp 1"]
+    assert ParallelConfig(ep=3).layout_errors(4) == [
+        "parallel.ep=3 must divide the data-parallel size 4 (world 4 / tp 1 / pp 1)"]
+    assert ParallelConfig(pp=2, ep=2).layout_errors(4) == []
+    assert ParallelConfig(tp=2).layout_errors(3) == ["world size 3 must be divisible by parallel.tp=2 x parallel.pp=1"]
+    with pytest.raises(ValueError, match=r"^world size 1 must be divisible by parallel.tp=2 x parallel.pp=1$"):
+        build_parallel_state(2, 1, 1)  # the groups' own check, for callers without a Config
 
 
 def test_a_non_finite_loss_on_one_rank_is_skipped_by_every_rank(reference, data_cache, tmp_path, single_thread):

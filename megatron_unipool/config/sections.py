@@ -230,6 +230,16 @@ class ParallelConfig:
     def data_parallel(self, world_size: int) -> int:
         return max(1, world_size // (self.tp * self.pp))
 
+    def layout_errors(self, world_size: int) -> list[str]:
+        """What keeps these degrees from fitting `world_size` processes (empty when they fit)."""
+        if world_size % (self.tp * self.pp):
+            return [f"world size {world_size} must be divisible by parallel.tp={self.tp} x parallel.pp={self.pp}"]
+        dp = world_size // (self.tp * self.pp)
+        if dp % self.ep:
+            return [f"parallel.ep={self.ep} must divide the data-parallel size {dp} (world {world_size}"
+                    f" / tp {self.tp} / pp {self.pp})"]
+        return []
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -304,11 +314,8 @@ class Config:
              " their activation itself; set model.swiglu_kernel='torch' (or model.compile=false). With every layer an"
              " MoE layer the two combine: the experts are not compiled")
         if world_size is not None:
-            need(world_size % (p.tp * p.pp) == 0,
-                 f"world size {world_size} must be divisible by parallel.tp={p.tp} x parallel.pp={p.pp}")
+            errors.extend(p.layout_errors(world_size))
             dp = p.data_parallel(world_size)
-            need(dp % p.ep == 0, f"parallel.ep={p.ep} must divide the data-parallel size {dp} (world {world_size}"
-                 f" / tp {p.tp} / pp {p.pp})")
             need(t.global_batch % (t.micro_batch * dp) == 0,
                  f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}"
                  f" x data-parallel size {dp}")

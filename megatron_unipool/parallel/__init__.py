@@ -10,5 +10,4 @@ from .state import (
     build_parallel_state,
     group_ranks,
     init_distributed_from_env,
-    layout_errors,
 )

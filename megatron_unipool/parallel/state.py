@@ -25,6 +25,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from ..config import ParallelConfig
+
 Group = Optional[dist.ProcessGroup]
 
 
@@ -76,16 +78,6 @@ class Layout:
         dps = range(self.dp) if dp is None else dp
         pps = range(self.pp) if pp is None else pp
         return sorted(self.rank_of(t, d, p) for t, d, p in itertools.product(tps, dps, pps))
-
-
-def layout_errors(tp: int, pp: int, ep: int, world_size: int) -> list[str]:
-    errors = []
-    if world_size % (tp * pp):
-        errors.append(f"world size {world_size} is not divisible by tp {tp} x pp {pp}")
-    elif (world_size // (tp * pp)) % ep:
-        errors.append(f"ep {ep} does not divide the data-parallel size {world_size // (tp * pp)} "
-                      f"(world {world_size} / tp {tp} / pp {pp})")
-    return errors
 
 
 @dataclass
@@ -150,7 +142,7 @@ def build_parallel_state(tp: int, pp: int, ep: int, pool_stage_sets: Iterable[It
     Collectives in every group time out after `timeout_s` (None: the backend's default).
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    errors = layout_errors(tp, pp, ep, world)
+    errors = ParallelConfig(tp=tp, pp=pp, ep=ep).layout_errors(world)
     if errors:
         raise ValueError("; ".join(errors))
     layout = Layout(tp=tp, pp=pp, dp=world // (tp * pp), ep=ep, rank=dist.get_rank() if world > 1 else 0)
