@@ -35,7 +35,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from megatron_unipool.config import ConfigError, load_config  # noqa: E402
 from megatron_unipool.kernels import KernelUnavailableError  # noqa: E402
-from megatron_unipool.parallel import LaunchError, init_distributed_from_env  # noqa: E402
+from megatron_unipool.parallel import LaunchError, init_distributed_from_env, job_position  # noqa: E402
 from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, RunStopped, Trainer,  # noqa: E402
                                        checkpoint_to_resume, checkpoints_dir, init_parallel)
 
@@ -117,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     interruption = Interruption()
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, interruption)
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    try:
+        world_size, rank, local_rank = job_position()
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # Once the ranks have joined, errors that can differ between nodes are raised on every rank alike
     # (Trainer), so rank 0 reports them. Before that, a node can fail alone (a file only some nodes
     # see): the first rank of each node reports too.
     say = print if rank == 0 else (lambda *_, **__: None)
-    first_on_node = rank == 0 or int(os.environ.get("LOCAL_RANK", "0")) == 0
+    first_on_node = rank == 0 or local_rank == 0
 
     def say_on_each_node(message: str) -> None:
         if first_on_node:

@@ -496,6 +496,7 @@ def test_gpu_checks_script_refuses_an_unknown_step_set(tmp_path):
     ("comm.py", ["--ep", "1"], "--ep must be at least 2, not 1"),  # was a traceback after its start
     ("moe_layer.py", ["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),  # each row failed
     ("end_to_end.py", ["--steps", "0"], "argument --steps: must be at least 1, not 0"),  # each model, after its build
+    ("comm.py", ["--steps", "0"], "argument --steps: must be at least 1, not 0"),
     ("moe_layer.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
     ("grouped_gemm.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
     ("end_to_end.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
@@ -507,3 +508,38 @@ def test_benchmarks_check_their_arguments_before_measuring(tmp_path, script, arg
                           text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-1500:]
     assert "Traceback" not in done.stderr and "measuring" not in done.stderr
+
+
+def test_a_failed_measurements_error_is_its_type_and_first_line_cut_short(monkeypatch):
+    """A row's error is one bounded line: a 300-character message (a shape dump) is cut at 200."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import measurement
+
+    assert measurement.error_text(RuntimeError("x" * 300 + "\nsecond line")) == "RuntimeError: " + "x" * 200
+    assert measurement.error_text(AssertionError()) == "AssertionError: "
+
+
+def test_grouped_gemm_benchmark_writes_a_rows_parts_before_the_next_measurement(tmp_path, monkeypatch):
+    """A step cut at its time limit (gpu_checks' timeout) keeps the fwd/wgrad parts of the rows done so far:
+    the JSON is rewritten after the parts, not only by the next row's measurement or at the end."""
+    import json
+
+    import pytest
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import grouped_gemm
+
+    measure = grouped_gemm.measure
+
+    def cut_after_dense(impl, *args):
+        if impl != "dense":
+            raise KeyboardInterrupt  # the run stopped as the next row starts
+        return measure(impl, *args)
+
+    monkeypatch.setattr(grouped_gemm, "measure", cut_after_dense)
+    out = tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        grouped_gemm.main(["--rows", "64", "--experts", "4", "--hidden", "32", "--ffn", "16", "--repeats", "1",
+                           "--warmup", "0", "--json", str(out)])
+    [row] = json.loads(out.read_text())
+    assert row["impl"] == "dense" and row["fwd_ms"] > 0 and row["wgrad_ms"] > 0

@@ -365,6 +365,16 @@ def test_non_finite_and_overflowing_numbers_are_named(tmp_path, text, named):
     assert named in str(error.value)
 
 
+def test_a_config_file_with_a_byte_order_mark_loads_and_one_of_another_shape_is_named(tmp_path):
+    marked = tmp_path / "marked.json"
+    marked.write_bytes(b"\xef\xbb\xbf" + b'{"train": {"lr": 0.5}}')
+    assert load_config(marked).train.lr == 0.5
+    listed = tmp_path / "listed.json"
+    listed.write_text("[]")
+    with pytest.raises(ConfigError, match=r"^config file \S+listed\.json must hold a JSON object of sections, not a list$"):
+        load_config(listed)
+
+
 def test_unreadable_and_non_utf8_config_files_are_named(tmp_path, monkeypatch):
     latin1 = tmp_path / "latin1.json"
     latin1.write_bytes('{"data": {"tokenizer": "caf\u00e9"}}'.encode("latin-1"))

@@ -901,6 +901,25 @@ def fill_the_disk_on_the_validation_split(preprocess_main, monkeypatch) -> None:
     monkeypatch.setitem(globals_, "write_indexed", disk_full_on_the_second_split)
 
 
+def test_cli_refuses_to_replace_outputs_without_force(tmp_path, preprocess_main, capsys):
+    """A dataset a run trains on, re-tokenised under it, was replaced silently (the resume then read other ids)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "first"}\n{"text": "second"}\n')
+    argv = ["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte"]
+    preprocess_main(argv)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    corpus.write_text('{"text": "other"}\n{"text": "more"}\n')
+    with pytest.raises(SystemExit):
+        preprocess_main(argv)
+    assert (f"{tmp_path / 'c.bin'}, {tmp_path / 'c.idx'} already exist: pass --force to replace"
+            in capsys.readouterr().err)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.name != "corpus.jsonl"} == {
+        name: data for name, data in before.items() if name != "corpus.jsonl"}
+    preprocess_main(argv + ["--valid-fraction", "0.5"])  # other outputs (c_train, c_valid): nothing in their way
+    preprocess_main(argv + ["--force"])
+    assert decoded_documents(tmp_path / "c", ByteTokenizer()) == ["other", "more"]
+
+
 def test_cli_failure_in_the_second_split_replaces_neither(tmp_path, preprocess_main, monkeypatch):
     """The splits are published together: a failure while writing the validation split (a full disk
     here) keeps the previous run's train and validation files, not a new train beside an old valid."""
@@ -912,7 +931,7 @@ def test_cli_failure_in_the_second_split_replaces_neither(tmp_path, preprocess_m
     fill_the_disk_on_the_validation_split(preprocess_main, monkeypatch)
     corpus.write_text('{"text": "new train"}\n{"text": "new valid"}\n')
     with pytest.raises(OSError, match="No space left"):
-        preprocess_main(argv)
+        preprocess_main(argv + ["--force"])
     assert decoded_documents(tmp_path / "c_train", ByteTokenizer()) == ["old train"]
     assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == ["old valid"]
     assert sorted(path.name for path in tmp_path.iterdir()) == [
@@ -962,7 +981,7 @@ def test_cli_a_failure_after_training_keeps_the_previous_tokenizer(tmp_path, pre
     fill_the_disk_on_the_validation_split(preprocess_main, monkeypatch)
     (tmp_path / "corpus.jsonl").write_text('{"text": "a new train text"}\n{"text": "a new valid text"}\n')
     with pytest.raises(OSError, match="No space left"):
-        preprocess_main(train_tokenizer_argv(tmp_path))
+        preprocess_main(train_tokenizer_argv(tmp_path) + ["--force"])
     assert file_contents(tmp_path) == {**before, "corpus.jsonl": (tmp_path / "corpus.jsonl").read_bytes()}
 
 
@@ -1051,7 +1070,7 @@ def test_cli_interrupted_by_a_signal_removes_what_it_staged(tmp_path, preprocess
     (tmp_path / "corpus.jsonl").write_text("".join(new_documents))
     tool = subprocess.Popen(
         [sys.executable, "-c", SLOW_VALID_SPLIT, str(PREPROCESS_SCRIPT), *train_tokenizer_argv(tmp_path),
-         "--workers", workers],
+         "--workers", workers, "--force"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -1092,3 +1111,13 @@ def test_cli_a_signal_while_publishing_lets_the_new_files_stand_whole(tmp_path):
                                                     " published: they were published whole\n"), done.stderr
     assert decoded_documents(tmp_path / "c_train", ByteTokenizer()) == ["new train"]
     assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == ["new valid"]
+
+
+def test_cli_trains_the_smallest_byte_level_bpe(tmp_path, preprocess_main):
+    """257 (the 256 bytes and EOD, no merge) is what train_bpe_tokenizer accepts: the CLI's early check
+    refuses below it, not at it."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "abc abc abc"}) + "\n" + json.dumps({"text": "def def"}) + "\n")
+    preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--train-tokenizer-vocab", "257",
+                     "--tokenizer-output", str(tmp_path / "t.json")])
+    assert (tmp_path / "t.json").is_file() and (tmp_path / "c.bin").is_file()

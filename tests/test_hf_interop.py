@@ -3,6 +3,7 @@ refusals name what cannot be expressed, and the CLI chains Llama -> ours -> upcy
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,10 @@ def test_cli_chain_llama_to_upcycled_mixtral_keeps_the_logits(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "MixtralForCausalLM" in done.stdout
     torch.testing.assert_close(hf_logits(tmp_path / "mixtral", batch), expected, atol=1e-4, rtol=1e-4)
+    # readable by whoever may read config.json beside it (safetensors alone would write it 0600)
+    modes = {name: stat.S_IMODE((tmp_path / "mixtral" / name).stat().st_mode)
+             for name in ("config.json", "model.safetensors")}
+    assert modes["model.safetensors"] == modes["config.json"], modes
 
 
 @pytest.fixture(scope="module")

@@ -432,6 +432,8 @@ def test_dense_upcycling_refuses_a_target_computing_another_function(data_cache,
     (["--selection", "utility", "--utility-batches", "0"], "--utility-batches must be at least 1, not 0"),
     (["--selection", "utility", "--utility-batches", "-2"], "--utility-batches must be at least 1, not -2"),
     (["--multiplier", "1"], "--multiplier must be at least 2, not 1"),
+    (["--noise", "nan"], "--noise must be a finite value of at least 0, not nan"),
+    (["--noise", "-1"], "--noise must be a finite value of at least 0, not -1.0"),
     (["--selection", "utility", "--multiplier", str(MAX_EXTRA + 2)],
      f"--multiplier must be at most {MAX_EXTRA + 1}, not {MAX_EXTRA + 2}"),
 ])
@@ -524,6 +526,8 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
     (["--output-is-a-file"], "is a file, not a directory"),
     (["--output-under-a-file"], "upcycled is a file, not a directory"),
     (["--output-is-the-cwd"], "--output . holds the directory this command runs in"),
+    # 64 experts of 3 x 128 x 64 copied 10^12 times: no host holds it (it ran out of memory, or never ended)
+    (["--multiplier", str(10**12)], "error: the model upcycled x1000000000000 holds"),
 ])
 def test_upcycle_refuses_what_would_write_an_unusable_run(trained, tmp_path, arguments, message):
     """Each was accepted: --to-config silently ignored, a config whose pool does not fit the written
@@ -1089,7 +1093,7 @@ def test_reproduction_checks_every_runs_settings_before_training(reproduce_tool,
     not the user's to --set: the seeds became one run (+- 0) or a model another than its label; a --set
     that one model refuses, a repeated model, or a bad seed ended the reproduction after the others trained."""
     module, launched = reproduce_tool
-    out = ["--output", str(tmp_path)]
+    out = ["--output", str(tmp_path / "out")]
     refusals = [
         (["--models", "dense", "--set", "train.seed=7"], "error: --set train.seed: reproduce.py sets these per run"),
         (["--models", "vanilla", "unipool-67%", "--set", "moe.pool_size=16", "--set", "train.lr=0.01"],
@@ -1106,9 +1110,9 @@ def test_reproduction_checks_every_runs_settings_before_training(reproduce_tool,
     with pytest.raises(SystemExit):
         module.main(["--models", "dense", "dense"] + out)
     assert "--models must differ from each other, got ['dense', 'dense']" in capsys.readouterr().err
-    assert launched == []
+    assert launched == [] and not (tmp_path / "out").exists()  # a refused reproduction leaves no directory behind
     assert module.main(["--models", "vanilla", "--seeds", "1", "--set", "moe.router=norm"] + out) == 0  # its own setting
-    assert launched == [tmp_path / "vanilla" / "seed1"]
+    assert launched == [tmp_path / "out" / "vanilla" / "seed1"]
 
 
 def test_reproduction_refuses_damaged_records_in_one_line(reproduce_tool, tmp_path):
@@ -1269,3 +1273,116 @@ def test_routing_tools_refuse_a_dense_checkpoint(data_cache, tmp_path, tool, mes
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip() == f"error: the checkpoint is a dense model: {message}"
     assert not (tmp_path / "out").exists()
+
+
+def test_reproduction_refuses_a_set_of_the_model_kind(reproduce_tool, tmp_path):
+    """moe.kind tells the models apart: a --set of it would train a UniPool under the label 'vanilla'."""
+    module, launched = reproduce_tool
+    with pytest.raises(SystemExit) as refused:
+        module.main(["--models", "vanilla", "--seeds", "1", "--set", "moe.kind=unipool", "--output", str(tmp_path)])
+    assert str(refused.value.code).startswith("error: --set moe.kind: reproduce.py sets these per run or per model")
+    assert launched == []
+
+
+def test_reproduction_checks_the_set_with_each_models_own_overrides(reproduce_tool, tmp_path):
+    """A --set valid for the UniPool (NormRouter) but not for the softmax ablation, whose router is its own
+    override: refused before the UniPool trains."""
+    module, launched = reproduce_tool
+    with pytest.raises(SystemExit) as refused:
+        module.main(["--models", "unipool", "shared-pool-layer-aux-softmax", "--seeds", "1",
+                     "--set", "moe.norm_router_c=1.0", "--output", str(tmp_path)])
+    assert str(refused.value.code).startswith("error: shared-pool-layer-aux-softmax seed 1: inconsistent config:\n"
+                                              "  moe.norm_router_c applies to moe.router='norm' only")
+    assert launched == []
+
+
+def test_reproduction_lets_a_set_turn_checkpoints_on(reproduce_tool, tmp_path):
+    """Checkpoints are off by default but the user's to turn on: the --set comes after the tool's own
+    checkpoint.save_interval=0, so it is the one the launch applies."""
+    module, launched = reproduce_tool
+    assert module.main(["--models", "vanilla", "--seeds", "1", "--set", "checkpoint.save_interval=50",
+                        "--output", str(tmp_path)]) == 0
+    command = module.commands[0]
+    settings = [command[i + 1] for i, item in enumerate(command) if item == "--set"]
+    assert [s for s in settings if s.startswith("checkpoint.save_interval=")][-1] == "checkpoint.save_interval=50"
+
+
+def test_reproduction_report_calls_a_tie_not_held():
+    module = tool_module("reproduce")
+
+    def runs(*losses):
+        return [{"final_val_loss": loss, "total_params": 2e6, "active_params": 1e6} for loss in losses]
+
+    assert "- unipool below vanilla: did not hold (one seed) (2.0000 vs 2.0000" in module.report(
+        {"vanilla": runs(2.0), "unipool": runs(2.0)})
+    assert "- unipool below vanilla: did not hold (2.0000 vs 2.0000" in module.report(
+        {"vanilla": runs(2.0, 2.0), "unipool": runs(2.0, 2.0)})
+
+
+def test_reproduction_leaves_ignored_signals_ignored_and_restores_its_handlers(tmp_path, monkeypatch):
+    """Under nohup SIGHUP stays ignored while the run trains (the run inherits that); SIGTERM and SIGINT are
+    caught only while it trains, then the caller's handlers are back."""
+    module = tool_module("reproduce")
+    during = {}
+
+    class Launched:
+        def __init__(self, command, **kwargs):
+            pass
+
+        def wait(self):
+            during.update({signum: signal.getsignal(signum) for signum in module.FORWARDED})
+            return 0
+
+    monkeypatch.setattr(module.subprocess, "Popen", Launched)
+    before = {signum: signal.getsignal(signum) for signum in module.FORWARDED}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    try:
+        with open(tmp_path / "log.txt", "a") as log:
+            assert module.train_in_child(["launch"], log) == (0, 0)
+        assert during[signal.SIGHUP] is signal.SIG_IGN
+        assert during[signal.SIGTERM] is not before[signal.SIGTERM] and during[signal.SIGINT] is not before[signal.SIGINT]
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGHUP, before[signal.SIGHUP])
+
+
+def test_reproduction_reports_the_first_signal_when_a_second_follows(tmp_path, monkeypatch):
+    """A SIGTERM, then a Ctrl-C while the run saves: both are passed on, and the tool reports (and exits as)
+    the first, the one that stopped the run."""
+    import os
+    import time
+
+    module = tool_module("reproduce")
+    passed_on = []
+
+    class Launched:
+        def __init__(self, command, **kwargs):
+            pass
+
+        def send_signal(self, signum):
+            passed_on.append(signum)
+
+        def wait(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while len(passed_on) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return 143
+
+    monkeypatch.setattr(module.subprocess, "Popen", Launched)
+    with open(tmp_path / "log.txt", "a") as log:
+        assert module.train_in_child(["launch"], log) == (143, signal.SIGTERM)
+    assert passed_on == [signal.SIGTERM, signal.SIGINT]
+
+
+def test_reproduction_names_a_malformed_set_in_one_line(reproduce_tool, tmp_path):
+    """A --set without '=' is a usage error before anything trains, not a traceback."""
+    module, launched = reproduce_tool
+    with pytest.raises(SystemExit) as refused:
+        module.main(["--models", "vanilla", "--seeds", "1", "--set", "train.max_steps", "--output", str(tmp_path)])
+    assert refused.value.code == ("error: override 'train.max_steps' must look like section.key=value"
+                                  " (e.g. train.max_steps=100)")
+    assert launched == []

@@ -19,8 +19,9 @@ import torch
 from megatron_unipool.data import IndexedDatasetWriter
 from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, RunStopped, Trainer,
                                        latest_checkpoint)
-from megatron_unipool.training.checkpoint import (load_checkpoint, load_trained_model, nan_tensors, save_checkpoint,
-                                                  set_rng_state)
+from megatron_unipool.config import config_to_dict
+from megatron_unipool.training.checkpoint import (changed_settings, check_same_head_split, load_checkpoint,
+                                                  load_trained_model, nan_tensors, save_checkpoint, set_rng_state)
 
 REPO = Path(__file__).resolve().parents[1]
 UNIPOOL = "configs/tiny_unipool_cpu.json"
@@ -256,14 +257,50 @@ def test_missing_partial_and_dangling_checkpoints_are_named(saved_run, tiny_conf
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "state.pt").write_bytes((run / "checkpoints/step_0000002/state.pt").read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match=r"partial/state.pt cannot be read"):
+    with pytest.raises(CheckpointError, match=r"partial/state.pt is not a torch.save archive \(truncated"):
+        Trainer(tiny_config(UNIPOOL, f"checkpoint.load={partial}"), tmp_path / "other")
+    (partial / "state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"partial/state.pt is empty$"):
         Trainer(tiny_config(UNIPOOL, f"checkpoint.load={partial}"), tmp_path / "other")
     dangling = tmp_path / "dangling"
     dangling.mkdir()
     (dangling / "checkpoints").mkdir()
     (dangling / "checkpoints" / "latest").write_text("step_0000009")
-    with pytest.raises(CheckpointError, match="latest names step_0000009, which has no state.pt"):
+    with pytest.raises(CheckpointError, match="latest names step_0000009, which has no state.pt$"):
         Trainer(tiny_config(UNIPOOL), dangling)
+    earlier = dangling / "checkpoints" / "step_0000002"  # a whole earlier checkpoint: the error names it
+    earlier.mkdir()
+    (earlier / "state.pt").write_bytes((run / "checkpoints/step_0000002/state.pt").read_bytes())
+    hint = f"; step_0000002 is whole: continue from it with --set checkpoint.resume=false --set checkpoint.load={earlier}"
+    with pytest.raises(CheckpointError, match="which has no state.pt" + re.escape(hint) + "$"):
+        Trainer(tiny_config(UNIPOOL), dangling)
+    (dangling / "checkpoints" / "step_0000009").mkdir()
+    (dangling / "checkpoints" / "step_0000009" / "state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="step_0000009/state.pt is empty" + re.escape(hint) + "$"):
+        Trainer(tiny_config(UNIPOOL), dangling)
+    assert unchanged(run, files)
+
+
+def test_without_its_latest_pointer_a_run_resumes_from_its_highest_whole_checkpoint(tiny_config, tmp_path):
+    """What a save killed between its rename and the pointer's write leaves (or a removed pointer): the rerun
+    continues from the highest step_* with a state.pt, not from step 0 over the checkpoints."""
+    overrides = ["train.max_steps=4", "checkpoint.save_interval=2", "checkpoint.keep_last=2", "train.eval_interval=0"]
+    Trainer(tiny_config(UNIPOOL, *overrides), tmp_path).train()
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "latest").unlink()
+    (checkpoints / "step_0000005").mkdir()  # a directory without a state.pt is not a checkpoint
+    assert latest_checkpoint(checkpoints).name == "step_0000004"
+    resumed = Trainer(tiny_config(UNIPOOL, *overrides[:1], "train.max_steps=6", *overrides[1:]), tmp_path)
+    assert resumed.state.step == 4
+
+
+def test_a_fresh_run_is_refused_where_its_saves_would_overwrite_checkpoints(saved_run, tiny_config):
+    """checkpoint.resume=false without checkpoint.load in a run directory that holds checkpoints: refused,
+    nothing touched; with checkpoint.load it is the going-back branch (tested above), allowed."""
+    run, files = saved_run
+    with pytest.raises(CheckpointError, match=r"checkpoints holds 1 checkpoint\(s\), up to step_0000002, that a fresh"
+                                              r" run \(checkpoint.resume=false\) would overwrite: use another --run-dir"):
+        Trainer(tiny_config(UNIPOOL, "checkpoint.resume=false"), run)
     assert unchanged(run, files)
 
 
@@ -409,15 +446,27 @@ def test_a_resume_under_another_head_split_is_refused_and_other_changes_are_name
     assert unchanged(run, files) and not (tmp_path / "heads" / "checkpoints").exists()
     capsys.readouterr()
     Trainer(tiny_config(UNIPOOL, "model.rope_base=500000", "moe.top_k=2", "train.seed=7", "model.expert_gemm=loop",
-                        "moe.router_tf32=true", "moe.pool_size=32", f"checkpoint.load={run}"), tmp_path / "changed")
+                        "moe.router_tf32=true", "moe.pool_size=32", "train.lr=0.01", "train.adamw=foreach",
+                        f"checkpoint.load={run}"), tmp_path / "changed")
     out = capsys.readouterr().out
     # kernels compute the same function, and the full pool of 32 is the unset pool_size: neither is named
-    assert ("note: resumed with model settings other than the checkpoint's: model.rope_base=500000.0 (was 10000.0),"
-            " moe.top_k=2 (was 1)\n") in out
+    assert ("note: resumed with settings other than the checkpoint's: model.rope_base=500000.0 (was 10000.0),"
+            " moe.top_k=2 (was 1), train.lr=0.01 (was 0.002)\n") in out
     assert "note: train.seed=7, the checkpoint's run had 1234: the rest of the epoch is read in another order" in out
     Trainer(tiny_config(UNIPOOL, "train.max_steps=2", "train.eval_interval=0", f"checkpoint.load={run}"),
             tmp_path / "same")
     assert "note:" not in capsys.readouterr().out
+
+
+def test_the_resume_note_names_changed_data_and_leaves_out_where_the_cache_lives(tiny_config):
+    config = tiny_config(UNIPOOL)
+    saved = config_to_dict(config)
+    saved["data"] = dict(saved["data"], corpus=None, train_prefix="old/ds_train", valid_prefix="old/ds_valid",
+                         cache_dir="elsewhere")
+    assert changed_settings(saved, config) == {"data.corpus": (None, "shakespeare"), "data.train_prefix": (
+        "old/ds_train", None), "data.valid_prefix": ("old/ds_valid", None)}
+    saved["data"].update(corpus="shakespeare", train_prefix=None, valid_prefix=None, tokenizer="gpt2")
+    assert changed_settings(saved, config) == {"data.tokenizer": ("gpt2", "byte")}
 
 
 def test_checkpoint_of_another_shape_names_the_tensors_that_differ(saved_run, tiny_config, tmp_path):
@@ -654,6 +703,21 @@ def test_launcher_refuses_a_run_directory_it_cannot_use_and_says_config_errors_o
     assert said[2].stderr.startswith("rank 2: error: invalid config:\n  unknown key train.max_step")
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a whole number"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0, RANK=0, LOCAL_RANK=0: a job needs WORLD_SIZE >= 1"),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, "WORLD_SIZE=2, RANK=5, LOCAL_RANK=0: a job needs WORLD_SIZE >= 1, 0 <= RANK <"),
+])
+def test_a_malformed_job_environment_is_refused_at_once(env, message, data_cache, tmp_path):
+    """Not a ValueError traceback, nor a rank outside the job waiting parallel.timeout_s for the others."""
+    bare = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    command = [sys.executable] + launch_command(tmp_path / "run", data_cache)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(bare, OMP_NUM_THREADS="1", **env),
+                          cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("error: " + message), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
 def test_a_job_environment_the_launcher_did_not_finish_is_one_line(data_cache, tmp_path):
     """WORLD_SIZE without the rest (a hand-written job script): DeepSpeed would look for MPI instead and fail
     in a traceback about mpi4py, or with it make each rank a job of its own. A master port another process
@@ -776,3 +840,81 @@ def test_default_run_directory_is_a_run_directorys_own_only_for_its_config_json(
     assert launcher.default_run_dir(tmp_path / "out" / "config.json") == tmp_path / "out"  # written by the tools
     assert launcher.default_run_dir(tmp_path / "out" / "mine.json") == Path("runs") / "mine"
     assert launcher.default_run_dir(tmp_path / "config.json") == Path("runs") / "config"  # no checkpoints/ beside it
+
+
+@pytest.mark.parametrize("blocked, kind", [("checkpoints", "file"), ("tensorboard", "file"),
+                                           ("summary.json", "directory"), ("checkpoints/latest", "directory")])
+def test_something_in_the_way_of_the_run_directory_outputs_is_refused_before_training(blocked, kind, tiny_config,
+                                                                                      tmp_path):
+    run = tmp_path / "run"
+    (run / blocked).parent.mkdir(parents=True, exist_ok=True)
+    (run / blocked).mkdir() if kind == "directory" else (run / blocked).write_text("")
+    must_be = "a file" if kind == "directory" else "a directory"
+    with pytest.raises(CheckpointError, match=rf"run directory \S+run: {blocked} must be {must_be}; move away"):
+        Trainer(tiny_config(UNIPOOL, "train.max_steps=2"), run)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_checkpoint_error(tmp_path):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(CheckpointError, match=r"cannot write the step 3 checkpoint in \S+taken/checkpoints: "):
+        save_checkpoint(tmp_path / "taken" / "checkpoints", 3, {"w": torch.zeros(1)}, keep_last=1)
+
+
+def test_a_model_the_host_cannot_hold_is_refused_before_it_is_built(tiny_config, tmp_path, monkeypatch):
+    """Sizes typed wrong (a pool of 10^9 experts) ended in the allocator's traceback or the OOM killer."""
+    from megatron_unipool.config import ConfigError
+    from megatron_unipool.model import param_budget
+    from megatron_unipool.training import hardware
+
+    config = tiny_config(UNIPOOL, "train.max_steps=1")
+    params = param_budget(config.model, config.moe).total_params
+    monkeypatch.setattr(hardware, "available_host_memory", lambda: 4 * params - 1)
+    with pytest.raises(ConfigError, match=rf"^the model holds {params:,} parameters, .* GiB in fp32: more than the"):
+        Trainer(config, tmp_path / "run")
+    monkeypatch.setattr(hardware, "available_host_memory", lambda: 4 * params)
+    Trainer(config, tmp_path / "run")  # exactly enough
+
+
+def test_a_layer_count_no_model_has_is_refused_by_the_config_check(tiny_config):
+    from megatron_unipool.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.num_layers: 1000000000 must be <= 10000"):
+        tiny_config(UNIPOOL, "model.num_layers=1000000000")
+
+
+def test_a_resume_with_another_sequence_length_or_initialisation_names_no_model_setting(saved_run, tiny_config,
+                                                                                        tmp_path, capsys):
+    """seq_len has a note of its own, and init_std only drew the weights the checkpoint replaces: neither is
+    listed among the changed model settings."""
+    run, files = saved_run
+    capsys.readouterr()
+    Trainer(tiny_config(UNIPOOL, "model.seq_len=32", "model.init_std=0.05", f"checkpoint.load={run}"),
+            tmp_path / "other")
+    out = capsys.readouterr().out
+    assert "note: model.seq_len=32, the checkpoint's run had 64" in out
+    assert "resumed with settings" not in out
+
+
+def test_settings_an_older_checkpoint_lacks_are_not_compared(tiny_config):
+    """A checkpoint written before a setting existed has no value for it: nothing to compare, no KeyError."""
+    config = tiny_config(UNIPOOL)
+    saved = config_to_dict(config)
+    for section, key in (("model", "num_kv_heads"), ("model", "rope_base"), ("moe", "top_k")):
+        del saved[section][key]
+    check_same_head_split(saved, config, "old")
+    assert changed_settings(saved, config) == {}
+    saved["moe"]["aux_loss_coeff"] = 0.5
+    assert changed_settings(saved, config) == {"moe.aux_loss_coeff": (0.5, config.moe.aux_loss_coeff)}
+
+
+def test_a_dense_models_moe_settings_are_not_named(tiny_config):
+    """A model dense in both runs has no experts: its moe section computes nothing, so a difference there is
+    not a changed setting (a UniPool's is)."""
+    dense = tiny_config("configs/tiny_dense_cpu.json")
+    saved = config_to_dict(dense)
+    saved["moe"]["top_k"] = dense.moe.top_k + 1
+    assert changed_settings(saved, dense) == {}
+    unipool = tiny_config(UNIPOOL)
+    saved = config_to_dict(unipool)
+    saved["moe"]["top_k"] = unipool.moe.top_k + 1
+    assert changed_settings(saved, unipool) == {"moe.top_k": (unipool.moe.top_k + 1, unipool.moe.top_k)}

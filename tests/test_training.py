@@ -670,3 +670,20 @@ def test_mfu_peak_is_in_flop_per_second_and_the_gpu_monitor_reads_nothing_withou
     assert peak_flops() == pytest.approx(989e12) and peak_flops("bf16") == peak_flops()
     assert peak_flops("fp32") is None  # fp32 GEMMs are far from the bf16 tensor-core peak: no MFU
     assert peak_flops("bf16", torch.device("cpu")) is None and peak_flops("bf16", torch.device("cuda", 0)) == peak_flops()
+
+
+def test_a_pool_with_nothing_routed_leaves_the_other_pools_logged(tmp_path):
+    """Only the empty pool is skipped: a later pool's load (and the heatmap) are still logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_unipool.config import LoggingConfig
+    from megatron_unipool.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=True), max_steps=1)
+    empty, routed = torch.zeros(2, 3, dtype=torch.long), torch.tensor([[1, 0, 3]])  # pool 1: loads 1, 0, 3 of 4
+    logger.utilisation(1, [empty, routed], [[0, 1], [2]], image=True)
+    logger.close({})
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0, "images": 0}).Reload()
+    assert events.Tags()["histograms"] == ["pool1/expert_load"]
+    assert events.Scalars("pool1/max_over_mean_load")[0].value == pytest.approx(3 / (4 / 3))
+    assert "pool/utilisation" in events.Tags()["images"]

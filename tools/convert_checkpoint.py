@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -110,6 +111,11 @@ def export_hf(args) -> None:
     def fill(directory: Path) -> None:
         (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, directory / SAFETENSORS, metadata={"format": "pt"})
+        # safetensors writes its file for its owner alone (0600), whatever the umask: as config.json is, so
+        # that the others who load models from a shared directory can read it
+        umask = os.umask(0)
+        os.umask(umask)
+        (directory / SAFETENSORS).chmod(0o666 & ~umask)
 
     write_directory(args.output, fill)
     print(f"wrote {args.output / 'config.json'} and {args.output / SAFETENSORS}; load with\n"

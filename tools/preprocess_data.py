@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--valid-fraction", type=float, default=0.0, help="fraction of documents (the last ones) held out"
     )
     parser.add_argument("--workers", type=int, default=1, help="encoding processes")
+    parser.add_argument("--force", action="store_true",
+                        help="replace outputs that exist (a run reading them would continue on other tokens)")
     args = parser.parse_args(argv)
     if args.train_tokenizer_vocab is not None and args.tokenizer_output is None:
         parser.error("--train-tokenizer-vocab needs --tokenizer-output")
@@ -123,6 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for taken, what in taken_paths:
             if args.tokenizer_output.resolve() == taken.resolve():
                 parser.error(f"--tokenizer-output {args.tokenizer_output} is {what} ({taken}); give another path")
+    splits = ("_train", "_valid") if args.valid_fraction > 0 else ("",)
+    written = [Path(f"{args.output_prefix}{split}{suffix}") for split in splits for suffix in (".bin", ".idx")]
+    existing = [str(path) for path in written + [args.tokenizer_output] if path is not None and path.exists()]
+    if existing and not args.force:
+        parser.error(f"{', '.join(existing)} already exist{'s' * (len(existing) == 1)}: pass --force to replace"
+                     " (a run reading them would continue on other tokens), or choose another --output-prefix")
     return args
 
 

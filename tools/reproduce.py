@@ -252,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         check_output_directory(args.output, f"--output {args.output}")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    args.output.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict]] = {}
-    total, done, started = len(args.models) * len(args.seeds), 0, time.perf_counter()
-    check_settings(args.models, args.seeds, args.overrides)  # before training anything
+    check_settings(args.models, args.seeds, args.overrides)  # before training anything (or making --output)
     for seed in args.seeds:
         for name in args.models:
             refuse_stale(name, seed, args.output, args.overrides)
+    args.output.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
+    total, done, started = len(args.models) * len(args.seeds), 0, time.perf_counter()
     for seed in args.seeds:  # seed-major: an interrupted reproduction has whole seeds of every model
         for name in args.models:
             results.setdefault(name, []).append(run(name, seed, args.output, args.overrides))

@@ -26,6 +26,7 @@ not the dense model's function, and any router is accepted.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -38,8 +39,10 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from megatron_unipool.config import Config, ConfigError, load_config, with_overrides  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
+from megatron_unipool.model import param_budget  # noqa: E402
 from megatron_unipool.training.checkpoint import (LATEST, check_fits, check_same_function, checkpoints_dir,  # noqa: E402
                                                   load_trained_model, step_directory_name, write_run_directory)
+from megatron_unipool.training.hardware import check_fits_host_memory  # noqa: E402
 from megatron_unipool.training.outputs import (check_output_directory, check_replaceable_output,  # noqa: E402
                                                recover_replaced_directory, write_directory)
 from megatron_unipool.training.upcycling import (MAX_EXTRA, Upcycled, expert_utility, upcycle,  # noqa: E402
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.utility_batches < 1:  # the utility is a mean over them: none gives NaN scores
         parser.error(f"--utility-batches must be at least 1, not {args.utility_batches}")
+    if not math.isfinite(args.noise) or args.noise < 0:
+        parser.error(f"--noise must be a finite value of at least 0, not {args.noise}")
     if args.multiplier < 2:  # checked before loading and scoring, which take minutes on a real model
         parser.error(f"--multiplier must be at least 2, not {args.multiplier}")
     if args.selection == "utility" and args.multiplier - 1 > MAX_EXTRA:
@@ -93,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             target = load_config(args.to_config, args.overrides, world_size=None)
             result = upcycle_dense(config, payload["model"], target)
         else:
+            budget = param_budget(config.model, config.moe)
+            check_fits_host_memory(budget.total_params + (args.multiplier - 1) * budget.expert_params,
+                                   f"the model upcycled x{args.multiplier}")
             utility = None
             if args.selection == "utility":
                 print(f"scoring experts by {args.utility_score} over {args.utility_batches} batches ...", flush=True)
@@ -119,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         write_directory(args.output, lambda directory: write_run_directory(
             directory, new_config, result.model_state, result.optimizer_state, asdict(train_state),
             published_as=args.output, upcycled_from=str(source_path), sources_per_pool=result.sources_per_pool))
+    except CheckpointError as e:  # the output cannot be written (save_checkpoint's OSError), or holds a NaN
+        print(f"error: --output {args.output}: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # the output cannot be written (permissions, a full disk): nothing is left half-written
         print(f"error: --output {args.output}: {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
         return 2

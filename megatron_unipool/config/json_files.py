@@ -14,7 +14,7 @@ class ConfigError(ValueError):
 def read_json(path: Path, what: str) -> Any:
     """The JSON in a file, or a ConfigError naming it (unreadable, not UTF-8, not JSON)."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (some Windows editors) is not JSON: dropped
     except OSError as e:
         raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
     except UnicodeDecodeError as e:

@@ -154,6 +154,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         raw = read_json(path, "config file")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of sections, not a {type(raw).__name__}")
     config = _with_absolute_paths(config_from_dict(apply_overrides(raw, overrides), world_size))
     if config.deepspeed.config_file is not None:  # found wrong now, not after the model is built
         micro_batches = (None if world_size is None

@@ -29,7 +29,7 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> range:
 class ModelConfig:
     """LLaMA decoder shape: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
 
-    num_layers: int = bounded(4, 1)
+    num_layers: int = bounded(4, 1, 10_000)  # a bound no model nears: a typo fails here, not in per-layer lists
     hidden_size: int = bounded(128, 1)
     num_heads: int = bounded(4, 1)
     num_kv_heads: int = bounded(2, 1)

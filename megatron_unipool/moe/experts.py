@@ -15,6 +15,7 @@ from ..kernels import DeferredWeightGradients, autocast_dtype, grouped_swiglu, s
 from ..kernels.grouped_gemm import expert_row_alignment
 from ..parallel.expert_parallel import dispatch_to_experts, return_to_sources
 from ..parallel.state import Group
+from ..parallel.tensor_parallel import shard
 
 
 class ExpertPool(nn.Module):
@@ -41,7 +42,7 @@ class ExpertPool(nn.Module):
         """Keep experts [rank * M/parts, (rank + 1) * M/parts); tokens for the others travel over `group`."""
         for name in self.WEIGHTS:
             full = getattr(self, name)  # a frozen pool stays frozen
-            setattr(self, name, nn.Parameter(full.data.chunk(parts)[rank].clone(), requires_grad=full.requires_grad))
+            setattr(self, name, nn.Parameter(shard(full.data, 0, rank, parts), requires_grad=full.requires_grad))
         self.ep_group = group
 
     @contextlib.contextmanager

@@ -10,4 +10,5 @@ from .state import (
     build_parallel_state,
     group_ranks,
     init_distributed_from_env,
+    job_position,
 )

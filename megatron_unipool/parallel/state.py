@@ -167,6 +167,22 @@ class LaunchError(RuntimeError):
 JOB_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # beside WORLD_SIZE: what the launchers set
 
 
+def job_position() -> tuple[int, int, int]:
+    """(WORLD_SIZE, RANK, LOCAL_RANK) from the environment the launcher set (1, 0, 0 when unset), checked."""
+    values = {}
+    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise LaunchError(f"{name}={text!r} is not a whole number") from None
+    world, rank, local = values.values()
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise LaunchError(f"WORLD_SIZE={world}, RANK={rank}, LOCAL_RANK={local}: a job needs WORLD_SIZE >= 1,"
+                          " 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
+    return world, rank, local
+
+
 def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int:
     """Join the job the launcher (deepspeed, torchrun) described in the environment; returns the world size.
 
@@ -174,7 +190,7 @@ def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int
     job with an error instead of a hang. A single process gets a process group of its own only
     with `even_alone` (DeepSpeed's engine needs one).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, _, local_rank = job_position()
     if dist.is_initialized():
         return dist.get_world_size()
     if world == 1 and not even_alone:
@@ -193,7 +209,7 @@ def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int
             os.environ.setdefault(key, value)
     timeout = datetime.timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_rank)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:
         import deepspeed

@@ -54,6 +54,7 @@ def reduce_from_tensor_parallel(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def shard(full: torch.Tensor, dim: int, rank: int, parts: int) -> torch.Tensor:
+    """Part `rank` of `parts` equal slices along `dim`, in storage of its own (the full tensor can be freed)."""
     return full.chunk(parts, dim=dim)[rank].clone()
 
 

@@ -88,6 +88,14 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise CheckpointError(f"refusing to write the step {step} checkpoint: NaN in {shown}")
+    try:
+        return _write_checkpoint(directory, step, payload, keep_last)
+    except OSError as error:  # a full disk, a permission or a file in the way: one line, not a traceback
+        raise CheckpointError(f"cannot write the step {step} checkpoint in {directory}: {error.strerror or error}"
+                              + (f" ({error.filename})" if error.filename else "")) from error
+
+
+def _write_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_last: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     name = step_directory_name(step)
     final, temporary = directory / name, directory / f".{name}.tmp"
@@ -124,12 +132,19 @@ def _prune(directory: Path, written: Path, keep_last: int) -> None:
     are neither counted nor removed (this run replaces each when it saves that step), so the earlier
     checkpoint it started from is not the first to go."""
     step = int(_STEP_DIRECTORY.fullmatch(written.name).group(1))
-    earlier = [(int(m.group(1)), p) for p in directory.iterdir()
-               if p.is_dir() and (m := _STEP_DIRECTORY.fullmatch(p.name)) and int(m.group(1)) < step]
-    for _, old in sorted(earlier)[:max(0, len(earlier) - (keep_last - 1))]:
+    earlier = [(number, path) for number, path in step_directories(directory) if number < step]
+    for _, old in earlier[:max(0, len(earlier) - (keep_last - 1))]:
         shutil.rmtree(old)
     for unfinished in (*directory.glob(".step_*.tmp"), *directory.glob(".step_*.old")):
         shutil.rmtree(unfinished, ignore_errors=True)
+
+
+def step_directories(directory: Path) -> list[tuple[int, Path]]:
+    """The step_* directories in `directory`, by step number (not name: step_10000000 sorts before step_9999999)."""
+    if not directory.is_dir():
+        return []
+    return sorted((int(m.group(1)), path) for path in directory.iterdir()
+                  if path.is_dir() and (m := _STEP_DIRECTORY.fullmatch(path.name)))
 
 
 def checkpoint_payload(config: Config, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, dict],
@@ -142,6 +157,24 @@ def checkpoint_payload(config: Config, model_state: dict[str, torch.Tensor], opt
 def checkpoints_dir(run_dir: Path) -> Path:
     """Where a run directory keeps its step_* checkpoints and the `latest` pointer."""
     return Path(run_dir) / "checkpoints"
+
+
+# What a run writes in its directory: directories and files, each of which something else may be in the way of
+RUN_DIRECTORIES, RUN_FILES = ("checkpoints", "tensorboard"), ("summary.json", "checkpoints/latest")
+
+
+def check_run_directory(run_dir: Path) -> None:
+    """A CheckpointError before training, not a traceback at the first save: a file where the run writes a
+    directory, or a directory where it writes a file, or a checkpoints/ directory that takes no file."""
+    run_dir = Path(run_dir)
+    for name, is_right in [(n, Path.is_dir) for n in RUN_DIRECTORIES] + [(n, Path.is_file) for n in RUN_FILES]:
+        path = run_dir / name
+        if path.exists() and not is_right(path):
+            kind = "a directory" if is_right is Path.is_dir else "a file"
+            raise CheckpointError(f"run directory {run_dir}: {name} must be {kind}; move away what is there")
+    writable = checkpoints_dir(run_dir) if checkpoints_dir(run_dir).is_dir() else run_dir
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise CheckpointError(f"run directory {run_dir}: cannot write in {writable} (permission denied)")
 
 
 def write_run_directory(directory: Path, config: Config, model_state: dict[str, torch.Tensor],
@@ -164,9 +197,13 @@ def write_run_directory(directory: Path, config: Config, model_state: dict[str, 
 
 
 def latest_checkpoint(directory: Path) -> Optional[Path]:
+    """The checkpoint `latest` names. Without the pointer, the highest step_* with a state.pt: a save killed
+    between its rename and the pointer's write, or the pointer removed, must not restart the run from step 0
+    (over its checkpoints); a step_* directory exists only once its state.pt is whole."""
     pointer = directory / LATEST
     if not pointer.is_file():
-        return None
+        complete = [path for _, path in step_directories(directory) if (path / "state.pt").is_file()]
+        return complete[-1] if complete else None
     try:
         name = pointer.read_text().strip()
     except UnicodeDecodeError as error:
@@ -181,14 +218,34 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
     if not (path / "state.pt").is_file():
         if (_replaced(path) / "state.pt").is_file():  # killed while a save of the same step swapped it
             return _replaced(path)
-        raise CheckpointError(f"{pointer} names {path.name}, which has no state.pt")
+        raise CheckpointError(f"{pointer} names {path.name}, which has no state.pt{_earlier_checkpoint_hint(path)}")
     return path
+
+
+def _earlier_checkpoint_hint(step_dir: Path) -> str:
+    """For an error about a step_* directory: the highest earlier step with a state.pt, to continue from."""
+    match = _STEP_DIRECTORY.fullmatch(step_dir.name)
+    earlier = [path for number, path in step_directories(step_dir.parent)
+               if match and number < int(match.group(1)) and (path / "state.pt").is_file()]
+    return (f"; {earlier[-1].name} is whole: continue from it with --set checkpoint.resume=false --set"
+            f" checkpoint.load={earlier[-1]}" if earlier else "")
 
 
 def checkpoint_to_resume(config: Config, run_dir: Path) -> Optional[Path]:
     """The run directory's own latest checkpoint (with checkpoint.resume) wins, so a rerun continues where
-    it stopped; checkpoint.load only starts a run directory that has none."""
-    path = latest_checkpoint(checkpoints_dir(run_dir)) if config.checkpoint.resume else None
+    it stopped; checkpoint.load only starts a run directory that has none. A fresh start
+    (checkpoint.resume=false, no checkpoint.load) is refused in a run directory that holds checkpoints: its
+    saves would replace them, and pruning remove the rest."""
+    directory = checkpoints_dir(run_dir)
+    if config.checkpoint.resume:
+        path = latest_checkpoint(directory)
+    else:
+        path, held = None, step_directories(directory)
+        if held and not config.checkpoint.load:
+            raise CheckpointError(
+                f"{directory} holds {len(held)} checkpoint(s), up to {held[-1][1].name}, that a fresh run"
+                " (checkpoint.resume=false) would overwrite: use another --run-dir, remove them, or set"
+                " checkpoint.load to the step to go back to")
     return resolve_checkpoint(config.checkpoint.load) if path is None and config.checkpoint.load else path
 
 
@@ -196,8 +253,10 @@ def resolve_checkpoint(path: Path) -> Path:
     """A run directory (its latest checkpoint), a checkpoints directory, or one step_* directory."""
     path = Path(path)
     for directory in (checkpoints_dir(path), path):
-        if (directory / LATEST).is_file():
-            return latest_checkpoint(directory)
+        if (directory / LATEST).is_file() or step_directories(directory):
+            found = latest_checkpoint(directory)
+            if found is not None:
+                return found
     if (path / "state.pt").is_file() or (path.is_file() and (path.name == "state.pt" or zipfile.is_zipfile(path))):
         return path  # a file torch.save wrote (a zip archive), or a damaged state.pt: load_checkpoint says which
     raise CheckpointError(f"no checkpoint at {path}: expected a run directory, its checkpoints/ directory or a"
@@ -212,11 +271,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"no checkpoint at {path} (expected a step_* directory holding state.pt)")
     # weights_only: tensors and plain containers, so a crafted file cannot run code when loaded; mmap:
     # the ranks of a node share one copy in the page cache (copy-on-write) instead of reading one each
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; torch.load's own message is about mmap
+        what = "empty" if file.stat().st_size == 0 else "not a torch.save archive (truncated, or another file)"
+        raise CheckpointError(f"checkpoint {file} is {what}{_earlier_checkpoint_hint(file.parent)}")
     try:
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
             payload = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file, or one holding objects: say which
-        raise CheckpointError(f"checkpoint {file} cannot be read ({str(e).strip().splitlines()[-1][:300]})") from e
+        raise CheckpointError(f"checkpoint {file} cannot be read ({str(e).strip().splitlines()[-1][:300]})"
+                              f"{_earlier_checkpoint_hint(file.parent)}") from e
     missing = [key for key in PAYLOAD_KEYS if key not in payload] if isinstance(payload, dict) else list(PAYLOAD_KEYS)
     if missing:  # another program's torch.save file: its users would fail on a KeyError
         raise CheckpointError(f"{file} is not a megatron_unipool checkpoint (missing {', '.join(missing)})")
@@ -236,9 +299,13 @@ def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source
 COMPUTED_BY_THE_WEIGHTS = ("num_heads", "num_kv_heads", "rope_base", "norm_eps", "tie_embeddings")
 # Of those, what no continued run changes on purpose (a RoPE base may be raised for longer contexts)
 HEAD_SPLIT_FIELDS = ("num_heads", "num_kv_heads")
-# How the model computes (kernels, the router's TF32), where the data is cut (seq_len: a note of its own) and
-# how it was first drawn (init_std): nothing that changes the function of resumed weights.
-_UNCOMPARED = {"model": ModelConfig.KERNEL_FIELDS + ("seq_len", "init_std"), "moe": ("router_tf32",)}
+# What the resume's note leaves out: how the model computes (kernels, the router's TF32) and what computes the
+# same numbers (micro-batching, determinism), what has a note of its own (seq_len, max_steps, seed), what acted
+# only before the resumed step (init_std) and what runs beside training (evaluation, the skip limit)
+_UNCOMPARED = {"model": ModelConfig.KERNEL_FIELDS + ("seq_len", "init_std"), "moe": ("router_tf32",),
+               "train": ("max_steps", "seed", "micro_batch", "max_consecutive_skips", "deterministic", "adamw",
+                         "cross_entropy", "eval_interval", "eval_batches"),
+               "data": ("cache_dir",)}
 
 
 def function_changes(before: dict, after: dict, fields: tuple[str, ...] = COMPUTED_BY_THE_WEIGHTS) -> list[str]:
@@ -256,21 +323,23 @@ def check_same_function(before: Config, after: Config, what: str) -> None:
 
 
 def changed_settings(saved_config: dict, config: Config) -> dict[str, tuple[Any, Any]]:
-    """{"section.key": (the checkpoint's value, this run's)} for each model or MoE setting that says what the
-    model computes and differs from the checkpoint's run. Not compared: keys an older checkpoint lacks, a value
-    left unset on either side (derived, as a full pool's size: a real change there changes shapes, refused
-    anyway), and the MoE settings of a model that is dense in both."""
+    """{"section.key": (the checkpoint's value, this run's)} for each setting of what the model computes, how it
+    is optimised or what data it reads that differs from the checkpoint's run (not _UNCOMPARED). Not compared
+    either: keys an older checkpoint lacks, a model or MoE value left unset on either side (derived, as a full
+    pool's size: a real change there changes shapes, refused anyway), and the MoE settings of a model that is
+    dense in both."""
     current = config_to_dict(config)
     changed = {}
-    for section in ("model", "moe"):
+    for section in _UNCOMPARED:
         saved = saved_config.get(section, {})
         if section == "moe" and saved.get("kind") == "dense" and current["moe"]["kind"] == "dense":
             continue
         for key, value in current[section].items():
-            if key in _UNCOMPARED[section] or key not in saved or None in (saved[key], value):
+            if key in _UNCOMPARED[section] or key not in saved or saved[key] == value:
                 continue
-            if saved[key] != value:
-                changed[f"{section}.{key}"] = (saved[key], value)
+            if section in ("model", "moe") and None in (saved[key], value):  # derived where unset
+                continue
+            changed[f"{section}.{key}"] = (saved[key], value)
     return changed
 
 

@@ -1,4 +1,5 @@
-"""GPU facts for the logs: utilisation/memory/power via nvidia-ml-py, and peak FLOP/s for MFU."""
+"""Machine facts: GPU utilisation/memory/power via nvidia-ml-py and peak FLOP/s for MFU for the logs, and
+the host memory a model must fit before it is built."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,8 @@ import re
 from typing import Optional
 
 import torch
+
+from ..config import ConfigError
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's datasheets. A key matches
 # whole words of the device name, most specific first: "H100 NVL" before "H100", and "A10" matches
@@ -38,6 +41,28 @@ def trains_on_a_gpu(device: Optional[torch.device]) -> bool:
     """Whether `device` (default: the current CUDA device, if any) is a GPU; a run on the CPU of a GPU
     machine reports neither MFU nor the idle GPU's counters."""
     return torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+
+
+def available_host_memory() -> Optional[int]:
+    """Bytes of host memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits_host_memory(params: int, what: str) -> None:
+    """A ConfigError before `params` fp32 parameters are allocated in host memory that cannot hold them (the
+    full model is built on every rank before it is sharded): a size typed wrong fails here, in one line,
+    not in the allocator's traceback or the kernel's OOM killer."""
+    available, needed = available_host_memory(), 4 * params
+    if available is not None and needed > available:
+        raise ConfigError(f"{what} holds {params:,} parameters, {needed / 2**30:,.1f} GiB in fp32: more than the"
+                          f" {available / 2**30:,.1f} GiB of host memory available")
 
 
 def peak_flops(precision: str = "bf16", device: Optional[torch.device] = None) -> Optional[float]:

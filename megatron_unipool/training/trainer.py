@@ -24,19 +24,19 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import MOE_LOSSES, Config, config_to_dict
+from ..config import MOE_LOSSES, Config, ConfigError, config_to_dict
 from ..model import LanguageModel, RoutingStepStats, lm_loss_sum, param_budget
 from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
 from ..parallel.agreement import decided_by_rank0, on_any_rank, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
-from .checkpoint import (CheckpointError, changed_settings, check_same_head_split, checkpoint_payload,
-                         checkpoint_to_resume, checkpoints_dir, latest_checkpoint, load_checkpoint, restore_model,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, changed_settings, check_run_directory, check_same_head_split,
+                         checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint, load_checkpoint,
+                         restore_model, save_checkpoint, set_rng_state)
 from .datasets import DataError, build_datasets, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
-from .hardware import peak_flops
+from .hardware import check_fits_host_memory, peak_flops
 from .metrics import MetricsLogger, check_tensorboard
 from .optimizer import learning_rate
 
@@ -101,9 +101,13 @@ class Trainer:
         check_tensorboard(config.logging)  # before the data and the model, on every rank
         seed_everything(config.train.seed, config.train.deterministic)
         self.data = on_every_rank(lambda: build_datasets(config), self.parallel, (DataError,))  # node-local files
+        self.budget = param_budget(config.model, config.moe)
+        on_every_rank(lambda: check_fits_host_memory(self.budget.total_params, "the model"), self.parallel,
+                      (ConfigError,))
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
         self.state = TrainState()
         self.checkpoints = checkpoints_dir(self.run_dir)
+        decided_by_rank0(lambda: check_run_directory(self.run_dir), self.parallel)
         payload, source = self._checkpoint_to_resume()
         if payload is not None:
             restore_model(model, payload["model"], source)
@@ -128,7 +132,6 @@ class Trainer:
                     print(f"note: model.seq_len={config.model.seq_len}, the checkpoint's run had {saved_seq_len}: the"
                           f" run continues at sample {self.state.consumed_samples} of {config.model.seq_len}-token"
                           " samples, not at the token where the checkpoint's data stopped", flush=True)
-        self.budget = param_budget(config.model, config.moe)
         self.channel = StageChannel(self.parallel, (train.micro_batch, config.model.seq_len, config.model.hidden_size),
                                     self.backend.activation_dtype, self.device)
 
@@ -147,10 +150,11 @@ class Trainer:
               flush=True)
 
     def _note_changed_settings(self, changed: dict, saved_seed: int) -> None:
-        """What a resume may change on purpose (a RoPE base for longer contexts, routing, balancing) but which
-        makes it another run than the checkpoint's: listed, so that a stale --set or config is seen."""
+        """What a resume may change on purpose (a RoPE base for longer contexts, routing, balancing, the learning
+        rate, the data) but which makes it another run than the checkpoint's: listed, so that a stale --set or
+        config, or a run directory two configs share, is seen."""
         if changed:
-            print("note: resumed with model settings other than the checkpoint's: " + ", ".join(
+            print("note: resumed with settings other than the checkpoint's: " + ", ".join(
                 f"{name}={new!r} (was {old!r})" for name, (old, new) in changed.items()), flush=True)
         if saved_seed != self.config.train.seed:  # the sample order is a function of (seed, epoch)
             print(f"note: train.seed={self.config.train.seed}, the checkpoint's run had {saved_seed}: the rest of the"
