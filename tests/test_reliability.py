@@ -869,10 +869,13 @@ def test_a_model_the_host_cannot_hold_is_refused_before_it_is_built(tiny_config,
     config = tiny_config(UNIPOOL, "train.max_steps=1")
     params = param_budget(config.model, config.moe).total_params
     monkeypatch.setattr(hardware, "available_host_memory", lambda: 4 * params - 1)
-    with pytest.raises(ConfigError, match=rf"^the model holds {params:,} parameters, .* GiB in fp32: more than the"):
+    with pytest.raises(ConfigError, match=rf"^the model holds {params:,} parameters .* GiB in fp32 in all: more than"):
         Trainer(config, tmp_path / "run")
     monkeypatch.setattr(hardware, "available_host_memory", lambda: 4 * params)
     Trainer(config, tmp_path / "run")  # exactly enough
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's: two processes of this host build it
+    with pytest.raises(ConfigError, match=rf"parameters, on each of the 2 processes of this host, .* GiB in fp32 in all"):
+        Trainer(config, tmp_path / "run")
 
 
 def test_a_layer_count_no_model_has_is_refused_by_the_config_check(tiny_config):

@@ -9,6 +9,8 @@ Writes ``P.bin``/``P.idx``, or with ``--valid-fraction F`` ``P_train`` and
 trained on the training documents (never the validation ones) and then used.
 Every file is written under a staging name and all are published together once
 complete: a failure, Ctrl-C or SIGTERM (exit 130 or 143) leaves the previous ones as they were.
+Outputs that exist (the splits, --tokenizer-output) are replaced only with --force: without it the
+command stops (exit 2) before reading the input.
 """
 
 from __future__ import annotations

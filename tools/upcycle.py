@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--utility-batches", type=int, default=10,
                         help="training batches the utility is averaged over (the design note: about 10)")
     parser.add_argument("--noise", type=float, default=1e-3,
-                        help="U(-noise, noise) on the replicas' selection bias (read only with moe.bias_balancing)")
+                        help="U(-noise, noise) on the replicas' selection bias, a finite value >= 0 (read only with"
+                             " moe.bias_balancing)")
     parser.add_argument("--optimizer", choices=["reset", "copy"], default="reset", help="AdamW state of the result")
     parser.add_argument("--to-config", type=Path, help="dense source: the MoE config to upcycle into")
     parser.add_argument("--seed", type=int, default=0)

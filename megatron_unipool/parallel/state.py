@@ -11,7 +11,8 @@ of every pool a rank holds, in every stage alike, so every stage routes into the
 A shard's replicas (the expert-data-parallel group) are the dp ranks with the same ep_rank.
 
 Groups are created by every rank in the same order (torch.distributed requires it); a
-single-process run has no groups at all and every collective below is skipped.
+single-process run has no groups of ours and every collective below is skipped (DeepSpeed's engine,
+when enabled, gets one group of the rank alone: parallel/deepspeed_mpu.py).
 """
 from __future__ import annotations
 

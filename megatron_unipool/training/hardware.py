@@ -55,14 +55,24 @@ def available_host_memory() -> Optional[int]:
     return None
 
 
-def check_fits_host_memory(params: int, what: str) -> None:
-    """A ConfigError before `params` fp32 parameters are allocated in host memory that cannot hold them (the
-    full model is built on every rank before it is sharded): a size typed wrong fails here, in one line,
+def processes_on_this_host() -> int:
+    """How many processes of the job this host runs: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's
+    LOCAL_SIZE, else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    return 1
+
+
+def check_fits_host_memory(params: int, what: str, copies: int = 1) -> None:
+    """A ConfigError before `copies` x `params` fp32 parameters are allocated in host memory that cannot hold
+    them (every rank builds the full model before it is sharded): a size typed wrong fails here, in one line,
     not in the allocator's traceback or the kernel's OOM killer."""
-    available, needed = available_host_memory(), 4 * params
+    available, needed = available_host_memory(), 4 * params * copies
     if available is not None and needed > available:
-        raise ConfigError(f"{what} holds {params:,} parameters, {needed / 2**30:,.1f} GiB in fp32: more than the"
-                          f" {available / 2**30:,.1f} GiB of host memory available")
+        each = f", on each of the {copies} processes of this host," if copies > 1 else ""
+        raise ConfigError(f"{what} holds {params:,} parameters{each} {needed / 2**30:,.1f} GiB in fp32 in all:"
+                          f" more than the {available / 2**30:,.1f} GiB of host memory available")
 
 
 def peak_flops(precision: str = "bf16", device: Optional[torch.device] = None) -> Optional[float]:

@@ -36,7 +36,7 @@ from .checkpoint import (CheckpointError, changed_settings, check_run_directory,
 from .datasets import DataError, build_datasets, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
-from .hardware import check_fits_host_memory, peak_flops
+from .hardware import check_fits_host_memory, peak_flops, processes_on_this_host
 from .metrics import MetricsLogger, check_tensorboard
 from .optimizer import learning_rate
 
@@ -102,8 +102,8 @@ class Trainer:
         seed_everything(config.train.seed, config.train.deterministic)
         self.data = on_every_rank(lambda: build_datasets(config), self.parallel, (DataError,))  # node-local files
         self.budget = param_budget(config.model, config.moe)
-        on_every_rank(lambda: check_fits_host_memory(self.budget.total_params, "the model"), self.parallel,
-                      (ConfigError,))
+        on_every_rank(lambda: check_fits_host_memory(self.budget.total_params, "the model", processes_on_this_host()),
+                      self.parallel, (ConfigError,))
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
         self.state = TrainState()
         self.checkpoints = checkpoints_dir(self.run_dir)
