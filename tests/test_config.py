@@ -369,10 +369,11 @@ def test_a_config_file_with_a_byte_order_mark_loads_and_one_of_another_shape_is_
     marked = tmp_path / "marked.json"
     marked.write_bytes(b"\xef\xbb\xbf" + b'{"train": {"lr": 0.5}}')
     assert load_config(marked).train.lr == 0.5
-    listed = tmp_path / "listed.json"
-    listed.write_text("[]")
-    with pytest.raises(ConfigError, match=r"^config file \S+listed\.json must hold a JSON object of sections, not a list$"):
-        load_config(listed)
+    for text, kind in (("[]", "an array"), ("null", "null"), ("3", "a number"), ('"x"', "a string"), ("true", "a boolean")):
+        listed = tmp_path / "listed.json"
+        listed.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^config file \S+listed\.json must hold a JSON object of sections, not {kind}$"):
+            load_config(listed)
 
 
 def test_unreadable_and_non_utf8_config_files_are_named(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -271,11 +272,15 @@ def test_missing_partial_and_dangling_checkpoints_are_named(saved_run, tiny_conf
     earlier = dangling / "checkpoints" / "step_0000002"  # a whole earlier checkpoint: the error names it
     earlier.mkdir()
     (earlier / "state.pt").write_bytes((run / "checkpoints/step_0000002/state.pt").read_bytes())
-    hint = f"; step_0000002 is whole: continue from it with --set checkpoint.resume=false --set checkpoint.load={earlier}"
+    hint = f"; {earlier} is whole: load it instead (the launcher: --set checkpoint.resume=false --set checkpoint.load={earlier})"
     with pytest.raises(CheckpointError, match="which has no state.pt" + re.escape(hint) + "$"):
         Trainer(tiny_config(UNIPOOL), dangling)
     (dangling / "checkpoints" / "step_0000009").mkdir()
     (dangling / "checkpoints" / "step_0000009" / "state.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="step_0000009/state.pt is empty" + re.escape(hint) + "$"):
+        Trainer(tiny_config(UNIPOOL), dangling)
+    (dangling / "checkpoints" / "step_0000005").mkdir()  # not whole: the hint passes over it
+    (dangling / "checkpoints" / "step_0000005" / "state.pt").write_bytes(b"cut short")
     with pytest.raises(CheckpointError, match="step_0000009/state.pt is empty" + re.escape(hint) + "$"):
         Trainer(tiny_config(UNIPOOL), dangling)
     assert unchanged(run, files)
@@ -298,6 +303,8 @@ def test_a_fresh_run_is_refused_where_its_saves_would_overwrite_checkpoints(save
     """checkpoint.resume=false without checkpoint.load in a run directory that holds checkpoints: refused,
     nothing touched; with checkpoint.load it is the going-back branch (tested above), allowed."""
     run, files = saved_run
+    (run / "checkpoints" / "step_0000003").mkdir()  # no state.pt: not a checkpoint, not counted
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match=r"checkpoints holds 1 checkpoint\(s\), up to step_0000002, that a fresh"
                                               r" run \(checkpoint.resume=false\) would overwrite: use another --run-dir"):
         Trainer(tiny_config(UNIPOOL, "checkpoint.resume=false"), run)
@@ -467,6 +474,9 @@ def test_the_resume_note_names_changed_data_and_leaves_out_where_the_cache_lives
         "old/ds_train", None), "data.valid_prefix": ("old/ds_valid", None)}
     saved["data"].update(corpus="shakespeare", train_prefix=None, valid_prefix=None, tokenizer="gpt2")
     assert changed_settings(saved, config) == {"data.tokenizer": ("gpt2", "byte")}
+    # a checkpoint of step 0 (an import, an upcycled model): its tools leave train and data to be set now
+    saved["train"]["lr"] = 0.5
+    assert changed_settings(saved, config, trained_steps=0) == {}
 
 
 def test_checkpoint_of_another_shape_names_the_tensors_that_differ(saved_run, tiny_config, tmp_path):
@@ -852,6 +862,29 @@ def test_something_in_the_way_of_the_run_directory_outputs_is_refused_before_tra
     must_be = "a file" if kind == "directory" else "a directory"
     with pytest.raises(CheckpointError, match=rf"run directory \S+run: {blocked} must be {must_be}; move away"):
         Trainer(tiny_config(UNIPOOL, "train.max_steps=2"), run)
+
+
+def test_a_save_that_cannot_prune_says_the_checkpoint_was_written_and_a_linked_step_is_unlinked(tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints"
+    save_checkpoint(directory, 1, {"w": torch.zeros(1)}, keep_last=1)
+    (directory / "step_0000001").rename(tmp_path / "kept")
+    (directory / "step_0000001").symlink_to(tmp_path / "kept")  # e.g. moved to another disk and linked back
+    save_checkpoint(directory, 2, {"w": torch.zeros(1)}, keep_last=1)
+    assert sorted(p.name for p in directory.iterdir()) == ["latest", "step_0000002"] and (tmp_path / "kept").is_dir()
+    (directory / "step_0000001").mkdir()
+    (directory / "step_0000001" / "locked").mkdir()
+    real_rmtree = shutil.rmtree
+
+    def refuses(path, *args, **kwargs):
+        if Path(path).name == "step_0000001":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", refuses)
+    with pytest.raises(CheckpointError, match=r"wrote \S+step_0000003 \(now latest\), but could not remove older"
+                                              r" checkpoints: Permission denied"):
+        save_checkpoint(directory, 3, {"w": torch.zeros(1)}, keep_last=1)
+    assert latest_checkpoint(directory).name == "step_0000003"
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_checkpoint_error(tmp_path):

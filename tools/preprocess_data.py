@@ -131,8 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     written = [Path(f"{args.output_prefix}{split}{suffix}") for split in splits for suffix in (".bin", ".idx")]
     existing = [str(path) for path in written + [args.tokenizer_output] if path is not None and path.exists()]
     if existing and not args.force:
+        other = "--output-prefix" if any(path != str(args.tokenizer_output) for path in existing) else "--tokenizer-output"
         parser.error(f"{', '.join(existing)} already exist{'s' * (len(existing) == 1)}: pass --force to replace"
-                     " (a run reading them would continue on other tokens), or choose another --output-prefix")
+                     f" (a run reading them would continue on other tokens), or choose another {other}")
     return args
 
 

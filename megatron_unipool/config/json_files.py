@@ -25,6 +25,12 @@ def read_json(path: Path, what: str) -> Any:
         raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
 
 
+def json_kind(value: Any) -> str:
+    """What JSON calls the kind of a parsed value: "an array", "null", ..."""
+    kinds = ((bool, "a boolean"), (dict, "an object"), (list, "an array"), (str, "a string"), ((int, float), "a number"))
+    return "null" if value is None else next(name for kind, name in kinds if isinstance(value, kind))
+
+
 def _without_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
     """A JSON object; a key given twice is an error (json keeps the last silently, dropping a whole section)."""
     counts = collections.Counter(key for key, _ in pairs)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .ds_config import read_deepspeed_file
-from .json_files import ConfigError, read_json
+from .json_files import ConfigError, json_kind, read_json
 from .sections import Config
 
 
@@ -155,7 +155,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
             raise ConfigError(f"config file {path} does not exist")
         raw = read_json(path, "config file")
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object of sections, not a {type(raw).__name__}")
+            raise ConfigError(f"config file {path} must hold a JSON object of sections, not {json_kind(raw)}")
     config = _with_absolute_paths(config_from_dict(apply_overrides(raw, overrides), world_size))
     if config.deepspeed.config_file is not None:  # found wrong now, not after the model is built
         micro_batches = (None if world_size is None

@@ -113,7 +113,7 @@ class MoEConfig:
     lock_window_steps: int = bounded(50, 1)  # routing mass summed over the steps before the lock
     lock_anneal_steps: int = bounded(100, 0)  # penalty ramp on other layers' experts, then a hard mask
     # the ramp's final penalty: on the raw logits (softmax, sigmoid), on the unit-norm logits in [-1, 1]
-    # (norm: any penalty of 2 or more already takes every other layer's expert out by the ReLU)
+    # (norm: any penalty of 1 or more already takes every other layer's expert out by the ReLU)
     lock_penalty: float = bounded(10.0, 0.0)
     lock_entropy_coeff: float = bounded(0.0, 0.0)  # target-cardinality entropy loss (pool experts / layers)
 

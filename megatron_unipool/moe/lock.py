@@ -9,7 +9,7 @@ Phases, by optimizer step (moe.lock_* fields):
   (a mixed-integer program solved by scipy's HiGHS);
 - the next lock_anneal steps: each router's logits of experts it does not own are lowered by a
   penalty rising on a half cosine to lock_penalty (the design note's cosine anneal); a NormRouter's
-  on its unit-norm logits, in [-1, 1], where 2 already zeroes any score, the others' on raw logits;
+  on its unit-norm logits, in [-1, 1], where 1 already zeroes any score, the others' on raw logits;
 - afterwards: those experts are masked out (hard lock).
 The state (mass, assignment, phase) is in buffers, so checkpoints resume mid-phase.
 

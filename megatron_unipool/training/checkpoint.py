@@ -89,13 +89,19 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise CheckpointError(f"refusing to write the step {step} checkpoint: NaN in {shown}")
     try:
-        return _write_checkpoint(directory, step, payload, keep_last)
+        written = _write_checkpoint(directory, step, payload)
     except OSError as error:  # a full disk, a permission or a file in the way: one line, not a traceback
         raise CheckpointError(f"cannot write the step {step} checkpoint in {directory}: {error.strerror or error}"
                               + (f" ({error.filename})" if error.filename else "")) from error
+    try:
+        _prune(directory, written, keep_last)  # removes the replaced checkpoint too, now that `latest` is updated
+    except OSError as error:
+        raise CheckpointError(f"wrote {written} (now latest), but could not remove older checkpoints:"
+                              f" {error.strerror or error}" + (f" ({error.filename})" if error.filename else "")) from error
+    return written
 
 
-def _write_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_last: int) -> Path:
+def _write_checkpoint(directory: Path, step: int, payload: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     name = step_directory_name(step)
     final, temporary = directory / name, directory / f".{name}.tmp"
@@ -114,7 +120,6 @@ def _write_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_
     _fsync_write(directory / f".{LATEST}.tmp", name.encode())
     os.replace(directory / f".{LATEST}.tmp", directory / LATEST)
     _fsync_directory(directory)
-    _prune(directory, final, keep_last)  # removes the replaced checkpoint too, now that `latest` is updated
     return final
 
 
@@ -134,9 +139,18 @@ def _prune(directory: Path, written: Path, keep_last: int) -> None:
     step = int(_STEP_DIRECTORY.fullmatch(written.name).group(1))
     earlier = [(number, path) for number, path in step_directories(directory) if number < step]
     for _, old in earlier[:max(0, len(earlier) - (keep_last - 1))]:
-        shutil.rmtree(old)
+        if old.is_symlink():  # the checkpoint it points to is not ours to delete
+            old.unlink()
+        else:
+            shutil.rmtree(old)
     for unfinished in (*directory.glob(".step_*.tmp"), *directory.glob(".step_*.old")):
         shutil.rmtree(unfinished, ignore_errors=True)
+
+
+def holds_whole_checkpoint(step_dir: Path) -> bool:
+    """Whether `step_dir` holds a state.pt torch.save finished (a zip archive): not empty, not cut short."""
+    state = step_dir / "state.pt"
+    return state.is_file() and zipfile.is_zipfile(state)
 
 
 def step_directories(directory: Path) -> list[tuple[int, Path]]:
@@ -169,7 +183,7 @@ def check_run_directory(run_dir: Path) -> None:
     run_dir = Path(run_dir)
     for name, is_right in [(n, Path.is_dir) for n in RUN_DIRECTORIES] + [(n, Path.is_file) for n in RUN_FILES]:
         path = run_dir / name
-        if path.exists() and not is_right(path):
+        if (path.exists() or path.is_symlink()) and not is_right(path):  # a dangling link is in the way too
             kind = "a directory" if is_right is Path.is_dir else "a file"
             raise CheckpointError(f"run directory {run_dir}: {name} must be {kind}; move away what is there")
     writable = checkpoints_dir(run_dir) if checkpoints_dir(run_dir).is_dir() else run_dir
@@ -202,7 +216,7 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
     (over its checkpoints); a step_* directory exists only once its state.pt is whole."""
     pointer = directory / LATEST
     if not pointer.is_file():
-        complete = [path for _, path in step_directories(directory) if (path / "state.pt").is_file()]
+        complete = [path for _, path in step_directories(directory) if holds_whole_checkpoint(path)]
         return complete[-1] if complete else None
     try:
         name = pointer.read_text().strip()
@@ -226,9 +240,9 @@ def _earlier_checkpoint_hint(step_dir: Path) -> str:
     """For an error about a step_* directory: the highest earlier step with a state.pt, to continue from."""
     match = _STEP_DIRECTORY.fullmatch(step_dir.name)
     earlier = [path for number, path in step_directories(step_dir.parent)
-               if match and number < int(match.group(1)) and (path / "state.pt").is_file()]
-    return (f"; {earlier[-1].name} is whole: continue from it with --set checkpoint.resume=false --set"
-            f" checkpoint.load={earlier[-1]}" if earlier else "")
+               if match and number < int(match.group(1)) and holds_whole_checkpoint(path)]
+    return (f"; {earlier[-1]} is whole: load it instead (the launcher: --set checkpoint.resume=false --set"
+            f" checkpoint.load={earlier[-1]})" if earlier else "")
 
 
 def checkpoint_to_resume(config: Config, run_dir: Path) -> Optional[Path]:
@@ -240,7 +254,7 @@ def checkpoint_to_resume(config: Config, run_dir: Path) -> Optional[Path]:
     if config.checkpoint.resume:
         path = latest_checkpoint(directory)
     else:
-        path, held = None, step_directories(directory)
+        path, held = None, [(n, p) for n, p in step_directories(directory) if (p / "state.pt").is_file()]
         if held and not config.checkpoint.load:
             raise CheckpointError(
                 f"{directory} holds {len(held)} checkpoint(s), up to {held[-1][1].name}, that a fresh run"
@@ -322,15 +336,18 @@ def check_same_function(before: Config, after: Config, what: str) -> None:
         raise ConfigError(f"--set would change what {what} compute:\n  " + "\n  ".join(changed))
 
 
-def changed_settings(saved_config: dict, config: Config) -> dict[str, tuple[Any, Any]]:
+def changed_settings(saved_config: dict, config: Config, trained_steps: int = 1) -> dict[str, tuple[Any, Any]]:
     """{"section.key": (the checkpoint's value, this run's)} for each setting of what the model computes, how it
     is optimised or what data it reads that differs from the checkpoint's run (not _UNCOMPARED). Not compared
     either: keys an older checkpoint lacks, a model or MoE value left unset on either side (derived, as a full
-    pool's size: a real change there changes shapes, refused anyway), and the MoE settings of a model that is
-    dense in both."""
+    pool's size: a real change there changes shapes, refused anyway), the MoE settings of a model that is
+    dense in both, and the train and data settings of a checkpoint of step 0 (`trained_steps`: an import or an
+    upcycled model, whose tools leave them to be set before it trains)."""
     current = config_to_dict(config)
     changed = {}
     for section in _UNCOMPARED:
+        if section in ("train", "data") and trained_steps == 0:  # what the tools wrote: ours to set now
+            continue
         saved = saved_config.get(section, {})
         if section == "moe" and saved.get("kind") == "dense" and current["moe"]["kind"] == "dense":
             continue

@@ -100,6 +100,7 @@ class Trainer:
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         check_tensorboard(config.logging)  # before the data and the model, on every rank
         seed_everything(config.train.seed, config.train.deterministic)
+        decided_by_rank0(lambda: check_run_directory(self.run_dir), self.parallel)  # before the data and the model
         self.data = on_every_rank(lambda: build_datasets(config), self.parallel, (DataError,))  # node-local files
         self.budget = param_budget(config.model, config.moe)
         on_every_rank(lambda: check_fits_host_memory(self.budget.total_params, "the model", processes_on_this_host()),
@@ -107,7 +108,6 @@ class Trainer:
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
         self.state = TrainState()
         self.checkpoints = checkpoints_dir(self.run_dir)
-        decided_by_rank0(lambda: check_run_directory(self.run_dir), self.parallel)
         payload, source = self._checkpoint_to_resume()
         if payload is not None:
             restore_model(model, payload["model"], source)
@@ -125,7 +125,7 @@ class Trainer:
                 print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
                       flush=True)
                 self._note_changed_schedule(payload["config"]["train"]["max_steps"])
-                self._note_changed_settings(changed_settings(payload["config"], config),
+                self._note_changed_settings(changed_settings(payload["config"], config, self.state.step),
                                             payload["config"]["train"]["seed"])
                 saved_seq_len = payload["config"]["model"]["seq_len"]
                 if saved_seq_len != config.model.seq_len:  # consumed_samples counts samples of the saved length
