@@ -129,11 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 parser.error(f"--tokenizer-output {args.tokenizer_output} is {what} ({taken}); give another path")
     splits = ("_train", "_valid") if args.valid_fraction > 0 else ("",)
     written = [Path(f"{args.output_prefix}{split}{suffix}") for split in splits for suffix in (".bin", ".idx")]
-    existing = [str(path) for path in written + [args.tokenizer_output] if path is not None and path.exists()]
+    existing = [path for path in written if path.exists()]
+    other = "--output-prefix" if existing else "--tokenizer-output"
+    if args.tokenizer_output is not None and args.tokenizer_output.exists():
+        existing.append(args.tokenizer_output)
     if existing and not args.force:
-        other = "--output-prefix" if any(path != str(args.tokenizer_output) for path in existing) else "--tokenizer-output"
-        parser.error(f"{', '.join(existing)} already exist{'s' * (len(existing) == 1)}: pass --force to replace"
-                     f" (a run reading them would continue on other tokens), or choose another {other}")
+        parser.error(f"{', '.join(map(str, existing))} already exist{'s' * (len(existing) == 1)}: pass --force to"
+                     f" replace (a run reading them would continue on other tokens), or choose another {other}")
     return args
 
 

@@ -91,14 +91,17 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
     try:
         written = _write_checkpoint(directory, step, payload)
     except OSError as error:  # a full disk, a permission or a file in the way: one line, not a traceback
-        raise CheckpointError(f"cannot write the step {step} checkpoint in {directory}: {error.strerror or error}"
-                              + (f" ({error.filename})" if error.filename else "")) from error
+        raise CheckpointError(f"cannot write the step {step} checkpoint in {directory}: {_reason(error)}") from error
     try:
         _prune(directory, written, keep_last)  # removes the replaced checkpoint too, now that `latest` is updated
     except OSError as error:
         raise CheckpointError(f"wrote {written} (now latest), but could not remove older checkpoints:"
-                              f" {error.strerror or error}" + (f" ({error.filename})" if error.filename else "")) from error
+                              f" {_reason(error)}") from error
     return written
+
+
+def _reason(error: OSError) -> str:
+    return f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
 
 
 def _write_checkpoint(directory: Path, step: int, payload: dict[str, Any]) -> Path:
@@ -211,9 +214,9 @@ def write_run_directory(directory: Path, config: Config, model_state: dict[str, 
 
 
 def latest_checkpoint(directory: Path) -> Optional[Path]:
-    """The checkpoint `latest` names. Without the pointer, the highest step_* with a state.pt: a save killed
-    between its rename and the pointer's write, or the pointer removed, must not restart the run from step 0
-    (over its checkpoints); a step_* directory exists only once its state.pt is whole."""
+    """The checkpoint `latest` names. Without the pointer, the highest step_* holding a whole state.pt: a save
+    killed between its rename and the pointer's write, or the pointer removed, must not restart the run from
+    step 0 (over its checkpoints)."""
     pointer = directory / LATEST
     if not pointer.is_file():
         complete = [path for _, path in step_directories(directory) if holds_whole_checkpoint(path)]
@@ -239,8 +242,10 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
 def _earlier_checkpoint_hint(step_dir: Path) -> str:
     """For an error about a step_* directory: the highest earlier step with a state.pt, to continue from."""
     match = _STEP_DIRECTORY.fullmatch(step_dir.name)
+    if not match:
+        return ""
     earlier = [path for number, path in step_directories(step_dir.parent)
-               if match and number < int(match.group(1)) and holds_whole_checkpoint(path)]
+               if number < int(match.group(1)) and holds_whole_checkpoint(path)]
     return (f"; {earlier[-1]} is whole: load it instead (the launcher: --set checkpoint.resume=false --set"
             f" checkpoint.load={earlier[-1]})" if earlier else "")
 
@@ -267,10 +272,9 @@ def resolve_checkpoint(path: Path) -> Path:
     """A run directory (its latest checkpoint), a checkpoints directory, or one step_* directory."""
     path = Path(path)
     for directory in (checkpoints_dir(path), path):
-        if (directory / LATEST).is_file() or step_directories(directory):
-            found = latest_checkpoint(directory)
-            if found is not None:
-                return found
+        found = latest_checkpoint(directory)  # None without a pointer or a whole step there
+        if found is not None:
+            return found
     if (path / "state.pt").is_file() or (path.is_file() and (path.name == "state.pt" or zipfile.is_zipfile(path))):
         return path  # a file torch.save wrote (a zip archive), or a damaged state.pt: load_checkpoint says which
     raise CheckpointError(f"no checkpoint at {path}: expected a run directory, its checkpoints/ directory or a"
