@@ -195,12 +195,15 @@ def test_a_step_without_routing_keeps_f_bar_and_an_empty_layer_stays_finite():
     torch.testing.assert_close(pool_load_fraction(torch.tensor([[0, 0], [2, 2]]), torch.tensor([0, 4])),
                                torch.tensor([0.25, 0.25]))
     stats = PoolStats(2, 2, "step")
+    stats.end_step()  # before any routing: still no f_bar (a checkpoint would say so)
+    assert not stats.has_load_fraction and torch.equal(stats.f_bar(), torch.zeros(2))
     stats.record(0, torch.tensor([3, 1]), 0, 4)
     stats.record(1, torch.tensor([2, 2]), 0, 4)
     stats.end_step()
     torch.testing.assert_close(stats.f_bar(), torch.tensor([0.625, 0.375]))
     stats.end_step()
     torch.testing.assert_close(stats.f_bar(), torch.tensor([0.625, 0.375]))
+    assert stats.has_load_fraction
 
 
 def test_dropped_slots_are_summed_over_every_pool():

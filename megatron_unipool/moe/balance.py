@@ -51,7 +51,9 @@ class PoolStats(nn.Module):
         if not self.recording:
             return
         self.micro_batch_counts[layer_slot] = routed_per_expert
-        self.micro_batch_slots[layer_slot] = slots
+        # fill_, not `[layer_slot] = slots`: assigning a Python number to one element of a CUDA tensor copies it
+        # from the host, which waits for the device to drain (once per MoE layer and micro-batch)
+        self.micro_batch_slots[layer_slot].fill_(slots)
         self.step_counts[layer_slot] += routed_per_expert
         self.step_slots[layer_slot] += slots
         self.step_dropped += dropped
@@ -85,9 +87,11 @@ class PoolStats(nn.Module):
         return StepRouting(counts, slots, int(dropped))
 
     def _set_f_bar(self, counts: torch.Tensor, slots: torch.Tensor) -> None:
-        if slots.sum() > 0:
-            self.load_fraction.copy_(pool_load_fraction(counts, slots))
-            self.has_load_fraction.fill_(True)
+        """f_bar from these counts, unless nothing was routed (f_bar stays as it was); decided on the device,
+        as `if slots.sum() > 0` would wait for it once per micro-batch under the micro_batch lag."""
+        routed_any = slots.sum() > 0
+        self.load_fraction.copy_(torch.where(routed_any, pool_load_fraction(counts, slots), self.load_fraction))
+        self.has_load_fraction.logical_or_(routed_any)
 
 
 class StepRouting(NamedTuple):
