@@ -7,12 +7,10 @@ import torch
 
 from megatron_unipool.kernels import KernelUnavailableError, rotary
 from megatron_unipool.kernels.rotary import TritonRotary
-from kernel_models import assert_triton_model_equals_torch_model
+from kernel_models import DEVICE, assert_triton_model_equals_torch_model
 from megatron_unipool.model.rope import RotaryEmbedding
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tables(head_dim, positions=40):
@@ -57,9 +55,9 @@ def test_kernel_reads_strided_rows(triton_runs):
     transpose) and rows with a gap between them: the kernel reads them in place."""
     generator = torch.Generator().manual_seed(0)
     cos, sin = tables(8)
-    for x in (torch.randn(2, 3, 9, 8, generator=generator).transpose(1, 2),
-              torch.randn(2, 9, 3, 12, generator=generator)[..., 2:10]):
-        x = x.to(DEVICE)
+    # views taken on the device: .to() copies a view with gaps between its rows contiguously
+    for x in (torch.randn(2, 3, 9, 8, generator=generator).to(DEVICE).transpose(1, 2),
+              torch.randn(2, 9, 3, 12, generator=generator).to(DEVICE)[..., 2:10]):
         assert not x.is_contiguous()
         torch.testing.assert_close(TritonRotary.apply(x, cos[:9], sin[:9]), rotary(x, cos, sin, "torch"),
                                    rtol=1e-5, atol=1e-5)
@@ -68,7 +66,7 @@ def test_kernel_reads_strided_rows(triton_runs):
 def test_eager_rotation_on_the_projection_layout_equals_the_transposed_one():
     """Applied on [B, S, H, K] before the transpose it is bit for bit the rotation it replaced on the
     [B, H, S, K] view (rotate half: -x2, x1)."""
-    x = torch.randn(2, 9, 3, 8).bfloat16()
+    x = torch.randn(2, 9, 3, 8).bfloat16().to(DEVICE)
     cos, sin = tables(8)
 
     def before(x_BHSK):

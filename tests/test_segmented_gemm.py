@@ -7,11 +7,11 @@ import torch
 
 from megatron_unipool.kernels import DeferredWeightGradients, KernelUnavailableError, grouped_gemm, grouped_swiglu
 from megatron_unipool.kernels.segmented_gemm import segmented_weight_gradient
-from kernel_models import assert_triton_model_equals_torch_model
+from kernel_models import (DEVICE, GROUPED_MM_PRECISIONS, assert_triton_model_equals_torch_model,
+                           skip_fp32_grouped_mm_on_cuda)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def per_call_sum(a_calls, b_calls, counts_CM):
@@ -68,10 +68,12 @@ def deferred_calls(kernel, routings, hidden=16, width=32, autocast=False):
     return [w.grad for w in weights]
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-def test_deferred_gradients_with_the_kernel_equal_the_regrouped_ones(autocast, triton_runs, monkeypatch):
+@pytest.mark.parametrize("precision", GROUPED_MM_PRECISIONS)
+def test_deferred_gradients_with_the_kernel_equal_the_regrouped_ones(precision, triton_runs, monkeypatch):
     """Three calls with the CUDA row padding: the same three weight gradients as regrouping the rows
     for torch._grouped_mm, from one kernel launch per weight (the regrouping never runs)."""
+    skip_fp32_grouped_mm_on_cuda(precision)
+    autocast = precision == "bf16_autocast"
     routings = [[3, 0, 7, 1], [0, 5, 0, 2], [4, 4, 4, 4]]
     expected = deferred_calls("torch", routings, autocast=autocast)
     launches = []
@@ -86,8 +88,10 @@ def test_deferred_gradients_with_the_kernel_equal_the_regrouped_ones(autocast, t
         torch.testing.assert_close(a, e, **tolerance, msg=name)
 
 
-def test_unipool_model_with_the_kernel_equals_the_torch_model(tiny_config, triton_runs, monkeypatch):
+@pytest.mark.parametrize("precision", GROUPED_MM_PRECISIONS)
+def test_unipool_model_with_the_kernel_equals_the_torch_model(precision, tiny_config, triton_runs, monkeypatch):
     """model.pool_wgrad_kernel: the pool's gradients (one launch per weight), and every other, unchanged."""
+    skip_fp32_grouped_mm_on_cuda(precision)
     launches = []
     segmented = grouped_gemm.segmented_weight_gradient
     monkeypatch.setattr(grouped_gemm, "segmented_weight_gradient", lambda *a: launches.append(1) or segmented(*a))
@@ -99,7 +103,8 @@ def test_unipool_model_with_the_kernel_equals_the_torch_model(tiny_config, trito
         assert len(launches) == (3 if kernel == "triton" else 0)
         launches.clear()
 
-    assert_triton_model_equals_torch_model(cfg, "pool_wgrad_kernel", DEVICE, one_launch_per_weight)
+    assert_triton_model_equals_torch_model(cfg, "pool_wgrad_kernel", DEVICE, one_launch_per_weight,
+                                           autocast=precision == "bf16_autocast")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU")
