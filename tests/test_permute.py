@@ -142,7 +142,8 @@ def test_model_with_the_kernels_equals_the_torch_model(config, checkpointing, al
     """model.permute_kernel reaches every MoE layer: one gather and one combine per layer each way (the
     forward twice where the experts are recomputed in backward). With the grouped_mm experts padded as on
     CUDA (`align` 8): the kernels lay the rows out padded and the experts pad nothing again; the torch
-    path's experts pad them themselves; the same numbers."""
+    path's experts pad them themselves; the same numbers. (On CUDA the experts are Triton's, which pad
+    nothing themselves and compute padded rows as zeros.)"""
     from megatron_unipool.kernels import grouped_gemm, permute as kernels
     from megatron_unipool.moe import experts
 
@@ -167,8 +168,9 @@ def test_model_with_the_kernels_equals_the_torch_model(config, checkpointing, al
         launches.clear()
         grouped_gemm.padded_rows = pad  # the torch path's experts pad
 
-    # grouped_mm experts take fp32 on a CPU (on CUDA only bf16: there the fp32 model's experts are the loop)
-    gemm = "grouped_mm" if DEVICE == "cpu" else "auto"
+    # grouped_mm experts take fp32 on a CPU; on CUDA bf16 only, so there the fp32 model's experts are Triton's,
+    # which take rows padded or not (the loop takes no padding)
+    gemm = "grouped_mm" if DEVICE == "cpu" else "triton"
     cfg = tiny_config(config, "moe.top_k=2", f"model.expert_gemm={gemm}", f"model.activation_checkpointing={checkpointing}")
     assert_triton_model_equals_torch_model(cfg, "permute_kernel", DEVICE, launched_once_each_way_per_layer)
 
