@@ -16,6 +16,7 @@
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]          # default runs/gpu_checks
 #   SET=followup bash benchmarks/gpu_checks.sh OUT   # the second set
+#   SET=tests bash benchmarks/gpu_checks.sh OUT      # the CUDA kernel tests alone, all of them (500 s, every failure)
 #   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes, kernel tests collected only: the plumbing, on CPU too
 #
 # Data: the end-to-end step reads GPT-2-tokenised Shakespeare (byte-level with QUICK) from $DATA_DIR
@@ -37,8 +38,8 @@ data=$(absolute "${DATA_DIR:-}")
 wheels=$(absolute "${WHEELS:-}")
 cd "$(dirname "$0")/.."
 set_name=${SET:-main}
-if [[ $set_name != main && $set_name != followup ]]; then
-    echo "SET must be main or followup, not '$set_name'" >&2
+if [[ $set_name != main && $set_name != followup && $set_name != tests ]]; then
+    echo "SET must be main, followup or tests, not '$set_name'" >&2
     exit 2
 fi
 out=${out:-$PWD/runs/gpu_checks}
@@ -63,8 +64,19 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, its log into $o
     echo "== $name: exit $status"
 }
 
+report_environment() {
+    step environment 20 $python -c "import torch; print(torch.__version__, torch.version.cuda,
+    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))
+import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'triton', 'flash_attn')]"
+}
+
 tokenizer=gpt2
 kernel_tests=()
+# the tests that run on CUDA where it is (the cross-entropy one that trains a model needs the `shakespeare`
+# package and is deselected: it runs on CPU, interpreted)
+kernel_test_files=(tests/test_kernels.py tests/test_cross_entropy.py tests/test_rotary.py tests/test_swiglu.py
+                   tests/test_segmented_gemm.py tests/test_permute.py tests/test_rows_gemm.py
+                   tests/test_benchmarks.py::test_step_profile_finds_a_host_stall_and_a_sync_on_cuda)
 if [[ -n ${QUICK:-} ]]; then
     tokenizer=byte
     kernel_tests=(--collect-only)  # on CPU the suite runs them already: check that the step's tests resolve
@@ -109,6 +121,12 @@ else
                    unipool-triton-gemm --warmup 2 --steps 3)
 fi
 routing+=(--impls ours routing routing_fused routing_norm routing_norm_fused)
+if [[ $set_name == tests ]]; then  # needs neither the corpus nor deepspeed
+    report_environment
+    step kernels 500 $python -m pytest -v --tb=short -rfE -p no:cacheprovider "${kernel_tests[@]}" "${kernel_test_files[@]}" \
+        -k "not training_step"
+    exit 0
+fi
 corpus=(--set data.corpus=null --set "data.train_prefix=$data/shakespeare_${tokenizer}_train"
         --set "data.valid_prefix=$data/shakespeare_${tokenizer}_valid")
 missing_data=()
@@ -133,9 +151,7 @@ if ! ds_error=$(timeout 30 $python -c "import deepspeed" 2>&1); then
     layer+=(--impls ours ours_loop ours_triton loop dense routing routing_norm)
 fi
 
-step environment 20 $python -c "import torch; print(torch.__version__, torch.version.cuda,
-    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', 'grouped_mm:', hasattr(torch, '_grouped_mm'))
-import importlib.util as u; [print(n + ':', getattr(u.find_spec(n), 'origin', 'missing')) for n in ('deepspeed', 'flash_attn')]"
+report_environment
 if [[ $set_name == followup ]]; then
     step moe_layer 40 $python benchmarks/moe_layer.py "${routing[@]}" --json "$out/moe_layer.json"
     step end_to_end_182m 230 $python benchmarks/end_to_end.py "${followup_182m[@]}" "${corpus[@]}" \
@@ -144,12 +160,11 @@ if [[ $set_name == followup ]]; then
         --json "$out/end_to_end_469m.json"
     exit 0
 fi
-# (the cross-entropy test that trains a model needs the `shakespeare` package: it runs on CPU, interpreted)
 # -v names each test as it ends and --maxfail prints the first failures' tracebacks early: on 2026-11-28 the step's
-# limit ended pytest before its summary, and its dots alone did not say which tests failed, or why
-step kernels 55 $python -m pytest -v --tb=short --maxfail=3 -p no:cacheprovider "${kernel_tests[@]}" tests/test_kernels.py tests/test_cross_entropy.py \
-    tests/test_rotary.py tests/test_swiglu.py tests/test_segmented_gemm.py tests/test_permute.py tests/test_rows_gemm.py \
-    tests/test_benchmarks.py::test_step_profile_finds_a_host_stall_and_a_sync_on_cuda -k "not training_step"
+# limit ended pytest before its summary, and its dots alone did not say which tests failed, or why (SET=tests runs
+# them all with time to finish)
+step kernels 55 $python -m pytest -v --tb=short --maxfail=3 -p no:cacheprovider "${kernel_tests[@]}" "${kernel_test_files[@]}" \
+    -k "not training_step"
 step grouped_gemm 55 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
 step pool_gemm 40 $python benchmarks/grouped_gemm.py "${pool_gemm[@]}" --json "$out/pool_gemm.json"
 step moe_layer 65 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"
