@@ -34,6 +34,7 @@ def assert_triton_model_equals_torch_model(cfg, field: str, device, after_backwa
         model = LanguageModel(cfg.model, cfg.moe).to(device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
             logits, losses = model(tokens[:, :-1])
+        assert logits.dtype == (torch.bfloat16 if autocast else torch.float32)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
         (loss + sum(losses.values(), torch.zeros((), device=device))).backward()
         if after_backward is not None:

@@ -452,10 +452,12 @@ def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path, s
     ends 0 and writes its rows, and nothing else lands in OUT (a device lends back at most 8 files)."""
     from megatron_unipool.data import prepare_default_corpus
 
-    prepare_default_corpus("byte", data_cache)
+    if measuring:
+        prepare_default_corpus("byte", data_cache)
+    data_dir = data_cache if measuring else str(tmp_path / "no_corpus")  # the tests alone need none
     out = tmp_path / "out"
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(out)], capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_cache, SET=step_set))
+                          text=True, timeout=600, env=dict(os.environ, QUICK="1", DATA_DIR=data_dir, SET=step_set))
     assert done.returncode == 0, done.stderr[-2000:]
     steps = [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("== ") and ": exit " in line]
     assert steps == [f"== {step}" for step in ("environment", *checks, *measuring)], done.stdout[-3000:]

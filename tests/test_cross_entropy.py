@@ -14,11 +14,11 @@ from megatron_unipool.kernels import KernelUnavailableError, cross_entropy_sum
 from megatron_unipool.kernels import cross_entropy as ce_module
 from megatron_unipool.kernels import triton_support
 from megatron_unipool.training import Trainer
+from kernel_models import DEVICE
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # the kernel's tests skip without Triton (triton_runs)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+CUDA = DEVICE == "cuda"
 
 
 def logits_and_targets(rows, vocab, dtype, scale=3.0, seed=0):

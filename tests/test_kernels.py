@@ -19,12 +19,11 @@ from megatron_unipool.model import LanguageModel
 from megatron_unipool.moe import Router
 from megatron_unipool.moe.dispatch import permute, plan_dispatch, unpermute
 from megatron_unipool.training.optimizer import build_optimizer
-from kernel_models import TRITON_RUNS
+from kernel_models import DEVICE, TRITON_RUNS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
+CUDA = DEVICE == "cuda"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 # fp32 results differ from the reference only by summation order; bf16 rounds every product
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -88,7 +87,7 @@ def case_device(case: str) -> str:
 
 def case_collector(case: str) -> DeferredWeightGradients:
     """The deferred weight gradients as ExpertPool pairs them with the case's expert GEMMs."""
-    return DeferredWeightGradients("triton" if case == "triton" else "torch")
+    return DeferredWeightGradients("triton" if GEMM_CASES[case]["backend"] == "triton" else "torch")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -493,7 +492,7 @@ def test_deferred_pool_weight_gradients_change_nothing_but_speed(layers_per_pool
             torch.testing.assert_close(actual[1][name], expected[1][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def check_deferred_weight_gradients(dtype, device="cpu", hidden=16, width=24, **gemm):
+def check_deferred_weight_gradients(case: str, dtype, device="cpu", hidden=16, width=24):
     """Three calls on the same experts, routed differently (experts unused by some calls): the
     weight gradients arrive once, equal to the per-slot reference summed over the calls."""
     routings = [[3, 0, 7, 1, 9], [0, 5, 0, 0, 2], [4, 4, 4, 4, 4]]
@@ -507,14 +506,14 @@ def check_deferred_weight_gradients(dtype, device="cpu", hidden=16, width=24, **
             x_all = torch.cat(xs)
             deferred = None
             if not reference:
-                deferred = case_collector(gemm.get("backend"))
+                deferred = case_collector(case)
                 x_all = deferred.attach(x_all, w_gate, w_up, w_down)
             outs = []
             for x, c in zip(x_all.split([len(x) for x in xs]), counts):
                 if reference:
                     outs.append(per_slot_reference(x, c, w_gate, w_up, w_down))
                 else:
-                    outs.append(grouped_swiglu(x, c, w_gate, w_up, w_down, deferred=deferred, **gemm))
+                    outs.append(grouped_swiglu(x, c, w_gate, w_up, w_down, deferred=deferred, **GEMM_CASES[case]))
             return torch.cat(outs)
         return run
 
@@ -525,14 +524,14 @@ def check_deferred_weight_gradients(dtype, device="cpu", hidden=16, width=24, **
     actual = forward_backward(calls(reference=False), [*xs, *weights])
     names = ["out"] + [f"grad x{i}" for i in range(len(xs))] + ["grad w_gate", "grad w_up", "grad w_down"]
     for name, a, e in zip(names, actual, expected):
-        assert_close_relative(a, e, TOLERANCE[dtype], f"{gemm} {name}")
+        assert_close_relative(a, e, TOLERANCE[dtype], f"{case} {name}")
     assert len(accumulated) == 1  # one gradient event per backward, whatever the number of calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES)
 def test_deferred_weight_gradients_sum_every_call(case, dtype):
-    check_deferred_weight_gradients(dtype, case_device(case), **GEMM_CASES[case])
+    check_deferred_weight_gradients(case, dtype, case_device(case))
 
 
 @needs_cuda
@@ -541,7 +540,8 @@ def test_deferred_weight_gradients_on_cuda():
     """The CUDA path: grouped_mm (CUTLASS) with its row padding, rows regrouped on the device."""
     if not grouped_mm_supported(torch.bfloat16, "cuda", torch.empty(1, 32, 16)):
         pytest.skip("torch._grouped_mm missing from this torch build")
-    check_deferred_weight_gradients(torch.bfloat16, "cuda", hidden=64, width=128)
+    # grouped_mm pads each expert's rows itself on CUDA (expert_row_alignment)
+    check_deferred_weight_gradients("grouped_mm", torch.bfloat16, "cuda", hidden=64, width=128)
 
 
 @pytest.mark.parametrize("dtype,width,columns,words", [

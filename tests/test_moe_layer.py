@@ -553,47 +553,68 @@ def test_top_k_indices_equal_a_stable_descending_sort():
     torch.testing.assert_close(top_k_indices(x, 3), x.topk(3, dim=-1).indices, rtol=0, atol=0)  # no ties: topk's
 
 
-NO_SYNC_SETTINGS = {  # name: (model settings, moe settings)
-    "dense": ({}, {"kind": "dense"}),
+NO_SYNC_SETTINGS = {  # name: (model settings, moe settings, the CUDA path: rows padded to 8, bf16 autocast)
+    "dense": ({}, {"kind": "dense"}, False),
     "vanilla softmax, layer aux, z-loss, shared expert": (
         {}, {"kind": "vanilla", "router": "softmax", "aux_loss": "layer", "z_loss_coeff": 1e-3,
-             "shared_expert_ffn_hidden_size": 8}),
-    "unipool NormRouter, pool aux": ({}, {}),
+             "shared_expert_ffn_hidden_size": 8}, False),
+    "unipool NormRouter, pool aux": ({}, {}, False),
     "unipool, pool aux lagged by a micro-batch, recomputed experts": (
-        {"activation_checkpointing": "ffn"}, {"pool_aux_lag": "micro_batch"}),
+        {"activation_checkpointing": "ffn"}, {"pool_aux_lag": "micro_batch"}, False),
     "unipool, recomputed blocks, per-layer pool gradients": (
-        {"activation_checkpointing": "block", "pool_weight_gradients": "per_layer"}, {}),
-    "unipool sigmoid, aux-loss-free bias": ({}, {"router": "sigmoid", "bias_balancing": True, "aux_loss": "none"}),
-    "unipool-lock, entropy loss": ({}, {"lock_start_step": 1, "lock_entropy_coeff": 0.01}),
+        {"activation_checkpointing": "block", "pool_weight_gradients": "per_layer"}, {}, False),
+    "unipool sigmoid, aux-loss-free bias": (
+        {}, {"router": "sigmoid", "bias_balancing": True, "aux_loss": "none"}, False),
+    "unipool-lock annealing, entropy loss": (
+        {}, {"lock_start_step": 1, "lock_window_steps": 1, "lock_entropy_coeff": 0.01}, False),
+    "unipool-lock hard": ({}, {"lock_start_step": 1, "lock_window_steps": 1, "lock_anneal_steps": 0}, False),
+    "unipool, padded rows, bf16": ({}, {}, True),
+    "unipool, padded rows, bf16, Triton permute and combine": ({"permute_kernel": "triton"}, {}, True),
 }
 
 
 @pytest.mark.parametrize("name", list(NO_SYNC_SETTINGS))
-def test_dropless_training_micro_batch_waits_for_nothing_on_the_host(name):
+def test_dropless_training_micro_batch_waits_for_nothing_on_the_host(name, monkeypatch):
     """A dropless model's training micro-batch on the grouped GEMM path (ep 1): forward, backward and the
     micro-batch's routing bookkeeping read no value back to the host and copy none in
     (tests/host_syncs.py). Each such op stalls a GPU once per layer and micro-batch: assigning the
-    layer's slot count to an element of a CUDA buffer did, 48 times in a 182M step (docs/benchmarks.md)."""
+    layer's slot count to an element of a CUDA buffer did, 48 times in a 182M step (docs/benchmarks.md).
+    On CUDA every case runs under bf16 autocast (its grouped_mm takes bf16 only); on a CPU the last ones
+    take the CUDA path there: each expert's rows padded to 8, bf16, the Triton permute (interpreted)."""
     import torch.nn.functional as F_
 
     from megatron_unipool.config import ModelConfig
+    from megatron_unipool.kernels import grouped_gemm
+    from megatron_unipool.kernels.triton_support import triton_runs_on
     from megatron_unipool.model import LanguageModel
+    from megatron_unipool.moe import experts
 
-    model_settings, moe_settings = NO_SYNC_SETTINGS[name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_settings, moe_settings, cuda_path = NO_SYNC_SETTINGS[name]
+    if model_settings.get("permute_kernel") == "triton" and not triton_runs_on(device):
+        pytest.skip("Triton runs neither compiled (no CUDA) nor interpreted here")
+    if cuda_path:
+        for module in (grouped_gemm, experts):
+            monkeypatch.setattr(module, "expert_row_alignment", lambda *args: 8)
     model_cfg = ModelConfig(num_layers=2, hidden_size=16, num_heads=2, num_kv_heads=1, ffn_hidden_size=32,
                             vocab_size=40, seq_len=8, expert_gemm="grouped_mm", **model_settings)
     moe_cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, **moe_settings})
     torch.manual_seed(0)
-    model = LanguageModel(model_cfg, moe_cfg)
-    tokens = torch.randint(0, 40, (2, 9))
+    model = LanguageModel(model_cfg, moe_cfg).to(device)
+    tokens = torch.randint(0, 40, (2, 9)).to(device)
+    autocast = cuda_path or device == "cuda"
 
     def micro_batch():
-        logits, losses = model(tokens[:, :-1])
-        loss = F_.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        (loss + sum(losses.values(), torch.zeros(()))).backward()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            logits, losses = model(tokens[:, :-1])
+        assert logits.dtype == (torch.bfloat16 if autocast else torch.float32)
+        loss = F_.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        (loss + sum(losses.values(), torch.zeros((), device=device))).backward()
         model.end_micro_batch()
 
-    micro_batch()  # a first micro-batch: the pool loss then has an f_bar under the micro_batch lag
+    micro_batch()  # a first step: the pool loss then has an f_bar, and a UniPool-lock engages
+    model.end_lock_step(1, model.end_optimizer_step())
+    assert all(not lock.offset.any() for lock in model.pool_locks) == ("lock_start_step" not in moe_settings)
     assert host_syncs(micro_batch) == []
     assert all(p.grad is not None for p in model.parameters())
 

@@ -11,11 +11,9 @@ import torch
 
 from megatron_unipool.kernels import KernelUnavailableError
 from megatron_unipool.moe.dispatch import expert_rows, permute, plan_dispatch, unpermute
-from kernel_models import RecordedLaunches, assert_triton_model_equals_torch_model
+from kernel_models import DEVICE, RecordedLaunches, assert_triton_model_equals_torch_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def routed(tokens: int, experts: int, top_k: int, capacity: int | None, seed: int = 0):

@@ -9,11 +9,9 @@ import torch
 
 from megatron_unipool.kernels import KernelUnavailableError, grouped_swiglu
 from megatron_unipool.kernels.rows_gemm import rows_grouped_mm
-from kernel_models import RecordedLaunches, assert_triton_model_equals_torch_model
+from kernel_models import DEVICE, RecordedLaunches, assert_triton_model_equals_torch_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def per_expert(a, b, counts, a2=None, b2=None):

@@ -63,6 +63,7 @@ def deferred_calls(kernel, routings, hidden=16, width=32, autocast=False):
         anchor = collector.attach(torch.zeros((), device=DEVICE), *weights)
         outs = [grouped_swiglu(x + anchor, torch.tensor(counts, device=DEVICE), *weights, backend="grouped_mm",
                                align_rows=8, deferred=collector) for x, counts in zip(xs, routings)]
+    assert all(out.dtype == (torch.bfloat16 if autocast else torch.float32) for out in outs)
     loss = sum((out.float() * torch.linspace(-1, 1, hidden, device=DEVICE)).sum() for out in outs)
     loss.backward()
     return [w.grad for w in weights]

@@ -76,6 +76,7 @@ def test_grouped_experts_with_the_kernel_equal_torch(align_rows, deferred, preci
             for call_counts in counts:  # two layers
                 out = grouped_swiglu(out, call_counts, *leaves[1:], backend="grouped_mm", align_rows=align_rows,
                                      deferred=collector, activation=activation)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
         out.float().square().sum().backward()
         results.append([out.detach().float()] + [t.grad for t in leaves])
     # bf16: the kernel rounds silu(gate) * up once, torch's ops twice
