@@ -100,14 +100,19 @@ class RoutingStepStats:
 
     def unrouted_fraction(self) -> Optional[float]:
         """Share of the routing slots that reached no expert (NormRouter: fewer than k positive scores)."""
-        slots = sum(int(s.sum()) for s in self.slots_per_pool)
-        return 1 - sum(int(c.sum()) for c in self.counts_per_pool) / slots if slots else None
+        if not self.slots_per_pool:
+            return None
+        slots, routed = torch.stack([sum(s.sum() for s in self.slots_per_pool),
+                                     sum(c.sum() for c in self.counts_per_pool)]).tolist()  # one read
+        return 1 - routed / slots if slots else None
 
     def unrouted_per_layer(self, pool_layout: list[list[int]]) -> dict[int, float]:
         """The same share for each MoE layer, by its index (`pool_layout`: each pool's layers)."""
-        return {layer: 1 - int(routed_M.sum()) / max(int(slots), 1)
-                for layers, counts_LM, slots_L in zip(pool_layout, self.counts_per_pool, self.slots_per_pool)
-                for layer, routed_M, slots in zip(layers, counts_LM, slots_L)}
+        shares = {}
+        for layers, counts_LM, slots_L in zip(pool_layout, self.counts_per_pool, self.slots_per_pool):
+            routed, slots = torch.stack([counts_LM.sum(1), slots_L]).tolist()  # one read per pool
+            shares.update({layer: 1 - r / max(s, 1) for layer, r, s in zip(layers, routed, slots)})
+        return shares
 
 
 class LanguageModel(nn.Module):

@@ -15,6 +15,7 @@ row stop the run with `NonFiniteError`, before anything is saved.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -259,12 +260,13 @@ class Trainer:
         train = self.config.train
         lr = learning_rate(self.state.step, train)
         self.backend.set_lr(lr)
-        totals = self.compute_gradients()  # reduced over all ranks: every rank sees the same values
-        skip = not bool(torch.isfinite(totals).all())
+        # reduced over all ranks: every rank sees the same values, read to the host at once
+        totals = self.compute_gradients().tolist()
+        skip = not all(math.isfinite(total) for total in totals)
         grad_norm, applied = self.backend.step(skip=skip)
         if skip and applied:  # ZeRO decides itself, from the gradient norm: one it did not find non-finite
             raise NonFiniteError(
-                f"step {self.state.step + 1}: the loss was not finite (loss {totals[0].item():.4f}) but DeepSpeed applied"
+                f"step {self.state.step + 1}: the loss was not finite (loss {totals[0]:.4f}) but DeepSpeed applied"
                 f" the update (gradient norm {grad_norm:.4g}): the weights are no longer finite and nothing was saved;"
                 " continue from the latest checkpoint, with a deepspeed.config_file that keeps its overflow checks")
         routing = self.model.end_optimizer_step(self._reduce_routing, applied=applied)
@@ -272,12 +274,12 @@ class Trainer:
         if applied:
             self.model.end_lock_step(self.state.step, routing)
         self.state.consumed_samples += train.global_batch
-        self._count_skip(applied, totals[0].item(), grad_norm)
-        metrics = {"lr": lr, "lm_loss": totals[0].item(), "grad_norm": grad_norm,
+        self._count_skip(applied, totals[0], grad_norm)
+        metrics = {"lr": lr, "lm_loss": totals[0], "grad_norm": grad_norm,
                    "skipped_steps": self.state.skipped_steps}
         moe = self.config.moe
-        metrics.update({name: totals[1 + MOE_LOSSES.index(name)].item() for name in moe.active_losses()})
-        routed = sum(int(c.sum()) for c in routing.counts_per_pool)
+        metrics.update({name: totals[1 + MOE_LOSSES.index(name)] for name in moe.active_losses()})
+        routed = int(sum(c.sum() for c in routing.counts_per_pool))
         if routed:
             metrics["dropped_fraction"] = routing.dropped / routed
         if moe.kind != "dense" and moe.router == "norm":  # the one router that can leave a slot without an expert
