@@ -196,13 +196,14 @@ class LanguageModel(nn.Module):
         neither; its counts are still returned for the logs.
         """
         result = RoutingStepStats()
-        counts_of = {}
+        counts_of, dropped = {}, []
         for stats in self.pool_stats:
             step = stats.end_step(reduce, update_f_bar=applied)
             counts_of[stats] = step.counts
             result.counts_per_pool.append(step.counts)
             result.slots_per_pool.append(step.slots)
-            result.dropped += step.dropped
+            dropped.append(step.dropped)
+        result.dropped = int(sum(dropped)) if dropped else 0  # one read for every pool
         if self.moe_config.bias_balancing and applied:
             for layer in self.moe_layers():
                 usable = layer.lock.usable(layer.layer_slot) if layer.lock is not None else None

@@ -84,7 +84,7 @@ class PoolStats(nn.Module):
         self.step_counts.zero_()
         self.step_slots.zero_()
         self.step_dropped.zero_()
-        return StepRouting(counts, slots, int(dropped))
+        return StepRouting(counts, slots, dropped)
 
     def _set_f_bar(self, counts: torch.Tensor, slots: torch.Tensor) -> None:
         """f_bar from these counts, unless nothing was routed (f_bar stays as it was); decided on the device,
@@ -99,7 +99,7 @@ class StepRouting(NamedTuple):
 
     counts: torch.Tensor  # [L, M] tokens routed to each expert (dropped ones included)
     slots: torch.Tensor  # [L] routing slots (tokens x k), those that reached no expert included
-    dropped: int
+    dropped: torch.Tensor  # 0-dim: read by the caller, once for all its pools
 
 
 def _summed(counts_LM: torch.Tensor, slots_L: torch.Tensor, reduce: Optional[Reduce]) -> tuple[torch.Tensor, torch.Tensor]:
