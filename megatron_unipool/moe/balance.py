@@ -87,11 +87,12 @@ class PoolStats(nn.Module):
         return StepRouting(counts, slots, dropped)
 
     def _set_f_bar(self, counts: torch.Tensor, slots: torch.Tensor) -> None:
-        """f_bar from these counts, unless nothing was routed (f_bar stays as it was); decided on the device,
-        as `if slots.sum() > 0` would wait for it once per micro-batch under the micro_batch lag."""
-        routed_any = slots.sum() > 0
-        self.load_fraction.copy_(torch.where(routed_any, pool_load_fraction(counts, slots), self.load_fraction))
-        self.has_load_fraction.logical_or_(routed_any)
+        """f_bar from these counts, unless the pool's layers saw no routing slot (no tokens: f_bar stays as it
+        was); decided on the device, as `if slots.sum() > 0` waited for it once per micro-batch under the
+        micro_batch lag."""
+        any_slots = slots.sum() > 0
+        self.load_fraction.copy_(torch.where(any_slots, pool_load_fraction(counts, slots), self.load_fraction))
+        self.has_load_fraction.logical_or_(any_slots)
 
 
 class StepRouting(NamedTuple):
