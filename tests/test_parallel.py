@@ -181,6 +181,38 @@ def test_pool_replicas_over_data_parallel_ranks_count_once(reference, data_cache
     assert_same_run(run_parallel(4, jobs, data_cache, tmp_path)[name], reference("unipool", extra), name)
 
 
+def evaluate_recording_batches(rank: int, world_size: int) -> tuple[float, list[torch.Tensor]]:
+    """The validation loss of a fresh model (seed as in the config) and the micro-batches this rank evaluated."""
+    from megatron_unipool.training import Trainer, init_parallel
+
+    overrides = VARIANTS["unipool"] + ["train.eval_batches=2", f"parallel.ep={world_size}"]
+    config = job_config("unipool", overrides, os.environ["EVALUATION_DATA"], world_size)
+    trainer = Trainer(config, Path(os.environ["EVALUATION_RUN"]), device=torch.device("cpu"),
+                      parallel=init_parallel(config) if world_size > 1 else None)
+    evaluated, run_micro_batches = [], trainer._run_micro_batches
+
+    def recording(batches, train):
+        evaluated.extend(batches)
+        return run_micro_batches(batches, train)
+
+    trainer._run_micro_batches = recording
+    return trainer.evaluate(), evaluated
+
+
+def test_data_parallel_replicas_share_the_validation_batches(data_cache, tmp_path, monkeypatch, single_thread):
+    """dp 2 (ep 2, so the replicas' all-to-alls pair): each replica evaluates half of the one process's
+    validation micro-batches, none twice, and the mean is the one process's."""
+    monkeypatch.setenv("EVALUATION_DATA", data_cache)
+    monkeypatch.setenv("EVALUATION_RUN", str(tmp_path / "run"))
+    single_loss, single_batches = evaluate_recording_batches(0, 1)
+    ranks = run_on_ranks(2, evaluate_recording_batches, tmp_path / "ranks")
+    assert [len(batches) for _, batches in ranks] == [len(single_batches) // 2] * 2 and len(single_batches) == 8
+    shared = sorted((batch for _, batches in ranks for batch in batches), key=lambda b: b.flatten().tolist())
+    assert all(torch.equal(a, b) for a, b in zip(shared, sorted(single_batches, key=lambda b: b.flatten().tolist())))
+    for loss, _ in ranks:
+        assert loss == pytest.approx(single_loss, rel=1e-6)
+
+
 def decide_failing_on_rank0(rank: int, world_size: int) -> str:
     from megatron_unipool.parallel import build_parallel_state
     from megatron_unipool.parallel.agreement import decided_by_rank0

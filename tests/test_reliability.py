@@ -559,6 +559,18 @@ def test_validation_batches_are_whole_micro_batches_spread_over_the_split():
     assert sum(positions(100, 8, 16), []) == sum(positions(100, 2, 16), []) == sum(positions(100, 16, 16), [])
 
 
+def test_data_parallel_replicas_split_the_validation_batches_only_when_they_divide_evenly():
+    """Each batch to one replica when the count divides by dp; else every replica evaluates them all (a split
+    too small for whole shares), which keeps both the micro-batch count equal across replicas and the mean
+    that of one process."""
+    from megatron_unipool.training.datasets import replica_share
+
+    batches = list(range(8))
+    assert [replica_share(batches, 4, rank) for rank in range(4)] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert replica_share(batches, 1, 0) == batches
+    assert [replica_share(batches[:3], 2, rank) for rank in range(2)] == [[0, 1, 2]] * 2
+
+
 def test_validation_loss_does_not_depend_on_the_micro_batch(tiny_config, tmp_path):
     """train.eval_batches counts global batches: with micro-batches counted instead, micro_batch 1, 2 and 8
     evaluated 4, 8 and 32 sequences (5.7669, 5.7799, 5.7723 for the same weights)."""

@@ -61,3 +61,12 @@ def validation_batches(valid: TokenSampleDataset, micro_batch: int, sequences: i
     positions = np.linspace(0, len(valid) - 1, count).round().astype(np.int64)
     return [torch.from_numpy(np.stack([valid.sample(int(g)) for g in positions[i: i + micro_batch]]))
             for i in range(0, count, micro_batch)]
+
+
+def replica_share(batches: list, dp: int, dp_rank: int) -> list:
+    """The micro-batches one of `dp` data-parallel replicas evaluates: every dp-th, when they divide evenly
+    (they do whenever the split holds eval_batches global batches, as a global batch is dp whole shares),
+    so that the replicas together evaluate each batch once; else all of them, as each replica then must
+    run the same number of micro-batches (expert-parallel all-to-alls pair them) and the mean must not
+    depend on dp."""
+    return batches[dp_rank::dp] if len(batches) % dp == 0 else batches

@@ -34,7 +34,7 @@ from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_back
 from .checkpoint import (CheckpointError, changed_settings, check_run_directory, check_same_head_split,
                          checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint, load_checkpoint,
                          restore_model, save_checkpoint, set_rng_state)
-from .datasets import DataError, build_datasets, validation_batches
+from .datasets import DataError, build_datasets, replica_share, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
 from .hardware import check_fits_host_memory, peak_flops, processes_on_this_host
@@ -310,14 +310,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the validation batches (datasets.validation_batches). Every
-        data-parallel replica evaluates the same samples."""
+        """Mean token loss over the validation batches (datasets.validation_batches), each evaluated by
+        one data-parallel replica (datasets.replica_share): the same mean as one process's, in 1/dp of
+        its time."""
         self.model.eval()
-        train = self.config.train
+        train, layout = self.config.train, self.layout
         batches = validation_batches(self.data.valid, train.micro_batch, train.eval_batches * train.global_batch)
-        totals = self._run_micro_batches(batches, train=False)
+        totals = self._run_micro_batches(replica_share(batches, layout.dp, layout.dp_rank), train=False)
         self.model.train()
-        return totals[0].item()  # each replica's share is its 1/dp of the same mean
+        return totals[0].item()
 
     def train(self, stop_requested: Optional[Callable[[], bool]] = None) -> dict:
         """Train to train.max_steps and return the summary. `stop_requested` (a preemption signal seen) is
