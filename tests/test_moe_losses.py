@@ -206,13 +206,16 @@ def test_a_step_without_routing_keeps_f_bar_and_an_empty_layer_stays_finite():
     assert stats.has_load_fraction
 
 
-def test_dropped_slots_are_summed_over_every_pool():
+def test_dropped_routed_and_all_slots_are_summed_over_every_pool():
     """Vanilla: one pool per MoE layer, each with its own drops at capacity factor 0.5."""
     model = small_model(kind="vanilla", pool_size=None, aux_loss="layer", capacity_factor=0.5)
     model(torch.randint(0, 40, (4, 8)))
     dropped = [int(stats.step_dropped) for stats in model.pool_stats]
+    routed = [int(stats.step_counts.sum()) for stats in model.pool_stats]
     assert len(dropped) == 2 and all(dropped)
-    assert model.end_optimizer_step().dropped == sum(dropped)
+    step = model.end_optimizer_step()
+    assert (step.dropped, step.routed, step.slots) == (sum(dropped), sum(routed), 2 * 32 * model.moe_config.top_k)
+    assert step.unrouted_fraction() == 0  # softmax routing gives every slot an expert
     assert RoutingStepStats().unrouted_fraction() is None  # no slots: no fraction to report, not 0
 
 

@@ -96,15 +96,14 @@ class RoutingStepStats:
 
     counts_per_pool: list[torch.Tensor] = field(default_factory=list)  # [layers in pool, experts]
     slots_per_pool: list[torch.Tensor] = field(default_factory=list)  # [layers in pool]: tokens x k
+    # totals over every pool and layer: slots that reached an expert (dropped ones included), all slots, dropped
+    routed: int = 0
+    slots: int = 0
     dropped: int = 0
 
     def unrouted_fraction(self) -> Optional[float]:
         """Share of the routing slots that reached no expert (NormRouter: fewer than k positive scores)."""
-        if not self.slots_per_pool:
-            return None
-        slots, routed = torch.stack([sum(s.sum() for s in self.slots_per_pool),
-                                     sum(c.sum() for c in self.counts_per_pool)]).tolist()  # one read
-        return 1 - routed / slots if slots else None
+        return 1 - self.routed / self.slots if self.slots else None
 
     def unrouted_per_layer(self, pool_layout: list[list[int]]) -> dict[int, float]:
         """The same share for each MoE layer, by its index (`pool_layout`: each pool's layers)."""
@@ -203,7 +202,10 @@ class LanguageModel(nn.Module):
             result.counts_per_pool.append(step.counts)
             result.slots_per_pool.append(step.slots)
             dropped.append(step.dropped)
-        result.dropped = int(sum(dropped)) if dropped else 0  # one read for every pool
+        if self.pool_stats:  # one read for every pool
+            result.routed, result.slots, result.dropped = torch.stack([
+                sum(c.sum() for c in result.counts_per_pool), sum(s.sum() for s in result.slots_per_pool),
+                sum(dropped)]).tolist()
         if self.moe_config.bias_balancing and applied:
             for layer in self.moe_layers():
                 usable = layer.lock.usable(layer.layer_slot) if layer.lock is not None else None

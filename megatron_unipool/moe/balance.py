@@ -68,13 +68,12 @@ class PoolStats(nn.Module):
         if self.lag == "micro_batch":
             if self._f_bar_at_step_start is None:
                 self._f_bar_at_step_start = (self.load_fraction.clone(), self.has_load_fraction.clone())
-            self._set_f_bar(*_summed(self.micro_batch_counts, self.micro_batch_slots, reduce))
+            self._set_f_bar(*_summed((self.micro_batch_counts, self.micro_batch_slots), reduce))
 
     @torch.no_grad()
     def end_step(self, reduce: Optional[Reduce] = None, update_f_bar: bool = True) -> StepRouting:
         """Close the optimizer step: its counts, slots and dropped slots, summed over ranks."""
-        counts, slots = _summed(self.step_counts, self.step_slots, reduce)
-        dropped = reduce(self.step_dropped.clone()) if reduce else self.step_dropped.clone()
+        counts, slots, dropped = _summed((self.step_counts, self.step_slots, self.step_dropped), reduce)
         if self.lag == "step" and update_f_bar:
             self._set_f_bar(counts, slots)
         if not update_f_bar and self._f_bar_at_step_start is not None:  # a skipped step leaves f_bar as it was
@@ -103,8 +102,8 @@ class StepRouting(NamedTuple):
     dropped: torch.Tensor  # 0-dim: read by the caller, once for all its pools
 
 
-def _summed(counts_LM: torch.Tensor, slots_L: torch.Tensor, reduce: Optional[Reduce]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counts, slots) summed by `reduce` in one collective."""
-    both = torch.cat([counts_LM, slots_L[:, None]], dim=1)
-    both = reduce(both) if reduce else both
-    return both[:, :-1].clone(), both[:, -1].clone()
+def _summed(tensors: tuple[torch.Tensor, ...], reduce: Optional[Reduce]) -> list[torch.Tensor]:
+    """Copies of `tensors` (of one dtype), summed by `reduce` in one collective."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = reduce(flat) if reduce else flat
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]

@@ -279,9 +279,8 @@ class Trainer:
                    "skipped_steps": self.state.skipped_steps}
         moe = self.config.moe
         metrics.update({name: totals[1 + MOE_LOSSES.index(name)] for name in moe.active_losses()})
-        routed = int(sum(c.sum() for c in routing.counts_per_pool))
-        if routed:
-            metrics["dropped_fraction"] = routing.dropped / routed
+        if routing.routed:
+            metrics["dropped_fraction"] = routing.dropped / routing.routed
         if moe.kind != "dense" and moe.router == "norm":  # the one router that can leave a slot without an expert
             metrics["unrouted_fraction"] = routing.unrouted_fraction()
             for layer, share in routing.unrouted_per_layer(moe.pool_layout(self.config.model.num_layers)).items():
