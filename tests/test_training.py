@@ -417,6 +417,30 @@ def test_the_trainer_says_when_only_the_balancing_losses_train_the_routers(tiny_
     assert "note: moe.top_k=1 with the gate renormalised over the one chosen expert" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("base", "setting"), [
+    (["moe.aux_loss=none"], "moe.aux_loss_coeff=0.5"), (["moe.aux_loss=pool"], "moe.aux_loss_coeff=0.5"),
+    (["moe.aux_loss=none"], "moe.pool_aux_lag=micro_batch"), (["moe.aux_loss=pool"], "moe.pool_aux_lag=micro_batch"),
+    ([], "moe.bias_update_rate=0.5"), (["moe.bias_balancing=true"], "moe.bias_update_rate=0.5"),
+    ([], "moe.lock_penalty=0.5"),
+    (["moe.lock_start_step=1", "moe.lock_window_steps=1", "moe.lock_anneal_steps=2"], "moe.lock_penalty=0.5"),
+])
+def test_a_setting_is_noted_as_inert_exactly_when_it_changes_nothing(base, setting, tiny_config, tmp_path, capsys):
+    """The note says a changed setting does nothing beside the others: the run with it trains exactly as the
+    run without it; and a setting that does change the run gets no note."""
+    def run(*overrides):
+        config = tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=3", "model.seq_len=16",
+                             "train.eval_interval=0", *base, *overrides)
+        summary = Trainer(config, tmp_path / str(len(overrides))).train()
+        return summary["train_losses"], capsys.readouterr().out
+
+    losses, out = run()
+    assert "has no effect" not in out
+    changed_losses, out = run(setting)
+    name, value = setting.split("=")
+    noted = [line for line in out.splitlines() if line.startswith(f"note: {name}=") and "has no effect" in line]
+    assert bool(noted) == (changed_losses == losses), (noted, losses, changed_losses)
+
+
 def test_a_run_shorter_than_its_warmup_says_where_its_learning_rate_ends(tiny_config, tmp_path, capsys):
     config = tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=2", "train.warmup_steps=4",
                          "train.eval_batches=1", "model.seq_len=16")

@@ -6,7 +6,7 @@ sizes (expert width, pool size, which layers are MoE) are properties, computed i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Optional
 
 MOE_LOSSES = ("aux_loss", "z_loss", "entropy_loss")  # every loss an MoE layer can add, in the trainer's order
@@ -156,6 +156,24 @@ class MoEConfig:
         top-k): the LM loss then gives the routers no gradient, only the balancing losses train them."""
         return self.kind != "dense" and self.top_k == 1 and self.router != "norm" and (
             self.normalize_gates or (self.router == "softmax" and not self.softmax_before_topk))
+
+    def inert_settings(self) -> list[str]:
+        """Settings changed from their defaults that the others leave without effect. Notes, not errors: one
+        --set (moe.aux_loss=none, moe.bias_balancing=false) switches a config's feature off, its knobs kept."""
+        if self.kind == "dense":  # the whole section is inert, by design (a baseline via --set)
+            return []
+        unlocked = "moe.lock_start_step unset (no UniPool-lock)"
+        inert_when = {
+            "aux_loss_coeff": (self.aux_loss == "none", "moe.aux_loss='none'"),
+            "pool_aux_lag": (self.aux_loss != "pool", f"moe.aux_loss={self.aux_loss!r}"),
+            "bias_update_rate": (not self.bias_balancing, "moe.bias_balancing=false"),
+            "lock_window_steps": (self.lock_start_step is None, unlocked),
+            "lock_anneal_steps": (self.lock_start_step is None, unlocked),
+            "lock_penalty": (self.lock_start_step is None, unlocked),
+        }
+        return [f"moe.{f.name}={getattr(self, f.name)!r} has no effect with {inert_when[f.name][1]}"
+                for f in fields(self) if f.name in inert_when and inert_when[f.name][0]
+                and getattr(self, f.name) != f.default]
 
     def active_losses(self) -> tuple[str, ...]:
         """The losses the MoE layers add to the training loss, by the names they report them under."""

@@ -348,6 +348,8 @@ class Trainer:
                       " softmax after top-k): every gate is 1, so the LM loss gives the routers no gradient and only"
                       " the balancing losses train them (Switch Transformer gates by the softmax probability)",
                       flush=True)
+            for setting in cfg.moe.inert_settings():
+                print(f"note: {setting}", flush=True)
             if cfg.model.compile:
                 print("note: model.compile: the first step (and the first evaluation) also compiles the blocks, so its"
                       " time and tokens/s understate the run's", flush=True)
