@@ -99,7 +99,9 @@ def test_uniform_top1_upcycling_keeps_the_function(trained, name):
     source, grown = model_from(config, payload["model"]), model_from(result.config, result.model_state)
     with torch.no_grad():
         expected, actual = source(batch[:, :-1])[0], grown(batch[:, :-1])[0]
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # fp32 rounding: NormRouter's norm over twice the experts sums in another order. In norm_top1 the last hidden
+    # states agreed to 6e-7, which the final norm and output layer took to 1.2e-5 on logits of about 3
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("multiplier", [2, 3])

@@ -78,15 +78,16 @@ def test_eager_rotation_on_the_projection_layout_equals_the_transposed_one():
 
 
 def test_model_with_the_kernel_equals_the_eager_model(tiny_config, triton_runs, monkeypatch):
-    """model.rope_kernel decides: the kernel rotates q and k of every layer, with the eager model's
-    logits and gradients."""
+    """model.rope_kernel decides: the kernel rotates q and k of every layer, in one call on the query and key
+    heads of the fused projection's output (rows strided over the value heads), with the eager model's logits
+    and gradients."""
     config = tiny_config("configs/tiny_vanilla_cpu.json")
     calls = []
     apply = TritonRotary.apply
     monkeypatch.setattr(TritonRotary, "apply", lambda *args: calls.append(1) or apply(*args))
 
     def rotated_q_and_k_of_every_layer(model, kernel):
-        assert len(calls) == (2 * config.model.num_layers if kernel == "triton" else 0)
+        assert len(calls) == (config.model.num_layers if kernel == "triton" else 0)
         calls.clear()
 
     assert_triton_model_equals_torch_model(config, "rope_kernel", DEVICE, rotated_q_and_k_of_every_layer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
@@ -33,11 +34,17 @@ class Attention(nn.Module):
         b, s, _ = x_BSD.shape
         cfg = self.config
         x_BSD = self.projection_input(x_BSD)
-        # -1 heads: this rank's share of them under tensor parallelism; RoPE on the projections' own
-        # [B, S, H, K] layout, then the [B, H, S, K] views attention takes
-        q = self.rope(self.wq(x_BSD).view(b, s, -1, cfg.head_dim)).transpose(1, 2)
-        k = self.rope(self.wk(x_BSD).view(b, s, -1, cfg.head_dim)).transpose(1, 2)
-        v = self.wv(x_BSD).view(b, s, -1, cfg.head_dim).transpose(1, 2)
+        # q, k and v by one GEMM, and RoPE by one pass over the query and key heads: a third of the
+        # projections' launches and weight casts, half of RoPE's. The weights stay three (checkpoints,
+        # HF names and tensor-parallel shards are per projection); under tensor parallelism each holds
+        # this rank's share of the heads.
+        weights = (self.wq.weight, self.wk.weight, self.wv.weight)
+        query_heads, kv_heads = (w.shape[0] // cfg.head_dim for w in weights[:2])
+        qkv_BSHK = F.linear(x_BSD, torch.cat(weights)).view(b, s, -1, cfg.head_dim)
+        q, k = self.rope(qkv_BSHK[:, :, :query_heads + kv_heads]).split([query_heads, kv_heads], dim=2)
+        v = qkv_BSHK[:, :, query_heads + kv_heads:].contiguous()  # a view would keep q and k before RoPE for backward
+        # the [B, H, S, K] views attention takes
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cfg.activation_checkpointing == "attention" and torch.is_grad_enabled():
             # selective recomputation (Megatron's): keep q, k, v, recompute the attention core in backward
             out = checkpoint(causal_attention, q, k, v, cfg.attention, use_reentrant=False)
