@@ -10,6 +10,11 @@ the real Trainer and data pipeline: `--warmup` steps, then `--steps` timed optim
 FLOPs per token are the PaLM convention of model/accounting.py (6 x active matmul parameters +
 attention scores); MFU divides by the device's dense bf16 peak (GPU, bf16 runs only). Peak memory is
 torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on CPU.
+`host ops` counts the aten operators one more step dispatches (step_profile.count_host_operators:
+forward, backward, optimizer; on a GPU each launches a kernel or more, views aside): where the device
+waits on the host, the step's time follows it, and it is exact on any machine, so a CPU run with the GPU
+suites' models at narrow widths measures what a change does to it (docs/performance.md). Not counted for
+model.compile, whose graphs run eager while the counting mode is active.
 The table's last column compares each MoE model's step time with the vanilla MoE model's.
 A model whose run fails gets a row with `error` (its traceback is in the output) and the others
 still run; the JSON is rewritten after each model, so a run stopped early keeps what it measured.
@@ -45,7 +50,8 @@ from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
 from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
 from measurement import QUIET, checked_overrides, error_text, json_output, positive_int  # noqa: E402
-from step_profile import difference, format_difference, format_profile, profile_steps  # noqa: E402
+from step_profile import (count_host_operators, difference, format_difference, format_profile,  # noqa: E402
+                          profile_steps)
 
 # 128 sequences per step in several micro-batches: the optimizer step is amortised as in training (the 182M/469M
 # configs' global batch of 512 is 16-64 micro-batches on one GPU), which 1 micro-batch per step would overstate 2-4x
@@ -110,9 +116,9 @@ SUITES = {
 
 
 def measure(config_path: str, overrides: list[str], warmup: int, steps: int, profiled: int = 0) -> dict:
-    """Time `steps` optimizer steps after `warmup` in this process, then profile `profiled` more;
-    one JSON-able row."""
-    config = load_config(REPO / config_path, QUIET + overrides + [f"train.max_steps={warmup + steps + profiled}"])
+    """Time `steps` optimizer steps after `warmup` in this process, count the operators of one more, then
+    profile `profiled` more; one JSON-able row."""
+    config = load_config(REPO / config_path, QUIET + overrides + [f"train.max_steps={warmup + steps + 1 + profiled}"])
     if config.model.compile and warmup < 1:
         raise ValueError("model.compile: the first step compiles the blocks, so --warmup must be at least 1")
     if config.deepspeed.enabled:  # its engine needs a process group, of one process here
@@ -128,6 +134,9 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
         for _ in range(steps):
             metrics, _ = trainer.train_step()  # .item() on the loss waits for the device
         seconds = (time.perf_counter() - started) / steps
+        # after the timing, as the count slows its step; not under model.compile, whose graphs run eager while
+        # an operator-counting mode is active (the count would be of the eager code)
+        operators = None if config.model.compile else count_host_operators(trainer.train_step)
         profile, profile_error = None, None
         if profiled:  # after the timing: a profiler that fails (its CUDA timeline) keeps the row's measurements
             try:
@@ -151,6 +160,8 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
         "tflops": tokens_per_second * flops_per_token / 1e12,
         "mfu_percent": 100.0 * tokens_per_second * flops_per_token / peak if peak else None,
         "peak_memory_mib": memory, "memory_kind": memory_kind, "last_loss": metrics["lm_loss"],
+        "host_operators_per_step": sum(operators.values()) if operators else None,
+        "host_operators": dict(operators.most_common()) if operators else None,
         "device": device_name(), "date": time.strftime("%Y-%m-%d"),
     } | ({"profile": profile} if profile else {}) | ({"profile_error": profile_error} if profile_error else {})
 
@@ -162,16 +173,17 @@ def table(rows: list[dict]) -> str:
     where = f"{measured[0]['device']} ({measured[0]['precision']})" if measured else "- (no model measured)"
     lines = [f"end-to-end training steps on {where}",
              f"{'model':<{width}} {'params':>8} {'active':>8} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU %':>6}"
-             f" {'peak MiB':>9} {'vs vanilla':>10}"]
+             f" {'peak MiB':>9} {'host ops':>9} {'vs vanilla':>10}"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['name']:<{width}} failed: {r['error']}")
             continue
         mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "-"
         ratio = f"{r['step_ms'] / vanilla['step_ms']:.3f}" if vanilla and r["kind"] != "dense" else "-"
+        host_operators = f"{r['host_operators_per_step']:,}" if r.get("host_operators_per_step") else "-"
         lines.append(f"{r['name']:<{width}} {r['total_params'] / 1e6:>7.2f}M {r['active_params'] / 1e6:>7.2f}M "
                      f"{r['step_ms']:>9.1f} {r['tokens_per_second']:>10,.0f} {r['tflops']:>8.3f} {mfu:>6}"
-                     f" {r['peak_memory_mib']:>9,.0f} {ratio:>10}")
+                     f" {r['peak_memory_mib']:>9,.0f} {host_operators:>9} {ratio:>10}")
     return "\n".join(lines)
 
 

@@ -13,11 +13,13 @@ longer than in an unprofiled step: read them for where the host falls behind, no
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # first match wins: names are lower-cased kernel names (CUDA) or aten operators (CPU)
 CATEGORIES = (
@@ -58,6 +60,26 @@ def profile_steps(step, steps: int, top: int = 12) -> dict:
         spans, waits = device_timeline(prof)
         summary["timeline"] = {"idle": idle_gaps(spans, steps, top), "host_waits": host_waits(waits, steps, top)}
     return summary
+
+
+class _OperatorCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_operators(step) -> Counter:
+    """The aten operators `step()` dispatches (forward, autograd's backward, optimizer, bookkeeping), by name,
+    counted below autograd as they reach the kernels: each costs the host a dispatch and, on a GPU, launches
+    a kernel or more (views launch none). Where the device waits on the host, a step's time follows their
+    number; unlike a time, the count is exact and the same on any machine for the same code path."""
+    with _OperatorCounter() as counter:
+        step()
+    return counter.counts
 
 
 def summarise(averages, steps: int, wall_seconds: float, on_cuda: bool, top: int) -> dict:

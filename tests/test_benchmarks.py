@@ -230,6 +230,9 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
         top = [kernel["ms"] for kernel in profile["top"]]
         assert top == sorted(top, reverse=True) and top[0] <= profile["busy_ms"]
         assert sum(profile["kernels"].values()) == pytest.approx(profile["busy_ms"])
+        assert row["host_operators_per_step"] == sum(row["host_operators"].values()) and "mm" in row["host_operators"]
+    # the MoE layers' routing, dispatch and bookkeeping on top of the same attention
+    assert rows[0]["host_operators_per_step"] > rows[2]["host_operators_per_step"]
     assert "vs vanilla" in done.stdout and "operators per step" in done.stderr
     busy = {row["name"]: sum(row["profile"]["kernels"].values()) for row in rows}
     assert f"unipool vs vanilla: device busy {busy['unipool'] - busy['vanilla']:+.1f} ms per profiled step" in done.stdout
@@ -252,6 +255,29 @@ def test_end_to_end_benchmark_keeps_the_timing_when_profiling_fails(data_cache, 
                              steps=1, profiled=1)
     assert row["step_ms"] > 0 and row["tokens_per_second"] > 0 and "profile" not in row
     assert row["profile_error"] == "AttributeError: no linked_correlation_id"
+
+
+def test_host_operators_are_counted_below_autograd_forward_and_backward(monkeypatch):
+    """Each aten operator a step dispatches counts once, those of autograd's backward too: a function of known
+    operators, then its backward (mul's gradient is a mul)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from step_profile import count_host_operators
+
+    x = torch.ones(4, requires_grad=True)
+    with torch.no_grad():
+        assert count_host_operators(lambda: torch.mul(x, 2).add_(1).sum()) == {"mul": 1, "add_": 1, "sum": 1}
+    forward_and_backward = count_host_operators(lambda: torch.mul(x, x).sum().backward())
+    assert forward_and_backward["mul"] >= 2 and forward_and_backward["sum"] == 1
+
+
+def test_end_to_end_benchmark_counts_no_host_operators_for_compiled_blocks(data_cache, monkeypatch):
+    """torch.compile's graphs run eager while a dispatch mode is active: the count would be of the eager blocks."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import end_to_end
+
+    row = end_to_end.measure("configs/tiny_dense_cpu.json", TINY + [f"data.cache_dir={data_cache}", "model.compile=true"],
+                             warmup=1, steps=1)
+    assert row["step_ms"] > 0 and row["host_operators_per_step"] is None and row["host_operators"] is None
 
 
 def test_end_to_end_benchmark_measures_through_deepspeed(data_cache, tmp_path):

@@ -549,22 +549,25 @@ def test_deferred_weight_gradients_on_cuda():
     (torch.bfloat16, 3, slice(None), False),  # 6-byte rows
     (torch.bfloat16, 9, slice(1, 5), False),  # rows starting 2 bytes into the storage
     (torch.float64, 4, slice(None), False)])
-def test_index_copy_rows_moves_the_same_bytes_as_index_copy(monkeypatch, dtype, width, columns, words):
-    """The regrouping's row copy: identical to index_copy_ (NaN payloads too), as 8-byte words exactly
-    where both layouts allow it."""
-    from megatron_unipool.kernels.grouped_gemm import index_copy_rows_
+def test_regrouped_rows_are_the_bytes_index_copy_places(monkeypatch, dtype, width, columns, words):
+    """The regrouping's row copy, part by part: every row where the destination says, identical to index_copy_
+    of the parts concatenated (NaN payloads too), as 8-byte words exactly where both layouts allow it; each
+    part released once copied."""
+    from megatron_unipool.kernels.grouped_gemm import regroup_rows
 
     generator = torch.Generator().manual_seed(0)
-    rows = (torch.randn(5, width, generator=generator).to(dtype))[:, columns]
+    rows = (torch.randn(7, width, generator=generator).to(dtype))[:, columns]
     rows[1, 0] = float("nan")
-    index = torch.tensor([6, 0, 3, 2, 5])
-    expected = torch.zeros(7, rows.shape[1], dtype=dtype).index_copy_(0, index, rows)
+    destination = torch.tensor([6, 0, 3, 2, 5, 1, 4])
+    expected = torch.zeros(7, rows.shape[1], dtype=dtype).index_copy_(0, destination, rows)
     copied_as = []
     index_copy = torch.Tensor.index_copy_
     monkeypatch.setattr(torch.Tensor, "index_copy_", lambda t, *a: copied_as.append(t.dtype) or index_copy(t, *a))
-    actual = index_copy_rows_(torch.zeros(7, rows.shape[1], dtype=dtype), index, rows)
+    parts = [rows[:4], rows[4:]]
+    actual = regroup_rows(parts, destination, 7)
+    assert parts == []
     assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
-    assert copied_as == [torch.int64 if words else dtype]
+    assert copied_as == [torch.int64 if words else dtype] * 2
 
 
 def test_deferred_weight_gradients_without_rows_are_zeros():

@@ -396,16 +396,7 @@ def _regrouped(calls: list[tuple]) -> tuple:
     destination = _expert_major_destinations(counts_CG, total)
     columns = [list(column) for column in zip(*(call[1:] for call in calls))]
     calls.clear()
-
-    def regroup(parts: list[torch.Tensor]) -> torch.Tensor:
-        out, start = parts[0].new_empty(total, parts[0].shape[1]), 0
-        while parts:
-            part = parts.pop(0)
-            index_copy_rows_(out, destination[start: start + part.shape[0]], part)
-            start += part.shape[0]
-        return out
-
-    return (counts_CG[:, :-1].sum(0), *(regroup(parts) for parts in columns))
+    return (counts_CG[:, :-1].sum(0), *(regroup_rows(parts, destination, total) for parts in columns))
 
 
 class _ReleaseWeightGradients(torch.autograd.Function):
@@ -427,20 +418,32 @@ class _ReleaseWeightGradients(torch.autograd.Function):
         return (grad, None, *(g.to(w.dtype) for g, w in zip(grads, weights)))
 
 
-def index_copy_rows_(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """out[index[i]] = rows[i] for 2-D tensors outside autograd, each row moved as 8-byte words where
-    both layouts allow: the same bytes in 4x fewer elements for bf16 rows. PyTorch's index_copy_ kernel
-    spends per element (on CPU bf16 rows of 3072 went 1.4x faster as words); on a GPU not measured yet."""
-    def as_words(t: torch.Tensor) -> torch.Tensor | None:
-        size = t.element_size()
-        aligned = all((n * size) % 8 == 0 for n in (t.shape[1], t.stride(0), t.storage_offset()))
-        return t.view(torch.int64) if size < 8 and t.stride(1) == 1 and aligned else None
-
-    out_words, row_words = as_words(out), as_words(rows)
-    if out_words is None or row_words is None:
-        return out.index_copy_(0, index, rows)
-    out_words.index_copy_(0, index, row_words)
+def regroup_rows(parts: list[torch.Tensor], destination: torch.Tensor, total: int) -> torch.Tensor:
+    """out[destination[i]] = cat(parts)[i] into a new [total, width] tensor, for 2-D parts outside autograd.
+    Part by part, each dropped from `parts` once copied, so that this needs one operand's worth of memory
+    more, not a second copy of every part. Rows move as 8-byte words where both layouts allow: the same
+    bytes in 4x fewer elements for bf16 rows, as PyTorch's index_copy_ kernel spends per element (on CPU
+    bf16 rows of 3072 went 1.4x faster as words; on a GPU not measured yet). `out`'s view as words is
+    taken once, not per part: each view is two operators for the host."""
+    out, start = parts[0].new_empty(total, parts[0].shape[1]), 0
+    out_words = _as_words(out)
+    while parts:
+        part = parts.pop(0)
+        index = destination[start: start + part.shape[0]]
+        part_words = _as_words(part) if out_words is not None else None
+        if part_words is None:
+            out.index_copy_(0, index, part)
+        else:
+            out_words.index_copy_(0, index, part_words)
+        start += part.shape[0]
     return out
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor | None:
+    """A 2-D tensor's rows as int64 words, where its element size, row stride and offset allow."""
+    size = t.element_size()
+    aligned = all((n * size) % 8 == 0 for n in (t.shape[1], t.stride(0), t.storage_offset()))
+    return t.view(torch.int64) if size < 8 and t.stride(1) == 1 and aligned else None
 
 
 def _expert_major_destinations(counts_CG: torch.Tensor, total: int) -> torch.Tensor:

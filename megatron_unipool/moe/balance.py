@@ -50,13 +50,14 @@ class PoolStats(nn.Module):
         its routing slots (tokens x k)."""
         if not self.recording:
             return
-        self.micro_batch_counts[layer_slot] = routed_per_expert
         # fill_, not `[layer_slot] = slots`: assigning a Python number to one element of a CUDA tensor copies it
-        # from the host, which waits for the device to drain (once per MoE layer and micro-batch)
+        # from the host, which waits for the device to drain (once per MoE layer and micro-batch). In-place ops on
+        # the row, not `[layer_slot] +=` (a read, an add and a write back): two launches each, not four
+        self.micro_batch_counts[layer_slot].copy_(routed_per_expert)
         self.micro_batch_slots[layer_slot].fill_(slots)
-        self.step_counts[layer_slot] += routed_per_expert
-        self.step_slots[layer_slot] += slots
-        self.step_dropped += dropped
+        self.step_counts[layer_slot].add_(routed_per_expert)
+        self.step_slots[layer_slot].add_(slots)
+        self.step_dropped.add_(dropped)
 
     def f_bar(self) -> torch.Tensor:
         """The pool's load fraction of the previous step (or micro-batch); zeros before the first one,
