@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1083,6 +1084,44 @@ def test_cli_interrupted_by_a_signal_removes_what_it_staged(tmp_path, preprocess
         tool.kill()
     interrupted = "preprocess_data: interrupted; the previous files are unchanged\n"
     assert (tool.returncode, err) == (128 + stop, interrupted), out
+    assert file_contents(tmp_path) == {**before, "corpus.jsonl": (tmp_path / "corpus.jsonl").read_bytes()}
+
+
+# Runs the tool slowly (SLOW_VALID_SPLIT) with a SIGTERM sent to itself as the validation split's encoding pool
+# forks its first worker: from an at-fork hook in the parent, inside multiprocessing.Pool().
+SIGNAL_WHILE_FORKING = """
+import os, signal, time
+from megatron_unipool.data.indexed_dataset import IndexedDatasetWriter
+writer_init, state = IndexedDatasetWriter.__init__, {"valid": False}
+def noting_the_split(self, prefix, *args, **kwargs):
+    state["valid"] = "_valid" in str(prefix)
+    writer_init(self, prefix, *args, **kwargs)
+IndexedDatasetWriter.__init__ = noting_the_split
+def signal_once():
+    if state.pop("valid", False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)  # delivered meanwhile: to a thread that does not block it, the handler then runs here
+os.register_at_fork(after_in_parent=signal_once)
+""" + SLOW_VALID_SPLIT
+
+
+def test_cli_a_signal_while_the_encoding_workers_start_stops_the_tool_at_once(tmp_path, preprocess_main):
+    """Interrupts are held while the pool forks, but blocking them in the main thread did not hold them: the
+    kernel gave a SIGTERM to a thread that did not block it (the tokenizer's), and Python raised the
+    KeyboardInterrupt in the main thread wherever it was. In an at-fork hook it was printed as "Exception
+    ignored" and lost, so the tool encoded its whole validation split first (20 s here); inside Pool() it
+    escaped before the pool was registered for clean-up, leaving workers that held the output pipes."""
+    (tmp_path / "corpus.jsonl").write_text('{"text": "old train"}\n{"text": "old valid"}\n')
+    preprocess_main(train_tokenizer_argv(tmp_path))
+    before = file_contents(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": f"new document {i}"}) + "\n" for i in range(400)))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_FORKING, str(PREPROCESS_SCRIPT),
+                           *train_tokenizer_argv(tmp_path), "--workers", "2", "--force"],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (128 + signal.SIGTERM,
+                                              "preprocess_data: interrupted; the previous files are unchanged\n")
+    assert time.monotonic() - started < 15  # not after the 200 validation documents' 0.1 s each
     assert file_contents(tmp_path) == {**before, "corpus.jsonl": (tmp_path / "corpus.jsonl").read_bytes()}
 
 

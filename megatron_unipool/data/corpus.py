@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -350,15 +351,10 @@ def write_indexed(
         if workers == 1:
             encoded = (_encode(tokenizer, text) for text in documents)
         else:
-            # Interrupts wait while the workers are forked: a KeyboardInterrupt raised in an at-fork hook
-            # would be lost. The workers inherit the mask and lift it (_start_worker).
-            interrupts_before = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
-            try:
+            with _interrupts_held():
                 pool = stack.enter_context(
                     multiprocessing.Pool(workers, initializer=_start_worker, initargs=(tokenizer,))
                 )
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, interrupts_before)
             encoded = pool.imap(_encode_in_worker, documents, chunksize=16)
         for token_ids, num_bytes in encoded:
             writer.add_document(token_ids)
@@ -370,6 +366,32 @@ def write_indexed(
                       f"{_share_done(writer.num_documents, expected_documents, now - started)}", flush=True)
                 last_report = now
     return WriteStats(writer.num_documents, writer.num_tokens, text_bytes, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Interrupts wait while the workers are forked: a KeyboardInterrupt raised in an at-fork hook would be
+    lost (printed as "Exception ignored in ..."), and one raised inside Pool() would leave its workers
+    running. Blocking SIGINT/SIGTERM in this thread is not enough: the kernel hands a signal sent to the
+    process to any thread that does not block it (a tokenizer's thread pool), and Python then runs the
+    handler in the main thread at its next bytecode, wherever that is. So the handlers only note the
+    signal meanwhile, and it is raised again once the pool is up. The workers inherit the mask and lift
+    it (_start_worker)."""
+    noted: list[int] = []
+    held = {}
+    if threading.current_thread() is threading.main_thread():  # handlers run, and are set, there only
+        for signum in sorted(_INTERRUPTS):
+            if callable(signal.getsignal(signum)):
+                held[signum] = signal.signal(signum, lambda signum, frame: noted.append(signum))
+    interrupts_before = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, interrupts_before)
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        if noted:
+            signal.raise_signal(noted[0])
 
 
 def _share_done(done: int, expected: int | None, seconds: float) -> str:
