@@ -135,8 +135,15 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
             metrics, _ = trainer.train_step()  # .item() on the loss waits for the device
         seconds = (time.perf_counter() - started) / steps
         # after the timing, as the count slows its step; not under model.compile, whose graphs run eager while
-        # an operator-counting mode is active (the count would be of the eager code)
-        operators = None if config.model.compile else count_host_operators(trainer.train_step)
+        # an operator-counting mode is active (the count would be of the eager code). A count that fails keeps
+        # the row's timing, as a failed profile does
+        operators, count_error = None, None
+        if not config.model.compile:
+            try:
+                operators = count_host_operators(trainer.train_step)
+            except Exception as error:
+                count_error = error_text(error)
+                print(f"counting operators failed, the row keeps its timing: {count_error}", file=sys.stderr, flush=True)
         profile, profile_error = None, None
         if profiled:  # after the timing: a profiler that fails (its CUDA timeline) keeps the row's measurements
             try:
@@ -163,7 +170,8 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
         "host_operators_per_step": sum(operators.values()) if operators else None,
         "host_operators": dict(operators.most_common()) if operators else None,
         "device": device_name(), "date": time.strftime("%Y-%m-%d"),
-    } | ({"profile": profile} if profile else {}) | ({"profile_error": profile_error} if profile_error else {})
+    } | ({"profile": profile} if profile else {}) | ({"profile_error": profile_error} if profile_error else {}) | (
+        {"host_operators_error": count_error} if count_error else {})
 
 
 def table(rows: list[dict]) -> str:

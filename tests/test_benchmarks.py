@@ -240,21 +240,25 @@ def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
     assert "dense vs" not in done.stdout
 
 
-def test_end_to_end_benchmark_keeps_the_timing_when_profiling_fails(data_cache, monkeypatch):
-    """The profile runs after the timed steps: a profiler that fails (its CUDA timeline) leaves the row's step
-    time and throughput, with the error beside them."""
+def test_end_to_end_benchmark_keeps_the_timing_when_profiling_or_counting_fails(data_cache, monkeypatch):
+    """The profile and the operator count run after the timed steps: a profiler that fails (its CUDA timeline),
+    or a count that does, leaves the row's step time and throughput, with the error beside them."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import end_to_end
 
-    def failing_profile(step, steps):
-        step()
-        raise AttributeError("no linked_correlation_id")
+    def failing(error):
+        def run(step, *args):
+            step()
+            raise error
+        return run
 
-    monkeypatch.setattr(end_to_end, "profile_steps", failing_profile)
+    monkeypatch.setattr(end_to_end, "profile_steps", failing(AttributeError("no linked_correlation_id")))
+    monkeypatch.setattr(end_to_end, "count_host_operators", failing(RuntimeError("no dispatch mode here")))
     row = end_to_end.measure("configs/tiny_dense_cpu.json", TINY + [f"data.cache_dir={data_cache}"], warmup=0,
                              steps=1, profiled=1)
     assert row["step_ms"] > 0 and row["tokens_per_second"] > 0 and "profile" not in row
     assert row["profile_error"] == "AttributeError: no linked_correlation_id"
+    assert row["host_operators_per_step"] is None and row["host_operators_error"] == "RuntimeError: no dispatch mode here"
 
 
 def test_host_operators_are_counted_below_autograd_forward_and_backward(monkeypatch):
