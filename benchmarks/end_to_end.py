@@ -115,6 +115,17 @@ SUITES = {
 }
 
 
+def after_timing(what: str, run):
+    """(run(), None), or (None, its error) when it fails: a profiler that fails (its CUDA timeline), or an operator
+    count, keeps the row's timing, with the error beside it."""
+    try:
+        return run(), None
+    except Exception as error:
+        text = error_text(error)
+        print(f"{what} failed, the row keeps its timing: {text}", file=sys.stderr, flush=True)
+        return None, text
+
+
 def measure(config_path: str, overrides: list[str], warmup: int, steps: int, profiled: int = 0) -> dict:
     """Time `steps` optimizer steps after `warmup` in this process, count the operators of one more, then
     profile `profiled` more; one JSON-able row."""
@@ -134,23 +145,12 @@ def measure(config_path: str, overrides: list[str], warmup: int, steps: int, pro
         for _ in range(steps):
             metrics, _ = trainer.train_step()  # .item() on the loss waits for the device
         seconds = (time.perf_counter() - started) / steps
-        # after the timing, as the count slows its step; not under model.compile, whose graphs run eager while
-        # an operator-counting mode is active (the count would be of the eager code). A count that fails keeps
-        # the row's timing, as a failed profile does
-        operators, count_error = None, None
-        if not config.model.compile:
-            try:
-                operators = count_host_operators(trainer.train_step)
-            except Exception as error:
-                count_error = error_text(error)
-                print(f"counting operators failed, the row keeps its timing: {count_error}", file=sys.stderr, flush=True)
-        profile, profile_error = None, None
-        if profiled:  # after the timing: a profiler that fails (its CUDA timeline) keeps the row's measurements
-            try:
-                profile = profile_steps(trainer.train_step, profiled)
-            except Exception as error:
-                profile_error = error_text(error)
-                print(f"profiling failed, the row keeps its timing: {profile_error}", file=sys.stderr, flush=True)
+        # after the timing, as both slow their steps. No count under model.compile, whose graphs run eager while
+        # an operator-counting mode is active (the count would be of the eager code)
+        operators, count_error = (None, None) if config.model.compile else after_timing(
+            "counting operators", lambda: count_host_operators(trainer.train_step))
+        profile, profile_error = after_timing(
+            "profiling", lambda: profile_steps(trainer.train_step, profiled)) if profiled else (None, None)
     tokens_per_step = config.train.global_batch * config.model.seq_len
     flops_per_token = trainer.budget.train_flops_per_token
     tokens_per_second = tokens_per_step / seconds
