@@ -194,18 +194,13 @@ class LanguageModel(nn.Module):
         A step whose update was skipped (`applied` False: a non-finite loss or gradient) changes
         neither; its counts are still returned for the logs.
         """
-        result = RoutingStepStats()
-        counts_of, dropped = {}, []
-        for stats in self.pool_stats:
-            step = stats.end_step(reduce, update_f_bar=applied)
-            counts_of[stats] = step.counts
-            result.counts_per_pool.append(step.counts)
-            result.slots_per_pool.append(step.slots)
-            dropped.append(step.dropped)
-        if self.pool_stats:  # one read for every pool
+        steps = [stats.end_step(reduce, update_f_bar=applied) for stats in self.pool_stats]
+        result = RoutingStepStats([step.counts for step in steps], [step.slots for step in steps])
+        if steps:  # one read for every pool
             result.routed, result.slots, result.dropped = torch.stack([
-                sum(c.sum() for c in result.counts_per_pool), sum(s.sum() for s in result.slots_per_pool),
-                sum(dropped)]).tolist()
+                sum(step.counts.sum() for step in steps), sum(step.slots.sum() for step in steps),
+                sum(step.dropped for step in steps)]).tolist()
+        counts_of = {stats: step.counts for stats, step in zip(self.pool_stats, steps)}
         if self.moe_config.bias_balancing and applied:
             for layer in self.moe_layers():
                 usable = layer.lock.usable(layer.layer_slot) if layer.lock is not None else None
