@@ -18,6 +18,7 @@ from megatron_unipool.moe import ExpertPool, MoELayer, PoolStats, plan_dispatch
 from megatron_unipool.moe.lock import PoolLock
 
 from host_syncs import host_syncs
+from kernel_models import DEVICE
 
 M, D, F = 8, 16, 24  # experts, hidden, expert width
 B, S = 2, 12  # T = 24 tokens
@@ -589,9 +590,8 @@ def test_dropless_training_micro_batch_waits_for_nothing_on_the_host(name, monke
     from megatron_unipool.model import LanguageModel
     from megatron_unipool.moe import experts
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model_settings, moe_settings, cuda_path = NO_SYNC_SETTINGS[name]
-    if model_settings.get("permute_kernel") == "triton" and not triton_runs_on(device):
+    if model_settings.get("permute_kernel") == "triton" and not triton_runs_on(DEVICE):
         pytest.skip("Triton runs neither compiled (no CUDA) nor interpreted here")
     if cuda_path:
         for module in (grouped_gemm, experts):
@@ -600,16 +600,16 @@ def test_dropless_training_micro_batch_waits_for_nothing_on_the_host(name, monke
                             vocab_size=40, seq_len=8, expert_gemm="grouped_mm", **model_settings)
     moe_cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, **moe_settings})
     torch.manual_seed(0)
-    model = LanguageModel(model_cfg, moe_cfg).to(device)
-    tokens = torch.randint(0, 40, (2, 9)).to(device)
-    autocast = cuda_path or device == "cuda"
+    model = LanguageModel(model_cfg, moe_cfg).to(DEVICE)
+    tokens = torch.randint(0, 40, (2, 9)).to(DEVICE)
+    autocast = cuda_path or DEVICE == "cuda"
 
     def micro_batch():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
             logits, losses = model(tokens[:, :-1])
         assert logits.dtype == (torch.bfloat16 if autocast else torch.float32)
         loss = F_.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        (loss + sum(losses.values(), torch.zeros((), device=device))).backward()
+        (loss + sum(losses.values(), torch.zeros((), device=DEVICE))).backward()
         model.end_micro_batch()
 
     micro_batch()  # a first step: the pool loss then has an f_bar, and a UniPool-lock engages
