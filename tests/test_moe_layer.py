@@ -485,6 +485,47 @@ def test_dropless_norm_router_computes_weightless_slots_as_exact_zeros(expert_ge
         assert reads == [] and reads_cut  # cutting them off reads their count back (and capacity drops)
 
 
+@pytest.mark.parametrize("offset", [None, "penalty", "masked"])
+def test_norm_scores_equal_the_expression_and_its_gradients(offset):
+    """NormScores (one autograd node, its backward written out) against the NormRouter expression of the
+    design note under autograd: values and both gradients in float64, with a row whose scores are all
+    zero (no positive logit) and an all-zero row (norm 0, where autograd's norm has gradient 0)."""
+    from megatron_unipool.moe.router import NORM_EPS, NormScores
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, M, generator=generator, dtype=torch.float64)
+    logits[1] = -logits[1].abs()
+    logits[2] = 0.0
+    offset_M = {None: None, "penalty": -0.1 * torch.arange(M, dtype=torch.float64) / M,
+                "masked": torch.tensor([0.0, -math.inf] * (M // 2), dtype=torch.float64)}[offset]
+    if offset == "masked":  # the router zeroes masked experts before the norm
+        logits = logits.masked_fill(torch.isneginf(offset_M), 0.0)
+    scale, constant = torch.tensor([1.7], dtype=torch.float64), 2.5
+    upstream = torch.randn(7, M, generator=generator, dtype=torch.float64)
+
+    def values_and_grads(function):
+        z, sigma = logits.clone().requires_grad_(), scale.clone().requires_grad_()
+        scores = function(z, sigma)
+        return (scores, *torch.autograd.grad((scores * upstream).sum(), (z, sigma)))
+
+    def expression(z, sigma):
+        unit = z / (z.norm(dim=-1, keepdim=True) + NORM_EPS)
+        return sigma * constant * torch.relu(unit if offset_M is None else unit + offset_M)
+
+    fused = values_and_grads(lambda z, sigma: NormScores.apply(z, sigma, constant, offset_M))
+    for name, ours, reference in zip(("scores", "logits' gradient", "scale's gradient"), fused,
+                                     values_and_grads(expression)):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")
+    assert bool((fused[0][1:3] == 0).all()) and bool((fused[1][2] == 0).all())
+    saved = []  # for backward: the unit vectors, two norms per row, sigma * c (and the offset), no more
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        NormScores.apply(logits.clone().requires_grad_(), scale.clone().requires_grad_(), constant, offset_M)
+    assert sum(saved) == logits.numel() + 2 * logits.shape[0] + 1 + (0 if offset_M is None else M)
+    z = logits[[0, 3, 4]].clone().requires_grad_()  # away from relu's kink: finite differences agree too
+    assert torch.autograd.gradcheck(lambda z, sigma: NormScores.apply(z, sigma, constant, offset_M),
+                                    (z, scale.clone().requires_grad_()))
+
+
 @pytest.mark.parametrize("router", ["softmax", "sigmoid", "norm"])
 @pytest.mark.parametrize("experts", [8, 12, 24])
 def test_ties_go_to_the_lower_expert_index(router, experts):
