@@ -110,7 +110,7 @@ else
     # the models the targets name first: a step stopped at its limit keeps the rows measured so far;
     # 128 sequences per step in micro-batches of 32 (182M) and 16 (469M), the suites' settings
     e2e_182m=(--suite gpu-182m --models vanilla unipool dense vanilla-fused unipool-fused dense-fused
-              unipool-router-tf32 --warmup 2 --steps 4 --profile-steps 1)
+              vanilla-norm unipool-router-tf32 --warmup 2 --steps 4 --profile-steps 1)
     # (in call 5 two 469M models fit in the step's 150 s, not three: vanilla last, as calls 4-5 measured it, so that
     # a run cut at the limit still compares UniPool with and without the kernels)
     e2e_469m=(--suite gpu-469m --models unipool unipool-fused vanilla --warmup 2 --steps 3)
