@@ -216,6 +216,16 @@ def test_padded_rows_start_each_expert_at_an_aligned_row():
     assert padded.tolist() == [8, 0, 16] and rows.tolist() == [0, 1, 2] + list(range(8, 17)) and num_rows == 12 + 3 * 7
     rows, padded, num_rows = padded_rows(torch.tensor([3, 0, 9]), 1, 12)  # unpadded: every slot where it is
     assert padded.tolist() == [3, 0, 9] and rows.tolist() == list(range(12)) and num_rows == 12
+    generator = torch.Generator().manual_seed(0)
+    for align in (2, 8, 16):  # against the layout built expert by expert
+        counts = torch.randint(0, 40, (13,), generator=generator) * torch.randint(0, 2, (13,), generator=generator)
+        expected, start = [], 0
+        for count in counts.tolist():
+            expected += range(start, start + count)
+            start += -(-count // align) * align
+        rows, padded, num_rows = padded_rows(counts, align, int(counts.sum()))
+        assert rows.tolist() == expected and padded.tolist() == [-(-c // align) * align for c in counts.tolist()]
+        assert num_rows == int(counts.sum()) + 13 * (align - 1) >= start
 
 
 def test_row_padding_copies_rows_once_each_way():

@@ -469,13 +469,10 @@ def padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[tor
 
     Computed on the device without a host sync (the slot count is known from the shapes).
     """
-    if align == 1:
-        return torch.arange(num_slots, device=counts_M.device), counts_M, num_slots
-    padded = (counts_M + align - 1) // align * align
-    padded_start = torch.cumsum(padded, 0) - padded
-    start = torch.cumsum(counts_M, 0) - counts_M
-    experts = torch.arange(counts_M.numel(), device=counts_M.device)
-    expert_of_slot = torch.repeat_interleave(experts, counts_M, output_size=num_slots)
     slot = torch.arange(num_slots, device=counts_M.device)
-    rows = padded_start[expert_of_slot] + slot - start[expert_of_slot]
-    return rows, padded, num_slots + counts_M.numel() * (align - 1)
+    if align == 1:
+        return slot, counts_M, num_slots
+    padding_M = (-counts_M) % align
+    shift_M = torch.cumsum(padding_M, 0) - padding_M  # the padding rows before each expert's first one
+    rows = slot + shift_M.repeat_interleave(counts_M, output_size=num_slots)
+    return rows, counts_M + padding_M, num_slots + counts_M.numel() * (align - 1)
