@@ -574,7 +574,7 @@ def test_regrouped_rows_are_the_bytes_index_copy_places(monkeypatch, dtype, widt
     index_copy = torch.Tensor.index_copy_
     monkeypatch.setattr(torch.Tensor, "index_copy_", lambda t, *a: copied_as.append(t.dtype) or index_copy(t, *a))
     parts = [rows[:4], rows[4:]]
-    actual = regroup_rows(parts, destination, 7)
+    actual = regroup_rows(parts, destination.split([4, 3]))
     assert parts == []
     assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
     assert copied_as == [torch.int64 if words else dtype] * 2

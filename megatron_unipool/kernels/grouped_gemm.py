@@ -392,11 +392,12 @@ def _regrouped(calls: list[tuple]) -> tuple:
         return calls[0]
     # each call's rows past its counts as one more group, so that the groups cover every row
     counts_CG = torch.stack([torch.cat([counts, (x.shape[0] - counts.sum()).view(1)]) for counts, x, *_ in calls])
-    total = sum(call[1].shape[0] for call in calls)
-    destination = _expert_major_destinations(counts_CG, total)
+    rows_C = [call[1].shape[0] for call in calls]
+    # each call's destination rows, shared by its operands
+    destinations = _expert_major_destinations(counts_CG, sum(rows_C)).split(rows_C)
     columns = [list(column) for column in zip(*(call[1:] for call in calls))]
     calls.clear()
-    return (counts_CG[:, :-1].sum(0), *(regroup_rows(parts, destination, total) for parts in columns))
+    return (counts_CG[:, :-1].sum(0), *(regroup_rows(parts, destinations) for parts in columns))
 
 
 class _ReleaseWeightGradients(torch.autograd.Function):
@@ -418,24 +419,22 @@ class _ReleaseWeightGradients(torch.autograd.Function):
         return (grad, None, *(g.to(w.dtype) for g, w in zip(grads, weights)))
 
 
-def regroup_rows(parts: list[torch.Tensor], destination: torch.Tensor, total: int) -> torch.Tensor:
-    """out[destination[i]] = cat(parts)[i] into a new [total, width] tensor, for 2-D parts outside autograd.
-    Part by part, each dropped from `parts` once copied, so that this needs one operand's worth of memory
-    more, not a second copy of every part. Rows move as 8-byte words where both layouts allow: the same
+def regroup_rows(parts: list[torch.Tensor], destinations: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """out[destinations[p]] = parts[p] for every part p, into a new tensor of all their rows, for 2-D parts
+    outside autograd. Part by part, each dropped from `parts` once copied, so that this needs one operand's
+    worth of memory more, not a second copy of every part. Rows move as 8-byte words where both layouts allow: the same
     bytes in 4x fewer elements for bf16 rows, as PyTorch's index_copy_ kernel spends per element (on CPU
     bf16 rows of 3072 went 1.4x faster as words; on a GPU not measured yet). `out`'s view as words is
     taken once, not per part: each view is two operators for the host."""
-    out, start = parts[0].new_empty(total, parts[0].shape[1]), 0
+    out = parts[0].new_empty(sum(index.shape[0] for index in destinations), parts[0].shape[1])
     out_words = _as_words(out)
-    while parts:
+    for index in destinations:
         part = parts.pop(0)
-        index = destination[start: start + part.shape[0]]
         part_words = _as_words(part) if out_words is not None else None
         if part_words is None:
             out.index_copy_(0, index, part)
         else:
             out_words.index_copy_(0, index, part_words)
-        start += part.shape[0]
     return out
 
 
