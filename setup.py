@@ -16,6 +16,7 @@ setup(
         "matplotlib",
         "scipy>=1.9",  # UniPool-lock assignment (milp with HiGHS)
         "nvidia-ml-py",
+        "psutil",  # host memory available (training/hardware.py)
         "safetensors",
         "deepspeed>=0.15",  # the launcher and init_distributed
     ],

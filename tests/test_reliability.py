@@ -905,6 +905,15 @@ def test_a_checkpoint_that_cannot_be_written_is_one_checkpoint_error(tmp_path):
         save_checkpoint(tmp_path / "taken" / "checkpoints", 3, {"w": torch.zeros(1)}, keep_last=1)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="Linux's /proc/meminfo to compare with")
+def test_available_host_memory_is_what_linux_reports_available():
+    from megatron_unipool.training.hardware import available_host_memory
+
+    with open("/proc/meminfo") as meminfo:
+        reported = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    assert abs(available_host_memory() - reported) < 2**28  # read a moment apart: within 256 MiB
+
+
 def test_a_model_the_host_cannot_hold_is_refused_before_it_is_built(tiny_config, tmp_path, monkeypatch):
     """Sizes typed wrong (a pool of 10^9 experts) ended in the allocator's traceback or the OOM killer."""
     from megatron_unipool.config import ConfigError

@@ -6,6 +6,7 @@ import os
 import re
 from typing import Optional
 
+import psutil
 import torch
 
 from ..config import ConfigError
@@ -44,15 +45,12 @@ def trains_on_a_gpu(device: Optional[torch.device]) -> bool:
 
 
 def available_host_memory() -> Optional[int]:
-    """Bytes of host memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    """Bytes of host memory available to new allocations (psutil's `available`: Linux's MemAvailable,
+    and its like on other systems), or None where the system does not say."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return int(psutil.virtual_memory().available)
+    except (OSError, RuntimeError):
+        return None
 
 
 def processes_on_this_host() -> int:
