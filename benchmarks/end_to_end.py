@@ -86,7 +86,8 @@ SUITES = {
         "dense": ("configs/dense_182m.json", ONE_GPU_182M),
         "vanilla": ("configs/vanilla_182m.json", ONE_GPU_182M),
         "unipool": ("configs/unipool_182m.json", ONE_GPU_182M),
-        # vanilla routed as UniPool is (NormRouter): against vanilla the router's cost, against UniPool the pool's
+        # vanilla routed by UniPool's NormRouter (with vanilla's per-layer aux loss): against vanilla the router's
+        # cost, against UniPool the pool's and its pool-level aux loss's
         "vanilla-norm": ("configs/vanilla_182m.json", ONE_GPU_182M + ["moe.router=norm"]),
         "unipool-pool64": ("configs/unipool_182m_pool64.json", ONE_GPU_182M),
         "unipool-pool48": ("configs/unipool_182m_pool48.json", ONE_GPU_182M),

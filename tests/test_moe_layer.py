@@ -489,13 +489,15 @@ def test_dropless_norm_router_computes_weightless_slots_as_exact_zeros(expert_ge
 def test_norm_scores_equal_the_expression_and_its_gradients(offset):
     """NormScores (one autograd node, its backward written out) against the NormRouter expression of the
     design note under autograd: values and both gradients in float64, with a row whose scores are all
-    zero (no positive logit) and an all-zero row (norm 0, where autograd's norm has gradient 0)."""
+    zero (no positive logit), an all-zero row (norm 0, where autograd's norm has gradient 0) and a row of
+    norm 1e-9, below the eps; a second derivative is refused, not computed wrong."""
     from megatron_unipool.moe.router import NORM_EPS, NormScores
 
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn(7, M, generator=generator, dtype=torch.float64)
     logits[1] = -logits[1].abs()
     logits[2] = 0.0
+    logits[5] *= 1e-9 / logits[5].norm()
     offset_M = {None: None, "penalty": -0.1 * torch.arange(M, dtype=torch.float64) / M,
                 "masked": torch.tensor([0.0, -math.inf] * (M // 2), dtype=torch.float64)}[offset]
     if offset == "masked":  # the router zeroes masked experts before the norm
@@ -522,6 +524,9 @@ def test_norm_scores_equal_the_expression_and_its_gradients(offset):
         NormScores.apply(logits.clone().requires_grad_(), scale.clone().requires_grad_(), constant, offset_M)
     assert sum(saved) == logits.numel() + 2 * logits.shape[0] + 1 + (0 if offset_M is None else M)
     z = logits[[0, 3, 4]].clone().requires_grad_()  # away from relu's kink: finite differences agree too
+    first, = torch.autograd.grad(NormScores.apply(z, scale, constant, offset_M).square().sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        first.sum().backward()
     assert torch.autograd.gradcheck(lambda z, sigma: NormScores.apply(z, sigma, constant, offset_M),
                                     (z, scale.clone().requires_grad_()))
 

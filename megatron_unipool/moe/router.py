@@ -168,6 +168,7 @@ class NormScores(torch.autograd.Function):
         return torch.relu(unit_TM if offset_M is None else unit_TM + offset_M) * scale_c
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # what backward saves has no graph: no second derivative
     def backward(ctx, grad_TM):
         unit_TM, norm_T1, length_T1, scale_c, *offset = ctx.saved_tensors
         relu_input = unit_TM + offset[0] if offset else unit_TM
@@ -178,7 +179,8 @@ class NormScores(torch.autograd.Function):
             kept = (grad_TM * torch.relu(relu_input)).sum() if offset else along_unit_T1.sum()
             grad_scale = (kept * ctx.constant).reshape(scale_c.shape)
         # an all-zero row has u = 0 and <g, u> = 0: its gradient is 0, as autograd's norm makes it
-        grad_logits = torch.addcmul(grad_TM / length_T1, unit_TM, along_unit_T1 / norm_T1.clamp_min(NORM_EPS),
+        nonzero_norm_T1 = norm_T1.clamp_min(torch.finfo(norm_T1.dtype).tiny)
+        grad_logits = torch.addcmul(grad_TM / length_T1, unit_TM, along_unit_T1 / nonzero_norm_T1,
                                     value=-1.0).mul_(scale_c)
         return grad_logits, grad_scale, None, None
 
