@@ -13,8 +13,8 @@ torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on CPU.
 `host ops` counts the aten operators one more step dispatches (step_profile.count_host_operators:
 forward, backward, optimizer; on a GPU each launches a kernel or more, views aside): where the device
 waits on the host, the step's time follows it, and it is exact on any machine, so a CPU run with the GPU
-suites' models at narrow widths measures what a change does to it (docs/performance.md; add `--set
-train.adamw=fused` for CUDA's optimizer, CPU's default AdamW runs parameter by parameter). Not counted for
+suites' models at narrow widths measures what a change does to it (docs/performance.md; RMSNorm, one
+kernel each way on CUDA, decomposes on CPU). Not counted for
 model.compile, whose graphs run eager while the counting mode is active.
 The table's last column compares each MoE model's step time with the vanilla MoE model's.
 A model whose run fails gets a row with `error` (its traceback is in the output) and the others

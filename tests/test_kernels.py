@@ -18,7 +18,7 @@ from megatron_unipool.kernels.rms_norm import apex_rms_norm_available
 from megatron_unipool.model import LanguageModel
 from megatron_unipool.moe import Router
 from megatron_unipool.moe.dispatch import permute, plan_dispatch, unpermute
-from megatron_unipool.training.optimizer import build_optimizer
+from megatron_unipool.training.optimizer import build_optimizer, decay_groups
 from kernel_models import DEVICE, TRITON_RUNS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -395,23 +395,27 @@ def test_flash_is_chosen_only_where_its_kernels_exist(monkeypatch):
     assert not attention.flash_supports("cpu", torch.bfloat16, 128)
 
 
-@pytest.mark.parametrize("adamw", ["fused", "foreach"])
+@pytest.mark.parametrize("adamw", ["auto", "fused", "foreach"])
 def test_adamw_implementations_take_the_same_steps(adamw):
-    """torch's fused (also on CPU) and multi-tensor AdamW against the per-tensor reference loop."""
-    def train(impl):
+    """torch's fused AdamW (the 'auto' choice, on CPU too) and its multi-tensor path against its per-tensor
+    loop, over the same decay groups."""
+    config = TrainConfig(lr=1e-2, weight_decay=0.1, adamw=adamw)
+
+    def train(build):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-        optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1, adamw=impl))
+        optimizer = build(model)
         for step in range(3):
             optimizer.zero_grad()
             model(torch.randn(5, 8, generator=torch.Generator().manual_seed(step))).square().mean().backward()
             optimizer.step()
         return optimizer, [p.detach().clone() for p in model.parameters()]
 
-    reference_optimizer, reference = train("auto")  # CPU: torch's per-tensor default
-    optimizer, params = train(adamw)
-    assert optimizer.defaults["fused" if adamw == "fused" else "foreach"]
-    assert not reference_optimizer.defaults["fused"] and not reference_optimizer.defaults["foreach"]
+    _, reference = train(lambda model: torch.optim.AdamW(
+        decay_groups(model, config), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps,
+        foreach=False))
+    optimizer, params = train(lambda model: build_optimizer(model, config))
+    assert optimizer.defaults["foreach" if adamw == "foreach" else "fused"]
     for p, r in zip(params, reference):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
 

@@ -223,7 +223,7 @@ class TrainConfig:
     # attention backward (SDPA's or flash-attn's) stays non-deterministic (torch warns once)
     deterministic: bool = True
     precision: Literal["fp32", "bf16"] = "fp32"
-    adamw: Literal["auto", "fused", "foreach", "apex"] = "auto"  # auto: torch's fused kernel on CUDA
+    adamw: Literal["auto", "fused", "foreach", "apex"] = "auto"  # auto: torch's fused kernel
     # the language-model loss: a Triton kernel (auto: when Triton is importable, on CUDA) or F.cross_entropy in fp32
     cross_entropy: Literal["auto", "torch", "triton"] = "auto"
     eval_interval: int = bounded(100, 0)  # steps; 0 evaluates only at the end

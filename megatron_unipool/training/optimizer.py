@@ -21,22 +21,22 @@ def decay_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """AdamW by train.adamw: torch's fused kernel (one launch for all tensors; the 'auto' choice on
-    CUDA), its multi-tensor 'foreach' path, or apex's FusedAdam; on CPU 'auto' is torch's default."""
+    """AdamW by train.adamw: torch's fused kernel ('auto': on CUDA one launch for all tensors; on CPU one
+    pass over each tensor where the per-tensor loop makes several), its multi-tensor 'foreach' path, or
+    apex's FusedAdam."""
     groups = decay_groups(model, config) if groups is None else groups
     hyper = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps)
-    on_cuda = all(p.is_cuda for group in groups for p in group["params"])
     if config.adamw == "apex":
         try:
             from apex.optimizers import FusedAdam
         except ImportError as error:
             raise KernelUnavailableError("train.adamw='apex' needs NVIDIA apex built with its CUDA extensions") from error
-        if not on_cuda:
+        if not all(p.is_cuda for group in groups for p in group["params"]):
             raise KernelUnavailableError("train.adamw='apex' needs the model on a CUDA device")
         return FusedAdam(groups, adam_w_mode=True, **hyper)
-    if config.adamw == "fused" or (config.adamw == "auto" and on_cuda):
+    if config.adamw in ("auto", "fused"):
         return torch.optim.AdamW(groups, fused=True, **hyper)
-    return torch.optim.AdamW(groups, foreach=True if config.adamw == "foreach" else None, **hyper)
+    return torch.optim.AdamW(groups, foreach=True, **hyper)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
