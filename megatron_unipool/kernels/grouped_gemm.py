@@ -422,10 +422,10 @@ class _ReleaseWeightGradients(torch.autograd.Function):
 def regroup_rows(parts: list[torch.Tensor], destinations: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """out[destinations[p]] = parts[p] for every part p, into a new tensor of all their rows, for 2-D parts
     outside autograd. Part by part, each dropped from `parts` once copied, so that this needs one operand's
-    worth of memory more, not a second copy of every part. Rows move as 8-byte words where both layouts allow: the same
-    bytes in 4x fewer elements for bf16 rows, as PyTorch's index_copy_ kernel spends per element (on CPU
-    bf16 rows of 3072 went 1.4x faster as words; on a GPU not measured yet). `out`'s view as words is
-    taken once, not per part: each view is two operators for the host."""
+    worth of memory more, not a second copy of every part. Rows move as 8-byte words where both layouts
+    allow: the same bytes in 4x fewer elements for bf16 rows, as PyTorch's index_copy_ kernel spends per
+    element (on CPU bf16 rows of 3072 went 1.4x faster as words; on a GPU not measured yet). `out`'s view
+    as words is taken once, not per part: each view is two operators for the host."""
     out = parts[0].new_empty(sum(index.shape[0] for index in destinations), parts[0].shape[1])
     out_words = _as_words(out)
     for index in destinations:

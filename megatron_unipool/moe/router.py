@@ -151,8 +151,8 @@ class NormScores(torch.autograd.Function):
     The same function as the expression, whose autograd graph dispatches 21 operators in backward for
     each layer and micro-batch (16 of them kernel launches on a GPU, where small batches are host-bound)
     and keeps four [T, M] tensors; written out, backward dispatches 13 (10 launches) and keeps only the
-    unit vector u = z / (||z|| + eps) and two norms per row. With g the
-    gradient reaching relu's input (zero where it is not positive) and s_c = sigma * c:
+    unit vector u = z / (||z|| + eps) and two norms per row. With g the gradient reaching relu's input
+    (zero where it is not positive) and s_c = sigma * c:
     dz = s_c * (g / (||z|| + eps) - u * <g, u> / ||z||), dsigma = c * <g, relu(u + offset)>.
     `offset` (UniPool-lock) is added on the unit vector, so the penalty does not rescale the others.
     """
