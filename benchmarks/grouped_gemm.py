@@ -45,9 +45,9 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-from megatron_unipool.kernels.grouped_gemm import (DeferredWeightGradients, expert_row_alignment,  # noqa: E402
-                                                  grouped_mm_supported, grouped_swiglu, grouped_weight_gradients,
-                                                  padded_rows, WEIGHT_GRADIENT_OPERANDS)
+from megatron_unipool.kernels.grouped_gemm import (DeferredWeightGradients, expert_offsets,  # noqa: E402
+                                                  expert_row_alignment, grouped_mm_supported, grouped_swiglu,
+                                                  grouped_weight_gradients, padded_rows, WEIGHT_GRADIENT_OPERANDS)
 from megatron_unipool.kernels.segmented_gemm import segmented_weight_gradient  # noqa: E402
 from megatron_unipool.kernels.triton_support import triton_runs_on  # noqa: E402
 from megatron_unipool.training.hardware import device_name  # noqa: E402
@@ -122,7 +122,7 @@ def phase_seconds(impl: str, rows: int, experts: int, args, device, dtype) -> tu
             if impl == "triton":  # unpadded rows, read in place
                 return [segmented_weight_gradient([operands[g]], [operands[i]], counts[None])
                         for g, i in WEIGHT_GRADIENT_OPERANDS]
-            return grouped_weight_gradients(padded_counts, *operands)
+            return grouped_weight_gradients(expert_offsets(padded_counts), *operands)
     x = torch.randn(rows, args.hidden, device=device, dtype=dtype)
     with torch.no_grad():
         return (median_seconds(lambda: forward(x), args.repeats, args.warmup, device),

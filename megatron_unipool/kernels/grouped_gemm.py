@@ -245,19 +245,18 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, deferred, activation, kernel):
-        offsets = torch.cumsum(counts_M, 0).to(torch.int32)
+        offsets = expert_offsets(counts_M)  # kept for backward's GEMMs too: two operators less each way
         gate = _grouped_mm(kernel, x_SD, w_gate_MFD.transpose(-2, -1), offsets)
         up = _grouped_mm(kernel, x_SD, w_up_MFD.transpose(-2, -1), offsets)
         ctx.deferred, ctx.activation, ctx.kernel = deferred, activation, kernel
-        ctx.save_for_backward(x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up)
+        ctx.save_for_backward(x_SD, counts_M, offsets, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up)
         hidden = swiglu_forward(gate, up, activation)
         return _grouped_mm(kernel, hidden, w_down_MDF.transpose(-2, -1), offsets)
 
     @staticmethod
     def backward(ctx, grad_SD):
-        x_SD, counts_M, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up = ctx.saved_tensors
+        x_SD, counts_M, offsets, w_gate_MFD, w_up_MFD, w_down_MDF, gate, up = ctx.saved_tensors
         grad_SD = grad_SD.contiguous()  # a broadcast (stride 0) gradient, as from `out.sum()`, is not a GEMM operand
-        offsets = torch.cumsum(counts_M, 0).to(torch.int32)
         grad_hidden = _grouped_mm(ctx.kernel, grad_SD, w_down_MDF, offsets)
         grad_gate, grad_up, hidden = swiglu_backward(grad_hidden, gate, up, ctx.activation)
         grad_x = _grouped_mm(ctx.kernel, grad_gate, w_gate_MFD, offsets, grad_up, w_up_MFD)
@@ -269,16 +268,20 @@ class _GroupedSwiGLU(torch.autograd.Function):
             grads = [g.to(w.dtype) for g, w in zip(_segmented_weight_gradients([(counts_M, *operands)]),
                                                    (w_gate_MFD, w_up_MFD, w_down_MDF))]
         else:
-            grads = grouped_weight_gradients(counts_M, *operands)
+            grads = grouped_weight_gradients(offsets, *operands)
         return (grad_x, None, *grads, None, None, None)
 
 
-def grouped_weight_gradients(counts_M, *operands):
+def expert_offsets(counts_M: torch.Tensor) -> torch.Tensor:
+    """Where each expert's rows end: torch._grouped_mm's `offs` (int32)."""
+    return torch.cumsum(counts_M, 0, dtype=torch.int32)
+
+
+def grouped_weight_gradients(offsets_M, *operands):
     """(dW_gate [M, F, D], dW_up [M, F, D], dW_down [M, D, F]) from the expert-sorted rows of
     (x, grad_gate, grad_up, hidden, grad_out), one `_grouped_mm` each (contracting over each expert's
-    rows; rows past the last count are ignored)."""
-    offsets = torch.cumsum(counts_M, 0).to(torch.int32)
-    return tuple(torch._grouped_mm(operands[g].t(), operands[i], offs=offsets) for g, i in WEIGHT_GRADIENT_OPERANDS)
+    rows, which end at `expert_offsets`; rows past the last are ignored)."""
+    return tuple(torch._grouped_mm(operands[g].t(), operands[i], offs=offsets_M) for g, i in WEIGHT_GRADIENT_OPERANDS)
 
 
 class DeferredWeightGradients:
@@ -341,7 +344,8 @@ class DeferredWeightGradients:
         if rows and self.kernel == "triton":
             return _segmented_weight_gradients(rows)
         if rows:
-            return grouped_weight_gradients(*_regrouped(rows))
+            counts_M, *operands = _regrouped(rows)
+            return grouped_weight_gradients(expert_offsets(counts_M), *operands)
         return None
 
 
