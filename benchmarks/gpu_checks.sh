@@ -18,6 +18,9 @@
 #   SET=followup bash benchmarks/gpu_checks.sh OUT   # the second set
 #   SET=tests bash benchmarks/gpu_checks.sh OUT      # the CUDA kernel tests alone, all of them (500 s, every failure;
 #                                                    # the script exits with pytest's status)
+#   SET=targets bash benchmarks/gpu_checks.sh OUT    # what the targets still need, in one call (515 s): the main set's
+#                                                    # kernel step, then its end-to-end steps with more models and time
+#                                                    # (a session's 15 minutes of device time hold one such call)
 #   QUICK=1 bash benchmarks/gpu_checks.sh /tmp/out   # tiny sizes, kernel tests collected only: the plumbing, on CPU too
 #
 # Data: the end-to-end step reads GPT-2-tokenised Shakespeare (byte-level with QUICK) from $DATA_DIR
@@ -39,8 +42,8 @@ data=$(absolute "${DATA_DIR:-}")
 wheels=$(absolute "${WHEELS:-}")
 cd "$(dirname "$0")/.."
 set_name=${SET:-main}
-if [[ $set_name != main && $set_name != followup && $set_name != tests ]]; then
-    echo "SET must be main, followup or tests, not '$set_name'" >&2
+if [[ $set_name != main && $set_name != followup && $set_name != tests && $set_name != targets ]]; then
+    echo "SET must be main, followup, tests or targets, not '$set_name'" >&2
     exit 2
 fi
 out=${out:-$PWD/runs/gpu_checks}
@@ -94,6 +97,8 @@ if [[ -n ${QUICK:-} ]]; then
     routing=("${layer_base[@]}" --warmup 1)  # the compiled router's first call compiles
     followup_182m=(--suite cpu --models vanilla unipool-compiled "${tiny[@]}")
     followup_469m=(--suite cpu --models unipool "${tiny[@]}")
+    targets_182m=("${e2e_182m[@]}")
+    targets_469m=("${e2e_469m[@]}")
 else
     # the 182M models' expert shape (d 768, width 3072; vanilla 8 experts a layer, UniPool a pool of 96);
     # 8192 rows = one micro-batch of 8 x 1024 tokens at top-1
@@ -122,6 +127,12 @@ else
                    unipool-zero1 dense dense-compiled --warmup 2 --steps 4)
     followup_469m=(--suite gpu-469m --models unipool unipool-mb32-recompute vanilla vanilla-mb32-recompute
                    unipool-triton-gemm --warmup 2 --steps 3)
+    # SET=targets: the models the targets name (UniPool vs vanilla, MFU), vanilla-norm to split UniPool's gap, and the
+    # Triton kernels' effect, with the time the main set spends on the kernel benchmarks (measured on 2026-11-28)
+    targets_182m=(--suite gpu-182m --models vanilla unipool dense vanilla-norm vanilla-fused unipool-fused
+                  --warmup 2 --steps 4 --profile-steps 1)
+    # (about 70 s a 469M model in call 5: dense, last, may be cut at the limit)
+    targets_469m=(--suite gpu-469m --models unipool vanilla unipool-fused dense --warmup 2 --steps 3)
 fi
 routing+=(--impls ours routing routing_fused routing_norm routing_norm_fused)
 if [[ $set_name == tests ]]; then  # needs neither the corpus nor deepspeed
@@ -168,6 +179,13 @@ fi
 # them all with time to finish)
 step kernels 55 $python -m pytest -v --tb=short --maxfail=3 -p no:cacheprovider "${kernel_tests[@]}" "${kernel_test_files[@]}" \
     -k "not training_step"
+if [[ $set_name == targets ]]; then
+    step end_to_end_182m 240 $python benchmarks/end_to_end.py "${targets_182m[@]}" "${corpus[@]}" \
+        --json "$out/end_to_end_182m.json"
+    step end_to_end_469m 200 $python benchmarks/end_to_end.py "${targets_469m[@]}" "${corpus[@]}" \
+        --json "$out/end_to_end_469m.json"
+    exit 0
+fi
 step grouped_gemm 55 $python benchmarks/grouped_gemm.py "${gemm[@]}" --json "$out/grouped_gemm.json"
 step pool_gemm 40 $python benchmarks/grouped_gemm.py "${pool_gemm[@]}" --json "$out/pool_gemm.json"
 step moe_layer 65 $python benchmarks/moe_layer.py "${layer[@]}" --json "$out/moe_layer.json"

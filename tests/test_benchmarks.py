@@ -476,6 +476,7 @@ def test_comm_benchmark_counts_every_token_exchange(data_cache, tmp_path, precis
                             "end_to_end_469m")),
     ("followup", (), ("moe_layer", "end_to_end_182m", "end_to_end_469m")),
     ("tests", ("kernels",), ()),
+    ("targets", ("kernels",), ("end_to_end_182m", "end_to_end_469m")),
 ])
 def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path, step_set, checks, measuring):
     """The one-call GPU script's plumbing, at tiny sizes on CPU, for each of its step sets: every step
@@ -495,7 +496,7 @@ def test_gpu_checks_script_runs_every_step_in_quick_mode(data_cache, tmp_path, s
         assert f"== {step}: exit 0" in done.stdout, done.stdout[-3000:]
     rows = {name: json.loads((out / f"{name}.json").read_text()) for name in measuring}
     assert all(rows.values())
-    if step_set == "main":
+    if step_set in ("main", "targets"):
         assert all("profile" in row for row in rows["end_to_end_182m"])
     elif step_set == "followup":  # the router eager and compiled beside the layer; a compiled model beside its baseline
         assert {row["impl"] for row in rows["moe_layer"]} == {"ours", "routing", "routing_fused", "routing_norm",
@@ -518,7 +519,7 @@ def test_gpu_checks_script_stops_before_any_work_without_its_corpus(tmp_path):
 def test_gpu_checks_script_refuses_an_unknown_step_set(tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=60, env=dict(os.environ, SET="follow-up"))
-    assert done.returncode == 2 and "SET must be main, followup or tests, not 'follow-up'" in done.stderr
+    assert done.returncode == 2 and "SET must be main, followup, tests or targets, not 'follow-up'" in done.stderr
     assert not (tmp_path / "out").exists()
 
 
