@@ -128,10 +128,11 @@ else
     followup_469m=(--suite gpu-469m --models unipool unipool-mb32-recompute vanilla vanilla-mb32-recompute
                    unipool-triton-gemm --warmup 2 --steps 3)
     # SET=targets: the models the targets name (UniPool vs vanilla, MFU), vanilla-norm to split UniPool's gap, and the
-    # Triton kernels' effect, with the time the main set spends on the kernel benchmarks (measured on 2026-11-28)
+    # Triton kernels' effect, with the time the main set spends on the kernel benchmarks (measured on 2026-11-28);
+    # 182M: about 25 s a model with its profile on 2026-11-28, six in 200 s
     targets_182m=(--suite gpu-182m --models vanilla unipool dense vanilla-norm vanilla-fused unipool-fused
                   --warmup 2 --steps 4 --profile-steps 1)
-    # (about 70 s a 469M model in call 5: dense, last, may be cut at the limit)
+    # (about 70 s a 469M model in call 5: three in 240 s; dense, last, may be cut at the limit)
     targets_469m=(--suite gpu-469m --models unipool vanilla unipool-fused dense --warmup 2 --steps 3)
 fi
 routing+=(--impls ours routing routing_fused routing_norm routing_norm_fused)
@@ -180,9 +181,9 @@ fi
 step kernels 55 $python -m pytest -v --tb=short --maxfail=3 -p no:cacheprovider "${kernel_tests[@]}" "${kernel_test_files[@]}" \
     -k "not training_step"
 if [[ $set_name == targets ]]; then
-    step end_to_end_182m 240 $python benchmarks/end_to_end.py "${targets_182m[@]}" "${corpus[@]}" \
+    step end_to_end_182m 200 $python benchmarks/end_to_end.py "${targets_182m[@]}" "${corpus[@]}" \
         --json "$out/end_to_end_182m.json"
-    step end_to_end_469m 200 $python benchmarks/end_to_end.py "${targets_469m[@]}" "${corpus[@]}" \
+    step end_to_end_469m 240 $python benchmarks/end_to_end.py "${targets_469m[@]}" "${corpus[@]}" \
         --json "$out/end_to_end_469m.json"
     exit 0
 fi
