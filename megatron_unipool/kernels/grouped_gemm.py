@@ -457,12 +457,13 @@ def _expert_major_destinations(counts_CG: torch.Tensor, total: int) -> torch.Ten
     Computed on the device without a host sync: `total`, the number of rows, is known from shapes.
     """
     calls, groups = counts_CG.shape
-    source_start = torch.cumsum(counts_CG.reshape(-1), 0) - counts_CG.reshape(-1)
+    lengths = counts_CG.reshape(-1)
+    source_start = torch.cumsum(lengths, 0) - lengths
     lengths_GC = counts_CG.t().reshape(-1)
     target_start = (torch.cumsum(lengths_GC, 0) - lengths_GC).view(groups, calls).t().reshape(-1)
-    block = torch.repeat_interleave(torch.arange(calls * groups, device=counts_CG.device), counts_CG.reshape(-1),
-                                    output_size=total)
-    return target_start[block] + torch.arange(total, device=counts_CG.device) - source_start[block]
+    # each row moves by its block's shift, as padded_rows moves each expert's
+    shift = target_start - source_start
+    return torch.arange(total, device=counts_CG.device) + shift.repeat_interleave(lengths, output_size=total)
 
 
 def padded_rows(counts_M: torch.Tensor, align: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, int]:
