@@ -51,8 +51,8 @@ def random_documents(rng: np.random.Generator, vocab_size: int, eod_id: int, cou
     return [doc[doc != eod_id] for doc in documents]
 
 
-def write_documents(prefix, documents, vocab_size, eod_id) -> None:
-    with IndexedDatasetWriter(prefix, vocab_size, eod_id) as writer:
+def write_documents(prefix, documents, vocab_size, eod_id, tokenizer="test") -> None:
+    with IndexedDatasetWriter(prefix, vocab_size, eod_id, tokenizer) as writer:
         for doc in documents:
             writer.add_document(doc)
 
@@ -81,7 +81,7 @@ def test_indexed_round_trip_appends_eod(tmp_path, vocab_size, expected_dtype):
 
     dataset = IndexedDataset(tmp_path / "ds")
     assert dataset.dtype == expected_dtype
-    assert (dataset.vocab_size, dataset.eod_id) == (vocab_size, eod_id)
+    assert (dataset.vocab_size, dataset.eod_id, dataset.tokenizer) == (vocab_size, eod_id, "test")
     assert len(dataset) == dataset.num_documents == len(documents)
     np.testing.assert_array_equal(dataset.document_lengths, [len(doc) + 1 for doc in documents])
     for index, doc in enumerate(documents):
@@ -148,11 +148,15 @@ def test_writer_refuses_a_vocabulary_or_eod_the_format_cannot_hold(tmp_path):
     """Ids are stored as at most uint32, and the reader refuses an EOD outside the vocabulary:
     the writer says so before it writes a file the reader would refuse or misread."""
     with pytest.raises(ValueError, match="vocab_size"):
-        IndexedDatasetWriter(tmp_path / "ds", 2**32 + 1, 0)
+        IndexedDatasetWriter(tmp_path / "ds", 2**32 + 1, 0, "test")
     with pytest.raises(ValueError, match="eod_id 100"):
-        IndexedDatasetWriter(tmp_path / "ds", 100, 100)
+        IndexedDatasetWriter(tmp_path / "ds", 100, 100, "test")
+    for name in ("", "hf-0123456789abcdef", "bytë"):  # the index holds 16 ASCII bytes
+        with pytest.raises(ValueError, match="1 to 16 ASCII characters"):
+            IndexedDatasetWriter(tmp_path / "ds", 100, 0, name)
     with pytest.raises(RuntimeError, match="inside its `with` block"):
-        IndexedDatasetWriter(tmp_path / "ds", 100, 0).add_document([1])
+        IndexedDatasetWriter(tmp_path / "ds", 100, 0, "test").add_document([1])
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("document, error", [(np.array([1.5]), "must be integers"), (np.int64(5), "1-D"),
@@ -165,7 +169,7 @@ def test_writer_refuses_documents_that_are_not_lists_of_ids(tmp_path, document, 
 
 
 def rewrite_header(prefix: Path, **fields) -> None:
-    """Overwrite fields of the 48-byte .idx header (magic, version, dtype, vocab, eod, docs, total)."""
+    """Overwrite fields of the .idx header's first 48 bytes (magic, version, dtype, vocab, eod, docs, total)."""
     idx_path = Path(f"{prefix}.idx")
     raw = bytearray(idx_path.read_bytes())
     names = ["magic", "version", "dtype", "vocab", "eod", "num_docs", "total"]
@@ -176,8 +180,21 @@ def rewrite_header(prefix: Path, **fields) -> None:
     idx_path.write_bytes(bytes(raw))
 
 
+def test_a_version_1_index_reads_with_no_tokenizer_named(small_dataset_prefix):
+    """Files written before the index named its tokenizer: the 48-byte header, then the offsets."""
+    idx_path = Path(f"{small_dataset_prefix}.idx")
+    written = IndexedDataset(small_dataset_prefix)
+    raw = bytearray(idx_path.read_bytes())
+    idx_path.write_bytes(bytes(raw[:48]) + bytes(raw[64:]))
+    rewrite_header(small_dataset_prefix, version=1)
+    old = IndexedDataset(small_dataset_prefix)
+    assert old.tokenizer is None and written.tokenizer == "test"
+    assert (old.vocab_size, old.eod_id, old.num_documents) == (written.vocab_size, written.eod_id, 3)
+    np.testing.assert_array_equal(old.tokens(0, old.num_tokens), written.tokens(0, written.num_tokens))
+
+
 @pytest.mark.parametrize("fields, error", [
-    ({"version": 2}, "unsupported format version 2"),
+    ({"version": 3}, r"unsupported format version 3, this reader handles \[1, 2\]"),
     ({"dtype": 3}, "unknown dtype code 3"),
     ({"eod": 100}, "eod_id 100 is outside"),
     ({"vocab": 70000}, "tokens stored as uint16 for a vocabulary of 70000, which needs uint32"),
@@ -192,9 +209,12 @@ def test_damaged_or_future_headers_are_named(small_dataset_prefix, fields, error
 def test_a_truncated_or_empty_index_is_a_value_error(small_dataset_prefix):
     """ValueError (not struct.error) is what the corpus cache takes as 'damaged: rebuild'."""
     idx_path = Path(f"{small_dataset_prefix}.idx")
-    header = idx_path.read_bytes()[:48]
+    header = idx_path.read_bytes()[:64]  # version 2
     idx_path.write_bytes(header[:20])
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match="too short for the 48-byte header"):
+        IndexedDataset(small_dataset_prefix)
+    idx_path.write_bytes(header[:56])
+    with pytest.raises(ValueError, match="too short for the 64-byte version 2 header"):
         IndexedDataset(small_dataset_prefix)
     idx_path.write_bytes(header)
     rewrite_header(small_dataset_prefix, num_docs=0, total=0)
@@ -211,10 +231,10 @@ def test_offsets_must_start_at_zero_and_increase(small_dataset_prefix, document,
     a repeated one is an empty document without its EOD."""
     idx_path = Path(f"{small_dataset_prefix}.idx")
     raw = bytearray(idx_path.read_bytes())
-    offsets = np.frombuffer(bytes(raw[48:]), dtype="<i8").copy()  # header is 48 bytes
+    offsets = np.frombuffer(bytes(raw[64:]), dtype="<i8").copy()  # header is 64 bytes
     np.testing.assert_array_equal(offsets, [0, 4, 7, 9])
     offsets[document] = value
-    raw[48:] = offsets.tobytes()
+    raw[64:] = offsets.tobytes()
     idx_path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=error):
         IndexedDataset(small_dataset_prefix)
@@ -272,7 +292,7 @@ def test_failed_rewrite_leaves_previous_pair_intact(small_dataset_prefix):
     before = IndexedDataset(small_dataset_prefix).tokens(0, 9).copy()
     with (
         pytest.raises(RuntimeError, match="boom"),
-        IndexedDatasetWriter(small_dataset_prefix, vocab_size=100, eod_id=0) as writer,
+        IndexedDatasetWriter(small_dataset_prefix, vocab_size=100, eod_id=0, tokenizer="test") as writer,
     ):
         writer.add_document([7, 7, 7, 7, 7])
         raise RuntimeError("boom")
@@ -777,7 +797,8 @@ def test_jsonl_lines_that_are_not_text_objects_are_named(tmp_path):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "a"}\n{"text": "  \\n"}\n')
     assert list(read_documents(corpus)) == ["a"]  # a whitespace-only text is a blank document
-    for line, error in [("[1]", "c.jsonl:1: expected a JSON object"), ('{"text": 5}', "holds int, expected a string")]:
+    for line, error in [("[1]", "c.jsonl:1: expected a JSON object"), ('{"text": 5}', "holds int, expected a string"),
+                        ("[" * 100_000 + "]" * 100_000, "c.jsonl:1: JSON nested too deeply to read")]:
         corpus.write_text(line + "\n")
         with pytest.raises(ValueError, match=error):
             list(read_documents(corpus))
@@ -1160,3 +1181,20 @@ def test_cli_trains_the_smallest_byte_level_bpe(tmp_path, preprocess_main):
     preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--train-tokenizer-vocab", "257",
                      "--tokenizer-output", str(tmp_path / "t.json")])
     assert (tmp_path / "t.json").is_file() and (tmp_path / "c.bin").is_file()
+
+
+def test_hf_tokenizer_ignores_truncation_and_padding_saved_in_the_file(tmp_path):
+    import tokenizers as hf
+
+    from megatron_unipool.data import build_tokenizer, train_bpe_tokenizer
+
+    text = "hello world foo bar " * 50
+    plain = train_bpe_tokenizer([text] * 10, 300, tmp_path / "tok.json")
+    raw = hf.Tokenizer.from_file(str(tmp_path / "tok.json"))
+    raw.enable_truncation(max_length=8)
+    raw.enable_padding(length=512, pad_id=plain.eod_id, pad_token="<|endoftext|>")
+    raw.save(str(tmp_path / "tok_trunc_pad.json"))
+    tokenizer = build_tokenizer(str(tmp_path / "tok_trunc_pad.json"))
+    assert tokenizer.encode(text) == plain.encode(text)
+    assert tokenizer.encode("hi") == plain.encode("hi")
+    assert pickle.loads(pickle.dumps(tokenizer)).encode(text) == plain.encode(text)

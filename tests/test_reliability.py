@@ -494,8 +494,8 @@ def test_checkpoint_of_another_shape_names_the_tensors_that_differ(saved_run, ti
 # ------------------------------------------------------------------ bad data
 
 
-def write(prefix: Path, documents: list[list[int]], vocab_size: int, eod_id: int) -> str:
-    with IndexedDatasetWriter(str(prefix), vocab_size, eod_id) as writer:
+def write(prefix: Path, documents: list[list[int]], vocab_size: int, eod_id: int, tokenizer: str = "test") -> str:
+    with IndexedDatasetWriter(str(prefix), vocab_size, eod_id, tokenizer) as writer:
         for doc in documents:
             writer.add_document(np.array(doc))
     return str(prefix)
@@ -513,10 +513,18 @@ def test_data_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
 
     with pytest.raises(DataError, match=r"indexed dataset file missing: .*missing\.bin|missing\.idx"):
         build(tmp_path / "missing", train)
-    for vocab_size, eod_id in ((300, 299), (256, 254), (300, 255)):  # either differing is another tokenizer
-        other_tokenizer = write(tmp_path / f"valid_{vocab_size}_{eod_id}", long, vocab_size, eod_id)
-        with pytest.raises(DataError, match="train and validation files come from different tokenizers"):
+    # either size differing, or the tokenizer's name (byte-level BPEs trained to one size differ only there)
+    for vocab_size, eod_id, name in ((300, 299, "test"), (256, 254, "test"), (300, 255, "test"), (256, 255, "other")):
+        other_tokenizer = write(tmp_path / f"valid_{vocab_size}_{eod_id}_{name}", long, vocab_size, eod_id, name)
+        with pytest.raises(DataError, match=rf"train and validation files come from different tokenizers: .*train"
+                                            rf" \(tokenizer test, vocabulary 256, EOD id 255\), .*valid_{vocab_size}_"
+                                            rf"{eod_id}_{name} \(tokenizer {name}, vocabulary {vocab_size}, EOD id {eod_id}\)"):
             build(train, other_tokenizer)
+    legacy = Path(write(tmp_path / "legacy", long, 256, 255, "other") + ".idx")  # rewritten as format version 1:
+    raw = legacy.read_bytes()  # no tokenizer field (bytes 48-64), so only the sizes are compared
+    legacy.write_bytes(raw[:8] + (1).to_bytes(4, "little") + raw[12:48] + raw[64:])
+    same = write(tmp_path / "same", long, 256, 255)
+    assert len(build(train, str(legacy)[:-4]).data.valid) == len(build(train, same).data.valid) > 0
     with pytest.raises(DataError, match="short"):
         build(train, short)  # fewer tokens than one sequence
     few = write(tmp_path / "few", [rng.integers(0, 200, 150).tolist()], 256, 255)  # 2 samples of 64 tokens

@@ -466,7 +466,7 @@ def test_a_training_split_smaller_than_a_global_batch_is_noted(tiny_config, tmp_
     from megatron_unipool.data import IndexedDatasetWriter
 
     for split, tokens in (("train", 40), ("valid", 100)):  # 2 and 6 samples of 16 tokens (+1 for the target)
-        with IndexedDatasetWriter(tmp_path / split, 320, 0) as writer:
+        with IndexedDatasetWriter(tmp_path / split, 320, 0, "test") as writer:
             writer.add_document(list(range(1, tokens)))
     config = tiny_config("configs/tiny_dense_cpu.json", "data.corpus=null", f"data.train_prefix={tmp_path / 'train'}",
                          f"data.valid_prefix={tmp_path / 'valid'}", "model.seq_len=16", "train.max_steps=1")

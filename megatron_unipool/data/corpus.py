@@ -136,7 +136,8 @@ def _is_reusable(prefix: str, tokenizer: Tokenizer, num_documents: int) -> bool:
         dataset = IndexedDataset(prefix)
     except (OSError, DataError):
         return False
-    return (dataset.vocab_size, dataset.eod_id, dataset.num_documents) == (
+    return (dataset.tokenizer, dataset.vocab_size, dataset.eod_id, dataset.num_documents) == (
+        tokenizer.name,
         tokenizer.vocab_size,
         tokenizer.eod_id,
         num_documents,
@@ -266,6 +267,8 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
+            except RecursionError as error:  # pathological nesting: json's C decoder recurses
+                raise DataError(f"{where}: JSON nested too deeply to read") from error
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             if json_key not in record:
@@ -347,7 +350,8 @@ def write_indexed(
     started = last_report = time.perf_counter()
     text_bytes = 0
     with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(IndexedDatasetWriter(prefix, tokenizer.vocab_size, tokenizer.eod_id))
+        writer = stack.enter_context(
+            IndexedDatasetWriter(prefix, tokenizer.vocab_size, tokenizer.eod_id, tokenizer.name))
         if workers == 1:
             encoded = (_encode(tokenizer, text) for text in documents)
         else:

@@ -12,14 +12,19 @@ document followed by the end-of-document (EOD) token, as little-endian
 
     offset  size  field
     0       8     magic          b"MUPIDX\\x00\\x00"
-    8       4     version        uint32, currently 1
+    8       4     version        uint32, currently 2
     12      4     dtype code     uint32, 1 = uint16 tokens, 2 = uint32 tokens
     16      8     vocab_size     uint64
     24      8     eod_id         uint64
     32      8     num_docs       uint64
     40      8     total_tokens   uint64 (EOD tokens included)
-    48      8*(num_docs+1)       int64 document start offsets into .bin, in
+    48      16    tokenizer      the writing tokenizer's ``name``, ASCII, NUL-padded
+    64      8*(num_docs+1)       int64 document start offsets into .bin, in
                                  tokens; the last one equals total_tokens
+
+Version 1 files (no tokenizer field: the offsets start at byte 48) are still read; their
+``tokenizer`` is ``None``. Two tokenizers with the same vocabulary size and EOD id (byte-level BPEs
+trained to one size) write the same header otherwise, and their ids mean different text.
 
 Document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``, its last token is EOD.
 """
@@ -38,8 +43,10 @@ from megatron_unipool.data.errors import DataError
 
 MAGIC = b"MUPIDX\x00\x00"
 MEGATRON_MAGIC = b"MMIDIDX\x00\x00"  # Megatron-LM's MMapIndexedDataset, a format of its own
-VERSION = 1
-_HEADER = struct.Struct("<8sIIQQQQ")
+VERSION = 2
+_HEADERS = {1: struct.Struct("<8sIIQQQQ"), 2: struct.Struct("<8sIIQQQQ16s")}
+_HEADER = _HEADERS[VERSION]
+_TOKENIZER_FIELD = 16  # bytes
 _OFFSET_DTYPE = np.dtype("<i8")
 _DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 _UINT16_VOCAB_LIMIT = 2**16
@@ -101,15 +108,18 @@ class IndexedDatasetWriter:
     half-written pair that a later run would mistake for a finished one.
     """
 
-    def __init__(self, prefix: str | os.PathLike, vocab_size: int, eod_id: int):
+    def __init__(self, prefix: str | os.PathLike, vocab_size: int, eod_id: int, tokenizer: str):
         if not 0 < vocab_size <= 2**32:
             raise DataError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
         if not 0 <= eod_id < vocab_size:
             raise DataError(f"eod_id {eod_id} is outside the vocabulary [0, {vocab_size})")
+        if not (tokenizer.isascii() and 0 < len(tokenizer) <= _TOKENIZER_FIELD and "\0" not in tokenizer):
+            raise DataError(f"tokenizer name {tokenizer!r} must be 1 to {_TOKENIZER_FIELD} ASCII characters")
         self.prefix = os.fspath(prefix)
         self.bin_path, self.idx_path = _paths(prefix)
         self.vocab_size = vocab_size
         self.eod_id = eod_id
+        self.tokenizer = tokenizer
         self.dtype = _token_dtype(vocab_size)
         self._offsets = [0]
         self._bin_tmp: Path | None = None  # the temporaries exist only inside the `with` block
@@ -175,7 +185,8 @@ class IndexedDatasetWriter:
     def _write_index(self, path: Path) -> None:
         dtype_code = next(code for code, dtype in _DTYPE_CODES.items() if dtype == self.dtype)
         header = _HEADER.pack(
-            MAGIC, VERSION, dtype_code, self.vocab_size, self.eod_id, self.num_documents, self.num_tokens
+            MAGIC, VERSION, dtype_code, self.vocab_size, self.eod_id, self.num_documents, self.num_tokens,
+            self.tokenizer.encode("ascii"),
         )
         with open(path, "wb") as f:
             f.write(header)
@@ -197,11 +208,11 @@ class IndexedDataset:
 
     def _read_index(self) -> None:
         raw = self.idx_path.read_bytes()
-        if len(raw) < _HEADER.size:
+        if len(raw) < _HEADERS[1].size:
             raise DataError(
-                f"{self.idx_path}: {len(raw)} bytes is too short for the {_HEADER.size}-byte header"
+                f"{self.idx_path}: {len(raw)} bytes is too short for the {_HEADERS[1].size}-byte header"
             )
-        magic, version, dtype_code, vocab_size, eod_id, num_docs, total_tokens = _HEADER.unpack_from(raw)
+        magic, version = _HEADERS[1].unpack_from(raw)[:2]
         if raw.startswith(MEGATRON_MAGIC):
             raise DataError(
                 f"{self.idx_path} is a Megatron-LM index, which records neither the vocabulary size nor the"
@@ -211,10 +222,16 @@ class IndexedDataset:
             raise DataError(
                 f"{self.idx_path}: bad magic {magic!r}, expected {MAGIC!r}; not an indexed dataset index"
             )
-        if version != VERSION:
+        if version not in _HEADERS:
             raise DataError(
-                f"{self.idx_path}: unsupported format version {version}, this reader handles {VERSION}"
+                f"{self.idx_path}: unsupported format version {version}, this reader handles {sorted(_HEADERS)}"
             )
+        header = _HEADERS[version]
+        if len(raw) < header.size:
+            raise DataError(
+                f"{self.idx_path}: {len(raw)} bytes is too short for the {header.size}-byte version {version} header"
+            )
+        _, _, dtype_code, vocab_size, eod_id, num_docs, total_tokens, *tokenizer = header.unpack_from(raw)
         if dtype_code not in _DTYPE_CODES:
             raise DataError(
                 f"{self.idx_path}: unknown dtype code {dtype_code}, expected one of {sorted(_DTYPE_CODES)}"
@@ -228,13 +245,13 @@ class IndexedDataset:
             )
         if num_docs == 0:
             raise DataError(f"{self.idx_path}: holds no documents")
-        expected_size = _HEADER.size + (num_docs + 1) * _OFFSET_DTYPE.itemsize
+        expected_size = header.size + (num_docs + 1) * _OFFSET_DTYPE.itemsize
         if len(raw) != expected_size:
             raise DataError(
                 f"{self.idx_path}: size {len(raw)} bytes does not match the {expected_size} bytes "
                 f"implied by num_docs={num_docs} (truncated or mismatched index)"
             )
-        offsets = np.frombuffer(raw, dtype=_OFFSET_DTYPE, offset=_HEADER.size)
+        offsets = np.frombuffer(raw, dtype=_OFFSET_DTYPE, offset=header.size)
         if offsets[0] != 0 or offsets[-1] != total_tokens:
             raise DataError(
                 f"{self.idx_path}: document offsets span [{offsets[0]}, {offsets[-1]}], "
@@ -249,6 +266,8 @@ class IndexedDataset:
         self.dtype = _DTYPE_CODES[dtype_code]
         self.vocab_size = vocab_size
         self.eod_id = eod_id
+        # the writing tokenizer's name (version 2), None for a version 1 file
+        self.tokenizer = tokenizer[0].rstrip(b"\0").decode("ascii", "replace") if tokenizer else None
         self._offsets = offsets
 
     def _check_bin_size(self) -> None:

@@ -108,6 +108,10 @@ class HFTokenizer(Tokenizer):
             )
         # Text that happens to spell a special token is data, not a document break.
         self._tokenizer.encode_special_tokens = True
+        # A tokenizer.json saved with truncation or padding would cut every document to its
+        # max_length or fill it with pad tokens: a document is encoded whole, as it is.
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
         self.path = path
         self.eod_id = vocab[eod_token]
         self.vocab_size = max(vocab.values()) + 1  # ids may have gaps: the token count can be below the top id

@@ -37,8 +37,10 @@ def _build_datasets(config: Config) -> RunData:
                 f"{name} was tokenised with a vocabulary of {split.vocab_size} tokens, larger than"
                 f" model.vocab_size={model.vocab_size}: raise model.vocab_size to at least {split.vocab_size}"
             )
-    if train.vocab_size != valid.vocab_size or train.eod_id != valid.eod_id:
-        raise DataError(f"train and validation files come from different tokenizers ({train_prefix}, {valid_prefix})")
+    named = {train.tokenizer, valid.tokenizer} - {None}  # an index of format version 1 names no tokenizer
+    if len(named) > 1 or (train.vocab_size, train.eod_id) != (valid.vocab_size, valid.eod_id):
+        raise DataError(f"train and validation files come from different tokenizers: {train_prefix}"
+                        f" ({_tokenizer_of(train)}), {valid_prefix} ({_tokenizer_of(valid)})")
     valid_samples = TokenSampleDataset(valid, model.seq_len, config.train.seed, unshuffled=True)
     if len(valid_samples) < config.train.micro_batch:  # evaluation would get no batch: refuse before training
         raise DataError(
@@ -51,6 +53,10 @@ def _build_datasets(config: Config) -> RunData:
         valid=valid_samples,
         vocab_size=train.vocab_size,
     )
+
+
+def _tokenizer_of(split: IndexedDataset) -> str:
+    return f"tokenizer {split.tokenizer or 'not recorded'}, vocabulary {split.vocab_size}, EOD id {split.eod_id}"
 
 
 def validation_batches(valid: TokenSampleDataset, micro_batch: int, sequences: int) -> list[torch.Tensor]:
