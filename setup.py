@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["megatron_unipool", "megatron_unipool.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.5",  # SDPA's enable_gqa
+        "torch>=2.6",  # nn.utils.get_total_norm / clip_grads_with_norm_ (training/distributed.py); SDPA's enable_gqa
         "numpy",
         "tokenizers>=0.15",
         "tiktoken",

@@ -135,11 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides, world_size=world_size)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(Path(args.config))
-        created = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)  # on every rank, before any waits for another
     except ConfigError as e:
         say_on_each_node(f"error: {e}")
         return 2
+    except OSError as e:  # a path the config names, or the one beside it, that cannot even be looked at
+        say_on_each_node(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
+        return 2
+    try:
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)  # on every rank, before any waits for another
     except OSError as e:
         say_on_each_node(f"error: run directory {run_dir} cannot be used: "
                          + ("it is a file" if run_dir.is_file() else str(e.strerror or e)))

@@ -510,3 +510,26 @@ def test_param_budget_tool_honours_set_names_its_config_and_refuses_bad_ones(cap
     assert f"active parameters per token  {full.active_params:,} " in table
     assert tool.main(["--config", config, "--set", "moe.top_k=99"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("zero, named", [
+    ('{"offload_optimizer": "cpu"}', r"zero_optimization.offload_optimizer must be an object"),
+    ('{"cpu_offload": true}', r"sets zero_optimization.cpu_offload: ZeRO-Offload"),
+    ('{"cpu_offload_param": true}', r"sets zero_optimization.cpu_offload_param: ZeRO-Offload"),
+])
+def test_offload_in_any_spelling_is_refused_at_load(tmp_path, zero, named):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": ' + zero + "}")
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, ["deepspeed.enabled=true", "deepspeed.zero_stage=1", f"deepspeed.config_file={ds}"])
+    ds.write_text('{"zero_optimization": {"cpu_offload": false, "offload_optimizer": null}}')  # no offload
+    load_config(None, ["deepspeed.enabled=true", "deepspeed.zero_stage=1", f"deepspeed.config_file={ds}"])
+
+
+def test_cli_names_a_config_path_that_cannot_be_looked_at(tmp_path):
+    too_long = str(tmp_path / ("a" * 300 + ".json"))  # ENAMETOOLONG from stat, as EACCES on a parent would be
+    for args in (["--config", too_long], ["--set", "deepspeed.enabled=true", "--set", f"deepspeed.config_file={too_long}"]):
+        out = subprocess.run([sys.executable, str(REPO / "launch/pretrain.py"), "--run-dir", str(tmp_path / "run"),
+                              *args], capture_output=True, text=True)
+        assert out.returncode == 2, out.stderr
+        assert "cannot be read: File name too long" in out.stderr and "Traceback" not in out.stderr

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from .json_files import ConfigError, read_json
+from .json_files import ConfigError, json_kind, read_json
 from .sections import Config
 
 # ds_config keys the run's own sections decide, and where: a file may only repeat them or say "auto"
@@ -64,7 +64,11 @@ def read_deepspeed_file(config: Config, micro_batches: Optional[int] = None) -> 
     or sets what the config decides to another value. `micro_batches` None (world size unknown)
     accepts any gradient_accumulation_steps."""
     path = Path(config.deepspeed.config_file)
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except OSError as e:
+        raise ConfigError(f"deepspeed.config_file {path} cannot be read: {e.strerror or e}") from None
+    if not exists:
         raise ConfigError(f"deepspeed.config_file {path} does not exist; fix the path or unset it")
     extra = read_json(path, "deepspeed.config_file")
     if not isinstance(extra, dict):
@@ -77,8 +81,14 @@ def read_deepspeed_file(config: Config, micro_batches: Optional[int] = None) -> 
         if not isinstance(extra.get(section, {}), dict):
             raise ConfigError(f"deepspeed.config_file {path}: {section} must be an object")
     zero = extra.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key) is not None and not isinstance(zero[key], dict):
+            raise ConfigError(f"deepspeed.config_file {path}: zero_optimization.{key} must be an object"
+                              f" ({{\"device\": ...}}), got {json_kind(zero[key])}")
     offloaded = [key for key in ("offload_optimizer", "offload_param")  # {"device": "none"} is no offload
                  if (zero.get(key) or {}).get("device", "none") not in ("none", None)]
+    # DeepSpeed still reads the deprecated booleans as offload_optimizer / offload_param {"device": "cpu"}
+    offloaded += [key for key in ("cpu_offload", "cpu_offload_param") if zero.get(key) not in (None, False)]
     if offloaded:
         raise ConfigError(f"deepspeed.config_file {path} sets zero_optimization.{' and '.join(offloaded)}: ZeRO-Offload"
                           " needs DeepSpeed's CPU Adam, and the optimizer is the trainer's AdamW; remove it")

@@ -148,10 +148,14 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if path.is_dir():
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError as e:  # EACCES on a parent directory, ENAMETOOLONG, ESTALE: not "missing"
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+        if is_dir:
             inside = path / "config.json"
             raise ConfigError(f"config file {path} is a directory" + (f": pass {inside}" if inside.is_file() else ""))
-        if not path.is_file():
+        if not is_file:
             raise ConfigError(f"config file {path} does not exist")
         raw = read_json(path, "config file")
         if not isinstance(raw, dict):
