@@ -184,6 +184,8 @@ def _with_absolute_paths(config: Config) -> Config:
     def absolute(field: str, path: str | None) -> str | None:
         if path is None:
             return None
+        if not path.strip():  # Path("") is the working directory: `--set checkpoint.load=` would load from it
+            raise ConfigError(f"{field} is empty: give a path, or null for none")
         try:
             return str(Path(path).expanduser().absolute())
         except RuntimeError as error:  # ~name of no known user
