@@ -983,3 +983,44 @@ def test_a_dense_models_moe_settings_are_not_named(tiny_config):
     saved = config_to_dict(unipool)
     saved["moe"]["top_k"] = unipool.moe.top_k + 1
     assert changed_settings(saved, unipool) == {"moe.top_k": (unipool.moe.top_k + 1, unipool.moe.top_k)}
+
+
+def test_unset_settings_that_are_not_derived_are_named_when_set_on_resume(tiny_config):
+    """capacity_factor unset is dropless and norm_router_c unset is c(M, k): setting either changes what the model
+    computes with the same tensors. A micro-batch size changes capacity and the per-layer aux loss."""
+    config = tiny_config(UNIPOOL, "moe.capacity_factor=0.5", "moe.norm_router_c=3.0", "train.micro_batch=2")
+    saved = config_to_dict(tiny_config(UNIPOOL))
+    assert changed_settings(saved, config) == {"moe.norm_router_c": (None, 3.0), "moe.capacity_factor": (None, 0.5),
+                                               "train.micro_batch": (4, 2)}
+    saved = config_to_dict(tiny_config(UNIPOOL))
+    assert changed_settings(saved, tiny_config(UNIPOOL, "train.micro_batch=2", "moe.pool_size=32")) == {}
+
+
+def test_a_resume_switches_unipool_lock_on_before_its_window_and_off_before_it_assigned(saved_run, tiny_config,
+                                                                                         tmp_path, capsys):
+    """The lock's buffers are run state: a 2-step run without them resumes under a lock whose window opens after
+    step 2 (they start as the model's own), and a lock that has not assigned the experts may be dropped; any
+    other difference is one line naming the lock, not its buffers."""
+    from megatron_unipool.model import LanguageModel
+    from megatron_unipool.training.checkpoint import adopt_lock_change, restore_model
+
+    run, files = saved_run
+    capsys.readouterr()
+    locked = Trainer(tiny_config(UNIPOOL, "moe.lock_start_step=10", "moe.lock_window_steps=8", f"checkpoint.load={run}"),
+                     tmp_path / "locked")
+    assert "moe.lock_start_step=10 (was None)" in capsys.readouterr().out
+    fresh = LanguageModel(locked.config.model, locked.config.moe).state_dict()
+    lock_state = {k: v for k, v in locked.model.state_dict().items() if k.startswith("pool_locks.")}
+    assert lock_state and all(torch.equal(v, fresh[k]) for k, v in lock_state.items())
+    with pytest.raises(CheckpointError) as error:  # its window opened at step 1: two steps of mass are missing
+        Trainer(tiny_config(UNIPOOL, "moe.lock_start_step=10", "moe.lock_window_steps=10", f"checkpoint.load={run}"),
+                tmp_path / "late")
+    assert "the UniPool-lock state (pool_locks.*)" in str(error.value) and "missing" not in str(error.value)
+    assert unchanged(run, files)
+
+    state = locked.model.state_dict()
+    unlocked = LanguageModel(tiny_config(UNIPOOL).model, tiny_config(UNIPOOL).moe)
+    restore_model(unlocked, adopt_lock_change(unlocked, state, 5), "unassigned")  # mass only: no logit offset yet
+    assigned = {**state, **{k: torch.zeros_like(v) for k, v in state.items() if k.endswith(".owner")}}
+    with pytest.raises(CheckpointError, match=r"does not fit this model:\n  the UniPool-lock state"):
+        restore_model(unlocked, adopt_lock_change(unlocked, assigned, 5), "assigned")

@@ -307,9 +307,32 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
     """Load weights, naming every missing, unexpected or differently shaped tensor."""
     problems = _misfits(model, state)
+    if any(LOCK_PREFIX in problem for problem in problems):  # one line for the lock's buffers, saying why
+        problems = [problem for problem in problems if LOCK_PREFIX not in problem] + [
+            "the UniPool-lock state (pool_locks.*): the checkpoint's run and this config differ in moe.lock_start_step"
+            " or in their pools; a lock is switched on at a resume only before its window opens, and off only before"
+            " it assigned the experts"]
     if problems:
         raise CheckpointError(f"checkpoint {source} does not fit this model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state)
+
+
+LOCK_PREFIX = "pool_locks."  # UniPool-lock's buffers: run state, not weights
+
+
+def adopt_lock_change(model: LanguageModel, state: dict[str, torch.Tensor], trained_steps: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's model state for a resume that switches UniPool-lock on or off where that changes nothing:
+    on up to the step its window opens (moe.lock_start_step - lock_window_steps: until then its buffers keep their
+    initial values, the model's own), off before it has assigned the experts (until then it offsets no logit).
+    Any other difference in the lock's state is left for restore_model to name."""
+    own = {key: value for key, value in model.state_dict().items() if key.startswith(LOCK_PREFIX)}
+    saved = {key: value for key, value in state.items() if key.startswith(LOCK_PREFIX)}
+    moe = model.moe_config
+    if own and not saved and trained_steps <= moe.lock_start_step - moe.lock_window_steps:
+        return {**state, **own}
+    if saved and not own and all((value < 0).all() for key, value in saved.items() if key.endswith(".owner")):
+        return {key: value for key, value in state.items() if key not in saved}
+    return state
 
 
 # What weights compute beyond their shapes: a model differing here can fit every tensor (8 heads of 16 and 4
@@ -324,6 +347,17 @@ _UNCOMPARED = {"model": ModelConfig.KERNEL_FIELDS + ("seq_len", "init_std"), "mo
                "train": ("max_steps", "seed", "micro_batch", "max_consecutive_skips", "deterministic", "adamw",
                          "cross_entropy", "eval_interval", "eval_batches"),
                "data": ("cache_dir",)}
+# Optional model/MoE fields whose unset value is derived from others (a real change there changes shapes, which
+# restore_model refuses); the other Optional ones mean something of their own when unset (capacity_factor: dropless,
+# norm_router_c: c(M, k)), so unset <-> set is a change of what the model computes
+_DERIVED_WHERE_UNSET = ("pool_size", "layers_per_pool", "expert_ffn_hidden_size")
+
+
+def _micro_batch_matters(moe: dict) -> bool:
+    """Whether train.micro_batch changes the numbers: capacity, the per-layer aux loss and the micro-batch lag of the
+    pool loss are per micro-batch (docs/design.md, Loss normalisation)."""
+    return moe.get("kind") != "dense" and (moe.get("capacity_factor") is not None or moe.get("aux_loss") == "layer"
+                                           or (moe.get("aux_loss") == "pool" and moe.get("pool_aux_lag") == "micro_batch"))
 
 
 def function_changes(before: dict, after: dict, fields: tuple[str, ...] = COMPUTED_BY_THE_WEIGHTS) -> list[str]:
@@ -355,10 +389,13 @@ def changed_settings(saved_config: dict, config: Config, trained_steps: int = 1)
         saved = saved_config.get(section, {})
         if section == "moe" and saved.get("kind") == "dense" and current["moe"]["kind"] == "dense":
             continue
+        uncompared = _UNCOMPARED[section]
+        if section == "train" and any(map(_micro_batch_matters, (saved_config.get("moe", {}), current["moe"]))):
+            uncompared = tuple(key for key in uncompared if key != "micro_batch")
         for key, value in current[section].items():
-            if key in _UNCOMPARED[section] or key not in saved or saved[key] == value:
+            if key in uncompared or key not in saved or saved[key] == value:
                 continue
-            if section in ("model", "moe") and None in (saved[key], value):  # derived where unset
+            if key in _DERIVED_WHERE_UNSET and None in (saved[key], value):  # derived where unset
                 continue
             changed[f"{section}.{key}"] = (saved[key], value)
     return changed

@@ -31,7 +31,7 @@ from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
 from ..parallel.agreement import decided_by_rank0, on_any_rank, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
-from .checkpoint import (CheckpointError, changed_settings, check_run_directory, check_same_head_split,
+from .checkpoint import (CheckpointError, adopt_lock_change, changed_settings, check_run_directory, check_same_head_split,
                          checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint, load_checkpoint,
                          restore_model, save_checkpoint, set_rng_state)
 from .datasets import DataError, build_datasets, replica_share, validation_batches
@@ -111,6 +111,7 @@ class Trainer:
         self.checkpoints = checkpoints_dir(self.run_dir)
         payload, source = self._checkpoint_to_resume()
         if payload is not None:
+            payload["model"] = adopt_lock_change(model, payload["model"], payload["train_state"]["step"])
             restore_model(model, payload["model"], source)
             check_same_head_split(payload["config"], config, source)  # on every rank alike, before sharding
         self.specs = shard_model(model, self.parallel)
