@@ -1024,3 +1024,25 @@ def test_a_resume_switches_unipool_lock_on_before_its_window_and_off_before_it_a
     assigned = {**state, **{k: torch.zeros_like(v) for k, v in state.items() if k.endswith(".owner")}}
     with pytest.raises(CheckpointError, match=r"does not fit this model:\n  the UniPool-lock state"):
         restore_model(unlocked, adopt_lock_change(unlocked, assigned, 5), "assigned")
+
+
+def test_a_resume_onto_data_another_tokenizer_wrote_is_noted(tiny_config, tmp_path, capsys):
+    """The same prefixes tokenised again by another tokenizer of the same size: the index names it, the
+    checkpoint keeps the name its run trained on."""
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(0, 255, 400).tolist() for _ in range(4)]
+
+    def tokenised_by(name: str) -> list[str]:
+        return [f"data.train_prefix={write(tmp_path / 'train', documents, 256, 255, name)}",
+                f"data.valid_prefix={write(tmp_path / 'valid', documents[:2], 256, 255, name)}"]
+
+    def run(max_steps: int, name: str) -> str:
+        Trainer(tiny_config(UNIPOOL, "data.corpus=null", "train.eval_interval=0", f"train.max_steps={max_steps}",
+                            *tokenised_by(name)), tmp_path / "run").train()
+        return capsys.readouterr().out
+
+    assert "tokenizer" not in run(1, "first")
+    assert ("note: the training data was written by tokenizer second, the checkpoint's run's by first: its token ids"
+            " mean other text than the ones the model learned") in run(2, "second")
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000002")["train_state"]["tokenizer"] == "second"
+    assert "tokenizer" not in run(3, "second")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ class RunData:
     train: TokenSampleDataset
     valid: TokenSampleDataset
     vocab_size: int  # of the tokenizer that wrote the files
+    tokenizer: Optional[str]  # its name, as the training split's index records it (None: format version 1)
 
 
 def build_datasets(config: Config) -> RunData:
@@ -52,6 +54,7 @@ def _build_datasets(config: Config) -> RunData:
         train=TokenSampleDataset(train, model.seq_len, config.train.seed),
         valid=valid_samples,
         vocab_size=train.vocab_size,
+        tokenizer=train.tokenizer,
     )
 
 

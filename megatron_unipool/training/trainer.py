@@ -68,6 +68,7 @@ class TrainState:
     resumed_at_steps: list[int] = field(default_factory=list)
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
+    tokenizer: Optional[str] = None  # that wrote the training data, as its index names it (None: not recorded)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -107,7 +108,7 @@ class Trainer:
         on_every_rank(lambda: check_fits_host_memory(self.budget.total_params, "the model", processes_on_this_host()),
                       self.parallel, (ConfigError,))
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
-        self.state = TrainState()
+        self.state = TrainState(tokenizer=self.data.tokenizer)
         self.checkpoints = checkpoints_dir(self.run_dir)
         payload, source = self._checkpoint_to_resume()
         if payload is not None:
@@ -121,14 +122,14 @@ class Trainer:
                                      micro_batches=train.micro_batches(self.layout.dp))
         if payload is not None:
             self.backend.load_state(payload["model"], payload["optimizer"])
-            self.state = TrainState(**payload["train_state"])
+            self.state = TrainState(**{**payload["train_state"], "tokenizer": self.data.tokenizer})
             set_rng_state(payload["rng"])
             if self.is_logger:
                 print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
                       flush=True)
                 self._note_changed_schedule(payload["config"]["train"]["max_steps"])
                 self._note_changed_settings(changed_settings(payload["config"], config, self.state.step),
-                                            payload["config"]["train"]["seed"])
+                                            payload["config"]["train"]["seed"], payload["train_state"].get("tokenizer"))
                 saved_seq_len = payload["config"]["model"]["seq_len"]
                 if saved_seq_len != config.model.seq_len:  # consumed_samples counts samples of the saved length
                     print(f"note: model.seq_len={config.model.seq_len}, the checkpoint's run had {saved_seq_len}: the"
@@ -151,7 +152,7 @@ class Trainer:
               f" decay is recomputed, the next step's rate is {learning_rate(step, train):.3e} (was {before:.3e})",
               flush=True)
 
-    def _note_changed_settings(self, changed: dict, saved_seed: int) -> None:
+    def _note_changed_settings(self, changed: dict, saved_seed: int, saved_tokenizer: Optional[str]) -> None:
         """What a resume may change on purpose (a RoPE base for longer contexts, routing, balancing, the learning
         rate, the data) but which makes it another run than the checkpoint's: listed, so that a stale --set or
         config, or a run directory two configs share, is seen."""
@@ -162,6 +163,9 @@ class Trainer:
             print(f"note: train.seed={self.config.train.seed}, the checkpoint's run had {saved_seed}: the rest of the"
                   " epoch is read in another order, so some samples repeat ones it trained on and others are"
                   f" skipped; keep train.seed={saved_seed} to continue with the next unseen batch", flush=True)
+        if saved_tokenizer and self.state.tokenizer and saved_tokenizer != self.state.tokenizer:  # retokenised
+            print(f"note: the training data was written by tokenizer {self.state.tokenizer}, the checkpoint's run's by"
+                  f" {saved_tokenizer}: its token ids mean other text than the ones the model learned", flush=True)
 
     def _checkpoint_to_resume(self):
         """checkpoint.checkpoint_to_resume's choice and its payload. Rank 0 chooses for all, so no node
