@@ -142,8 +142,9 @@ def main(argv=None) -> int:
     if args.ep < 2:  # one expert-parallel rank sends nothing: no traffic to count (nor a process group to count it on)
         parser.error(f"--ep must be at least 2, not {args.ep}")
     world = int(os.environ.get("WORLD_SIZE", args.ep))
-    checked_overrides(parser, [(REPO / path, QUIET + [f"parallel.ep={args.ep}"] + args.overrides)
-                               for path in SUITES[args.suite].values()], world_size=world)
+    # both models or neither: the table compares them, and a model failing in the spawned ranks is a traceback each
+    for path in SUITES[args.suite].values():
+        checked_overrides(parser, [(REPO / path, QUIET + [f"parallel.ep={args.ep}"] + args.overrides)], world_size=world)
     if "WORLD_SIZE" in os.environ:  # under torchrun / deepspeed: this process is one rank
         rows = run(args)
         if int(os.environ["RANK"]) != 0:

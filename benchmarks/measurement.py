@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -17,6 +18,10 @@ def json_output(text: str) -> Path:
     path = Path(text)
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"directory {path.parent} does not exist")
+    if path.is_dir():  # written after the first measurement: a traceback then would lose the run
+        raise argparse.ArgumentTypeError(f"{path} is a directory; give a file name, e.g. {path / 'rows.json'}")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{path} cannot be written")
     return path
 
 

@@ -1388,3 +1388,23 @@ def test_reproduction_names_a_malformed_set_in_one_line(reproduce_tool, tmp_path
     assert refused.value.code == ("error: override 'train.max_steps' must look like section.key=value"
                                   " (e.g. train.max_steps=100)")
     assert launched == []
+
+
+def test_reproduction_curves_show_losses_that_never_fall_below_the_zoom(tmp_path):
+    """The axis was cut at a loss of 4 whatever the curves: runs above it everywhere (a few steps, a large
+    vocabulary) got an empty plot with its y axis upside down."""
+    module = tool_module("reproduce")
+    seen = {}
+    original = module.plt.close
+
+    def close(fig):
+        seen["ylim"] = fig.axes[0].get_ylim()
+        original(fig)
+
+    module.plt.close = close
+    try:
+        module.plot({"dense": [{"train_losses": [5.8, 5.5, 5.2, 5.0]}]}, tmp_path / "curves.png")
+    finally:
+        module.plt.close = original
+    bottom, top = seen["ylim"]
+    assert bottom < 5.0 and top > 5.8
