@@ -503,6 +503,9 @@ def test_pool_stages_and_shard_specs():
      "stages hold pools of [0, 1] different stage sets"),
     (["parallel.pp=2", "model.num_layers=6", "moe.layers_per_pool=2", "deepspeed.enabled=true",
       "deepspeed.zero_stage=1"], "stages hold pools of [2, 2] different stage sets"),
+    (["parallel.pp=3", "model.num_layers=12", "moe.moe_layer_interval=3", "moe.layers_per_pool=2", "train.precision=bf16",
+      "deepspeed.enabled=true", "deepspeed.zero_stage=1"], "needs the pools' stage sets equally long, to add each pool's"
+                                                            " gradient norm once; they span [1, 2] stages"),
     (["parallel.tp=4", "moe.shared_expert_ffn_hidden_size=6"],
      "moe.shared_expert_ffn_hidden_size=6 must be divisible by parallel.tp=4"),
     (["parallel.tp=2", "moe.moe_layer_interval=2", "model.ffn_hidden_size=255"],
@@ -825,3 +828,16 @@ def test_deepspeed_config_is_generated_from_train_and_merged(tmp_path):
     assert generated["steps_per_print"] == 5  # logging keys the file may set
     assert "fp16" not in generated and generated["gradient_clipping"] == config.train.grad_clip
     assert generated["gradient_clipping"] == config.train.grad_clip
+
+
+def test_bf16_zero1_norm_counts_the_pools_of_every_stage(data_cache, tmp_path):
+    """bf16 under ZeRO-1 is DeepSpeed's BF16_Optimizer, which sums expert-group norms over the "pipeline" group
+    only: vanilla at pp 2 holds other pools on each stage, so each stage clipped by its own pools' norm (rank 0
+    logged 6.655 where every layout should give 6.816; UniPool's one pool on every stage is counted once). Step 1,
+    pp 2 against dp 2, both bf16 ZeRO-1."""
+    base = ["train.max_steps=1", "train.precision=bf16", "moe.router=norm", "moe.top_k=1", "moe.num_experts=2",
+            "moe.expert_ffn_hidden_size=2048", "model.init_std=0.05"] + ZERO["zero1"]
+    jobs = [("pp2", "vanilla", base + LAYOUTS["pp2"][1]), ("dp2", "vanilla", base)]
+    results = run_parallel(2, jobs, data_cache, tmp_path)
+    torch.testing.assert_close(torch.tensor(results["pp2"]["grad_norms"]), torch.tensor(results["dp2"]["grad_norms"]),
+                               rtol=1e-3, atol=0)

@@ -430,5 +430,12 @@ class Config:
                  f" shared by one same set of stages, but the stages hold pools of {held} different stage sets (MoE"
                  " layers or pool boundaries do not line up with the stages): change moe.moe_layer_interval,"
                  " moe.layers_per_pool or parallel.pp, or use the built-in optimizer (deepspeed.enabled=false)")
+            # bf16 ZeRO-1 is DeepSpeed's BF16_Optimizer: it adds the stages' pool norms over groups of one stage
+            # per stage set (deepspeed_mpu.py), which only equally long sets can form
+            lengths = sorted({len(stages) for stages in sets})
+            need(t.precision != "bf16" or len(lengths) == 1,
+                 f"deepspeed.zero_stage={ds.zero_stage} with train.precision='bf16' and parallel.pp={p.pp} needs the"
+                 f" pools' stage sets equally long, to add each pool's gradient norm once; they span {lengths} stages:"
+                 " change moe.layers_per_pool or parallel.pp, or use fp32 or the built-in optimizer")
         return errors
 

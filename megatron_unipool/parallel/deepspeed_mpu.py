@@ -23,6 +23,17 @@ class DeepSpeedTopology:
         self._tp = parallel.tp_group or self.own_rank
         self._mp = create_groups([layout.ranks(dp=[d]) for d in range(layout.dp)], layout.rank, timeout) or self.own_rank
         self._dp_ranks = layout.ranks(tp=[layout.tp_rank], pp=[layout.pp_rank])
+        # DeepSpeed's bf16 (ZeRO-1) and fp16 optimizers sum each expert group's squared gradient norm over the
+        # "pipeline" group, then over ep. Stages holding other pools (vanilla, grouped pools) must add each
+        # other's, each distinct pool once: the stage at each position of its pool's stage set joins the stages
+        # at that position in the other sets (bf16 needs them equally long: a config check). UniPool's one set: none.
+        sets = parallel.pool_stage_sets
+        self._pipeline, self._pipeline_size = self.own_rank, 1
+        if len(sets) > 1 and len({len(stages) for stages in sets}) == 1:
+            self._pipeline_size = len(sets)
+            self._pipeline = create_groups([[layout.rank_of(t, d, stages[position]) for stages in sets]
+                                            for t in range(layout.tp) for d in range(layout.dp)
+                                            for position in range(len(sets[0]))], layout.rank, timeout)
 
     def get_data_parallel_group(self):
         return self._dp
@@ -44,6 +55,15 @@ class DeepSpeedTopology:
 
     def get_model_parallel_rank(self):
         return self.layout.tp_rank + self.layout.tp * self.layout.pp_rank
+
+    def get_pipeline_model_parallel_group(self):
+        return self._pipeline
+
+    def get_pipeline_model_parallel_world_size(self):
+        return self._pipeline_size
+
+    def get_pipeline_model_parallel_rank(self):
+        return self.layout.pp_rank
 
     def get_tensor_model_parallel_group(self):
         return self._tp

@@ -100,6 +100,11 @@ class ParallelState:
     def distributed(self) -> bool:
         return self.layout.world_size > 1
 
+    @property
+    def pool_stage_sets(self) -> list[tuple[int, ...]]:
+        """Each distinct set of pipeline stages that share a pool, in order."""
+        return sorted(tuple(sorted(stages)) for stages in self._pool_groups)
+
     def pool_group(self, stages: Iterable[int]) -> Group:
         """Every replica of this rank's pool shard in a pool used by `stages`: over the expert-data-parallel
         ranks of each of those stages. Gradients of the pool are summed over it."""
