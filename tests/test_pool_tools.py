@@ -720,6 +720,12 @@ def test_probe_checks_its_arguments_before_reading_data(trained, monkeypatch, ca
     assert read == []
 
 
+def test_probe_layers_are_each_probed_once_in_model_order():
+    chosen = tool_module("routing_probe").chosen_layers
+    assert chosen("3,1,3", [1, 3, 5, 7]) == [1, 3]  # a repeated layer was probed, printed and written twice
+    assert chosen("deep", [1, 3, 5, 7]) == [5, 7] and chosen("all", [1, 3]) == [1, 3]
+
+
 def test_probe_cli_hands_its_options_on_and_writes_where_asked(trained, tmp_path, monkeypatch, capsys):
     """--top-n equal to k is allowed; --top-n, --seeds and --eval-batches reach the probe and the data;
     the results go to ./probe by default and to a nested --output."""

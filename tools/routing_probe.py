@@ -47,7 +47,7 @@ def chosen_layers(spec: str, moe_layers: list[int]) -> list[int]:
     unknown = [layer for layer in layers if layer not in moe_layers]
     if unknown:
         raise ValueError(f"--layers {spec}: {unknown} are not MoE layers (MoE layers: {moe_layers})")
-    return layers
+    return sorted(set(layers))  # each once, in model order
 
 
 def plot(rows: list[dict], baseline: float, path: Path) -> None:
