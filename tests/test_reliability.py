@@ -994,6 +994,10 @@ def test_unset_settings_that_are_not_derived_are_named_when_set_on_resume(tiny_c
                                                "train.micro_batch": (4, 2)}
     saved = config_to_dict(tiny_config(UNIPOOL))
     assert changed_settings(saved, tiny_config(UNIPOOL, "train.micro_batch=2", "moe.pool_size=32")) == {}
+    for per_micro_batch in ("moe.aux_loss=layer", "moe.pool_aux_lag=micro_batch", "moe.lock_entropy_coeff=0.1"):
+        saved = config_to_dict(tiny_config(UNIPOOL, per_micro_batch))
+        assert changed_settings(saved, tiny_config(UNIPOOL, per_micro_batch, "train.micro_batch=2")) == {
+            "train.micro_batch": (4, 2)}, per_micro_batch
 
 
 def test_a_resume_switches_unipool_lock_on_before_its_window_and_off_before_it_assigned(saved_run, tiny_config,

@@ -354,10 +354,11 @@ _DERIVED_WHERE_UNSET = ("pool_size", "layers_per_pool", "expert_ffn_hidden_size"
 
 
 def _micro_batch_matters(moe: dict) -> bool:
-    """Whether train.micro_batch changes the numbers: capacity, the per-layer aux loss and the micro-batch lag of the
-    pool loss are per micro-batch (docs/design.md, Loss normalisation)."""
+    """Whether train.micro_batch changes the numbers: capacity, the per-layer aux loss, the micro-batch lag of the
+    pool loss and UniPool-lock's entropy loss are per micro-batch (docs/design.md, Loss normalisation)."""
     return moe.get("kind") != "dense" and (moe.get("capacity_factor") is not None or moe.get("aux_loss") == "layer"
-                                           or (moe.get("aux_loss") == "pool" and moe.get("pool_aux_lag") == "micro_batch"))
+                                           or (moe.get("aux_loss") == "pool" and moe.get("pool_aux_lag") == "micro_batch")
+                                           or (moe.get("lock_entropy_coeff") or 0) > 0)
 
 
 def function_changes(before: dict, after: dict, fields: tuple[str, ...] = COMPUTED_BY_THE_WEIGHTS) -> list[str]:
