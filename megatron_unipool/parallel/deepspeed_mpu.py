@@ -26,10 +26,12 @@ class DeepSpeedTopology:
         # DeepSpeed's bf16 (ZeRO-1) and fp16 optimizers sum each expert group's squared gradient norm over the
         # "pipeline" group, then over ep. Stages holding other pools (vanilla, grouped pools) must add each
         # other's, each distinct pool once: the stage at each position of its pool's stage set joins the stages
-        # at that position in the other sets (bf16 needs them equally long: a config check). UniPool's one set: none.
+        # at that position in the other sets. That needs the sets to split the stages into equal parts, which ZeRO
+        # with bf16 and pp > 1 makes a config check. UniPool's one set: no group.
         sets = parallel.pool_stage_sets
         self._pipeline, self._pipeline_size = self.own_rank, 1
-        if len(sets) > 1 and len({len(stages) for stages in sets}) == 1:
+        split_evenly = sorted(s for stages in sets for s in stages) == list(range(layout.pp))
+        if len(sets) > 1 and split_evenly and len({len(stages) for stages in sets}) == 1:
             self._pipeline_size = len(sets)
             self._pipeline = create_groups([[layout.rank_of(t, d, stages[position]) for stages in sets]
                                             for t in range(layout.tp) for d in range(layout.dp)
