@@ -549,6 +549,51 @@ def test_upcycle_refuses_what_would_write_an_unusable_run(trained, tmp_path, arg
     assert "Traceback" not in done.stderr and not (out / "checkpoints").exists()
 
 
+def test_upcycle_checks_host_memory_for_all_it_builds(trained, data_cache, tmp_path, monkeypatch, capsys):
+    """--optimizer copy also builds the grown pool's two AdamW moments (the check counted the weights alone: 2 GB
+    used where 0.4 GB were checked); a dense checkpoint's target model and its state were not checked at all (the
+    allocator's traceback). At exactly the memory needed the work starts."""
+    from megatron_unipool.model import param_budget
+    from megatron_unipool.training import hardware
+    from megatron_unipool.training.checkpoint import write_run_directory
+
+    class Started(Exception):
+        pass
+
+    def start(*args, **kwargs):
+        raise Started
+
+    tool = tool_module("upcycle")
+    monkeypatch.setattr(tool, "upcycle", start)
+    monkeypatch.setattr(tool, "upcycle_dense", start)
+    config, _, run_dir = trained["softmax_top2"]
+    budget = param_budget(config.model, config.moe)
+    grown = budget.total_params + budget.expert_params  # x2
+    for optimizer, values in (("copy", 3 * grown), ("reset", grown)):
+        arguments = ["--checkpoint", str(run_dir), "--optimizer", optimizer, "--output", str(tmp_path / optimizer)]
+        monkeypatch.setattr(hardware, "available_host_memory", lambda: 4 * values - 1)
+        assert tool.main(arguments) == 2
+        assert "error: the model upcycled x2" + (" with its copied AdamW moments" if optimizer == "copy" else " holds") \
+            in capsys.readouterr().err
+        monkeypatch.setattr(hardware, "available_host_memory", lambda: 4 * values)
+        with pytest.raises(Started):
+            tool.main(arguments)
+
+    dense = load_config(REPO / "configs/tiny_dense_cpu.json", [f"data.cache_dir={data_cache}"])
+    write_run_directory(tmp_path / "dense", dense, LanguageModel(dense.model, dense.moe).state_dict(), {},
+                        {"consumed_samples": 0})
+    arguments = ["--checkpoint", str(tmp_path / "dense"), "--to-config", str(REPO / "configs/tiny_vanilla_cpu.json"),
+                 "--set", "moe.normalize_gates=true", "--output", str(tmp_path / "moe")]
+    target = load_config(REPO / "configs/tiny_vanilla_cpu.json", ["moe.normalize_gates=true"], world_size=None)
+    values = 2 * param_budget(target.model, target.moe).total_params
+    monkeypatch.setattr(hardware, "available_host_memory", lambda: 4 * values - 1)
+    assert tool.main(arguments) == 2
+    assert "error: the upcycled model (built, then copied into its state) holds" in capsys.readouterr().err
+    monkeypatch.setattr(hardware, "available_host_memory", lambda: 4 * values)
+    with pytest.raises(Started):
+        tool.main(arguments)
+
+
 def test_upcycle_cli_hands_every_option_to_the_library(trained, tmp_path, monkeypatch, capsys):
     """Each option reaches the library call it names (replacing any of them by a constant went
     unnoticed), the defaults are the documented ones, and the written run names its source and

@@ -97,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: {', '.join(ignored)} ignored: a dense checkpoint's experts are copies of its FFNs, as"
                       " many as --to-config has", file=sys.stderr)
             target = load_config(args.to_config, args.overrides, world_size=None)
+            # upcycle_dense builds the target model and a state dict of it: two copies of its weights
+            check_fits_host_memory(2 * param_budget(target.model, target.moe).total_params,
+                                   "the upcycled model (built, then copied into its state)")
             result = upcycle_dense(config, payload["model"], target)
         else:
             budget = param_budget(config.model, config.moe)
-            check_fits_host_memory(budget.total_params + (args.multiplier - 1) * budget.expert_params,
-                                   f"the model upcycled x{args.multiplier}")
+            grown = budget.total_params + (args.multiplier - 1) * budget.expert_params
+            check_fits_host_memory(grown * (3 if args.optimizer == "copy" else 1),  # + its two AdamW moments
+                                   f"the model upcycled x{args.multiplier}"
+                                   + (" with its copied AdamW moments" if args.optimizer == "copy" else ""))
             utility = None
             if args.selection == "utility":
                 print(f"scoring experts by {args.utility_score} over {args.utility_batches} batches ...", flush=True)
