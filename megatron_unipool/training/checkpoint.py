@@ -304,6 +304,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
+LOCK_PREFIX = "pool_locks."  # UniPool-lock's buffers: run state, not weights
+
+
 def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
     """Load weights, naming every missing, unexpected or differently shaped tensor."""
     problems = _misfits(model, state)
@@ -315,9 +318,6 @@ def restore_model(model: torch.nn.Module, state: dict[str, torch.Tensor], source
     if problems:
         raise CheckpointError(f"checkpoint {source} does not fit this model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state)
-
-
-LOCK_PREFIX = "pool_locks."  # UniPool-lock's buffers: run state, not weights
 
 
 def adopt_lock_change(model: LanguageModel, state: dict[str, torch.Tensor], trained_steps: int) -> dict[str, torch.Tensor]:
