@@ -138,9 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         say_on_each_node(f"error: {e}")
         return 2
-    except OSError as e:  # a path the config names, or the one beside it, that cannot even be looked at
-        say_on_each_node(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
-        return 2
     try:
         created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)  # on every rank, before any waits for another

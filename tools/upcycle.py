@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             budget = param_budget(config.model, config.moe)
             grown = budget.total_params + (args.multiplier - 1) * budget.expert_params
-            check_fits_host_memory(grown * (3 if args.optimizer == "copy" else 1),  # + its two AdamW moments
-                                   f"the model upcycled x{args.multiplier}"
-                                   + (" with its copied AdamW moments" if args.optimizer == "copy" else ""))
+            copied = args.optimizer == "copy"  # then its two AdamW moments are built at the grown size too
+            check_fits_host_memory(grown * (3 if copied else 1), f"the model upcycled x{args.multiplier}"
+                                   + (" with its copied AdamW moments" if copied else ""))
             utility = None
             if args.selection == "utility":
                 print(f"scoring experts by {args.utility_score} over {args.utility_batches} batches ...", flush=True)

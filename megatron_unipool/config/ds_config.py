@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from .json_files import ConfigError, json_kind, read_json
+from .json_files import ConfigError, is_file, json_kind, read_json
 from .sections import Config
 
 # ds_config keys the run's own sections decide, and where: a file may only repeat them or say "auto"
@@ -64,11 +64,7 @@ def read_deepspeed_file(config: Config, micro_batches: Optional[int] = None) -> 
     or sets what the config decides to another value. `micro_batches` None (world size unknown)
     accepts any gradient_accumulation_steps."""
     path = Path(config.deepspeed.config_file)
-    try:
-        exists = path.is_file()
-    except OSError as e:
-        raise ConfigError(f"deepspeed.config_file {path} cannot be read: {e.strerror or e}") from None
-    if not exists:
+    if not is_file(path, "deepspeed.config_file"):
         raise ConfigError(f"deepspeed.config_file {path} does not exist; fix the path or unset it")
     extra = read_json(path, "deepspeed.config_file")
     if not isinstance(extra, dict):

@@ -11,6 +11,15 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message lists every problem."""
 
 
+def is_file(path: Path, what: str) -> bool:
+    """Path.is_file, where a path that cannot even be looked at (too long, EACCES on a parent, ESTALE: is_file
+    raises for those) is a ConfigError naming it, as read_json names one that cannot be read."""
+    try:
+        return path.is_file()
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+
+
 def read_json(path: Path, what: str) -> Any:
     """The JSON in a file, or a ConfigError naming it (unreadable, not UTF-8, not JSON)."""
     try:

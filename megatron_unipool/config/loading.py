@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .ds_config import read_deepspeed_file
-from .json_files import ConfigError, json_kind, read_json
+from .json_files import ConfigError, is_file, json_kind, read_json
 from .sections import Config
 
 
@@ -148,14 +148,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), w
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            is_dir, is_file = path.is_dir(), path.is_file()
-        except OSError as e:  # EACCES on a parent directory, ENAMETOOLONG, ESTALE: not "missing"
-            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
-        if is_dir:
-            inside = path / "config.json"
-            raise ConfigError(f"config file {path} is a directory" + (f": pass {inside}" if inside.is_file() else ""))
-        if not is_file:
+        if not is_file(path, "config file"):
+            if path.is_dir():
+                inside = path / "config.json"
+                raise ConfigError(f"config file {path} is a directory" + (f": pass {inside}" if inside.is_file() else ""))
             raise ConfigError(f"config file {path} does not exist")
         raw = read_json(path, "config file")
         if not isinstance(raw, dict):

@@ -44,9 +44,9 @@ from megatron_unipool.data.errors import DataError
 MAGIC = b"MUPIDX\x00\x00"
 MEGATRON_MAGIC = b"MMIDIDX\x00\x00"  # Megatron-LM's MMapIndexedDataset, a format of its own
 VERSION = 2
-_HEADERS = {1: struct.Struct("<8sIIQQQQ"), 2: struct.Struct("<8sIIQQQQ16s")}
-_HEADER = _HEADERS[VERSION]
 _TOKENIZER_FIELD = 16  # bytes
+_HEADERS = {1: struct.Struct("<8sIIQQQQ"), 2: struct.Struct(f"<8sIIQQQQ{_TOKENIZER_FIELD}s")}
+_HEADER = _HEADERS[VERSION]
 _OFFSET_DTYPE = np.dtype("<i8")
 _DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 _UINT16_VOCAB_LIMIT = 2**16
