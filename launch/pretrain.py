@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)  # on every rank, before any waits for another
     except OSError as e:
         say_on_each_node(f"error: run directory {run_dir} cannot be used: "
-                         + ("it is a file" if run_dir.is_file() else str(e.strerror or e)))
+                         + ("it is a file" if isinstance(e, FileExistsError) and run_dir.is_file()  # it can be stat'ed
+                            else str(e.strerror or e)))
         return 2
     try:
         with interruption.interruptible():

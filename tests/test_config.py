@@ -536,3 +536,7 @@ def test_cli_names_a_config_path_that_cannot_be_looked_at(tmp_path):
                               *args], capture_output=True, text=True)
         assert out.returncode == 2, out.stderr
         assert "cannot be read: File name too long" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, str(REPO / "launch/pretrain.py"), "--run-dir", too_long[:-5]],
+                         capture_output=True, text=True)  # the handler's own is_file raised the same error again
+    assert out.returncode == 2 and out.stderr.startswith(f"error: run directory {too_long[:-5]} cannot be used:"
+                                                         " File name too long"), out.stderr[-2000:]
