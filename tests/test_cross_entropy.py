@@ -53,16 +53,23 @@ def test_kernel_matches_fp32_cross_entropy(dtype, vocab, block, triton_runs):
 
 
 def test_extreme_logits_and_strided_rows(triton_runs):
-    """Logits of +-1e4 (exp overflows without the max shift) in rows of a wider tensor (row stride > V)."""
+    """Logits of +-1e4 (exp overflows without the max shift) in rows of a wider tensor (row stride > V).
+    In the first rows the target is the largest logit and another is close behind: a small loss that must
+    keep fp32's precision of the logits' differences, as log_softmax does (a log-sum-exp added up in one
+    fp32 number would be off by its ulp at 1e4, about 1e-3, in the loss and in each exponent)."""
     wide, targets = logits_and_targets(9, 700, torch.float32, scale=1e4)
     targets = targets % 500
+    for row, gap in enumerate((0.5, 2.0, 0.1)):
+        top = wide[row, :500].max()
+        wide[row, targets[row]] = top + 1
+        wide[row, (targets[row] + 1) % 500] = top + 1 - gap
     row_weights = torch.ones(9, device=DEVICE)
     ours = losses_and_gradient(lambda x: ce_module.TritonCrossEntropy.apply(x[:, :500], targets, 128),
                                wide, row_weights)
     reference = losses_and_gradient(lambda x: F.cross_entropy(x[:, :500], targets, reduction="none"), wide,
                                     row_weights)
     assert torch.isfinite(ours[0]).all()
-    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-6)
 
 

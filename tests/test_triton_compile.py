@@ -89,10 +89,10 @@ def test_cross_entropy_kernels_compile_for_hopper(dtype):
         warps = cross_entropy._warps(block)
         specs += [
             spec("cross_entropy", "_cross_entropy_forward_kernel",
-                 dict(logits_ptr=f"*{dtype}", row_stride="i32", targets_ptr="*i64", losses_ptr="*fp32", lse_ptr="*fp32",
+                 dict(logits_ptr=f"*{dtype}", row_stride="i32", targets_ptr="*i64", losses_ptr="*fp32", row_stats_ptr="*fp32",
                       vocab="i32"), dict(BLOCK=block), ("row_stride", "vocab"), warps),
             spec("cross_entropy", "_cross_entropy_backward_kernel",
-                 dict(logits_ptr=f"*{dtype}", row_stride="i32", targets_ptr="*i64", lse_ptr="*fp32",
+                 dict(logits_ptr=f"*{dtype}", row_stride="i32", targets_ptr="*i64", row_stats_ptr="*fp32",
                       grad_losses_ptr="*fp32", grad_losses_stride="i32", grad_ptr=f"*{dtype}", grad_row_stride="i32",
                       vocab="i32"), dict(BLOCK=block), ("row_stride", "grad_row_stride", "vocab"), warps)]
     assert all(result["cubin_bytes"] > 0 for result in compile_kernels(specs))
