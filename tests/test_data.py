@@ -37,6 +37,7 @@ from megatron_unipool.data import (
     train_bpe_tokenizer,
     write_indexed,
 )
+from megatron_unipool.data import corpus as corpus_module
 from megatron_unipool.data.corpus import count_documents
 from script_modules import load_script
 
@@ -641,6 +642,22 @@ def test_prepare_default_corpus_is_cached_and_decodes_to_source(tmp_path, shakes
         assert dataset.num_documents == len(documents)
         for index, (name, text) in enumerate(documents):
             assert tokenizer.decode(dataset.document(index)[:-1]) == text, name
+
+
+def test_a_prepared_corpus_is_read_without_writing_to_its_cache(tmp_path, monkeypatch):
+    """A cache prepared once and shared read-only with compute nodes: whole files are used without the
+    builders' lock file (which needs write access); a damaged one still takes the lock to be rebuilt."""
+    train_prefix, valid_prefix = prepare_default_corpus("byte", tmp_path)
+    lock = tmp_path / "shakespeare_byte.lock"
+    lock.unlink()
+    def read_only(path):
+        raise OSError(30, "Read-only file system", str(path))
+    monkeypatch.setattr(corpus_module, "_exclusive_lock", read_only)
+    assert prepare_default_corpus("byte", tmp_path) == (train_prefix, valid_prefix)
+    assert not lock.exists()
+    Path(f"{valid_prefix}.bin").write_bytes(b"")
+    with pytest.raises(OSError, match="Read-only"):
+        prepare_default_corpus("byte", tmp_path)
 
 
 def test_prepare_default_corpus_rebuilds_a_readable_file_of_other_documents(tmp_path):

@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_unipool.config import ConfigError, load_config
+from megatron_unipool.data import IndexedDataset, IndexedDatasetWriter, prepare_default_corpus
 from megatron_unipool.model import LanguageModel
 from megatron_unipool.model.sharding import ShardSpec
 from megatron_unipool.parallel import Layout, build_parallel_state, group_ranks
@@ -650,6 +652,66 @@ def test_ranks_that_loaded_different_configs_stop_together_naming_the_fields(dat
                                   f" train.lr=0.02 (rank 0: {default.train.lr})"), said[0][1][-2000:]
     assert said[1][1] == ""  # rank 0 speaks for the job
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _nodes(tmp_path: Path) -> list[Path]:
+    """Two "nodes": a working directory each (node-local disks when paths in them are relative)."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    return nodes
+
+
+def _sets(*overrides: str) -> list[str]:
+    return [a for o in ["logging.tensorboard=false", "train.eval_interval=0", "parallel.timeout_s=60", *overrides]
+            for a in ("--set", o)]
+
+
+def test_nodes_with_their_own_corpus_cache_train_and_stop_once_the_caches_differ(data_cache, tmp_path):
+    """Each node starts in its own directory with its own cache of the built-in corpus (data.cache_dir relative:
+    another absolute path on each, which alone must not stop the job). Once node 1's validation split holds
+    other text (a stale cache), its replica would evaluate other data: every rank stops before training,
+    and rank 0 names the split that differs."""
+    nodes = _nodes(tmp_path)
+    prefixes = prepare_default_corpus("byte", data_cache)
+    for node in nodes:
+        shutil.copytree(data_cache, node / "cache")
+    sets = _sets("data.cache_dir=cache", "train.max_steps=1")
+    said = _start_ranks([({"LOCAL_RANK": "0"}, ["--run-dir", str(tmp_path / "run"), *sets], node) for node in nodes])
+    assert [status for status, _ in said] == [0, 0], said
+    valid = IndexedDataset(prefixes[1])
+    stale = nodes[1] / "cache" / Path(prefixes[1]).name
+    with IndexedDatasetWriter(stale, valid.vocab_size, valid.eod_id, valid.tokenizer) as writer:
+        for index in range(valid.num_documents):  # as many documents (the cache's own check passes), one token short
+            writer.add_document(valid.document(index)[:-2])
+    said = _start_ranks([({"LOCAL_RANK": "0"}, ["--run-dir", str(tmp_path / "run2"), *sets], node) for node in nodes])
+    assert [status for status, _ in said] == [1, 1], said
+    message = said[0][1].strip()
+    assert message.startswith("error: the ranks read different data (node-local copies of the files differ):"
+                              " rank 1: validation split "), message
+    assert "training split" not in message and "Traceback" not in message, message
+    assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def test_ranks_that_would_resume_from_other_runs_checkpoints_stop(data_cache, tmp_path):
+    """Node-local run directories, each holding a step-2 checkpoint, of runs with other seeds: rank 1 would
+    resume another model than rank 0 (the replicas then train apart, unnoticed). Every rank stops, and
+    rank 0 says where each stood."""
+    nodes = _nodes(tmp_path)
+    for node, seed in zip(nodes, (1234, 99)):
+        first = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--run-dir", "run",
+                                *_sets(f"data.cache_dir={data_cache}", "train.max_steps=2", f"train.seed={seed}")],
+                               capture_output=True, text=True, timeout=300, cwd=node)
+        assert first.returncode == 0, first.stderr[-2000:]
+    sets = _sets(f"data.cache_dir={data_cache}", "train.max_steps=4")
+    said = _start_ranks([({"LOCAL_RANK": "0"}, ["--run-dir", "run", *sets], node) for node in nodes])
+    assert [status for status, _ in said] == [1, 1], said
+    message = said[0][1].strip()
+    assert re.fullmatch(r"error: the ranks read different checkpoints at run/checkpoints/step_0000002 \(node-local"
+                        r" copies of the run directory: every node must see rank 0's, a shared file system\): rank 1:"
+                        r" step 2, 32 samples, history hash (\w+) \(rank 0: step 2, 32 samples, history hash (\w+)\)",
+                        message), message
+    assert not (nodes[0] / "run" / "checkpoints" / "step_0000004").exists()
 
 
 @contextlib.contextmanager

@@ -189,6 +189,17 @@ def test_pruning_orders_steps_by_number_and_never_deletes_the_new_checkpoint(tmp
                                                                        "step_0000060"]
 
 
+def test_the_step_0_checkpoint_a_tool_wrote_outlives_the_runs_that_continue_from_it(tmp_path):
+    """tools/upcycle.py and convert_checkpoint.py write OUT/checkpoints/step_0000000, and OUT/config.json's
+    checkpoint.load names it: a run continued in OUT must not prune it, or another --run-dir started from
+    that config finds nothing."""
+    save_checkpoint(tmp_path, 0, {"w": torch.zeros(1)}, keep_last=1)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"w": torch.full((1,), float(step))}, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000000", "step_0000003"]
+    assert latest_checkpoint(tmp_path).name == "step_0000003"
+
+
 def test_going_back_to_an_earlier_checkpoint_keeps_it_while_the_new_branch_is_short(tiny_config, tmp_path):
     """checkpoint.load of step 2 in a directory that holds steps 2 and 4: the saves of the new branch
     must not delete step 2 for the abandoned step 4 (a rerun of the same command found nothing to load)."""
@@ -405,6 +416,26 @@ def test_a_rerun_resumes_its_own_latest_not_checkpoint_load(saved_run, tiny_conf
     again = Trainer(config, tmp_path / "continued")
     assert again.state.step == 3 and again.state.train_losses == first.state.train_losses
     assert unchanged(run, files)
+
+
+def test_the_last_step_is_saved_before_the_final_evaluation(tiny_config, tmp_path, monkeypatch):
+    """A final evaluation that fails (a node lost during it, or a hang until parallel.timeout_s) must not cost
+    the trained steps: the last step is checkpointed first, and the rerun only evaluates, to the same
+    losses as the run that never failed."""
+    settings = (UNIPOOL, "train.max_steps=3", "train.eval_interval=0")
+    uninterrupted = Trainer(tiny_config(*settings), tmp_path / "uninterrupted").train()
+    trainer = Trainer(tiny_config(*settings), tmp_path / "run")
+
+    def lost_node():
+        raise RuntimeError("a collective failed because another rank died")
+
+    monkeypatch.setattr(trainer, "evaluate", lost_node)
+    with pytest.raises(RuntimeError, match="another rank died"):
+        trainer.train()
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_0000003"
+    rerun = Trainer(tiny_config(*settings), tmp_path / "run").train()
+    assert rerun["train_losses"] == uninterrupted["train_losses"]
+    assert rerun["val_losses"] == uninterrupted["val_losses"] == [[3, uninterrupted["final_val_loss"]]]
 
 
 def test_resuming_at_max_steps_evaluates_and_a_changed_schedule_is_announced(tiny_config, tmp_path, capsys):

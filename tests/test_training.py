@@ -552,8 +552,13 @@ def test_bf16_and_capacity_runs(tiny_config, tmp_path):
 
 
 def test_data_that_does_not_fit_the_model_is_refused(tiny_config, tmp_path):
-    with pytest.raises(ValueError, match="vocabulary of 257 tokens, larger than model.vocab_size=200"):
+    with pytest.raises(ValueError, match=r"^data.tokenizer='byte' \(tokenising data.corpus='shakespeare'\) has a"
+                                         " vocabulary of 257 tokens, larger than model.vocab_size=200"):
         Trainer(tiny_config("configs/tiny_unipool_cpu.json", "model.vocab_size=200"), tmp_path)
+    train_prefix, valid_prefix = prepare_default_corpus("byte", tiny_config().data.cache_dir)
+    with pytest.raises(DataError, match="^data.train_prefix was tokenised with a vocabulary of 257 tokens"):
+        Trainer(tiny_config("configs/tiny_unipool_cpu.json", "model.vocab_size=200", "data.corpus=null",
+                            f"data.train_prefix={train_prefix}", f"data.valid_prefix={valid_prefix}"), tmp_path)
     with pytest.raises(ValueError, match="seq_len|too short"):
         Trainer(tiny_config("configs/tiny_unipool_cpu.json", "model.seq_len=1000000"), tmp_path)
     with pytest.raises(DataError, match="indexed dataset file missing"):

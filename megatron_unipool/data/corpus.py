@@ -114,17 +114,22 @@ def prepare_default_corpus(tokenizer_spec: str, cache_dir: str | os.PathLike) ->
 
     Later calls reuse the files when they load cleanly and match the tokenizer
     and split; damaged ones are rebuilt.  An exclusive file lock makes
-    concurrent callers (one per distributed rank) wait for a single builder.
+    concurrent callers (one per distributed rank) wait for a single builder;
+    files already whole are read without it, so a prepared cache may be read-only
+    (shared with compute nodes that must not write to it).
     """
     tokenizer = build_tokenizer(tokenizer_spec)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    base = cache_dir / f"shakespeare_{tokenizer.name}"
+    base = Path(cache_dir) / f"shakespeare_{tokenizer.name}"
     prefixes = (f"{base}_train", f"{base}_valid")
     splits = split_shakespeare(shakespeare_documents())
+    stale = [(name, prefix, documents) for name, prefix, documents in zip(("train", "valid"), prefixes, splits, strict=True)
+             if not _is_reusable(prefix, tokenizer, len(documents))]
+    if not stale:
+        return prefixes
+    base.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(Path(f"{base}.lock")):
-        for split_name, prefix, documents in zip(("train", "valid"), prefixes, splits, strict=True):
-            if _is_reusable(prefix, tokenizer, len(documents)):
+        for split_name, prefix, documents in stale:
+            if _is_reusable(prefix, tokenizer, len(documents)):  # another rank built it while this one waited
                 continue
             stats = write_indexed(prefix, tokenizer, [text for _, text in documents])
             print(f"shakespeare {split_name} ({tokenizer.name}): {stats} -> {prefix}", flush=True)

@@ -6,7 +6,7 @@ training a different model or waiting in their next collective until the timeout
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -64,3 +64,20 @@ def on_every_rank(action: Callable[[], T], state: ParallelState, errors: tuple[t
     error_type = errors[kind]
     where = f"rank {failed[0]}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}"
     raise error_type(f"on {where} of {state.layout.world_size}: {message}") from failure
+
+
+def check_agreement(value: T, state: Optional[ParallelState], error_type: type[Exception], what: str,
+                    describe: Callable[[T, T], str]) -> None:
+    """Raise `error_type` on every rank unless every rank's `value` equals rank 0's: what node-local copies
+    of one file (a config, a dataset, a checkpoint) make differ. The message is `what`, then
+    `describe(theirs, rank 0's)` for each differing rank. `state` None: the default group, for checks
+    before the process groups exist."""
+    if state is not None and not state.distributed:
+        return
+    group = None if state is None else state.host_group
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, value, group=group)
+    differing = [(rank, theirs) for rank, theirs in enumerate(every) if theirs != every[0]]
+    if differing:
+        shown = "; ".join(f"rank {rank}: {describe(theirs, every[0])}" for rank, theirs in differing[:4])
+        raise error_type(f"{what}: {shown}" + (f"; and {len(differing) - 4} more ranks" if len(differing) > 4 else ""))

@@ -11,6 +11,7 @@ values and are read with torch.load(weights_only=True): loading one cannot run c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -138,9 +139,10 @@ def _prune(directory: Path, written: Path, keep_last: int) -> None:
     checkpoints a save of their step replaced (.step_N.old).
     Higher steps belong to a run this one went back from (checkpoint.load of an earlier step): they
     are neither counted nor removed (this run replaces each when it saves that step), so the earlier
-    checkpoint it started from is not the first to go."""
+    checkpoint it started from is not the first to go. Step 0 is a tool's (upcycle, import): the start its
+    config.json's checkpoint.load names for other run directories; never counted nor removed either."""
     step = int(_STEP_DIRECTORY.fullmatch(written.name).group(1))
-    earlier = [(number, path) for number, path in step_directories(directory) if number < step]
+    earlier = [(number, path) for number, path in step_directories(directory) if 0 < number < step]
     for _, old in earlier[:max(0, len(earlier) - (keep_last - 1))]:
         if old.is_symlink():  # the checkpoint it points to is not ours to delete
             old.unlink()
@@ -302,6 +304,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if missing:  # another program's torch.save file: its users would fail on a KeyError
         raise CheckpointError(f"{file} is not a megatron_unipool checkpoint (missing {', '.join(missing)})")
     return payload
+
+
+def training_fingerprint(payload: dict[str, Any]) -> str:
+    """Where a checkpoint's run stood (step, samples, a hash of its losses): alike for copies of one checkpoint
+    file, different for another run's checkpoint of the same step, without reading its tensors."""
+    state = payload["train_state"]
+    history = {key: state.get(key) for key in ("step", "consumed_samples", "train_losses", "val_losses")}
+    digest = hashlib.blake2b(json.dumps(history).encode(), digest_size=8)
+    return f"step {state['step']}, {state['consumed_samples']:,} samples, history hash {digest.hexdigest()}"
 
 
 LOCK_PREFIX = "pool_locks."  # UniPool-lock's buffers: run state, not weights

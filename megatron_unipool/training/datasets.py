@@ -1,6 +1,7 @@
 """Training and validation samples for a config: the built-in corpus or preprocessed prefixes."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,11 @@ class RunData:
     valid: TokenSampleDataset
     vocab_size: int  # of the tokenizer that wrote the files
     tokenizer: Optional[str]  # its name, as the training split's index records it (None: format version 1)
+
+    def fingerprint(self) -> dict[str, str]:
+        """What every rank must read alike, per split: node-local copies of the files (a node's own cache of
+        the built-in corpus, a stale copy of a preprocessed prefix) can differ."""
+        return {"training split": _fingerprint(self.train), "validation split": _fingerprint(self.valid)}
 
 
 def build_datasets(config: Config) -> RunData:
@@ -35,8 +41,10 @@ def _build_datasets(config: Config) -> RunData:
     train, valid = IndexedDataset(train_prefix), IndexedDataset(valid_prefix)
     for name, split in (("data.train_prefix", train), ("data.valid_prefix", valid)):
         if split.vocab_size > model.vocab_size:
+            source = (f"{name} was tokenised with" if data.corpus is None  # else the corpus cached with data.tokenizer
+                      else f"data.tokenizer={data.tokenizer!r} (tokenising data.corpus={data.corpus!r}) has")
             raise DataError(
-                f"{name} was tokenised with a vocabulary of {split.vocab_size} tokens, larger than"
+                f"{source} a vocabulary of {split.vocab_size} tokens, larger than"
                 f" model.vocab_size={model.vocab_size}: raise model.vocab_size to at least {split.vocab_size}"
             )
     named = {train.tokenizer, valid.tokenizer} - {None}  # an index of format version 1 names no tokenizer
@@ -56,6 +64,17 @@ def _build_datasets(config: Config) -> RunData:
         vocab_size=train.vocab_size,
         tokenizer=train.tokenizer,
     )
+
+
+def _fingerprint(samples: TokenSampleDataset) -> str:
+    """Sizes, tokenizer, and a hash of the document lengths and of tokens at the start, middle and end: cheap
+    at any size, and files with another text, another split or another tokenizer differ in it."""
+    split = samples.dataset
+    digest = hashlib.blake2b(split.document_lengths.tobytes(), digest_size=8)
+    for start in (0, split.num_tokens // 2, max(0, split.num_tokens - 4096)):
+        digest.update(split.tokens(start, min(split.num_tokens, start + 4096)).tobytes())
+    return (f"{len(samples):,} samples, {split.num_documents:,} documents, {split.num_tokens:,} tokens"
+            f" ({_tokenizer_of(split)}), content hash {digest.hexdigest()}")
 
 
 def _tokenizer_of(split: IndexedDataset) -> str:

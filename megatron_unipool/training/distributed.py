@@ -22,6 +22,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from ..config import Config, ConfigError, config_to_dict
 from ..model.sharding import REPLICATED, ShardSpec
 from ..parallel import ParallelState, build_parallel_state
+from ..parallel.agreement import check_agreement
 
 
 def _sum_over(tensors: list[torch.Tensor], group) -> None:
@@ -38,17 +39,15 @@ def _sum_over(tensors: list[torch.Tensor], group) -> None:
 
 def check_same_config(config: Config) -> None:
     """Raise ConfigError on every rank unless all loaded the same config. Node-local copies of a file can
-    differ: replicas with another learning rate drift apart silently, other shapes hang in a collective."""
+    differ: replicas with another learning rate drift apart silently, other shapes hang in a collective.
+    data.cache_dir is left out: made absolute where each node runs, it differs between nodes that start in
+    different directories, and only the data found there matters (the trainer compares that)."""
     fields = {f"{section}.{key}": value for section, values in config_to_dict(config).items()
-              for key, value in values.items()}
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, fields)
-    differences = [f"rank {rank}: " + ", ".join(f"{key}={theirs[key]!r} (rank 0: {every[0][key]!r})"
-                                                 for key in every[0] if theirs[key] != every[0][key])
-                   for rank, theirs in enumerate(every) if theirs != every[0]]
-    if differences:
-        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more ranks" if len(differences) > 4 else "")
-        raise ConfigError(f"the ranks loaded different configs (a node's copy of the file, or its --set, differs): {shown}")
+              for key, value in values.items() if f"{section}.{key}" != "data.cache_dir"}
+    check_agreement(fields, None, ConfigError,
+                    "the ranks loaded different configs (a node's copy of the file, or its --set, differs)",
+                    lambda theirs, ours: ", ".join(f"{key}={theirs[key]!r} (rank 0: {ours[key]!r})"
+                                                   for key in ours if theirs[key] != ours[key]))
 
 
 def reduce_gradients(model: nn.Module, specs: dict[str, ShardSpec], state: ParallelState) -> None:

@@ -29,11 +29,11 @@ from ..config import MOE_LOSSES, Config, ConfigError, config_to_dict
 from ..model import LanguageModel, RoutingStepStats, lm_loss_sum, param_budget
 from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
-from ..parallel.agreement import decided_by_rank0, on_any_rank, on_every_rank
+from ..parallel.agreement import check_agreement, decided_by_rank0, on_any_rank, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from .checkpoint import (CheckpointError, adopt_lock_change, changed_settings, check_run_directory, check_same_head_split,
                          checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint, load_checkpoint,
-                         restore_model, save_checkpoint, set_rng_state)
+                         restore_model, save_checkpoint, set_rng_state, training_fingerprint)
 from .datasets import DataError, build_datasets, replica_share, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
@@ -104,6 +104,10 @@ class Trainer:
         seed_everything(config.train.seed, config.train.deterministic)
         decided_by_rank0(lambda: check_run_directory(self.run_dir), self.parallel)  # before the data and the model
         self.data = on_every_rank(lambda: build_datasets(config), self.parallel, (DataError,))  # node-local files
+        check_agreement(self.data.fingerprint(), self.parallel, DataError,
+                        "the ranks read different data (node-local copies of the files differ)",
+                        lambda theirs, ours: "; ".join(f"{split} {theirs[split]} (rank 0: {ours[split]})"
+                                                       for split in ours if theirs[split] != ours[split]))
         self.budget = param_budget(config.model, config.moe)
         on_every_rank(lambda: check_fits_host_memory(self.budget.total_params, "the model", processes_on_this_host()),
                       self.parallel, (ConfigError,))
@@ -177,8 +181,14 @@ class Trainer:
             return load_checkpoint(path)
 
         path = decided_by_rank0(lambda: checkpoint_to_resume(self.config, self.run_dir), self.parallel)
-        return (None, None) if path is None else (on_every_rank(lambda: load(path), self.parallel, (CheckpointError,)),
-                                                  path)
+        if path is None:
+            return None, None
+        payload = on_every_rank(lambda: load(path), self.parallel, (CheckpointError,))
+        check_agreement(training_fingerprint(payload), self.parallel, CheckpointError,
+                        f"the ranks read different checkpoints at {path} (node-local copies of the run directory:"
+                        " every node must see rank 0's, a shared file system)",
+                        lambda theirs, ours: f"{theirs} (rank 0: {ours})")
+        return payload, path
 
     def save(self) -> Optional[Path]:
         """Gather the full model and optimizer state and write them (rank 0); every rank must call it,
@@ -377,10 +387,13 @@ class Trainer:
             interval = cfg.logging.utilisation_interval
             logger.utilisation(step, routing.counts_per_pool, cfg.moe.pool_layout(cfg.model.num_layers),
                                image=last or (interval and step % interval == 0))
+            if last:  # saved before the final evaluation, as Megatron does: that evaluation (long over a large
+                self.save()  # validation set, and where a lost node is often first seen) must not cost the trained
+                # steps; a resume from this checkpoint runs only the evaluation (below)
             if last or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
                 self._record_evaluation(logger)
-            saved = last or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)
-            checkpoint = self.save() if saved else None
+            saved = not last and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
+            checkpoint = self.save() if saved else None  # after the evaluation: its loss is in the checkpoint
             if not last and stop_requested is not None and on_any_rank(stop_requested(), self.parallel):
                 if not saved:  # every rank calls save, so every rank decides alike (the save above, or none)
                     checkpoint = self.save()
