@@ -478,6 +478,19 @@ def test_norm_router_constant_small_pools_finite():
             assert math.isfinite(c) and c >= 1.0, (m, k, c)
 
 
+def test_norm_router_constant_falls_back_to_one_when_no_draw_has_a_positive_entry():
+    """Draws without a positive entry are dropped; with none left, c is 1 (not 0, which would zero every
+    NormRouter gate, nor NaN). One draw of a 1-expert pool, from the generator the estimate uses: a seed
+    whose draw is negative leaves nothing, one whose draw is positive gives 1/|x/|x|| = 1 itself."""
+    def draw(seed):
+        return torch.randn(1, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).item()
+
+    negative = next(seed for seed in range(100) if draw(seed) < 0)
+    positive = next(seed for seed in range(100) if draw(seed) > 0)
+    assert norm_router_constant(1, 1, samples=1, seed=negative) == 1.0
+    assert norm_router_constant(1, 1, samples=1, seed=positive) == 1.0
+
+
 @pytest.mark.parametrize("num_experts", [2, 4])
 def test_norm_router_constant_is_stable_over_seeds_for_small_pools(num_experts):
     """1/||top-k|| has a divergent tail for small M: the plain mean swings from 4.4 to 75 over six
