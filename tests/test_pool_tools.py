@@ -1469,3 +1469,39 @@ def test_reproduction_curves_show_losses_that_never_fall_below_the_zoom(tmp_path
         module.plt.close = original
     bottom, top = seen["ylim"]
     assert bottom < 5.0 and top > 5.8
+
+
+def test_upcycling_noise_follows_its_seed(tiny_config):
+    """upcycle(seed=...) draws the copies' bias noise from that seed: the same seed repeats it, another
+    seed draws other noise (a repeat of an upcycling with another --seed is another start)."""
+    config = tiny_config("configs/tiny_unipool_cpu.json")
+    state = LanguageModel(config.model, config.moe).state_dict()
+    name = "layers.0.ffn.router.expert_bias"
+    runs = [upcycle(config, state, {}, multiplier=2, seed=seed).model_state[name] for seed in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_utility_batches_are_the_first_distinct_training_samples(tiny_config):
+    """utility_batches(count, size): the first count x size training samples, in order, each once."""
+    config = tiny_config("configs/tiny_unipool_cpu.json")
+    batches = utility_batches(config, 3, 2)
+    assert torch.equal(torch.cat(batches), build_datasets(config).train.batch(0, 3 * 2))
+
+
+def test_an_interrupt_between_the_renames_leaves_the_previous_output_in_place(tmp_path, monkeypatch):
+    """write_directory: "an interrupt leaves one of them whole at `output`", even one that comes after the
+    old output was moved aside and before the new one took its place."""
+    from megatron_unipool.training.outputs import write_directory
+
+    write_directory(tmp_path / "out", lambda directory: (directory / "config.json").write_text("old"))
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name == ".out.tmp":  # the new directory's rename, after the old one's
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_directory(tmp_path / "out", lambda directory: (directory / "config.json").write_text("new"))
+    assert (tmp_path / "out" / "config.json").read_text() == "old"

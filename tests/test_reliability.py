@@ -1081,3 +1081,40 @@ def test_a_resume_onto_data_another_tokenizer_wrote_is_noted(tiny_config, tmp_pa
             " mean other text than the ones the model learned") in run(2, "second")
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000002")["train_state"]["tokenizer"] == "second"
     assert "tokenizer" not in run(3, "second")
+
+
+def test_resuming_at_max_steps_after_an_earlier_evaluation_evaluates_the_checkpoints_step(tiny_config, tmp_path):
+    """A checkpoint whose last evaluation is of an earlier step (eval at 2, saved at 3), resumed with
+    max_steps=3: nothing trains, and the final validation loss is of the step-3 model, not step 2's."""
+    run = ["train.eval_interval=2", "checkpoint.save_interval=3"]
+    Trainer(tiny_config(UNIPOOL, "train.max_steps=4", *run), tmp_path / "run").train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000003"
+    assert [step for step, _ in load_checkpoint(checkpoint)["train_state"]["val_losses"]] == [2]
+    trainer = Trainer(tiny_config(UNIPOOL, "train.max_steps=3", *run, f"checkpoint.load={checkpoint}"),
+                      tmp_path / "resumed")
+    summary = trainer.train()
+    assert [step for step, _ in summary["val_losses"]] == [2, 3]
+    assert summary["final_val_loss"] == pytest.approx(trainer.evaluate(), rel=1e-6)
+
+
+def test_a_resume_that_ties_an_untied_checkpoints_embeddings_is_refused(tiny_config, tmp_path):
+    """An untied checkpoint's tensors all fit a model.tie_embeddings=true model (both names, same shapes), but
+    loading would keep one of the two matrices for both: restore_model refuses it instead of resuming as
+    another function."""
+    base = ["train.max_steps=1", "train.eval_interval=0"]
+    Trainer(tiny_config("configs/tiny_dense_cpu.json", *base), tmp_path / "untied").train()
+    with pytest.raises(CheckpointError, match="output.weight differs from embedding.weight"):
+        Trainer(tiny_config("configs/tiny_dense_cpu.json", *base, "model.tie_embeddings=true",
+                            f"checkpoint.load={tmp_path / 'untied'}"), tmp_path / "tied")
+
+
+def test_a_derived_setting_left_unset_on_resume_is_not_named(tiny_config):
+    """pool_size set to the full pool in the checkpoint's run and left unset (derived: the same pool) now:
+    no change to name, in either direction."""
+    import dataclasses
+
+    unset = tiny_config(UNIPOOL)
+    full = unset.moe.experts_per_pool(unset.model.num_layers)
+    explicit = dataclasses.replace(unset, moe=dataclasses.replace(unset.moe, pool_size=full))
+    assert changed_settings(config_to_dict(explicit), unset) == {}
+    assert changed_settings(config_to_dict(unset), explicit) == {}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_unipool.data import IndexedDataset, prepare_default_corpus
-from megatron_unipool.training import DataError, Trainer, latest_checkpoint
+from megatron_unipool.training import DataError, Trainer, latest_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -716,3 +716,108 @@ def test_a_pool_with_nothing_routed_leaves_the_other_pools_logged(tmp_path):
     assert events.Tags()["histograms"] == ["pool1/expert_load"]
     assert events.Scalars("pool1/max_over_mean_load")[0].value == pytest.approx(3 / (4 / 3))
     assert "pool/utilisation" in events.Tags()["images"]
+
+
+def test_micro_batch_lag_carries_the_last_micro_batch_into_the_next_step(tiny_config, tmp_path):
+    """moe.pool_aux_lag=micro_batch is a one-micro-batch lag across step boundaries too: after a step,
+    each pool's f_bar is the load fraction of that step's last micro-batch (which the next step's first
+    micro-batch reads), as a reference that closes every micro-batch itself computes."""
+    trainer = Trainer(tiny_config("configs/tiny_unipool_cpu.json", "moe.pool_aux_lag=micro_batch", "train.max_steps=2"), tmp_path)
+    train = trainer.config.train
+    reference = copy.deepcopy(trainer.model).train()
+    for first in range(0, train.global_batch, train.micro_batch):
+        with torch.no_grad():
+            reference(trainer.data.train.batch(first, train.micro_batch)[:, :-1])
+        reference.end_micro_batch()
+    trainer.train_step()
+    assert len(reference.pool_stats) > 0
+    for got, want in zip(trainer.model.pool_stats, reference.pool_stats):
+        assert bool(got.has_load_fraction) and bool(want.has_load_fraction)
+        torch.testing.assert_close(got.load_fraction, want.load_fraction, rtol=1e-6, atol=0)
+
+
+def test_a_resume_with_another_global_batch_reads_on_from_the_consumed_samples(tiny_config, tmp_path):
+    """The data position is the samples consumed (datasets: "resuming needs nothing but the number of
+    samples already consumed"), not step x the current global batch: a resume that changes
+    train.global_batch continues at the next unseen sample."""
+    first = Trainer(tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=2", "train.eval_interval=0", "train.global_batch=8"),
+                    tmp_path / "first")
+    first.train()
+    payload = load_checkpoint(tmp_path / "first" / "checkpoints" / "step_0000002")
+    consumed = payload["train_state"]["consumed_samples"]
+    resumed = Trainer(tiny_config("configs/tiny_unipool_cpu.json", "train.max_steps=3", "train.eval_interval=0", "train.global_batch=4",
+                                  f"checkpoint.load={tmp_path / 'first'}"), tmp_path / "resumed")
+    starts = []
+    read = resumed.data.train.batch
+    resumed.data.train.batch = lambda start, size: starts.append((start, size)) or read(start, size)
+    resumed.train_step()
+    train = resumed.config.train
+    assert starts == [(consumed + i, train.micro_batch) for i in range(0, train.global_batch, train.micro_batch)]
+    assert resumed.state.consumed_samples == consumed + train.global_batch
+
+
+def test_a_skipped_steps_routing_does_not_reach_the_next_steps_micro_batch_lag(tiny_config, tmp_path):
+    """moe.pool_aux_lag=micro_batch: a step skipped for a non-finite loss changes no balancing statistic, so
+    the next step's pool losses are those of a model that never ran it (its batch consumed): each micro-batch
+    reads the previous one's f_bar, the first one the f_bar the last applied step left."""
+    trainer = Trainer(tiny_config("configs/tiny_unipool_cpu.json", "moe.pool_aux_lag=micro_batch", "train.max_steps=4",
+                                  "train.eval_interval=0"), tmp_path)
+    train = trainer.config.train
+    trainer.train_step()
+    trainer.train_step()
+    reference = copy.deepcopy(trainer.model).train()
+    compute = trainer.compute_gradients
+
+    def poisoned():  # step 3's loss is not finite: skipped
+        totals = compute()
+        if trainer.state.step == 2:
+            totals[0] = float("inf")
+        return totals
+
+    trainer.compute_gradients = poisoned
+    trainer.train_step()
+    assert trainer.state.skipped_steps == 1
+    metrics, _ = trainer.train_step()
+    aux = []
+    for first in range(3 * train.global_batch, 4 * train.global_batch, train.micro_batch):
+        with torch.no_grad():
+            _, losses = reference(trainer.data.train.batch(first, train.micro_batch)[:, :-1])
+        aux.append(losses["aux_loss"].item())
+        reference.end_micro_batch()
+    assert metrics["aux_loss"] == pytest.approx(sum(aux) / len(aux), rel=1e-5)
+
+
+def test_dropped_fraction_is_of_the_routed_slots_when_norm_router_leaves_slots_empty(tiny_config, tmp_path):
+    """With slots that reach no expert (NormRouter, top_k above the positive scores of many tokens) the routed
+    slots are fewer than all slots: the logged share is of the routed ones, as with the other routers."""
+    config = tiny_config("configs/tiny_unipool_cpu.json", "moe.router=norm", "moe.top_k=20", "moe.capacity_factor=0.5",
+                         "train.eval_interval=0")
+    metrics, routing = Trainer(config, tmp_path).train_step()
+    assert routing.dropped > 0 and routing.routed < routing.slots
+    assert metrics["dropped_fraction"] == pytest.approx(routing.dropped / routing.routed)
+
+
+def test_a_stop_request_during_the_last_step_lets_the_run_finish(tiny_config, tmp_path):
+    """The last step saves anyway: a stop request then ends the run as finished (final evaluation, summary),
+    as the uninterrupted run does, not with RunStopped and a rerun left to do."""
+    import json
+
+    overrides = ["train.max_steps=2", "train.eval_interval=0"]
+    whole = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path / "whole").train()
+    trainer = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path / "stopped")
+    summary = trainer.train(stop_requested=lambda: trainer.state.step == trainer.config.train.max_steps)
+    assert summary["train_losses"] == whole["train_losses"] and summary["val_losses"] == whole["val_losses"]
+    assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("kind", ["dense", "unipool"])
+def test_the_trainer_clips_the_gradient_adam_sees_to_train_grad_clip(kind, tiny_config, tmp_path):
+    """train.grad_clip reaches the step: with a limit below the step's gradient norm (logged before clipping),
+    the gradients the optimizer used have exactly that norm; with 0 they are left as they are."""
+    for clip in (1e-3, 0.0):
+        trainer = Trainer(tiny_config(f"configs/tiny_{kind}_cpu.json", f"train.grad_clip={clip}",
+                                      "train.eval_interval=0"), tmp_path / str(clip))
+        metrics, _ = trainer.train_step()
+        used = torch.cat([p.grad.double().flatten() for p in trainer.model.parameters()]).norm().item()
+        assert metrics["grad_norm"] > 1e-3
+        assert used == pytest.approx(clip if clip else metrics["grad_norm"], rel=1e-5)
