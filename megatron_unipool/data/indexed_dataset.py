@@ -31,6 +31,7 @@ Document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``, its last token is EOD.
 
 from __future__ import annotations
 
+import array
 import os
 import struct
 import uuid
@@ -121,7 +122,7 @@ class IndexedDatasetWriter:
         self.eod_id = eod_id
         self.tokenizer = tokenizer
         self.dtype = _token_dtype(vocab_size)
-        self._offsets = [0]
+        self._offsets = array.array("q", [0])  # 8 bytes a document (a list of ints holds ~40)
         self._bin_tmp: Path | None = None  # the temporaries exist only inside the `with` block
         self._idx_tmp: Path | None = None
         self._bin_file = None
@@ -190,7 +191,7 @@ class IndexedDatasetWriter:
         )
         with open(path, "wb") as f:
             f.write(header)
-            np.asarray(self._offsets, dtype=_OFFSET_DTYPE).tofile(f)
+            np.frombuffer(self._offsets, dtype=np.int64).astype(_OFFSET_DTYPE, copy=False).tofile(f)
 
 
 class IndexedDataset:
