@@ -644,6 +644,19 @@ def test_prepare_default_corpus_is_cached_and_decodes_to_source(tmp_path, shakes
             assert tokenizer.decode(dataset.document(index)[:-1]) == text, name
 
 
+def test_content_hash_is_the_same_for_copies_and_differs_for_other_text(tmp_path):
+    """What the ranks compare of node-local files: a copy hashes alike; one changed token where the tokens
+    are sampled (start, middle, end) does not, nor a document boundary moved between those samples (seen
+    only in the offsets)."""
+    documents = [[6] * 5000, [6] * 5000, [6] * 5000]
+    hashes = []
+    for name, docs in (("a", documents), ("copy", documents), ("token", [[7] + [6] * 4999, [6] * 5000, [6] * 5000]),
+                       ("boundary", [[6] * 4999, [6] * 5001, [6] * 5000])):
+        write_documents(tmp_path / name, docs, vocab_size=10, eod_id=9)
+        hashes.append(IndexedDataset(tmp_path / name).content_hash())
+    assert hashes[0] == hashes[1] and len(set(hashes)) == 3
+
+
 def test_a_prepared_corpus_is_read_without_writing_to_its_cache(tmp_path, monkeypatch):
     """A cache prepared once and shared read-only with compute nodes: whole files are used without the
     builders' lock file (which needs write access); a damaged one still takes the lock to be rebuilt."""

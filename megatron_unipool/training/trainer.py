@@ -387,9 +387,11 @@ class Trainer:
             interval = cfg.logging.utilisation_interval
             logger.utilisation(step, routing.counts_per_pool, cfg.moe.pool_layout(cfg.model.num_layers),
                                image=last or (interval and step % interval == 0))
-            if last:  # saved before the final evaluation, as Megatron does: that evaluation (long over a large
-                self.save()  # validation set, and where a lost node is often first seen) must not cost the trained
-                # steps; a resume from this checkpoint runs only the evaluation (below)
+            if last:
+                # saved before the final evaluation, as Megatron does: that evaluation (long over a large validation
+                # set, and where a lost node is often first seen) must not cost the trained steps; a resume from
+                # this checkpoint runs only the evaluation (after the loop)
+                self.save()
             if last or (cfg.train.eval_interval and step % cfg.train.eval_interval == 0):
                 self._record_evaluation(logger)
             saved = not last and cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
