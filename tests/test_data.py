@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -432,6 +434,8 @@ def test_hf_tokenizer_copy_for_a_worker_keeps_special_token_text_as_data(tmp_pat
     copy = pickle.loads(pickle.dumps(tokenizer))
     assert tokenizer.eod_id not in tokenizer.encode(text)
     assert copy.encode(text) == tokenizer.encode(text)
+    as_array = copy.encode_as_array(text)  # what a worker sends: 4 bytes a token
+    assert as_array.dtype == np.uint32 and as_array.tolist() == tokenizer.encode(text)
 
 
 def test_build_tokenizer_specs(tmp_path):
@@ -1024,6 +1028,27 @@ def file_contents(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
 
 
+def test_cli_removes_what_killed_runs_on_this_host_staged(tmp_path, preprocess_main, capsys):
+    """A SIGKILLed run (the OOM killer) leaves its staged files: the next run removes those whose process is
+    gone. A live process's, or another host's on a shared file system, may belong to a run still going."""
+    (tmp_path / "corpus.jsonl").write_text('{"text": "a train"}\n{"text": "a valid"}\n')
+    exited = subprocess.Popen([sys.executable, "-c", ""])
+    exited.wait()
+    host = socket.gethostname()
+    abandoned = [f"c_train.partial-{host}-{exited.pid}.bin", f"c_valid.partial-{host}-{exited.pid}.idx.77-abc.tmp",
+                 f"tok.json.partial-{host}-{exited.pid}", f"c.partial-{host}-{exited.pid}.bin"]
+    running = [f"c_train.partial-{host}-{os.getppid()}.bin", f"c_train.partial-elsewhere-{exited.pid}.bin",
+               f"c_train.partial-{host}-4999999-{exited.pid}.bin",  # host "<this host>-4999999"
+               f"c_trained.partial-{host}-{exited.pid}.bin"]
+    for name in abandoned + running:
+        (tmp_path / name).write_text("staged")
+    preprocess_main(train_tokenizer_argv(tmp_path))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        running + ["corpus.jsonl", "tok.json", "c_train.bin", "c_train.idx", "c_valid.bin", "c_valid.idx"])
+    said = capsys.readouterr().out.splitlines()[0]
+    assert said.startswith("removed 4 staged files of killed runs: ") and all(name in said for name in abandoned)
+
+
 def test_cli_a_failure_after_training_keeps_the_previous_tokenizer(tmp_path, preprocess_main, monkeypatch):
     """The trained tokenizer is published with the datasets, not when trained: a failure while encoding
     leaves the previous tokenizer.json beside the token ids it made, and no staged copy."""
@@ -1138,8 +1163,67 @@ def test_cli_interrupted_by_a_signal_removes_what_it_staged(tmp_path, preprocess
     assert file_contents(tmp_path) == {**before, "corpus.jsonl": (tmp_path / "corpus.jsonl").read_bytes()}
 
 
+def group_ended(pgid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# Runs the tool with a byte tokenizer busy for 8 ms a document, so that it encodes for seconds on any machine.
+SLOW_BYTE_TOKENIZER = """
+import runpy, sys, time
+from megatron_unipool.data.tokenizers import ByteTokenizer
+encode_as_array = ByteTokenizer.encode_as_array
+def encode_slowly(self, text):
+    busy_until = time.perf_counter() + 0.008
+    while time.perf_counter() < busy_until:
+        pass
+    return encode_as_array(self, text)
+ByteTokenizer.encode_as_array = encode_slowly
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_cli_a_sigterm_to_its_process_group_stops_the_tool_and_its_workers(tmp_path, preprocess_main):
+    """`timeout`, Slurm and Kubernetes signal the whole process group, encoding workers included. Under
+    multiprocessing.Pool a worker killed while it held the result queue's lock left Pool.terminate() in the
+    parent blocked for ever, with the staged files left behind: here 1 run in 3 hung. (That a worker killed
+    mid-result never holds up the parent is tested deterministically in test_encoding.)"""
+    argv = ["--input", str(tmp_path / "corpus.jsonl"), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte"]
+    (tmp_path / "corpus.jsonl").write_text('{"text": "old"}\n')
+    preprocess_main(argv)
+    # 400 documents of 100 KB, so that the workers spend much of their time sending results
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 8000}) + "\n"
+                                                   for i in range(400)))
+    before = file_contents(tmp_path)
+    for delay_s in (0.2, 0.5, 1.0):
+        tool = subprocess.Popen([sys.executable, "-c", SLOW_BYTE_TOKENIZER, str(PREPROCESS_SCRIPT), *argv,
+                                 "--workers", "2", "--force"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            for line in tool.stdout:
+                if line.startswith("encoding "):
+                    time.sleep(delay_s)
+                    os.killpg(tool.pid, signal.SIGTERM)
+                    break
+            out, err = tool.communicate(timeout=30)
+            assert group_ended(tool.pid, within_s=10), "an encoding worker outlived the tool"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(tool.pid, signal.SIGKILL)
+        assert (tool.returncode, err) == (128 + signal.SIGTERM,
+                                          "preprocess_data: interrupted; the previous files are unchanged\n"), out
+        assert file_contents(tmp_path) == before
+
+
 # Runs the tool slowly (SLOW_VALID_SPLIT) with a SIGTERM sent to itself as the validation split's encoding pool
-# forks its first worker: from an at-fork hook in the parent, inside multiprocessing.Pool().
+# forks its first worker: from an at-fork hook in the parent, inside Process.start().
 SIGNAL_WHILE_FORKING = """
 import os, signal, time
 from megatron_unipool.data.indexed_dataset import IndexedDatasetWriter

@@ -20,7 +20,9 @@ import glob
 import importlib.util
 import itertools
 import os
+import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -139,6 +141,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def staging_name(target: str | os.PathLike) -> str:
+    """Where ``target`` is written before it is published. The name holds this host and process, so that a
+    later run can tell the files of a run that was killed (SIGKILL, the OOM killer) from those of one still
+    running, on this host or on another sharing the file system."""
+    return f"{target}.partial-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_abandoned_staging(targets: Iterable[str | os.PathLike]) -> list[Path]:
+    """Deletes the staged files of ``targets`` left by runs on this host whose process is gone; a killed run
+    had no chance to, and each can hold a dataset's worth of disk."""
+    removed = []
+    for target in map(Path, targets):
+        ours = f"{target.name}.partial-{socket.gethostname()}-"
+        for path in target.parent.glob(f"{glob.escape(ours)}*"):
+            pid = re.match(r"(\d+)(\.|$)", path.name[len(ours):])
+            if pid and not process_exists(int(pid[1])):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def remove_staged(staging: str) -> None:
     """Deletes every file named after ``staging``: its pair, and the temporary files its writer creates
     first, which an interrupt that comes while they are created leaves behind. The name holds this
@@ -168,6 +201,11 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
     check_output_directory(Path(args.output_prefix).parent, f"--output-prefix {args.output_prefix}")
     if args.tokenizer_output is not None:
         check_output_directory(args.tokenizer_output.parent, f"--tokenizer-output {args.tokenizer_output}")
+    outputs = [f"{args.output_prefix}{split}" for split in ("", "_train", "_valid")]
+    abandoned = remove_abandoned_staging(outputs + ([args.tokenizer_output] if args.tokenizer_output else []))
+    if abandoned:
+        print(f"removed {len(abandoned)} staged file{'s' * (len(abandoned) != 1)} of killed runs:"
+              f" {', '.join(path.name for path in abandoned)}", flush=True)
 
     def documents():
         return read_documents(args.input, args.json_key, args.split_on_blank_lines)
@@ -195,9 +233,7 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
     staged_tokenizer = None
     try:
         if tokenizer is None:
-            staged_tokenizer = args.tokenizer_output.with_name(
-                f"{args.tokenizer_output.name}.partial-{os.getpid()}"
-            )
+            staged_tokenizer = Path(staging_name(args.tokenizer_output))
             print(f"training a byte-level BPE tokenizer of {args.train_tokenizer_vocab} tokens on the {num_train} "
                   "training documents ...", flush=True)
             started = time.perf_counter()
@@ -211,7 +247,7 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
                       f" {args.train_tokenizer_vocab} tokens asked for", flush=True)
         for prefix, split_documents, count in splits:
             interruption.check()
-            staged.append((f"{prefix}.partial-{os.getpid()}", prefix))
+            staged.append((staging_name(prefix), prefix))
             print(f"encoding {prefix} ({count} documents) ...", flush=True)
             stats = write_indexed(
                 staged[-1][0], tokenizer, split_documents, args.workers, report_every_s=PROGRESS_EVERY_S,

@@ -15,17 +15,15 @@ import fcntl
 import importlib.util
 import json
 import math
-import multiprocessing
 import os
 import re
-import signal
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from megatron_unipool.data.encoding import encoded_documents
 from megatron_unipool.data.errors import DataError
 from megatron_unipool.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 from megatron_unipool.data.tokenizers import Tokenizer, build_tokenizer
@@ -50,7 +48,6 @@ _FOLIO_SUFFIX = "_gut_f"
 _NOT_A_TEXT = "metadata"
 _BLANK_LINE_RUN = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")  # LF or CRLF line ends
 _BYTE_ORDER_MARK = "\ufeff"
-_INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 
 
 # ---------------------------------------------------------------- default corpus
@@ -345,7 +342,7 @@ def write_indexed(
 ) -> WriteStats:
     """Tokenises ``documents`` into ``<prefix>.bin``/``.idx``; nothing is written if it fails.
 
-    ``workers > 1`` encodes in a process pool (document order is preserved).
+    ``workers > 1`` encodes in that many processes (document order is preserved; see ``encoding``).
     ``report_every_s`` prints a progress line at most that often, with the share done and an ETA
     when ``expected_documents`` says how many there are; the line names ``report_as`` (default
     ``prefix``), e.g. the prefix a file written under a staging name will be published as.
@@ -357,14 +354,7 @@ def write_indexed(
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(
             IndexedDatasetWriter(prefix, tokenizer.vocab_size, tokenizer.eod_id, tokenizer.name))
-        if workers == 1:
-            encoded = (_encode(tokenizer, text) for text in documents)
-        else:
-            with _interrupts_held():
-                pool = stack.enter_context(
-                    multiprocessing.Pool(workers, initializer=_start_worker, initargs=(tokenizer,))
-                )
-            encoded = pool.imap(_encode_in_worker, documents, chunksize=16)
+        encoded = stack.enter_context(encoded_documents(tokenizer, documents, workers))
         for token_ids, num_bytes in encoded:
             writer.add_document(token_ids)
             text_bytes += num_bytes
@@ -377,58 +367,8 @@ def write_indexed(
     return WriteStats(writer.num_documents, writer.num_tokens, text_bytes, time.perf_counter() - started)
 
 
-@contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """Interrupts wait while the workers are forked: a KeyboardInterrupt raised in an at-fork hook would be
-    lost (printed as "Exception ignored in ..."), and one raised inside Pool() would leave its workers
-    running. Blocking SIGINT/SIGTERM in this thread is not enough: the kernel hands a signal sent to the
-    process to any thread that does not block it (a tokenizer's thread pool), and Python then runs the
-    handler in the main thread at its next bytecode, wherever that is. So the handlers only note the
-    signal meanwhile, and it is raised again once the pool is up. The workers inherit the mask and lift
-    it (_start_worker)."""
-    noted: list[int] = []
-    held = {}
-    if threading.current_thread() is threading.main_thread():  # handlers run, and are set, there only
-        for signum in sorted(_INTERRUPTS):
-            if callable(signal.getsignal(signum)):
-                held[signum] = signal.signal(signum, lambda signum, frame: noted.append(signum))
-    interrupts_before = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, interrupts_before)
-        for signum, handler in held.items():
-            signal.signal(signum, handler)
-        if noted:
-            signal.raise_signal(noted[0])
-
-
 def _share_done(done: int, expected: int | None, seconds: float) -> str:
     if not expected:
         return ""
     eta = datetime.timedelta(seconds=round(seconds / done * max(expected - done, 0))) if done else "?"
     return f" | {done}/{expected} documents ({100 * done / expected:.1f}%), ETA {eta}"
-
-
-def _encode(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, int]:
-    return tokenizer.encode_as_array(text), len(text.encode("utf-8"))
-
-
-# Pool workers receive the tokenizer once, through the initializer, instead of
-# once per task (a GPT-2 tokenizer pickles to ~0.6 MB); this slot is only ever
-# set inside worker processes.
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _start_worker(tokenizer: Tokenizer) -> None:
-    """Interrupts are the parent's to handle: it stops the pool (SIGTERM, here the default: exit at once)
-    and removes what it wrote, instead of every worker printing a KeyboardInterrupt traceback."""
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
-
-
-def _encode_in_worker(text: str) -> tuple[np.ndarray, int]:
-    return _encode(_worker_tokenizer, text)

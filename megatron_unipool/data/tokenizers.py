@@ -47,8 +47,9 @@ class Tokenizer(abc.ABC):
         """Inverse of ``encode``."""
 
     def encode_as_array(self, text: str) -> np.ndarray:
-        """``encode`` as an int64 array: the form the dataset writer consumes."""
-        return np.asarray(self.encode(text), dtype=np.int64)
+        """``encode`` as an unsigned integer array, the form the dataset writer consumes: 4 bytes a token at
+        most (a long document's ids as Python ints take ~36), and narrower where the vocabulary allows."""
+        return np.array(self.encode(text), dtype=np.uint32)
 
     def __repr__(self) -> str:
         return (
@@ -67,7 +68,7 @@ class ByteTokenizer(Tokenizer):
         return list(text.encode("utf-8"))
 
     def encode_as_array(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
     def decode(self, ids: Sequence[int]) -> str:
         """EOD decodes to ``<|endoftext|>`` as in the BPE tokenizers; broken UTF-8 to U+FFFD."""
@@ -153,6 +154,10 @@ class GPT2Tokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._encoding.encode_ordinary(text)  # special-token spellings stay plain text
+
+    def encode_as_array(self, text: str) -> np.ndarray:
+        # No special token allowed or disallowed: encode_ordinary's ids, straight from tiktoken's buffer.
+        return self._encoding.encode_to_numpy(text, disallowed_special=())
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._encoding.decode(list(ids))
