@@ -594,3 +594,29 @@ def test_grouped_gemm_benchmark_writes_a_rows_parts_before_the_next_measurement(
                            "--warmup", "0", "--json", str(out)])
     [row] = json.loads(out.read_text())
     assert row["impl"] == "dense" and row["fwd_ms"] > 0 and row["wgrad_ms"] > 0
+
+
+def test_tool_memory_benchmark_runs_each_tool_on_its_input(tmp_path, monkeypatch):
+    """A row per tool run, sized by the input it was given: the long document's bytes, the checkpoint's weights."""
+    from script_modules import load_script
+
+    from megatron_unipool.config import load_config
+    from megatron_unipool.model import LanguageModel
+
+    overrides = ["moe.router=softmax"]
+    done, rows = run_benchmark(tmp_path, "tool_memory.py", "--document-mb", "0.05", "--documents", "20", "--tokenizers",
+                               "byte", "--config", "configs/tiny_vanilla_cpu.json", *config_overrides(*overrides),
+                               cwd=REPO)
+    assert [row["tool"] for row in rows] == ["preprocess byte x1", "preprocess byte x2", "convert --to hf", "upcycle x2"]
+    assert not [row for row in rows if "error" in row], rows
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # where it finds `measurement`
+    benchmark = load_script(REPO / "benchmarks" / "tool_memory.py")
+    document = benchmark.write_corpus(tmp_path / "corpus.jsonl", 0.05, 20)
+    config = load_config(REPO / "configs" / "tiny_vanilla_cpu.json", overrides, world_size=None)
+    weights = sum(t.numel() * t.element_size() for t in LanguageModel(config.model, config.moe).state_dict().values())
+    assert [row["input_mib"] * 2**20 for row in rows] == pytest.approx([document, document, weights, weights])
+    assert rows[1]["worker_peak_mib"] > 0 and rows[0]["worker_peak_mib"] == 0  # only --workers 2 has workers
+    for row in rows:
+        assert row["above_start_per_input"] == pytest.approx(row["above_start_mib"] / row["input_mib"])
+        assert row["peak_mib"] > 0 and row["seconds"] > 0
+    assert "x input" in done.stdout and done.stdout.count("\n") == 5

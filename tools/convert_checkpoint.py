@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from megatron_unipool.config import Config, ConfigError, MoEConfig, with_overrides  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
-from megatron_unipool.training.checkpoint import (check_fits, check_same_function, load_trained_model,  # noqa: E402
+from megatron_unipool.training.checkpoint import (check_fits, check_same_function, load_trained_state,  # noqa: E402
                                                   resolve_checkpoint, write_run_directory)
 from megatron_unipool.training.outputs import (check_output_directory, check_replaceable_output,  # noqa: E402
                                                recover_replaced_directory, write_directory)
@@ -99,7 +99,7 @@ def read_hf_directory(directory: Path) -> tuple[dict, dict]:
 
 
 def export_hf(args) -> None:
-    source, payload, config, _ = load_trained_model(args.checkpoint)
+    source, payload, config = load_trained_state(args.checkpoint)
     hf_config, tensors = to_hf(config.model, config.moe, payload["model"])
     architecture = hf_config["architectures"][0]
     print(f"{source}: {config.moe.kind} model ({describe(payload['model'])}) -> {architecture} ({describe(tensors)})")

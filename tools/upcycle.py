@@ -41,7 +41,8 @@ from megatron_unipool.config import Config, ConfigError, load_config, with_overr
 from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
 from megatron_unipool.model import param_budget  # noqa: E402
 from megatron_unipool.training.checkpoint import (LATEST, check_fits, check_same_function, checkpoints_dir,  # noqa: E402
-                                                  load_trained_model, step_directory_name, write_run_directory)
+                                                  load_trained_state, step_directory_name, trained_model,
+                                                  write_run_directory)
 from megatron_unipool.training.hardware import check_fits_host_memory  # noqa: E402
 from megatron_unipool.training.outputs import (check_output_directory, check_replaceable_output,  # noqa: E402
                                                recover_replaced_directory, write_directory)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.output.is_dir() and any(args.output.iterdir()):  # written whole, in place of what is there
             held = "a checkpoint" if (checkpoints_dir(args.output) / LATEST).exists() else "files"
             raise CheckpointError(f"{args.output} already holds {held}; choose a new --output")
-        source_path, payload, config, model = load_trained_model(args.checkpoint)
+        source_path, payload, config = load_trained_state(args.checkpoint)
         if config.moe.kind != "dense" and args.to_config is not None:
             raise ValueError("--to-config is for a dense checkpoint; an MoE one keeps its config (change it with --set)")
         if config.moe.kind == "dense":
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"scoring experts by {args.utility_score} over {args.utility_batches} batches ...", flush=True)
                 batches = utility_batches(config, args.utility_batches, config.train.micro_batch)
                 started = time.perf_counter()
-                utility = expert_utility(model, batches, args.utility_score, progress=lambda done: print(
+                utility = expert_utility(trained_model(source_path, payload, config), batches, args.utility_score, progress=lambda done: print(
                     f"  scored {done}/{len(batches)} batches in {time.perf_counter() - started:.0f} s", flush=True))
             result = upcycle(config, payload["model"], payload["optimizer"], args.multiplier, args.selection, utility,
                              args.noise, args.optimizer, args.seed)

@@ -167,9 +167,9 @@ def to_hf(model: ModelConfig, moe: MoEConfig, state: dict[str, torch.Tensor]) ->
         prefix = f"model.layers.{layer}.{MOE_BLOCK[architecture]}"
         tensors[f"{prefix}.gate.weight"] = state[f"layers.{layer}.ffn.router.weight"][experts]
         for ours, theirs in EXPERT_NAMES[architecture].items():
-            weights = state[f"expert_pools.{pool}.{ours}"][experts]
-            for j, weight in enumerate(weights):
-                tensors[f"{prefix}.experts.{j}.{theirs}.weight"] = weight
+            pool_weights = state[f"expert_pools.{pool}.{ours}"]
+            for j, expert in enumerate(experts.tolist()):  # views: the one copy is the clone below
+                tensors[f"{prefix}.experts.{j}.{theirs}.weight"] = pool_weights[expert]
     if architecture == QWEN2_MOE:
         tensors.update(_qwen2_moe_zeros(model, moe_layers, state["embedding.weight"]))
     experts_per_layer = len(next(iter(moe_layers.values()))[1]) if moe_layers else None

@@ -449,13 +449,26 @@ def _misfits(model: LanguageModel, state: dict[str, torch.Tensor]) -> list[str]:
     return problems
 
 
-def load_trained_model(checkpoint: Path) -> tuple[Path, dict[str, Any], Config, LanguageModel]:
-    """(checkpoint path, payload, config, model with its weights) of a run or step_* directory, for tools.
-    The model computes with the default kernels (a GPU run's Triton or flash-attn settings would not run
-    on the machine a tool reads it on); the config keeps the run's own."""
+def load_trained_state(checkpoint: Path) -> tuple[Path, dict[str, Any], Config]:
+    """(checkpoint path, payload, config) of a run or step_* directory, its weights checked against the model
+    its config describes, for tools that read the weights as tensors: no model is built beside them."""
     path = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(path)
     config = config_from_dict(payload["config"], world_size=None)
+    check_fits(config, payload["model"], f"the weights of checkpoint {path}")
+    return path, payload, config
+
+
+def trained_model(path: Path, payload: dict[str, Any], config: Config) -> LanguageModel:
+    """The model computing with the weights ``load_trained_state`` read, for tools that run it. It computes
+    with the default kernels (a GPU run's Triton or flash-attn settings would not run on the machine a tool
+    reads it on); the config keeps the run's own."""
     model = LanguageModel(config.model.with_default_kernels(), config.moe)
     restore_model(model, payload["model"], path)
-    return path, payload, config, model
+    return model
+
+
+def load_trained_model(checkpoint: Path) -> tuple[Path, dict[str, Any], Config, LanguageModel]:
+    """``load_trained_state`` and ``trained_model`` of a run or step_* directory."""
+    path, payload, config = load_trained_state(checkpoint)
+    return path, payload, config, trained_model(path, payload, config)
