@@ -40,7 +40,7 @@ from megatron_unipool.data import (
     write_indexed,
 )
 from megatron_unipool.data import corpus as corpus_module
-from megatron_unipool.data.corpus import count_documents
+from megatron_unipool.data.corpus import InputProgress, count_documents
 from script_modules import load_script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -791,30 +791,42 @@ def test_cli_reports_bad_jsonl_line_and_writes_nothing(tmp_path):
 
 
 def test_progress_lines_say_how_much_is_done_and_when_it_ends(tmp_path, capsys):
-    """report_every_s=0 reports after every document: the count, its share of the expected total
-    and an ETA (0 once all are written); without a total, the plain counts only."""
-    write_indexed(tmp_path / "c", ByteTokenizer(), ["ab", "cd", "ef", "gh"], report_every_s=0.0, expected_documents=4)
+    """report_every_s=0 reports after every document: the count, its share of the expected total, and
+    with an InputProgress the share of the whole input's text and an ETA (0 once all is written), counted
+    on over the splits written from that input; without them, the plain counts only."""
+    progress = InputProgress(total_bytes=12)
+    write_indexed(tmp_path / "c", ByteTokenizer(), ["ab", "cd", "ef", "gh"], report_every_s=0.0, expected_documents=4,
+                  input_progress=progress)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4
-    assert "| 1/4 documents (25.0%), ETA " in lines[0]
-    assert lines[-1].endswith("| 4/4 documents (100.0%), ETA 0:00:00")
+    assert "| 1/4 documents (25.0%) | 16.7% of the input's text, ETA " in lines[0]
+    assert progress.done_bytes == 8 and lines[-1].endswith("| 4/4 documents (100.0%) | 66.7% of the input's text, ETA "
+                                                         + lines[-1].rsplit("ETA ", 1)[1])
+    write_indexed(tmp_path / "v", ByteTokenizer(), ["ij", "kl"], report_every_s=0.0, expected_documents=2,
+                  input_progress=progress)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| 1/2 documents (50.0%) | 83.3% of the input's text, ETA " + lines[0].rsplit("ETA ", 1)[1])
+    assert lines[1].endswith("| 2/2 documents (100.0%) | 100.0% of the input's text, ETA 0:00:00")
     write_indexed(tmp_path / "d", ByteTokenizer(), ["ab"], report_every_s=0.0)
     assert "documents (" not in capsys.readouterr().out
 
 
 def test_progress_is_reported_at_most_every_report_every_s(tmp_path, capsys, monkeypatch):
-    """A clock that moves 1 s per document, reports every 2.5 s: after documents 3 and 6 only; at
-    document 3 (3 s for 3), 5 documents are left: ETA 5 s."""
+    """A clock that moves 1 s per document, reports every 2.5 s: after documents 3, 6 and 9 only. At document
+    3 (3 s since the start), 10 of 16 bytes are done: ETA 1.8 s, not the 6 s that 6 documents to go at 1 s
+    each would say; a long first document is no reason to expect every later one to be as long."""
     import itertools
 
     from megatron_unipool.data import corpus
 
     clock = itertools.count(0.0, 1.0)
     monkeypatch.setattr(corpus.time, "perf_counter", lambda: next(clock))
-    write_indexed(tmp_path / "c", ByteTokenizer(), ["a"] * 8, report_every_s=2.5, expected_documents=8)
+    write_indexed(tmp_path / "c", ByteTokenizer(), ["a" * 8] + ["a"] * 8, report_every_s=2.5, expected_documents=9,
+                  input_progress=InputProgress(total_bytes=16, started=0.0))
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2, lines
-    assert lines[0].endswith("| 3/8 documents (37.5%), ETA 0:00:05") and "| 6/8 documents" in lines[1]
+    assert len(lines) == 3, lines
+    assert lines[0].endswith("| 3/9 documents (33.3%) | 62.5% of the input's text, ETA 0:00:02")
+    assert "| 6/9 documents" in lines[1] and "| 9/9 documents" in lines[2]
 
 
 def test_workers_keep_document_order_and_bytes_count_utf8(tmp_path):
@@ -1010,7 +1022,7 @@ def test_cli_hands_workers_and_document_counts_on_and_reports_progress(tmp_path,
     assert [args[3] for args, _ in calls] == [2, 2]
     assert [kwargs["expected_documents"] for _, kwargs in calls] == [7, 2]
     out = capsys.readouterr().out
-    assert "7/7 documents (100.0%)" in out and "2/2 documents (100.0%)" in out
+    assert "7/7 documents (100.0%)" in out and "2/2 documents (100.0%) | 100.0% of the input's text, ETA 0:00:00" in out
     assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == ["document number 7", "document number 8"]
 
     done = run_preprocess("--input", str(tmp_path / "absent.txt"), "--output-prefix", str(tmp_path / "missing"),

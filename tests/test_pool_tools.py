@@ -1507,3 +1507,30 @@ def test_an_interrupt_between_the_renames_leaves_the_previous_output_in_place(tm
     with pytest.raises(KeyboardInterrupt):
         write_directory(tmp_path / "out", lambda directory: (directory / "config.json").write_text("new"))
     assert (tmp_path / "out" / "config.json").read_text() == "old"
+
+
+def test_routing_tools_compute_in_bf16_where_asked_and_name_a_missing_device(trained, tmp_path, capsys):
+    """--precision bf16 runs the passes under bf16 autocast (the loss moves, a little); a --device this
+    machine lacks, or one the tools cannot use, is refused before any work."""
+    from megatron_unipool.training.probe import analysis_device
+
+    config, payload, run_dir = trained["softmax_top2"]
+    probe_tool, plot_tool = tool_module("routing_probe"), tool_module("plot_utilisation")
+    baselines = {}
+    for precision in ("fp32", "bf16"):
+        assert probe_tool.main(["--checkpoint", str(run_dir), "--layers", "1", "--eval-batches", "1", "--device", "cpu",
+                                "--precision", precision, "--output", str(tmp_path / precision)]) == 0
+        baselines[precision] = json.loads((tmp_path / precision / "probe.json").read_text())["baseline"]
+        assert f"(cpu, {precision}; the learned routing first" in capsys.readouterr().out
+    assert baselines["bf16"] != baselines["fp32"] and baselines["bf16"] == pytest.approx(baselines["fp32"], rel=0.02)
+    assert plot_tool.main(["--checkpoint", str(run_dir), "--eval-batches", "1", "--device", "cpu", "--precision",
+                           "bf16", "--output", str(tmp_path / "plots")]) == 0
+    assert "(cpu, bf16) ..." in capsys.readouterr().out and (tmp_path / "plots" / "utilisation.json").is_file()
+    assert analysis_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device 'gpu': expected cpu, cuda or cuda:N"):
+        analysis_device("gpu")
+    if not torch.cuda.is_available():
+        for tool in (probe_tool, plot_tool):
+            assert tool.main(["--checkpoint", str(run_dir), "--device", "cuda", "--output", str(tmp_path / "none")]) == 2
+            assert capsys.readouterr().err == "error: --device cuda: this machine has no CUDA device\n"
+        assert not (tmp_path / "none").exists()

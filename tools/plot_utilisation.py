@@ -30,7 +30,8 @@ from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
 from megatron_unipool.training.plots import utilisation_figure  # noqa: E402
-from megatron_unipool.training.probe import (load_routed_model, record_routing, routing_batches,  # noqa: E402
+from megatron_unipool.training.probe import (add_device_arguments, analysis_device, analysis_precision,  # noqa: E402
+                                             load_routed_model, record_routing, routing_batches,
                                              unique_experts_by_depth)
 
 
@@ -40,18 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of train.global_batch sequences (default: the run's train.eval_batches)")
     parser.add_argument("--output", type=Path, default=Path("utilisation"),
                         help="directory for the plots (default: ./utilisation, replaced per file)")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
-        path, config, model = load_routed_model(args.checkpoint, "it has no experts")
-        check_output_directory(args.output, f"--output {args.output}")
+        device = analysis_device(args.device)
+        check_output_directory(args.output, f"--output {args.output}")  # before the minutes of loading
+        print(f"loading {args.checkpoint} ...", flush=True)
+        path, config, model = load_routed_model(args.checkpoint, "it has no experts", device)
+        print("reading the validation data ...", flush=True)
         batches = routing_batches(config, args.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"routing {sum(b[:, 1:].numel() for b in batches):,} validation tokens through {path} ...", flush=True)
-    _, routing = record_routing(model, batches)
+    print(f"routing {sum(b[:, 1:].numel() for b in batches):,} validation tokens through {path} ({device},"
+          f" {args.precision}) ...", flush=True)
+    with analysis_precision(device, args.precision):
+        _, routing = record_routing(model, batches)
     layout = config.moe.pool_layout(config.model.num_layers)
     experts = config.moe.experts_per_pool(config.model.num_layers)
     pool_of_layer = {layer: p for p, layers in enumerate(layout) for layer in layers}

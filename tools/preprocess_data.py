@@ -40,7 +40,7 @@ from megatron_unipool.data import (
     train_bpe_tokenizer,
     write_indexed,
 )
-from megatron_unipool.data.corpus import count_documents
+from megatron_unipool.data.corpus import InputProgress, count_documents
 from megatron_unipool.data.tokenizers import MIN_BPE_VOCAB
 from megatron_unipool.training.outputs import check_output_directory
 
@@ -245,13 +245,14 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
             if tokenizer.vocab_size < args.train_tokenizer_vocab:  # the BPE ran out of pairs to merge
                 print(f"note: the training documents gave only {tokenizer.vocab_size} of the"
                       f" {args.train_tokenizer_vocab} tokens asked for", flush=True)
+        progress = InputProgress(read.text_bytes)
         for prefix, split_documents, count in splits:
             interruption.check()
             staged.append((staging_name(prefix), prefix))
             print(f"encoding {prefix} ({count} documents) ...", flush=True)
             stats = write_indexed(
                 staged[-1][0], tokenizer, split_documents, args.workers, report_every_s=PROGRESS_EVERY_S,
-                expected_documents=count, report_as=prefix,
+                expected_documents=count, report_as=prefix, input_progress=progress,
             )
             print(f"encoded {prefix}: {stats}", flush=True)
         interruption.check()

@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
-from megatron_unipool.training.probe import load_routed_model, probe, routing_batches  # noqa: E402
+from megatron_unipool.training.probe import (add_device_arguments, analysis_device, analysis_precision,  # noqa: E402
+                                             load_routed_model, probe, routing_batches)
 
 
 def chosen_layers(spec: str, moe_layers: list[int]) -> list[int]:
@@ -79,26 +80,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of train.global_batch sequences (default: the run's train.eval_batches)")
     parser.add_argument("--output", type=Path, default=Path("probe"),
                         help="directory for the table, JSON and plot (default: ./probe, replaced per file)")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     if args.seeds < 1:  # each loss is a mean over the draws
         parser.error(f"--seeds must be at least 1, not {args.seeds}")
     if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
-        path, config, model = load_routed_model(args.checkpoint, "there is no routing to probe")
+        device = analysis_device(args.device)
+        check_output_directory(args.output, f"--output {args.output}")  # before the minutes of loading
+        print(f"loading {args.checkpoint} ...", flush=True)
+        path, config, model = load_routed_model(args.checkpoint, "there is no routing to probe", device)
         layers = chosen_layers(args.layers, config.moe.moe_layers(config.model.num_layers))
         top_n = config.moe.num_experts if args.top_n is None else args.top_n
         if top_n and top_n < config.moe.top_k:
             raise ValueError(f"--top-n {top_n} is below moe.top_k={config.moe.top_k}")
-        check_output_directory(args.output, f"--output {args.output}")
+        print("reading the validation data ...", flush=True)
         batches = routing_batches(config, args.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    print(f"probing layers {layers} of {path} on {sum(len(b) for b in batches)} validation sequences ...", flush=True)
-    baseline, rows = probe(model, batches, layers, top_n, args.seeds,
-                           progress=lambda done, total: print(f"  {done}/{total} layers probed", flush=True))
+    print(f"probing layers {layers} of {path} on {sum(len(b) for b in batches)} validation sequences ({device},"
+          f" {args.precision}; the learned routing first, then {args.seeds} draw(s) per layer and candidate set) ...",
+          flush=True)
+    with analysis_precision(device, args.precision):
+        baseline, rows = probe(model, batches, layers, top_n, args.seeds,
+                               progress=lambda done, total: print(f"  {done}/{total} layers probed", flush=True))
     rows = [asdict(r) for r in rows]
     print(f"learned routing: validation loss {baseline:.4f}")
     print(f"{'layer':>5} {'random from':>12} {'loss':>8} {'change':>8}")

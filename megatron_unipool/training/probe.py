@@ -8,7 +8,9 @@ which experts it picks; a small one says any experts (of that set) would do.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -54,23 +56,51 @@ def random_routing(layer: MoELayer, candidates: torch.Tensor, seed: int) -> Iter
 
 @torch.no_grad()
 def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor]) -> float:
-    """Mean token LM loss over the batches (each [B, S+1])."""
+    """Mean token LM loss over the batches (each [B, S+1]), computed on the model's device."""
     model.eval()
+    device = model.embedding.weight.device
     total, count = 0.0, 0
     for batch in batches:
+        batch = batch.to(device)
         logits, _ = model(batch[:, :-1])
-        total += lm_loss_sum(logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+        total += lm_loss_sum(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).item()
         count += batch[:, 1:].numel()
     return total / count
 
 
-def load_routed_model(checkpoint: Path, why: str) -> tuple[Path, Config, LanguageModel]:
-    """(checkpoint path, config, model) of a trained MoE run for the routing tools; a dense one is a
-    ValueError saying `why` they need experts."""
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --precision of the routing tools: a large model's validation passes take minutes a
+    layer on a CPU."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda where there is one)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: the forward passes under bf16 autocast, as training computes them")
+
+
+def analysis_device(name: str) -> torch.device:
+    """--device checked: one this machine lacks is a ValueError saying so, before any work."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def analysis_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast the routing tools' passes run under (none for fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def load_routed_model(checkpoint: Path, why: str, device: torch.device | str = "cpu") -> tuple[Path, Config, LanguageModel]:
+    """(checkpoint path, config, model on `device`) of a trained MoE run for the routing tools; a dense one
+    is a ValueError saying `why` they need experts."""
     path, _, config, model = load_trained_model(checkpoint)
     if config.moe.kind == "dense":
         raise ValueError(f"the checkpoint is a dense model: {why}")
-    return path, config, model
+    return path, config, model.to(device)
 
 
 def routing_batches(config: Config, eval_batches: Optional[int] = None) -> list[torch.Tensor]:
@@ -138,11 +168,13 @@ class ProbeRow:
 def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], top_n: Optional[int],
           seeds: int = 1, progress: Optional[Callable[[int, int], None]] = None) -> tuple[float, list[ProbeRow]]:
     """(baseline loss, one row per layer and candidate set), each loss averaged over `seeds` draws.
-    No top-N set when N covers the pool: it would repeat the pool row. `progress(done, total)` after
-    each layer (a probe of a large model takes minutes per layer)."""
+    No top-N set when N covers the pool: it would repeat the pool row. `progress(done, total)` after the
+    learned routing's pass (done 0) and after each layer (a probe of a large model takes minutes per layer)."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, not {seeds}")
     baseline, routing = record_routing(model, batches)  # the learned routing's loss and choices, one pass
+    if progress is not None:
+        progress(0, len(layers))
     rows = []
     for done, index in enumerate(layers, 1):
         layer = model.layers[index].ffn
