@@ -318,6 +318,23 @@ def test_layer_under_unipool_lock_matches_reference(router, phase, bias, capacit
         assert dropped > 0
 
 
+@pytest.mark.parametrize(("settings", "names"), [
+    ({"aux_loss": "layer", "z_loss_coeff": 0.01}, {"aux_loss", "z_loss"}),
+    ({"aux_loss": "pool", "router": "norm", "capacity_factor": 1.0}, {"aux_loss"}),
+    ({"aux_loss": "pool", "lock_entropy_coeff": 0.1}, {"aux_loss", "entropy_loss"}),
+])
+def test_a_layer_given_no_tokens_has_zero_losses_not_nan(settings, names):
+    """Every balancing loss is a mean over the layer's tokens: over none it is 0 (it was NaN, and one NaN
+    loss makes the step's loss NaN), with zero gradients; the output is empty."""
+    layer, x = build(**settings)
+    layer.train()
+    out, losses = layer(x[:0])
+    assert out.shape == (0, S, D) and set(losses) == names
+    assert all(loss.item() == 0 for loss in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
+
+
 def test_capacity_of_a_hard_locked_layer_counts_its_own_experts():
     """An uneven hard lock (3 and 5 of 8 experts): the second layer's capacity per expert is
     ceil(factor * T * k / 3), from its own experts, not the first layer's 5."""

@@ -89,7 +89,7 @@ class MoELayer(nn.Module):
         cfg = self.config
         losses = {}
         if cfg.aux_loss == "layer":
-            load = torch.div(routed_M, num_tokens * cfg.top_k)  # true division: fp32, one operator
+            load = torch.div(routed_M, max(num_tokens * cfg.top_k, 1))  # true division: fp32, one operator
             losses["aux_loss"] = load_balancing_loss(routing.scores_TM, load, cfg.aux_loss_coeff)
         elif cfg.aux_loss == "pool":
             losses["aux_loss"] = load_balancing_loss(routing.scores_TM, self.stats.f_bar(), cfg.aux_loss_coeff
