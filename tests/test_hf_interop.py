@@ -435,3 +435,26 @@ def test_cli_output_handling_replaces_only_what_it_may(tmp_path, convert_tool, c
     status, err = convert("--output", tmp_path / "broken")
     assert status == 2 and "cannot be read" in err and "Traceback" not in err
     assert not (tmp_path / "broken").exists() and not (tmp_path / ".broken.tmp").exists()
+
+
+def test_import_checks_a_tokenizer_given_with_set(tmp_path, convert_tool, capsys):
+    """--set data.tokenizer=PATH is checked at import: a missing file, or a vocabulary larger than the model's,
+    is refused there (the launcher found it only when the run started), with nothing written."""
+    from megatron_unipool.data import train_bpe_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "llama")  # a vocabulary of 300
+    train_bpe_tokenizer(["ab cd ef gh ij"] * 50, 260, tmp_path / "fits.json")
+    train_bpe_tokenizer([" ".join(f"w{i}" for i in range(400))] * 3, 700, tmp_path / "too_large.json")
+    capsys.readouterr()  # transformers' progress bars
+    cases = [(tmp_path / "absent.json", "tokenizer file not found"),
+             (tmp_path / "too_large.json", "tokens, more than the imported model's vocabulary of 300")]
+    for tokenizer, message in cases:
+        output = tmp_path / tokenizer.stem
+        assert convert_tool.main(["--from", "hf", "--checkpoint", str(tmp_path / "llama"), "--output", str(output),
+                                  "--set", f"data.tokenizer={tokenizer}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: data.tokenizer={str(tokenizer)!r}") and message in err, err
+        assert not output.exists()
+    assert convert_tool.main(["--from", "hf", "--checkpoint", str(tmp_path / "llama"), "--output", str(tmp_path / "ok"),
+                              "--set", f"data.tokenizer={tmp_path / 'fits.json'}"]) == 0
+    assert load_trained_model(tmp_path / "ok")[2].data.tokenizer == str(tmp_path / "fits.json")

@@ -34,7 +34,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from megatron_unipool.config import Config, ConfigError, MoEConfig, with_overrides  # noqa: E402
+from megatron_unipool.config import Config, ConfigError, DataConfig, MoEConfig, with_overrides  # noqa: E402
+from megatron_unipool.data import DataError, build_tokenizer  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import (check_fits, check_same_function, load_trained_state,  # noqa: E402
@@ -122,6 +123,18 @@ def export_hf(args) -> None:
           f"  transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
 
 
+def check_tokenizer(config: Config) -> None:
+    """CheckpointError unless data.tokenizer loads and its ids fit the imported model's vocabulary."""
+    try:
+        tokenizer = build_tokenizer(config.data.tokenizer)
+    except (OSError, DataError) as e:
+        raise CheckpointError(f"data.tokenizer={config.data.tokenizer!r}: {e}") from e
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise CheckpointError(f"data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} tokens, more than"
+                              f" the imported model's vocabulary of {config.model.vocab_size}: give the model's own"
+                              " tokenizer.json")
+
+
 def import_hf(args) -> None:
     hf_config, tensors = read_hf_directory(args.checkpoint)
     model_config, state = from_hf_llama(hf_config, tensors)
@@ -129,6 +142,8 @@ def import_hf(args) -> None:
     # what the weights compute besides their shapes (which check_fits compares): a --set may not change it
     check_same_function(Config(model=model_config), config, "the imported weights")
     check_fits(config, state, f"the weights of {args.checkpoint}, after --set,")
+    if config.data.tokenizer != DataConfig().tokenizer:  # set with --set: checked now, not when training starts
+        check_tokenizer(config)
     print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
 
     write_directory(args.output, lambda directory: write_run_directory(
