@@ -303,6 +303,17 @@ def test_failed_rewrite_leaves_previous_pair_intact(small_dataset_prefix):
     np.testing.assert_array_equal(IndexedDataset(small_dataset_prefix).tokens(0, 9), before)
 
 
+def test_writer_stores_any_integer_array_as_little_endian_tokens(tmp_path):
+    """A strided view, a big-endian array and uint8 bytes are stored as the ids they hold (the writer
+    hands the file the array's memory, which must then be contiguous little-endian storage dtype)."""
+    ids = np.arange(40, dtype=np.int64)
+    documents = [ids.astype(np.uint16)[::3], ids.astype(">u2"), np.frombuffer(b"abc", dtype=np.uint8), ids[5:5]]
+    write_documents(tmp_path / "ds", documents, vocab_size=100, eod_id=99)
+    dataset = IndexedDataset(tmp_path / "ds")
+    assert [dataset.document(i)[:-1].tolist() for i in range(4)] == [d.tolist() for d in documents]
+    assert (tmp_path / "ds.bin").read_bytes()[:4] == b"\x00\x00\x03\x00"  # 0 then 3, little-endian uint16
+
+
 def test_empty_writer_is_an_error_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="no documents"):
         write_documents(tmp_path / "ds", [], vocab_size=100, eod_id=0)
