@@ -303,9 +303,13 @@ def test_failed_rewrite_leaves_previous_pair_intact(small_dataset_prefix):
     np.testing.assert_array_equal(IndexedDataset(small_dataset_prefix).tokens(0, 9), before)
 
 
-def test_writer_stores_any_integer_array_as_little_endian_tokens(tmp_path):
+def test_writer_stores_any_integer_array_as_little_endian_tokens(tmp_path, monkeypatch):
     """A strided view, a big-endian array and uint8 bytes are stored as the ids they hold (the writer
-    hands the file the array's memory, which must then be contiguous little-endian storage dtype)."""
+    hands the file the array's memory, which must then be contiguous little-endian storage dtype), a
+    slice of _WRITE_SLICE tokens at a time."""
+    from megatron_unipool.data import indexed_dataset
+
+    monkeypatch.setattr(indexed_dataset, "_WRITE_SLICE", 4)
     ids = np.arange(40, dtype=np.int64)
     documents = [ids.astype(np.uint16)[::3], ids.astype(">u2"), np.frombuffer(b"abc", dtype=np.uint8), ids[5:5]]
     write_documents(tmp_path / "ds", documents, vocab_size=100, eod_id=99)

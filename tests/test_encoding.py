@@ -178,3 +178,9 @@ def test_workers_end_when_their_parent_is_killed():
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     assert not survivors
+
+
+def test_utf8_length_counts_a_long_text_a_slice_at_a_time(monkeypatch):
+    monkeypatch.setattr(encoding, "_UTF8_SLICE", 3)
+    for text in ["", "ascii only", "naïve café", "🎭🐍 emoji" * 5, "日本語" * 7 + "x"]:
+        assert encoding.utf8_length(text) == len(text.encode("utf-8")), text

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_unipool.data.encoding import encoded_documents
+from megatron_unipool.data.encoding import encoded_documents, utf8_length
 from megatron_unipool.data.errors import DataError
 from megatron_unipool.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 from megatron_unipool.data.tokenizers import Tokenizer, build_tokenizer
@@ -48,6 +48,7 @@ _FOLIO_SUFFIX = "_gut_f"
 _NOT_A_TEXT = "metadata"
 _BLANK_LINE_RUN = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")  # LF or CRLF line ends
 _BYTE_ORDER_MARK = "\ufeff"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds no pairs: any surrogate in one is alone
 
 
 # ---------------------------------------------------------------- default corpus
@@ -201,11 +202,11 @@ def count_documents(
     started = last_report = time.perf_counter()
     documents = blank_documents = text_bytes = 0
     for document in _all_documents(path, json_key, split_on_blank_lines):
-        if not document.strip():
+        if _is_blank(document):
             blank_documents += 1
             continue
         documents += 1
-        text_bytes += len(document.encode("utf-8"))
+        text_bytes += utf8_length(document)
         now = time.perf_counter()
         if report_every_s is not None and now - last_report >= report_every_s:
             print(f"reading {path}: {ReadStats(documents, blank_documents, text_bytes, now - started)}", flush=True)
@@ -231,11 +232,16 @@ def _all_documents(path: Path, json_key: str, split_on_blank_lines: bool) -> Ite
 def _non_blank(documents: Iterable[str], path: Path) -> Iterator[str]:
     found = False
     for document in documents:
-        if document.strip():
+        if not _is_blank(document):
             found = True
             yield document
     if not found:
         raise _no_documents_error(path)
+
+
+def _is_blank(text: str) -> bool:
+    """Empty or whitespace only; not ``text.strip()``, which copies a long document that ends in a space."""
+    return not text or text.isspace()
 
 
 def _no_documents_error(path: Path) -> DataError:
@@ -261,9 +267,10 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
                 raise DataError(
                     f"{where}: not valid UTF-8 ({error.reason} at byte {error.start})"
                 ) from error
+            del raw_line  # a long document's line: one copy at a time, here and below
             if line_number == 1:
                 line = line.removeprefix(_BYTE_ORDER_MARK)
-            if not line.strip():
+            if _is_blank(line):
                 continue
             try:
                 record = json.loads(line)
@@ -271,6 +278,7 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
                 raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
             except RecursionError as error:  # pathological nesting: json's C decoder recurses
                 raise DataError(f"{where}: JSON nested too deeply to read") from error
+            del line
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             if json_key not in record:
@@ -278,13 +286,13 @@ def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
             text = record[json_key]
             if not isinstance(text, str):
                 raise DataError(f"{where}: {json_key!r} holds {type(text).__name__}, expected a string")
-            try:  # JSON escapes can spell a lone surrogate ("\\ud800"), which no tokenizer can encode
-                text.encode("utf-8")
-            except UnicodeEncodeError as error:
+            # JSON escapes can spell a lone surrogate ("\\ud800"), which no tokenizer can encode
+            if not text.isascii() and (surrogate := _LONE_SURROGATE.search(text)):
                 raise DataError(
-                    f"{where}: {json_key!r} holds a lone surrogate (U+{ord(text[error.start]):04X} at "
-                    f"character {error.start}), which is not encodable text"
-                ) from error
+                    f"{where}: {json_key!r} holds a lone surrogate (U+{ord(surrogate.group()):04X} at "
+                    f"character {surrogate.start()}), which is not encodable text"
+                )
+            del record
             yield text
 
 

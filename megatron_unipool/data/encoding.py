@@ -33,9 +33,20 @@ _INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 _EXIT_WAIT_S = 10.0  # for a worker to end on its own after its last chunk, before it is killed
 
 
+_UTF8_SLICE = 1 << 20  # characters encoded at a time to count a long text's UTF-8 bytes
+
+
 def encode(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, int]:
     """``(token ids, UTF-8 bytes of text)``."""
-    return tokenizer.encode_as_array(text), len(text.encode("utf-8"))
+    return tokenizer.encode_as_array(text), utf8_length(text)
+
+
+def utf8_length(text: str) -> int:
+    """``len(text.encode("utf-8"))`` without a copy of a long text: ASCII is known without a scan, and other
+    text is encoded a slice at a time."""
+    if text.isascii():
+        return len(text)
+    return sum(len(text[start:start + _UTF8_SLICE].encode("utf-8")) for start in range(0, len(text), _UTF8_SLICE))
 
 
 @contextlib.contextmanager

@@ -52,6 +52,7 @@ _HEADER = _HEADERS[VERSION]
 _OFFSET_DTYPE = np.dtype("<i8")
 _DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 _UINT16_VOCAB_LIMIT = 2**16
+_WRITE_SLICE = 1 << 22  # tokens converted and written at a time
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -162,8 +163,10 @@ class IndexedDatasetWriter:
             raise DataError(
                 f"document {doc_index}: token id {first_bad} is outside the vocabulary [0, {self.vocab_size})"
             )
-        # file.write, not ndarray.tofile: tofile hands the file to C anew on each call, ~10x slower for small documents
-        self._bin_file.write(np.ascontiguousarray(ids, dtype=self.dtype))
+        # file.write, not ndarray.tofile: tofile hands the file to C anew on each call, ~10x slower for small
+        # documents; a slice at a time, so that a long document's conversion to the storage dtype stays small
+        for start in range(0, ids.size, _WRITE_SLICE):
+            self._bin_file.write(np.ascontiguousarray(ids[start:start + _WRITE_SLICE], dtype=self.dtype))
         self._bin_file.write(self._eod)
         self._offsets.append(self.num_tokens + ids.size + 1)
 
