@@ -318,6 +318,25 @@ def test_writer_stores_any_integer_array_as_little_endian_tokens(tmp_path, monke
     assert (tmp_path / "ds.bin").read_bytes()[:4] == b"\x00\x00\x03\x00"  # 0 then 3, little-endian uint16
 
 
+def test_a_tokenizer_giving_a_negative_id_is_named_by_the_writer(tmp_path):
+    """The base encode_as_array keeps what encode returns: a custom tokenizer's -1 reaches the writer's range
+    check (a cast to uint32 first made it an OverflowError naming no document, or a huge id)."""
+    from megatron_unipool.data import Tokenizer
+
+    class Broken(Tokenizer):
+        name, vocab_size, eod_id = "broken", 10, 9
+
+        def encode(self, text):
+            return [1, -1] if text == "bad" else [1]
+
+        def decode(self, ids):
+            return ""
+
+    with pytest.raises(DataError, match=r"document 1: token id -1 is outside the vocabulary \[0, 10\)"):
+        write_indexed(tmp_path / "c", Broken(), ["good", "bad"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_writer_is_an_error_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="no documents"):
         write_documents(tmp_path / "ds", [], vocab_size=100, eod_id=0)

@@ -20,6 +20,13 @@ from megatron_unipool.data.encoding import encoded_documents
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+class UnpicklableError(Exception):
+    """Pickles, but its two-argument __init__ fails when the parent unpickles it."""
+
+    def __init__(self, document: str, reason: str):
+        super().__init__(f"{document!r}: {reason}")
+
+
 class ScriptedTokenizer(ByteTokenizer):
     """The byte tokenizer, with texts that make the process encoding them sleep, raise or die."""
 
@@ -28,6 +35,8 @@ class ScriptedTokenizer(ByteTokenizer):
             time.sleep(float(text.split()[1]))
         if text == "RAISE":
             raise ValueError("cannot encode RAISE")
+        if text == "RAISE UNPICKLABLE":
+            raise UnpicklableError(text, "unsupported")
         if text == "DIE":
             os.kill(os.getpid(), signal.SIGKILL)
         if text == "HUGE":  # more than a pipe holds: its worker blocks sending it until the parent reads
@@ -101,6 +110,36 @@ def test_a_worker_error_is_raised_with_its_documents_and_no_worker_outlives_it()
     notes = "\n".join(raised.value.__notes__)
     assert "raised in encoding worker 1" in notes and "on documents 16..20" in notes, notes
     assert "worker traceback" in notes and "cannot encode RAISE" in notes
+
+
+def test_an_error_that_does_not_unpickle_is_still_reported():
+    with pytest.raises(RuntimeError, match=r"UnpicklableError: 'RAISE UNPICKLABLE': unsupported \(not picklable") as raised:
+        encode_all(ScriptedTokenizer(), ["a", "RAISE UNPICKLABLE"], workers=2)
+    assert "worker traceback" in str(raised.value) and "raised in encoding worker 0" in "\n".join(raised.value.__notes__)
+
+
+def test_a_worker_dead_before_its_next_chunk_is_reported():
+    """Worker 0 dies in its second chunk (documents 32..47) while the writer is slow with the first result:
+    sending it its next chunk (documents 128..143) fails, and says which worker died and how, not just
+    "Broken pipe"."""
+    documents = ["a"] * 32 + ["DIE"] + ["c"] * 2000
+    with pytest.raises(ChildProcessError, match=r"encoding worker 0 \(pid \d+\), on documents 128..143: was killed by "
+                                                r"SIGKILL"):
+        with encoded_documents(ScriptedTokenizer(), documents, workers=2) as encoded:
+            next(encoded)
+            time.sleep(1)
+            list(encoded)
+
+
+def test_the_block_exits_at_once_when_its_reader_stops_early():
+    """A reader that leaves the block without an exception (a `break`): the workers blocked sending results
+    no one reads end at once, not after waiting out their exit time."""
+    started = time.monotonic()
+    with encoded_documents(ByteTokenizer(), ["x" * 200_000] * 40, workers=2) as encoded:
+        next(encoded)
+    assert time.monotonic() - started < encoding._EXIT_WAIT_S / 2 and not encoding_workers()
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        encode_all(ByteTokenizer(), ["a"], workers=0)
 
 
 def test_a_killed_worker_is_reported_not_waited_for():

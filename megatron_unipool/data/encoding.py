@@ -55,6 +55,8 @@ def encoded_documents(
 ) -> Iterator[Iterator[tuple[np.ndarray, int]]]:
     """``encode`` of each of ``documents``, in order; with ``workers > 1`` in that many processes,
     which are gone when the block exits, however it exits."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if workers == 1:
         yield (encode(tokenizer, text) for text in documents)
         return
@@ -107,8 +109,11 @@ class EncodingWorkers:
         sent = documents_sent = 0
         while True:
             while len(in_flight) < window and (chunk := next(chunks, None)) is not None:
-                self._tasks[sent % workers][1].send(chunk)
                 in_flight.append(range(documents_sent, documents_sent + len(chunk)))
+                try:
+                    self._tasks[sent % workers][1].send(chunk)
+                except OSError:  # it died since it took its last chunk
+                    raise self._gone(sent % workers, in_flight[-1]) from None
                 sent += 1
                 documents_sent += len(chunk)
             if not in_flight:
@@ -116,29 +121,35 @@ class EncodingWorkers:
             yield from self._receive((sent - len(in_flight)) % workers, in_flight.popleft())
 
     def _receive(self, worker: int, chunk: range) -> list[tuple[np.ndarray, int]]:
-        where = f"encoding worker {worker} (pid {self._processes[worker].pid}), on documents {chunk[0]}..{chunk[-1]}"
         try:
             outcome = self._results[worker][0].recv()
         except (EOFError, OSError):
-            raise ChildProcessError(f"{where}: {_how_it_ended(self._processes[worker])}") from None
+            raise self._gone(worker, chunk) from None
         if isinstance(outcome, BaseException):
-            outcome.add_note(f"raised in {where}")
+            outcome.add_note(f"raised in {self._where(worker, chunk)}")
             raise outcome
         return outcome
+
+    def _where(self, worker: int, chunk: range) -> str:
+        return f"encoding worker {worker} (pid {self._processes[worker].pid}), on documents {chunk[0]}..{chunk[-1]}"
+
+    def _gone(self, worker: int, chunk: range) -> ChildProcessError:
+        """A worker that died (the kernel's OOM killer, a signal to it alone), found sending it a chunk or reading one back."""
+        return ChildProcessError(f"{self._where(worker, chunk)}: {_how_it_ended(self._processes[worker])}")
 
     def _stop(self, kill: bool) -> None:
         """Closing its task pipe ends a worker once its chunks are done; after a failure, or past
         ``_EXIT_WAIT_S``, it is killed, which no lock shared with the parent can hold up."""
         for _, task_writer in self._tasks:
             task_writer.close()
+        for result_reader, _ in self._results:  # a worker blocked sending a result no one will read ends at once
+            result_reader.close()
         for process in self._processes:
             if not kill:
                 process.join(_EXIT_WAIT_S)
             if process.is_alive():
                 process.kill()
             process.join()
-        for result_reader, _ in self._results:
-            result_reader.close()
 
 
 def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -228,7 +239,7 @@ def _sendable(error: Exception) -> Exception:
     saying what it was when it does not pickle."""
     error.add_note(f"worker traceback:\n{traceback.format_exc().rstrip()}")
     try:
-        pickle.dumps(error)
+        pickle.loads(pickle.dumps(error))  # some pickle, and then fail to unpickle in the parent
     except Exception:
         return RuntimeError(f"{type(error).__name__}: {error} (not picklable, so re-raised as RuntimeError)\n"
                             + "\n".join(error.__notes__))

@@ -47,9 +47,10 @@ class Tokenizer(abc.ABC):
         """Inverse of ``encode``."""
 
     def encode_as_array(self, text: str) -> np.ndarray:
-        """``encode`` as an unsigned integer array, the form the dataset writer consumes: 4 bytes a token at
-        most (a long document's ids as Python ints take ~36), and narrower where the vocabulary allows."""
-        return np.array(self.encode(text), dtype=np.uint32)
+        """``encode`` as an integer array, the form the dataset writer consumes (and range-checks). The
+        tokenizers here return unsigned ids, 4 bytes a token at most: a long document's ids as Python ints
+        take ~36."""
+        return np.asarray(self.encode(text), dtype=np.int64)
 
     def __repr__(self) -> str:
         return (
@@ -126,6 +127,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_as_array(self, text: str) -> np.ndarray:
+        return np.array(self.encode(text), dtype=np.uint32)  # ids of a Rust u32 vocabulary
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
