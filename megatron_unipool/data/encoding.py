@@ -31,8 +31,6 @@ CHUNK_CHARACTERS = 1 << 20  # a chunk ends once it holds this much text; a longe
 CHUNKS_IN_FLIGHT = 4  # per worker: enough to keep it busy while the parent writes the others' results
 _INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
 _EXIT_WAIT_S = 10.0  # for a worker to end on its own after its last chunk, before it is killed
-
-
 _UTF8_SLICE = 1 << 20  # characters encoded at a time to count a long text's UTF-8 bytes
 
 
