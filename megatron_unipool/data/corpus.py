@@ -21,8 +21,6 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
-
 from megatron_unipool.data.encoding import encoded_documents, utf8_length
 from megatron_unipool.data.errors import DataError
 from megatron_unipool.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
