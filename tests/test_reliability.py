@@ -967,7 +967,7 @@ def test_a_model_the_host_cannot_hold_is_refused_before_it_is_built(tiny_config,
     monkeypatch.setattr(hardware, "available_host_memory", lambda: 4 * params)
     Trainer(config, tmp_path / "run")  # exactly enough
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's: two processes of this host build it
-    with pytest.raises(ConfigError, match=rf"parameters, on each of the 2 processes of this host, .* GiB in fp32 in all"):
+    with pytest.raises(ConfigError, match=r"parameters, on each of the 2 processes of this host, .* GiB in fp32 in all"):
         Trainer(config, tmp_path / "run")
 
 

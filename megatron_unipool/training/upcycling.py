@@ -243,7 +243,7 @@ def _norm_router_rescale(old: Config, new: Config, source: list[int]) -> float:
     """NormRouter scores are scale * c(M, k) * relu(l / ||l||). Replicating every expert m times
     multiplies ||l|| by sqrt(m) and changes c; this factor on the scale undoes both, so each
     expert keeps its score (exactly for uniform replication, approximately otherwise)."""
-    old_m, new_m, k = old.moe.experts_per_pool(old.model.num_layers), len(source), old.moe.top_k
+    old_m, new_m = old.moe.experts_per_pool(old.model.num_layers), len(source)
     return norm_constant(old.moe, old_m) / norm_constant(new.moe, new_m) * math.sqrt(new_m / old_m)
 
 
