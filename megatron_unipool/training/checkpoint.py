@@ -459,16 +459,16 @@ def load_trained_state(checkpoint: Path) -> tuple[Path, dict[str, Any], Config]:
     return path, payload, config
 
 
-def trained_model(path: Path, payload: dict[str, Any], config: Config) -> LanguageModel:
-    """The model computing with the weights ``load_trained_state`` read, for tools that run it. It computes
-    with the default kernels (a GPU run's Triton or flash-attn settings would not run on the machine a tool
-    reads it on); the config keeps the run's own."""
+def trained_model(payload: dict[str, Any], config: Config) -> LanguageModel:
+    """The model computing with the weights ``load_trained_state`` read (and checked), for tools that run it.
+    It computes with the default kernels (a GPU run's Triton or flash-attn settings would not run on the
+    machine a tool reads it on); the config keeps the run's own."""
     model = LanguageModel(config.model.with_default_kernels(), config.moe)
-    restore_model(model, payload["model"], path)
+    model.load_state_dict(payload["model"])
     return model
 
 
 def load_trained_model(checkpoint: Path) -> tuple[Path, dict[str, Any], Config, LanguageModel]:
     """``load_trained_state`` and ``trained_model`` of a run or step_* directory."""
     path, payload, config = load_trained_state(checkpoint)
-    return path, payload, config, trained_model(path, payload, config)
+    return path, payload, config, trained_model(payload, config)
