@@ -145,7 +145,12 @@ def staging_name(target: str | os.PathLike) -> str:
     """Where ``target`` is written before it is published. The name holds this host and process, so that a
     later run can tell the files of a run that was killed (SIGKILL, the OOM killer) from those of one still
     running, on this host or on another sharing the file system."""
-    return f"{target}.partial-{socket.gethostname()}-{os.getpid()}"
+    return f"{_staged_on_this_host(target)}{os.getpid()}"
+
+
+def _staged_on_this_host(target: str | os.PathLike) -> str:
+    """What every staging name of ``target`` written on this host starts with; the process id follows."""
+    return f"{target}.partial-{socket.gethostname()}-"
 
 
 def remove_abandoned_staging(targets: Iterable[str | os.PathLike]) -> list[Path]:
@@ -153,7 +158,7 @@ def remove_abandoned_staging(targets: Iterable[str | os.PathLike]) -> list[Path]
     had no chance to, and each can hold a dataset's worth of disk."""
     removed = []
     for target in map(Path, targets):
-        ours = f"{target.name}.partial-{socket.gethostname()}-"
+        ours = Path(_staged_on_this_host(target)).name
         for path in target.parent.glob(f"{glob.escape(ours)}*"):
             pid = re.match(r"(\d+)(\.|$)", path.name[len(ours):])
             if pid and not process_exists(int(pid[1])):
