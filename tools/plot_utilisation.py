@@ -28,28 +28,19 @@ import torch  # noqa: E402
 
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
-from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
+from megatron_unipool.training.outputs import save_atomically  # noqa: E402
 from megatron_unipool.training.plots import utilisation_figure  # noqa: E402
-from megatron_unipool.training.probe import (add_device_arguments, analysis_device, analysis_precision,  # noqa: E402
-                                             load_routed_model, record_routing, routing_batches,
+from megatron_unipool.training.probe import (add_routed_run_arguments, analysis_precision,  # noqa: E402
+                                             open_routed_run, record_routing, routing_batches,
                                              unique_experts_by_depth)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="run directory or step_* directory")
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of train.global_batch sequences (default: the run's train.eval_batches)")
-    parser.add_argument("--output", type=Path, default=Path("utilisation"),
-                        help="directory for the plots (default: ./utilisation, replaced per file)")
-    add_device_arguments(parser)
+    add_routed_run_arguments(parser, "utilisation", "the plots")
     args = parser.parse_args(argv)
-    if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
-        parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
-        device = analysis_device(args.device)
-        check_output_directory(args.output, f"--output {args.output}")  # before the minutes of loading
-        print(f"loading {args.checkpoint} ...", flush=True)
-        path, config, model = load_routed_model(args.checkpoint, "it has no experts", device)
+        device, path, config, model = open_routed_run(parser, args, "it has no experts")
         print("reading the validation data ...", flush=True)
         batches = routing_batches(config, args.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:

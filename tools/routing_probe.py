@@ -31,9 +31,9 @@ import torch  # noqa: E402
 
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
-from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
-from megatron_unipool.training.probe import (add_device_arguments, analysis_device, analysis_precision,  # noqa: E402
-                                             load_routed_model, probe, routing_batches)
+from megatron_unipool.training.outputs import save_atomically  # noqa: E402
+from megatron_unipool.training.probe import (add_routed_run_arguments, analysis_precision, open_routed_run,  # noqa: E402
+                                             probe, routing_batches)
 
 
 def chosen_layers(spec: str, moe_layers: list[int]) -> list[int]:
@@ -72,25 +72,16 @@ def plot(rows: list[dict], baseline: float, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="run directory or step_* directory")
+    add_routed_run_arguments(parser, "probe", "the table, JSON and plot")
     parser.add_argument("--layers", default="deep", help="deep (default), all, or a comma-separated list")
     parser.add_argument("--top-n", type=int, default=None,
                         help="also draw from each layer's N most used experts (default: moe.num_experts; 0: no)")
     parser.add_argument("--seeds", type=int, default=1, help="random draws averaged per layer")
-    parser.add_argument("--eval-batches", type=int, default=None, help="validation batches of train.global_batch sequences (default: the run's train.eval_batches)")
-    parser.add_argument("--output", type=Path, default=Path("probe"),
-                        help="directory for the table, JSON and plot (default: ./probe, replaced per file)")
-    add_device_arguments(parser)
     args = parser.parse_args(argv)
     if args.seeds < 1:  # each loss is a mean over the draws
         parser.error(f"--seeds must be at least 1, not {args.seeds}")
-    if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
-        parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
     try:
-        device = analysis_device(args.device)
-        check_output_directory(args.output, f"--output {args.output}")  # before the minutes of loading
-        print(f"loading {args.checkpoint} ...", flush=True)
-        path, config, model = load_routed_model(args.checkpoint, "there is no routing to probe", device)
+        device, path, config, model = open_routed_run(parser, args, "there is no routing to probe")
         layers = chosen_layers(args.layers, config.moe.moe_layers(config.model.num_layers))
         top_n = config.moe.num_experts if args.top_n is None else args.top_n
         if top_n and top_n < config.moe.top_k:

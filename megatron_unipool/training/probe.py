@@ -22,6 +22,7 @@ from ..config import Config
 from ..model import LanguageModel, MoELayer, Routing, lm_loss_sum
 from .checkpoint import load_trained_model
 from .datasets import build_datasets, validation_batches
+from .outputs import check_output_directory
 
 
 class RandomRouting(nn.Module):
@@ -68,9 +69,15 @@ def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor]) -> float:
     return total / count
 
 
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device and --precision of the routing tools: a large model's validation passes take minutes a
-    layer on a CPU."""
+def add_routed_run_arguments(parser: argparse.ArgumentParser, output: str, writes: str) -> None:
+    """The routing tools' common options: the run, its validation batches, the output directory (default
+    ./`output`, holding `writes`), and --device and --precision (a large model's validation passes take
+    minutes a layer on a CPU)."""
+    parser.add_argument("--checkpoint", required=True, type=Path, help="run directory or step_* directory")
+    parser.add_argument("--eval-batches", type=int, default=None,
+                        help="validation batches of train.global_batch sequences (default: the run's train.eval_batches)")
+    parser.add_argument("--output", type=Path, default=Path(output),
+                        help=f"directory for {writes} (default: ./{output}, replaced per file)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda where there is one)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -92,6 +99,18 @@ def analysis_device(name: str) -> torch.device:
 def analysis_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The autocast the routing tools' passes run under (none for fp32)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def open_routed_run(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    why: str) -> tuple[torch.device, Path, Config, LanguageModel]:
+    """(device, checkpoint path, config, model) for add_routed_run_arguments' options, each checked before
+    the minutes of loading; `why` says what a dense model lacks."""
+    if args.eval_batches is not None and args.eval_batches < 1:  # 0 would silently mean the run's default
+        parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
+    device = analysis_device(args.device)
+    check_output_directory(args.output, f"--output {args.output}")
+    print(f"loading {args.checkpoint} ...", flush=True)
+    return (device, *load_routed_model(args.checkpoint, why, device))
 
 
 def load_routed_model(checkpoint: Path, why: str, device: torch.device | str = "cpu") -> tuple[Path, Config, LanguageModel]:
