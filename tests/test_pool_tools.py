@@ -487,6 +487,44 @@ def test_tool_dense_example_of_the_readme(data_cache, tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_dense_upcycling_keeps_reading_the_source_data_in_its_order(data_cache, tmp_path, capsys):
+    """The checkpoint carries the dense run's position in its data (consumed samples), meaningful only in that
+    run's sample order and data: --to-config's seed and data are replaced by the source's (with a note), unless
+    a --set chooses them, or the source is at sample 0 (an imported model); a changed seq_len is named, as at a
+    resume."""
+    from megatron_unipool.training.checkpoint import write_run_directory
+    tool = tool_module("upcycle")
+    dense = load_config(REPO / "configs/tiny_dense_cpu.json", [f"data.cache_dir={data_cache}", "train.seed=7"])
+    for name, consumed in (("dense", 32), ("fresh", 0)):
+        write_run_directory(tmp_path / name, dense, LanguageModel(dense.model, dense.moe).state_dict(), {},
+                            {"consumed_samples": consumed})
+    to_config = REPO / "configs/tiny_vanilla_cpu.json"
+    target = load_config(to_config, world_size=None)
+    assert target.train.seed != 7 and target.data.cache_dir != dense.data.cache_dir  # what the tool must replace
+
+    def written(name: str, *overrides: str, source: str = "dense"):
+        assert tool.main(["--checkpoint", str(tmp_path / source), "--to-config", str(to_config), "--set",
+                          "moe.normalize_gates=true", *overrides, "--output", str(tmp_path / name)]) == 0
+        payload = load_checkpoint(resolve_checkpoint(tmp_path / name))
+        assert payload["train_state"]["consumed_samples"] == (32 if source == "dense" else 0)
+        return config_from_dict(json.loads((tmp_path / name / "config.json").read_text()), world_size=None)
+
+    fresh = written("from_fresh", source="fresh")
+    assert fresh.train.seed == target.train.seed and fresh.data == target.data
+    assert "note" not in capsys.readouterr().err
+    kept = written("kept")
+    assert kept.train.seed == 7 and kept.data == dense.data and kept.moe.kind == "vanilla"
+    assert (f"note: the upcycled run continues the source's data at sample 32, so it keeps the source's train.seed=7"
+            f" (--to-config: {target.train.seed}), data.cache_dir={dense.data.cache_dir!r}") in capsys.readouterr().err
+    chosen = written("chosen", "--set", "train.seed=9", "--set", f"data.cache_dir={target.data.cache_dir}",
+                     "--set", "model.seq_len=32")
+    assert chosen.train.seed == 9 and chosen.data.cache_dir == target.data.cache_dir
+    err = capsys.readouterr().err
+    assert "keeps the source's" not in err
+    assert (f"note: model.seq_len=32, the source's run had {dense.model.seq_len}: the run continues at sample 32 of 32-token samples, not"
+            " at the token where the source's data stopped") in err
+
+
 def test_tool_output_continues_with_the_launcher(trained, tmp_path):
     config, payload, run_dir = trained["softmax_top2"]
     out = tmp_path / "upcycled"

@@ -16,7 +16,8 @@ absolute path (checkpoint.load) when launched with another --run-dir. A capacity
 multiplied by the multiplier (capacity is per expert: each keeps its slots); --set sets it back.
 `--set` changes the written config (e.g. train.max_steps, train.warmup_steps); for a dense source
 it applies to --to-config before upcycling, whose expert count then comes from that config alone
-(--multiplier, --selection and --optimizer do not apply). Into vanilla MoE, the copies of a dense FFN
+(--multiplier, --selection and --optimizer do not apply), and whose train.seed and data section are the dense
+run's, where the data position carried is (noted; a --set of them wins). Into vanilla MoE, the copies of a dense FFN
 compute it only with gates that sum to 1 and no drops: raw softmax gates (as in configs/*vanilla*.json)
 and capacity are refused, hence moe.normalize_gates=true above (with top-2: at top-1 a renormalised
 gate is always 1, which leaves the routers to the balancing losses alone). Into UniPool, the pool's
@@ -29,7 +30,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 try:
@@ -37,12 +38,14 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_unipool.config import Config, ConfigError, load_config, with_overrides  # noqa: E402
+from megatron_unipool.config import (Config, ConfigError, DataConfig, load_config, parse_override,  # noqa: E402
+                                     with_overrides)
 from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
 from megatron_unipool.model import param_budget  # noqa: E402
 from megatron_unipool.training.checkpoint import (LATEST, check_fits, check_same_function, checkpoints_dir,  # noqa: E402
                                                   load_trained_state, step_directory_name, trained_model,
                                                   write_run_directory)
+from megatron_unipool.training.datasets import seq_len_note  # noqa: E402
 from megatron_unipool.training.hardware import check_fits_host_memory  # noqa: E402
 from megatron_unipool.training.outputs import (check_output_directory, check_replaceable_output,  # noqa: E402
                                                recover_replaced_directory, write_directory)
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             if ignored:
                 print(f"warning: {', '.join(ignored)} ignored: a dense checkpoint's experts are copies of its FFNs, as"
                       " many as --to-config has", file=sys.stderr)
-            target = load_config(args.to_config, args.overrides, world_size=None)
+            target = reading_the_source_data(config, load_config(args.to_config, args.overrides, world_size=None),
+                                             args.overrides, payload["train_state"]["consumed_samples"])
             # upcycle_dense builds the target model and a state dict of it: two copies of its weights
             check_fits_host_memory(2 * param_budget(target.model, target.moe).total_params,
                                    "the upcycled model (built, then copied into its state)")
@@ -146,6 +150,29 @@ def main(argv: list[str] | None = None) -> int:
           f" with\n"
           f"  python launch/pretrain.py --config {args.output / 'config.json'} --run-dir {args.output}")
     return 0
+
+
+def reading_the_source_data(source: Config, target: Config, overrides: list[str], consumed_samples: int) -> Config:
+    """The dense source's `train.seed` and `data` in place of --to-config's: the upcycled checkpoint continues at
+    the source's position in its data (consumed samples), which in another seed's order or in other data would
+    repeat some samples and skip others. A --set of either wins; what replaced --to-config's is said."""
+    if not consumed_samples:  # no position to keep (an imported model): --to-config's stand
+        return target
+    chosen = {parse_override(text)[:2] for text in overrides}
+    kept = {name: getattr(source.data, name) for name in (f.name for f in fields(DataConfig)) if ("data", name) not in chosen}
+    seed = target.train.seed if ("train", "seed") in chosen else source.train.seed
+    replaced = [f"data.{name}={value!r} (--to-config: {getattr(target.data, name)!r})" for name, value in kept.items()
+                if value != getattr(target.data, name)]
+    if seed != target.train.seed:
+        replaced.insert(0, f"train.seed={seed} (--to-config: {target.train.seed})")
+    if replaced:
+        print(f"note: the upcycled run continues the source's data at sample {consumed_samples:,}, so it keeps the"
+              f" source's {', '.join(replaced)}; --set them to read other data", file=sys.stderr)
+    note = seq_len_note(target.model.seq_len, source.model.seq_len, "the source's", consumed_samples)
+    if note:
+        print(note, file=sys.stderr)
+    return with_overrides(replace(target, data=replace(target.data, **kept), train=replace(target.train, seed=seed)),
+                          [])
 
 
 def report(source: Config, result: Upcycled, written: Config) -> None:

@@ -75,6 +75,15 @@ def _tokenizer_of(split: IndexedDataset) -> str:
     return f"tokenizer {split.tokenizer or 'not recorded'}, vocabulary {split.vocab_size}, EOD id {split.eod_id}"
 
 
+def seq_len_note(seq_len: int, saved_seq_len: int, whose: str, consumed_samples: int) -> Optional[str]:
+    """What continuing at `consumed_samples` means when they counted samples of another length (`whose` run
+    counted them: "the checkpoint's"), or None at the same length."""
+    if seq_len == saved_seq_len:
+        return None
+    return (f"note: model.seq_len={seq_len}, {whose} run had {saved_seq_len}: the run continues at sample"
+            f" {consumed_samples:,} of {seq_len}-token samples, not at the token where {whose} data stopped")
+
+
 def validation_batches(valid: TokenSampleDataset, micro_batch: int, sequences: int) -> list[torch.Tensor]:
     """`sequences` samples spread evenly over the validation split (its first samples alone would be one
     play's cast list), in micro-batches; a split holding fewer gives all of its samples, rounded down to

@@ -34,7 +34,7 @@ from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_back
 from .checkpoint import (CheckpointError, adopt_lock_change, changed_settings, check_run_directory, check_same_head_split,
                          checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint, load_checkpoint,
                          restore_model, save_checkpoint, set_rng_state, training_fingerprint)
-from .datasets import DataError, build_datasets, replica_share, validation_batches
+from .datasets import DataError, build_datasets, replica_share, seq_len_note, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
 from .hardware import check_fits_host_memory, peak_flops, processes_on_this_host
@@ -134,11 +134,10 @@ class Trainer:
                 self._note_changed_schedule(payload["config"]["train"]["max_steps"])
                 self._note_changed_settings(changed_settings(payload["config"], config, self.state.step),
                                             payload["config"]["train"]["seed"], payload["train_state"].get("tokenizer"))
-                saved_seq_len = payload["config"]["model"]["seq_len"]
-                if saved_seq_len != config.model.seq_len:  # consumed_samples counts samples of the saved length
-                    print(f"note: model.seq_len={config.model.seq_len}, the checkpoint's run had {saved_seq_len}: the"
-                          f" run continues at sample {self.state.consumed_samples} of {config.model.seq_len}-token"
-                          " samples, not at the token where the checkpoint's data stopped", flush=True)
+                note = seq_len_note(config.model.seq_len, payload["config"]["model"]["seq_len"], "the checkpoint's",
+                                    self.state.consumed_samples)
+                if note:
+                    print(note, flush=True)
         self.channel = StageChannel(self.parallel, (train.micro_batch, config.model.seq_len, config.model.hidden_size),
                                     self.backend.activation_dtype, self.device)
 
