@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_unipool.config import config_from_dict, config_to_dict, load_config
-from megatron_unipool.model import LanguageModel
+from megatron_unipool.model import LanguageModel, param_budget
 from megatron_unipool.training import Trainer, build_datasets, load_checkpoint, resolve_checkpoint
 from megatron_unipool.training.upcycling import (MAX_EXTRA, expert_utility, replica_sources, upcycle, upcycle_dense,
                                                  utility_batches)
@@ -600,7 +600,6 @@ def test_upcycle_checks_host_memory_for_all_it_builds(trained, data_cache, tmp_p
     """--optimizer copy also builds the grown pool's two AdamW moments (the check counted the weights alone: 2 GB
     used where 0.4 GB were checked); a dense checkpoint's target model and its state were not checked at all (the
     allocator's traceback). At exactly the memory needed the work starts."""
-    from megatron_unipool.model import param_budget
     from megatron_unipool.training import hardware
     from megatron_unipool.training.checkpoint import write_run_directory
 
@@ -1188,6 +1187,23 @@ def test_reproduction_trains_seed_by_seed_without_checkpoints_and_reuses_reduced
     assert results["unipool-50%"][1] == {"seed": 2, **{key: summary[key] for key in (
         "final_val_loss", "final_train_loss", "total_params", "active_params", "tokens_per_second", "train_losses")}}
     assert module.main(args) == 0 and len(launched) == 4  # every run reused, none refused
+
+
+@pytest.mark.parametrize("resize, full_pool", [([], 32), (["moe.num_experts=4"], 16), (["moe.moe_layer_interval=2"], 16),
+                                               (["model.num_layers=6"], 48)])
+def test_reduced_pools_are_their_share_of_the_full_pool_the_set_leaves(reproduce_tool, tmp_path, resize, full_pool):
+    """unipool-67% / -50% are those shares of the full pool (MoE layers x experts per layer) of the config as --set
+    leaves it: a --set of the layers or experts per layer resizes them with it, so their labels stay true."""
+    module, _ = reproduce_tool
+    assert module.main(["--seeds", "1", "--models", "unipool-67%", "unipool-50%", "--output", str(tmp_path),
+                        *(item for o in resize for item in ("--set", o))]) == 0
+    for name, share in (("unipool-67%", 0.67), ("unipool-50%", 0.5)):
+        recorded = json.loads((tmp_path / name / "seed1" / "overrides.json").read_text())
+        pool = round(share * full_pool)
+        assert recorded == [f"moe.pool_size={pool}", *resize]
+        config = load_config(REPO / "configs/tiny_unipool_cpu.json", recorded, world_size=None)
+        budget = param_budget(config.model, config.moe)
+        assert budget.expert_budget_percent == pytest.approx(100 * pool / full_pool)
 
 
 def test_reproduction_checks_every_runs_settings_before_training(reproduce_tool, tmp_path, capsys):

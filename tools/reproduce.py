@@ -40,19 +40,30 @@ from megatron_unipool.training import checkpoints_dir  # noqa: E402
 from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
 
 LOG_TAIL = 20  # lines of a failed run's log shown
-FULL_POOL = 32  # tiny configs: 4 MoE layers x 8 experts
-MODELS = {
+MODELS = {  # name: its config and the overrides that make it
     "dense": ("configs/tiny_dense_cpu.json", []),
     "vanilla": ("configs/tiny_vanilla_cpu.json", []),
     "unipool": ("configs/tiny_unipool_cpu.json", []),
-    "unipool-67%": ("configs/tiny_unipool_cpu.json", [f"moe.pool_size={round(0.67 * FULL_POOL)}"]),
-    "unipool-50%": ("configs/tiny_unipool_cpu.json", [f"moe.pool_size={FULL_POOL // 2}"]),
+    "unipool-67%": ("configs/tiny_unipool_cpu.json", []),
+    "unipool-50%": ("configs/tiny_unipool_cpu.json", []),
     "shared-pool-layer-aux-softmax": ("configs/tiny_unipool_cpu.json", ["moe.aux_loss=layer", "moe.router=softmax"]),
 }
+REDUCED_POOLS = {"unipool-67%": 0.67, "unipool-50%": 0.5}  # of the full pool (tiny configs: 4 MoE layers x 8 experts)
 
 
 def launch_overrides(seed: int) -> list[str]:
     return [f"train.seed={seed}", "checkpoint.save_interval=0"]
+
+
+def model_overrides(name: str, overrides: list[str]) -> list[str]:
+    """What makes `name` from its config; a reduced pool's size is its share of the full pool that the config
+    has with the user's --set (a --set of the layers or experts per layer resizes the reduced pools with it)."""
+    config, own = MODELS[name]
+    if name not in REDUCED_POOLS:
+        return own
+    full = load_config(REPO / config, own + overrides, world_size=None)
+    experts = full.moe.experts_per_pool(full.model.num_layers)
+    return own + [f"moe.pool_size={round(REDUCED_POOLS[name] * experts)}"]
 
 
 def reserved_keys(models: list[str]) -> set[str]:
@@ -61,7 +72,9 @@ def reserved_keys(models: list[str]) -> set[str]:
     model something other than its label. (Checkpoints, off by default, are the user's to turn on.)"""
     files = {MODELS[name][0] for name in models}
     variants = [o for config, variant in MODELS.values() if config in files for o in variant]
-    return {"train.seed", "moe.kind"} | {f"{section}.{key}" for section, key, _ in map(parse_override, variants)}
+    reduced = any(MODELS[name][0] in files for name in REDUCED_POOLS)
+    return ({"train.seed", "moe.kind"} | ({"moe.pool_size"} if reduced else set())
+            | {f"{section}.{key}" for section, key, _ in map(parse_override, variants)})
 
 
 def check_settings(models: list[str], seeds: list[int], overrides: list[str]) -> None:
@@ -76,9 +89,8 @@ def check_settings(models: list[str], seeds: list[int], overrides: list[str]) ->
                          f" (seeds: --seeds; models: --models)")
     for seed in seeds:
         for name in models:
-            config, model_overrides = MODELS[name]
             try:
-                load_config(REPO / config, launch_overrides(seed) + model_overrides + overrides)
+                load_config(REPO / MODELS[name][0], launch_overrides(seed) + model_overrides(name, overrides) + overrides)
             except ConfigError as e:
                 raise SystemExit(f"error: {name} seed {seed}: {e}")
 
@@ -103,7 +115,7 @@ def refuse_stale(name: str, seed: int, output: Path, overrides: list[str]) -> No
     """A run directory that would be reused (summary.json) or resumed (a checkpoint) must have been
     trained with the same overrides: results of another setting must not enter the table."""
     run_dir = run_dir_of(name, seed, output)
-    recorded, wanted = run_dir / "overrides.json", MODELS[name][1] + overrides
+    recorded, wanted = run_dir / "overrides.json", model_overrides(name, overrides) + overrides
     if not ((run_dir / "summary.json").is_file() or checkpoints_dir(run_dir).exists()):
         return
     if not recorded.is_file():
@@ -125,10 +137,9 @@ def run(name: str, seed: int, output: Path, overrides: list[str]) -> dict:
     """Train (or reuse) one run; main has refused stale run directories before anything trained."""
     run_dir = run_dir_of(name, seed, output)
     summary, recorded, log_path = run_dir / "summary.json", run_dir / "overrides.json", run_dir / "log.txt"
-    config, model_overrides = MODELS[name]
-    wanted = model_overrides + overrides
+    wanted = model_overrides(name, overrides) + overrides
     if not summary.is_file():
-        command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / config),
+        command = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / MODELS[name][0]),
                    "--run-dir", str(run_dir)]
         command += [item for o in launch_overrides(seed) + wanted for item in ("--set", o)]
         run_dir.mkdir(parents=True, exist_ok=True)
