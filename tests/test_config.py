@@ -471,12 +471,14 @@ def test_deepspeed_config_file_values_are_compared_with_the_run(tmp_path, conten
 
 def test_a_checkpoints_config_may_hold_a_zero_stage_its_run_ignored():
     """Runs saved before zero_stage without deepspeed.enabled was refused still open in the tools (which read
-    a checkpoint's config without a world size); a run is refused it."""
+    a checkpoint's config as stored); a run is refused it, and so is a config a tool checks or writes for any
+    world size (the written run could never start)."""
     raw = config_to_dict(load_config(REPO / "configs/tiny_unipool_cpu.json"))
     raw["deepspeed"]["zero_stage"] = 1
-    assert config_from_dict(raw, world_size=None).deepspeed.zero_stage == 1
-    with pytest.raises(ConfigError, match="deepspeed.zero_stage=1 is set but deepspeed.enabled is false"):
-        config_from_dict(raw, world_size=1)
+    assert config_from_dict(raw, world_size=None, stored=True).deepspeed.zero_stage == 1
+    for world_size in (1, None):
+        with pytest.raises(ConfigError, match="deepspeed.zero_stage=1 is set but deepspeed.enabled is false"):
+            config_from_dict(raw, world_size=world_size)
 
 
 def test_home_is_expanded_in_paths(tmp_path, monkeypatch):

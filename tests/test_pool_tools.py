@@ -572,6 +572,9 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
     (["--set", "model.num_heads=8", "--set", "model.num_kv_heads=4"],
      "--set would change what the upcycled weights compute:\n  model.num_heads=8 (the checkpoint's is 4)\n"
      "  model.num_kv_heads=4 (the checkpoint's is 2)"),
+    # each refused by the launch of the written run, whatever its world size (and a rerun by the output it left)
+    (["--set", "train.micro_batch=3"], "train.global_batch=8 must be a multiple of train.micro_batch=3\n"),
+    (["--set", "deepspeed.zero_stage=1"], "deepspeed.zero_stage=1 is set but deepspeed.enabled is false"),
     (["--output-is-a-file"], "is a file, not a directory"),
     (["--output-under-a-file"], "upcycled is a file, not a directory"),
     (["--output-is-the-cwd"], "--output . holds the directory this command runs in"),

@@ -61,8 +61,9 @@ def _sections() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Config)}
 
 
-def config_from_dict(raw: dict, world_size: int | None = 1) -> Config:
-    """Build and validate a Config from nested dicts (as read from JSON)."""
+def config_from_dict(raw: dict, world_size: int | None = 1, stored: bool = False) -> Config:
+    """Build and validate a Config from nested dicts (as read from JSON); `stored`: a checkpoint's (see
+    Config.consistency_errors)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
     errors: list[str] = []
@@ -93,7 +94,7 @@ def config_from_dict(raw: dict, world_size: int | None = 1) -> Config:
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     config = Config(**built)
-    errors = config.consistency_errors(world_size)
+    errors = config.consistency_errors(world_size, stored)
     if errors:
         raise ConfigError("inconsistent config:\n  " + "\n  ".join(errors))
     return config

@@ -304,11 +304,12 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
-    def consistency_errors(self, world_size: int | None = 1) -> list[str]:
+    def consistency_errors(self, world_size: int | None = 1, stored: bool = False) -> list[str]:
         """Constraints between fields, each message naming the fields and their values.
 
-        world_size None checks the config alone (tools that only inspect it); an int also checks
-        that the parallel degrees fit that many processes.
+        world_size None checks the config alone, for any world size (tools that inspect or write one); an int
+        also checks that the parallel degrees fit that many processes. `stored`: the config of a checkpoint,
+        which may hold a setting its run ignored when it was saved, before that setting was refused.
         """
         m, moe, t, p, d = self.model, self.moe, self.train, self.parallel, self.data
         errors = []
@@ -337,6 +338,9 @@ class Config:
             need(t.global_batch % (t.micro_batch * dp) == 0,
                  f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}"
                  f" x data-parallel size {dp}")
+        else:  # whatever the data-parallel size
+            need(t.global_batch % t.micro_batch == 0,
+                 f"train.global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}")
         need(m.num_heads % p.tp == 0, f"model.num_heads={m.num_heads} must be divisible by parallel.tp={p.tp}")
         need(m.num_kv_heads % p.tp == 0,
              f"model.num_kv_heads={m.num_kv_heads} must be divisible by parallel.tp={p.tp}")
@@ -351,8 +355,7 @@ class Config:
              f"deepspeed.zero_stage=2 needs parallel.pp=1 (it reduces gradients during each backward, which"
              f" pipeline stages run at different times; use zero_stage 1 with pp={p.pp})")
         need(ds.config_file is None or ds.enabled, "deepspeed.config_file is set but deepspeed.enabled is false")
-        # for a run (a world size); a checkpoint's config read by the tools (None) may hold one its run ignored
-        need(ds.zero_stage == 0 or ds.enabled or world_size is None, f"deepspeed.zero_stage={ds.zero_stage} is set"
+        need(ds.zero_stage == 0 or ds.enabled or stored, f"deepspeed.zero_stage={ds.zero_stage} is set"
              " but deepspeed.enabled is false (the built-in optimizer shards nothing): set deepspeed.enabled=true")
         need(not (ds.enabled and ds.zero_stage == 0 and t.precision == "bf16"),
              "deepspeed.zero_stage=0 with train.precision='bf16' is not supported (DeepSpeed's unfused bf16 optimizer"

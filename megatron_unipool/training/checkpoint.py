@@ -454,7 +454,7 @@ def load_trained_state(checkpoint: Path) -> tuple[Path, dict[str, Any], Config]:
     its config describes, for tools that read the weights as tensors: no model is built beside them."""
     path = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(path)
-    config = config_from_dict(payload["config"], world_size=None)
+    config = config_from_dict(payload["config"], world_size=None, stored=True)
     check_fits(config, payload["model"], f"the weights of checkpoint {path}")
     return path, payload, config
 
