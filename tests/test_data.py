@@ -959,12 +959,15 @@ def test_cli_trains_the_tokenizer_on_the_training_documents_only(tmp_path, prepr
     (["--tokenizer", "byte", "--valid-fraction", "-0.1"], "--valid-fraction must be in [0, 1), got -0.1"),
     (["--train-tokenizer-vocab", "256", "--tokenizer-output", "t.json"],
      "--train-tokenizer-vocab 256 is too small: byte-level BPE needs at least 257"),
+    # an option of the other input type: ignored before, the documents split otherwise than asked
+    (["--tokenizer", "byte", "--split-on-blank-lines"], "--split-on-blank-lines is for a .txt input, not"),
+    (["--tokenizer", "byte", "--input", "plays.txt", "--json-key", "body"], "--json-key is for a .jsonl input, not plays.txt"),
 ])
 def test_cli_contradictory_or_missing_tokenizer_options_are_refused(tmp_path, preprocess_main, extra_args, message,
                                                                     capsys):
     """--train-tokenizer-vocab without --tokenizer-output, --tokenizer-output with a given tokenizer,
-    no tokenizer at all, no worker, a held-out fraction outside [0, 1) or a BPE smaller than the bytes:
-    argparse's usage error (exit 2), before anything is read (the input here does not exist) or trained."""
+    no tokenizer at all, no worker, a held-out fraction outside [0, 1), a BPE smaller than the bytes or an
+    option of the other input type: argparse's usage error (exit 2), before anything is read (the input here does not exist) or trained."""
     with pytest.raises(SystemExit) as exit_:
         preprocess_main(["--input", str(tmp_path / "absent.jsonl"), "--output-prefix", str(tmp_path / "c"), *extra_args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err

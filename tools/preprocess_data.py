@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--input", required=True, type=Path, help=".txt (one document) or .jsonl (one per line)"
     )
-    parser.add_argument("--json-key", default="text", help="field holding the text in each .jsonl line")
+    parser.add_argument("--json-key", help="field holding the text in each .jsonl line (default: text)")
     parser.add_argument(
         "--split-on-blank-lines",
         action="store_true",
@@ -105,6 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true",
                         help="replace outputs that exist (a run reading them would continue on other tokens)")
     args = parser.parse_args(argv)
+    # an option of the other input type would be ignored: the user meant another split of the documents
+    if args.json_key is not None and args.input.suffix != ".jsonl":
+        parser.error(f"--json-key is for a .jsonl input, not {args.input}")
+    if args.split_on_blank_lines and args.input.suffix != ".txt":
+        parser.error(f"--split-on-blank-lines is for a .txt input, not {args.input}")
+    if args.json_key is None:
+        args.json_key = "text"
     if args.train_tokenizer_vocab is not None and args.tokenizer_output is None:
         parser.error("--train-tokenizer-vocab needs --tokenizer-output")
     if args.tokenizer_output is not None and args.train_tokenizer_vocab is None:
