@@ -50,7 +50,8 @@ from megatron_unipool.config import load_config  # noqa: E402
 from megatron_unipool.parallel import init_distributed_from_env  # noqa: E402
 from megatron_unipool.training import Trainer  # noqa: E402
 from megatron_unipool.training.hardware import device_name, peak_flops  # noqa: E402
-from measurement import QUIET, checked_overrides, error_text, json_output, positive_int  # noqa: E402
+from measurement import (QUIET, checked_overrides, error_text, json_output, non_negative_int,  # noqa: E402
+                         positive_int)
 from step_profile import (count_host_operators, difference, format_difference, format_profile,  # noqa: E402
                           profile_steps)
 
@@ -205,9 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", help="a subset of the suite's models")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override applied to every model; repeatable")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
     parser.add_argument("--steps", type=positive_int, default=5)
-    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many more steps per model")
+    parser.add_argument("--profile-steps", type=non_negative_int, default=0, help="profile this many more steps per model")
     parser.add_argument("--json", type=json_output, help="write the rows here")
     parser.add_argument("--one", nargs=2, metavar=("NAME", "ROW_FILE"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args(argv)

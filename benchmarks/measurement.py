@@ -25,19 +25,25 @@ def json_output(text: str) -> Path:
     return path
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (--repeats, --steps): 0 was a failure per row or model."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def count_at_least(minimum: int):
+    """argparse type of a count of at least `minimum`: 0 repeats or steps were a failure per row or model, a
+    negative warm-up or profile a division by it."""
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+    return count
+
+
+positive_int, non_negative_int = count_at_least(1), count_at_least(0)
 
 
 def add_measurement_arguments(parser: argparse.ArgumentParser, repeats: int = 5, warmup: int = 2) -> None:
     """--dtype, --repeats, --warmup and --json, as every kernel and layer benchmark takes them."""
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA")
     parser.add_argument("--repeats", type=positive_int, default=repeats)
-    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--warmup", type=non_negative_int, default=warmup)
     parser.add_argument("--json", type=json_output, help="write the rows here")
 
 

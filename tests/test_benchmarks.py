@@ -543,6 +543,9 @@ def test_triton_kernels_benchmark_measures_nothing_where_triton_cannot_run(tmp_p
     ("moe_layer.py", ["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),  # each row failed
     ("end_to_end.py", ["--steps", "0"], "argument --steps: must be at least 1, not 0"),  # each model, after its build
     ("comm.py", ["--steps", "0"], "argument --steps: must be at least 1, not 0"),
+    # a division by the count, after each model's build
+    ("end_to_end.py", ["--profile-steps", "-1"], "argument --profile-steps: must be at least 0, not -1"),
+    ("grouped_gemm.py", ["--warmup", "-1"], "argument --warmup: must be at least 0, not -1"),
     ("moe_layer.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
     ("grouped_gemm.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
     ("end_to_end.py", ["--json", "missing/rows.json"], "argument --json: directory missing does not exist"),
