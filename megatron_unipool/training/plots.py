@@ -38,6 +38,7 @@ def utilisation_figure(counts_per_pool: list[np.ndarray], title: str, layers_per
         axes[1, p].set_xlim(axes[0, p].get_xlim())  # column j of the heatmap above bar j
         axes[1, p].axhline(1.0 / len(load), color="red", linewidth=1, label="uniform")
         axes[1, p].set_xlabel("expert")
-        axes[1, p].set_ylabel("load, mean over layers" if per_layer else "load, all layers")
+        # share of all the layers' routed slots (a layer routing fewer, NormRouter's empty slots, weighs less)
+        axes[1, p].set_ylabel("load by expert index, all layers" if per_layer else "load, all layers")
         axes[1, p].legend(loc="upper right", fontsize="small")
     return fig
