@@ -180,6 +180,7 @@ class RecordedLaunches:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_expert_gemms_ask_for_full_fp32_exactly_when_the_operands_are_fp32(dtype, triton_runs, monkeypatch):
     import torch
+    from kernel_models import DEVICE  # compiled kernels take the device's tensors only (the interpreter any)
 
     segmented_gemm, rows_gemm = kernels_module("segmented_gemm"), kernels_module("rows_gemm")
     recorded = {}
@@ -187,9 +188,9 @@ def test_expert_gemms_ask_for_full_fp32_exactly_when_the_operands_are_fp32(dtype
         recorded[name] = RecordedLaunches(getattr(module, name))
         monkeypatch.setattr(module, name, recorded[name])
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    rows = torch.randn(6, 16).to(torch_dtype)
-    segmented_gemm.segmented_weight_gradient([rows], [rows], torch.tensor([[2, 4]]))
-    rows_gemm.rows_grouped_mm(rows, torch.randn(2, 16, 16).to(torch_dtype), torch.tensor([2, 6]))
+    rows = torch.randn(6, 16).to(DEVICE, torch_dtype)
+    segmented_gemm.segmented_weight_gradient([rows], [rows], torch.tensor([[2, 4]], device=DEVICE))
+    rows_gemm.rows_grouped_mm(rows, torch.randn(2, 16, 16).to(DEVICE, torch_dtype), torch.tensor([2, 6], device=DEVICE))
     assert [launch["IEEE"] for r in recorded.values() for launch in r.launches] == [dtype == "fp32"] * 2
 
 
