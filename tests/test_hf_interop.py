@@ -229,6 +229,9 @@ def test_llama_import_names_unexpected_tensors_and_uses_llama_defaults():
         del config[key]
     model = llama_model_config(config)
     assert model.norm_eps == 1e-6 and model.tie_embeddings is False and model.seq_len == 2048
+    # a rope_theta written as null (by hand: transformers writes a number) is a missing one: LlamaConfig's 10000
+    del config["rope_parameters"]
+    assert llama_model_config({**config, "rope_theta": None}).rope_base == 10000.0
 
 
 def run_tool(*args: str, script: Path = TOOL) -> subprocess.CompletedProcess:

@@ -236,7 +236,7 @@ def llama_model_config(config: dict) -> ModelConfig:
         num_layers=config["num_hidden_layers"], hidden_size=hidden, num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads") or heads, ffn_hidden_size=config["intermediate_size"],
         vocab_size=config["vocab_size"], seq_len=config.get("max_position_embeddings", LLAMA_DEFAULT_MAX_POSITIONS),
-        rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+        rope_base=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),  # a null is a missing key
         norm_eps=config.get("rms_norm_eps", 1e-6), init_std=config.get("initializer_range", ModelConfig.init_std),
         tie_embeddings=config.get("tie_word_embeddings", False))
 
