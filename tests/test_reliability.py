@@ -136,6 +136,39 @@ def test_save_keeps_the_last_n_and_points_latest_at_the_newest(tmp_path):
     assert torch.load(latest_checkpoint(tmp_path) / "state.pt")["w"].tolist() == [9.0, 9.0]
 
 
+def test_a_full_disk_while_saving_is_one_error_and_frees_the_space(tmp_path):
+    """torch.save's zip writer replaced the OSError of a full disk by a RuntimeError of its own ("unexpected
+    pos"): a traceback, and the half-written checkpoint kept the disk full. A file size limit fails a write
+    as a full disk does (EFBIG, with SIGXFSZ ignored)."""
+    import resource
+    save_checkpoint(tmp_path, 1, {"w": torch.zeros(4)}, keep_last=2)
+    handler, limits = signal.getsignal(signal.SIGXFSZ), resource.getrlimit(resource.RLIMIT_FSIZE)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
+    try:
+        with pytest.raises(CheckpointError, match=r"^cannot write the step 2 checkpoint in .*: File too large"):
+            save_checkpoint(tmp_path, 2, {"w": torch.zeros(1 << 20)}, keep_last=2)  # 4 MiB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]
+    assert torch.load(latest_checkpoint(tmp_path) / "state.pt")["w"].tolist() == [0.0] * 4
+
+
+def test_a_summary_that_cannot_be_written_is_one_error(tiny_config, tmp_path, monkeypatch):
+    """An OSError writing summary.json at the end of a run (a full disk) was a traceback."""
+    import errno
+    from megatron_unipool.training import metrics
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(metrics, "save_atomically", full_disk)
+    with pytest.raises(CheckpointError, match=r"^trained to step 1 \(checkpoints saved as configured\), but cannot"
+                                              r" write .*summary\.json: No space left on device \(.*summary\.json\)$"):
+        Trainer(tiny_config(UNIPOOL, "train.max_steps=1", "train.eval_interval=0"), tmp_path / "run").train()
+
+
 def test_a_kill_while_a_step_is_saved_again_keeps_the_checkpoint_latest_names(tmp_path, monkeypatch):
     """A run that went back saves the step `latest` names again: the old checkpoint was deleted before the
     new one took its name, so a kill in between left `latest` naming nothing. Now it is set aside and

@@ -92,16 +92,17 @@ def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep_la
     try:
         written = _write_checkpoint(directory, step, payload)
     except OSError as error:  # a full disk, a permission or a file in the way: one line, not a traceback
-        raise CheckpointError(f"cannot write the step {step} checkpoint in {directory}: {_reason(error)}") from error
+        raise CheckpointError(f"cannot write the step {step} checkpoint in {directory}: {os_error_text(error)}") from error
     try:
         _prune(directory, written, keep_last)  # removes the replaced checkpoint too, now that `latest` is updated
     except OSError as error:
         raise CheckpointError(f"wrote {written} (now latest), but could not remove older checkpoints:"
-                              f" {_reason(error)}") from error
+                              f" {os_error_text(error)}") from error
     return written
 
 
-def _reason(error: OSError) -> str:
+def os_error_text(error: OSError) -> str:
+    """An OSError in a line for the user: what failed and on which file."""
     return f"{error.strerror or error}" + (f" ({error.filename})" if error.filename else "")
 
 
@@ -111,10 +112,14 @@ def _write_checkpoint(directory: Path, step: int, payload: dict[str, Any]) -> Pa
     final, temporary = directory / name, directory / f".{name}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    with open(temporary / "state.pt", "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(temporary / "state.pt", "wb") as f:
+            _torch_save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk gets its space back; an interrupted save was never published anyway
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     replaced = _replaced(final)
     if final.exists():  # a run that went back saves this step again; `latest` may name it: set it aside, not delete
         shutil.rmtree(replaced, ignore_errors=True)
@@ -125,6 +130,21 @@ def _write_checkpoint(directory: Path, step: int, payload: dict[str, Any]) -> Pa
     os.replace(directory / f".{LATEST}.tmp", directory / LATEST)
     _fsync_directory(directory)
     return final
+
+
+def _torch_save(payload: dict[str, Any], file) -> None:
+    """torch.save, raising the OSError of a full disk (or a file size limit) that torch's zip writer replaces by
+    a RuntimeError of its own ("unexpected pos"); its other errors, and a KeyboardInterrupt it replaced (the
+    launcher tells an interrupted save by it), are raised as they come."""
+    try:
+        torch.save(payload, file)
+    except RuntimeError as error:
+        cause = error.__context__
+        while cause is not None and not isinstance(cause, (OSError, KeyboardInterrupt)):
+            cause = cause.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror, file.name) from error
+        raise
 
 
 def _replaced(checkpoint: Path) -> Path:

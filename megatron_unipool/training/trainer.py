@@ -33,7 +33,7 @@ from ..parallel.agreement import check_agreement, decided_by_rank0, on_any_rank,
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from .checkpoint import (CheckpointError, adopt_lock_change, changed_settings, check_run_directory, check_same_head_split,
                          checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint, load_checkpoint,
-                         restore_model, save_checkpoint, set_rng_state, training_fingerprint)
+                         os_error_text, restore_model, save_checkpoint, set_rng_state, training_fingerprint)
 from .datasets import DataError, build_datasets, replica_share, seq_len_note, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
@@ -403,7 +403,11 @@ class Trainer:
         if not self.state.val_losses or self.state.val_losses[-1][0] != self.state.step:
             self._record_evaluation(logger)  # resumed at (or past) max_steps: no step ran, so neither did this
         summary = self.summary()
-        logger.close(summary)
+        try:
+            logger.close(summary)
+        except OSError as error:  # a full disk, as a save would report it: one line, not a traceback
+            raise CheckpointError(f"trained to step {self.state.step} (checkpoints saved as configured), but cannot"
+                                  f" write {self.run_dir / 'summary.json'}: {os_error_text(error)}") from error
         return summary
 
     def _record_evaluation(self, logger: MetricsLogger) -> None:
