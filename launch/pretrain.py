@@ -38,6 +38,7 @@ from megatron_unipool.kernels import KernelUnavailableError  # noqa: E402
 from megatron_unipool.parallel import LaunchError, init_distributed_from_env, job_position  # noqa: E402
 from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, RunStopped, Trainer,  # noqa: E402
                                        checkpoint_to_resume, checkpoints_dir, init_parallel)
+from megatron_unipool.training.checkpoint import remove_unused_run_directory  # noqa: E402
 
 # reported as one line (a ConfigError here: a file the config names changed after loading; KernelUnavailableError:
 # a kernel choice this machine cannot run); anything else is a bug: traceback
@@ -180,8 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             return interrupted(config, run_dir, say, interruption.exit_status)
         say(f"error: {e}", file=sys.stderr)
         if created:  # a run that failed before it wrote anything leaves no empty directory behind
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()
+            remove_unused_run_directory(run_dir)
         return 1
     except KeyboardInterrupt:
         return interrupted(config, run_dir, say, interruption.exit_status)

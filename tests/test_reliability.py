@@ -780,6 +780,27 @@ def test_launcher_reports_run_errors_in_one_line(settings, message, data_cache, 
         assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_a_second_job_in_a_run_directory_is_refused_while_the_first_trains(saved_run, tiny_config, data_cache):
+    """Two jobs in one run directory (a duplicate submission, a requeue while the first still ran) both trained,
+    the second overwriting the first's checkpoints and summary.json unannounced. The first holds it now; the
+    second is refused before it writes anything, by the library and by the launcher; once the first is done
+    (or killed: the kernel drops its lock) the directory is free again."""
+    from megatron_unipool.training.checkpoint import hold_run_directory
+    run, files = saved_run
+    resumed = tiny_config(UNIPOOL, "train.max_steps=3", "train.eval_interval=0")
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    with hold_run_directory(run):
+        files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}  # the lock file included
+        refusal = f"run directory {run} is in use by another job ({holder}), whose checkpoints and summary"
+        with pytest.raises(CheckpointError, match="^" + re.escape(refusal)):
+            Trainer(resumed, run).train()
+        done = subprocess.run([sys.executable] + launch_command(run, data_cache), capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert done.returncode == 1 and done.stderr.startswith(f"error: {refusal}"), done.stderr[-1500:]
+        assert unchanged(run, files)
+    assert Trainer(resumed, run).train()["steps"] == 3  # released: the run continues
+
+
 def test_launcher_refuses_a_run_directory_it_cannot_use_and_says_config_errors_once(data_cache, tmp_path):
     (tmp_path / "a_file").write_text("")
     command = launch_command(tmp_path / "a_file", data_cache)

@@ -10,16 +10,19 @@ values and are read with torch.load(weights_only=True): loading one cannot run c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -214,6 +217,40 @@ def check_run_directory(run_dir: Path) -> None:
     writable = checkpoints_dir(run_dir) if checkpoints_dir(run_dir).is_dir() else run_dir
     if not os.access(writable, os.W_OK | os.X_OK):
         raise CheckpointError(f"run directory {run_dir}: cannot write in {writable} (permission denied)")
+
+
+RUN_LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def hold_run_directory(run_dir: Path) -> Iterator[None]:
+    """One job at a time in a run directory: a second one (a duplicate submission, a requeue while the first
+    still runs) would overwrite its checkpoints and summary.json. An exclusive flock on run_dir/.lock while the
+    job trains, which the kernel drops when the process ends, killed or not; a file system without flock
+    (Lustre mounted without it) runs unlocked. The file names the holder and stays."""
+    with open(Path(run_dir) / RUN_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise CheckpointError(f"run directory {run_dir} is in use by another job ({lock.read().strip()}), whose"
+                                  " checkpoints and summary this one would overwrite: wait for it to end, or choose"
+                                  " another run directory") from None
+        except OSError:  # no flock here: unlocked, as without this
+            pass
+        else:
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+        yield
+
+
+def remove_unused_run_directory(run_dir: Path) -> None:
+    """A run directory a failed job made and left holding nothing but its lock file, removed."""
+    with contextlib.suppress(OSError):
+        if [path.name for path in Path(run_dir).iterdir()] == [RUN_LOCK]:
+            (Path(run_dir) / RUN_LOCK).unlink()
+        Path(run_dir).rmdir()
 
 
 def write_run_directory(directory: Path, config: Config, model_state: dict[str, torch.Tensor],

@@ -32,8 +32,9 @@ from ..parallel import ParallelState, all_reduce
 from ..parallel.agreement import check_agreement, decided_by_rank0, on_any_rank, on_every_rank
 from ..parallel.pipeline import StageChannel, forward_only, one_forward_one_backward
 from .checkpoint import (CheckpointError, adopt_lock_change, changed_settings, check_run_directory, check_same_head_split,
-                         checkpoint_payload, checkpoint_to_resume, checkpoints_dir, latest_checkpoint, load_checkpoint,
-                         os_error_text, restore_model, save_checkpoint, set_rng_state, training_fingerprint)
+                         checkpoint_payload, checkpoint_to_resume, checkpoints_dir, hold_run_directory, latest_checkpoint,
+                         load_checkpoint, os_error_text, restore_model, save_checkpoint, set_rng_state,
+                         training_fingerprint)
 from .datasets import DataError, build_datasets, replica_share, seq_len_note, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
@@ -336,7 +337,13 @@ class Trainer:
     def train(self, stop_requested: Optional[Callable[[], bool]] = None) -> dict:
         """Train to train.max_steps and return the summary. `stop_requested` (a preemption signal seen) is
         asked at the end of each step; once it holds on any rank, every rank saves the step (unless it
-        was just saved) and raises RunStopped, so the rerun resumes with nothing lost."""
+        was just saved) and raises RunStopped, so the rerun resumes with nothing lost. The run directory is
+        this job's while it trains (rank 0 holds it): another job training in it is refused."""
+        with contextlib.ExitStack() as held:
+            decided_by_rank0(lambda: held.enter_context(hold_run_directory(self.run_dir)), self.parallel)
+            return self._train(stop_requested)
+
+    def _train(self, stop_requested: Optional[Callable[[], bool]]) -> dict:
         cfg = self.config
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg.train.max_steps, enabled=self.is_logger,
                                resumed_step=self.state.step, device=self.device)
