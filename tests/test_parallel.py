@@ -637,6 +637,21 @@ def test_a_rank_that_fails_before_joining_is_reported_and_the_others_stop(data_c
     assert said0.startswith("error: rank 0 of 2: not every rank joined the job within parallel.timeout_s=5 s"), said0
 
 
+def test_the_others_stop_after_parallel_timeout_s_when_rank_0_fails_before_joining(data_cache, tmp_path):
+    """Rank 0 cannot load its config, so it never listens: rank 1 waited in torch's store client, which retries
+    its whole timeout once more (about 2.2 x parallel.timeout_s: 22 minutes at the default) and printed its C++
+    stack. It now gives up after parallel.timeout_s, with one line."""
+    sets = [f"data.cache_dir={data_cache}", "parallel.timeout_s=5"]
+    per_rank = [({"LOCAL_RANK": "0"}, [a for o in sets + ["train.max_step=3"] for a in ("--set", o)], tmp_path),
+                ({"LOCAL_RANK": "1"}, [a for o in sets for a in ("--set", o)], tmp_path)]
+    (status0, said0), (status1, said1) = _start_ranks(per_rank)
+    assert status0 == 2 and said0.startswith("error: invalid config:\n  unknown key train.max_step"), said0
+    assert status1 == 1 and said1.strip().startswith(
+        "error: rank 1 of 2: not every rank joined the job within parallel.timeout_s=5 s; one that stopped before"
+        " joining says why in its log: nothing listened at MASTER_ADDR=127.0.0.1 MASTER_PORT="), said1[-2000:]
+    assert len(said1.strip().splitlines()) == 1, said1[-2000:]  # no C++ stack
+
+
 def test_ranks_that_loaded_different_configs_stop_together_naming_the_fields(data_cache, tmp_path):
     """Rank 1 reads another copy of the config (a node-local file, a --set of its own): a replica with another
     learning rate would drift apart silently, another shape hang in a collective. Both stop before training."""

@@ -20,6 +20,7 @@ import datetime
 import itertools
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -196,7 +197,7 @@ def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int
     job with an error instead of a hang. A single process gets a process group of its own only
     with `even_alone` (DeepSpeed's engine needs one).
     """
-    world, _, local_rank = job_position()
+    world, rank, local_rank = job_position()
     if dist.is_initialized():
         return dist.get_world_size()
     if world == 1 and not even_alone:
@@ -213,6 +214,8 @@ def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                            ("MASTER_PORT", str(port))):
             os.environ.setdefault(key, value)
+    if rank > 0:
+        wait_for_rendezvous(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], timeout_s)
     timeout = datetime.timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -224,6 +227,28 @@ def init_distributed_from_env(timeout_s: float, even_alone: bool = False) -> int
     else:
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
     return dist.get_world_size()
+
+
+RENDEZVOUS_POLL_S = 0.2
+
+
+def wait_for_rendezvous(address: str, port: str, timeout_s: float) -> None:
+    """Until MASTER_ADDR:MASTER_PORT accepts a connection (rank 0's store, or torchrun's agent's): a
+    DistNetworkError after `timeout_s`. torch's store client, left to wait for a rank 0 that never started,
+    retries its whole timeout once more (about 2.2 x parallel.timeout_s: 22 minutes at the default) and prints
+    its C++ stack on the way; a port that is not a number is left to torch to name."""
+    if not port.isdigit():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((address, int(port)), timeout=max(0.1, min(1.0, deadline - time.monotonic()))).close()
+            return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise dist.DistNetworkError(f"nothing listened at MASTER_ADDR={address} MASTER_PORT={port} (rank 0's"
+                                            f" rendezvous) within {timeout_s:g} s: {error.strerror or error}") from None
+            time.sleep(RENDEZVOUS_POLL_S)
 
 
 def all_reduce(tensor: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
