@@ -63,7 +63,7 @@ class Interruption:
     def __init__(self):
         self.seen = False
         self.exit_status = 130
-        self.raising = True
+        self.raising = False  # until the first interruptible part, which a signal noted before then ends at once
         self.sigterm_stops_at_step_end = False
         self.sigterm_seen = False
 
@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # arrives once the rendezvous returns: it blocks in C++, up to parallel.timeout_s
-        say_on_each_node("interrupted while the ranks joined; nothing was trained")
+        say_on_each_node("interrupted while the job started; nothing was trained")
+        if created:
+            remove_unused_run_directory(run_dir)
         if dist.is_initialized():
             dist.destroy_process_group()
         return interruption.exit_status

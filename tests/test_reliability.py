@@ -947,6 +947,33 @@ def test_ctrl_c_inside_a_checkpoint_write_ends_with_the_one_line(data_cache, tmp
     assert not launcher.raised_while_interrupted(RuntimeError("a bug of ours"))
 
 
+def test_a_signal_while_the_config_loads_ends_with_the_one_line(data_cache, tmp_path, monkeypatch, capsys):
+    """SIGTERM between main's handlers and the job's first interruptible part (the config loading) was a
+    KeyboardInterrupt traceback, exit 130: it is noted, and the job ends as it starts, 143, leaving no run
+    directory."""
+    from script_modules import load_script
+
+    launcher = load_script(REPO / "launch" / "pretrain.py")
+    real_load_config = launcher.load_config
+
+    def terminated_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_load_config(*args, **kwargs)
+
+    monkeypatch.setattr(launcher, "load_config", terminated_while_loading)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = launcher.main(["--run-dir", str(tmp_path / "run"), "--set", f"data.cache_dir={data_cache}"])
+    except KeyboardInterrupt:  # what it was: not pytest's own interruption of the session
+        pytest.fail("the signal escaped main as a KeyboardInterrupt")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert status == 143
+    assert capsys.readouterr().err.strip() == "interrupted while the job started; nothing was trained"
+    assert not (tmp_path / "run").exists()
+
+
 def test_default_run_directory_is_a_run_directorys_own_only_for_its_config_json(tmp_path):
     from script_modules import load_script
 
