@@ -355,6 +355,22 @@ def test_a_fresh_run_is_refused_where_its_saves_would_overwrite_checkpoints(save
     assert unchanged(run, files)
 
 
+def test_a_run_directory_that_takes_no_file_is_refused_naming_why(tmp_path, monkeypatch):
+    """os.access's answer was reported as "permission denied" whatever the cause (a read-only file system
+    too). A file is tried now, and the refusal says why it failed."""
+    import errno
+    import tempfile
+    from megatron_unipool.training.checkpoint import check_run_directory
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(CheckpointError, match=f"^run directory {tmp_path}: cannot write in {tmp_path}"
+                                              r" \(Read-only file system\)$"):
+        check_run_directory(tmp_path)
+
+
 def test_saved_rng_state_restores_torch_numpy_and_python_generators(tmp_path):
     """Through a real save and load (weights_only types): the same draws from every generator."""
     import random

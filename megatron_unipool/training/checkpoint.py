@@ -29,6 +29,7 @@ import torch
 
 from ..config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 from ..model import LanguageModel
+from .outputs import write_refusal
 
 LATEST = "latest"
 PAYLOAD_KEYS = ("model", "optimizer", "train_state", "rng", "config")  # what checkpoint_payload writes
@@ -215,8 +216,9 @@ def check_run_directory(run_dir: Path) -> None:
             kind = "a directory" if is_right is Path.is_dir else "a file"
             raise CheckpointError(f"run directory {run_dir}: {name} must be {kind}; move away what is there")
     writable = checkpoints_dir(run_dir) if checkpoints_dir(run_dir).is_dir() else run_dir
-    if not os.access(writable, os.W_OK | os.X_OK):
-        raise CheckpointError(f"run directory {run_dir}: cannot write in {writable} (permission denied)")
+    refusal = write_refusal(writable)
+    if refusal:
+        raise CheckpointError(f"run directory {run_dir}: cannot write in {writable} ({refusal})")
 
 
 RUN_LOCK = ".lock"

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 
 def check_output_directory(directory: Path, named: str) -> None:
@@ -17,10 +17,19 @@ def check_output_directory(directory: Path, named: str) -> None:
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"{named}: {existing} is a file, not a directory")
+    refusal = write_refusal(existing)
+    if refusal:
+        raise ValueError(f"{named}: cannot write in {existing} ({refusal})")
+
+
+def write_refusal(directory: Path) -> Optional[str]:
+    """Why no file can be made in `directory` (a permission, a read-only file system), or None: tried, as
+    os.access says yes to root and knows nothing of the file system."""
     try:
-        tempfile.TemporaryFile(dir=existing).close()
+        tempfile.TemporaryFile(dir=directory).close()
     except OSError as error:
-        raise ValueError(f"{named}: cannot write in {existing} ({error.strerror or error})") from error
+        return str(error.strerror or error)
+    return None
 
 
 def save_atomically(path: Path, write: Callable[[Path], object]) -> None:
