@@ -809,11 +809,15 @@ def test_a_second_job_in_a_run_directory_is_refused_while_the_first_trains(saved
         files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}  # the lock file included
         refusal = f"run directory {run} is in use by another job ({holder}), whose checkpoints and summary"
         with pytest.raises(CheckpointError, match="^" + re.escape(refusal)):
-            Trainer(resumed, run).train()
+            Trainer(resumed, run)  # before it builds the data and the model
         done = subprocess.run([sys.executable] + launch_command(run, data_cache), capture_output=True, text=True,
                               timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert done.returncode == 1 and done.stderr.startswith(f"error: {refusal}"), done.stderr[-1500:]
         assert unchanged(run, files)
+    started = Trainer(resumed, run)  # set up before the other job took the directory: refused when it trains
+    with hold_run_directory(run):
+        with pytest.raises(CheckpointError, match="^" + re.escape(refusal)):
+            started.train()
     assert Trainer(resumed, run).train()["steps"] == 3  # released: the run continues
 
 

@@ -219,6 +219,8 @@ def check_run_directory(run_dir: Path) -> None:
     refusal = write_refusal(writable)
     if refusal:
         raise CheckpointError(f"run directory {run_dir}: cannot write in {writable} ({refusal})")
+    with hold_run_directory(run_dir):  # another job training here is refused now, not after the data and the model
+        pass
 
 
 RUN_LOCK = ".lock"
