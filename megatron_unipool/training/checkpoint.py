@@ -208,7 +208,8 @@ RUN_DIRECTORIES, RUN_FILES = ("checkpoints", "tensorboard"), ("summary.json", "c
 
 def check_run_directory(run_dir: Path) -> None:
     """A CheckpointError before training, not a traceback at the first save: a file where the run writes a
-    directory, or a directory where it writes a file, or a checkpoints/ directory that takes no file."""
+    directory, or a directory where it writes a file, a checkpoints/ directory that takes no file, or another
+    job training in it (hold_run_directory)."""
     run_dir = Path(run_dir)
     for name, is_right in [(n, Path.is_dir) for n in RUN_DIRECTORIES] + [(n, Path.is_file) for n in RUN_FILES]:
         path = run_dir / name
