@@ -178,22 +178,22 @@ def _with_absolute_paths(config: Config) -> Config:
     """Relative paths mean the directory the command runs in; made absolute here, as the run's
     checkpoints store them, the tools that read a run's config (probe, plots, upcycling, possibly
     started elsewhere) find the same files instead of tokenising a corpus again or failing."""
-    def absolute(field: str, path: str | None) -> str | None:
+    def absolute(field: str, path: str | None, instead: str | None = "null for none") -> str | None:
         if path is None:
             return None
         if not path.strip():  # Path("") is the working directory: `--set checkpoint.load=` would load from it
-            raise ConfigError(f"{field} is empty: give a path, or null for none")
+            raise ConfigError(f"{field} is empty: give a path" + (f", or {instead}" if instead else ""))
         try:
             return str(Path(path).expanduser().absolute())
         except RuntimeError as error:  # ~name of no known user
             raise ConfigError(f"{field}={path!r}: {error}") from error
 
     data, checkpoint, ds = config.data, config.checkpoint, config.deepspeed
-    data.cache_dir = absolute("data.cache_dir", data.cache_dir)
+    data.cache_dir = absolute("data.cache_dir", data.cache_dir, instead=None)
     data.train_prefix = absolute("data.train_prefix", data.train_prefix)
     data.valid_prefix = absolute("data.valid_prefix", data.valid_prefix)
     if data.tokenizer not in BUILT_IN_TOKENIZERS:
-        data.tokenizer = absolute("data.tokenizer", data.tokenizer)
+        data.tokenizer = absolute("data.tokenizer", data.tokenizer, instead=" or ".join(BUILT_IN_TOKENIZERS))
     checkpoint.load = absolute("checkpoint.load", checkpoint.load)
     ds.config_file = absolute("deepspeed.config_file", ds.config_file)
     return config
