@@ -124,7 +124,10 @@ def test_a_section_that_is_not_an_object_is_named(tmp_path):
     from megatron_unipool.config import apply_overrides
 
     (tmp_path / "c.json").write_text(json.dumps({"train": 5}))
-    with pytest.raises(ConfigError, match="train: expected an object, got int"):
+    with pytest.raises(ConfigError, match="train: expected an object, got a number"):  # in JSON's words
+        load_config(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text(json.dumps({"model": None}))
+    with pytest.raises(ConfigError, match="model: expected an object, got null"):
         load_config(tmp_path / "c.json")
     with pytest.raises(ConfigError, match="train is not an object"):
         apply_overrides({"train": 5}, ["train.lr=1"])

@@ -65,7 +65,7 @@ def config_from_dict(raw: dict, world_size: int | None = 1, stored: bool = False
     """Build and validate a Config from nested dicts (as read from JSON); `stored`: a checkpoint's (see
     Config.consistency_errors)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
+        raise ConfigError(f"config must be a JSON object, got {json_kind(raw)}")
     errors: list[str] = []
     sections = _sections()
     built = {}
@@ -76,7 +76,7 @@ def config_from_dict(raw: dict, world_size: int | None = 1, stored: bool = False
         cls = sf.default_factory
         values = raw.get(section, {})
         if not isinstance(values, dict):
-            errors.append(f"{section}: expected an object, got {type(values).__name__}")
+            errors.append(f"{section}: expected an object, got {json_kind(values)}")
             values = {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         annotations = typing.get_type_hints(cls)
