@@ -312,29 +312,48 @@ def test_utility_allocation_gives_extra_copies_to_the_top_experts():
         replica_sources(4, multiplier=5, utility=torch.ones(4))
 
 
-@pytest.mark.parametrize("score", ["grad_sq", "weight_x_grad"])
-def test_expert_utility_matches_the_gradient_it_names(trained, score):
+@pytest.mark.parametrize("name, score", [("softmax_top2", "grad_sq"), ("softmax_top2", "weight_x_grad"),
+                                         ("vanilla_top1", "grad_sq")])
+def test_expert_utility_matches_the_gradient_it_names(trained, name, score):
     """The design note: g_e = the gradient averaged over the batches, then ||g_e||^2 or ||w_e|| * ||g_e||
-    (not the mean of per-batch squared norms, which also counts the batches' disagreement)."""
-    config, payload, _ = trained["softmax_top2"]
+    (not the mean of per-batch squared norms, which also counts the batches' disagreement); per pool, so
+    each of a vanilla model's layers is scored by its own experts' gradients."""
+    config, payload, _ = trained[name]
     model = model_from(config, payload["model"])
     batches = utility_batches(config, 3, 2)
-    utility = expert_utility(model, batches, score)[0]
-    pool = model.expert_pools[0]
-    weights = [pool.w_gate, pool.w_up, pool.w_down]
+    utilities = expert_utility(model, batches, score)
+    assert len(utilities) == len(model.expert_pools)
+    weights = [w for pool in model.expert_pools for w in (pool.w_gate, pool.w_up, pool.w_down)]
     mean_grads = [torch.zeros_like(w, dtype=torch.float64) for w in weights]
     for batch in batches:
         logits, _ = model(batch[:, :-1])
         grads = torch.autograd.grad(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()), weights)
         for total, g in zip(mean_grads, grads):
             total += g.double() / len(batches)
-    g_norm = torch.stack([torch.linalg.vector_norm(torch.cat([g[e].flatten() for g in mean_grads]))
-                          for e in range(pool.num_experts)])
-    w_norm = torch.stack([torch.linalg.vector_norm(torch.cat([w[e].detach().double().flatten() for w in weights]))
-                          for e in range(pool.num_experts)])
-    expected = g_norm ** 2 if score == "grad_sq" else w_norm * g_norm
-    torch.testing.assert_close(utility, expected, rtol=1e-6, atol=0)
-    assert (utility > 0).any()
+    for p, (pool, utility) in enumerate(zip(model.expert_pools, utilities)):
+        pool_weights, pool_grads = weights[3 * p:3 * p + 3], mean_grads[3 * p:3 * p + 3]
+        g_norm = torch.stack([torch.linalg.vector_norm(torch.cat([g[e].flatten() for g in pool_grads]))
+                              for e in range(pool.num_experts)])
+        w_norm = torch.stack([torch.linalg.vector_norm(torch.cat([w[e].detach().double().flatten()
+                                                                  for w in pool_weights]))
+                              for e in range(pool.num_experts)])
+        expected = g_norm ** 2 if score == "grad_sq" else w_norm * g_norm
+        torch.testing.assert_close(utility, expected, rtol=1e-6, atol=0)
+        assert (utility > 0).any()
+
+
+def test_utility_upcycling_gives_each_pool_the_copies_its_own_utility_ranks(trained):
+    """A vanilla model has a pool per layer: each pool's extra copies follow that pool's utility."""
+    config, payload, _ = trained["vanilla_top1"]
+    experts = config.moe.experts_per_pool(config.model.num_layers)
+    pools = len(config.moe.pool_layout(config.model.num_layers))
+    assert pools > 1
+    utility = [torch.roll(torch.arange(experts, dtype=torch.float64), 3 * p) for p in range(pools)]  # rankings differ
+    result = upcycle(config, payload["model"], {}, 2, "utility", utility, noise=0.0)
+    for p in range(pools):
+        assert result.sources_per_pool[p] == replica_sources(experts, 2, utility[p])
+        torch.testing.assert_close(result.model_state[f"expert_pools.{p}.w_up"],
+                                   payload["model"][f"expert_pools.{p}.w_up"][torch.tensor(result.sources_per_pool[p])])
 
 
 @pytest.mark.parametrize("training", [False, True])
