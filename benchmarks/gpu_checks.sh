@@ -46,12 +46,17 @@ if [[ $set_name != main && $set_name != followup && $set_name != tests && $set_n
     echo "SET must be main, followup, tests or targets, not '$set_name'" >&2
     exit 2
 fi
+python=${PYTHON:-python3}
+if [[ -z ${QUICK:-} ]] && ! $python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "no CUDA device here: these are one GPU's measurements, each step minutes of full-size work on a CPU;" \
+         "QUICK=1 runs the script's plumbing at tiny sizes, on CPU too" >&2
+    exit 2
+fi
 out=${out:-$PWD/runs/gpu_checks}
 data=${data:-$PWD/data_cache}
 mkdir -p "$out"
 logs=$(mktemp -d)  # per-step logs; $out gets one combined log + the JSON (the device returns at most 8 files)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python=${PYTHON:-python3}
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, its log into $out/steps.log as it runs, report the status
     local name=$1 limit=$2

@@ -517,6 +517,16 @@ def test_gpu_checks_script_stops_before_any_work_without_its_corpus(tmp_path):
     assert "stopping before any GPU work" in (tmp_path / "out" / "steps.log").read_text()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the script measures on CUDA")
+def test_gpu_checks_script_refuses_a_machine_without_cuda_unless_quick(tmp_path):
+    """Without QUICK every step is minutes of full-size work on a CPU, measuring nothing the docs take."""
+    environment = {name: value for name, value in os.environ.items() if name != "QUICK"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60, env=environment)
+    assert done.returncode == 2 and "no CUDA device here" in done.stderr and "QUICK=1" in done.stderr, done.stderr
+    assert done.stdout == "" and not (tmp_path / "out").exists()
+
+
 def test_gpu_checks_script_refuses_an_unknown_step_set(tmp_path):
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=60, env=dict(os.environ, SET="follow-up"))
