@@ -170,6 +170,24 @@ def test_no_rows_give_every_weight_a_zero_gradient(case):
         assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_no_rows_in_any_deferred_call_give_every_weight_one_zero_gradient(case):
+    """The same where the weight gradients wait for the last of a step's calls (a UniPool pool, whose layers
+    each call it): no call gave the shard a row, and its weights still get zero gradients, once each."""
+    x, counts_M, *weights = expert_inputs([0, 0, 0], hidden=8, width=8, device=case_device(case))
+    events = []
+    for w in weights:
+        w.register_post_accumulate_grad_hook(lambda p: events.append(p))
+    deferred = case_collector(case)
+    x_all = deferred.attach(x, *weights)
+    compute = [w.detach() for w in weights]  # as ExpertPool calls them: the gradients come from the anchor alone
+    outs = [grouped_swiglu(x_all, counts_M, *compute, deferred=deferred, **GEMM_CASES[case]) for _ in range(2)]
+    torch.cat(outs).sum().backward()
+    for w in weights:
+        assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w))
+    assert sorted(map(id, events)) == sorted(map(id, weights))
+
+
 @pytest.mark.parametrize("counts", [[4, 4, 0], [4, 4, 4], [12, -2, 0]], ids=["short", "long", "negative"])
 def test_counts_that_do_not_split_the_rows_are_refused_by_the_loop(counts):
     """The loop, which reads the counts anyway, checks that they split x's 10 rows (it returned 8 rows for

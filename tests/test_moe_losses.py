@@ -386,6 +386,37 @@ def test_z_loss_through_layer_hand():
     assert losses["z_loss"].item() == pytest.approx(1e-3 * 9 * LN2**2, rel=1e-6)
 
 
+@pytest.mark.parametrize("name", ["z_loss", "entropy_loss"])
+def test_router_losses_train_the_router_with_their_closed_forms_gradient(name):
+    """The z-loss (coeff * mean (logsumexp z)^2) and UniPool-lock's entropy loss (coeff * (H(mean p) - log(M / L))^2
+    / L) reach the router weight with their closed forms' gradients, not only their values (a detached input
+    would log the loss and train nothing)."""
+    torch.manual_seed(0)
+    hidden, experts, tokens, layers = 8, 4, 6, 2
+    cfg = MoEConfig(kind="unipool", router="softmax", top_k=1, aux_loss="none", z_loss_coeff=1e-3,
+                    lock_entropy_coeff=5e-3)
+    pool = ExpertPool(experts, hidden, 6, 0.1, 0.1)
+    layer = MoELayer(cfg, hidden, pool, PoolStats(layers, experts, "step"), 0, layers, 0.5, 0.1).double()
+    x = torch.randn(tokens, hidden, dtype=torch.float64)
+    _, losses = layer(x)
+
+    def closed_form(weight):
+        logits = x @ weight.t()
+        if name == "z_loss":
+            return 1e-3 * torch.logsumexp(logits, -1).square().mean()
+        p = torch.softmax(logits, -1).mean(0)
+        return 5e-3 * (-(p * p.log()).sum() - math.log(experts / layers)) ** 2 / layers
+
+    weight = layer.router.weight.detach().clone().requires_grad_()
+    expected = closed_form(weight)
+    (expected_grad,) = torch.autograd.grad(expected, weight)
+    assert losses[name].item() == pytest.approx(expected.item(), rel=1e-6)  # the router's scores are fp32
+    assert losses[name].requires_grad
+    (grad,) = torch.autograd.grad(losses[name], layer.router.weight)
+    assert expected_grad.abs().max() > 0
+    torch.testing.assert_close(grad, expected_grad.to(grad.dtype), rtol=1e-5, atol=1e-9)
+
+
 # ------------------------------------------------------------------ aux-loss-free bias
 
 
