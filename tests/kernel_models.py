@@ -14,6 +14,18 @@ TRITON_RUNS = triton_runs_on(DEVICE)
 GROUPED_MM_PRECISIONS = ["fp32", "bf16_autocast"]
 
 
+def use_gemm_tiles(monkeypatch, kernel, **blocks: int) -> None:
+    """An autotuned GEMM kernel with one config of these block sizes for the test: the interpreter's configs
+    give every block 16 (triton_support.gemm_configs), so a block used where another belongs only shows with
+    sizes that differ, as a GPU's do."""
+    import triton
+
+    from megatron_unipool.kernels.triton_support import interpreting
+
+    monkeypatch.setattr(kernel, "configs", [triton.Config({**blocks, "UPCAST": interpreting()})])
+    monkeypatch.setattr(kernel, "cache", {})  # the tuned choice per key, else kept from earlier calls
+
+
 def skip_fp32_grouped_mm_on_cuda(precision: str) -> None:
     if precision == "fp32" and DEVICE == "cuda":
         pytest.skip("torch._grouped_mm takes bf16 operands on CUDA: the bf16_autocast case runs there")

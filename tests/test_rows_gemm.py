@@ -9,7 +9,7 @@ import torch
 
 from megatron_unipool.kernels import KernelUnavailableError, grouped_swiglu
 from megatron_unipool.kernels.rows_gemm import rows_grouped_mm
-from kernel_models import DEVICE, RecordedLaunches, assert_triton_model_equals_torch_model
+from kernel_models import DEVICE, RecordedLaunches, assert_triton_model_equals_torch_model, use_gemm_tiles
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -49,6 +49,20 @@ def test_rows_grouped_mm_equals_per_expert_products(dtype, layout, pair, triton_
     assert out.dtype == dtype and out.shape == (sum(counts), n)
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
     torch.testing.assert_close(out.double(), expected, **tolerance)
+
+
+@pytest.mark.parametrize("block_n, block_k, block_s", [(64, 32, 16), (32, 16, 64)])
+def test_rows_grouped_mm_with_blocks_of_different_sizes(block_n, block_k, block_s, triton_runs, monkeypatch):
+    """Each block size where it belongs (N columns, K depth, an expert's rows), none of the sizes a multiple of one."""
+    from megatron_unipool.kernels import rows_gemm
+
+    use_gemm_tiles(monkeypatch, rows_gemm._rows_grouped_mm_kernel, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=block_s)
+    generator = torch.Generator().manual_seed(0)
+    counts, k, n = [5, 0, 70, 1, 20, 0], 72, 150
+    a = torch.randn(sum(counts), k, generator=generator).to(DEVICE)
+    b = torch.randn(len(counts), n, k, generator=generator).to(DEVICE).transpose(1, 2)
+    out = rows_grouped_mm(a, b, torch.cumsum(torch.tensor(counts, device=DEVICE), 0))
+    torch.testing.assert_close(out.double(), per_expert(a, b, counts), rtol=1e-5, atol=1e-4)
 
 
 def test_rows_grouped_mm_over_a_large_pool_with_few_rows_each(triton_runs):

@@ -8,7 +8,7 @@ import torch
 from megatron_unipool.kernels import DeferredWeightGradients, KernelUnavailableError, grouped_gemm, grouped_swiglu
 from megatron_unipool.kernels.segmented_gemm import segmented_weight_gradient
 from kernel_models import (DEVICE, GROUPED_MM_PRECISIONS, assert_triton_model_equals_torch_model,
-                           skip_fp32_grouped_mm_on_cuda)
+                           skip_fp32_grouped_mm_on_cuda, use_gemm_tiles)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -24,6 +24,22 @@ def per_call_sum(a_calls, b_calls, counts_CM):
             out[e] += a[start:start + count].double().cpu().t() @ b[start:start + count].double().cpu()
             start += count
     return out
+
+
+@pytest.mark.parametrize("block_n, block_k, block_r", [(64, 32, 16), (16, 128, 32)])
+def test_gradient_with_blocks_of_different_sizes(block_n, block_k, block_r, triton_runs, monkeypatch):
+    """Each block size where it belongs (N and K of the gradient, R rows of a segment), none of the sizes a
+    multiple of one."""
+    from megatron_unipool.kernels import segmented_gemm
+
+    use_gemm_tiles(monkeypatch, segmented_gemm._segmented_at_b_kernel, BLOCK_N=block_n, BLOCK_K=block_k,
+                   BLOCK_R=block_r)
+    generator = torch.Generator().manual_seed(0)
+    counts_CM = torch.tensor([[3, 0, 40, 1], [0, 5, 2, 17]])
+    a_calls = [torch.randn(int(c.sum()), 70, generator=generator).to(DEVICE) for c in counts_CM]
+    b_calls = [torch.randn(int(c.sum()), 150, generator=generator).to(DEVICE) for c in counts_CM]
+    out = segmented_weight_gradient(a_calls, b_calls, counts_CM.to(DEVICE))
+    torch.testing.assert_close(out.double().cpu(), per_call_sum(a_calls, b_calls, counts_CM), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
