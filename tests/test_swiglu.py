@@ -49,6 +49,28 @@ def test_dense_activation_under_autograd(triton_runs):
         torch.testing.assert_close(ours, expected, **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("layout", ["broadcast_gradient", "transposed_gradient", "transposed_gate"])
+def test_dense_activation_takes_tensors_of_any_layout(layout, triton_runs):
+    """`out.sum().backward()` hands the kernel a stride-0 gradient, a transposed use of the output a column-major
+    one, and an input may be a view laid out unlike the other: the kernel reads flat elements, so each must be
+    made contiguous."""
+    gate, up = tensors(4, 37, count=2)
+    if layout == "transposed_gate":
+        gate = gate.t().contiguous().t()  # the same values, column-major
+    results = []
+    for backend in ("triton", "torch"):
+        g, u = gate.detach().requires_grad_(), up.clone().requires_grad_()
+        out = swiglu_activation(g, u, backend)
+        if layout == "broadcast_gradient":
+            out.sum().backward()
+        else:
+            (out.t() * torch.arange(out.numel(), dtype=out.dtype, device=DEVICE).view(out.shape[1], out.shape[0])
+             ).sum().backward()
+        results.append((out.detach(), g.grad, u.grad))
+    for ours, expected in zip(*results):
+        torch.testing.assert_close(ours, expected, **TOLERANCE[torch.float32])
+
+
 # rows past the last padded group are never written by grouped_mm: the interpreter warns about their garbage
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow / invalid value in those rows
 @pytest.mark.parametrize("precision", GROUPED_MM_PRECISIONS)
