@@ -58,7 +58,8 @@ def test_extreme_logits_and_strided_rows(triton_runs):
     keep fp32's precision of the logits' differences, as log_softmax does (a log-sum-exp added up in one
     fp32 number would be off by its ulp at 1e4, about 1e-3, in the loss and in each exponent)."""
     wide, targets = logits_and_targets(9, 700, torch.float32, scale=1e4)
-    targets = targets % 500
+    targets = torch.stack([targets % 500, targets], 1)[:, 0]  # strided too: every other element of a buffer
+    assert not targets.is_contiguous()
     for row, gap in enumerate((0.5, 2.0, 0.1)):
         top = wide[row, :500].max()
         wide[row, targets[row]] = top + 1

@@ -52,12 +52,14 @@ def test_a_sequence_longer_than_the_tables_is_refused_by_both_paths(backend, tri
 
 def test_kernel_reads_strided_rows(triton_runs):
     """A [B, S, H, K] view of a [B, H, S, K] tensor (how the gradient comes back through attention's
-    transpose) and rows with a gap between them: the kernel reads them in place."""
+    transpose) and rows with a gap between them: the kernel reads them in place; elements with gaps between
+    them are copied first."""
     generator = torch.Generator().manual_seed(0)
     cos, sin = tables(8)
     # views taken on the device: .to() copies a view with gaps between its rows contiguously
     for x in (torch.randn(2, 3, 9, 8, generator=generator).to(DEVICE).transpose(1, 2),
-              torch.randn(2, 9, 3, 12, generator=generator).to(DEVICE)[..., 2:10]):
+              torch.randn(2, 9, 3, 12, generator=generator).to(DEVICE)[..., 2:10],
+              torch.randn(2, 9, 3, 16, generator=generator).to(DEVICE)[..., ::2]):
         assert not x.is_contiguous()
         torch.testing.assert_close(TritonRotary.apply(x, cos[:9], sin[:9]), rotary(x, cos, sin, "torch"),
                                    rtol=1e-5, atol=1e-5)

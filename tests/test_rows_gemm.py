@@ -53,13 +53,14 @@ def test_rows_grouped_mm_equals_per_expert_products(dtype, layout, pair, triton_
 
 @pytest.mark.parametrize("block_n, block_k, block_s", [(64, 32, 16), (32, 16, 64)])
 def test_rows_grouped_mm_with_blocks_of_different_sizes(block_n, block_k, block_s, triton_runs, monkeypatch):
-    """Each block size where it belongs (N columns, K depth, an expert's rows), none of the sizes a multiple of one."""
+    """Each block size where it belongs (N columns, K depth, an expert's rows), none of the sizes a multiple of one;
+    the rows read column-major."""
     from megatron_unipool.kernels import rows_gemm
 
     use_gemm_tiles(monkeypatch, rows_gemm._rows_grouped_mm_kernel, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=block_s)
     generator = torch.Generator().manual_seed(0)
     counts, k, n = [5, 0, 70, 1, 20, 0], 72, 150
-    a = torch.randn(sum(counts), k, generator=generator).to(DEVICE)
+    a = torch.randn(k, sum(counts), generator=generator).to(DEVICE).t()  # column-major: copied before the kernel
     b = torch.randn(len(counts), n, k, generator=generator).to(DEVICE).transpose(1, 2)
     out = rows_grouped_mm(a, b, torch.cumsum(torch.tensor(counts, device=DEVICE), 0))
     torch.testing.assert_close(out.double(), per_expert(a, b, counts), rtol=1e-5, atol=1e-4)
