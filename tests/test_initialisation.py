@@ -29,7 +29,9 @@ def expected_std(name: str, init_std: float, num_layers: int) -> float:
     ("configs/tiny_unipool_cpu.json", ["moe.router=norm", "model.num_layers=6"]),
 ])
 def test_every_parameter_starts_at_its_scaled_normal(config_file, overrides):
-    config = load_config(config_file, ["model.init_std=0.05"] + overrides)
+    # 0.01, far from torch's default for nn.Linear (uniform, std 1 / sqrt(3 * fan_in): 0.051 at 128 inputs), so a
+    # matrix left at that default fails
+    config = load_config(config_file, ["model.init_std=0.01"] + overrides)
     torch.manual_seed(0)
     model = LanguageModel(config.model, config.moe)
     seen = set()
@@ -43,4 +45,6 @@ def test_every_parameter_starts_at_its_scaled_normal(config_file, overrides):
         # >= 8192 samples: the sample std is within 1% of the true one (1 sigma), the mean within 0.02 std
         assert values.std().item() == pytest.approx(std, rel=0.05), name
         assert abs(values.mean().item()) < 0.1 * std, name
+        kurtosis = ((values - values.mean()) ** 4).mean() / values.var(unbiased=False) ** 2
+        assert abs(kurtosis.item() - 3.0) < 0.5, name  # normal, not uniform (1.8)
     assert {"embedding", "wq", "wo", "w_down", "output"} <= seen
