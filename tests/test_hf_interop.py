@@ -82,6 +82,10 @@ EXPORTS = {
     "vanilla_topk_softmax": ("vanilla", SOFTMAX + ["moe.softmax_before_topk=false"], "MixtralForCausalLM", None),
     "vanilla_raw_probabilities": ("vanilla", SOFTMAX, "Qwen2MoeForCausalLM", None),
     "vanilla_raw_top1": ("vanilla", SOFTMAX + ["moe.top_k=1"], "Qwen2MoeForCausalLM", None),
+    # experts half the dense FFN's width: each architecture's expert width is its own field
+    "vanilla_fine_grained_topk_softmax": ("vanilla", SOFTMAX + ["moe.softmax_before_topk=false", "moe.granularity=0.5"],
+                                          "MixtralForCausalLM", None),
+    "vanilla_fine_grained_raw_probabilities": ("vanilla", SOFTMAX + ["moe.granularity=0.5"], "Qwen2MoeForCausalLM", None),
     "unipool_renormalised": ("unipool", SOFTMAX + ["moe.normalize_gates=true", "moe.bias_balancing=true"],
                              "MixtralForCausalLM", lambda m: [layer.router.expert_bias.fill_(0.3) for layer in m.moe_layers()]),
     "unipool_dense_layers_between": ("unipool", SOFTMAX + ["moe.normalize_gates=true", "moe.moe_layer_interval=2"],
@@ -108,6 +112,8 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_config, tmp_path
     if case == "unipool_hard_lock":  # each layer keeps only its own quarter of the 16-expert pool
         assert hf_config["num_local_experts"] == 4
     assert hf_config["max_position_embeddings"] == config.model.seq_len
+    # transformers 5 reads rope_parameters, 4 the top-level rope_theta (interop.md): both written
+    assert hf_config["rope_theta"] == hf_config["rope_parameters"]["rope_theta"] == config.model.rope_base
     # fresh tensors: safetensors refuses tensors sharing memory, and the export must not alias the model
     pointers = [t.untyped_storage().data_ptr() for t in tensors.values() if t.numel()]
     own = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
@@ -200,6 +206,16 @@ def test_unrepresentable_llama_is_refused(change, message):
     config = {**llama_config().to_dict(), **change}
     with pytest.raises(ValueError, match=message):
         from_hf_llama(config, {})
+
+
+def test_llama_import_takes_bf16_weights_as_fp32_and_ignores_old_rotary_buffers():
+    """Real Llama checkpoints are mostly bf16; training starts from fp32 masters (interop.md). Older transformers
+    saved each layer's rotary_emb.inv_freq, which RoPE's base already determines."""
+    tensors = dict(tiny_llama().to(torch.bfloat16).state_dict())
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    _, state = from_hf_llama(llama_config().to_dict(), tensors)
+    assert {t.dtype for t in state.values()} == {torch.float32}
+    assert torch.equal(state["embedding.weight"], tensors["model.embed_tokens.weight"].float())
 
 
 def test_swish_is_transformers_other_name_for_silu():
