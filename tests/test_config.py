@@ -517,9 +517,17 @@ def test_param_budget_tool_honours_set_names_its_config_and_refuses_bad_ones(cap
     assert budget["config"] == config and budget["expert_budget_percent"] == pytest.approx(50.0)
     assert tool.main(["--config", config]) == 0
     table = capsys.readouterr().out
-    full = param_budget(*(lambda c: (c.model, c.moe))(load_config(config, world_size=None)))
-    assert f"total parameters             {full.total_params:,} " in table
-    assert f"active parameters per token  {full.active_params:,} " in table
+    full = param_budget(*(lambda c: (c.model, c.moe))(load_config(config, world_size=None))).as_dict()
+    rows = dict(re.split(r" {2,}", line.strip(), maxsplit=1) for line in table.splitlines()[1:])
+    assert rows == {
+        "total parameters": f"{full['total_params']:,} ({full['total_params'] / 1e6:.1f}M)",
+        "active parameters per token": f"{full['active_params']:,} ({full['active_params'] / 1e6:.1f}M)",
+        "embedding parameters": f"{full['embedding_params']:,}",
+        "expert parameters": f"{full['expert_params']:,} in 1 pool(s) of 96 experts",
+        "vanilla expert budget": f"{full['vanilla_expert_params']:,}",
+        "experts as % of vanilla": "100.0%",
+        "training FLOPs per token": f"{full['train_flops_per_token']:.4g}",
+    }
     assert tool.main(["--config", config, "--set", "moe.top_k=99"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
 

@@ -390,16 +390,18 @@ def test_a_console_line_of_fewer_steps_than_the_interval_says_so(tmp_path, capsy
                                                           ["step 32/32 (window of 2 steps)", "lm loss 31.5000"]]
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("router, gating", [
     ("softmax", ["moe.normalize_gates=true"]), ("softmax", ["moe.softmax_before_topk=false"]),
     ("sigmoid", ["moe.normalize_gates=true"]), ("softmax", []), ("sigmoid", []), ("norm", []),
 ])
-def test_top1_with_a_renormalised_gate_is_named_as_leaving_the_routers_to_the_balancing_losses(router, gating,
+def test_top1_with_a_renormalised_gate_is_named_as_leaving_the_routers_to_the_balancing_losses(router, gating, top_k,
                                                                                                 tiny_config):
-    """MoEConfig.gate_is_always_one holds exactly where the LM loss gives the routers no gradient."""
+    """MoEConfig.gate_is_always_one holds exactly where the LM loss gives the routers no gradient (top-1 with a
+    renormalised gate; never at top-2)."""
     from megatron_unipool.model import LanguageModel
 
-    config = tiny_config("configs/tiny_vanilla_cpu.json", "moe.top_k=1", f"moe.router={router}", *gating,
+    config = tiny_config("configs/tiny_vanilla_cpu.json", f"moe.top_k={top_k}", f"moe.router={router}", *gating,
                          "moe.aux_loss=none", "model.seq_len=16")
     torch.manual_seed(0)
     model = LanguageModel(config.model, config.moe)
