@@ -245,6 +245,8 @@ def test_llama_import_names_unexpected_tensors_and_uses_llama_defaults():
         del config[key]
     model = llama_model_config(config)
     assert model.norm_eps == 1e-6 and model.tie_embeddings is False and model.seq_len == 2048
+    # both keys, disagreeing (by hand): rope_parameters wins, as in transformers 5
+    assert llama_model_config({**config, "rope_theta": 1234.0}).rope_base == 50000.0
     # a rope_theta written as null (by hand: transformers writes a number) is a missing one: LlamaConfig's 10000
     del config["rope_parameters"]
     assert llama_model_config({**config, "rope_theta": None}).rope_base == 10000.0
@@ -462,11 +464,12 @@ def test_import_checks_a_tokenizer_given_with_set(tmp_path, convert_tool, capsys
     from megatron_unipool.data import train_bpe_tokenizer
 
     tiny_llama().save_pretrained(tmp_path / "llama")  # a vocabulary of 300
-    train_bpe_tokenizer(["ab cd ef gh ij"] * 50, 260, tmp_path / "fits.json")
-    train_bpe_tokenizer([" ".join(f"w{i}" for i in range(400))] * 3, 700, tmp_path / "too_large.json")
+    words = [" ".join(f"w{i}" for i in range(400))] * 3
+    assert train_bpe_tokenizer(words, 300, tmp_path / "fits.json").vocab_size == 300  # the boundary, each side
+    assert train_bpe_tokenizer(words, 301, tmp_path / "too_large.json").vocab_size == 301
     capsys.readouterr()  # transformers' progress bars
     cases = [(tmp_path / "absent.json", "tokenizer file not found"),
-             (tmp_path / "too_large.json", "tokens, more than the imported model's vocabulary of 300")]
+             (tmp_path / "too_large.json", "301 tokens, more than the imported model's vocabulary of 300")]
     for tokenizer, message in cases:
         output = tmp_path / tokenizer.stem
         assert convert_tool.main(["--from", "hf", "--checkpoint", str(tmp_path / "llama"), "--output", str(output),

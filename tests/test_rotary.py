@@ -41,13 +41,17 @@ def test_kernel_matches_the_eager_rotation_in_fp32(dtype, shape, triton_runs):
         torch.testing.assert_close(a, e, **tolerance)
 
 
+@pytest.mark.parametrize("positions", [9, 12])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_a_sequence_longer_than_the_tables_is_refused_by_both_paths(backend, triton_runs):
+def test_a_sequence_longer_than_the_tables_is_refused_by_both_paths(backend, positions, triton_runs):
     """The kernel read the angles of positions past the tables from whatever memory followed them (NaN or
-    wrong logits, an out-of-bounds read on CUDA); the eager path failed with a broadcast error."""
+    wrong logits, an out-of-bounds read on CUDA); the eager path failed with a broadcast error. One
+    position past the tables too; a sequence as long as them is rotated."""
     cos, sin = tables(8, positions=8)
-    with pytest.raises(ValueError, match="a sequence of 12 positions is longer than the rotary tables' 8"):
-        rotary(torch.randn(1, 12, 2, 8).to(DEVICE), cos, sin, backend)
+    with pytest.raises(ValueError, match=f"a sequence of {positions} positions is longer than the rotary tables' 8"):
+        rotary(torch.randn(1, positions, 2, 8).to(DEVICE), cos, sin, backend)
+    x = torch.randn(1, 8, 2, 8).to(DEVICE)
+    torch.testing.assert_close(rotary(x, cos, sin, backend), rotary(x, cos, sin, "torch"), rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_reads_strided_rows(triton_runs):
