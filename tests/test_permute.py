@@ -67,6 +67,26 @@ def test_the_eager_combine_takes_the_gates_gradient_as_an_fp32_dot_of_bf16_rows(
     assert error.median() < 1e-6 and error.max() < 1e-3, (error.median(), error.max())
 
 
+def test_the_combine_kernel_rounds_each_tokens_bf16_sum_once(triton_runs):
+    """Top-4 bf16 rows: each token's weighted rows summed in fp32 and rounded to bf16 once (rounding after each
+    row moves most outputs by an ulp or more). The interpreter's fp32 -> bf16 cast truncates; CUDA's rounds."""
+    from megatron_unipool.kernels.triton_support import interpreting
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, experts, top_k, hidden = 64, 8, 4, 96
+    indices = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)]).to(DEVICE)
+    gates = torch.rand(tokens, top_k, generator=generator).to(DEVICE)
+    plan = plan_dispatch(indices, experts, None)
+    rows = expert_rows(plan, tokens, top_k, 1)
+    y = torch.randn(rows.slot_P.numel(), hidden, generator=generator).bfloat16().to(DEVICE)
+    out = unpermute(y, gates, plan, tokens, rows)
+    assert out.dtype == torch.bfloat16
+    total = (gates.double()[..., None] * y.double()[rows.row_TK.clamp_min(0)]).sum(1).float()
+    expected = (total.view(torch.int32) & -65536).view(torch.float32) if interpreting() else total.bfloat16().float()
+    differing = (out.float() != expected).sum().item()
+    assert differing <= out.numel() // 100, f"{differing} of {out.numel()} outputs are not the sum rounded once"
+
+
 def round_trip(rows, x_TD, gates_TK, plan, dtype):
     """permute -> a row-wise "expert" that maps zero rows to zero -> unpermute; (out, grad x, grad gates),
     and the experts' input."""
