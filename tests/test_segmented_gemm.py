@@ -26,6 +26,20 @@ def per_call_sum(a_calls, b_calls, counts_CM):
     return out
 
 
+def test_operands_reach_the_kernel_at_16_byte_boundaries():
+    """The kernel tells the compiler every call's rows start 16-byte aligned (tl.multiple_of, which the interpreter
+    ignores: a misaligned vector load on a GPU); a contiguous view 4 bytes past a boundary is copied first."""
+    from megatron_unipool.kernels.segmented_gemm import ALIGN_BYTES, _aligned, _offsets
+
+    base = torch.randn(4 * 16 + 1)
+    calls = [torch.randn(4, 16), base[1:].view(4, 16)]
+    assert calls[1].is_contiguous() and calls[1].data_ptr() % ALIGN_BYTES
+    aligned = _aligned(calls)
+    assert all(t.data_ptr() % ALIGN_BYTES == 0 for t in aligned) and aligned[0] is calls[0]
+    assert torch.equal(aligned[1], calls[1])
+    assert (_offsets(aligned) % (ALIGN_BYTES // 4) == 0).all()
+
+
 @pytest.mark.parametrize("block_n, block_k, block_r", [(64, 32, 16), (16, 128, 32)])
 def test_gradient_with_blocks_of_different_sizes(block_n, block_k, block_r, triton_runs, monkeypatch):
     """Each block size where it belongs (N and K of the gradient, R rows of a segment), none of the sizes a
