@@ -712,9 +712,10 @@ def test_a_prepared_corpus_is_read_without_writing_to_its_cache(tmp_path, monkey
 
 
 def test_prepare_default_corpus_rebuilds_a_readable_file_of_other_documents(tmp_path):
-    """A cached file that reads cleanly but holds another document set (a stale split) is rebuilt."""
+    """A cached file that reads cleanly but holds another document set (a stale split) is rebuilt: written by the
+    same tokenizer, so that only the document count tells them apart."""
     train_prefix, _ = prepare_default_corpus("byte", tmp_path)
-    write_documents(train_prefix, [[1, 2]], vocab_size=257, eod_id=256)
+    write_documents(train_prefix, [[1, 2]], vocab_size=257, eod_id=256, tokenizer="byte")
     prepare_default_corpus("byte", tmp_path)
     assert len(IndexedDataset(train_prefix)) == len(split_shakespeare(shakespeare_documents())[0])
 
@@ -1023,6 +1024,14 @@ def test_cli_refuses_to_replace_outputs_without_force(tmp_path, preprocess_main,
     preprocess_main(argv + ["--valid-fraction", "0.5"])  # other outputs (c_train, c_valid): nothing in their way
     preprocess_main(argv + ["--force"])
     assert decoded_documents(tmp_path / "c", ByteTokenizer()) == ["other", "more"]
+    # a tokenizer file in the way, with a new output prefix: kept too (another run's tokenizer.json)
+    (tmp_path / "tok.json").write_text("mine")
+    trained = ["--input", str(corpus), "--output-prefix", str(tmp_path / "new"), "--train-tokenizer-vocab", "300",
+               "--tokenizer-output", str(tmp_path / "tok.json")]
+    with pytest.raises(SystemExit):
+        preprocess_main(trained)
+    assert f"{tmp_path / 'tok.json'} already exists: pass --force" in capsys.readouterr().err
+    assert (tmp_path / "tok.json").read_text() == "mine" and not (tmp_path / "new.bin").exists()
 
 
 def test_cli_failure_in_the_second_split_replaces_neither(tmp_path, preprocess_main, monkeypatch):
