@@ -767,13 +767,13 @@ def test_most_used_experts_ignores_empty_slots_and_breaks_ties_by_index():
     picks = torch.tensor([[0, -1], [3, 3], [-1, -1], [2, 3], [2, -1]])  # uses: 0 once, 2 twice, 3 three times
     assert most_used_experts(picks, 5, 2).tolist() == [3, 2]
     assert most_used_experts(picks, 5, 5).tolist() == [3, 2, 0, 1, 4]
+    # a pool of 32 all tied: torch's unstable sort reorders ties from about 32 elements up
+    assert most_used_experts(torch.arange(32).repeat(3).view(-1, 2), 32, 4).tolist() == [0, 1, 2, 3]
 
 
-def test_recorded_routing_marks_the_slots_norm_router_leaves_empty(data_cache):
-    """A NormRouter top-2 layer whose router sees one expert against all others: tokens on one side
-    have a single positive score, so their second slot picks no expert and is recorded as -1."""
-    from megatron_unipool.training.probe import record_routing
-
+def one_against_all_top2_model(data_cache):
+    """A NormRouter top-2 model whose layer-0 router sees one expert against all others: tokens on one side
+    have a single positive score, so their second slot picks no expert."""
     config = small_config(data_cache, "unipool", "moe.router=norm", "moe.top_k=2")
     torch.manual_seed(0)
     model = LanguageModel(config.model, config.moe).eval()
@@ -782,6 +782,15 @@ def test_recorded_routing_marks_the_slots_norm_router_leaves_empty(data_cache):
     with torch.no_grad():
         router.weight.copy_(-direction.expand_as(router.weight))
         router.weight[0] = direction
+    return config, model
+
+
+def test_recorded_routing_marks_the_slots_norm_router_leaves_empty(data_cache):
+    """The slots NormRouter leaves without an expert are recorded as -1."""
+    from megatron_unipool.training.probe import record_routing
+
+    config, model = one_against_all_top2_model(data_cache)
+    router = model.layers[0].ffn.router
     expected = []
     router.register_forward_hook(lambda module, inputs, routing: expected.append(
         torch.where(routing.active_TK, routing.indices_TK, -1)))
@@ -1068,9 +1077,25 @@ def test_utilisation_tool_says_which_share_of_the_slots_norm_router_leaves_empty
             + ", ".join(f"layer {layer} {100 * share:.1f}%" for layer, share in enumerate(empty))) in done.stdout
 
 
+def test_utilisation_tools_unrouted_share_is_of_the_slots_at_top2(data_cache, tmp_path, capsys):
+    """At top-2 a layer has two slots per token: the share that reached no expert is of those."""
+    from megatron_unipool.training.checkpoint import write_run_directory
+    from megatron_unipool.training.probe import record_routing, routing_batches
+
+    config, model = one_against_all_top2_model(data_cache)
+    write_run_directory(tmp_path / "run", config, model.state_dict(), {}, {"consumed_samples": 0})
+    assert tool_module("plot_utilisation").main(["--checkpoint", str(tmp_path / "run"), "--eval-batches", "1",
+                                                 "--output", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "utilisation.json").read_text())
+    _, routing = record_routing(model, routing_batches(config, 1))
+    assert report["slots_per_layer"][0] == routing[0].numel() == 2 * config.train.global_batch * config.model.seq_len
+    assert report["unrouted_share_per_layer"][0] == pytest.approx((routing[0] < 0).double().mean().item())
+    assert report["unrouted_share_per_layer"][0] > 0
+
+
 def test_reproduction_tool_aggregates_seeds_and_resumes(data_cache, tmp_path):
     out = tmp_path / "repro"
-    command = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--seeds", "1", "2", "--models", "vanilla", "unipool",
+    command = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--seeds", "2", "1", "--models", "vanilla", "unipool",
                "--output", str(out)] + [item for o in SMALL + ["train.max_steps=3", f"data.cache_dir={data_cache}"]
                                         for item in ("--set", o)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -1079,6 +1104,7 @@ def test_reproduction_tool_aggregates_seeds_and_resumes(data_cache, tmp_path):
     assert set(results) == {"vanilla", "unipool"} and all(len(runs) == 2 for runs in results.values())
     seeds = [json.loads((out / "unipool" / f"seed{s}" / "summary.json").read_text())["final_val_loss"] for s in (1, 2)]
     assert seeds[0] != seeds[1]  # different seeds, different runs
+    assert [(row["seed"], row["final_val_loss"]) for row in results["unipool"]] == [(2, seeds[1]), (1, seeds[0])]
     assert f"{sum(seeds) / 2:.4f}" in (out / "results.md").read_text()
     assert "unipool below vanilla" in (out / "results.md").read_text()
     assert (out / "curves.png").stat().st_size > 0
