@@ -500,6 +500,30 @@ def test_gpt2_tokenizer_missing_ranks_says_how_to_get_them(tmp_path, monkeypatch
         GPT2Tokenizer()
 
 
+def test_read_and_write_reports_count_megabytes_of_10_6_bytes():
+    """The progress lines' MB are 10^6 bytes (as the rates' MB/s), not MiB."""
+    assert str(corpus_module.ReadStats(3, 1, 2_000_000, 1.5)) == (
+        "3 documents, 2.00 MB of text, in 1.5 s; skipped 1 blank document")
+    assert str(corpus_module.WriteStats(3, 40, 2_000_000, 0.5)) == (
+        "3 documents, 40 tokens, 2.00 MB of text in 0.50 s (4.0 MB/s)")
+
+
+def test_gpt2_tokenizer_refuses_a_ranks_file_missing_its_last_rank(tmp_path, monkeypatch):
+    """A truncated copy (a copy cut short) would encode text under the name gpt2, sharing the real
+    vocabulary's cached corpora, with one id less."""
+    from megatron_unipool.data.tokenizers import _find_gpt2_ranks
+
+    monkeypatch.delenv("MEGATRON_UNIPOOL_GPT2_RANKS", raising=False)
+    try:
+        lines = _find_gpt2_ranks().read_bytes().splitlines(keepends=True)
+    except FileNotFoundError as error:
+        pytest.skip(f"GPT-2 ranks unavailable offline: {error}")
+    (tmp_path / "short.tiktoken").write_bytes(b"".join(lines[:-1]))
+    monkeypatch.setenv("MEGATRON_UNIPOOL_GPT2_RANKS", str(tmp_path / "short.tiktoken"))
+    with pytest.raises(DataError, match=rf"short\.tiktoken: holds {len(lines) - 1} ranks, GPT-2 has {len(lines)}"):
+        GPT2Tokenizer()
+
+
 # ------------------------------------------------------------------ samples
 
 

@@ -302,6 +302,13 @@ def convert_tool():
     return load_script(TOOL)
 
 
+def test_conversion_summary_counts_a_tied_tensor_once(convert_tool):
+    """Parameters in millions and bytes in MiB, the tied output (the embedding under two names) counted once."""
+    embedding, other = torch.zeros(1000, 1000), torch.zeros(500, 1000)
+    assert convert_tool.describe({"embedding": embedding, "output": embedding, "norm": other}) == (
+        f"3 tensors, 1.50M parameters, {6e6 / 2**20:.1f} MiB")
+
+
 def test_bad_config_json_or_index_is_named_before_any_shard_is_read(tmp_path, convert_tool):
     from megatron_unipool.training import CheckpointError
 
