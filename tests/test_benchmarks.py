@@ -215,6 +215,39 @@ def test_every_end_to_end_suite_model_is_a_valid_config(monkeypatch):
             assert loaded.model.compile == name.endswith("-compiled"), name
 
 
+def test_end_to_end_row_follows_its_formulas(data_cache, monkeypatch):
+    """Each field of a row from its closed form, under a fake clock (two steps in 0.5 s), a peak of 1 TFLOP/s and
+    a peak RSS of 2 GiB: times per step (not per run), TFLOP/s from the budget's FLOPs per token, MFU in percent,
+    memory in MiB, and the table's ratio to vanilla."""
+    import resource
+    import types
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import end_to_end
+
+    from megatron_unipool.config import load_config
+    from megatron_unipool.model import param_budget
+
+    overrides = [*TINY, f"data.cache_dir={data_cache}"]
+    ticks = iter([10.0, 10.5])
+    monkeypatch.setattr(end_to_end, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks),
+                                                                  strftime=time.strftime))
+    monkeypatch.setattr(end_to_end, "peak_flops", lambda precision: 1e12)
+    monkeypatch.setattr(end_to_end, "count_host_operators", lambda step: None)
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=2048 * 1024))  # KiB
+    row = end_to_end.measure("configs/tiny_vanilla_cpu.json", overrides, warmup=0, steps=2)
+    config = load_config(REPO / "configs/tiny_vanilla_cpu.json", overrides)
+    budget = param_budget(config.model, config.moe)
+    assert row["step_ms"] == pytest.approx(250.0)
+    assert row["tokens_per_second"] == pytest.approx(8 * 32 / 0.25)
+    assert row["tflops"] == pytest.approx(8 * 32 / 0.25 * budget.train_flops_per_token / 1e12)
+    assert row["mfu_percent"] == pytest.approx(100 * row["tflops"] * 1e12 / 1e12)
+    assert (row["total_params"], row["active_params"]) == (budget.total_params, budget.active_params)
+    assert row["peak_memory_mib"] == pytest.approx(2048.0)
+    rows = [dict(row, name="vanilla"), dict(row, name="unipool", kind="unipool", step_ms=500.0)]
+    assert end_to_end.table(rows).splitlines()[-1].split()[-1] == "2.000"
+
+
 def test_end_to_end_benchmark_measures_each_model(data_cache, tmp_path):
     done, rows = run_benchmark(tmp_path, "end_to_end.py", "--models", "vanilla", "unipool", "dense", "--warmup", "1",
                                "--steps", "1", "--profile-steps", "1",
@@ -470,6 +503,13 @@ def test_comm_benchmark_counts_every_token_exchange(data_cache, tmp_path, precis
         assert row["routed_slots_per_step"] == slots
         assert row["token_bytes_remote_per_step"] + row["token_bytes_local_per_step"] == 4 * slots * 64 * row_bytes
         assert 0 < row["remote_fraction"] < 1
+        # per rank: dispatch and return, forward and backward, in each MoE layer of each micro-batch
+        micro_batches = 8 // (2 * row["world_size"])
+        assert row["all_to_all_calls_per_step"] == 4 * row["moe_layers"] * micro_batches
+        # each exchange's counts first: [ep, experts / ep] int64 from every rank, the other ranks' part remote
+        experts = 8 * (row["moe_layers"] if row["kind"] == "unipool" else 1)
+        exchanges = row["moe_layers"] * micro_batches * row["world_size"]
+        assert row["count_bytes_remote_per_step"] == exchanges * (row["ep"] - 1) * (experts // row["ep"]) * 8
 
 
 @pytest.mark.parametrize("step_set, checks, measuring", [
@@ -518,6 +558,41 @@ def test_gpu_checks_script_stops_before_any_work_without_its_corpus(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the script measures on CUDA")
+def test_ratios_compare_with_the_reference_row_of_the_same_expert_count(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from measurement import add_ratios
+
+    rows = [{"impl": impl, "tokens": 64, "experts": experts, "top_k": 1, "tps": value}
+            for impl, experts, value in [("deepspeed", 8, 100.0), ("deepspeed", 32, 50.0), ("ours", 8, 200.0),
+                                         ("ours", 32, 200.0)]]
+    add_ratios(rows, "deepspeed", "tokens", "tps", "vs")
+    assert [row["vs"] for row in rows] == [1.0, 1.0, 2.0, 4.0]
+
+
+def test_median_seconds_is_the_median_of_the_repeats(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import measurement
+
+    clock = iter([0, 1, 10, 15, 20, 22])  # durations 1, 5, 2
+    monkeypatch.setattr(measurement.time, "perf_counter", lambda: next(clock))
+    assert measurement.median_seconds(lambda: None, repeats=3, warmup=0, device=torch.device("cpu")) == 2
+
+
+def test_profile_top_kernels_are_per_step(monkeypatch):
+    """A kernel of 40 calls and 6 ms over two profiled steps: 20 calls and 3 ms a step."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from step_profile import summarise
+
+    event = SimpleNamespace(key="nvjet_gemm", self_device_time_total=6000, self_cpu_time_total=6000, count=40,
+                            device_type=DeviceType.CUDA, is_user_annotation=False)
+    summary = summarise([event], steps=2, wall_seconds=0.02, on_cuda=True, top=1)
+    assert summary["top"] == [{"name": "nvjet_gemm", "ms": 3.0, "calls": 20.0, "category": "gemm"}]
+
+
 def test_gpu_checks_script_refuses_a_machine_without_cuda_unless_quick(tmp_path):
     """Without QUICK every step is minutes of full-size work on a CPU, measuring nothing the docs take."""
     environment = {name: value for name, value in os.environ.items() if name != "QUICK"}

@@ -375,6 +375,28 @@ def test_eta_is_the_mean_time_of_this_session_steps_times_the_steps_left(tmp_pat
     assert line.startswith("step 12/20 |") and line.endswith("ETA 0:00:16"), line
 
 
+def test_console_line_shows_the_dropped_share_as_a_percentage(tmp_path, capsys):
+    from megatron_unipool.config import LoggingConfig
+    from megatron_unipool.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, LoggingConfig(tensorboard=False, log_interval=1), max_steps=1)
+    logger.step(1, {"dropped_fraction": 0.05})
+    assert "dropped 5.00%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variables, processes", [({"LOCAL_WORLD_SIZE": "3"}, 3), ({"LOCAL_SIZE": "4"}, 4), ({}, 1)])
+def test_processes_per_host_are_read_from_either_launcher(variables, processes, monkeypatch):
+    """torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE (reliability.md): the host memory
+    check counts every process of the host."""
+    from megatron_unipool.training.hardware import processes_on_this_host
+
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert processes_on_this_host() == processes
+
+
 def test_a_console_line_of_fewer_steps_than_the_interval_says_so(tmp_path, capsys):
     """Resumed at step 24 with a log interval of 5, step 25's line is the mean of one step: an unbroken run's
     line averages 21-25, so the two differ though the steps are the same."""
