@@ -71,6 +71,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.json"))
         ("moe.kind=vanilla", "moe.aux_loss='pool' needs moe.kind='unipool'"),
         ("logging.log_interval=0", "logging.log_interval: 0 must be >= 1"),
         ("checkpoint.keep_last=x", "checkpoint.keep_last: expected int, got str"),
+        ("train.lr=true", "train.lr: expected float, got bool"),  # a bool is an int to Python, not a number to JSON
         ("optimizer.lr=1", "unknown section 'optimizer'"),
     ],
 )
@@ -246,6 +247,9 @@ def test_a_string_field_takes_an_override_as_written():
     config = load_config(REPO / "configs/tiny_unipool_cpu.json", ["data.cache_dir=2024", "checkpoint.load= 1e3"])
     assert Path(config.data.cache_dir).name == "2024" and Path(config.checkpoint.load).name == "1e3"
     assert load_config(REPO / "configs/tiny_unipool_cpu.json", ["checkpoint.load=null"]).checkpoint.load is None
+    # the value is everything after the first '=': a sweep's directory names hold more
+    assert Path(load_config(REPO / "configs/tiny_unipool_cpu.json", ["checkpoint.load=runs/lr=0.1"]).checkpoint.load
+                ).name == "lr=0.1"
     with pytest.raises(ConfigError, match="train.lr: expected float, got str '1e-3x'"):
         load_config(REPO / "configs/tiny_unipool_cpu.json", ["train.lr=1e-3x"])
 
@@ -434,8 +438,9 @@ def test_generated_deepspeed_config_follows_precision_and_clips_once():
     generated = deepspeed_config(fp32, micro_batches=1)
     assert generated["gradient_clipping"] == 0.0 and generated["bf16"] == {"enabled": False, "check_grad_overflow": True}
     assert generated["zero_optimization"] == {"stage": 0, "compute_grad_norm": True}
-    zero1 = load_config(REPO / "configs/tiny_unipool_cpu.json", ["deepspeed.enabled=true", "deepspeed.zero_stage=1"])
-    assert deepspeed_config(zero1, micro_batches=1)["gradient_clipping"] == zero1.train.grad_clip == 1.0
+    zero1 = load_config(REPO / "configs/tiny_unipool_cpu.json", ["deepspeed.enabled=true", "deepspeed.zero_stage=1",
+                                                                 "train.grad_clip=0.5"])  # not DeepSpeed's 1.0
+    assert deepspeed_config(zero1, micro_batches=1)["gradient_clipping"] == 0.5
 
 
 @pytest.mark.parametrize("content, precision, named", [
@@ -444,6 +449,8 @@ def test_generated_deepspeed_config_follows_precision_and_clips_once():
     ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9]}}}, "fp32", "optimizer.params.betas"),
     ({"optimizer": {"type": "AdamW", "params": {"eps": 0.95}}}, "fp32", "optimizer.params.eps"),
     ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-8}}}, "fp32", None),  # train.adam_eps: agrees
+    ({"gradient_clipping": 0.5}, "fp32", "remove gradient_clipping (set train.grad_clip)"),  # the config's is 1.0
+    ({"gradient_clipping": 1.0}, "fp32", None),
     # DeepSpeed's old name for bf16 was read only without bf16, which ours always sets: ignored
     ({"bfloat16": {"enabled": True}}, "fp32", "bf16.enabled"),
     ({"bfloat16": {"enabled": True}, "bf16": {"enabled": True}}, "bf16", "sets both bf16 and its old name bfloat16"),
@@ -470,6 +477,17 @@ def test_deepspeed_config_file_values_are_compared_with_the_run(tmp_path, conten
         return
     with pytest.raises(ConfigError, match=re.escape(named)):
         load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+
+
+def test_a_deepspeed_files_gradient_clipping_is_compared_with_train_grad_clip(tmp_path):
+    """The file's 1.0 (DeepSpeed's usual value) against a run clipping at 0.5: refused, not the run's value ignored."""
+    overrides = ["deepspeed.enabled=true", "deepspeed.zero_stage=1", f"deepspeed.config_file={tmp_path / 'ds.json'}",
+                 "train.grad_clip=0.5"]
+    (tmp_path / "ds.json").write_text(json.dumps({"gradient_clipping": 1.0}))
+    with pytest.raises(ConfigError, match=re.escape("remove gradient_clipping (set train.grad_clip)")):
+        load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+    (tmp_path / "ds.json").write_text(json.dumps({"gradient_clipping": 0.5}))
+    load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
 
 
 def test_a_checkpoints_config_may_hold_a_zero_stage_its_run_ignored():
