@@ -56,7 +56,7 @@ def test_the_eager_combine_takes_the_gates_gradient_as_an_fp32_dot_of_bf16_rows(
     sum rounds it by about 0.2-1% (the router's gradient), where fp32 stays near the fp64 dot of the same values."""
     generator = torch.Generator().manual_seed(0)
     tokens, experts, top_k, hidden = 64, 4, 2, 1024
-    indices, gates, plan = routed(tokens, experts, top_k, None)
+    _, gates, plan = routed(tokens, experts, top_k, None)
     y = torch.randn(tokens * top_k, hidden, generator=generator).bfloat16().to(DEVICE)
     grad_out = torch.randn(tokens, hidden, generator=generator).bfloat16().to(DEVICE)
     gates.requires_grad_()
@@ -72,11 +72,9 @@ def test_the_combine_kernel_rounds_each_tokens_bf16_sum_once(triton_runs):
     row moves most outputs by an ulp or more). The interpreter's fp32 -> bf16 cast truncates; CUDA's rounds."""
     from megatron_unipool.kernels.triton_support import interpreting
 
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
     tokens, experts, top_k, hidden = 64, 8, 4, 96
-    indices = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)]).to(DEVICE)
-    gates = torch.rand(tokens, top_k, generator=generator).to(DEVICE)
-    plan = plan_dispatch(indices, experts, None)
+    _, gates, plan = routed(tokens, experts, top_k, None)
     rows = expert_rows(plan, tokens, top_k, 1)
     y = torch.randn(rows.slot_P.numel(), hidden, generator=generator).bfloat16().to(DEVICE)
     out = unpermute(y, gates, plan, tokens, rows)

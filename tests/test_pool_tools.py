@@ -1077,7 +1077,7 @@ def test_utilisation_tool_says_which_share_of_the_slots_norm_router_leaves_empty
             + ", ".join(f"layer {layer} {100 * share:.1f}%" for layer, share in enumerate(empty))) in done.stdout
 
 
-def test_utilisation_tools_unrouted_share_is_of_the_slots_at_top2(data_cache, tmp_path, capsys):
+def test_utilisation_tools_unrouted_share_is_of_the_slots_at_top2(data_cache, tmp_path):
     """At top-2 a layer has two slots per token: the share that reached no expert is of those."""
     from megatron_unipool.training.checkpoint import write_run_directory
     from megatron_unipool.training.probe import record_routing, routing_batches
