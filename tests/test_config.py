@@ -137,10 +137,47 @@ def test_a_section_that_is_not_an_object_is_named(tmp_path):
     assert raw == {"train": {"lr": 1.0}}, "overrides changed the caller's dict"
 
 
-def test_validating_on_the_training_files_is_refused():
-    with pytest.raises(ConfigError, match="data.train_prefix and data.valid_prefix are both 'data/c'"):
+@pytest.mark.parametrize("train, valid", [("data/c", "data/c"), ('{"data/a": 1, "data/c": 2}', "data/c"),
+                                          ("data/c", '{"data/c": 1, "data/v": 1}')])
+def test_validating_on_the_training_files_is_refused(train, valid):
+    with pytest.raises(ConfigError, match="data.train_prefix and data.valid_prefix both read 'data/c': validating"):
         load_config(REPO / "configs/tiny_unipool_cpu.json",
-                    ["data.corpus=null", "data.train_prefix=data/c", "data.valid_prefix=data/c"])
+                    ["data.corpus=null", f"data.train_prefix={train}", f"data.valid_prefix={valid}"])
+
+
+def test_a_blend_is_an_object_of_prefixes_and_weights_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.json").write_text(json.dumps({"data": {
+        "corpus": None, "train_prefix": {"web": 7, "~/books": 0.25}, "valid_prefix": {"web_valid": 1}}}))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = load_config(tmp_path / "c.json").data
+    assert data.train_prefix == {str(tmp_path / "web"): 7.0, str(tmp_path / "home/books"): 0.25}
+    assert all(type(weight) is float for weight in data.train_prefix.values())
+    assert data.valid_prefix == {str(tmp_path / "web_valid"): 1.0}
+    override = load_config(tmp_path / "c.json", ['data.train_prefix={"a": 1, "b": 3}', "data.valid_prefix=v"]).data
+    assert override.train_prefix == {str(tmp_path / "a"): 1.0, str(tmp_path / "b"): 3.0}
+    assert override.valid_prefix == str(tmp_path / "v")
+    stored = config_from_dict(config_to_dict(load_config(tmp_path / "c.json")), world_size=None, stored=True)
+    assert stored.data == data  # a checkpoint's config reads back as it was written
+
+
+@pytest.mark.parametrize("blend, named", [
+    ('{"a": "x", "b": true, "c": 1e400}', r"data.train_prefix\['a'\]: expected a number, got a string 'x'\n"
+                                          r"  data.train_prefix\['b'\]: expected a number, got a boolean True\n"
+                                          r"  data.train_prefix\['c'\]: inf is not a finite number"),
+    ('{"a": 1, "b": 0, "c": -2}', r"data.train_prefix: every weight of a blend must be > 0, got 'b': 0.0, 'c': -2.0"),
+    ("{}", "data.train_prefix is an empty blend"),
+    ('{"a": 1, "./a": 2}', r"data.train_prefix names .*/a twice \('a' and './a'\): give it once, with the sum"),
+    ('{"": 1}', r"data.train_prefix\[''\] is empty: give a path$"),
+])
+def test_a_bad_blend_is_named(tmp_path, monkeypatch, blend, named):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=named):
+        load_config(REPO / "configs/tiny_unipool_cpu.json",
+                    ["data.corpus=null", f"data.train_prefix={blend}", "data.valid_prefix=v"])
+    (tmp_path / "c.json").write_text('{"data": {"corpus": null, "train_prefix": [["a", 1]], "valid_prefix": "v"}}')
+    with pytest.raises(ConfigError, match=r"data.train_prefix: expected str or object or null, got list"):
+        load_config(tmp_path / "c.json")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ from megatron_unipool.data import (
     write_indexed,
 )
 from megatron_unipool.data import corpus as corpus_module
+from megatron_unipool.data.blending import BlendedSamples, period_shares
 from megatron_unipool.data.corpus import InputProgress, count_documents
 from script_modules import load_script
 
@@ -635,6 +638,84 @@ def test_too_short_stream_is_an_error(small_dataset_prefix):
     only_sample = TokenSampleDataset(dataset, seq_len=8, seed=0)
     assert len(only_sample) == 1
     np.testing.assert_array_equal(only_sample.sample(5), [1, 2, 3, 0, 4, 5, 0, 6, 0])
+
+
+# ------------------------------------------------------------------ blends
+
+
+@pytest.fixture
+def blend_files(tmp_path):
+    """Three files of 30, 8 and 60 documents: samples of 6 tokens, shuffled, as training reads them."""
+    rng = np.random.default_rng(3)
+    sources = []
+    for name, count in (("web", 30), ("code", 8), ("books", 60)):
+        write_documents(tmp_path / name, random_documents(rng, 500, 499, count), vocab_size=500, eod_id=499)
+        sources.append((name, TokenSampleDataset(IndexedDataset(tmp_path / name), seq_len=6, seed=5)))
+    return sources
+
+
+def reference_order(shares: list[int]) -> list[tuple[int, int]]:
+    """(source, its sample within the period) at each position of a period: the documented rule, in exact
+    fractions: source i's j-th sample at (j + 1/2) / share_i of the period, ties to the source listed first."""
+    events = [(Fraction(2 * j + 1, 2 * share), source, j) for source, share in enumerate(shares) for j in range(share)]
+    return [(source, j) for _, source, j in sorted(events)]
+
+
+@pytest.mark.parametrize("weights, period", [([0.7, 0.3], 10), ([1, 1, 1], 10), ([5, 2, 1.5], 97),
+                                             ([1e-3, 1, 0.2], 4096), ([0.1] * 7, 1 << 16)])
+def test_period_shares_round_the_weights_by_largest_remainder(weights, period):
+    exact = [Fraction(w) / sum(map(Fraction, weights)) * period for w in weights]
+    floors = [math.floor(e) for e in exact]
+    # the rest of the period one each to the largest remainders, ties to the first source
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - floors[i]), i))
+    expected = [f + (i in by_remainder[: period - sum(floors)]) for i, f in enumerate(floors)]
+    assert period_shares(weights, period).tolist() == expected
+    assert sum(expected) == period
+
+
+@pytest.mark.parametrize("weights, period", [([5, 2, 1.5], 97), ([0.6, 0.3, 0.1], 1000), ([1, 1, 1], 64)])
+def test_a_blend_deals_each_period_by_the_documented_rule(blend_files, weights, period):
+    blend = BlendedSamples([(name, samples, w) for (name, samples), w in zip(blend_files, weights)], period=period)
+    shares = blend.shares.tolist()
+    order = reference_order(shares)
+    seen = [0] * len(shares)
+    for g in range(3 * period + 5):
+        periods, position = divmod(g, period)
+        source, j = order[position]
+        assert blend.locate(g) == (source, periods * shares[source] + j)
+        # each source reads its own samples once each, in order: a blend never skips or repeats one
+        assert blend.locate(g)[1] == seen[source]
+        seen[source] += 1
+        np.testing.assert_array_equal(blend.sample(g), blend_files[source][1].sample(seen[source] - 1))
+        # every prefix of the stream holds each source's share to within one sample
+        for other, share in enumerate(shares):
+            assert abs(blend.source_samples(other, g + 1) - (g + 1) * share / period) <= 1
+            assert blend.source_samples(other, g + 1) == seen[other]
+
+
+def test_a_blends_length_ends_where_a_source_would_repeat(blend_files):
+    weights = [1, 4, 1]  # the 8-document file, weighted high, runs out first
+    blend = BlendedSamples([(name, samples, w) for (name, samples), w in zip(blend_files, weights)], period=30)
+    g = 0  # the first global sample that reads a source's sample past its last one
+    while blend.locate(g)[1] < len(blend_files[blend.locate(g)[0]][1]):
+        g += 1
+    assert len(blend) == g and blend.locate(g)[0] == 1 and blend.locate(g)[1] == len(blend_files[1][1])
+    batch = blend.batch(7, 5)
+    assert batch.shape == (5, 7) and all(np.array_equal(batch[i].numpy(), blend.sample(7 + i)) for i in range(5))
+
+
+def test_a_blend_refuses_what_it_cannot_deal(blend_files, tmp_path):
+    (web, web_samples), (code, code_samples) = blend_files[:2]
+    with pytest.raises(DataError, match=r"^code's weight 1e-05 is 1e-05 of the blend, less than one sample in 1,000:"
+                                        " raise it or leave the source out"):
+        BlendedSamples([(web, web_samples, 1.0), (code, code_samples, 1e-5)], period=1000)
+    longer = TokenSampleDataset(IndexedDataset(tmp_path / "code"), seq_len=7, seed=5)
+    with pytest.raises(DataError, match=r"one sample length, got \[6, 7\]"):
+        BlendedSamples([(web, web_samples, 1.0), (code, longer, 1.0)])
+    with pytest.raises(DataError, match="at least one source"):
+        BlendedSamples([])
+    with pytest.raises(IndexError, match="-1"):
+        BlendedSamples([(web, web_samples, 1.0), (code, code_samples, 1.0)]).sample(-1)
 
 
 # ------------------------------------------------------------------ default corpus

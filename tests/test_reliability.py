@@ -624,6 +624,38 @@ def test_data_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
         build(train, damaged.with_suffix("")).evaluate()
 
 
+def test_blend_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
+    rng = np.random.default_rng(0)
+    long = [rng.integers(0, 200, 500).tolist() for _ in range(4)]
+    web, books, valid = (write(tmp_path / name, long, 256, 255) for name in ("web", "books", "valid"))
+
+    def build(train_blend: dict, valid_prefix):
+        return Trainer(tiny_config(UNIPOOL, "data.corpus=null", f"data.train_prefix={json.dumps(train_blend)}",
+                                   f"data.valid_prefix={json.dumps(valid_prefix)}"), tmp_path / "run")
+
+    other = write(tmp_path / "other", long, 256, 255, "other")
+    with pytest.raises(DataError, match=rf"^the data files come from different tokenizers: .*web \(tokenizer test,"
+                                        rf" vocabulary 256, EOD id 255\), .*other \(tokenizer other, vocabulary 256,"
+                                        rf" EOD id 255\), .*valid \(tokenizer test"):
+        build({web: 1, other: 1}, valid)
+    big = write(tmp_path / "big", long, 400, 399)
+    with pytest.raises(DataError, match=r"^data.train_prefix's .*big was tokenised with a vocabulary of 400 tokens,"
+                                        r" larger than model.vocab_size=320"):
+        build({web: 1, big: 1}, valid)
+    with pytest.raises(DataError, match=r"^data.valid_prefix's .*big was tokenised with a vocabulary of 400 tokens"):
+        build({web: 1}, {valid: 1, big: 1})
+    short = write(tmp_path / "short", [[1, 2, 3]], 256, 255)
+    with pytest.raises(DataError, match=r"short\.bin holds 4 tokens, too few for one sample"):
+        build({web: 1, short: 1}, valid)
+    with pytest.raises(DataError, match=r"books's weight 1e-06 is 1e-06 of the blend, less than one sample in 65,536"):
+        build({web: 1, books: 1e-6}, valid)
+    few = [write(tmp_path / f"few{i}", [rng.integers(0, 200, 100).tolist()], 256, 255) for i in range(2)]
+    with pytest.raises(DataError, match=r"^the blend of .*few0, .*few1 holds 2 validation samples of model.seq_len=64,"
+                                        r" fewer than train.micro_batch=4"):
+        build({web: 1, books: 1}, {few[0]: 1, few[1]: 1})  # a sample each: the first to run out ends the pass
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_validation_batches_are_whole_micro_batches_spread_over_the_split():
     from megatron_unipool.training.datasets import validation_batches
 

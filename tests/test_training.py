@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_unipool.data import IndexedDataset, prepare_default_corpus
+from megatron_unipool.data import IndexedDataset, IndexedDatasetWriter, TokenSampleDataset, prepare_default_corpus
 from megatron_unipool.training import DataError, Trainer, latest_checkpoint, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +54,44 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_config, tmp_path):
     # a second start in a finished run directory resumes at the end and trains nothing more
     again = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides), tmp_path / "full")
     assert again.state.step == 6 and again.state.train_losses == full["train_losses"]
+
+
+def test_a_blend_trains_on_its_files_by_weight_and_resumes_exactly(tiny_config, data_cache, tmp_path, capsys):
+    """data.train_prefix as {prefix: weight}: samples are a function of the global index, so a resume (here with
+    the blend's entries in the other order: the same weighted files) reads on where the run stopped."""
+    corpus_train, corpus_valid = prepare_default_corpus("byte", data_cache)
+    shakespeare = IndexedDataset(corpus_train)
+    small = str(tmp_path / "small")  # other text of the same tokenizer: the corpus's first tokens reversed
+    with IndexedDatasetWriter(small, shakespeare.vocab_size, shakespeare.eod_id, shakespeare.tokenizer) as writer:
+        tokens = np.asarray(shakespeare.tokens(0, 20_000))[::-1]
+        writer.add_document(tokens[tokens != shakespeare.eod_id])
+
+    def config(blend: dict, *overrides: str):
+        return tiny_config("configs/tiny_unipool_cpu.json", "data.corpus=null", f"data.train_prefix={json.dumps(blend)}",
+                           f"data.valid_prefix={corpus_valid}", "train.max_steps=6", "checkpoint.save_interval=3",
+                           "train.eval_interval=3", *overrides)
+
+    trainer = Trainer(config({small: 1, corpus_train: 3}), tmp_path / "full")
+    full = trainer.train()
+    printed = capsys.readouterr().out
+    train = trainer.data.train
+    seed, read = trainer.config.train.seed, 6 * trainer.config.train.global_batch
+    assert sorted(train.names) == train.names == sorted([small, corpus_train])
+    for g in range(read):  # each global sample is its file's own sample, as one file's run would read it
+        source, index = train.locate(g)
+        file_samples = TokenSampleDataset(IndexedDataset(train.names[source]), 64, seed)
+        np.testing.assert_array_equal(train.sample(g), file_samples.sample(index))
+    from_small = train.source_samples(train.names.index(small), read)
+    assert abs(from_small - read / 4) <= 1
+    assert (f"{small} 25.0% ({len(train.sources[train.names.index(small)]):,} samples, read"
+            f" {from_small / len(train.sources[train.names.index(small)]):.2f} times)") in printed
+    assert "data: a blend of 2 files over 6 steps: " in printed
+    fingerprint = trainer.data.fingerprint()["training split"]
+    assert all(IndexedDataset(prefix).content_hash() in fingerprint for prefix in (small, corpus_train))
+    midway = tmp_path / "full" / "checkpoints" / "step_0000003"
+    resumed = Trainer(config({corpus_train: 3, small: 1}, f"checkpoint.load={midway}"), tmp_path / "resumed").train()
+    assert resumed["train_losses"] == full["train_losses"] and resumed["val_losses"] == full["val_losses"]
+    assert "settings other than the checkpoint's" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("kind", ["unipool", "vanilla"])

@@ -13,5 +13,6 @@ from .sections import (
     MoEConfig,
     ParallelConfig,
     TrainConfig,
+    as_blend,
     stage_layers,
 )

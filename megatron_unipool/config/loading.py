@@ -19,32 +19,49 @@ from .json_files import ConfigError, is_file, json_kind, read_json
 from .sections import Config
 
 
-def _allowed(annotation) -> tuple[type, list[Any] | None, bool]:
-    """(python type, literal choices or None, accepts None) of a field annotation."""
+def _allowed(annotation) -> tuple[tuple[type, ...], list[Any] | None, bool]:
+    """(python types, literal choices or None, accepts None) of a field annotation; a `dict[str, float]` (a
+    data blend) is dict, its values checked by _check_value."""
     optional = False
     args = [annotation]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         optional = len(args) < len(typing.get_args(annotation))
-    (inner,) = args
-    if typing.get_origin(inner) is typing.Literal:
-        choices = list(typing.get_args(inner))
-        return type(choices[0]), choices, optional
-    return inner, None, optional
+    if typing.get_origin(args[0]) is typing.Literal:
+        choices = list(typing.get_args(args[0]))
+        return (type(choices[0]),), choices, optional
+    return tuple(typing.get_origin(a) or a for a in args), None, optional
+
+
+def _as_float(name: str, value: Any) -> tuple[Any, str | None]:
+    """A JSON number as a finite float, or an error naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"{name}: expected a number, got {json_kind(value)} {value!r}"
+    try:
+        value = float(value)
+    except OverflowError:
+        return None, f"{name}: integer too large for a float (the largest is about 1.8e308)"
+    if not math.isfinite(value):  # JSON NaN/Infinity: every range check passes them
+        return None, f"{name}: {value!r} is not a finite number"
+    return value, None
 
 
 def _check_value(name: str, f: dataclasses.Field, annotation, value: Any) -> tuple[Any, str | None]:
     """The value converted to the field's type, or an error message naming the field."""
-    kind, choices, optional = _allowed(annotation)
+    kinds, choices, optional = _allowed(annotation)
     if value is None:
         return (None, None) if optional else (None, f"{name}: null is not allowed")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            value = float(value)
-        except OverflowError:
-            return None, f"{name}: integer too large for a float (the largest is about 1.8e308)"
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        return None, f"{name}: expected {kind.__name__}{' or null' if optional else ''}, got {type(value).__name__} {value!r}"
+    if kinds == (float,) and isinstance(value, int) and not isinstance(value, bool):
+        value, error = _as_float(name, value)
+        if error:
+            return None, error
+    if not isinstance(value, kinds) or (kinds == (int,) and isinstance(value, bool)):
+        expected = " or ".join("object" if kind is dict else kind.__name__ for kind in kinds)
+        return None, f"{name}: expected {expected}{' or null' if optional else ''}, got {type(value).__name__} {value!r}"
+    if isinstance(value, dict):  # a blend: {prefix: weight}
+        weights = {key: _as_float(f"{name}[{key!r}]", weight) for key, weight in value.items()}
+        errors = [error for _, error in weights.values() if error]
+        return (None, "\n  ".join(errors)) if errors else ({key: w for key, (w, _) in weights.items()}, None)
     if isinstance(value, float) and not math.isfinite(value):  # JSON NaN/Infinity: every range check passes them
         return None, f"{name}: {value!r} is not a finite number"
     if choices is not None and value not in choices:
@@ -103,33 +120,33 @@ def config_from_dict(raw: dict, world_size: int | None = 1, stored: bool = False
 def parse_override(text: str) -> tuple[str, str, Any]:
     """`section.key=value` -> (section, key, value), the value read for the field's type: JSON when it
     parses (a string field takes the text as written, so `data.cache_dir=2024` is the directory
-    '2024'; null stays null), a number written the Python way (`.001`, `5.`, `02`) for a numeric
-    field, else the text (which the field's check then refuses, naming it)."""
+    '2024'; null stays null; a prefix field takes a JSON object as a blend), a number written the Python way
+    (`.001`, `5.`, `02`) for a numeric field, else the text (which the field's check then refuses, naming it)."""
     path, sep, value = text.partition("=")
     section, dot, key = path.strip().partition(".")
     if not sep or not dot or not key:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.max_steps=100)")
-    kind = _field_kind(section, key)
+    kinds = _field_kinds(section, key)
     value = value.strip()
     try:
         parsed = json.loads(value)
     except ValueError:  # not JSON (or an integer of more digits than Python converts)
         parsed = value
-        if kind in (int, float):
+        if kinds in ((int,), (float,)):
             with contextlib.suppress(ValueError):
-                parsed = kind(value)
-    if kind is str and parsed is not None and not isinstance(parsed, str):
+                parsed = kinds[0](value)
+    if str in kinds and parsed is not None and not isinstance(parsed, kinds):  # a blend's JSON object stays one
         parsed = value
     return section, key, parsed
 
 
-def _field_kind(section: str, key: str) -> type | None:
-    """The Python type of `section.key` (None for a name the config does not have: the loader names it)."""
+def _field_kinds(section: str, key: str) -> tuple[type, ...]:
+    """The Python types of `section.key` (none for a name the config does not have: the loader names it)."""
     sf = _sections().get(section)
     if sf is None:
-        return None
+        return ()
     annotation = typing.get_type_hints(sf.default_factory).get(key)
-    return None if annotation is None else _allowed(annotation)[0]
+    return () if annotation is None else _allowed(annotation)[0]
 
 
 def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
@@ -178,25 +195,42 @@ def _with_absolute_paths(config: Config) -> Config:
     """Relative paths mean the directory the command runs in; made absolute here, as the run's
     checkpoints store them, the tools that read a run's config (probe, plots, upcycling, possibly
     started elsewhere) find the same files instead of tokenising a corpus again or failing."""
-    def absolute(field: str, path: str | None, instead: str | None = "null for none") -> str | None:
-        if path is None:
-            return None
-        if not path.strip():  # Path("") is the working directory: `--set checkpoint.load=` would load from it
-            raise ConfigError(f"{field} is empty: give a path" + (f", or {instead}" if instead else ""))
-        try:
-            return str(Path(path).expanduser().absolute())
-        except RuntimeError as error:  # ~name of no known user
-            raise ConfigError(f"{field}={path!r}: {error}") from error
-
     data, checkpoint, ds = config.data, config.checkpoint, config.deepspeed
-    data.cache_dir = absolute("data.cache_dir", data.cache_dir, instead=None)
-    data.train_prefix = absolute("data.train_prefix", data.train_prefix)
-    data.valid_prefix = absolute("data.valid_prefix", data.valid_prefix)
+    data.cache_dir = _absolute("data.cache_dir", data.cache_dir, instead=None)
+    data.train_prefix = _absolute_prefixes("data.train_prefix", data.train_prefix)
+    data.valid_prefix = _absolute_prefixes("data.valid_prefix", data.valid_prefix)
     if data.tokenizer not in BUILT_IN_TOKENIZERS:
-        data.tokenizer = absolute("data.tokenizer", data.tokenizer, instead=" or ".join(BUILT_IN_TOKENIZERS))
-    checkpoint.load = absolute("checkpoint.load", checkpoint.load)
-    ds.config_file = absolute("deepspeed.config_file", ds.config_file)
+        data.tokenizer = _absolute("data.tokenizer", data.tokenizer, instead=" or ".join(BUILT_IN_TOKENIZERS))
+    checkpoint.load = _absolute("checkpoint.load", checkpoint.load)
+    ds.config_file = _absolute("deepspeed.config_file", ds.config_file)
     return config
+
+
+def _absolute(field: str, path: str | None, instead: str | None = "null for none") -> str | None:
+    if path is None:
+        return None
+    if not path.strip():  # Path("") is the working directory: `--set checkpoint.load=` would load from it
+        raise ConfigError(f"{field} is empty: give a path" + (f", or {instead}" if instead else ""))
+    try:
+        return str(Path(path).expanduser().absolute())
+    except RuntimeError as error:  # ~name of no known user
+        raise ConfigError(f"{field}={path!r}: {error}") from error
+
+
+def _absolute_prefixes(field: str, prefix: str | dict | None) -> str | dict | None:
+    """A prefix, or each prefix of a blend, made absolute; two entries of a blend naming one file (`a` and
+    `./a`) are an error, as one would silently replace the other."""
+    if not isinstance(prefix, dict):
+        return _absolute(field, prefix)
+    blend: dict[str, float] = {}
+    for entry, weight in prefix.items():
+        path = _absolute(f"{field}[{entry!r}]", entry, instead=None)
+        if path in blend:
+            first = next(e for e in prefix if _absolute(field, e) == path)
+            raise ConfigError(f"{field} names {path} twice ({first!r} and {entry!r}): give it once, with the sum"
+                              " of their weights")
+        blend[path] = weight
+    return blend
 
 
 def config_to_dict(config: Config) -> dict:

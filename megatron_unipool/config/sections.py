@@ -10,6 +10,12 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Literal, Optional
 
 MOE_LOSSES = ("aux_loss", "z_loss", "entropy_loss")  # every loss an MoE layer can add, in the trainer's order
+Blend = dict[str, float]  # {prefix: weight}: preprocessed files mixed in proportion to the weights
+
+
+def as_blend(prefix: str | Blend) -> Blend:
+    """A prefix or a blend as a blend: one prefix is a blend of one file."""
+    return dict(prefix) if isinstance(prefix, dict) else {prefix: 1.0}
 
 
 def bounded(default, low=None, high=None, exclusive_low=False, exclusive_high=False):
@@ -186,11 +192,12 @@ class MoEConfig:
 
 @dataclass
 class DataConfig:
-    """Either the built-in corpus (tokenised once into `cache_dir`) or preprocessed prefixes."""
+    """Either the built-in corpus (tokenised once into `cache_dir`) or preprocessed prefixes. A prefix may be a
+    blend, {prefix: weight, ...}: each file gives its weight's share of the samples (Megatron's data blend)."""
 
     corpus: Optional[Literal["shakespeare"]] = "shakespeare"
-    train_prefix: Optional[str] = None  # from tools/preprocess_data.py
-    valid_prefix: Optional[str] = None
+    train_prefix: Optional[str | Blend] = None  # from tools/preprocess_data.py
+    valid_prefix: Optional[str | Blend] = None
     tokenizer: str = "byte"  # byte | gpt2 | path to tokenizer.json (for the built-in corpus)
     cache_dir: str = "data_cache"
 
@@ -377,9 +384,17 @@ class Config:
         if d.corpus is None:
             need(d.train_prefix is not None and d.valid_prefix is not None,
                  "data.train_prefix and data.valid_prefix are required when data.corpus is null")
-            need(d.train_prefix is None or d.train_prefix != d.valid_prefix,
-                 f"data.train_prefix and data.valid_prefix are both {d.train_prefix!r}: validating on the training"
-                 " data measures memorisation; hold documents out (tools/preprocess_data.py --valid-fraction)")
+            for name in ("train_prefix", "valid_prefix"):
+                blend = getattr(d, name)
+                if isinstance(blend, dict):
+                    need(len(blend) > 0, f"data.{name} is an empty blend: give at least one prefix and its weight")
+                    need(all(weight > 0 for weight in blend.values()),
+                         f"data.{name}: every weight of a blend must be > 0, got " + ", ".join(
+                             f"{prefix!r}: {weight!r}" for prefix, weight in blend.items() if weight <= 0))
+            both = set(as_blend(d.train_prefix or {})) & set(as_blend(d.valid_prefix or {}))
+            need(not both, f"data.train_prefix and data.valid_prefix both read {', '.join(map(repr, sorted(both)))}:"
+                           " validating on the training data measures memorisation; hold documents out"
+                           " (tools/preprocess_data.py --valid-fraction)")
         else:
             need(d.train_prefix is None and d.valid_prefix is None,
                  f"data.corpus={d.corpus!r} and data.train_prefix/valid_prefix are exclusive: set data.corpus to null"

@@ -1,5 +1,6 @@
 """Data pipeline: tokenise once into memory-mapped files, then serve reproducible fixed-length samples."""
 
+from megatron_unipool.data.blending import BlendedSamples
 from megatron_unipool.data.corpus import (
     VALIDATION_PLAYS,
     WriteStats,
@@ -18,7 +19,7 @@ from megatron_unipool.data.indexed_dataset import (
     remove_indexed,
 )
 from megatron_unipool.data.errors import DataError
-from megatron_unipool.data.samples import TokenSampleDataset
+from megatron_unipool.data.samples import Samples, TokenSampleDataset
 from megatron_unipool.data.tokenizers import (
     ByteTokenizer,
     GPT2Tokenizer,
@@ -30,12 +31,14 @@ from megatron_unipool.data.tokenizers import (
 
 __all__ = [
     "VALIDATION_PLAYS",
+    "BlendedSamples",
     "ByteTokenizer",
     "DataError",
     "GPT2Tokenizer",
     "HFTokenizer",
     "IndexedDataset",
     "IndexedDatasetWriter",
+    "Samples",
     "TokenSampleDataset",
     "Tokenizer",
     "WriteStats",

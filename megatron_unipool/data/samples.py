@@ -13,6 +13,8 @@ therefore needs nothing but the number of samples already consumed.
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import torch
 
@@ -20,8 +22,29 @@ from megatron_unipool.data.errors import DataError
 from megatron_unipool.data.indexed_dataset import IndexedDataset
 
 
-class TokenSampleDataset:
-    """Windows of ``seq_len + 1`` tokens: inputs are ``[:-1]``, labels ``[1:]``."""
+class Samples(abc.ABC):
+    """What training reads: samples of ``seq_len + 1`` tokens by global index, a pure function of it."""
+
+    seq_len: int
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Samples of one pass over the data."""
+
+    @abc.abstractmethod
+    def sample(self, global_index: int) -> np.ndarray:
+        """``seq_len + 1`` tokens (int64) of global sample ``global_index``."""
+
+    def batch(self, start: int, batch_size: int) -> torch.Tensor:
+        """Samples ``start .. start + batch_size - 1`` as a LongTensor ``[batch_size, seq_len + 1]``."""
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        rows = [self.sample(index) for index in range(start, start + batch_size)]
+        return torch.from_numpy(np.stack(rows))
+
+
+class TokenSampleDataset(Samples):
+    """Windows of ``seq_len + 1`` tokens of one file: inputs are ``[:-1]``, labels ``[1:]``."""
 
     def __init__(self, dataset: IndexedDataset, seq_len: int, seed: int, unshuffled: bool = False):
         if seq_len < 1:
@@ -63,7 +86,6 @@ class TokenSampleDataset:
         return int(self.epoch_permutation(epoch)[position])
 
     def sample(self, global_index: int) -> np.ndarray:
-        """``seq_len + 1`` tokens (int64) of global sample ``global_index``."""
         start = self.window_index(global_index) * self.seq_len
         tokens = self.dataset.tokens(start, start + self.seq_len + 1).astype(np.int64)
         largest = int(tokens.max())  # stored unsigned: only the top can leave the vocabulary
@@ -73,10 +95,3 @@ class TokenSampleDataset:
                 f" outside the vocabulary [0, {self.dataset.vocab_size}) its index records; the file is damaged"
             )
         return tokens
-
-    def batch(self, start: int, batch_size: int) -> torch.Tensor:
-        """Samples ``start .. start + batch_size - 1`` as a LongTensor ``[batch_size, seq_len + 1]``."""
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
-        rows = [self.sample(index) for index in range(start, start + batch_size)]
-        return torch.from_numpy(np.stack(rows))

@@ -7,14 +7,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import Config
-from ..data import DataError, IndexedDataset, TokenSampleDataset, prepare_default_corpus
+from ..config import Config, as_blend
+from ..data import BlendedSamples, DataError, IndexedDataset, Samples, TokenSampleDataset, prepare_default_corpus
 
 
 @dataclass
 class RunData:
-    train: TokenSampleDataset
-    valid: TokenSampleDataset
+    train: Samples  # one preprocessed file's samples, or a blend of several files' (data.train_prefix)
+    valid: Samples
     vocab_size: int  # of the tokenizer that wrote the files
     tokenizer: Optional[str]  # its name, as the training split's index records it (None: format version 1)
 
@@ -34,38 +34,72 @@ def build_datasets(config: Config) -> RunData:
 def _build_datasets(config: Config) -> RunData:
     data, model = config.data, config.model
     if data.corpus is not None:
-        train_prefix, valid_prefix = prepare_default_corpus(data.tokenizer, data.cache_dir)
+        train_blend, valid_blend = map(as_blend, prepare_default_corpus(data.tokenizer, data.cache_dir))
     else:
-        train_prefix, valid_prefix = data.train_prefix, data.valid_prefix
-    train, valid = IndexedDataset(train_prefix), IndexedDataset(valid_prefix)
-    for name, split in (("data.train_prefix", train), ("data.valid_prefix", valid)):
-        if split.vocab_size > model.vocab_size:
-            source = (f"{name} was tokenised with" if data.corpus is None  # else the corpus cached with data.tokenizer
-                      else f"data.tokenizer={data.tokenizer!r} (tokenising data.corpus={data.corpus!r}) has")
-            raise DataError(
-                f"{source} a vocabulary of {split.vocab_size} tokens, larger than"
-                f" model.vocab_size={model.vocab_size}: raise model.vocab_size to at least {split.vocab_size}"
-            )
-    named = {train.tokenizer, valid.tokenizer} - {None}  # an index of format version 1 names no tokenizer
-    if len(named) > 1 or (train.vocab_size, train.eod_id) != (valid.vocab_size, valid.eod_id):
-        raise DataError(f"train and validation files come from different tokenizers: {train_prefix}"
-                        f" ({_tokenizer_of(train)}), {valid_prefix} ({_tokenizer_of(valid)})")
-    valid_samples = TokenSampleDataset(valid, model.seq_len, config.train.seed, unshuffled=True)
+        train_blend, valid_blend = as_blend(data.train_prefix), as_blend(data.valid_prefix)
+    files = {prefix: IndexedDataset(prefix) for prefix in (*train_blend, *valid_blend)}
+    for field, blend in (("data.train_prefix", train_blend), ("data.valid_prefix", valid_blend)):
+        for prefix in blend:
+            split = files[prefix]
+            if split.vocab_size > model.vocab_size:
+                source = (f"data.tokenizer={data.tokenizer!r} (tokenising data.corpus={data.corpus!r}) has"
+                          if data.corpus is not None  # the corpus cached with data.tokenizer
+                          else f"{field} was tokenised with" if len(blend) == 1
+                          else f"{field}'s {prefix} was tokenised with")
+                raise DataError(
+                    f"{source} a vocabulary of {split.vocab_size} tokens, larger than"
+                    f" model.vocab_size={model.vocab_size}: raise model.vocab_size to at least {split.vocab_size}"
+                )
+    named = {split.tokenizer for split in files.values()} - {None}  # an index of format version 1 names none
+    if len(named) > 1 or len({(split.vocab_size, split.eod_id) for split in files.values()}) > 1:
+        which = "train and validation files" if len(files) == 2 else "the data files"
+        raise DataError(f"{which} come from different tokenizers: "
+                        + ", ".join(f"{prefix} ({_tokenizer_of(split)})" for prefix, split in files.items()))
+    valid_samples = _samples(valid_blend, files, model.seq_len, config.train.seed, unshuffled=True)
     if len(valid_samples) < config.train.micro_batch:  # evaluation would get no batch: refuse before training
         raise DataError(
-            f"{valid_prefix} holds {len(valid_samples)} validation samples of model.seq_len={model.seq_len}, fewer"
-            f" than train.micro_batch={config.train.micro_batch} needed for one evaluation batch: lower"
+            f"{_named(valid_blend)} holds {len(valid_samples)} validation samples of model.seq_len={model.seq_len},"
+            f" fewer than train.micro_batch={config.train.micro_batch} needed for one evaluation batch: lower"
             " train.micro_batch or model.seq_len, or use a larger validation split"
         )
+    first = files[next(iter(train_blend))]
     return RunData(
-        train=TokenSampleDataset(train, model.seq_len, config.train.seed),
+        train=_samples(train_blend, files, model.seq_len, config.train.seed),
         valid=valid_samples,
-        vocab_size=train.vocab_size,
-        tokenizer=train.tokenizer,
+        vocab_size=first.vocab_size,
+        tokenizer=first.tokenizer,
     )
 
 
-def _fingerprint(samples: TokenSampleDataset) -> str:
+def _samples(blend: dict[str, float], files: dict[str, IndexedDataset], seq_len: int, seed: int,
+             unshuffled: bool = False) -> Samples:
+    """One file's samples, or the blend of several in the order of their paths: a blend is a set of weighted
+    files, so writing its entries in another order reads the same samples."""
+    sources = [(prefix, TokenSampleDataset(files[prefix], seq_len, seed, unshuffled), weight)
+               for prefix, weight in sorted(blend.items())]
+    return sources[0][1] if len(sources) == 1 else BlendedSamples(sources)
+
+
+def _named(blend: dict[str, float]) -> str:
+    return next(iter(blend)) if len(blend) == 1 else "the blend of " + ", ".join(sorted(blend))
+
+
+def blend_note(train: Samples, samples_per_step: int, steps: int) -> Optional[str]:
+    """What a blended training split reads of each file over `steps` steps (how often a small file weighted
+    high repeats), or None for one file."""
+    if not isinstance(train, BlendedSamples):
+        return None
+    total = samples_per_step * steps
+    parts = [f"{name} {share / train.period:.1%} ({len(source):,} samples, read"
+             f" {train.source_samples(index, total) / len(source):.2f} times)"
+             for index, (name, source, share) in enumerate(zip(train.names, train.sources, train.shares))]
+    return f"data: a blend of {len(parts)} files over {steps:,} steps: " + "; ".join(parts)
+
+
+def _fingerprint(samples: Samples) -> str:
+    if isinstance(samples, BlendedSamples):
+        return "; ".join(f"{name} x {share}/{samples.period}: {_fingerprint(source)}"
+                         for name, source, share in zip(samples.names, samples.sources, samples.shares))
     split = samples.dataset
     return (f"{len(samples):,} samples, {split.num_documents:,} documents, {split.num_tokens:,} tokens"
             f" ({_tokenizer_of(split)}), content hash {split.content_hash()}")
@@ -84,7 +118,7 @@ def seq_len_note(seq_len: int, saved_seq_len: int, whose: str, consumed_samples:
             f" {consumed_samples:,} of {seq_len}-token samples, not at the token where {whose} data stopped")
 
 
-def validation_batches(valid: TokenSampleDataset, micro_batch: int, sequences: int) -> list[torch.Tensor]:
+def validation_batches(valid: Samples, micro_batch: int, sequences: int) -> list[torch.Tensor]:
     """`sequences` samples spread evenly over the validation split (its first samples alone would be one
     play's cast list), in micro-batches; a split holding fewer gives all of its samples, rounded down to
     whole micro-batches."""

@@ -35,7 +35,7 @@ from .checkpoint import (CheckpointError, adopt_lock_change, changed_settings, c
                          checkpoint_payload, checkpoint_to_resume, checkpoints_dir, hold_run_directory, latest_checkpoint,
                          load_checkpoint, os_error_text, restore_model, save_checkpoint, set_rng_state,
                          training_fingerprint)
-from .datasets import DataError, build_datasets, replica_share, seq_len_note, validation_batches
+from .datasets import DataError, blend_note, build_datasets, replica_share, seq_len_note, validation_batches
 from .backends import build_backend
 from .distributed import gather_full_state
 from .hardware import check_fits_host_memory, peak_flops, processes_on_this_host
@@ -360,6 +360,9 @@ class Trainer:
                 print(f"note: train.warmup_steps={cfg.train.warmup_steps} > train.max_steps={cfg.train.max_steps}:"
                       f" the learning rate ends at {learning_rate(cfg.train.max_steps - 1, cfg.train):.3g}, in warm-up,"
                       f" below train.lr={cfg.train.lr:g}", flush=True)
+            note = blend_note(self.data.train, cfg.train.global_batch, cfg.train.max_steps)
+            if note:
+                print(note, flush=True)
             if len(self.data.train) < cfg.train.global_batch:
                 print(f"note: the training split holds {len(self.data.train)} samples of {cfg.model.seq_len} tokens,"
                       f" fewer than a global batch of {cfg.train.global_batch}: every step reads some of them"
