@@ -109,6 +109,10 @@ def test_options_that_would_be_ignored_are_refused(overrides, named):
     (["model.compile=true", "model.swiglu_kernel=triton", "moe.kind=dense"], "the dense FFN layers are compiled"),
     (["model.compile=true", "model.swiglu_kernel=triton", "moe.moe_layer_interval=2"],
      "the dense FFN layers are compiled"),
+    (["train.lr_decay=wsd"], "train.lr_decay='wsd' needs train.lr_cooldown_steps >= 1"),
+    (["train.lr_cooldown_steps=10"], "train.lr_cooldown_steps=10 applies to train.lr_decay='wsd' only, not 'cosine'"),
+    (["train.lr_decay=wsd", "train.max_steps=100", "train.warmup_steps=20", "train.lr_cooldown_steps=81"],
+     "train.warmup_steps=20 + train.lr_cooldown_steps=81 exceed train.max_steps=100: the cool-down would start"),
 ])
 def test_contradictory_settings_are_named(overrides, named):
     with pytest.raises(ConfigError, match=re.escape(named)):

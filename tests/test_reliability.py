@@ -511,6 +511,20 @@ def test_resuming_at_max_steps_evaluates_and_a_changed_schedule_is_announced(tin
     out = capsys.readouterr().out
     assert f"the learning-rate decay is recomputed, the next step's rate is {now:.3e} (was {was:.3e})" in out
     assert "model.seq_len" not in out
+    # warmup-stable-decay: a checkpoint of the stable phase extends at lr, and the note says where the cool-down moved
+    wsd = ["train.lr_decay=wsd", "train.lr_cooldown_steps=2", "train.eval_interval=0", "train.lr=2e-3",
+           "train.min_lr=2e-4", warmup]
+    stable = Trainer(tiny_config(UNIPOOL, "train.max_steps=4", "checkpoint.save_interval=2", *wsd), tmp_path / "wsd")
+    assert [stable.train_step()[0]["lr"] for _ in range(4)] == pytest.approx([2e-3, 2e-3, 1e-3 + 1e-4, 2e-4])
+    assert stable.backend.optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)  # what the last step applied
+    Trainer(tiny_config(UNIPOOL, "train.max_steps=4", "checkpoint.save_interval=2", *wsd), tmp_path / "wsd2").train()
+    capsys.readouterr()
+    extended = Trainer(tiny_config(UNIPOOL, "train.max_steps=8", *wsd,
+                                   f"checkpoint.load={tmp_path / 'wsd2' / 'checkpoints' / 'step_0000002'}"),
+                       tmp_path / "extended")
+    assert ("the next step's rate is 2.000e-03 (was 1.100e-03); the cool-down (train.lr_cooldown_steps=2) now starts"
+            " at step 7") in capsys.readouterr().out
+    assert [extended.train_step()[0]["lr"] for _ in range(6)] == pytest.approx([2e-3] * 4 + [1.1e-3, 2e-4])
     # a sequence length changed on resume: the sample position counts samples of another length
     Trainer(tiny_config(UNIPOOL, "train.max_steps=4", "model.seq_len=32", f"checkpoint.load={midway}"),
             tmp_path / "shorter_sequences")

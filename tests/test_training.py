@@ -207,6 +207,33 @@ def test_learning_rate_warms_up_linearly_then_decays_on_a_cosine():
     assert learning_rate(0, TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0, max_steps=1)) == pytest.approx(1e-3)
 
 
+def test_learning_rate_decays_on_a_line_not_at_all_or_after_a_stable_phase():
+    from megatron_unipool.config import TrainConfig
+    from megatron_unipool.training.optimizer import learning_rate
+
+    base = dict(lr=1e-3, min_lr=1e-4, warmup_steps=4, max_steps=12)
+    warmup = [2.5e-4, 5e-4, 7.5e-4, 1e-3]
+    for decay, cooldown in (("linear", 0), ("constant", 0), ("wsd", 4)):
+        train = TrainConfig(**base, lr_decay=decay, lr_cooldown_steps=cooldown)
+        assert [learning_rate(step, train) for step in range(4)] == pytest.approx(warmup)
+    linear = TrainConfig(**base, lr_decay="linear")  # the cosine's 8 decay steps, on a line
+    assert [learning_rate(step, linear) for step in range(4, 12)] == pytest.approx(
+        [1e-3 - 9e-4 * (step - 3) / 8 for step in range(4, 12)])
+    assert learning_rate(20, linear) == pytest.approx(1e-4)
+    constant = TrainConfig(**base, lr_decay="constant")
+    assert [learning_rate(step, constant) for step in (4, 11, 50)] == [1e-3] * 3
+    # wsd: lr up to the last 4 steps, which fall on a line to min_lr at the last step
+    wsd = TrainConfig(**base, lr_decay="wsd", lr_cooldown_steps=4)
+    assert [learning_rate(step, wsd) for step in range(3, 12)] == pytest.approx(
+        [1e-3] * 5 + [1e-3 - 9e-4 * i / 4 for i in (1, 2, 3, 4)])
+    assert learning_rate(30, wsd) == pytest.approx(1e-4)
+    # a stable-phase checkpoint extends: the longer run is at lr where the shorter one cooled down
+    longer = TrainConfig(**{**base, "max_steps": 20}, lr_decay="wsd", lr_cooldown_steps=4)
+    assert [learning_rate(step, longer) for step in (11, 15, 16, 19)] == pytest.approx([1e-3, 1e-3, 7.75e-4, 1e-4])
+    no_warmup = TrainConfig(**{**base, "warmup_steps": 0, "max_steps": 3}, lr_decay="wsd", lr_cooldown_steps=3)
+    assert [learning_rate(step, no_warmup) for step in range(3)] == pytest.approx([7e-4, 4e-4, 1e-4])
+
+
 def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run(

@@ -216,6 +216,10 @@ class TrainConfig:
     lr: float = bounded(2e-3, 0.0)
     min_lr: float = bounded(2e-4, 0.0)
     warmup_steps: int = bounded(20, 0)
+    # after warm-up: a cosine or a line to min_lr at the last step, lr throughout (constant), or warmup-stable-decay:
+    # lr until the last lr_cooldown_steps, then a line to min_lr (a stable-phase checkpoint extends by max_steps)
+    lr_decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    lr_cooldown_steps: int = bounded(0, 0)  # wsd's decay
     weight_decay: float = bounded(0.01, 0.0)
     beta1: float = bounded(0.9, 0.0, 1.0, exclusive_high=True)  # 1 would never forget (AdamW refuses it)
     beta2: float = bounded(0.95, 0.0, 1.0, exclusive_high=True)
@@ -331,6 +335,15 @@ class Config:
              f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
         need(m.head_dim % 2 == 0, f"head dim model.hidden_size/model.num_heads={m.head_dim} must be even for RoPE")
         need(t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}")
+        if t.lr_decay == "wsd":
+            need(t.lr_cooldown_steps >= 1, "train.lr_decay='wsd' needs train.lr_cooldown_steps >= 1 (the decay at the end"
+                                           " of the run); without one use 'constant'")
+            need(t.warmup_steps + t.lr_cooldown_steps <= t.max_steps,
+                 f"train.warmup_steps={t.warmup_steps} + train.lr_cooldown_steps={t.lr_cooldown_steps} exceed"
+                 f" train.max_steps={t.max_steps}: the cool-down would start during the warm-up")
+        else:
+            need(t.lr_cooldown_steps == 0, f"train.lr_cooldown_steps={t.lr_cooldown_steps} applies to"
+                                           f" train.lr_decay='wsd' only, not {t.lr_decay!r}")
         # a Triton kernel inside a compiled block would split its graph where torch.compile fuses the same work
         need(not (m.compile and m.rope_kernel == "triton"),
              "model.compile=true with model.rope_kernel='triton': the compiled attention fuses RoPE itself; set"

@@ -1,4 +1,5 @@
-"""AdamW with Megatron's weight-decay grouping, and the warmup + cosine learning-rate schedule."""
+"""AdamW with Megatron's weight-decay grouping, and the learning-rate schedule: linear warm-up, then a cosine,
+linear or no decay, or warmup-stable-decay."""
 from __future__ import annotations
 
 import math
@@ -41,12 +42,20 @@ def build_optimizer(model: nn.Module, config: TrainConfig, groups: list[dict] | 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
     """The rate of optimizer step `step` (0-based; Megatron counts it step + 1): linear warmup reaching lr at
-    the last warmup step, then cosine decay reaching min_lr at the last step, max_steps - 1. Without
-    warmup the first step is the peak."""
+    the last warmup step, then by train.lr_decay: a cosine or a line reaching min_lr at the last step,
+    max_steps - 1; lr throughout (constant); or lr until the last lr_cooldown_steps steps, which fall on a
+    line to min_lr at the last step (wsd). Without warmup the first step is the peak."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_decay == "constant":
+        return config.lr
+    if config.lr_decay == "wsd":
+        cooled = step - (config.max_steps - config.lr_cooldown_steps) + 1  # 1 at the cool-down's first step
+        return config.lr - (config.lr - config.min_lr) * min(1.0, max(0, cooled) / config.lr_cooldown_steps)
     peak = max(config.warmup_steps - 1, 0)
     progress = min(1.0, (step - peak) / max(1, config.max_steps - 1 - peak))
+    if config.lr_decay == "linear":
+        return config.lr - (config.lr - config.min_lr) * progress
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 

@@ -152,9 +152,11 @@ class Trainer:
                   " train, only the final evaluation runs", flush=True)
             return
         before = learning_rate(step, replace(train, max_steps=saved_max_steps))
+        cooldown = (f"; the cool-down (train.lr_cooldown_steps={train.lr_cooldown_steps}) now starts at step"
+                    f" {train.max_steps - train.lr_cooldown_steps + 1}" if train.lr_decay == "wsd" else "")
         print(f"note: train.max_steps={train.max_steps}, the checkpoint's run had {saved_max_steps}: the learning-rate"
-              f" decay is recomputed, the next step's rate is {learning_rate(step, train):.3e} (was {before:.3e})",
-              flush=True)
+              f" decay is recomputed, the next step's rate is {learning_rate(step, train):.3e} (was {before:.3e})"
+              + cooldown, flush=True)
 
     def _note_changed_settings(self, changed: dict, saved_seed: int, saved_tokenizer: Optional[str]) -> None:
         """What a resume may change on purpose (a RoPE base for longer contexts, routing, balancing, the learning
