@@ -906,6 +906,27 @@ def test_cli_jsonl_with_validation_split(tmp_path):
     assert decoded_documents(tmp_path / "out" / "c_valid", ByteTokenizer()) == texts[7:]
 
 
+def test_cli_reads_several_inputs_as_one_corpus_in_the_order_given(tmp_path):
+    """A corpus's shards: their documents in the order of the inputs, the held-out ones the last of all."""
+    shards = [[f"shard {s} document {i}: {UNICODE_TEXT * i}" for i in range(count)] for s, count in enumerate((3, 1, 4))]
+    paths = [tmp_path / f"shard{s}.jsonl" for s in (2, 0, 1)]  # the order given, not the names' order
+    for path, texts in zip(paths, shards):
+        path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    result = run_preprocess("--input", *map(str, paths), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte",
+                            "--valid-fraction", "0.3")
+    assert result.returncode == 0, result.stderr
+    everything = sum(shards, [])
+    assert decoded_documents(tmp_path / "c_train", ByteTokenizer()) == everything[:5]  # ceil(0.3 * 8) = 3 held out
+    assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == everything[5:]
+    assert "reading 3 inputs ..." in result.stdout and f"  read {paths[1]}: 1 documents" in result.stdout
+    assert "read 3 inputs: 8 documents" in result.stdout
+    # a bad line in a later input is named there, before anything is written
+    paths[2].write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    result = run_preprocess("--input", *map(str, paths), "--output-prefix", str(tmp_path / "d"), "--tokenizer", "byte")
+    assert result.returncode == 1 and "shard1.jsonl:2: missing key 'text'" in result.stderr
+    assert not list(tmp_path.glob("d*"))
+
+
 def test_cli_txt_trains_tokenizer_and_splits_on_blank_lines(tmp_path):
     blocks = ["First block,\nover two lines.", "Second block " + UNICODE_TEXT, "Third."]
     corpus = tmp_path / "corpus.txt"
@@ -1068,6 +1089,11 @@ def test_cli_trains_the_tokenizer_on_the_training_documents_only(tmp_path, prepr
     # an option of the other input type: ignored before, the documents split otherwise than asked
     (["--tokenizer", "byte", "--split-on-blank-lines"], "--split-on-blank-lines is for a .txt input, not"),
     (["--tokenizer", "byte", "--input", "plays.txt", "--json-key", "body"], "--json-key is for a .jsonl input, not plays.txt"),
+    (["--tokenizer", "byte", "--input", "a.jsonl", "b.txt", "--json-key", "body"],
+     "--json-key is for a .jsonl input, not b.txt"),
+    (["--tokenizer", "byte", "--input", "a.jsonl", "b.jsonl", "a.jsonl"], "--input names a.jsonl twice"),
+    (["--tokenizer", "byte", "--input", "a.jsonl", "sub/../a.jsonl"], "--input names sub/../a.jsonl twice (a.jsonl and"
+                                                                       " sub/../a.jsonl)"),
 ])
 def test_cli_contradictory_or_missing_tokenizer_options_are_refused(tmp_path, preprocess_main, extra_args, message,
                                                                     capsys):

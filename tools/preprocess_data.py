@@ -3,6 +3,7 @@
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
         --tokenizer gpt2 --valid-fraction 0.01 --workers 8
 
+Several inputs (a corpus's shards: ``--input web/*.jsonl``) are read in the order given, as one corpus.
 Writes ``P.bin``/``P.idx``, or with ``--valid-fraction F`` ``P_train`` and
 ``P_valid`` (the last ceil(F * n) whole documents).  With
 ``--train-tokenizer-vocab N --tokenizer-output PATH`` a byte-level BPE is first
@@ -40,7 +41,7 @@ from megatron_unipool.data import (
     train_bpe_tokenizer,
     write_indexed,
 )
-from megatron_unipool.data.corpus import InputProgress, count_documents
+from megatron_unipool.data.corpus import InputProgress, ReadStats, count_documents
 from megatron_unipool.data.tokenizers import MIN_BPE_VOCAB
 from megatron_unipool.training.outputs import check_output_directory
 
@@ -76,7 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--input", required=True, type=Path, help=".txt (one document) or .jsonl (one per line)"
+        "--input", required=True, type=Path, nargs="+",
+        help=".txt (one document) or .jsonl (one per line) files, read in the order given",
     )
     parser.add_argument("--json-key", help="field holding the text in each .jsonl line (default: text)")
     parser.add_argument(
@@ -106,10 +108,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="replace outputs that exist (a run reading them would continue on other tokens)")
     args = parser.parse_args(argv)
     # an option of the other input type would be ignored: the user meant another split of the documents
-    if args.json_key is not None and args.input.suffix != ".jsonl":
-        parser.error(f"--json-key is for a .jsonl input, not {args.input}")
-    if args.split_on_blank_lines and args.input.suffix != ".txt":
-        parser.error(f"--split-on-blank-lines is for a .txt input, not {args.input}")
+    for option, given, suffix in (("--json-key", args.json_key is not None, ".jsonl"),
+                                  ("--split-on-blank-lines", args.split_on_blank_lines, ".txt")):
+        other = next((path for path in args.input if path.suffix != suffix), None)
+        if given and other is not None:
+            parser.error(f"{option} is for a {suffix} input, not {other}")
+    seen: dict[Path, Path] = {}
+    for path in args.input:
+        first = seen.setdefault(path.resolve(), path)
+        if first is not path:  # its documents would be read twice
+            parser.error(f"--input names {path} twice" + ("" if str(first) == str(path) else f" ({first} and {path})"))
     if args.json_key is None:
         args.json_key = "text"
     if args.train_tokenizer_vocab is not None and args.tokenizer_output is None:
@@ -132,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--tokenizer-output {args.tokenizer_output} is a directory; give the file to write")
         outputs = [Path(f"{args.output_prefix}{split}{suffix}")
                    for split in ("", "_train", "_valid") for suffix in (".bin", ".idx")]
-        taken_paths = [(args.input, "the --input"), *((path, "an output of --output-prefix") for path in outputs)]
+        taken_paths = [*((path, "an --input") for path in args.input),
+                       *((path, "an output of --output-prefix") for path in outputs)]
         for taken, what in taken_paths:
             if args.tokenizer_output.resolve() == taken.resolve():
                 parser.error(f"--tokenizer-output {args.tokenizer_output} is {what} ({taken}); give another path")
@@ -206,6 +215,14 @@ def reported(documents: Iterable[str], what: str, expected: int) -> Iterator[str
             last_report = now
 
 
+def read_input(path: Path, args: argparse.Namespace, report: bool) -> ReadStats:
+    """One input read and checked whole (count_documents), with a line for it when `report`: one of many."""
+    read = count_documents(path, args.json_key, args.split_on_blank_lines, report_every_s=PROGRESS_EVERY_S)
+    if report:
+        print(f"  read {path}: {read}", flush=True)
+    return read
+
+
 def main(argv: list[str] | None = None, interruption: Interruption | None = None) -> None:
     args = parse_args(argv)
     interruption = interruption or Interruption()
@@ -220,15 +237,17 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
               f" {', '.join(path.name for path in abandoned)}", flush=True)
 
     def documents():
-        return read_documents(args.input, args.json_key, args.split_on_blank_lines)
+        return itertools.chain.from_iterable(read_documents(path, args.json_key, args.split_on_blank_lines)
+                                             for path in args.input)
 
     tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer is not None else None
     # A full pass before writing: an empty input, a bad line or a bad fraction fails with nothing written.
-    print(f"reading {args.input} ...", flush=True)
-    read = count_documents(args.input, args.json_key, args.split_on_blank_lines, report_every_s=PROGRESS_EVERY_S)
+    inputs = str(args.input[0]) if len(args.input) == 1 else f"{len(args.input)} inputs"
+    print(f"reading {inputs} ...", flush=True)
+    read = ReadStats.total(read_input(path, args, len(args.input) > 1) for path in args.input)
     num_valid = holdout_count(read.documents, args.valid_fraction)
     num_train = read.documents - num_valid
-    print(f"read {args.input}: {read}" + (f"; {num_valid} held out for validation" if num_valid else ""),
+    print(f"read {inputs}: {read}" + (f"; {num_valid} held out for validation" if num_valid else ""),
           flush=True)
 
     if num_valid == 0:

@@ -178,6 +178,12 @@ class ReadStats:
     text_bytes: int
     seconds: float
 
+    @classmethod
+    def total(cls, parts: Iterable[ReadStats]) -> ReadStats:
+        """The stats of several inputs read one after another."""
+        parts = list(parts)
+        return cls(*(sum(getattr(part, field.name) for part in parts) for field in dataclasses.fields(cls)))
+
     def __str__(self) -> str:
         read = f"{self.documents} documents, {self.text_bytes / 1e6:.2f} MB of text, in {self.seconds:.1f} s"
         if not self.blank_documents:
