@@ -141,12 +141,23 @@ def test_a_section_that_is_not_an_object_is_named(tmp_path):
     assert raw == {"train": {"lr": 1.0}}, "overrides changed the caller's dict"
 
 
-@pytest.mark.parametrize("train, valid", [("data/c", "data/c"), ('{"data/a": 1, "data/c": 2}', "data/c"),
-                                          ("data/c", '{"data/c": 1, "data/v": 1}')])
-def test_validating_on_the_training_files_is_refused(train, valid):
-    with pytest.raises(ConfigError, match="data.train_prefix and data.valid_prefix both read 'data/c': validating"):
-        load_config(REPO / "configs/tiny_unipool_cpu.json",
-                    ["data.corpus=null", f"data.train_prefix={train}", f"data.valid_prefix={valid}"])
+@pytest.mark.parametrize("train, valid", [("data/c", "data/c"), ('{"data/a": 1, "data/c": 2}', "./data/c"),
+                                          ("data/c", '{"data/x/../c": 1, "data/v": 1}'), ("link/c", "data/c"),
+                                          ("~/c", "data/c")])
+def test_validating_on_the_training_files_is_refused(train, valid, tmp_path, monkeypatch):
+    """Compared as the files the paths name, however spelled; a checkpoint's config, whose run was started before
+    this was checked so, still reads."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    overrides = ["data.corpus=null", f"data.train_prefix={train}", f"data.valid_prefix={valid}"]
+    with pytest.raises(ConfigError, match=rf"^data.train_prefix and data.valid_prefix both read {tmp_path}/data/c:"
+                                          " validating on the training data"):
+        load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
+    stored = config_to_dict(load_config(REPO / "configs/tiny_unipool_cpu.json"))
+    stored["data"].update(corpus=None, train_prefix=str(tmp_path / "data/c"), valid_prefix=str(tmp_path / "data/c"))
+    assert config_from_dict(stored, world_size=None, stored=True).data.valid_prefix == str(tmp_path / "data/c")
 
 
 def test_a_blend_is_an_object_of_prefixes_and_weights_made_absolute(tmp_path, monkeypatch):
@@ -170,8 +181,10 @@ def test_a_blend_is_an_object_of_prefixes_and_weights_made_absolute(tmp_path, mo
                                           r"  data.train_prefix\['b'\]: expected a number, got a boolean True\n"
                                           r"  data.train_prefix\['c'\]: inf is not a finite number"),
     ('{"a": 1, "b": 0, "c": -2}', r"data.train_prefix: every weight of a blend must be > 0, got 'b': 0.0, 'c': -2.0"),
+    ('{"a": 1, "b": 0}', r"data.train_prefix: every weight of a blend must be > 0, got 'b': 0.0$"),
     ("{}", "data.train_prefix is an empty blend"),
-    ('{"a": 1, "./a": 2}', r"data.train_prefix names .*/a twice \('a' and './a'\): give it once, with the sum"),
+    ('{"a": 1, "./a": 2}', r"data.train_prefix names one file twice \('a' and './a'\): give it once, with the sum"),
+    ('{"d/a": 1, "b": 1, "d/../d/a": 2}', r"names one file twice \('d/a' and 'd/../d/a'\)"),
     ('{"": 1}', r"data.train_prefix\[''\] is empty: give a path$"),
 ])
 def test_a_bad_blend_is_named(tmp_path, monkeypatch, blend, named):

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -199,6 +200,11 @@ def _with_absolute_paths(config: Config) -> Config:
     data.cache_dir = _absolute("data.cache_dir", data.cache_dir, instead=None)
     data.train_prefix = _absolute_prefixes("data.train_prefix", data.train_prefix)
     data.valid_prefix = _absolute_prefixes("data.valid_prefix", data.valid_prefix)
+    both = _entries_by_file(data.train_prefix).keys() & _entries_by_file(data.valid_prefix).keys()
+    if both:  # a rule for starting a run, checked on the files the paths name: not on a checkpoint's config
+        raise ConfigError(f"data.train_prefix and data.valid_prefix both read {', '.join(sorted(both))}: validating on"
+                          " the training data measures memorisation; hold documents out"
+                          " (tools/preprocess_data.py --valid-fraction)")
     if data.tokenizer not in BUILT_IN_TOKENIZERS:
         data.tokenizer = _absolute("data.tokenizer", data.tokenizer, instead=" or ".join(BUILT_IN_TOKENIZERS))
     checkpoint.load = _absolute("checkpoint.load", checkpoint.load)
@@ -219,18 +225,23 @@ def _absolute(field: str, path: str | None, instead: str | None = "null for none
 
 def _absolute_prefixes(field: str, prefix: str | dict | None) -> str | dict | None:
     """A prefix, or each prefix of a blend, made absolute; two entries of a blend naming one file (`a` and
-    `./a`) are an error, as one would silently replace the other."""
+    `d/../a`, or a link to it) are an error: it would be read twice as often, each sample twice in a row."""
     if not isinstance(prefix, dict):
         return _absolute(field, prefix)
-    blend: dict[str, float] = {}
-    for entry, weight in prefix.items():
-        path = _absolute(f"{field}[{entry!r}]", entry, instead=None)
-        if path in blend:
-            first = next(e for e in prefix if _absolute(field, e) == path)
-            raise ConfigError(f"{field} names {path} twice ({first!r} and {entry!r}): give it once, with the sum"
-                              " of their weights")
-        blend[path] = weight
+    blend = {_absolute(f"{field}[{entry!r}]", entry, instead=None): weight for entry, weight in prefix.items()}
+    repeated = next((entries for entries in _entries_by_file(prefix).values() if len(entries) > 1), None)
+    if repeated:
+        raise ConfigError(f"{field} names one file twice ({repeated[0]!r} and {repeated[1]!r}): give it once, with"
+                          " the sum of their weights")
     return blend
+
+
+def _entries_by_file(prefix: str | dict | None) -> dict[str, list[str]]:
+    """{the file a prefix names, links and `..` resolved: the prefixes naming it}."""
+    entries: dict[str, list[str]] = {}
+    for entry in ([] if prefix is None else [prefix] if isinstance(prefix, str) else prefix):
+        entries.setdefault(os.path.realpath(Path(entry).expanduser()), []).append(entry)
+    return entries
 
 
 def config_to_dict(config: Config) -> dict:

@@ -404,10 +404,6 @@ class Config:
                     need(all(weight > 0 for weight in blend.values()),
                          f"data.{name}: every weight of a blend must be > 0, got " + ", ".join(
                              f"{prefix!r}: {weight!r}" for prefix, weight in blend.items() if weight <= 0))
-            both = set(as_blend(d.train_prefix or {})) & set(as_blend(d.valid_prefix or {}))
-            need(not both, f"data.train_prefix and data.valid_prefix both read {', '.join(map(repr, sorted(both)))}:"
-                           " validating on the training data measures memorisation; hold documents out"
-                           " (tools/preprocess_data.py --valid-fraction)")
         else:
             need(d.train_prefix is None and d.valid_prefix is None,
                  f"data.corpus={d.corpus!r} and data.train_prefix/valid_prefix are exclusive: set data.corpus to null"

@@ -2,7 +2,9 @@
 
 Samples are dealt in periods of ``PERIOD``. Each source gets a fixed share of every period (its weight's,
 rounded by largest remainder) spread evenly through it: its j-th sample of a period sits where the fraction
-(j + 1/2) / share of the period falls, ties to the source listed first. Global sample ``g`` is position
+(j + 1/2) / share of the period falls, ties to the source listed first. So the first n samples of a period
+hold n * share / PERIOD of a source's, give or take 1/2 + (K - 2) / 2 * share / PERIOD for K sources: half a
+sample for two, at most (K - 1) / 2. Global sample ``g`` is position
 ``g % PERIOD`` of period ``g // PERIOD``, which names one source and that source's own sample index
 (``period * share + j``) with no state, so a run resumes from the consumed-sample count alone, as with one
 source. Each source keeps its own seeded shuffle and epochs: a small source weighted high is read several
@@ -23,7 +25,8 @@ PERIOD = 1 << 16  # shares are weights rounded to 1/65536 of the samples
 def period_shares(weights: Sequence[float], period: int = PERIOD) -> np.ndarray:
     """Samples of each source per period: the weights' proportions of `period`, rounded down, then the rest
     one each to the largest remainders (ties to the first source), so they sum to `period` exactly."""
-    exact = np.asarray(weights, dtype=np.float64) / float(np.sum(weights)) * period
+    scaled = np.asarray(weights, dtype=np.float64) / np.max(weights)  # a sum of weights near 1e308 is no inf
+    exact = scaled / scaled.sum() * period
     shares = np.floor(exact).astype(np.int64)
     remainders = exact - shares
     shares[np.argsort(-remainders, kind="stable")[: period - int(shares.sum())]] += 1
@@ -43,11 +46,13 @@ class BlendedSamples(Samples):
         self.sources = [samples for _, samples, _ in sources]
         self.seq_len = seq_lens.pop()
         self.period = period
-        self.shares = period_shares([weight for _, _, weight in sources], period)
-        for name, share, (_, _, weight) in zip(self.names, self.shares, sources):
+        weights = [weight for _, _, weight in sources]
+        self.shares = period_shares(weights, period)
+        for name, share, weight in zip(self.names, self.shares, weights):
             if share == 0:
-                raise DataError(f"{name}'s weight {weight:g} is {weight / sum(w for _, _, w in sources):.2g} of the"
-                                f" blend, less than one sample in {period:,}: raise it or leave the source out")
+                fraction = weight / max(weights) / sum(w / max(weights) for w in weights)
+                raise DataError(f"{name}'s weight {weight:g} is {fraction:.2g} of the blend, less than one sample in"
+                                f" {period:,}: raise it or leave the source out")
         # each source's j-th sample of a period at the fraction (2j + 1) / (2 share) of it: the float keys are
         # exact enough to order (distinct fractions of denominators <= 2 * period differ by far more than an ulp)
         source_of_key = np.repeat(np.arange(len(self.sources)), self.shares)
