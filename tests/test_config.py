@@ -119,6 +119,12 @@ def test_contradictory_settings_are_named(overrides, named):
         load_config(REPO / "configs/tiny_unipool_cpu.json", overrides)
 
 
+def test_wsd_may_cool_down_right_after_its_warm_up():
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json", ["train.lr_decay=wsd", "train.max_steps=100",
+                                                                  "train.warmup_steps=20", "train.lr_cooldown_steps=80"])
+    assert (config.train.lr_decay, config.train.lr_cooldown_steps) == ("wsd", 80)
+
+
 def test_compiled_blocks_take_the_triton_swiglu_where_only_experts_use_it():
     """Every layer an MoE layer: the Triton SwiGLU runs in the (eager) experts, never inside a compiled block."""
     config = load_config(REPO / "configs/tiny_unipool_cpu.json", ["model.compile=true", "model.swiglu_kernel=triton"])

@@ -919,6 +919,7 @@ def test_cli_jsonl_with_validation_split(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "7 documents" in result.stdout and "2 documents" in result.stdout
+    assert "  read " not in result.stdout  # one input: no line of its own
     # ceil(0.2 * 9) = 2 trailing documents are held out.
     assert decoded_documents(tmp_path / "out" / "c_train", ByteTokenizer()) == texts[:7]
     assert decoded_documents(tmp_path / "out" / "c_valid", ByteTokenizer()) == texts[7:]
@@ -938,6 +939,18 @@ def test_cli_reads_several_inputs_as_one_corpus_in_the_order_given(tmp_path):
     assert decoded_documents(tmp_path / "c_valid", ByteTokenizer()) == everything[5:]
     assert "reading 3 inputs ..." in result.stdout and f"  read {paths[1]}: 1 documents" in result.stdout
     assert "read 3 inputs: 8 documents" in result.stdout
+    # --input given once per file reads them all too; a shard with no document is noted, not refused
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = run_preprocess("--input", str(paths[0]), "--input", str(empty), str(paths[1]), "--output-prefix",
+                            str(tmp_path / "e"), "--tokenizer", "byte")
+    assert result.returncode == 0, result.stderr
+    assert decoded_documents(tmp_path / "e", ByteTokenizer()) == shards[0] + shards[1]
+    assert f"  read {empty}: 0 documents, 0.00 MB of text" in result.stdout and "; note: no (non-blank) document" in result.stdout
+    empty.with_name("empty2.jsonl").write_text(json.dumps({"text": " "}) + "\n")  # a blank document only
+    result = run_preprocess("--input", str(empty), str(empty.with_name("empty2.jsonl")), "--output-prefix",
+                            str(tmp_path / "f"), "--tokenizer", "byte")
+    assert result.returncode == 1 and "the 2 inputs contain no (non-blank) documents" in result.stderr
     # a bad line in a later input is named there, before anything is written
     paths[2].write_text('{"text": "fine"}\n{"body": "no text"}\n')
     result = run_preprocess("--input", *map(str, paths), "--output-prefix", str(tmp_path / "d"), "--tokenizer", "byte")
@@ -1112,6 +1125,9 @@ def test_cli_trains_the_tokenizer_on_the_training_documents_only(tmp_path, prepr
     (["--tokenizer", "byte", "--input", "a.jsonl", "b.jsonl", "a.jsonl"], "--input names a.jsonl twice"),
     (["--tokenizer", "byte", "--input", "a.jsonl", "sub/../a.jsonl"], "--input names sub/../a.jsonl twice (a.jsonl and"
                                                                        " sub/../a.jsonl)"),
+    (["--tokenizer", "byte", "--input", "a.jsonl", "--input", "a.jsonl"], "--input names a.jsonl twice"),
+    (["--train-tokenizer-vocab", "300", "--input", "a.jsonl", "b.jsonl", "--tokenizer-output", "b.jsonl"],
+     "--tokenizer-output b.jsonl is an --input (b.jsonl)"),
 ])
 def test_cli_contradictory_or_missing_tokenizer_options_are_refused(tmp_path, preprocess_main, extra_args, message,
                                                                     capsys):

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import tokenizers as hf_tokenizers
 import torch
 
 from megatron_unipool.config import load_config
@@ -124,6 +125,8 @@ def test_tool_refuses_another_tokenizer_and_bad_options(trained_run, capsys):
             " text; use --tokenizer byte") in capsys.readouterr().err
     for option, value, named in (("--max-new-tokens", "0", "--max-new-tokens must be at least 1, not 0"),
                                  ("--top-k", "0", "--top-k must be at least 1, not 0"),
+                                 ("--num-samples", "0", "--num-samples must be at least 1, not 0"),
+                                 ("--seed", "-1", "--seed must be >= 0, not -1"),
                                  ("--temperature", "nan", "--temperature must be a finite number >= 0, not nan")):
         with pytest.raises(SystemExit):
             tool.main(["--checkpoint", str(trained_run), option, value])
@@ -145,5 +148,32 @@ def test_a_tokenizer_json_run_needs_its_own_file(tmp_path):
     # a run that tokenised the built-in corpus with a tokenizer.json names it in data.tokenizer
     corpus_run = load_config(REPO / "configs/tiny_unipool_cpu.json", [f"data.tokenizer={tmp_path}/own/tokenizer.json"])
     assert tool.run_tokenizer(own.name, corpus_run, None).name == own.name
+    # a built-in tokenizer the run recorded wins over a data.tokenizer that did not write its files
+    assert tool.run_tokenizer("byte", corpus_run, None).name == "byte"
     with pytest.raises(DataError, match="more than the model's model.vocab_size=200"):
-        tool.run_tokenizer(None, load_config(REPO / "configs/tiny_unipool_cpu.json", ["model.vocab_size=200"]), None)
+        tool.run_tokenizer("byte", load_config(REPO / "configs/tiny_unipool_cpu.json", ["model.vocab_size=200"]), None)
+    exact = load_config(REPO / "configs/tiny_unipool_cpu.json", ["model.vocab_size=257"])  # no padding: fits
+    assert tool.run_tokenizer("byte", exact, None).vocab_size == 257
+    # a run recording none (an import, data of an older format) is not decoded by a default that never read it
+    with pytest.raises(DataError, match=r"does not record the tokenizer its ids belong to .*: pass it as --tokenizer"
+                                        r" \(the imported model's is /models/llama/tokenizer.json\)"):
+        tool.run_tokenizer(None, config, None, imported_from="/models/llama")
+    assert tool.run_tokenizer(None, config, str(tmp_path / "own" / "tokenizer.json")).name == own.name
+
+
+def test_the_continuation_keeps_the_space_a_sentencepiece_decoder_strips_at_a_texts_start(tmp_path):
+    """Metaspace decoders (Llama 2, Mistral, Gemma tokenizer.json) drop the leading space of the text they
+    decode: the continuation is the text of prompt + continuation past the prompt's."""
+    tool = load_script(REPO / "tools" / "generate.py")
+    spm = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE(unk_token="<unk>"))
+    spm.pre_tokenizer = hf_tokenizers.pre_tokenizers.Metaspace()
+    spm.decoder = hf_tokenizers.decoders.Metaspace()
+    spm.train_from_iterator(["hello world, hello there"] * 10, hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=60, special_tokens=["<unk>", "</s>"]))
+    spm.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = build_tokenizer(str(tmp_path / "tokenizer.json"))
+    prompt, continuation = tokenizer.encode("hello"), tokenizer.encode("hello world")[len(tokenizer.encode("hello")):]
+    assert tokenizer.decode(continuation) == "world"  # decoded alone, the space is gone
+    assert "hello" + tool.continuation_text(tokenizer, prompt, continuation) == "hello world"
+    byte = build_tokenizer("byte")
+    assert tool.continuation_text(byte, byte.encode("ROMEO:"), byte.encode(" Ay")) == " Ay"

@@ -272,6 +272,7 @@ def test_cli_chain_llama_to_upcycled_mixtral_keeps_the_logits(tmp_path):
     assert "data.tokenizer" in done.stdout and "tools/upcycle.py" in done.stdout
     _, payload, dense, model = load_trained_model(tmp_path / "dense")
     assert dense.moe.kind == "dense" and dense.train.max_steps == 10 and payload["optimizer"] == {}
+    assert payload["train_state"]["tokenizer"] is None  # no --set data.tokenizer: nothing known to record
     assert Path(dense.data.cache_dir).is_absolute()  # the default, relative to the directory the tool ran in
     torch.testing.assert_close(our_logits(model, batch), expected, atol=1e-4, rtol=1e-4)
 
@@ -468,7 +469,7 @@ def test_cli_output_handling_replaces_only_what_it_may(tmp_path, convert_tool, c
 def test_import_checks_a_tokenizer_given_with_set(tmp_path, convert_tool, capsys):
     """--set data.tokenizer=PATH is checked at import: a missing file, or a vocabulary larger than the model's,
     is refused there (the launcher found it only when the run started), with nothing written."""
-    from megatron_unipool.data import train_bpe_tokenizer
+    from megatron_unipool.data import build_tokenizer, train_bpe_tokenizer
 
     tiny_llama().save_pretrained(tmp_path / "llama")  # a vocabulary of 300
     words = [" ".join(f"w{i}" for i in range(400))] * 3
@@ -486,4 +487,8 @@ def test_import_checks_a_tokenizer_given_with_set(tmp_path, convert_tool, capsys
         assert not output.exists()
     assert convert_tool.main(["--from", "hf", "--checkpoint", str(tmp_path / "llama"), "--output", str(tmp_path / "ok"),
                               "--set", f"data.tokenizer={tmp_path / 'fits.json'}"]) == 0
-    assert load_trained_model(tmp_path / "ok")[2].data.tokenizer == str(tmp_path / "fits.json")
+    _, payload, config, _ = load_trained_model(tmp_path / "ok")
+    assert config.data.tokenizer == str(tmp_path / "fits.json")
+    # recorded as what the model's ids mean (tools/generate.py decodes with it; a run on another's data is noted)
+    fits = build_tokenizer(str(tmp_path / "fits.json"))
+    assert payload["train_state"]["tokenizer"] == fits.name

@@ -509,7 +509,7 @@ def test_resuming_at_max_steps_evaluates_and_a_changed_schedule_is_announced(tin
     now = learning_rate(2, longer.train)
     assert now != was
     out = capsys.readouterr().out
-    assert f"the learning-rate decay is recomputed, the next step's rate is {now:.3e} (was {was:.3e})" in out
+    assert f"the learning-rate decay is recomputed, the next step's rate is {now:.3e} (was {was:.3e})\n" in out
     assert "model.seq_len" not in out
     # warmup-stable-decay: a checkpoint of the stable phase extends at lr, and the note says where the cool-down moved
     wsd = ["train.lr_decay=wsd", "train.lr_cooldown_steps=2", "train.eval_interval=0", "train.lr=2e-3",
@@ -525,6 +525,14 @@ def test_resuming_at_max_steps_evaluates_and_a_changed_schedule_is_announced(tin
     assert ("the next step's rate is 2.000e-03 (was 1.100e-03); the cool-down (train.lr_cooldown_steps=2) now starts"
             " at step 7") in capsys.readouterr().out
     assert [extended.train_step()[0]["lr"] for _ in range(6)] == pytest.approx([2e-3] * 4 + [1.1e-3, 2e-4])
+    # branched shorter than the cool-down: the run continues inside it
+    Trainer(tiny_config(UNIPOOL, "train.max_steps=3", *wsd,
+                        f"checkpoint.load={tmp_path / 'wsd2' / 'checkpoints' / 'step_0000002'}"), tmp_path / "branch")
+    assert ("the next step's rate is 2.000e-04 (was 1.100e-03); the cool-down (train.lr_cooldown_steps=2) began at step 2,"
+            " before this resume: the run continues inside it") in capsys.readouterr().out
+    # "was": the checkpoint's own schedule, here the cosine one, not the resumed run's
+    Trainer(tiny_config(UNIPOOL, "train.max_steps=8", *wsd, f"checkpoint.load={midway}"), tmp_path / "to_wsd")
+    assert was != 2e-3 and f"the next step's rate is 2.000e-03 (was {was:.3e})" in capsys.readouterr().out
     # a sequence length changed on resume: the sample position counts samples of another length
     Trainer(tiny_config(UNIPOOL, "train.max_steps=4", "model.seq_len=32", f"checkpoint.load={midway}"),
             tmp_path / "shorter_sequences")

@@ -35,7 +35,7 @@ from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from megatron_unipool.config import Config, ConfigError, DataConfig, MoEConfig, with_overrides  # noqa: E402
-from megatron_unipool.data import DataError, build_tokenizer  # noqa: E402
+from megatron_unipool.data import DataError, Tokenizer, build_tokenizer  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
 from megatron_unipool.training.checkpoint import (check_fits, check_same_function, load_trained_state,  # noqa: E402
@@ -123,8 +123,8 @@ def export_hf(args) -> None:
           f"  transformers.AutoModelForCausalLM.from_pretrained({str(args.output)!r})")
 
 
-def check_tokenizer(config: Config) -> None:
-    """CheckpointError unless data.tokenizer loads and its ids fit the imported model's vocabulary."""
+def check_tokenizer(config: Config) -> Tokenizer:
+    """data.tokenizer, or a CheckpointError unless it loads and its ids fit the imported model's vocabulary."""
     try:
         tokenizer = build_tokenizer(config.data.tokenizer)
     except (OSError, DataError) as e:
@@ -133,6 +133,7 @@ def check_tokenizer(config: Config) -> None:
         raise CheckpointError(f"data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} tokens, more than"
                               f" the imported model's vocabulary of {config.model.vocab_size}: give the model's own"
                               " tokenizer.json")
+    return tokenizer
 
 
 def import_hf(args) -> None:
@@ -142,12 +143,13 @@ def import_hf(args) -> None:
     # what the weights compute besides their shapes (which check_fits compares): a --set may not change it
     check_same_function(Config(model=model_config), config, "the imported weights")
     check_fits(config, state, f"the weights of {args.checkpoint}, after --set,")
-    if config.data.tokenizer != DataConfig().tokenizer:  # set with --set: checked now, not when training starts
-        check_tokenizer(config)
+    ids_of = None  # the tokenizer the model's ids mean, recorded when --set names it (checked now, not at training)
+    if config.data.tokenizer != DataConfig().tokenizer:
+        ids_of = check_tokenizer(config).name
     print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
 
     write_directory(args.output, lambda directory: write_run_directory(
-        directory, config, state, {}, asdict(TrainState()), published_as=args.output,
+        directory, config, state, {}, asdict(TrainState(tokenizer=ids_of)), published_as=args.output,
         imported_from=str(args.checkpoint)))
     tokenizer = args.checkpoint / "tokenizer.json"
     hint = f" (this model's is {tokenizer})" if tokenizer.is_file() else ""

@@ -7,7 +7,7 @@ Each sample starts a new document (the prompt follows an end-of-document id, as 
 and ends at the model's end-of-document id or after --max-new-tokens. --temperature 0 takes the most likely
 token each time. The text is decoded by the tokenizer that wrote the run's training data: the built-in byte
 and GPT-2 tokenizers are found from the run, as is a tokenizer.json its data.tokenizer names; one that wrote
-preprocessed files is passed as --tokenizer. A tokenizer other than the run's is refused.
+preprocessed files is passed as --tokenizer. A tokenizer other than the run's is refused, and a run that records none (an import) needs --tokenizer.
 """
 from __future__ import annotations
 
@@ -38,10 +38,16 @@ BUILT_IN = ("byte", "gpt2")
 PROGRESS_EVERY_S = 5.0
 
 
-def run_tokenizer(recorded: Optional[str], config: Config, spec: Optional[str]) -> Tokenizer:
+def run_tokenizer(recorded: Optional[str], config: Config, spec: Optional[str], imported_from: Optional[str] = None
+                  ) -> Tokenizer:
     """The tokenizer that wrote the run's training data: `spec` (--tokenizer), else the one the run recorded
     when it is built in, else the run's data.tokenizer; refused when it is not the one the run recorded, or
-    its vocabulary is larger than the model's."""
+    its vocabulary is larger than the model's. A run that records none (an import, or data files of an older
+    format) needs `spec`: its data.tokenizer may be a default that never read its data."""
+    if recorded is None and spec is None:
+        where = f" (the imported model's is {Path(imported_from) / 'tokenizer.json'})" if imported_from else ""
+        raise DataError("the run does not record the tokenizer its ids belong to (an import, or data files of an"
+                        f" older format): pass it as --tokenizer{where}")
     chosen = spec or (recorded if recorded in BUILT_IN else config.data.tokenizer)
     tokenizer = build_tokenizer(chosen)
     if recorded is not None and tokenizer.name != recorded:
@@ -53,6 +59,13 @@ def run_tokenizer(recorded: Optional[str], config: Config, spec: Optional[str]) 
         raise DataError(f"tokenizer {chosen} has {tokenizer.vocab_size} tokens, more than the model's"
                         f" model.vocab_size={config.model.vocab_size}: not the run's tokenizer")
     return tokenizer
+
+
+def continuation_text(tokenizer: Tokenizer, prompt: list[int], ids: list[int]) -> str:
+    """The text `ids` add after `prompt`: decoded together, as a decoder that strips a text's leading space
+    (SentencePiece's Metaspace) would drop the space between them if `ids` were decoded alone."""
+    head, whole = tokenizer.decode(prompt), tokenizer.decode(prompt + ids)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(ids)
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -91,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             check_output_directory(args.json.parent, f"--json {args.json}")
         print(f"loading {args.checkpoint} ...", flush=True)
         path, payload, config, model = load_trained_model(args.checkpoint)
-        tokenizer = run_tokenizer(payload["train_state"].get("tokenizer"), config, args.tokenizer)
+        tokenizer = run_tokenizer(payload["train_state"].get("tokenizer"), config, args.tokenizer,
+                                  payload.get("imported_from"))
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -113,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                            num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
                            vocab_size=tokenizer.vocab_size, stop_id=tokenizer.eod_id, generator=generator,
                            progress=progress)
-    rows = [{"text": args.prompt + tokenizer.decode(ids), "ids": ids,
+    rows = [{"text": args.prompt + continuation_text(tokenizer, prompt[1:], ids), "ids": ids,
              "ended": "max_new_tokens" if len(ids) == args.max_new_tokens else "end of document"} for ids in samples]
     for number, row in enumerate(rows, 1):
         print(f"----- sample {number} ({len(row['ids'])} tokens, ended at {row['ended']}) -----")

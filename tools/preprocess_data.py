@@ -33,6 +33,7 @@ if importlib.util.find_spec("megatron_unipool") is None:  # run from a checkout,
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_unipool.data import (
+    DataError,
     build_tokenizer,
     holdout_count,
     publish_indexed,
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--input", required=True, type=Path, nargs="+",
+        "--input", required=True, type=Path, nargs="+", action="extend",
         help=".txt (one document) or .jsonl (one per line) files, read in the order given",
     )
     parser.add_argument("--json-key", help="field holding the text in each .jsonl line (default: text)")
@@ -215,11 +216,12 @@ def reported(documents: Iterable[str], what: str, expected: int) -> Iterator[str
             last_report = now
 
 
-def read_input(path: Path, args: argparse.Namespace, report: bool) -> ReadStats:
-    """One input read and checked whole (count_documents), with a line for it when `report`: one of many."""
-    read = count_documents(path, args.json_key, args.split_on_blank_lines, report_every_s=PROGRESS_EVERY_S)
-    if report:
-        print(f"  read {path}: {read}", flush=True)
+def read_input(path: Path, args: argparse.Namespace, shard: bool) -> ReadStats:
+    """One input read and checked whole (count_documents). A `shard` (one of several) gets a line of its own
+    and may hold no document, which is noted."""
+    read = count_documents(path, args.json_key, args.split_on_blank_lines, PROGRESS_EVERY_S, allow_empty=shard)
+    if shard:
+        print(f"  read {path}: {read}" + ("; note: no (non-blank) document" if read.documents == 0 else ""), flush=True)
     return read
 
 
@@ -237,14 +239,17 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
               f" {', '.join(path.name for path in abandoned)}", flush=True)
 
     def documents():
-        return itertools.chain.from_iterable(read_documents(path, args.json_key, args.split_on_blank_lines)
+        return itertools.chain.from_iterable(read_documents(path, args.json_key, args.split_on_blank_lines, shards)
                                              for path in args.input)
 
     tokenizer = build_tokenizer(args.tokenizer) if args.tokenizer is not None else None
     # A full pass before writing: an empty input, a bad line or a bad fraction fails with nothing written.
-    inputs = str(args.input[0]) if len(args.input) == 1 else f"{len(args.input)} inputs"
+    shards = len(args.input) > 1  # one of several may hold no document (a filtered shard), not all of them
+    inputs = str(args.input[0]) if not shards else f"{len(args.input)} inputs"
     print(f"reading {inputs} ...", flush=True)
-    read = ReadStats.total(read_input(path, args, len(args.input) > 1) for path in args.input)
+    read = ReadStats.total(read_input(path, args, shards) for path in args.input)
+    if read.documents == 0:
+        raise DataError(f"the {len(args.input)} inputs contain no (non-blank) documents")
     num_valid = holdout_count(read.documents, args.valid_fraction)
     num_train = read.documents - num_valid
     print(f"read {inputs}: {read}" + (f"; {num_valid} held out for validation" if num_valid else ""),

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train_state = TrainState(consumed_samples=payload["train_state"]["consumed_samples"])
+    train_state = TrainState(consumed_samples=payload["train_state"]["consumed_samples"],
+                             tokenizer=payload["train_state"].get("tokenizer"))  # what its ids mean
     try:
         write_directory(args.output, lambda directory: write_run_directory(
             directory, new_config, result.model_state, result.optimizer_state, asdict(train_state),

@@ -159,16 +159,17 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
 
 
 def read_documents(
-    path: str | os.PathLike, json_key: str = "text", split_on_blank_lines: bool = False
+    path: str | os.PathLike, json_key: str = "text", split_on_blank_lines: bool = False, allow_empty: bool = False
 ) -> Iterator[str]:
     """Documents of a ``.txt`` or ``.jsonl`` file, streamed; blank documents are skipped.
 
     A ``.txt`` file is one document, or one per blank-line-separated block with
     ``split_on_blank_lines``; a ``.jsonl`` file holds one JSON object per line
-    with the text under ``json_key``.  Raises at the end if nothing was found.
+    with the text under ``json_key``.  Raises at the end if nothing was found, unless
+    ``allow_empty`` (one shard of several).
     """
     path = Path(path)
-    return _non_blank(_all_documents(path, json_key, split_on_blank_lines), path)
+    return _non_blank(_all_documents(path, json_key, split_on_blank_lines), path, allow_empty)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,7 @@ def count_documents(
     json_key: str = "text",
     split_on_blank_lines: bool = False,
     report_every_s: float | None = None,
+    allow_empty: bool = False,
 ) -> ReadStats:
     """Reads ``path`` as ``read_documents`` does, checking every line, and counts what it would yield
     and the blank documents it would skip, so that a caller can say how many were dropped.
@@ -215,7 +217,7 @@ def count_documents(
         if report_every_s is not None and now - last_report >= report_every_s:
             print(f"reading {path}: {ReadStats(documents, blank_documents, text_bytes, now - started)}", flush=True)
             last_report = now
-    if documents == 0:
+    if documents == 0 and not allow_empty:
         raise _no_documents_error(path)
     return ReadStats(documents, blank_documents, text_bytes, time.perf_counter() - started)
 
@@ -233,13 +235,13 @@ def _all_documents(path: Path, json_key: str, split_on_blank_lines: bool) -> Ite
     raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected .txt or .jsonl")
 
 
-def _non_blank(documents: Iterable[str], path: Path) -> Iterator[str]:
+def _non_blank(documents: Iterable[str], path: Path, allow_empty: bool) -> Iterator[str]:
     found = False
     for document in documents:
         if not _is_blank(document):
             found = True
             yield document
-    if not found:
+    if not found and not allow_empty:
         raise _no_documents_error(path)
 
 

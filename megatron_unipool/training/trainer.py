@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import MOE_LOSSES, Config, ConfigError, config_to_dict
+from ..config import MOE_LOSSES, Config, ConfigError, TrainConfig, config_to_dict
 from ..model import LanguageModel, RoutingStepStats, lm_loss_sum, param_budget
 from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
@@ -132,7 +132,7 @@ class Trainer:
             if self.is_logger:
                 print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
                       flush=True)
-                self._note_changed_schedule(payload["config"]["train"]["max_steps"])
+                self._note_changed_schedule(payload["config"]["train"])
                 self._note_changed_settings(changed_settings(payload["config"], config, self.state.step),
                                             payload["config"]["train"]["seed"], payload["train_state"].get("tokenizer"))
                 note = seq_len_note(config.model.seq_len, payload["config"]["model"]["seq_len"], "the checkpoint's",
@@ -142,18 +142,26 @@ class Trainer:
         self.channel = StageChannel(self.parallel, (train.micro_batch, config.model.seq_len, config.model.hidden_size),
                                     self.backend.activation_dtype, self.device)
 
-    def _note_changed_schedule(self, saved_max_steps: int) -> None:
-        """A changed train.max_steps recomputes the learning-rate decay (how a run is extended): say so."""
+    def _note_changed_schedule(self, saved_train: dict) -> None:
+        """A changed train.max_steps recomputes the learning-rate decay (how a run is extended): say so, with the
+        rate the checkpoint's own schedule would have given next (`saved_train`: its train section)."""
         train, step = self.config.train, self.state.step
+        saved_max_steps = saved_train["max_steps"]
         if saved_max_steps == train.max_steps:
             return
         if step >= train.max_steps:
             print(f"note: the checkpoint is at step {step} and train.max_steps={train.max_steps}: nothing left to"
                   " train, only the final evaluation runs", flush=True)
             return
-        before = learning_rate(step, replace(train, max_steps=saved_max_steps))
-        cooldown = (f"; the cool-down (train.lr_cooldown_steps={train.lr_cooldown_steps}) now starts at step"
-                    f" {train.max_steps - train.lr_cooldown_steps + 1}" if train.lr_decay == "wsd" else "")
+        schedule = ("lr", "min_lr", "warmup_steps", "max_steps", "lr_decay", "lr_cooldown_steps")
+        before = learning_rate(step, replace(train, **{key: saved_train.get(key, getattr(TrainConfig(), key))
+                                                       for key in schedule}))  # an older checkpoint's: cosine
+        cooldown, start = "", train.max_steps - train.lr_cooldown_steps + 1  # numbered as the log numbers steps
+        if train.lr_decay == "wsd":
+            cooldown = (f"; the cool-down (train.lr_cooldown_steps={train.lr_cooldown_steps}) now starts at step {start}"
+                        if start > step else
+                        f"; the cool-down (train.lr_cooldown_steps={train.lr_cooldown_steps}) began at step {start},"
+                        " before this resume: the run continues inside it")
         print(f"note: train.max_steps={train.max_steps}, the checkpoint's run had {saved_max_steps}: the learning-rate"
               f" decay is recomputed, the next step's rate is {learning_rate(step, train):.3e} (was {before:.3e})"
               + cooldown, flush=True)
