@@ -94,7 +94,7 @@ def trained_run(tmp_path_factory, data_cache):
 def test_tool_writes_the_librarys_samples_decoded_by_the_runs_tokenizer(trained_run, tmp_path, capsys, monkeypatch):
     tool = load_script(REPO / "tools" / "generate.py")
     monkeypatch.setattr(tool, "PROGRESS_EVERY_S", 0.0)
-    out = tmp_path / "samples.json"
+    out = tmp_path / "new" / "samples.json"  # a folder made for it
     assert tool.main(["--checkpoint", str(trained_run), "--prompt", "ROMEO:", "--max-new-tokens", "12",
                       "--num-samples", "2", "--temperature", "0", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -156,8 +156,10 @@ def test_a_tokenizer_json_run_needs_its_own_file(tmp_path):
     assert tool.run_tokenizer("byte", exact, None).vocab_size == 257
     # a run recording none (an import, data of an older format) is not decoded by a default that never read it
     with pytest.raises(DataError, match=r"does not record the tokenizer its ids belong to .*: pass it as --tokenizer"
-                                        r" \(the imported model's is /models/llama/tokenizer.json\)"):
-        tool.run_tokenizer(None, config, None, imported_from="/models/llama")
+                                        rf" \(the imported model's is {tmp_path}/own/tokenizer.json\)$"):
+        tool.run_tokenizer(None, config, None, imported_from=str(tmp_path / "own"))
+    with pytest.raises(DataError, match=r"pass it as --tokenizer$"):  # no hint at a file that is not there
+        tool.run_tokenizer(None, config, None, imported_from=str(tmp_path / "moved"))
     assert tool.run_tokenizer(None, config, str(tmp_path / "own" / "tokenizer.json")).name == own.name
 
 

@@ -517,6 +517,9 @@ def test_dense_upcycling_keeps_reading_the_source_data_in_its_order(data_cache, 
     for name, consumed in (("dense", 32), ("fresh", 0)):
         write_run_directory(tmp_path / name, dense, LanguageModel(dense.model, dense.moe).state_dict(), {},
                             {"consumed_samples": consumed})
+    imported = dataclasses.replace(dense, data=dataclasses.replace(dense.data, tokenizer="gpt2"))  # its --set named it
+    write_run_directory(tmp_path / "imported", imported, LanguageModel(dense.model, dense.moe).state_dict(), {},
+                        {"consumed_samples": 0, "tokenizer": "gpt2"})
     to_config = REPO / "configs/tiny_vanilla_cpu.json"
     target = load_config(to_config, world_size=None)
     assert target.train.seed != 7 and target.data.cache_dir != dense.data.cache_dir  # what the tool must replace
@@ -531,6 +534,13 @@ def test_dense_upcycling_keeps_reading_the_source_data_in_its_order(data_cache, 
     fresh = written("from_fresh", source="fresh")
     assert fresh.train.seed == target.train.seed and fresh.data == target.data
     assert "note" not in capsys.readouterr().err
+    # no position to keep, but the ids are the import's tokenizer's: its data.tokenizer stays, unless --set
+    from_import = written("from_import", source="imported")
+    assert from_import.data == dataclasses.replace(target.data, tokenizer="gpt2") and from_import.train.seed == target.train.seed
+    assert ("note: the upcycled run keeps the source's data.tokenizer='gpt2' (--to-config: 'byte'): the model's ids are"
+            " its tokens") in capsys.readouterr().err
+    assert written("chosen_tokenizer", "--set", "data.tokenizer=byte", source="imported").data.tokenizer == "byte"
+    assert "keeps the source's" not in capsys.readouterr().err
     kept = written("kept")
     assert kept.train.seed == 7 and kept.data == dense.data and kept.moe.kind == "vanilla"
     assert (f"note: the upcycled run continues the source's data at sample 32, so it keeps the source's train.seed=7"

@@ -45,7 +45,8 @@ def run_tokenizer(recorded: Optional[str], config: Config, spec: Optional[str], 
     its vocabulary is larger than the model's. A run that records none (an import, or data files of an older
     format) needs `spec`: its data.tokenizer may be a default that never read its data."""
     if recorded is None and spec is None:
-        where = f" (the imported model's is {Path(imported_from) / 'tokenizer.json'})" if imported_from else ""
+        beside = Path(imported_from or "") / "tokenizer.json"
+        where = f" (the imported model's is {beside})" if imported_from and beside.is_file() else ""
         raise DataError("the run does not record the tokenizer its ids belong to (an import, or data files of an"
                         f" older format): pass it as --tokenizer{where}")
     chosen = spec or (recorded if recorded in BUILT_IN else config.data.tokenizer)
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = {key: getattr(args, key) for key in ("prompt", "max_new_tokens", "temperature", "top_k", "seed",
                                                           "precision")}
         text = json.dumps({"checkpoint": str(path), "tokenizer": tokenizer.name, **settings, "samples": rows}, indent=2)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         save_atomically(args.json, lambda temporary: temporary.write_text(text))
         print(f"wrote {args.json}")
     return 0

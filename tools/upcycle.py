@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import Optional
 
 try:
     import megatron_unipool  # noqa: F401
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: {', '.join(ignored)} ignored: a dense checkpoint's experts are copies of its FFNs, as"
                       " many as --to-config has", file=sys.stderr)
             target = reading_the_source_data(config, load_config(args.to_config, args.overrides, world_size=None),
-                                             args.overrides, payload["train_state"]["consumed_samples"])
+                                             args.overrides, payload["train_state"]["consumed_samples"],
+                                             payload["train_state"].get("tokenizer"))
             # upcycle_dense builds the target model and a state dict of it: two copies of its weights
             check_fits_host_memory(2 * param_budget(target.model, target.moe).total_params,
                                    "the upcycled model (built, then copied into its state)")
@@ -153,13 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def reading_the_source_data(source: Config, target: Config, overrides: list[str], consumed_samples: int) -> Config:
+def reading_the_source_data(source: Config, target: Config, overrides: list[str], consumed_samples: int,
+                            tokenizer: Optional[str]) -> Config:
     """The dense source's `train.seed` and `data` in place of --to-config's: the upcycled checkpoint continues at
     the source's position in its data (consumed samples), which in another seed's order or in other data would
-    repeat some samples and skip others. A --set of either wins; what replaced --to-config's is said."""
-    if not consumed_samples:  # no position to keep (an imported model): --to-config's stand
-        return target
+    repeat some samples and skip others. A --set of either wins; what replaced --to-config's is said. A source
+    at sample 0 (an import) has no position to keep, but one recording the `tokenizer` its ids mean keeps its
+    data.tokenizer (the import's --set named it)."""
     chosen = {parse_override(text)[:2] for text in overrides}
+    if not consumed_samples:
+        if tokenizer is None or ("data", "tokenizer") in chosen or source.data.tokenizer == target.data.tokenizer:
+            return target
+        print(f"note: the upcycled run keeps the source's data.tokenizer={source.data.tokenizer!r} (--to-config:"
+              f" {target.data.tokenizer!r}): the model's ids are its tokens; --set data.tokenizer to choose",
+              file=sys.stderr)
+        return with_overrides(replace(target, data=replace(target.data, tokenizer=source.data.tokenizer)), [])
     kept = {name: getattr(source.data, name) for name in (f.name for f in fields(DataConfig)) if ("data", name) not in chosen}
     seed = target.train.seed if ("train", "seed") in chosen else source.train.seed
     replaced = [f"data.{name}={value!r} (--to-config: {getattr(target.data, name)!r})" for name, value in kept.items()
