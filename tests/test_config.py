@@ -201,6 +201,9 @@ def test_a_bad_blend_is_named(tmp_path, monkeypatch, blend, named):
     (tmp_path / "c.json").write_text('{"data": {"corpus": null, "train_prefix": [["a", 1]], "valid_prefix": "v"}}')
     with pytest.raises(ConfigError, match=r"data.train_prefix: expected str or object or null, got list"):
         load_config(tmp_path / "c.json")
+    with pytest.raises(ConfigError, match=r"data.train_prefix: expected str or object or null, got list \[0.3, 'a'"):
+        load_config(REPO / "configs/tiny_unipool_cpu.json",  # Megatron's --data-path written as a JSON list
+                    ["data.corpus=null", 'data.train_prefix=[0.3, "a", 0.7, "b"]', "data.valid_prefix=v"])
 
 
 @pytest.mark.parametrize(

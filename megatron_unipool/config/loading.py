@@ -136,7 +136,10 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         if kinds in ((int,), (float,)):
             with contextlib.suppress(ValueError):
                 parsed = kinds[0](value)
-    if str in kinds and parsed is not None and not isinstance(parsed, kinds):  # a blend's JSON object stays one
+    # a blend's JSON object stays one, and a JSON list there (Megatron's [weight, path, ...]) is refused as a blend,
+    # not taken for a path named "[...]"
+    mistaken_blend = dict in kinds and isinstance(parsed, list)
+    if str in kinds and parsed is not None and not isinstance(parsed, kinds) and not mistaken_blend:
         parsed = value
     return section, key, parsed
 
