@@ -111,6 +111,8 @@ def test_options_that_would_be_ignored_are_refused(overrides, named):
      "the dense FFN layers are compiled"),
     (["train.lr_decay=wsd"], "train.lr_decay='wsd' needs train.lr_cooldown_steps >= 1"),
     (["train.lr_cooldown_steps=10"], "train.lr_cooldown_steps=10 applies to train.lr_decay='wsd' only, not 'cosine'"),
+    (["train.lr_decay=linear", "train.lr_cooldown_shape=minus_sqrt"],
+     "train.lr_cooldown_shape='minus_sqrt' applies to train.lr_decay='wsd' only, not 'linear'"),
     (["train.lr_decay=wsd", "train.max_steps=100", "train.warmup_steps=20", "train.lr_cooldown_steps=81"],
      "train.warmup_steps=20 + train.lr_cooldown_steps=81 exceed train.max_steps=100: the cool-down would start"),
 ])

@@ -232,6 +232,11 @@ def test_learning_rate_decays_on_a_line_not_at_all_or_after_a_stable_phase():
     assert [learning_rate(step, longer) for step in (11, 15, 16, 19)] == pytest.approx([1e-3, 1e-3, 7.75e-4, 1e-4])
     no_warmup = TrainConfig(**{**base, "warmup_steps": 0, "max_steps": 3}, lr_decay="wsd", lr_cooldown_steps=3)
     assert [learning_rate(step, no_warmup) for step in range(3)] == pytest.approx([7e-4, 4e-4, 1e-4])
+    # the cool-down's other shapes (Megatron's WSD decay styles): the share of lr - min_lr left at progress i / 4
+    for shape, left in (("cosine", lambda p: (1 + math.cos(math.pi * p)) / 2), ("minus_sqrt", lambda p: 1 - p ** 0.5)):
+        shaped = TrainConfig(**base, lr_decay="wsd", lr_cooldown_steps=4, lr_cooldown_shape=shape)
+        assert [learning_rate(step, shaped) for step in range(7, 12)] == pytest.approx(
+            [1e-3] + [1e-4 + 9e-4 * left(i / 4) for i in (1, 2, 3, 4)])
 
 
 def test_cli_run_writes_summary_and_tensorboard(data_cache, tmp_path):

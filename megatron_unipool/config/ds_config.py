@@ -24,7 +24,7 @@ DEEPSPEED_KEYS_FROM_CONFIG = {
     "amp": "train.precision: fp32 or bf16",
     "torch_autocast": "train.precision: the trainer autocasts, and clips before a GradScaler would unscale",
     "optimizer": "train.lr, beta1, beta2, adam_eps, weight_decay: DeepSpeed gets our AdamW",
-    "scheduler": "train.lr, min_lr, warmup_steps, lr_decay, lr_cooldown_steps: the schedule is ours",
+    "scheduler": "train.lr, min_lr, warmup_steps, lr_decay and its lr_cooldown_*: the schedule is ours",
     "managed_gradient_accumulation": "by the trainer, which runs the micro-batches itself",
     "zero_allow_untested_optimizer": "by the trainer",
 }

@@ -220,6 +220,7 @@ class TrainConfig:
     # lr until the last lr_cooldown_steps, then a line to min_lr (a stable-phase checkpoint extends by max_steps)
     lr_decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     lr_cooldown_steps: int = bounded(0, 0)  # wsd's decay
+    lr_cooldown_shape: Literal["linear", "cosine", "minus_sqrt"] = "linear"  # minus_sqrt: 1 - sqrt(progress)
     weight_decay: float = bounded(0.01, 0.0)
     beta1: float = bounded(0.9, 0.0, 1.0, exclusive_high=True)  # 1 would never forget (AdamW refuses it)
     beta2: float = bounded(0.95, 0.0, 1.0, exclusive_high=True)
@@ -344,6 +345,8 @@ class Config:
         else:
             need(t.lr_cooldown_steps == 0, f"train.lr_cooldown_steps={t.lr_cooldown_steps} applies to"
                                            f" train.lr_decay='wsd' only, not {t.lr_decay!r}")
+            need(t.lr_cooldown_shape == "linear", f"train.lr_cooldown_shape={t.lr_cooldown_shape!r} applies to"
+                                                  f" train.lr_decay='wsd' only, not {t.lr_decay!r}")
         # a Triton kernel inside a compiled block would split its graph where torch.compile fuses the same work
         need(not (m.compile and m.rope_kernel == "triton"),
              "model.compile=true with model.rope_kernel='triton': the compiled attention fuses RoPE itself; set"

@@ -40,23 +40,30 @@ def build_optimizer(model: nn.Module, config: TrainConfig, groups: list[dict] | 
     return torch.optim.AdamW(groups, foreach=True, **hyper)
 
 
+# the share of lr - min_lr left at a decay's progress p in [0, 1] (Megatron's WSD decay styles, as it names them)
+DECAY_SHAPES = {
+    "linear": lambda p: 1.0 - p,
+    "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
+    "minus_sqrt": lambda p: 1.0 - math.sqrt(p),
+}
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
     """The rate of optimizer step `step` (0-based; Megatron counts it step + 1): linear warmup reaching lr at
     the last warmup step, then by train.lr_decay: a cosine or a line reaching min_lr at the last step,
-    max_steps - 1; lr throughout (constant); or lr until the last lr_cooldown_steps steps, which fall on a
-    line to min_lr at the last step (wsd). Without warmup the first step is the peak."""
+    max_steps - 1; lr throughout (constant); or lr until the last lr_cooldown_steps steps, which fall to
+    min_lr at the last step in train.lr_cooldown_shape (wsd). Without warmup the first step is the peak."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if config.lr_decay == "constant":
         return config.lr
     if config.lr_decay == "wsd":
         cooled = step - (config.max_steps - config.lr_cooldown_steps) + 1  # 1 at the cool-down's first step
-        return config.lr - (config.lr - config.min_lr) * min(1.0, max(0, cooled) / config.lr_cooldown_steps)
-    peak = max(config.warmup_steps - 1, 0)
-    progress = min(1.0, (step - peak) / max(1, config.max_steps - 1 - peak))
-    if config.lr_decay == "linear":
-        return config.lr - (config.lr - config.min_lr) * progress
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
+        shape, progress = config.lr_cooldown_shape, min(1.0, max(0, cooled) / config.lr_cooldown_steps)
+    else:
+        peak = max(config.warmup_steps - 1, 0)
+        shape, progress = config.lr_decay, min(1.0, (step - peak) / max(1, config.max_steps - 1 - peak))
+    return config.min_lr + (config.lr - config.min_lr) * DECAY_SHAPES[shape](progress)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

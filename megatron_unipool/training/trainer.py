@@ -153,7 +153,8 @@ class Trainer:
             print(f"note: the checkpoint is at step {step} and train.max_steps={train.max_steps}: nothing left to"
                   " train, only the final evaluation runs", flush=True)
             return
-        schedule = ("lr", "min_lr", "warmup_steps", "max_steps", "lr_decay", "lr_cooldown_steps")
+        schedule = ("lr", "min_lr", "warmup_steps", "max_steps", "lr_decay", "lr_cooldown_steps",
+                    "lr_cooldown_shape")
         before = learning_rate(step, replace(train, **{key: saved_train.get(key, getattr(TrainConfig(), key))
                                                        for key in schedule}))  # an older checkpoint's: cosine
         cooldown, start = "", train.max_steps - train.lr_cooldown_steps + 1  # numbered as the log numbers steps
