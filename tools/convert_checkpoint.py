@@ -34,7 +34,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from megatron_unipool.config import Config, ConfigError, MoEConfig, parse_override, with_overrides  # noqa: E402
+from megatron_unipool.config import Config, ConfigError, MoEConfig, overridden_fields, with_overrides  # noqa: E402
 from megatron_unipool.data import DataError, Tokenizer, build_tokenizer  # noqa: E402
 from megatron_unipool.model.hf_format import from_hf_llama, llama_model_config, to_hf  # noqa: E402
 from megatron_unipool.training import CheckpointError, TrainState  # noqa: E402
@@ -144,7 +144,7 @@ def import_hf(args) -> None:
     check_same_function(Config(model=model_config), config, "the imported weights")
     check_fits(config, state, f"the weights of {args.checkpoint}, after --set,")
     ids_of = None  # the tokenizer the model's ids mean, recorded when --set names it (checked now, not at training)
-    if ("data", "tokenizer") in {parse_override(text)[:2] for text in args.overrides}:
+    if ("data", "tokenizer") in overridden_fields(args.overrides):
         ids_of = check_tokenizer(config).name
     print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
 

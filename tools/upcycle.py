@@ -39,7 +39,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_unipool.config import (Config, ConfigError, DataConfig, load_config, parse_override,  # noqa: E402
+from megatron_unipool.config import (Config, ConfigError, DataConfig, load_config, overridden_fields,  # noqa: E402
                                      with_overrides)
 from megatron_unipool.training import CheckpointError, DataError, TrainState  # noqa: E402
 from megatron_unipool.model import param_budget  # noqa: E402
@@ -162,7 +162,7 @@ def reading_the_source_data(source: Config, target: Config, overrides: list[str]
     repeat some samples and skip others. A --set of either wins; what replaced --to-config's is said. A source
     at sample 0 (an import) has no position to keep, but one recording the `tokenizer` its ids mean keeps its
     data.tokenizer (the import's --set named it)."""
-    chosen = {parse_override(text)[:2] for text in overrides}
+    chosen = overridden_fields(overrides)
     if not consumed_samples:
         if tokenizer is None or ("data", "tokenizer") in chosen or source.data.tokenizer == target.data.tokenizer:
             return target

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from .ds_config import read_deepspeed_file
 from .json_files import ConfigError, is_file, json_kind, read_json
-from .sections import Config
+from .sections import Config, as_blend
 
 
 def _allowed(annotation) -> tuple[tuple[type, ...], list[Any] | None, bool]:
@@ -144,6 +144,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, parsed
 
 
+def overridden_fields(overrides: Iterable[str]) -> set[tuple[str, str]]:
+    """The (section, key) each `section.key=value` override sets."""
+    return {parse_override(text)[:2] for text in overrides}
+
+
 def _field_kinds(section: str, key: str) -> tuple[type, ...]:
     """The Python types of `section.key` (none for a name the config does not have: the loader names it)."""
     sf = _sections().get(section)
@@ -242,7 +247,7 @@ def _absolute_prefixes(field: str, prefix: str | dict | None) -> str | dict | No
 def _entries_by_file(prefix: str | dict | None) -> dict[str, list[str]]:
     """{the file a prefix names, links and `..` resolved: the prefixes naming it}."""
     entries: dict[str, list[str]] = {}
-    for entry in ([] if prefix is None else [prefix] if isinstance(prefix, str) else prefix):
+    for entry in ([] if prefix is None else as_blend(prefix)):
         entries.setdefault(os.path.realpath(Path(entry).expanduser()), []).append(entry)
     return entries
 

@@ -18,7 +18,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -153,16 +153,15 @@ class Trainer:
             print(f"note: the checkpoint is at step {step} and train.max_steps={train.max_steps}: nothing left to"
                   " train, only the final evaluation runs", flush=True)
             return
-        schedule = ("lr", "min_lr", "warmup_steps", "max_steps", "lr_decay", "lr_cooldown_steps",
-                    "lr_cooldown_shape")
-        before = learning_rate(step, replace(train, **{key: saved_train.get(key, getattr(TrainConfig(), key))
-                                                       for key in schedule}))  # an older checkpoint's: cosine
-        cooldown, start = "", train.max_steps - train.lr_cooldown_steps + 1  # numbered as the log numbers steps
+        # the checkpoint's own schedule; a key an older checkpoint lacks takes its default (cosine: the only one then)
+        saved = TrainConfig(**{f.name: saved_train[f.name] for f in fields(TrainConfig) if f.name in saved_train})
+        before = learning_rate(step, saved)
+        cooldown = ""
         if train.lr_decay == "wsd":
-            cooldown = (f"; the cool-down (train.lr_cooldown_steps={train.lr_cooldown_steps}) now starts at step {start}"
-                        if start > step else
-                        f"; the cool-down (train.lr_cooldown_steps={train.lr_cooldown_steps}) began at step {start},"
-                        " before this resume: the run continues inside it")
+            start = train.max_steps - train.lr_cooldown_steps + 1  # numbered as the log numbers steps
+            where = (f"now starts at step {start}" if start > step
+                     else f"began at step {start}, before this resume: the run continues inside it")
+            cooldown = f"; the cool-down (train.lr_cooldown_steps={train.lr_cooldown_steps}) {where}"
         print(f"note: train.max_steps={train.max_steps}, the checkpoint's run had {saved_max_steps}: the learning-rate"
               f" decay is recomputed, the next step's rate is {learning_rate(step, train):.3e} (was {before:.3e})"
               + cooldown, flush=True)
