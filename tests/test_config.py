@@ -208,6 +208,18 @@ def test_a_bad_blend_is_named(tmp_path, monkeypatch, blend, named):
                     ["data.corpus=null", 'data.train_prefix=[0.3, "a", 0.7, "b"]', "data.valid_prefix=v"])
 
 
+@pytest.mark.parametrize("data", [[], ["data.corpus=null", "data.train_prefix=t", "data.valid_prefix=v"],
+                                  ["data.corpus=null", "data.train_prefix=t", 'data.valid_prefix={"v": 1}']])
+def test_valid_per_file_needs_a_validation_blend_of_several_files(tmp_path, monkeypatch, data):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"data.valid_per_file evaluates each file of a blend in data.valid_prefix on"
+                                          r" its own: give data.valid_prefix as \{prefix: weight, ...\} of several"):
+        load_config(REPO / "configs/tiny_unipool_cpu.json", [*data, "data.valid_per_file=true"])
+    blend = load_config(REPO / "configs/tiny_unipool_cpu.json", ["data.corpus=null", "data.train_prefix=t",
+                                                                'data.valid_prefix={"v": 1, "w": 2}', "data.valid_per_file=true"])
+    assert blend.data.valid_per_file and len(blend.data.valid_prefix) == 2
+
+
 @pytest.mark.parametrize(
     "world, overrides, named",
     [

@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ from megatron_unipool.data import IndexedDataset, IndexedDatasetWriter, prepare_
 from megatron_unipool.model import LanguageModel
 from megatron_unipool.model.sharding import ShardSpec
 from megatron_unipool.parallel import Layout, build_parallel_state, group_ranks
-from megatron_unipool.training import latest_checkpoint, load_checkpoint
+from megatron_unipool.training import Validation, latest_checkpoint, load_checkpoint
 from parallel_harness import job_config, run_job, run_on_ranks, run_parallel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,11 +184,12 @@ def test_pool_replicas_over_data_parallel_ranks_count_once(reference, data_cache
     assert_same_run(run_parallel(4, jobs, data_cache, tmp_path)[name], reference("unipool", extra), name)
 
 
-def evaluate_recording_batches(rank: int, world_size: int) -> tuple[float, list[torch.Tensor]]:
-    """The validation loss of a fresh model (seed as in the config) and the micro-batches this rank evaluated."""
+def evaluate_recording_batches(rank: int, world_size: int) -> tuple[Validation, list[torch.Tensor]]:
+    """The validation of a fresh model (seed as in the config) and the micro-batches this rank evaluated."""
     from megatron_unipool.training import Trainer, init_parallel
 
-    overrides = VARIANTS["unipool"] + ["train.eval_batches=2", f"parallel.ep={world_size}"]
+    overrides = VARIANTS["unipool"] + ["train.eval_batches=2", f"parallel.ep={world_size}",
+                                       *json.loads(os.environ.get("EVALUATION_OVERRIDES", "[]"))]
     config = job_config("unipool", overrides, os.environ["EVALUATION_DATA"], world_size)
     trainer = Trainer(config, Path(os.environ["EVALUATION_RUN"]), device=torch.device("cpu"),
                       parallel=init_parallel(config) if world_size > 1 else None)
@@ -206,13 +208,36 @@ def test_data_parallel_replicas_share_the_validation_batches(data_cache, tmp_pat
     validation micro-batches, none twice, and the mean is the one process's."""
     monkeypatch.setenv("EVALUATION_DATA", data_cache)
     monkeypatch.setenv("EVALUATION_RUN", str(tmp_path / "run"))
-    single_loss, single_batches = evaluate_recording_batches(0, 1)
+    single, single_batches = evaluate_recording_batches(0, 1)
     ranks = run_on_ranks(2, evaluate_recording_batches, tmp_path / "ranks")
     assert [len(batches) for _, batches in ranks] == [len(single_batches) // 2] * 2 and len(single_batches) == 8
     shared = sorted((batch for _, batches in ranks for batch in batches), key=lambda b: b.flatten().tolist())
     assert all(torch.equal(a, b) for a, b in zip(shared, sorted(single_batches, key=lambda b: b.flatten().tolist())))
-    for loss, _ in ranks:
-        assert loss == pytest.approx(single_loss, rel=1e-6)
+    for validation, _ in ranks:
+        assert validation.loss == pytest.approx(single.loss, rel=1e-6)
+
+
+def test_data_parallel_replicas_validate_each_file_as_one_process(data_cache, tmp_path, monkeypatch, single_thread):
+    """data.valid_per_file at dp 2 (ep 2): each file's loss and the blend's are the one process's, for a file whose
+    micro-batches the replicas share and for one of a single micro-batch, which both replicas evaluate."""
+    train, valid = prepare_default_corpus("byte", data_cache)
+    held_out = IndexedDataset(valid)
+    small = str(tmp_path / "small")  # 3 samples of 32 tokens: one micro-batch of 2
+    with IndexedDatasetWriter(small, held_out.vocab_size, held_out.eod_id, held_out.tokenizer) as writer:
+        writer.add_document(np.asarray(held_out.tokens(0, 100)))
+    monkeypatch.setenv("EVALUATION_DATA", data_cache)
+    monkeypatch.setenv("EVALUATION_RUN", str(tmp_path / "run"))
+    monkeypatch.setenv("EVALUATION_OVERRIDES", json.dumps([
+        "data.corpus=null", f"data.train_prefix={train}", f"data.valid_prefix={json.dumps({valid: 2, small: 1})}",
+        "data.valid_per_file=true"]))
+    single, single_batches = evaluate_recording_batches(0, 1)
+    assert len(single_batches) == 8 + 1 and single.loss == pytest.approx(
+        (2 * single.by_file[valid] + single.by_file[small]) / 3, rel=1e-6)
+    ranks = run_on_ranks(2, evaluate_recording_batches, tmp_path / "ranks")
+    assert [len(batches) for _, batches in ranks] == [4 + 1] * 2
+    for validation, _ in ranks:
+        assert validation.by_file == {prefix: pytest.approx(loss, rel=1e-6) for prefix, loss in single.by_file.items()}
+        assert validation.loss == pytest.approx(single.loss, rel=1e-6)
 
 
 def decide_failing_on_rank0(rank: int, world_size: int) -> str:

@@ -675,6 +675,10 @@ def test_blend_errors_name_the_file_and_the_problem(tiny_config, tmp_path):
     with pytest.raises(DataError, match=r"^the blend of .*few0, .*few1 holds 2 validation samples of model.seq_len=64,"
                                         r" fewer than train.micro_batch=4"):
         build({web: 1, books: 1}, {few[0]: 1, few[1]: 1})  # a sample each: the first to run out ends the pass
+    with pytest.raises(DataError, match=r"^\S*few1 holds 1 validation samples of model.seq_len=64, fewer than"
+                                        r" train.micro_batch=4 .* \(data.valid_per_file evaluates each file on its own\)$"):
+        Trainer(tiny_config(UNIPOOL, "data.corpus=null", f"data.train_prefix={web}", "data.valid_per_file=true",
+                            f"data.valid_prefix={json.dumps({valid: 1, few[1]: 1})}"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -721,7 +725,7 @@ def test_validation_loss_does_not_depend_on_the_micro_batch(tiny_config, tmp_pat
         torch.manual_seed(0)
         trainer = Trainer(tiny_config(UNIPOOL, f"train.micro_batch={micro_batch}", "train.eval_batches=2"),
                           tmp_path / str(micro_batch))
-        losses.append(trainer.evaluate())
+        losses.append(trainer.evaluate().loss)
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
@@ -1249,7 +1253,7 @@ def test_resuming_at_max_steps_after_an_earlier_evaluation_evaluates_the_checkpo
                       tmp_path / "resumed")
     summary = trainer.train()
     assert [step for step, _ in summary["val_losses"]] == [2, 3]
-    assert summary["final_val_loss"] == pytest.approx(trainer.evaluate(), rel=1e-6)
+    assert summary["final_val_loss"] == pytest.approx(trainer.evaluate().loss, rel=1e-6)
 
 
 def test_a_resume_that_ties_an_untied_checkpoints_embeddings_is_refused(tiny_config, tmp_path):

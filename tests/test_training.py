@@ -94,6 +94,66 @@ def test_a_blend_trains_on_its_files_by_weight_and_resumes_exactly(tiny_config, 
     assert "settings other than the checkpoint's" not in capsys.readouterr().out
 
 
+def test_valid_per_file_reports_each_files_loss_and_their_weighted_mean(tiny_config, data_cache, tmp_path, capsys):
+    """data.valid_per_file: each validation file's loss is the one a run validating on that file alone computes, the
+    blend's is their mean weighted by the blend, and all of them reach the console, TensorBoard, summary.json and a
+    resume; a finished run rerun with the setting switched on evaluates its files at the end."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_unipool.training.metrics import distinct_names
+
+    corpus_train, corpus_valid = prepare_default_corpus("byte", data_cache)
+    held_out = IndexedDataset(corpus_valid)
+    other = str(tmp_path / "other" / "valid")  # other text of the same tokenizer: the split's tokens reversed
+    with IndexedDatasetWriter(other, held_out.vocab_size, held_out.eod_id, held_out.tokenizer) as writer:
+        tokens = np.asarray(held_out.tokens(0, held_out.num_tokens))[::-1]
+        writer.add_document(tokens[tokens != held_out.eod_id])
+
+    def config(valid, *overrides: str):
+        return tiny_config("configs/tiny_unipool_cpu.json", "data.corpus=null", f"data.train_prefix={corpus_train}",
+                           f"data.valid_prefix={json.dumps(valid)}", "train.max_steps=4", "train.eval_interval=2",
+                           "checkpoint.save_interval=2", *overrides)
+
+    blend = {corpus_valid: 3, other: 1}
+    full = Trainer(config(blend, "data.valid_per_file=true", "logging.tensorboard=true"), tmp_path / "full").train()
+    final = tmp_path / "full" / "checkpoints" / "step_0000004"
+    alone = {prefix: Trainer(config(prefix, f"checkpoint.load={final}"), tmp_path / f"alone{i}").evaluate()
+             for i, prefix in enumerate(blend)}
+    assert alone[corpus_valid].loss != pytest.approx(alone[other].loss, rel=0.01)
+    assert full["final_val_loss_by_file"] == {prefix: pytest.approx(alone[prefix].loss, rel=1e-6) for prefix in blend}
+    assert alone[corpus_valid].by_file == {}
+    assert full["final_val_loss"] == pytest.approx((3 * alone[corpus_valid].loss + alone[other].loss) / 4, rel=1e-6)
+    assert [step for step, _ in full["val_losses"]] == [2, 4]
+    assert {prefix: [step for step, _ in losses] for prefix, losses in full["val_losses_by_file"].items()} == {
+        corpus_valid: [2, 4], other: [2, 4]}
+    names = distinct_names(list(blend))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("validation at step 4"))
+    assert (f"| {names[other]}: loss {full['final_val_loss_by_file'][other]:.4f}, perplexity"
+            f" {math.exp(full['final_val_loss_by_file'][other]):.3f}") in line
+    events = EventAccumulator(str(tmp_path / "full" / "tensorboard")).Reload()
+    for prefix, name in names.items():
+        assert [(e.step, e.value) for e in events.Scalars(f"validation/{name}/loss")] == [
+            (step, pytest.approx(loss, rel=1e-6)) for step, loss in full["val_losses_by_file"][prefix]]
+    midway = tmp_path / "full" / "checkpoints" / "step_0000002"
+    resumed = Trainer(config(blend, "data.valid_per_file=true", f"checkpoint.load={midway}"), tmp_path / "resumed").train()
+    assert resumed["val_losses_by_file"] == full["val_losses_by_file"] and resumed["val_losses"] == full["val_losses"]
+    off = Trainer(config(blend, f"checkpoint.load={midway}"), tmp_path / "off").train()  # switched off: the files'
+    assert off["final_val_loss_by_file"] == {}  # losses stop at step 2, and the last validation is the mixed one
+    assert off["val_losses_by_file"] == {prefix: losses[:1] for prefix, losses in full["val_losses_by_file"].items()}
+    mixed = Trainer(config(blend), tmp_path / "mixed").train()
+    assert mixed["val_losses_by_file"] == {} and mixed["final_val_loss_by_file"] == {}
+    capsys.readouterr()
+    switched = Trainer(config(blend, "data.valid_per_file=true"), tmp_path / "mixed").train()
+    assert "settings other than the checkpoint's" not in capsys.readouterr().out  # evaluation only: no note
+    assert switched["final_val_loss_by_file"] == full["final_val_loss_by_file"]
+    assert switched["val_losses"] == mixed["val_losses"][:-1] + [full["val_losses"][-1]]
+    # a checkpoint saved after its step's evaluation, continued to that step only: evaluated again, in place
+    ended = Trainer(config(blend, "data.valid_per_file=true", "train.max_steps=2",
+                           f"checkpoint.load={tmp_path / 'mixed' / 'checkpoints' / 'step_0000002'}"), tmp_path / "ended")
+    assert ended.state.val_losses == [tuple(mixed["val_losses"][0])]
+    assert ended.train()["val_losses"] == full["val_losses"][:1]
+
+
 @pytest.mark.parametrize("kind", ["unipool", "vanilla"])
 def test_gradient_accumulation_does_not_change_the_math(kind, tiny_config, tmp_path):
     """One micro-batch of 8 or two of 4: same global batch, same losses (the step-lagged pool

@@ -198,6 +198,9 @@ class DataConfig:
     corpus: Optional[Literal["shakespeare"]] = "shakespeare"
     train_prefix: Optional[str | Blend] = None  # from tools/preprocess_data.py
     valid_prefix: Optional[str | Blend] = None
+    # a validation blend's files evaluated each on its own (Megatron's --multiple-validation-sets): a loss per file
+    # over train.eval_batches global batches of its own, and the blend's loss as their mean weighted by the blend
+    valid_per_file: bool = False
     tokenizer: str = "byte"  # byte | gpt2 | path to tokenizer.json (for the built-in corpus)
     cache_dir: str = "data_cache"
 
@@ -411,6 +414,9 @@ class Config:
             need(d.train_prefix is None and d.valid_prefix is None,
                  f"data.corpus={d.corpus!r} and data.train_prefix/valid_prefix are exclusive: set data.corpus to null"
                  " to train on preprocessed files")
+        need(not d.valid_per_file or (isinstance(d.valid_prefix, dict) and len(d.valid_prefix) > 1),
+             "data.valid_per_file evaluates each file of a blend in data.valid_prefix on its own: give data.valid_prefix"
+             " as {prefix: weight, ...} of several files")
         if moe.kind == "dense":  # no experts: the rest of the moe section does not apply (a baseline via --set)
             return errors
         # a routing option that does not apply to the chosen router would be silently ignored

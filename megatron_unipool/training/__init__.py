@@ -4,4 +4,4 @@ from .checkpoint import (CheckpointError, checkpoint_to_resume, checkpoints_dir,
 from .datasets import DataError, RunData, build_datasets
 from .distributed import init_parallel
 from .optimizer import build_optimizer, learning_rate
-from .trainer import NonFiniteError, RunStopped, Trainer, TrainState
+from .trainer import NonFiniteError, RunStopped, Trainer, TrainState, Validation

@@ -419,7 +419,7 @@ HEAD_SPLIT_FIELDS = ("num_heads", "num_kv_heads")
 _UNCOMPARED = {"model": ModelConfig.KERNEL_FIELDS + ("seq_len", "init_std"), "moe": ("router_tf32",),
                "train": ("max_steps", "seed", "micro_batch", "max_consecutive_skips", "deterministic", "adamw",
                          "cross_entropy", "eval_interval", "eval_batches"),
-               "data": ("cache_dir",)}
+               "data": ("cache_dir", "valid_per_file")}
 # Optional model/MoE fields whose unset value is derived from others (a real change there changes shapes, which
 # restore_model refuses); the other Optional ones mean something of their own when unset (capacity_factor: dropless,
 # norm_router_c: c(M, k)), so unset <-> set is a change of what the model computes

@@ -56,12 +56,16 @@ def _build_datasets(config: Config) -> RunData:
         raise DataError(f"{which} come from different tokenizers: "
                         + ", ".join(f"{prefix} ({_tokenizer_of(split)})" for prefix, split in files.items()))
     valid_samples = _samples(valid_blend, files, model.seq_len, config.train.seed, unshuffled=True)
-    if len(valid_samples) < config.train.micro_batch:  # evaluation would get no batch: refuse before training
-        raise DataError(
-            f"{_named(valid_blend)} holds {len(valid_samples)} validation samples of model.seq_len={model.seq_len},"
-            f" fewer than train.micro_batch={config.train.micro_batch} needed for one evaluation batch: lower"
-            " train.micro_batch or model.seq_len, or use a larger validation split"
-        )
+    evaluated = (zip(valid_samples.names, valid_samples.sources) if data.valid_per_file
+                 else [(_named(valid_blend), valid_samples)])
+    for name, samples in evaluated:
+        if len(samples) < config.train.micro_batch:  # evaluation would get no batch: refuse before training
+            raise DataError(
+                f"{name} holds {len(samples)} validation samples of model.seq_len={model.seq_len}, fewer than"
+                f" train.micro_batch={config.train.micro_batch} needed for one evaluation batch: lower"
+                " train.micro_batch or model.seq_len, or use a larger validation split"
+                + (" (data.valid_per_file evaluates each file on its own)" if data.valid_per_file else "")
+            )
     first = files[next(iter(train_blend))]
     return RunData(
         train=_samples(train_blend, files, model.seq_len, config.train.seed),

@@ -6,7 +6,7 @@ import datetime
 import json
 import math
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Optional
 
 import numpy as np
@@ -32,6 +32,19 @@ def _finite_or_null(value):
 COUNTERS = ("skipped_steps",)  # metrics that are running totals
 LATEST = ("lr",)  # the value at the logged step, as Megatron prints it
 RATES = ("tokens_per_second", "tflops_per_device", "mfu_percent")  # per-step work / step time
+
+
+def distinct_names(paths: list[str]) -> dict[str, str]:
+    """Each path's shortest ending of whole components that no other path ends in (code/valid and web/valid for
+    /data/code/valid and /data/web/valid): names of files short enough for a console line and TensorBoard's tags."""
+    parts = {path: PurePath(path).parts for path in paths}
+    names = {}
+    for path, own in parts.items():
+        for n in range(1, len(own) + 1):
+            if all(other[-n:] != own[-n:] for elsewhere, other in parts.items() if elsewhere != path):
+                break
+        names[path] = PurePath(*own[-n:]).as_posix()
+    return names
 
 
 def _scalar(value) -> float:
@@ -118,14 +131,19 @@ class MetricsLogger:
         parts.append(f"ETA {eta}")
         print(" | ".join(parts), flush=True)
 
-    def evaluation(self, step: int, loss: float) -> None:
+    def evaluation(self, step: int, loss: float, by_file: Optional[dict[str, float]] = None) -> None:
+        """The validation loss and perplexity; `by_file` (data.valid_per_file) adds each file's, under the file's
+        distinct_names in TensorBoard (validation/<name>/loss)."""
         if not self.enabled:
             return
-        perplexity = math.exp(min(loss, 50.0))
-        print(f"validation at step {step} | loss {loss:.4f} | perplexity {perplexity:.3f}", flush=True)
+        named = {name: by_file[path] for path, name in distinct_names(list(by_file or {})).items()}
+        parts = [f"validation at step {step} | loss {loss:.4f} | perplexity {math.exp(min(loss, 50.0)):.3f}"]
+        parts += [f"{name}: loss {value:.4f}, perplexity {math.exp(min(value, 50.0)):.3f}" for name, value in named.items()]
+        print(" | ".join(parts), flush=True)
         if self.writer:
-            self.writer.add_scalar("validation/loss", loss, step)
-            self.writer.add_scalar("validation/perplexity", perplexity, step)
+            for tag, value in [("validation/", loss), *((f"validation/{name}/", value) for name, value in named.items())]:
+                self.writer.add_scalar(f"{tag}loss", value, step)
+                self.writer.add_scalar(f"{tag}perplexity", math.exp(min(value, 50.0)), step)
 
     def utilisation(self, step: int, counts_per_pool: list[torch.Tensor], layers_per_pool: list[list[int]],
                     image: bool) -> None:

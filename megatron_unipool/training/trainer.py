@@ -20,12 +20,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..config import MOE_LOSSES, Config, ConfigError, TrainConfig, config_to_dict
+from ..data import Samples
 from ..model import LanguageModel, RoutingStepStats, lm_loss_sum, param_budget
 from ..model.sharding import shard_model
 from ..parallel import ParallelState, all_reduce
@@ -41,6 +42,11 @@ from .distributed import gather_full_state
 from .hardware import check_fits_host_memory, peak_flops, processes_on_this_host
 from .metrics import MetricsLogger, check_tensorboard
 from .optimizer import learning_rate
+
+
+class Validation(NamedTuple):
+    loss: float  # the validation split's mean token loss (data.valid_per_file: the files' weighted by the blend)
+    by_file: dict[str, float]  # data.valid_per_file: each file's own, by prefix; else empty
 
 
 class NonFiniteError(RuntimeError):
@@ -64,6 +70,8 @@ class TrainState:
     consumed_samples: int = 0
     train_losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
+    # data.valid_per_file: each validation file's losses, by its prefix (val_losses holds the blend's)
+    val_losses_by_file: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     tokens_per_second: list[float] = field(default_factory=list)
     # where each resume started: that step's time includes warm-up (allocation, compilation), as step 1's does
     resumed_at_steps: list[int] = field(default_factory=list)
@@ -333,16 +341,26 @@ class Trainer:
                 f"{state.consumed_samples - self.config.train.global_batch}.")
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean token loss over the validation batches (datasets.validation_batches), each evaluated by
-        one data-parallel replica (datasets.replica_share): the same mean as one process's, in 1/dp of
-        its time."""
+    def evaluate(self) -> Validation:
+        """The validation loss; under data.valid_per_file, each file's too, and their mean weighted by each file's
+        share of the blend (the mean a mixed evaluation estimates)."""
         self.model.eval()
-        train, layout = self.config.train, self.layout
-        batches = validation_batches(self.data.valid, train.micro_batch, train.eval_batches * train.global_batch)
-        totals = self._run_micro_batches(replica_share(batches, layout.dp, layout.dp_rank), train=False)
+        valid = self.data.valid
+        if self.config.data.valid_per_file:  # a blend of several files: the config refuses the setting otherwise
+            by_file = {name: self._mean_loss(source) for name, source in zip(valid.names, valid.sources)}
+            loss = sum(share * by_file[name] for name, share in zip(valid.names, valid.shares.tolist())) / valid.period
+        else:
+            by_file, loss = {}, self._mean_loss(valid)
         self.model.train()
-        return totals[0].item()
+        return Validation(loss, by_file)
+
+    def _mean_loss(self, samples: Samples) -> float:
+        """Mean token loss over the validation batches of `samples` (datasets.validation_batches), each evaluated
+        by one data-parallel replica (datasets.replica_share): the same mean as one process's, in 1/dp of its
+        time."""
+        train, layout = self.config.train, self.layout
+        batches = validation_batches(samples, train.micro_batch, train.eval_batches * train.global_batch)
+        return self._run_micro_batches(replica_share(batches, layout.dp, layout.dp_rank), train=False)[0].item()
 
     def train(self, stop_requested: Optional[Callable[[], bool]] = None) -> dict:
         """Train to train.max_steps and return the summary. `stop_requested` (a preemption signal seen) is
@@ -420,7 +438,7 @@ class Trainer:
                     checkpoint = self.save()
                 logger.close()  # TensorBoard holds every step the checkpoint does: the rerun logs only later ones
                 raise RunStopped(step, checkpoint)
-        if not self.state.val_losses or self.state.val_losses[-1][0] != self.state.step:
+        if not self._evaluated_at(self.state.step):
             self._record_evaluation(logger)  # resumed at (or past) max_steps: no step ran, so neither did this
         summary = self.summary()
         try:
@@ -431,8 +449,22 @@ class Trainer:
         return summary
 
     def _record_evaluation(self, logger: MetricsLogger) -> None:
-        self.state.val_losses.append((self.state.step, self.evaluate()))
-        logger.evaluation(*self.state.val_losses[-1])
+        step, (loss, by_file) = self.state.step, self.evaluate()
+        # a step evaluated again (a resume at the end that switched data.valid_per_file on): this evaluation is its
+        for history in [self.state.val_losses, *self.state.val_losses_by_file.values()]:
+            if history and history[-1][0] == step:
+                history.pop()
+        self.state.val_losses.append((step, loss))
+        for name, file_loss in by_file.items():
+            self.state.val_losses_by_file.setdefault(name, []).append((step, file_loss))
+        logger.evaluation(step, loss, by_file)
+
+    def _evaluated_at(self, step: int) -> bool:
+        """Whether the state holds `step`'s validation, each file's included under data.valid_per_file (a resume
+        that switched it on finds only the blend's)."""
+        files = self.data.valid.names if self.config.data.valid_per_file else []
+        histories = [self.state.val_losses, *(self.state.val_losses_by_file.get(name, []) for name in files)]
+        return all(history and history[-1][0] == step for history in histories)
 
     def summary(self) -> dict:
         s, b = self.state, self.budget
@@ -444,6 +476,10 @@ class Trainer:
             "final_val_loss": s.val_losses[-1][1] if s.val_losses else None,
             "train_losses": s.train_losses,
             "val_losses": [list(v) for v in s.val_losses],
+            # data.valid_per_file: each file's loss at the last validation and at each one, by prefix
+            "final_val_loss_by_file": {name: losses[-1][1] for name, losses in s.val_losses_by_file.items()
+                                       if s.val_losses and losses[-1][0] == s.val_losses[-1][0]},
+            "val_losses_by_file": {name: [list(v) for v in losses] for name, losses in s.val_losses_by_file.items()},
             "vocab_size": self.config.model.vocab_size,
             "tokenizer_vocab_size": self.data.vocab_size,
             "total_params": b.total_params,
