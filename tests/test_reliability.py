@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_unipool.data import IndexedDatasetWriter
+from megatron_unipool.data import IndexedDataset, IndexedDatasetWriter
 from megatron_unipool.training import (CheckpointError, DataError, NonFiniteError, RunStopped, Trainer,
                                        latest_checkpoint)
 from megatron_unipool.config import config_to_dict
@@ -1240,6 +1240,38 @@ def test_a_resume_onto_data_another_tokenizer_wrote_is_noted(tiny_config, tmp_pa
             " mean other text than the ones the model learned") in run(2, "second")
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000002")["train_state"]["tokenizer"] == "second"
     assert "tokenizer" not in run(3, "second")
+
+
+def test_a_resume_onto_rewritten_training_files_is_noted(tiny_config, tmp_path, capsys):
+    """Training files preprocessed again in place (other documents, the same tokenizer): the run reads on from the
+    checkpoint's sample count in other data, so the resume says so; the same contents elsewhere, or read at another
+    sample length, are the same data."""
+    rng = np.random.default_rng(0)
+    documents = [[rng.integers(0, 255, 400).tolist() for _ in range(4)] for _ in range(2)]
+    train, valid = write(tmp_path / "train", documents[0], 256, 255), write(tmp_path / "valid", documents[0][:2], 256, 255)
+
+    def run(max_steps: int, train_prefix: str, *overrides: str) -> str:
+        Trainer(tiny_config(UNIPOOL, "data.corpus=null", "train.eval_interval=0", f"train.max_steps={max_steps}",
+                            f"data.train_prefix={train_prefix}", f"data.valid_prefix={valid}", *overrides),
+                tmp_path / "run").train()
+        return capsys.readouterr().out
+
+    assert "content hashes" not in run(1, train)
+    before = IndexedDataset(train).content_hash()
+    moved = tmp_path / "moved" / "train"
+    moved.parent.mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(tmp_path / f"train{suffix}", moved.with_suffix(suffix))
+    out = run(2, str(moved))  # the same contents elsewhere: a changed prefix, not other data
+    assert f"data.train_prefix={str(moved)!r} (was {train!r})" in out and "content hashes" not in out
+    write(tmp_path / "train", documents[1], 256, 255)  # preprocessed again, over the files the run trained on
+    after = IndexedDataset(train).content_hash()
+    assert after != before
+    assert (f"note: the training files hold other data than the checkpoint's run's (content hashes {after}; the"
+            f" checkpoint's: {before}): the run reads them from sample 16 on, where the checkpoint's data stopped,"
+            " not from their start") in run(3, train)
+    out = run(4, train, "model.seq_len=32")  # its own note, for samples of another length in the same data
+    assert "model.seq_len=32, the checkpoint's run had 64" in out and "content hashes" not in out
 
 
 def test_resuming_at_max_steps_after_an_earlier_evaluation_evaluates_the_checkpoints_step(tiny_config, tmp_path):

@@ -23,6 +23,12 @@ class RunData:
         the built-in corpus, a stale copy of a preprocessed prefix) can differ."""
         return {"training split": _fingerprint(self.train), "validation split": _fingerprint(self.valid)}
 
+    def training_content(self) -> str:
+        """The training files' content hashes, sorted: what a resume compares to know that it reads on in the data
+        its checkpoint stopped in, wherever the files lie now and at any sample length."""
+        files = self.train.sources if isinstance(self.train, BlendedSamples) else [self.train]
+        return ", ".join(sorted(samples.dataset.content_hash() for samples in files))
+
 
 def build_datasets(config: Config) -> RunData:
     try:

@@ -78,6 +78,7 @@ class TrainState:
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
     tokenizer: Optional[str] = None  # that wrote the training data, as its index names it (None: not recorded)
+    training_content: Optional[str] = None  # of the training files (RunData.training_content; None: not recorded)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -121,7 +122,8 @@ class Trainer:
         on_every_rank(lambda: check_fits_host_memory(self.budget.total_params, "the model", processes_on_this_host()),
                       self.parallel, (ConfigError,))
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
-        self.state = TrainState(tokenizer=self.data.tokenizer)
+        read = {"tokenizer": self.data.tokenizer, "training_content": self.data.training_content()}  # what it reads
+        self.state = TrainState(**read)
         self.checkpoints = checkpoints_dir(self.run_dir)
         payload, source = self._checkpoint_to_resume()
         if payload is not None:
@@ -135,14 +137,16 @@ class Trainer:
                                      micro_batches=train.micro_batches(self.layout.dp))
         if payload is not None:
             self.backend.load_state(payload["model"], payload["optimizer"])
-            self.state = TrainState(**{**payload["train_state"], "tokenizer": self.data.tokenizer})
+            saved_state = payload["train_state"]
+            self.state = TrainState(**{**saved_state, **read})
             set_rng_state(payload["rng"])
             if self.is_logger:
                 print(f"resumed from {source} at step {self.state.step} ({self.state.consumed_samples} samples)",
                       flush=True)
                 self._note_changed_schedule(payload["config"]["train"])
                 self._note_changed_settings(changed_settings(payload["config"], config, self.state.step),
-                                            payload["config"]["train"]["seed"], payload["train_state"].get("tokenizer"))
+                                            payload["config"]["train"]["seed"], saved_state.get("tokenizer"),
+                                            saved_state.get("training_content"))
                 note = seq_len_note(config.model.seq_len, payload["config"]["model"]["seq_len"], "the checkpoint's",
                                     self.state.consumed_samples)
                 if note:
@@ -174,7 +178,8 @@ class Trainer:
               f" decay is recomputed, the next step's rate is {learning_rate(step, train):.3e} (was {before:.3e})"
               + cooldown, flush=True)
 
-    def _note_changed_settings(self, changed: dict, saved_seed: int, saved_tokenizer: Optional[str]) -> None:
+    def _note_changed_settings(self, changed: dict, saved_seed: int, saved_tokenizer: Optional[str],
+                               saved_content: Optional[str]) -> None:
         """What a resume may change on purpose (a RoPE base for longer contexts, routing, balancing, the learning
         rate, the data) but which makes it another run than the checkpoint's: listed, so that a stale --set or
         config, or a run directory two configs share, is seen."""
@@ -188,6 +193,11 @@ class Trainer:
         if saved_tokenizer and self.state.tokenizer and saved_tokenizer != self.state.tokenizer:  # retokenised
             print(f"note: the training data was written by tokenizer {self.state.tokenizer}, the checkpoint's run's by"
                   f" {saved_tokenizer}: its token ids mean other text than the ones the model learned", flush=True)
+        elif saved_content and saved_content != self.state.training_content:  # other files, or rewritten in place
+            print(f"note: the training files hold other data than the checkpoint's run's (content hashes"
+                  f" {self.state.training_content}; the checkpoint's: {saved_content}): the run reads them from sample"
+                  f" {self.state.consumed_samples:,} on, where the checkpoint's data stopped, not from their start",
+                  flush=True)
 
     def _checkpoint_to_resume(self):
         """checkpoint.checkpoint_to_resume's choice and its payload. Rank 0 chooses for all, so no node
