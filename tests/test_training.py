@@ -152,6 +152,17 @@ def test_valid_per_file_reports_each_files_loss_and_their_weighted_mean(tiny_con
                            f"checkpoint.load={tmp_path / 'mixed' / 'checkpoints' / 'step_0000002'}"), tmp_path / "ended")
     assert ended.state.val_losses == [tuple(mixed["val_losses"][0])]
     assert ended.train()["val_losses"] == full["val_losses"][:1]
+    # continued to its step with a file of the blend replaced: the files it evaluates now are the step's, the one it
+    # left keeps its loss of that step (the same weights)
+    third = str(tmp_path / "third" / "valid")  # the corpus split's tokens in another order
+    with IndexedDatasetWriter(third, held_out.vocab_size, held_out.eod_id, held_out.tokenizer) as writer:
+        writer.add_document(np.roll(tokens, 1000)[np.roll(tokens, 1000) != held_out.eod_id])
+    replaced = Trainer(config({corpus_valid: 3, third: 1}, "data.valid_per_file=true", "train.max_steps=2",
+                              f"checkpoint.load={midway}"), tmp_path / "replaced").train()
+    assert replaced["val_losses_by_file"][corpus_valid] == full["val_losses_by_file"][corpus_valid][:1]
+    assert replaced["val_losses_by_file"][other] == full["val_losses_by_file"][other][:1]
+    assert [step for step, _ in replaced["val_losses_by_file"][third]] == [2] and len(replaced["val_losses"]) == 1
+    assert replaced["final_val_loss_by_file"].keys() == {corpus_valid, other, third}
 
 
 @pytest.mark.parametrize("kind", ["unipool", "vanilla"])
@@ -833,6 +844,17 @@ def test_console_window_and_tensorboard_names(tmp_path, capsys):
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert "unrouted/layer0" in events.Tags()["scalars"] and "train/lm_loss" in events.Tags()["scalars"]
     assert events.Scalars("validation/perplexity")[0].value == pytest.approx(math.exp(8.0), rel=1e-6)
+
+
+def test_files_are_named_by_the_shortest_ending_that_tells_them_apart():
+    from megatron_unipool.training.metrics import distinct_names
+
+    assert distinct_names(["/data/code/valid", "/data/web/valid", "/data/books"]) == {
+        "/data/code/valid": "code/valid", "/data/web/valid": "web/valid", "/data/books": "books"}
+    # one path the whole ending of another: the shorter is named whole, without its root (no '//' in a tag)
+    assert distinct_names(["/data/web/valid", "/mnt/data/web/valid"]) == {
+        "/data/web/valid": "data/web/valid", "/mnt/data/web/valid": "mnt/data/web/valid"}
+    assert distinct_names(["/solo/valid"]) == {"/solo/valid": "valid"} and distinct_names([]) == {}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="names the CPU")

@@ -37,7 +37,7 @@ RATES = ("tokens_per_second", "tflops_per_device", "mfu_percent")  # per-step wo
 def distinct_names(paths: list[str]) -> dict[str, str]:
     """Each path's shortest ending of whole components that no other path ends in (code/valid and web/valid for
     /data/code/valid and /data/web/valid): names of files short enough for a console line and TensorBoard's tags."""
-    parts = {path: PurePath(path).parts for path in paths}
+    parts = {path: PurePath(path).relative_to(PurePath(path).anchor).parts for path in paths}
     names = {}
     for path, own in parts.items():
         for n in range(1, len(own) + 1):

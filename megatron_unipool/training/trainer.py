@@ -460,8 +460,9 @@ class Trainer:
 
     def _record_evaluation(self, logger: MetricsLogger) -> None:
         step, (loss, by_file) = self.state.step, self.evaluate()
-        # a step evaluated again (a resume at the end that switched data.valid_per_file on): this evaluation is its
-        for history in [self.state.val_losses, *self.state.val_losses_by_file.values()]:
+        # a step evaluated again (a resume at the end that switched data.valid_per_file on or changed its files):
+        # this evaluation is the step's, for what it evaluated
+        for history in [self.state.val_losses, *(self.state.val_losses_by_file.get(name, []) for name in by_file)]:
             if history and history[-1][0] == step:
                 history.pop()
         self.state.val_losses.append((step, loss))
