@@ -66,6 +66,19 @@ def test_generation_ends_before_the_stop_id(model):
         generate(model, [], 3, CONTEXT)
 
 
+def test_a_document_masking_model_continues_the_prompts_last_document_alone():
+    """model.document_masking: attention stays within the prompt's last document, as in training, so the EOD
+    that opens it (and any document before) changes nothing; without eod_id the model reads the window whole."""
+    config = load_config(REPO / "configs/tiny_unipool_cpu.json", [f"model.seq_len={CONTEXT}", "model.document_masking=true"])
+    torch.manual_seed(0)
+    model = LanguageModel(config.model, config.moe).eval()
+    document = [70, 105, 114]
+    alone = greedy_reference(model, document, 8, vocab_size=257)  # 11 ids: inside the window throughout
+    for before in ([256], [80, 81, 256]):
+        assert generate(model, before + document, 8, CONTEXT, temperature=0, vocab_size=257, eod_id=256) == [alone]
+    assert generate(model, [80, 81, 256] + document, 8, CONTEXT, temperature=0, vocab_size=257) != [alone]
+
+
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.5, None), (2.0, 3), (1.0, 1)])
 def test_draws_follow_the_tempered_distribution_over_the_top_k(temperature, top_k):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])

@@ -329,13 +329,34 @@ def attention_inputs(device="cpu", dtype=torch.float32):
     return [q, k, v]
 
 
-def attention_reference(q, k, v):
-    """softmax(q k^T / sqrt(K) + causal mask) v with each key/value head serving H/G query heads, fp32."""
+def attention_reference(q, k, v, allowed=None):
+    """softmax(q k^T / sqrt(K) + causal mask) v with each key/value head serving H/G query heads, fp32; `allowed`
+    ([B, 1, S, S], True: may attend) replaces the causal mask."""
     repeat = q.shape[1] // k.shape[1]
     k, v = k.float().repeat_interleave(repeat, 1), v.float().repeat_interleave(repeat, 1)
     scores = q.float() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+    if allowed is None:
+        allowed = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.gpu])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_within_documents_matches_reference(device, dtype):
+    """A document mask (model.document_masking) in place of the causal one, grouped heads included; on CUDA in
+    bf16 "auto" must leave flash-attn and SDPA's flash kernel, which take no mask."""
+    from megatron_unipool.model.documents import document_attention_mask, document_index
+
+    inputs = attention_inputs(device, dtype)
+    tokens = torch.zeros(2, 16, dtype=torch.long)
+    tokens[0, [3, 4, 10]] = 1  # documents of 4, 1, 6 and 5 tokens; the second sample one document
+    mask = document_attention_mask(document_index(tokens, eod_id=1)).to(device)
+    expected = forward_backward(lambda q, k, v: attention_reference(q, k, v, mask), inputs)
+    actual = forward_backward(lambda q, k, v: causal_attention(q, k, v, "auto", mask), inputs)
+    for name, a, e in zip(["out", "grad q", "grad k", "grad v"], actual, expected):
+        assert_close_relative(a, e, TOLERANCE[dtype], f"{device} masked {name}")
+    with pytest.raises(KernelUnavailableError, match="takes no attention mask"):
+        causal_attention(*inputs, "flash", mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -352,7 +373,7 @@ def test_sdpa_with_key_value_heads_repeated_matches_reference(monkeypatch):
     repeated per query head; forced here on CPU, the numbers and the K / V gradients summed back per group."""
     from megatron_unipool.kernels import attention
 
-    monkeypatch.setattr(attention, "sdpa_takes_grouped_heads", lambda q: False)
+    monkeypatch.setattr(attention, "sdpa_takes_grouped_heads", lambda q, masked=False: False)
     inputs = attention_inputs()
     expected = forward_backward(attention_reference, inputs)
     actual = forward_backward(lambda q, k, v: causal_attention(q, k, v, "sdpa"), inputs)
@@ -369,6 +390,7 @@ def test_sdpa_takes_grouped_heads_only_where_a_fused_kernel_does():
     assert sdpa_takes_grouped_heads(q(torch.float32, 64, "cpu"))
     if torch.cuda.is_available():
         assert sdpa_takes_grouped_heads(q(torch.bfloat16, 256, "cuda"))
+        assert not sdpa_takes_grouped_heads(q(torch.bfloat16, 64, "cuda"), masked=True)  # flash takes no mask
         assert not sdpa_takes_grouped_heads(q(torch.float32, 64, "cuda"))
         assert not sdpa_takes_grouped_heads(q(torch.bfloat16, 320, "cuda"))
 

@@ -161,6 +161,29 @@ def test_triton_kernels_under_expert_parallelism_run_the_single_process_step(ref
     assert_same_run(results["unipool_ep2_triton_gemm"], reference("unipool", narrow), "unipool_ep2_triton_gemm")
 
 
+def test_document_masking_under_tensor_and_pipeline_parallelism_runs_the_single_process_step(reference, data_cache,
+                                                                                            tmp_path_factory):
+    """model.document_masking at tp 2 (each rank's heads under the one mask) and at pp 2 (the second stage masks
+    by the tokens of the micro-batch whose hidden states it receives), on documents of up to 15 tokens: several
+    to a sample."""
+    data = tmp_path_factory.mktemp("short_documents")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 400), ("valid", 100)):
+        with IndexedDatasetWriter(str(data / split), 256, 255, "test") as writer:
+            for _ in range(count):
+                writer.add_document(rng.integers(0, 255, rng.integers(1, 16)))
+    extra = ["data.corpus=null", f"data.train_prefix={data / 'train'}", f"data.valid_prefix={data / 'valid'}",
+             "model.document_masking=true"]
+    jobs = [(f"unipool_{layout}_documents", "unipool", [f"train.max_steps={STEPS}"] + VARIANTS["unipool"]
+             + LAYOUTS[layout][1] + extra) for layout in ("tp2", "pp2")]
+    results = run_parallel(2, jobs, data_cache, tmp_path_factory.mktemp("runs"))
+    single = reference("unipool", extra)
+    unmasked = reference("unipool", extra[:-1])
+    assert single["losses"] != pytest.approx(unmasked["losses"], rel=1e-4)  # the masking changes the run
+    for name, _, _ in jobs:
+        assert_same_run(results[name], single, name)
+
+
 def test_compiled_blocks_under_tensor_and_pipeline_parallelism_run_the_single_process_step(reference, data_cache,
                                                                                            tmp_path):
     """model.compile at tp 2 (the column- and row-parallel projections, whose autograd functions all-reduce,

@@ -99,7 +99,7 @@ def test_uniform_top1_upcycling_keeps_the_function(trained, name):
     if name == "norm_routed_top1":  # the routing this test must cover: every layer's slots reach experts
         from megatron_unipool.training.probe import load_routed_model, record_routing, routing_batches
 
-        _, routing = record_routing(load_routed_model(run_dir, "")[2], routing_batches(config, 1))
+        _, routing = record_routing(load_routed_model(run_dir, "")[2], *routing_batches(config, 1))
         assert all((routing[layer] < 0).double().mean() < 0.05 for layer in range(config.model.num_layers))
     result = upcycle(config, payload["model"], payload["optimizer"], multiplier=2, noise=0.0)
     assert result.config.moe.experts_per_pool(config.model.num_layers) == 2 * config.moe.experts_per_pool(
@@ -320,7 +320,7 @@ def test_expert_utility_matches_the_gradient_it_names(trained, name, score):
     each of a vanilla model's layers is scored by its own experts' gradients."""
     config, payload, _ = trained[name]
     model = model_from(config, payload["model"])
-    batches = utility_batches(config, 3, 2)
+    batches, _ = utility_batches(config, 3, 2)
     utilities = expert_utility(model, batches, score)
     assert len(utilities) == len(model.expert_pools)
     weights = [w for pool in model.expert_pools for w in (pool.w_gate, pool.w_up, pool.w_down)]
@@ -363,7 +363,7 @@ def test_expert_utility_leaves_f_bar_and_mode_alone(trained, training):
     stats = model.pool_stats[0]
     assert bool(stats.has_load_fraction)  # aux_loss=pool: the checkpoint carries the lagged load
     f_bar = stats.load_fraction.clone()
-    expert_utility(model, utility_batches(config, 2, 2))
+    expert_utility(model, utility_batches(config, 2, 2)[0])
     assert model.training is training and all(m.training is training for m in model.modules())
     assert bool(stats.has_load_fraction) and torch.equal(stats.load_fraction, f_bar)
     assert int(stats.step_counts.sum()) == 0  # the scoring passes' counts are not left for the next step
@@ -1057,7 +1057,7 @@ def test_utilisation_tool_counts_every_routed_slot(trained, tmp_path):
     counts = torch.tensor(report["counts_per_pool"][0])
     assert counts.shape == (4, 32) and (counts.sum(1) == tokens * 2).all()  # top-2, dropless, every layer
     _, _, model = load_routed_model(run_dir, "")
-    _, routing = record_routing(model, routing_batches(config, 2))
+    _, routing = record_routing(model, *routing_batches(config, 2))
     assert report["moe_layers"] == [0, 1, 2, 3] and report["pools"] == [[0, 1, 2, 3]]
     for layer in range(4):
         assert counts[layer].tolist() == torch.bincount(routing[layer].flatten(), minlength=32).tolist()
@@ -1082,7 +1082,7 @@ def test_utilisation_tool_says_which_share_of_the_slots_norm_router_leaves_empty
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "utilisation.json").read_text())
     _, _, model = load_routed_model(run_dir, "")
-    _, routing = record_routing(model, routing_batches(config, 1))
+    _, routing = record_routing(model, *routing_batches(config, 1))
     empty = [(routing[layer] < 0).double().mean().item() for layer in range(4)]
     assert report["slots_per_layer"] == [routing[layer].numel() for layer in range(4)]
     assert report["unrouted_share_per_layer"] == pytest.approx(empty) and max(empty) > 0
@@ -1100,7 +1100,7 @@ def test_utilisation_tools_unrouted_share_is_of_the_slots_at_top2(data_cache, tm
     assert tool_module("plot_utilisation").main(["--checkpoint", str(tmp_path / "run"), "--eval-batches", "1",
                                                  "--output", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "utilisation.json").read_text())
-    _, routing = record_routing(model, routing_batches(config, 1))
+    _, routing = record_routing(model, *routing_batches(config, 1))
     assert report["slots_per_layer"][0] == routing[0].numel() == 2 * config.train.global_batch * config.model.seq_len
     assert report["unrouted_share_per_layer"][0] == pytest.approx((routing[0] < 0).double().mean().item())
     assert report["unrouted_share_per_layer"][0] > 0
@@ -1601,8 +1601,9 @@ def test_upcycling_noise_follows_its_seed(tiny_config):
 def test_utility_batches_are_the_first_distinct_training_samples(tiny_config):
     """utility_batches(count, size): the first count x size training samples, in order, each once."""
     config = tiny_config("configs/tiny_unipool_cpu.json")
-    batches = utility_batches(config, 3, 2)
+    batches, eod_id = utility_batches(config, 3, 2)
     assert torch.equal(torch.cat(batches), build_datasets(config).train.batch(0, 3 * 2))
+    assert eod_id == build_datasets(config).eod_id
 
 
 def test_an_interrupt_between_the_renames_leaves_the_previous_output_in_place(tmp_path, monkeypatch):

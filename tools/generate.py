@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     with analysis_precision(device, args.precision):
         samples = generate(model.to(device), prompt, args.max_new_tokens, config.model.seq_len,
                            num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
-                           vocab_size=tokenizer.vocab_size, stop_id=tokenizer.eod_id, generator=generator,
-                           progress=progress)
+                           vocab_size=tokenizer.vocab_size, stop_id=tokenizer.eod_id, eod_id=tokenizer.eod_id,
+                           generator=generator, progress=progress)
     rows = [{"text": args.prompt + continuation_text(tokenizer, prompt[1:], ids), "ids": ids,
              "ended": "max_new_tokens" if len(ids) == args.max_new_tokens else "end of document"} for ids in samples]
     for number, row in enumerate(rows, 1):

@@ -42,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device, path, config, model = open_routed_run(parser, args, "it has no experts")
         print("reading the validation data ...", flush=True)
-        batches = routing_batches(config, args.eval_batches)
+        batches, eod_id = routing_batches(config, args.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"routing {sum(b[:, 1:].numel() for b in batches):,} validation tokens through {path} ({device},"
           f" {args.precision}) ...", flush=True)
     with analysis_precision(device, args.precision):
-        _, routing = record_routing(model, batches)
+        _, routing = record_routing(model, batches, eod_id)
     layout = config.moe.pool_layout(config.model.num_layers)
     experts = config.moe.experts_per_pool(config.model.num_layers)
     pool_of_layer = {layer: p for p, layers in enumerate(layout) for layer in layers}

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if top_n and top_n < config.moe.top_k:
             raise ValueError(f"--top-n {top_n} is below moe.top_k={config.moe.top_k}")
         print("reading the validation data ...", flush=True)
-        batches = routing_batches(config, args.eval_batches)
+        batches, eod_id = routing_batches(config, args.eval_batches)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     with analysis_precision(device, args.precision):
         baseline, rows = probe(model, batches, layers, top_n, args.seeds,
-                               progress=lambda done, total: print(f"  {done}/{total} layers probed", flush=True))
+                               progress=lambda done, total: print(f"  {done}/{total} layers probed", flush=True),
+                               eod_id=eod_id)
     rows = [asdict(r) for r in rows]
     print(f"learned routing: validation loss {baseline:.4f}")
     print(f"{'layer':>5} {'random from':>12} {'loss':>8} {'change':>8}")

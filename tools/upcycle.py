@@ -117,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             utility = None
             if args.selection == "utility":
                 print(f"scoring experts by {args.utility_score} over {args.utility_batches} batches ...", flush=True)
-                batches = utility_batches(config, args.utility_batches, config.train.micro_batch)
+                batches, eod_id = utility_batches(config, args.utility_batches, config.train.micro_batch)
                 started = time.perf_counter()
                 utility = expert_utility(
                     trained_model(payload, config), batches, args.utility_score, progress=lambda done: print(
-                        f"  scored {done}/{len(batches)} batches in {time.perf_counter() - started:.0f} s", flush=True))
+                        f"  scored {done}/{len(batches)} batches in {time.perf_counter() - started:.0f} s", flush=True),
+                    eod_id=eod_id)
             result = upcycle(config, payload["model"], payload["optimizer"], args.multiplier, args.selection, utility,
                              args.noise, args.optimizer, args.seed)
         result.config.checkpoint.resume, result.config.checkpoint.load = True, None  # the launcher starts from our checkpoint

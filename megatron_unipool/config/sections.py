@@ -46,6 +46,9 @@ class ModelConfig:
     norm_eps: float = bounded(1e-5, 0.0, exclusive_low=True)
     init_std: float = bounded(0.02, 0.0, exclusive_low=True)
     tie_embeddings: bool = False
+    # packed samples: attention stays within each document, so the model computes on each document as on it alone
+    # (Megatron's --reset-attention-mask; with RoPE, which is relative, resetting positions adds nothing: documents.py)
+    document_masking: bool = False
     # Kernels and memory: "auto" takes the fastest implementation this machine has (docs/performance.md)
     attention: Literal["auto", "sdpa", "flash"] = "auto"  # flash needs flash-attn and CUDA
     # grouped_mm: torch._grouped_mm (bf16 on CUDA); triton: Triton GEMMs for few rows per expert (needs Triton, CUDA)
@@ -350,6 +353,9 @@ class Config:
                                            f" train.lr_decay='wsd' only, not {t.lr_decay!r}")
             need(t.lr_cooldown_shape == "linear", f"train.lr_cooldown_shape={t.lr_cooldown_shape!r} applies to"
                                                   f" train.lr_decay='wsd' only, not {t.lr_decay!r}")
+        need(not (m.document_masking and m.attention == "flash"),
+             "model.document_masking with model.attention='flash': flash-attn's causal kernel takes no document mask;"
+             " use 'auto' or 'sdpa' (SDPA with the mask)")
         # a Triton kernel inside a compiled block would split its graph where torch.compile fuses the same work
         need(not (m.compile and m.rope_kernel == "triton"),
              "model.compile=true with model.rope_kernel='triton': the compiled attention fuses RoPE itself; set"

@@ -4,6 +4,8 @@ Shapes: B batch, S sequence, D hidden, H query heads, G key/value heads, K head 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,7 +32,8 @@ class Attention(nn.Module):
         # the input of wq, wk and wv; tensor parallelism reduces its gradient here, once (model.sharding)
         self.projection_input = nn.Identity()
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, mask_B1SS: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal attention over the sequence, or within each packed document (`mask_B1SS`: model.documents)."""
         b, s, _ = x_BSD.shape
         cfg = self.config
         x_BSD = self.projection_input(x_BSD)
@@ -47,7 +50,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cfg.activation_checkpointing == "attention" and torch.is_grad_enabled():
             # selective recomputation (Megatron's): keep q, k, v, recompute the attention core in backward
-            out = checkpoint(causal_attention, q, k, v, cfg.attention, use_reentrant=False)
+            out = checkpoint(causal_attention, q, k, v, cfg.attention, mask_B1SS, use_reentrant=False)
         else:
-            out = causal_attention(q, k, v, cfg.attention)
+            out = causal_attention(q, k, v, cfg.attention, mask_B1SS)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))

@@ -30,11 +30,12 @@ def next_tokens(logits_BV: torch.Tensor, temperature: float, top_k: Optional[int
 @torch.no_grad()
 def generate(model: LanguageModel, prompt: list[int], max_new_tokens: int, context: int, *, num_samples: int = 1,
              temperature: float = 1.0, top_k: Optional[int] = None, vocab_size: Optional[int] = None,
-             stop_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             stop_id: Optional[int] = None, eod_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
              progress: Optional[Callable[[int], None]] = None) -> list[list[int]]:
     """`num_samples` continuations of the ids `prompt`, each at most `max_new_tokens` ids and ending before
     its first `stop_id`. The model reads the last `context` ids (its seq_len: RoPE's table ends there).
-    Ids from `vocab_size` up (a model's vocabulary padded past its tokenizer's) are never drawn.
+    Ids from `vocab_size` up (a model's vocabulary padded past its tokenizer's) are never drawn. `eod_id`, the
+    end-of-document id, keeps a model.document_masking model's attention within the prompt's last document.
     `progress(n)` is called after the n-th token."""
     if not prompt:
         raise ValueError("the prompt holds no token: start it with the end-of-document id to begin a document")
@@ -43,7 +44,8 @@ def generate(model: LanguageModel, prompt: list[int], max_new_tokens: int, conte
     tokens = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
     stopped = torch.zeros(num_samples, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        logits, _ = model(tokens[:, -context:])
+        window = tokens[:, -context:]
+        logits, _ = model(window, model.documents_of(window, eod_id))
         logits = logits[:, -1].float()
         if vocab_size is not None:
             logits[:, vocab_size:] = float("-inf")

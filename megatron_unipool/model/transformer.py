@@ -22,6 +22,7 @@ from ..moe import ExpertPool, MoELayer, PoolStats, SwiGLU
 from ..moe.balance import Reduce
 from ..moe.lock import PoolLock
 from .attention import Attention
+from .documents import document_attention_mask, document_index
 from .rope import RotaryEmbedding
 
 
@@ -38,8 +39,8 @@ class RMSNorm(nn.RMSNorm):
 
 # A block's parts that model.compile hands to torch.compile. They take the block as an argument rather
 # than being its methods, so that one compiled graph serves every block, and copies of the model, alike.
-def _attention_sublayer(block: "Block", x: torch.Tensor) -> torch.Tensor:
-    return x + block.attention(block.attention_norm(x))
+def _attention_sublayer(block: "Block", x: torch.Tensor, mask_B1SS: Optional[torch.Tensor]) -> torch.Tensor:
+    return x + block.attention(block.attention_norm(x), mask_B1SS)
 
 
 def _ffn_input(block: "Block", x: torch.Tensor) -> torch.Tensor:
@@ -73,15 +74,18 @@ class Block(nn.Module):
         self._attention_sublayer, self._ffn_input, self._dense_ffn = (
             tuple(torch.compile(part) for part in parts) if config.compile else parts)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, mask_B1SS: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`mask_B1SS`: packed documents' attention mask (Attention.forward), or None."""
         if self.config.activation_checkpointing == "block" and torch.is_grad_enabled():
             # the recomputation re-routes the same tokens; it must not count them in the pool statistics again
             pause = self.ffn.stats.paused if isinstance(self.ffn, MoELayer) else contextlib.nullcontext
-            return checkpoint(self._forward, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), pause()))
-        return self._forward(x)
+            return checkpoint(self._forward, x, mask_B1SS, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), pause()))
+        return self._forward(x, mask_B1SS)
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = self._attention_sublayer(self, x)
+    def _forward(self, x: torch.Tensor, mask_B1SS: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x = self._attention_sublayer(self, x, mask_B1SS)
         if isinstance(self.ffn, MoELayer):
             out, losses = self.ffn(self._ffn_input(self, x))
             return x + out, losses
@@ -153,25 +157,35 @@ class LanguageModel(nn.Module):
         else:
             nn.init.normal_(self.output.weight, 0.0, model.init_std)
 
-    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, inputs: torch.Tensor, documents_BS: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits [B, S, V] and the MoE losses summed over layers (aux_loss, z_loss, entropy_loss: those
         configured).
 
         `inputs` are tokens [B, S]; a pipeline stage without the embedding takes the previous
-        stage's hidden states [B, S, D] and, without the output layer, returns its own.
+        stage's hidden states [B, S, D] and, without the output layer, returns its own. `documents_BS`
+        (documents_of the tokens) keeps attention within each packed document.
         """
         x = self.embedding(inputs) if self.embedding is not None else inputs
+        mask_B1SS = None if documents_BS is None else document_attention_mask(documents_BS)
         losses: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as deferring:
             for pool in self._pools_deferring_weight_gradients():
                 x = deferring.enter_context(pool.deferred_weight_gradients(x))
             for i in self.local_layers:
-                x, layer_losses = self.layers[i](x)
+                x, layer_losses = self.layers[i](x, mask_B1SS)
                 for name, value in layer_losses.items():
                     losses[name] = losses[name] + value if name in losses else value
         if self.output is None:
             return x, losses
         return self.output(self.final_norm(x)), losses
+
+    def documents_of(self, tokens_BS: torch.Tensor, eod_id: Optional[int]) -> Optional[torch.Tensor]:
+        """What forward's `documents_BS` takes for these input tokens: each token's document under
+        model.document_masking (`eod_id`: the data's end-of-document id), else None (one causal sequence)."""
+        if not self.config.document_masking or eod_id is None:
+            return None
+        return document_index(tokens_BS, eod_id)
 
     def _pools_deferring_weight_gradients(self) -> list[ExpertPool]:
         """Pools that several of this stage's layers call, when this forward will be backpropagated."""

@@ -16,6 +16,7 @@ class RunData:
     train: Samples  # one preprocessed file's samples, or a blend of several files' (data.train_prefix)
     valid: Samples
     vocab_size: int  # of the tokenizer that wrote the files
+    eod_id: int  # its end-of-document id, which ends each document in the files (model.document_masking)
     tokenizer: Optional[str]  # its name, as the training split's index records it (None: format version 1)
 
     def fingerprint(self) -> dict[str, str]:
@@ -77,6 +78,7 @@ def _build_datasets(config: Config) -> RunData:
         train=_samples(train_blend, files, model.seq_len, config.train.seed),
         valid=valid_samples,
         vocab_size=first.vocab_size,
+        eod_id=first.eod_id,
         tokenizer=first.tokenizer,
     )
 

@@ -56,14 +56,15 @@ def random_routing(layer: MoELayer, candidates: torch.Tensor, seed: int) -> Iter
 
 
 @torch.no_grad()
-def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor]) -> float:
-    """Mean token LM loss over the batches (each [B, S+1]), computed on the model's device."""
+def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor], eod_id: Optional[int] = None) -> float:
+    """Mean token LM loss over the batches (each [B, S+1]), computed on the model's device; `eod_id`: the data's
+    end-of-document id, which model.document_masking needs to keep attention within documents as training did."""
     model.eval()
     device = model.embedding.weight.device
     total, count = 0.0, 0
     for batch in batches:
         batch = batch.to(device)
-        logits, _ = model(batch[:, :-1])
+        logits, _ = model(batch[:, :-1], model.documents_of(batch[:, :-1], eod_id))
         total += lm_loss_sum(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).item()
         count += batch[:, 1:].numel()
     return total / count
@@ -122,17 +123,18 @@ def load_routed_model(checkpoint: Path, why: str, device: torch.device | str = "
     return path, config, model.to(device)
 
 
-def routing_batches(config: Config, eval_batches: Optional[int] = None) -> list[torch.Tensor]:
-    """The run's validation sequences (`eval_batches` global batches of them, default the run's), read after
-    the tools have checked their other arguments against the config."""
-    train = config.train
-    return validation_batches(build_datasets(config).valid, train.micro_batch,
-                              (eval_batches or train.eval_batches) * train.global_batch)
+def routing_batches(config: Config, eval_batches: Optional[int] = None) -> tuple[list[torch.Tensor], int]:
+    """The run's validation sequences (`eval_batches` global batches of them, default the run's) and the data's
+    end-of-document id, read after the tools have checked their other arguments against the config."""
+    train, data = config.train, build_datasets(config)
+    return validation_batches(data.valid, train.micro_batch, (eval_batches or train.eval_batches) * train.global_batch), data.eod_id
 
 
 @torch.no_grad()
-def record_routing(model: LanguageModel, batches: list[torch.Tensor]) -> tuple[float, dict[int, torch.Tensor]]:
-    """(mean LM loss, the experts each MoE layer picks for every token: {layer: [tokens, k]}), one pass."""
+def record_routing(model: LanguageModel, batches: list[torch.Tensor], eod_id: Optional[int] = None
+                   ) -> tuple[float, dict[int, torch.Tensor]]:
+    """(mean LM loss, the experts each MoE layer picks for every token: {layer: [tokens, k]}), one pass
+    (`eod_id`: as evaluate_loss's)."""
     picked: dict[int, list[torch.Tensor]] = {}
     handles = []
     for index in model.local_layers:
@@ -148,7 +150,7 @@ def record_routing(model: LanguageModel, batches: list[torch.Tensor]) -> tuple[f
 
             handles.append(layer.router.register_forward_hook(record))
     try:
-        loss = evaluate_loss(model, batches)
+        loss = evaluate_loss(model, batches, eod_id)
     finally:
         for handle in handles:
             handle.remove()
@@ -185,13 +187,15 @@ class ProbeRow:
 
 
 def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], top_n: Optional[int],
-          seeds: int = 1, progress: Optional[Callable[[int, int], None]] = None) -> tuple[float, list[ProbeRow]]:
-    """(baseline loss, one row per layer and candidate set), each loss averaged over `seeds` draws.
+          seeds: int = 1, progress: Optional[Callable[[int, int], None]] = None,
+          eod_id: Optional[int] = None) -> tuple[float, list[ProbeRow]]:
+    """(baseline loss, one row per layer and candidate set), each loss averaged over `seeds` draws (`eod_id`:
+    as evaluate_loss's).
     No top-N set when N covers the pool: it would repeat the pool row. `progress(done, total)` after the
     learned routing's pass (done 0) and after each layer (a probe of a large model takes minutes per layer)."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, not {seeds}")
-    baseline, routing = record_routing(model, batches)  # the learned routing's loss and choices, one pass
+    baseline, routing = record_routing(model, batches, eod_id)  # the learned routing's loss and choices, one pass
     if progress is not None:
         progress(0, len(layers))
     rows = []
@@ -206,7 +210,7 @@ def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], 
             losses = []
             for seed in range(seeds):
                 with random_routing(layer, candidates, seed):
-                    losses.append(evaluate_loss(model, batches))
+                    losses.append(evaluate_loss(model, batches, eod_id))
             loss = sum(losses) / len(losses)
             rows.append(ProbeRow(index, name, loss, loss - baseline))
         if progress is not None:

@@ -258,8 +258,9 @@ class Trainer:
             if train and i > 0:
                 self.model.end_micro_batch(self._reduce_routing)
             tokens = batches[i].to(self.device, non_blocking=True)
+            documents = self.model.documents_of(tokens[:, :-1], self.data.eod_id)  # every stage: from the tokens
             with autocast(cfg, self.device):
-                out, moe_losses = self.model(tokens[:, :-1] if hidden is None else hidden)
+                out, moe_losses = self.model(tokens[:, :-1] if hidden is None else hidden, documents)
             loss = None
             for j, name in enumerate(MOE_LOSSES, start=1):
                 if name in moe_losses:

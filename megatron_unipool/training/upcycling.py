@@ -85,11 +85,12 @@ def replica_sources(num_experts: int, multiplier: int, utility: Optional[torch.T
 
 
 def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str = "grad_sq",
-                   progress: Optional[Callable[[int], None]] = None) -> list[torch.Tensor]:
+                   progress: Optional[Callable[[int], None]] = None, eod_id: Optional[int] = None) -> list[torch.Tensor]:
     """Per pool, each expert's utility (the design note's): g_e = the gradient of the LM loss w.r.t.
     expert e's weights averaged over `batches` (token tensors [B, S+1]), then ||g_e||^2 ('grad_sq')
     or ||w_e|| * ||g_e|| ('weight_x_grad'). The model's mode and pool statistics (f_bar) are kept.
-    `progress(batches done)` after each batch: on a large model each takes a while."""
+    `progress(batches done)` after each batch: on a large model each takes a while. `eod_id`: the data's
+    end-of-document id, which model.document_masking needs to keep attention within documents as training did."""
     pools = list(model.expert_pools)
     grads = [{w: torch.zeros_like(getattr(pool, w), dtype=torch.float64) for w in ExpertPool.WEIGHTS} for pool in pools]
     was_training = model.training
@@ -97,7 +98,7 @@ def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str
     try:
         for done, tokens in enumerate(batches, start=1):
             model.zero_grad(set_to_none=True)
-            logits, _ = model(tokens[:, :-1])
+            logits, _ = model(tokens[:, :-1], model.documents_of(tokens[:, :-1], eod_id))
             (lm_loss_sum(logits.flatten(0, 1), tokens[:, 1:].flatten()) / tokens[:, 1:].numel()).backward()
             for grad, pool in zip(grads, pools):
                 for w in ExpertPool.WEIGHTS:
@@ -120,10 +121,11 @@ def expert_utility(model: LanguageModel, batches: list[torch.Tensor], score: str
     return utilities
 
 
-def utility_batches(config: Config, count: int, batch_size: int) -> list[torch.Tensor]:
-    """The first `count` training batches of the source run's data (the same for every call)."""
+def utility_batches(config: Config, count: int, batch_size: int) -> tuple[list[torch.Tensor], int]:
+    """The first `count` training batches of the source run's data (the same for every call) and the data's
+    end-of-document id."""
     data = build_datasets(config)
-    return [data.train.batch(i * batch_size, batch_size) for i in range(count)]
+    return [data.train.batch(i * batch_size, batch_size) for i in range(count)], data.eod_id
 
 
 def upcycled_config(config: Config, new_experts: int) -> Config:
