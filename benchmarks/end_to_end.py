@@ -72,6 +72,7 @@ ROWS_GEMM = FUSED + ["model.expert_gemm=triton"]  # and every expert GEMM in Tri
 # twice the rows per expert (UniPool's pool of 192 reads its weights as often either way) for a third more expert FLOPs
 RECOMPUTE_MB32 = ["parallel.ep=1", "train.micro_batch=32", "train.global_batch=128", "model.activation_checkpointing=ffn"]
 COMPILED = ["model.compile=true"]  # torch.compile graphs: attention sublayers, norms, MoE routers, dense FFNs
+DOCUMENTS = ["model.document_masking=true"]  # attention within documents: SDPA with a mask (no flash kernel)
 # name -> (config, overrides); the reduced pools hold 2/3 and 1/2 of the full pool's experts
 SUITES = {
     "cpu": {
@@ -82,6 +83,7 @@ SUITES = {
         "unipool-per-layer-wgrad": ("configs/tiny_unipool_cpu.json", [PER_LAYER]),
         "dense-compiled": ("configs/tiny_dense_cpu.json", COMPILED),
         "unipool-compiled": ("configs/tiny_unipool_cpu.json", COMPILED),
+        "unipool-documents": ("configs/tiny_unipool_cpu.json", DOCUMENTS),
     },
     "gpu-182m": {
         "dense": ("configs/dense_182m.json", ONE_GPU_182M),
@@ -103,6 +105,7 @@ SUITES = {
         "dense-compiled": ("configs/dense_182m.json", ONE_GPU_182M + COMPILED),
         "vanilla-compiled": ("configs/vanilla_182m.json", ONE_GPU_182M + COMPILED),
         "unipool-compiled": ("configs/unipool_182m.json", ONE_GPU_182M + COMPILED),
+        "unipool-documents": ("configs/unipool_182m.json", ONE_GPU_182M + DOCUMENTS),
     },
     "gpu-469m": {
         "dense": ("configs/dense_469m.json", ONE_GPU_469M),

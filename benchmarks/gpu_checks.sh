@@ -129,7 +129,7 @@ else
     # each model next to its baseline, in the order the decisions need them: a step cut off at its limit keeps
     # the first (182M: about 20 s a model in call 5, more for a compile or DeepSpeed's engine; 469M: about 70 s)
     followup_182m=(--suite gpu-182m --models vanilla vanilla-compiled unipool unipool-compiled vanilla-zero1
-                   unipool-zero1 dense dense-compiled --warmup 2 --steps 4)
+                   unipool-zero1 dense dense-compiled unipool-documents --warmup 2 --steps 4)
     followup_469m=(--suite gpu-469m --models unipool unipool-mb32-recompute vanilla vanilla-mb32-recompute
                    unipool-triton-gemm --warmup 2 --steps 3)
     # SET=targets: the models the targets name (UniPool vs vanilla, MFU), vanilla-norm to split UniPool's gap, and the
