@@ -171,8 +171,8 @@ def test_expert_utility_reads_the_documents_as_training_does(short_documents_tra
 
 
 def test_the_routing_tools_read_a_document_masking_run_as_it_trained(short_documents_trainer, tmp_path):
-    """tools/routing_probe.py's learned-routing loss is the run's validation loss, and tools/plot_utilisation.py
-    counts the experts the masked model picks."""
+    """tools/routing_probe.py's learned-routing loss and tools/evaluate.py's are the run's validation loss, and
+    tools/plot_utilisation.py counts the experts the masked model picks."""
     from megatron_unipool.training.probe import record_routing, routing_batches
     from script_modules import load_script
 
@@ -184,6 +184,8 @@ def test_the_routing_tools_read_a_document_masking_run_as_it_trained(short_docum
                                                         "--output", str(tmp_path / "probe")]) == 0
     probed = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert probed["baseline"] == pytest.approx(trainer.evaluate().loss, rel=1e-6)
+    assert load_script(tools / "evaluate.py").main(["--checkpoint", str(run), "--json", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["rows"][0]["loss"] == pytest.approx(probed["baseline"], rel=1e-6)
     assert load_script(tools / "plot_utilisation.py").main(["--checkpoint", str(run), "--output",
                                                            str(tmp_path / "plots")]) == 0
     report = json.loads((tmp_path / "plots" / "utilisation.json").read_text())

@@ -12,7 +12,6 @@ preprocessed files is passed as --tokenizer. A tokenizer other than the run's is
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -31,7 +30,7 @@ from megatron_unipool.data import Tokenizer, build_tokenizer  # noqa: E402
 from megatron_unipool.model.generation import generate  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
-from megatron_unipool.training.outputs import check_output_directory, save_atomically  # noqa: E402
+from megatron_unipool.training.outputs import check_output_directory, write_json_report  # noqa: E402
 from megatron_unipool.training.probe import analysis_device, analysis_precision  # noqa: E402
 
 BUILT_IN = ("byte", "gpt2")
@@ -136,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         settings = {key: getattr(args, key) for key in ("prompt", "max_new_tokens", "temperature", "top_k", "seed",
                                                           "precision")}
-        text = json.dumps({"checkpoint": str(path), "tokenizer": tokenizer.name, **settings, "samples": rows}, indent=2)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        save_atomically(args.json, lambda temporary: temporary.write_text(text))
-        print(f"wrote {args.json}")
+        write_json_report(args.json, {"checkpoint": str(path), "tokenizer": tokenizer.name, **settings, "samples": rows})
     return 0
 
 

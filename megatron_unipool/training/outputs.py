@@ -2,6 +2,7 @@
 each file or directory is replaced whole, so a failure leaves the previous one."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -43,6 +44,14 @@ def save_atomically(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json_report(path: Path, report: dict) -> None:
+    """A tool's --json report, in folders made as needed, replaced whole (save_atomically); says where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2)
+    save_atomically(path, lambda temporary: temporary.write_text(text))
+    print(f"wrote {path}")
 
 
 def check_replaceable_output(output: Path, sources: list[Path], force: bool) -> None:
