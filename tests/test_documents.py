@@ -86,6 +86,26 @@ def test_a_packed_sample_computes_each_document_as_alone(kind, overrides):
     assert not torch.allclose(causal, expected_logits, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_backward_keeps_one_mask_per_micro_batch_not_one_per_layer(autocast):
+    """The mask is built once, additive, in attention's dtype: a boolean one (or one of another dtype) would be
+    converted by SDPA in every layer, each copy kept for backward (layers x B x S^2 values)."""
+    config = model_config("dense", "model.num_layers=4")
+    model = LanguageModel(config.model, config.moe)
+    tokens = packed_rows()
+    masks = {}
+
+    def keep(tensor):
+        if tensor.dim() == 4 and tensor.shape[-2:] == (24, 24) and tensor.shape[1] == 1:
+            masks[tensor.untyped_storage().data_ptr()] = tensor.dtype
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(tokens, model.documents_of(tokens, EOD))[0].sum().backward()
+    assert list(masks.values()) == [torch.bfloat16 if autocast else torch.float32]
+
+
 def test_compiled_blocks_take_the_document_mask():
     config = model_config("unipool", "model.compile=true")
     torch.manual_seed(0)

@@ -120,6 +120,21 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_config, tmp_path
     assert len(set(pointers)) == len(pointers) and not own & set(pointers)
 
 
+def test_a_document_masked_model_exports_with_a_note_and_the_same_logits_on_one_document(tiny_config, tmp_path,
+                                                                                          convert_tool, capsys):
+    from megatron_unipool.training.checkpoint import write_run_directory
+
+    config = tiny_config("configs/tiny_dense_cpu.json", *SMALL, "model.document_masking=true")
+    model = randomise_(LanguageModel(config.model, config.moe))
+    write_run_directory(tmp_path / "run", config, model.state_dict(), {}, {"consumed_samples": 0})
+    assert convert_tool.main(["--to", "hf", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
+    assert "note: trained with model.document_masking: on one document" in capsys.readouterr().out
+    batch = tokens(config.model.vocab_size)
+    with torch.no_grad():  # an EOD id the rows do not hold: each row is one document, masked as the model trained
+        expected = model.eval()(batch, model.documents_of(batch, eod_id=-1))[0]
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", batch), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_gate_normalisation_changes_the_logits(tiny_config, tmp_path):
     """The architecture choice matters: the same export read with renormalised gates is another model."""
     config = tiny_config("configs/tiny_vanilla_cpu.json", *SMALL, *SOFTMAX)

@@ -343,15 +343,16 @@ def attention_reference(q, k, v, allowed=None):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.gpu])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_attention_within_documents_matches_reference(device, dtype):
-    """A document mask (model.document_masking) in place of the causal one, grouped heads included; on CUDA in
-    bf16 "auto" must leave flash-attn and SDPA's flash kernel, which take no mask."""
+    """A document mask (model.document_masking: additive, in the inputs' dtype) in place of the causal one,
+    grouped heads included; on CUDA in bf16 "auto" must leave flash-attn and SDPA's flash kernel, which take
+    no mask."""
     from megatron_unipool.model.documents import document_attention_mask, document_index
 
     inputs = attention_inputs(device, dtype)
     tokens = torch.zeros(2, 16, dtype=torch.long)
     tokens[0, [3, 4, 10]] = 1  # documents of 4, 1, 6 and 5 tokens; the second sample one document
-    mask = document_attention_mask(document_index(tokens, eod_id=1)).to(device)
-    expected = forward_backward(lambda q, k, v: attention_reference(q, k, v, mask), inputs)
+    mask = document_attention_mask(document_index(tokens, eod_id=1), dtype).to(device)
+    expected = forward_backward(lambda q, k, v: attention_reference(q, k, v, mask == 0), inputs)
     actual = forward_backward(lambda q, k, v: causal_attention(q, k, v, "auto", mask), inputs)
     for name, a, e in zip(["out", "grad q", "grad k", "grad v"], actual, expected):
         assert_close_relative(a, e, TOLERANCE[dtype], f"{device} masked {name}")

@@ -109,6 +109,11 @@ def export_hf(args) -> None:
         print(f"  the shared pool is copied into each of the {len(config.moe.moe_layers(config.model.num_layers))}"
               f" MoE layers ({experts} experts each)")
 
+    if config.model.document_masking:
+        print("  note: trained with model.document_masking: on one document (a prompt, a generation) the Hugging Face"
+              " model computes the same logits; given several documents packed in one sequence it attends across"
+              " them unless the caller masks each document")
+
     def fill(directory: Path) -> None:
         (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, directory / SAFETENSORS, metadata={"format": "pt"})

@@ -41,8 +41,9 @@ def flash_available(q: torch.Tensor) -> bool:
 
 def causal_attention(q_BHSK: torch.Tensor, k_BGSK: torch.Tensor, v_BGSK: torch.Tensor, backend: str = "auto",
                      mask_B1SS: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Grouped-query causal attention; returns [B, H, S, K]. `mask_B1SS` (True: may attend), where given,
-    replaces the causal mask (documents packed in a sample): SDPA only, as flash-attn's kernel takes none."""
+    """Grouped-query causal attention; returns [B, H, S, K]. `mask_B1SS` (SDPA's attn_mask: boolean, True where
+    a query may attend a key, or added to the scores), where given, replaces the causal mask (documents packed
+    in a sample): SDPA only, as flash-attn's kernel takes none."""
     if backend == "flash" and mask_B1SS is not None:
         raise KernelUnavailableError("model.attention='flash' takes no attention mask (model.document_masking)")
     if backend == "flash" and not flash_available(q_BHSK):

@@ -19,9 +19,12 @@ def document_index(tokens_BS: torch.Tensor, eod_id: int) -> torch.Tensor:
     return ends.cumsum(dim=1, dtype=torch.int32) - ends
 
 
-def document_attention_mask(documents_BS: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S], True where query s may attend key t: t <= s within one document (SDPA's boolean mask, one
-    for every head; `documents_BS`: document_index)."""
+def document_attention_mask(documents_BS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, S, S] added to the attention scores, one for every head: 0 where query s may attend key t (t <= s
+    within one document), -inf elsewhere (`documents_BS`: document_index). Additive and in the dtype attention
+    runs in (`dtype`), as SDPA would otherwise make this float copy of a boolean mask in every layer and keep
+    each for backward: one mask per micro-batch, not one per layer."""
     seq = documents_BS.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=documents_BS.device).tril()
-    return (causal & (documents_BS[:, :, None] == documents_BS[:, None, :]))[:, None]
+    allowed = (causal & (documents_BS[:, :, None] == documents_BS[:, None, :]))[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))

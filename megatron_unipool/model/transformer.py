@@ -167,7 +167,11 @@ class LanguageModel(nn.Module):
         (documents_of the tokens) keeps attention within each packed document.
         """
         x = self.embedding(inputs) if self.embedding is not None else inputs
-        mask_B1SS = None if documents_BS is None else document_attention_mask(documents_BS)
+        mask_B1SS = None
+        if documents_BS is not None:  # in the dtype q and k take: autocast's, else the hidden states'
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            mask_B1SS = document_attention_mask(documents_BS, dtype)
         losses: dict[str, torch.Tensor] = {}
         with contextlib.ExitStack() as deferring:
             for pool in self._pools_deferring_weight_gradients():
