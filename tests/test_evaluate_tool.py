@@ -66,16 +66,53 @@ def test_other_files_each_give_the_loss_a_run_validating_on_them_reports(trained
     assert written["rows"][0]["loss"] != pytest.approx(written["rows"][1]["loss"], rel=1e-3)
 
 
-def test_files_it_cannot_read_as_the_run_did_are_refused(trained_run, data_cache, tmp_path, capsys):
+def test_files_it_cannot_read_as_the_run_did_are_refused_before_any_is_evaluated(trained_run, data_cache, tmp_path,
+                                                                                 capsys):
+    """Another tokenizer's file (by name, or by its end-of-document id where names agree), a missing or damaged
+    file, one too small for a micro-batch: one line each, status 2, and nothing evaluated before."""
     run, _ = trained_run
     held_out = IndexedDataset(prepare_default_corpus("byte", data_cache)[1])
-    other = written_like(str(tmp_path / "other"), held_out, np.asarray(held_out.tokens(0, 5000)), tokenizer="gpt2")
-    assert evaluate_tool.main(["--checkpoint", str(run), "--data", other]) == 2
-    assert "other was written by tokenizer gpt2, the run trained on ids of byte" in capsys.readouterr().err
-    assert evaluate_tool.main(["--checkpoint", str(run), "--data", str(tmp_path / "missing")]) == 2
-    assert "missing" in capsys.readouterr().err
+    some = np.asarray(held_out.tokens(0, 5000))
+    good = written_like(str(tmp_path / "good"), held_out, some)
+    other = written_like(str(tmp_path / "other"), held_out, some, tokenizer="gpt2")
+    with IndexedDatasetWriter(str(tmp_path / "eod0"), held_out.vocab_size, 0, "byte") as writer:
+        writer.add_document(some[some != 0])
+    tiny = written_like(str(tmp_path / "tiny"), held_out, some[:100])
+    damaged = written_like(str(tmp_path / "damaged"), held_out, some)
+    tokens = np.memmap(tmp_path / "damaged.bin", dtype=np.uint16, mode="r+")
+    tokens[::7] = 300  # past the byte tokenizer's 257 ids
+    tokens.flush()
+    for data, message in (([other], "other comes from another tokenizer than the run's training data: tokenizer"
+                                    " gpt2 (the run's: byte)"),
+                          ([str(tmp_path / "eod0")], "eod0 comes from another tokenizer than the run's training data:"
+                                                     " EOD id 0 (the run's: 256)"),
+                          ([good, str(tmp_path / "missing")], "missing"),
+                          ([good, tiny], "tiny holds 1 sequences of 64 tokens, fewer than train.micro_batch=4"),
+                          ([good, damaged], "token id 300")):
+        assert evaluate_tool.main(["--checkpoint", str(run), "--data", *data]) == 2
+        printed = capsys.readouterr()
+        assert message in printed.err and printed.err.count("\n") == 1 and "[1/" not in printed.out, printed
+    (tmp_path / "folder").mkdir()
+    assert evaluate_tool.main(["--checkpoint", str(run), "--data", good, "--json", str(tmp_path / "folder")]) == 2
+    assert "is a directory, not a file" in capsys.readouterr().err
+    spelled_twice = [good, str(tmp_path / "x" / ".." / "good")]
     for arguments, message in ((["--eval-batches", "0"], "--eval-batches must be at least 1"),
-                               (["--data", other, other], "--data names a file twice")):
+                               (["--data", *spelled_twice], "--data names a file twice")):
         with pytest.raises(SystemExit):
             evaluate_tool.main(["--checkpoint", str(run), *arguments])
         assert message in capsys.readouterr().err
+
+
+def test_an_import_needs_the_files_named_and_says_their_ids_are_unchecked(trained_run, data_cache, tmp_path, capsys):
+    """An import records no tokenizer unless --set named one: its data section is defaults, never read by it."""
+    from megatron_unipool.training.checkpoint import write_run_directory
+    from megatron_unipool.training.checkpoint import load_trained_model
+
+    run, _ = trained_run
+    _, payload, config, model = load_trained_model(run)
+    write_run_directory(tmp_path / "import", config, model.state_dict(), {}, {"consumed_samples": 0})
+    assert evaluate_tool.main(["--checkpoint", str(tmp_path / "import")]) == 2
+    assert "pass the files to evaluate as --data" in capsys.readouterr().err
+    valid = prepare_default_corpus("byte", data_cache)[1]
+    assert evaluate_tool.main(["--checkpoint", str(tmp_path / "import"), "--data", valid]) == 0
+    assert "note: the run does not record the tokenizer its ids belong to" in capsys.readouterr().out

@@ -131,8 +131,10 @@ def test_tool_writes_the_librarys_samples_decoded_by_the_runs_tokenizer(trained_
     assert row["ids"] == expected[0][:expected[0].index(stop)] and row["ended"] == "end of document"
 
 
-def test_tool_refuses_another_tokenizer_and_bad_options(trained_run, capsys):
+def test_tool_refuses_another_tokenizer_and_bad_options(trained_run, tmp_path, capsys):
     tool = load_script(REPO / "tools" / "generate.py")
+    assert tool.main(["--checkpoint", str(trained_run), "--json", str(tmp_path)]) == 2  # before sampling
+    assert f"error: --json {tmp_path}: {tmp_path} is a directory, not a file" in capsys.readouterr().err
     assert tool.main(["--checkpoint", str(trained_run), "--tokenizer", "gpt2", "--max-new-tokens", "2"]) == 2
     assert ("error: the run's training data was written by tokenizer byte, not gpt2: its ids would decode to other"
             " text; use --tokenizer byte") in capsys.readouterr().err

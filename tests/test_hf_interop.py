@@ -507,6 +507,7 @@ def test_import_checks_a_tokenizer_given_with_set(tmp_path, convert_tool, capsys
     # recorded as what the model's ids mean (tools/generate.py decodes with it; a run on another's data is noted)
     fits = build_tokenizer(str(tmp_path / "fits.json"))
     assert payload["train_state"]["tokenizer"] == fits.name
+    assert (payload["train_state"]["tokenizer_vocab_size"], payload["train_state"]["eod_id"]) == (300, fits.eod_id)
     # naming the default explicitly is naming it: checked and recorded too
     assert convert_tool.main(["--from", "hf", "--checkpoint", str(tmp_path / "llama"), "--output",
                               str(tmp_path / "byte"), "--set", "data.tokenizer=byte"]) == 0

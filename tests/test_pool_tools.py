@@ -566,7 +566,8 @@ def test_tool_output_continues_with_the_launcher(trained, tmp_path):
     assert written.moe.pool_size == 2 * config.moe.experts_per_pool(config.model.num_layers)
     upcycled = load_checkpoint(resolve_checkpoint(out))["train_state"]  # the ids mean what the source's meant
     assert upcycled["tokenizer"] == payload["train_state"]["tokenizer"] == "byte"
-    assert upcycled["training_content"] == payload["train_state"]["training_content"] is not None  # what it read
+    for key in ("training_content", "tokenizer_vocab_size", "eod_id"):  # what it read, and its tokenizer
+        assert upcycled[key] == payload["train_state"][key] is not None, key
     # without --run-dir a config inside a run directory continues that run (runs/config would start a fresh model)
     done = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(out / "config.json")],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -148,13 +148,14 @@ def import_hf(args) -> None:
     # what the weights compute besides their shapes (which check_fits compares): a --set may not change it
     check_same_function(Config(model=model_config), config, "the imported weights")
     check_fits(config, state, f"the weights of {args.checkpoint}, after --set,")
-    ids_of = None  # the tokenizer the model's ids mean, recorded when --set names it (checked now, not at training)
+    ids_of = {}  # the tokenizer the model's ids mean, recorded when --set names it (checked now, not at training)
     if ("data", "tokenizer") in overridden_fields(args.overrides):
-        ids_of = check_tokenizer(config).name
+        tokenizer = check_tokenizer(config)
+        ids_of = {"tokenizer": tokenizer.name, "tokenizer_vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id}
     print(f"{args.checkpoint}: LlamaForCausalLM -> dense model ({describe(state)})")
 
     write_directory(args.output, lambda directory: write_run_directory(
-        directory, config, state, {}, asdict(TrainState(tokenizer=ids_of)), published_as=args.output,
+        directory, config, state, {}, asdict(TrainState(**ids_of)), published_as=args.output,
         imported_from=str(args.checkpoint.resolve())))
     tokenizer = args.checkpoint / "tokenizer.json"
     hint = f" (this model's is {tokenizer})" if tokenizer.is_file() else ""

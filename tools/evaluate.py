@@ -7,12 +7,15 @@ tokenizer (held-out domains), each on its own, without training.
 Each file is read as training validates: `--eval-batches` global batches of model.seq_len-token sequences
 (default: the run's train.eval_batches) spread evenly over the file, in the run's micro-batches, attention
 within documents where the run trained so (model.document_masking). A file holding fewer sequences is read
-whole. Prints a table of loss and perplexity per file; --json writes it (replaced whole, or not at all).
+whole. Files of another tokenizer than the run's training data are refused; every file is read and checked
+before the first is evaluated. A run that records no tokenizer (an import) needs --data: its data section is
+defaults. Prints a table of loss and perplexity per file; --json writes it (replaced whole, or not at all).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,31 +27,42 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import torch  # noqa: E402
 
-from megatron_unipool.config import Config, ConfigError  # noqa: E402
-from megatron_unipool.data import BlendedSamples, IndexedDataset, Samples, TokenSampleDataset  # noqa: E402
-from megatron_unipool.training import CheckpointError, DataError, build_datasets  # noqa: E402
+from megatron_unipool.config import Config, ConfigError, as_blend  # noqa: E402
+from megatron_unipool.data import IndexedDataset, Samples, TokenSampleDataset, prepare_default_corpus  # noqa: E402
+from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
 from megatron_unipool.training.datasets import validation_batches  # noqa: E402
-from megatron_unipool.training.outputs import check_output_directory, write_json_report  # noqa: E402
+from megatron_unipool.training.outputs import check_output_file, write_json_report  # noqa: E402
 from megatron_unipool.training.probe import analysis_device, analysis_precision, evaluate_loss  # noqa: E402
 
 
-def run_validation_files(config: Config) -> dict[str, Samples]:
-    """The run's validation split, file by file (a blend's files each on its own)."""
-    valid = build_datasets(config).valid
-    sources = valid.sources if isinstance(valid, BlendedSamples) else [valid]
-    return {str(source.dataset.bin_path.with_suffix("")): source for source in sources}
+def run_validation_prefixes(config: Config, train_state: dict) -> list[str]:
+    """The run's validation files (a blend's each on its own); only they are read. A run that records no
+    tokenizer (an import) has a data section of defaults that never trained it: a DataError."""
+    if train_state.get("tokenizer") is None:
+        raise DataError("the run does not record the tokenizer its ids belong to (an import, or data files of an"
+                        " older format), so its data section may name files it never read: pass the files to"
+                        " evaluate as --data")
+    data = config.data
+    if data.corpus is not None:
+        return [prepare_default_corpus(data.tokenizer, data.cache_dir)[1]]
+    return list(as_blend(data.valid_prefix))
 
 
-def given_files(prefixes: list[str], config: Config, tokenizer: str | None) -> dict[str, Samples]:
-    """Each prefix's sequences, as validation reads them; a file of another tokenizer, or with ids past the
-    model's vocabulary, is a DataError naming it."""
+def sequences_of(prefixes: list[str], config: Config, train_state: dict) -> dict[str, Samples]:
+    """Each file's sequences, as validation reads them, by absolute prefix. A file of another tokenizer than the
+    run's training data (its name, vocabulary or end-of-document id, as far as the run records them), or with
+    ids past the model's vocabulary, is a DataError naming it."""
     files = {}
+    run = {"tokenizer": train_state.get("tokenizer"), "vocabulary": train_state.get("tokenizer_vocab_size"),
+           "EOD id": train_state.get("eod_id")}
     for prefix in prefixes:
         dataset = IndexedDataset(prefix)
-        if tokenizer and dataset.tokenizer and dataset.tokenizer != tokenizer:
-            raise DataError(f"{prefix} was written by tokenizer {dataset.tokenizer}, the run trained on ids of"
-                            f" {tokenizer}: its ids mean other text to the model")
+        own = {"tokenizer": dataset.tokenizer, "vocabulary": dataset.vocab_size, "EOD id": dataset.eod_id}
+        differ = [key for key, value in run.items() if value is not None and own[key] is not None and own[key] != value]
+        if differ:
+            raise DataError(f"{prefix} comes from another tokenizer than the run's training data: "
+                            + ", ".join(f"{key} {own[key]} (the run's: {run[key]})" for key in differ))
         if dataset.vocab_size > config.model.vocab_size:
             raise DataError(f"{prefix} was tokenised with a vocabulary of {dataset.vocab_size} tokens, larger than the"
                             f" model's {config.model.vocab_size}")
@@ -71,33 +85,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.eval_batches is not None and args.eval_batches < 1:
         parser.error(f"--eval-batches must be at least 1, not {args.eval_batches}")
-    if args.data and len(set(args.data)) < len(args.data):
+    if args.data and len({os.path.realpath(prefix) for prefix in args.data}) < len(args.data):
         parser.error("--data names a file twice")
     try:
         device = analysis_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if args.json is not None:
-            check_output_directory(args.json.parent, f"--json {args.json}")
+            check_output_file(args.json, f"--json {args.json}")
         print(f"loading {args.checkpoint} ...", flush=True)
         path, payload, config, model = load_trained_model(args.checkpoint)
-        recorded = payload["train_state"].get("tokenizer")
-        files = given_files(args.data, config, recorded) if args.data else run_validation_files(config)
-        eod_ids = {prefix: samples.dataset.eod_id for prefix, samples in files.items()}
+        state = payload["train_state"]
+        files = sequences_of(args.data or run_validation_prefixes(config, state), config, state)
+        train = config.train
+        sequences = (args.eval_batches or train.eval_batches) * train.global_batch
+        batches_of = {prefix: validation_batches(samples, train.micro_batch, sequences)  # read (and checked) first
+                      for prefix, samples in files.items()}
+        for prefix, batches in batches_of.items():
+            if not batches:
+                raise DataError(f"{prefix} holds {len(files[prefix])} sequences of {config.model.seq_len} tokens, fewer"
+                                f" than train.micro_batch={train.micro_batch}")
     except (CheckpointError, ConfigError, DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train = config.train
-    sequences = (args.eval_batches or train.eval_batches) * train.global_batch
+    if state.get("tokenizer") is None:
+        print("note: the run does not record the tokenizer its ids belong to (an import, or data files of an older"
+              " format): the files' ids are taken to be the model's", flush=True)
     model = model.to(device)
     rows = []
-    for number, (prefix, samples) in enumerate(files.items(), 1):
+    for number, (prefix, batches) in enumerate(batches_of.items(), 1):
         started = time.perf_counter()
-        batches = validation_batches(samples, train.micro_batch, sequences)
-        if not batches:
-            print(f"error: {prefix} holds {len(samples)} sequences of {config.model.seq_len} tokens, fewer than"
-                  f" train.micro_batch={train.micro_batch}", file=sys.stderr)
-            return 2
         with analysis_precision(device, args.precision):
-            loss = evaluate_loss(model, batches, eod_ids[prefix])
+            loss = evaluate_loss(model, batches, files[prefix].dataset.eod_id)
         rows.append({"prefix": prefix, "sequences": sum(len(batch) for batch in batches),
                      "tokens": sum(batch[:, 1:].numel() for batch in batches), "loss": loss,
                      "perplexity": math.exp(min(loss, 50.0))})

@@ -30,7 +30,7 @@ from megatron_unipool.data import Tokenizer, build_tokenizer  # noqa: E402
 from megatron_unipool.model.generation import generate  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
-from megatron_unipool.training.outputs import check_output_directory, write_json_report  # noqa: E402
+from megatron_unipool.training.outputs import check_output_file, write_json_report  # noqa: E402
 from megatron_unipool.training.probe import analysis_device, analysis_precision  # noqa: E402
 
 BUILT_IN = ("byte", "gpt2")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = analysis_device(args.device)
         if args.json is not None:
-            check_output_directory(args.json.parent, f"--json {args.json}")
+            check_output_file(args.json, f"--json {args.json}")
         print(f"loading {args.checkpoint} ...", flush=True)
         path, payload, config, model = load_trained_model(args.checkpoint)
         tokenizer = run_tokenizer(payload["train_state"].get("tokenizer"), config, args.tokenizer,

@@ -44,7 +44,7 @@ from megatron_unipool.data import (
 )
 from megatron_unipool.data.corpus import InputProgress, ReadStats, count_documents
 from megatron_unipool.data.tokenizers import MIN_BPE_VOCAB
-from megatron_unipool.training.outputs import check_output_directory
+from megatron_unipool.training.outputs import check_output_directory, check_output_file
 
 PROGRESS_EVERY_S = 10.0
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None, interruption: Interruption | None = None
     # before reading and training, not after
     check_output_directory(Path(args.output_prefix).parent, f"--output-prefix {args.output_prefix}")
     if args.tokenizer_output is not None:
-        check_output_directory(args.tokenizer_output.parent, f"--tokenizer-output {args.tokenizer_output}")
+        check_output_file(args.tokenizer_output, f"--tokenizer-output {args.tokenizer_output}")
     outputs = [f"{args.output_prefix}{split}" for split in ("", "_train", "_valid")]
     abandoned = remove_abandoned_staging(outputs + ([args.tokenizer_output] if args.tokenizer_output else []))
     if abandoned:

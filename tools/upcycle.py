@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    kept = ("tokenizer", "tokenizer_vocab_size", "eod_id",  # what its ids mean
+            "training_content")  # what it read
     train_state = TrainState(consumed_samples=payload["train_state"]["consumed_samples"],  # the data position
-                             tokenizer=payload["train_state"].get("tokenizer"),  # what its ids mean
-                             training_content=payload["train_state"].get("training_content"))  # what it read
+                             **{key: payload["train_state"].get(key) for key in kept})
     try:
         write_directory(args.output, lambda directory: write_run_directory(
             directory, new_config, result.model_state, result.optimizer_state, asdict(train_state),

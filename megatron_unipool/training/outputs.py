@@ -23,6 +23,13 @@ def check_output_directory(directory: Path, named: str) -> None:
         raise ValueError(f"{named}: cannot write in {existing} ({refusal})")
 
 
+def check_output_file(path: Path, named: str) -> None:
+    """check_output_directory for the file's folder, and a ValueError for a directory where the file would go."""
+    if Path(path).is_dir():
+        raise ValueError(f"{named}: {path} is a directory, not a file")
+    check_output_directory(Path(path).parent, named)
+
+
 def write_refusal(directory: Path) -> Optional[str]:
     """Why no file can be made in `directory` (a permission, a read-only file system), or None: tried, as
     os.access says yes to root and knows nothing of the file system."""

@@ -78,6 +78,8 @@ class TrainState:
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
     tokenizer: Optional[str] = None  # that wrote the training data, as its index names it (None: not recorded)
+    tokenizer_vocab_size: Optional[int] = None  # its vocabulary and end-of-document id, as the index records them:
+    eod_id: Optional[int] = None  # what a tool checks other files against (tools/evaluate.py)
     training_content: Optional[str] = None  # of the training files (RunData.training_content; None: not recorded)
 
 
@@ -122,7 +124,8 @@ class Trainer:
         on_every_rank(lambda: check_fits_host_memory(self.budget.total_params, "the model", processes_on_this_host()),
                       self.parallel, (ConfigError,))
         model = LanguageModel(config.model, config.moe)  # the full model, identical on every rank
-        read = {"tokenizer": self.data.tokenizer, "training_content": self.data.training_content()}  # what it reads
+        read = {"tokenizer": self.data.tokenizer, "tokenizer_vocab_size": self.data.vocab_size,  # what it reads
+                "eod_id": self.data.eod_id, "training_content": self.data.training_content()}
         self.state = TrainState(**read)
         self.checkpoints = checkpoints_dir(self.run_dir)
         payload, source = self._checkpoint_to_resume()
