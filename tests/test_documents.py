@@ -157,15 +157,15 @@ def test_the_trainer_masks_each_sample_at_the_datas_end_of_document_id(short_doc
 def test_the_routing_tools_evaluate_as_the_trainer_does(short_documents_trainer):
     """The probe's loss (routing_batches: the validation batches and the data's EOD id) is the trainer's
     validation loss; without the EOD id it reads each window whole, another number."""
-    from megatron_unipool.training.probe import evaluate_loss, probe, routing_batches
+    from megatron_unipool.training.probe import next_token_scores, probe, routing_batches
 
     trainer = short_documents_trainer
     batches, eod_id = routing_batches(trainer.config)
     validation = trainer.evaluate().loss
     assert eod_id == 249
-    assert evaluate_loss(trainer.model, batches, eod_id) == pytest.approx(validation, rel=1e-6)
-    assert probe(trainer.model, batches, [0], None, eod_id=eod_id)[0] == pytest.approx(validation, rel=1e-6)
-    assert evaluate_loss(trainer.model, batches) != pytest.approx(validation, rel=1e-3)
+    assert next_token_scores(trainer.model, batches, eod_id).loss == pytest.approx(validation, rel=1e-6)
+    assert probe(trainer.model, batches, [0], None, eod_id=eod_id)[0].loss == pytest.approx(validation, rel=1e-6)
+    assert next_token_scores(trainer.model, batches).loss != pytest.approx(validation, rel=1e-3)
 
 
 def test_expert_utility_reads_the_documents_as_training_does(short_documents_trainer):

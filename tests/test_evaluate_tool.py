@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_unipool.data import IndexedDataset, IndexedDatasetWriter, prepare_default_corpus
 from megatron_unipool.training import Trainer
+from megatron_unipool.training.datasets import validation_batches
 from script_modules import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +42,8 @@ def test_the_runs_own_validation_file_gives_its_validation_loss(trained_run, tmp
     train = summary["config"]["train"]
     assert row["sequences"] == train["eval_batches"] * train["global_batch"]
     assert row["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
-    assert f"{row['prefix']} {row['sequences']:>9} {row['loss']:>8.4f} {row['perplexity']:>11.3f}" in out
+    assert (f"{row['prefix']} {row['sequences']:>9} {row['loss']:>8.4f} {row['perplexity']:>11.3f}"
+            f" {row['accuracy']:>9.2%}") in out
 
 
 def test_other_files_each_give_the_loss_a_run_validating_on_them_reports(trained_run, data_cache, tmp_path, tiny_config):
@@ -62,6 +65,10 @@ def test_other_files_each_give_the_loss_a_run_validating_on_them_reports(trained
                           tmp_path / f"resumed_{Path(prefix).name}")
         assert row["loss"] == pytest.approx(trainer.evaluate().loss, rel=1e-6)
         assert row["sequences"] == 2 * trainer.config.train.global_batch
+        batches = validation_batches(trainer.data.valid, trainer.config.train.micro_batch, row["sequences"])
+        with torch.no_grad():  # next-token accuracy: the targets that are the model's most likely id
+            hits = sum(int((trainer.model.eval()(b[:, :-1])[0].argmax(-1) == b[:, 1:]).sum()) for b in batches)
+        assert row["accuracy"] == pytest.approx(hits / row["tokens"], rel=1e-12) and 0 < row["accuracy"] < 1
         assert row["perplexity"] == pytest.approx(np.exp(row["loss"]))
     assert written["rows"][0]["loss"] != pytest.approx(written["rows"][1]["loss"], rel=1e-3)
 

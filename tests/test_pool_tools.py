@@ -758,7 +758,7 @@ def test_probe_averages_its_seeds_and_leaves_the_model_as_it_was(trained):
     """Each row's loss is the mean over the seeds' draws; afterwards the learned routers are back
     and evaluation has recorded no routing statistics (it runs in eval mode)."""
     from megatron_unipool.moe.router import Router
-    from megatron_unipool.training.probe import evaluate_loss, probe, random_routing
+    from megatron_unipool.training.probe import next_token_scores, probe, random_routing
 
     config, payload, _ = trained["softmax_top2"]
     model = LanguageModel(config.model, config.moe)
@@ -766,13 +766,19 @@ def test_probe_averages_its_seeds_and_leaves_the_model_as_it_was(trained):
     batches = [tokens(config)]
     baseline, rows = probe(model, batches, [1], top_n=None, seeds=3)
     assert isinstance(model.layers[1].ffn.router, Router) and not model.training
-    assert evaluate_loss(model, batches) == baseline
+    assert next_token_scores(model, batches) == baseline
+    with torch.no_grad():  # next-token accuracy: the share of targets that are the most likely id
+        logits = model(batches[0][:, :-1])[0]
+    assert baseline.accuracy == (logits.argmax(-1) == batches[0][:, 1:]).double().mean().item() > 0
     assert not model.pool_stats[0].step_counts.any()
     draws = []
     for seed in range(3):
         with random_routing(model.layers[1].ffn, torch.arange(model.layers[1].ffn.pool.num_experts), seed):
-            draws.append(evaluate_loss(model, batches))
-    assert len(set(draws)) == 3 and rows[0].loss == pytest.approx(sum(draws) / 3, rel=1e-12)
+            draws.append(next_token_scores(model, batches))
+    assert len({draw.loss for draw in draws}) == 3 and rows[0].loss == pytest.approx(sum(d.loss for d in draws) / 3,
+                                                                                    rel=1e-12)
+    assert rows[0].accuracy == pytest.approx(sum(d.accuracy for d in draws) / 3, rel=1e-12)
+    assert rows[0].accuracy_delta == pytest.approx(rows[0].accuracy - baseline.accuracy, rel=1e-12)
 
 
 def test_most_used_experts_ignores_empty_slots_and_breaks_ties_by_index():
@@ -830,6 +836,12 @@ def test_probe_tool_reports_each_layer(trained, tmp_path):
     assert sorted((r["layer"], r["candidates"]) for r in report["rows"]) == sorted(
         (layer, name) for layer in range(4) for name in ("pool", "top4"))
     assert sum(r["delta"] for r in report["rows"] if r["candidates"] == "pool") > 0  # random routing hurts on average
+    for r in report["rows"]:  # the accuracy change against the learned routing's, printed in points
+        assert r["accuracy_delta"] == pytest.approx(r["accuracy"] - report["baseline_accuracy"], abs=1e-12)
+        assert (f"{r['layer']:>5} {r['candidates']:>12} {r['loss']:>8.4f} {r['delta']:>+8.4f} {r['accuracy']:>9.2%}"
+                f" {100 * r['accuracy_delta']:>+7.2f}") in done.stdout
+    assert 0 < report["baseline_accuracy"] < 1
+    assert f"next-token accuracy {report['baseline_accuracy']:.2%}" in done.stdout
     assert (out / "probe.png").stat().st_size > 0
     bad = subprocess.run([sys.executable, str(REPO / "tools" / "routing_probe.py"), "--checkpoint", str(run_dir),
                           "--layers", "7"], capture_output=True, text=True, timeout=300)

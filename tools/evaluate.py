@@ -1,4 +1,4 @@
-"""Validation loss of a trained run on preprocessed files: the run's own validation files or any others of its
+"""Validation loss, perplexity and next-token accuracy of a trained run on preprocessed files: the run's own validation files or any others of its
 tokenizer (held-out domains), each on its own, without training.
 
     python tools/evaluate.py --checkpoint runs/tiny_unipool_cpu [--data data/code_valid data/web_valid]
@@ -9,7 +9,7 @@ Each file is read as training validates: `--eval-batches` global batches of mode
 within documents where the run trained so (model.document_masking). A file holding fewer sequences is read
 whole. Files of another tokenizer than the run's training data are refused; every file is read and checked
 before the first is evaluated. A run that records no tokenizer (an import) needs --data: its data section is
-defaults. Prints a table of loss and perplexity per file; --json writes it (replaced whole, or not at all).
+defaults. Prints a table of loss, perplexity and accuracy per file; --json writes it (replaced whole, or not at all).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.checkpoint import load_trained_model  # noqa: E402
 from megatron_unipool.training.datasets import validation_batches  # noqa: E402
 from megatron_unipool.training.outputs import check_output_file, write_json_report  # noqa: E402
-from megatron_unipool.training.probe import analysis_device, analysis_precision, evaluate_loss  # noqa: E402
+from megatron_unipool.training.probe import analysis_device, analysis_precision, next_token_scores  # noqa: E402
 
 
 def run_validation_prefixes(config: Config, train_state: dict) -> list[str]:
@@ -114,15 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     for number, (prefix, batches) in enumerate(batches_of.items(), 1):
         started = time.perf_counter()
         with analysis_precision(device, args.precision):
-            loss = evaluate_loss(model, batches, files[prefix].dataset.eod_id)
+            loss, accuracy = next_token_scores(model, batches, files[prefix].dataset.eod_id)
         rows.append({"prefix": prefix, "sequences": sum(len(batch) for batch in batches),
                      "tokens": sum(batch[:, 1:].numel() for batch in batches), "loss": loss,
-                     "perplexity": math.exp(min(loss, 50.0))})
+                     "perplexity": math.exp(min(loss, 50.0)), "accuracy": accuracy})
         print(f"  [{number}/{len(files)}] {prefix}: loss {loss:.4f} ({time.perf_counter() - started:.1f} s)", flush=True)
     width = max(len(row["prefix"]) for row in rows)
-    print(f"{'file':<{width}} {'sequences':>9} {'loss':>8} {'perplexity':>11}")
+    print(f"{'file':<{width}} {'sequences':>9} {'loss':>8} {'perplexity':>11} {'accuracy':>9}")
     for row in rows:
-        print(f"{row['prefix']:<{width}} {row['sequences']:>9} {row['loss']:>8.4f} {row['perplexity']:>11.3f}")
+        print(f"{row['prefix']:<{width}} {row['sequences']:>9} {row['loss']:>8.4f} {row['perplexity']:>11.3f}"
+              f" {row['accuracy']:>9.2%}")
     if args.json:
         write_json_report(args.json, {"checkpoint": str(path), "step": payload["train_state"]["step"],
                                       "device": str(device), "precision": args.precision, "rows": rows})

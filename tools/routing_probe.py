@@ -32,8 +32,8 @@ import torch  # noqa: E402
 from megatron_unipool.config import ConfigError  # noqa: E402
 from megatron_unipool.training import CheckpointError, DataError  # noqa: E402
 from megatron_unipool.training.outputs import save_atomically  # noqa: E402
-from megatron_unipool.training.probe import (add_routed_run_arguments, analysis_precision, open_routed_run,  # noqa: E402
-                                             probe, routing_batches)
+from megatron_unipool.training.probe import (Scores, add_routed_run_arguments, analysis_precision,  # noqa: E402
+                                             open_routed_run, probe, routing_batches)
 
 
 def chosen_layers(spec: str, moe_layers: list[int]) -> list[int]:
@@ -51,20 +51,25 @@ def chosen_layers(spec: str, moe_layers: list[int]) -> list[int]:
     return sorted(set(layers))  # each once, in model order
 
 
-def plot(rows: list[dict], baseline: float, path: Path) -> None:
+def plot(rows: list[dict], baseline: Scores, path: Path) -> None:
+    """The loss change and the accuracy change (in points) per layer, side by side."""
     sets = sorted({r["candidates"] for r in rows}, key=lambda s: s != "pool")
     layers = sorted({r["layer"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(layers) * len(sets)), 4))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * max(5, 0.9 * len(layers) * len(sets)), 4))
     width = 0.8 / len(sets)
-    for i, name in enumerate(sets):
-        deltas = [next(r["delta"] for r in rows if r["layer"] == layer and r["candidates"] == name) for layer in layers]
-        ax.bar([x + i * width for x in range(len(layers))], deltas, width, label=f"random from {name}")
-    ax.set_xticks([x + width * (len(sets) - 1) / 2 for x in range(len(layers))], [str(layer) for layer in layers])
-    ax.set_xlabel("layer whose routing is randomised")
-    ax.set_ylabel("validation loss change")
-    ax.set_title(f"routing probe (learned routing: loss {baseline:.4f})")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.legend()
+    panels = [("delta", 1, "validation loss change", f"loss {baseline.loss:.4f}"),
+              ("accuracy_delta", 100, "next-token accuracy change (points)", f"accuracy {baseline.accuracy:.2%}")]
+    for ax, (key, scale, label, learned) in zip(axes, panels):
+        for i, name in enumerate(sets):
+            changes = [scale * next(r[key] for r in rows if r["layer"] == layer and r["candidates"] == name)
+                       for layer in layers]
+            ax.bar([x + i * width for x in range(len(layers))], changes, width, label=f"random from {name}")
+        ax.set_xticks([x + width * (len(sets) - 1) / 2 for x in range(len(layers))], [str(layer) for layer in layers])
+        ax.set_xlabel("layer whose routing is randomised")
+        ax.set_ylabel(label)
+        ax.set_title(f"routing probe (learned routing: {learned})")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")  # the path may be a temporary name
     plt.close(fig)
@@ -100,12 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                                progress=lambda done, total: print(f"  {done}/{total} layers probed", flush=True),
                                eod_id=eod_id)
     rows = [asdict(r) for r in rows]
-    print(f"learned routing: validation loss {baseline:.4f}")
-    print(f"{'layer':>5} {'random from':>12} {'loss':>8} {'change':>8}")
+    print(f"learned routing: validation loss {baseline.loss:.4f}, next-token accuracy {baseline.accuracy:.2%}")
+    print(f"{'layer':>5} {'random from':>12} {'loss':>8} {'change':>8} {'accuracy':>9} {'points':>7}")
     for r in rows:
-        print(f"{r['layer']:>5} {r['candidates']:>12} {r['loss']:>8.4f} {r['delta']:>+8.4f}")
+        print(f"{r['layer']:>5} {r['candidates']:>12} {r['loss']:>8.4f} {r['delta']:>+8.4f} {r['accuracy']:>9.2%}"
+              f" {100 * r['accuracy_delta']:>+7.2f}")
     args.output.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"checkpoint": str(path), "baseline": baseline, "rows": rows}, indent=2)
+    text = json.dumps({"checkpoint": str(path), "baseline": baseline.loss, "baseline_accuracy": baseline.accuracy,
+                       "rows": rows}, indent=2)
     save_atomically(args.output / "probe.json", lambda temporary: temporary.write_text(text))
     save_atomically(args.output / "probe.png", lambda temporary: plot(rows, baseline, temporary))
     print(f"wrote {args.output / 'probe.json'} and {args.output / 'probe.png'}")

@@ -13,7 +13,7 @@ import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -55,19 +55,27 @@ def random_routing(layer: MoELayer, candidates: torch.Tensor, seed: int) -> Iter
         layer.router = router
 
 
+class Scores(NamedTuple):
+    loss: float  # mean token LM loss
+    accuracy: float  # share of the tokens whose most likely next id is the one that follows
+
+
 @torch.no_grad()
-def evaluate_loss(model: LanguageModel, batches: list[torch.Tensor], eod_id: Optional[int] = None) -> float:
-    """Mean token LM loss over the batches (each [B, S+1]), computed on the model's device; `eod_id`: the data's
-    end-of-document id, which model.document_masking needs to keep attention within documents as training did."""
+def next_token_scores(model: LanguageModel, batches: list[torch.Tensor], eod_id: Optional[int] = None) -> Scores:
+    """Mean token LM loss and next-token accuracy over the batches (each [B, S+1]), computed on the model's device;
+    `eod_id`: the data's end-of-document id, which model.document_masking needs to keep attention within
+    documents as training did."""
     model.eval()
     device = model.embedding.weight.device
-    total, count = 0.0, 0
+    loss, correct, count = 0.0, 0, 0
     for batch in batches:
         batch = batch.to(device)
         logits, _ = model(batch[:, :-1], model.documents_of(batch[:, :-1], eod_id))
-        total += lm_loss_sum(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).item()
-        count += batch[:, 1:].numel()
-    return total / count
+        targets = batch[:, 1:].flatten()
+        loss += lm_loss_sum(logits.flatten(0, 1).float(), targets).item()
+        correct += int((logits.flatten(0, 1).argmax(dim=-1) == targets).sum())
+        count += targets.numel()
+    return Scores(loss / count, correct / count)
 
 
 def add_routed_run_arguments(parser: argparse.ArgumentParser, output: str, writes: str) -> None:
@@ -132,9 +140,8 @@ def routing_batches(config: Config, eval_batches: Optional[int] = None) -> tuple
 
 @torch.no_grad()
 def record_routing(model: LanguageModel, batches: list[torch.Tensor], eod_id: Optional[int] = None
-                   ) -> tuple[float, dict[int, torch.Tensor]]:
-    """(mean LM loss, the experts each MoE layer picks for every token: {layer: [tokens, k]}), one pass
-    (`eod_id`: as evaluate_loss's)."""
+                   ) -> tuple[Scores, dict[int, torch.Tensor]]:
+    """(next_token_scores, the experts each MoE layer picks for every token: {layer: [tokens, k]}), one pass."""
     picked: dict[int, list[torch.Tensor]] = {}
     handles = []
     for index in model.local_layers:
@@ -150,11 +157,11 @@ def record_routing(model: LanguageModel, batches: list[torch.Tensor], eod_id: Op
 
             handles.append(layer.router.register_forward_hook(record))
     try:
-        loss = evaluate_loss(model, batches, eod_id)
+        scores = next_token_scores(model, batches, eod_id)
     finally:
         for handle in handles:
             handle.remove()
-    return loss, {index: torch.cat(chunks) for index, chunks in picked.items()}
+    return scores, {index: torch.cat(chunks) for index, chunks in picked.items()}
 
 
 def unique_experts_by_depth(routing: dict[int, torch.Tensor], pool_of_layer: dict[int, int],
@@ -184,13 +191,15 @@ class ProbeRow:
     candidates: str  # "pool" or "top<N>"
     loss: float
     delta: float  # loss minus the learned routing's loss
+    accuracy: float  # next-token accuracy (a share)
+    accuracy_delta: float  # accuracy minus the learned routing's
 
 
 def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], top_n: Optional[int],
           seeds: int = 1, progress: Optional[Callable[[int, int], None]] = None,
-          eod_id: Optional[int] = None) -> tuple[float, list[ProbeRow]]:
-    """(baseline loss, one row per layer and candidate set), each loss averaged over `seeds` draws (`eod_id`:
-    as evaluate_loss's).
+          eod_id: Optional[int] = None) -> tuple[Scores, list[ProbeRow]]:
+    """(the learned routing's scores, one row per layer and candidate set), each row's loss and accuracy averaged
+    over `seeds` draws (`eod_id`: as next_token_scores's).
     No top-N set when N covers the pool: it would repeat the pool row. `progress(done, total)` after the
     learned routing's pass (done 0) and after each layer (a probe of a large model takes minutes per layer)."""
     if seeds < 1:
@@ -207,12 +216,12 @@ def probe(model: LanguageModel, batches: list[torch.Tensor], layers: list[int], 
         if top_n and top_n < layer.pool.num_experts:
             candidate_sets[f"top{top_n}"] = most_used_experts(routing[index], layer.pool.num_experts, top_n)
         for name, candidates in candidate_sets.items():
-            losses = []
+            draws = []
             for seed in range(seeds):
                 with random_routing(layer, candidates, seed):
-                    losses.append(evaluate_loss(model, batches, eod_id))
-            loss = sum(losses) / len(losses)
-            rows.append(ProbeRow(index, name, loss, loss - baseline))
+                    draws.append(next_token_scores(model, batches, eod_id))
+            loss, accuracy = (sum(values) / seeds for values in zip(*draws))
+            rows.append(ProbeRow(index, name, loss, loss - baseline.loss, accuracy, accuracy - baseline.accuracy))
         if progress is not None:
             progress(done, len(layers))
     return baseline, rows
