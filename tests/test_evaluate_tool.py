@@ -110,16 +110,24 @@ def test_files_it_cannot_read_as_the_run_did_are_refused_before_any_is_evaluated
         assert message in capsys.readouterr().err
 
 
-def test_an_import_needs_the_files_named_and_says_their_ids_are_unchecked(trained_run, data_cache, tmp_path, capsys):
-    """An import records no tokenizer unless --set named one: its data section is defaults, never read by it."""
-    from megatron_unipool.training.checkpoint import write_run_directory
-    from megatron_unipool.training.checkpoint import load_trained_model
+def test_an_import_needs_the_files_named_and_says_when_their_ids_are_unchecked(trained_run, data_cache, tmp_path,
+                                                                              capsys):
+    """An import has read no training data: its data section is defaults (whether or not --set named its
+    tokenizer), so the files must be named; without a tokenizer recorded their ids cannot be checked. A run that
+    trained on files recording no tokenizer (index format 1) reads its own validation files."""
+    from megatron_unipool.training.checkpoint import load_trained_model, write_run_directory
 
     run, _ = trained_run
     _, payload, config, model = load_trained_model(run)
-    write_run_directory(tmp_path / "import", config, model.state_dict(), {}, {"consumed_samples": 0})
-    assert evaluate_tool.main(["--checkpoint", str(tmp_path / "import")]) == 2
-    assert "pass the files to evaluate as --data" in capsys.readouterr().err
     valid = prepare_default_corpus("byte", data_cache)[1]
-    assert evaluate_tool.main(["--checkpoint", str(tmp_path / "import"), "--data", valid]) == 0
-    assert "note: the run does not record the tokenizer its ids belong to" in capsys.readouterr().out
+    for name, state in (("import", {"consumed_samples": 0}),
+                        ("named", {"consumed_samples": 0, "tokenizer": "byte", "tokenizer_vocab_size": 257,
+                                   "eod_id": 256})):
+        write_run_directory(tmp_path / name, config, model.state_dict(), {}, state)
+        assert evaluate_tool.main(["--checkpoint", str(tmp_path / name)]) == 2
+        assert "the run has read no training data" in capsys.readouterr().err
+        assert evaluate_tool.main(["--checkpoint", str(tmp_path / name), "--data", valid]) == 0
+        assert ("note: the run does not record the tokenizer" in capsys.readouterr().out) == (name == "import")
+    older = {**payload["train_state"], "tokenizer": None, "tokenizer_vocab_size": None, "eod_id": None}
+    write_run_directory(tmp_path / "older", config, model.state_dict(), {}, older)
+    assert evaluate_tool.main(["--checkpoint", str(tmp_path / "older")]) == 0

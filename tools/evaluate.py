@@ -8,8 +8,8 @@ Each file is read as training validates: `--eval-batches` global batches of mode
 (default: the run's train.eval_batches) spread evenly over the file, in the run's micro-batches, attention
 within documents where the run trained so (model.document_masking). A file holding fewer sequences is read
 whole. Files of another tokenizer than the run's training data are refused; every file is read and checked
-before the first is evaluated. A run that records no tokenizer (an import) needs --data: its data section is
-defaults. Prints a table of loss, perplexity and accuracy per file; --json writes it (replaced whole, or not at all).
+before the first is evaluated. A run that has read no training data (an import) needs --data: its data
+section is defaults. Prints a table of loss, perplexity and accuracy per file; --json writes it (replaced whole, or not at all).
 """
 from __future__ import annotations
 
@@ -37,12 +37,11 @@ from megatron_unipool.training.probe import analysis_device, analysis_precision,
 
 
 def run_validation_prefixes(config: Config, train_state: dict) -> list[str]:
-    """The run's validation files (a blend's each on its own); only they are read. A run that records no
-    tokenizer (an import) has a data section of defaults that never trained it: a DataError."""
-    if train_state.get("tokenizer") is None:
-        raise DataError("the run does not record the tokenizer its ids belong to (an import, or data files of an"
-                        " older format), so its data section may name files it never read: pass the files to"
-                        " evaluate as --data")
+    """The run's validation files (a blend's each on its own); only they are read. A run that has read no
+    training data (an import, or one upcycled from it) has a data section it never trained on: a DataError."""
+    if not train_state.get("consumed_samples"):
+        raise DataError("the run has read no training data (an import, or a model upcycled from one), so its data"
+                        " section may name files it never saw: pass the files to evaluate as --data")
     data = config.data
     if data.corpus is not None:
         return [prepare_default_corpus(data.tokenizer, data.cache_dir)[1]]

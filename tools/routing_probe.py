@@ -1,5 +1,5 @@
 """Routing probe: replace one MoE layer's learned routing at a time by a uniformly random choice of
-k experts and report how much the validation loss rises.
+k experts and report how much the validation loss rises and the next-token accuracy falls (in points).
 
     python tools/routing_probe.py --checkpoint runs/tiny_unipool_cpu [--layers deep|all|2,3]
                                   [--top-n 8] [--seeds 3] [--output probe/]
@@ -7,8 +7,8 @@ k experts and report how much the validation loss rises.
 Random experts come from the whole pool and, with --top-n N (default: moe.num_experts, a vanilla
 layer's expert count; 0 disables it), from the N experts that layer uses most on the same
 validation batches; N at least the pool size adds nothing (it is the pool) and is skipped, so a
-vanilla model gets pool rows only by default. Writes probe.json and probe.png (loss change per
-layer) into --output, each replaced whole (a failed run leaves the previous ones).
+vanilla model gets pool rows only by default. Writes probe.json and probe.png (loss and accuracy change
+per layer) into --output, each replaced whole (a failed run leaves the previous ones).
 """
 from __future__ import annotations
 

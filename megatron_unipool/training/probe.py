@@ -1,7 +1,8 @@
 """Routing probe: how much does each layer's learned routing matter?
 
 One layer's router is replaced by a uniformly random choice of k experts per token, drawn from the
-whole pool or from the experts that layer uses most, and the validation loss is measured again.
+whole pool or from the experts that layer uses most, and the validation loss and next-token accuracy are
+measured again.
 The random choice keeps the size of the layer's output: its k gates are each 1/k of the sum of
 the gates the learned router gave that token. A large loss increase says the layer relies on
 which experts it picks; a small one says any experts (of that set) would do.
