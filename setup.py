@@ -21,6 +21,8 @@ setup(
         "deepspeed>=0.15",  # the launcher and init_distributed
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers>=5.0"],  # transformers: tests/test_hf_interop.py
+        "data": ["zstandard", "pyarrow"],  # .jsonl.zst and Parquet inputs of tools/preprocess_data.py
+        # transformers: tests/test_hf_interop.py; the data extra: the readers' tests
+        "test": ["pytest", "pytest-timeout", "transformers>=5.0", "zstandard", "pyarrow"],
     },
 )

@@ -43,7 +43,8 @@ from megatron_unipool.data import (
 )
 from megatron_unipool.data import corpus as corpus_module
 from megatron_unipool.data.blending import BlendedSamples, period_shares
-from megatron_unipool.data.corpus import InputProgress, count_documents
+from megatron_unipool.data.corpus import InputProgress
+from megatron_unipool.data.readers import ReadStats, count_documents
 from script_modules import load_script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -505,7 +506,7 @@ def test_gpt2_tokenizer_missing_ranks_says_how_to_get_them(tmp_path, monkeypatch
 
 def test_read_and_write_reports_count_megabytes_of_10_6_bytes():
     """The progress lines' MB are 10^6 bytes (as the rates' MB/s), not MiB."""
-    assert str(corpus_module.ReadStats(3, 1, 2_000_000, 1.5)) == (
+    assert str(ReadStats(3, 1, 2_000_000, 1.5)) == (
         "3 documents, 2.00 MB of text, in 1.5 s; skipped 1 blank document")
     assert str(corpus_module.WriteStats(3, 40, 2_000_000, 0.5)) == (
         "3 documents, 40 tokens, 2.00 MB of text in 0.50 s (4.0 MB/s)")
@@ -1041,8 +1042,73 @@ def test_jsonl_lines_that_are_not_text_objects_are_named(tmp_path):
         with pytest.raises(ValueError, match=error):
             list(read_documents(corpus))
     (tmp_path / "c.csv").write_text("x")
-    with pytest.raises(ValueError, match="unsupported input type '.csv'"):
+    with pytest.raises(ValueError, match=r"c.csv: unsupported input type; expected a file ending in .txt, .jsonl,"
+                                         r" .jsonl.gz, .jsonl.zst, .parquet"):
         read_documents(tmp_path / "c.csv")
+
+
+JSONL = '{"text": "First document."}\n{"text": ""}\n{"id": 3, "text": "Dritte, \\u00fcber Zeilen\\nhinweg."}\n'
+
+
+def test_compressed_json_lines_read_as_the_plain_file(tmp_path):
+    """The Pile's .jsonl.zst and a .jsonl.gz stream out the documents of the plain .jsonl, counted alike; a
+    damaged or truncated one is a DataError naming it, not a decompressor's traceback."""
+    import gzip
+
+    import zstandard
+
+    plain = tmp_path / "c.jsonl"
+    plain.write_text(JSONL)
+    expected = list(read_documents(plain))
+    assert expected == ["First document.", "Dritte, über Zeilen\nhinweg."]
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(JSONL.encode()))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(JSONL.encode()))
+    for name in ("c.jsonl.gz", "c.jsonl.zst"):
+        assert list(read_documents(tmp_path / name)) == expected
+        counted, plain_counted = count_documents(tmp_path / name), count_documents(plain)
+        assert (counted.documents, counted.blank_documents, counted.text_bytes) == (
+            2, 1, plain_counted.text_bytes)
+        whole = (tmp_path / name).read_bytes()
+        for damaged, bytes_ in (("truncated", whole[: len(whole) // 2]), ("garbled", b"not compressed at all")):
+            broken = tmp_path / f"{damaged}.{name}"
+            broken.write_bytes(bytes_)
+            with pytest.raises(DataError, match=f"{damaged}.{name}: cannot be decompressed"):
+                list(read_documents(broken))
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n[2]\n'))
+    with pytest.raises(DataError, match=r"bad.jsonl.gz:2: expected a JSON object"):
+        list(read_documents(tmp_path / "bad.jsonl.gz"))
+
+
+def test_parquet_rows_are_documents_of_the_named_column(tmp_path):
+    """Hugging Face datasets ship Parquet: each row's `text` (or --json-key's column) is a document, a null one
+    blank; a missing column, a column of numbers or a file that is not Parquet is named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["First document.", None, "", "Dritte, über Zeilen\nhinweg."] + [f"row {i}" for i in range(3000)]
+    table = pa.table({"id": list(range(len(texts))), "text": texts, "body": [t and t.upper() for t in texts]})
+    pq.write_table(table, tmp_path / "c.parquet", row_group_size=1000)  # several row groups
+    expected = [t for t in texts if t]
+    assert list(read_documents(tmp_path / "c.parquet")) == expected
+    assert list(read_documents(tmp_path / "c.parquet", json_key="body")) == [t.upper() for t in expected]
+    stats = count_documents(tmp_path / "c.parquet")
+    assert (stats.documents, stats.blank_documents) == (len(expected), 2)
+    for key, message in (("missing", r"c.parquet: no column 'missing' \(columns: \['id', 'text', 'body'\]\)"),
+                         ("id", "c.parquet: column 'id' holds int64, expected strings")):
+        with pytest.raises(DataError, match=message):
+            list(read_documents(tmp_path / "c.parquet", json_key=key))
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="fake.parquet: not a readable Parquet file"):
+        list(read_documents(tmp_path / "fake.parquet"))
+
+
+def test_a_format_whose_package_is_missing_says_which_to_install(tmp_path, monkeypatch):
+    for module in ("zstandard", "pyarrow", "pyarrow.parquet"):  # None in sys.modules: its import fails
+        monkeypatch.setitem(sys.modules, module, None)
+    for name, package in (("c.jsonl.zst", "zstandard"), ("c.parquet", "pyarrow")):
+        (tmp_path / name).write_bytes(b"x")
+        with pytest.raises(DataError, match=f"{name}: reading it needs the {package} package"):
+            list(read_documents(tmp_path / name))
 
 
 def test_blank_lines_split_crlf_text_too(tmp_path):
@@ -1072,7 +1138,7 @@ def test_blank_documents_are_counted_and_an_input_directory_is_named(tmp_path):
     assert "skipped 2 blank documents" in str(stats)
     (tmp_path / "c.txt").write_text("\n\nFirst.\n\nSecond.\n\n")
     assert count_documents(tmp_path / "c.txt", split_on_blank_lines=True).blank_documents == 0
-    with pytest.raises(IsADirectoryError, match="input .* is a directory; expected a .txt or .jsonl file"):
+    with pytest.raises(IsADirectoryError, match="input .* is a directory; expected a file ending in .txt, .jsonl"):
         count_documents(tmp_path)
     with pytest.raises(IsADirectoryError, match="is a directory"):
         read_documents(tmp_path)
@@ -1083,6 +1149,33 @@ def test_cli_txt_is_one_document(tmp_path, preprocess_main):
     corpus.write_text("Para one.\n\nPara two.\n")
     preprocess_main(["--input", str(corpus), "--output-prefix", str(tmp_path / "c"), "--tokenizer", "byte"])
     assert decoded_documents(tmp_path / "c", ByteTokenizer()) == ["Para one.\n\nPara two.\n"]
+
+
+def test_cli_reads_compressed_json_lines_and_parquet_shards_as_one_corpus(tmp_path, preprocess_main):
+    """Shards of one corpus in the three container formats (The Pile's .jsonl.zst, a .jsonl.gz, a Hugging Face
+    dataset's Parquet) give the files the same documents as plain .jsonl shards; --json-key names the column."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = [f"document {i}: {UNICODE_TEXT * (i % 3 + 1)}" for i in range(12)]
+    shards = [texts[:4], texts[4:8], texts[8:]]
+    lines = ["".join(json.dumps({"body": text}) + "\n" for text in shard).encode() for shard in shards]
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines[0]))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(lines[1]))
+    pq.write_table(pa.table({"body": shards[2]}), tmp_path / "c.parquet")
+    for name, content in zip(("a", "b", "c"), lines):
+        (tmp_path / f"plain_{name}.jsonl").write_bytes(content)
+    for inputs, prefix in ((["a.jsonl.zst", "b.jsonl.gz", "c.parquet"], "packed"),
+                           (["plain_a.jsonl", "plain_b.jsonl", "plain_c.jsonl"], "plain")):
+        preprocess_main(["--input", *(str(tmp_path / name) for name in inputs), "--json-key", "body",
+                         "--output-prefix", str(tmp_path / prefix), "--tokenizer", "byte", "--valid-fraction", "0.25"])
+    for split in ("_train", "_valid"):
+        assert decoded_documents(tmp_path / f"packed{split}", ByteTokenizer()) == decoded_documents(
+            tmp_path / f"plain{split}", ByteTokenizer())
+    assert decoded_documents(tmp_path / "packed_valid", ByteTokenizer()) == texts[9:]
 
 
 def test_cli_holds_out_a_single_document(tmp_path, preprocess_main):
@@ -1119,9 +1212,9 @@ def test_cli_trains_the_tokenizer_on_the_training_documents_only(tmp_path, prepr
      "--train-tokenizer-vocab 256 is too small: byte-level BPE needs at least 257"),
     # an option of the other input type: ignored before, the documents split otherwise than asked
     (["--tokenizer", "byte", "--split-on-blank-lines"], "--split-on-blank-lines is for a .txt input, not"),
-    (["--tokenizer", "byte", "--input", "plays.txt", "--json-key", "body"], "--json-key is for a .jsonl input, not plays.txt"),
+    (["--tokenizer", "byte", "--input", "plays.txt", "--json-key", "body"], "--json-key is for a JSON-lines or Parquet input, not plays.txt"),
     (["--tokenizer", "byte", "--input", "a.jsonl", "b.txt", "--json-key", "body"],
-     "--json-key is for a .jsonl input, not b.txt"),
+     "--json-key is for a JSON-lines or Parquet input, not b.txt"),
     (["--tokenizer", "byte", "--input", "a.jsonl", "b.jsonl", "a.jsonl"], "--input names a.jsonl twice"),
     (["--tokenizer", "byte", "--input", "a.jsonl", "sub/../a.jsonl"], "--input names sub/../a.jsonl twice (a.jsonl and"
                                                                        " sub/../a.jsonl)"),

