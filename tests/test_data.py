@@ -1074,6 +1074,11 @@ def test_compressed_json_lines_read_as_the_plain_file(tmp_path):
             broken.write_bytes(bytes_)
             with pytest.raises(DataError, match=f"{damaged}.{name}: cannot be decompressed"):
                 list(read_documents(broken))
+    corrupted = bytearray(gzip.compress(JSONL.encode() * 3, mtime=0))
+    corrupted[len(corrupted) // 2] ^= 0xFF  # inside the deflate stream: zlib's own error, not an OSError
+    (tmp_path / "corrupted.jsonl.gz").write_bytes(bytes(corrupted))
+    with pytest.raises(DataError, match="corrupted.jsonl.gz: cannot be decompressed"):
+        list(read_documents(tmp_path / "corrupted.jsonl.gz"))
     (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n[2]\n'))
     with pytest.raises(DataError, match=r"bad.jsonl.gz:2: expected a JSON object"):
         list(read_documents(tmp_path / "bad.jsonl.gz"))
@@ -1100,6 +1105,23 @@ def test_parquet_rows_are_documents_of_the_named_column(tmp_path):
     (tmp_path / "fake.parquet").write_text("not parquet")
     with pytest.raises(DataError, match="fake.parquet: not a readable Parquet file"):
         list(read_documents(tmp_path / "fake.parquet"))
+    # a pandas categorical: dictionary-encoded, the same strings
+    pq.write_table(pa.table({"text": pa.array(expected).dictionary_encode()}), tmp_path / "categorical.parquet")
+    assert list(read_documents(tmp_path / "categorical.parquet")) == expected
+    # damaged data pages behind an intact footer: named, with the rows read before
+    pq.write_table(pa.table({"text": [f"row {i} " + "abc" * (i % 13) for i in range(3000)]}), tmp_path / "g.parquet",
+                   row_group_size=500, compression="snappy")
+    whole = (tmp_path / "g.parquet").read_bytes()
+    named = 0
+    for position in range(4, len(whole) - 600, 97):  # one byte flipped in the data pages (not the footer)
+        damaged = bytearray(whole)
+        damaged[position] ^= 0xFF
+        (tmp_path / "damaged.parquet").write_bytes(bytes(damaged))
+        try:  # a flipped character inside a string reads as another text (Parquet pages carry no checksum here)
+            list(read_documents(tmp_path / "damaged.parquet"))
+        except DataError as error:  # anything else (pyarrow's own errors, a UnicodeDecodeError) fails the test
+            named += str(error).startswith(f"{tmp_path / 'damaged.parquet'}: ")
+    assert named > 20
 
 
 def test_a_format_whose_package_is_missing_says_which_to_install(tmp_path, monkeypatch):

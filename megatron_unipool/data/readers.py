@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -171,7 +172,7 @@ class _ZstdStream(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         while self._offset == len(self._pending):
-            chunk = self._file.read(1 << 20)
+            chunk = self._file.read(1 << 18)  # its decompressed bytes are held at once: a few MiB of text
             if not chunk:
                 if self._in_frame:
                     raise EOFError("the file ends inside a zstd frame: it was cut short")
@@ -207,9 +208,10 @@ def _open_lines(path: Path) -> BinaryIO:
 
 
 def _decompression_errors(path: Path) -> tuple[type[BaseException], ...]:
-    """What reading a damaged or truncated compressed file raises (gzip: OSError or EOFError; zstd: ZstdError)."""
+    """What reading a damaged or truncated compressed file raises (gzip: OSError, EOFError or zlib.error; zstd:
+    EOFError or ZstdError)."""
     if path.name.endswith(".gz"):
-        return OSError, EOFError
+        return OSError, EOFError, zlib.error
     if path.name.endswith(".zst"):
         return EOFError, _optional_module("zstandard", path).ZstdError
     return ()
@@ -263,8 +265,8 @@ def _jsonl_lines(path: Path, json_key: str) -> Iterator[str]:
 
 
 def _parquet_documents(path: Path, column: str) -> Iterator[str]:
-    """The strings of a Parquet file's `column`, read a row group at a time; a null row is a blank document."""
-    parquet = _optional_module("pyarrow.parquet", path)
+    """The strings of a Parquet file's `column`, read 1024 rows at a time; a null row is a blank document."""
+    arrow, parquet = _optional_module("pyarrow", path), _optional_module("pyarrow.parquet", path)
     try:
         table = parquet.ParquetFile(path)
     except Exception as error:  # pyarrow's ArrowInvalid: not a Parquet file, or a damaged one
@@ -273,10 +275,18 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
     if column not in schema.names:
         raise DataError(f"{path}: no column {column!r} (columns: {schema.names[:10]})")
     kind = schema.field(column).type
+    if isinstance(kind, arrow.DictionaryType):  # dictionary-encoded (a pandas categorical): strings all the same
+        kind = kind.value_type
     if str(kind) not in ("string", "large_string", "string_view"):
         raise DataError(f"{path}: column {column!r} holds {kind}, expected strings")
-    for batch in table.iter_batches(columns=[column], batch_size=1024):
-        yield from ("" if text is None else text for text in batch.column(0).to_pylist())
+    rows = 0
+    try:
+        for batch in table.iter_batches(columns=[column], batch_size=1024):
+            texts = batch.column(0).to_pylist()
+            yield from ("" if text is None else text for text in texts)
+            rows += len(texts)
+    except (OSError, ValueError) as error:  # damaged pages: pyarrow's OSError or ArrowInvalid, invalid UTF-8
+        raise DataError(f"{path}: damaged Parquet data after row {rows} of column {column!r} ({error})") from error
 
 
 def read_utf8(path: Path) -> str:
