@@ -78,8 +78,9 @@ class TrainState:
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
     tokenizer: Optional[str] = None  # that wrote the training data, as its index names it (None: not recorded)
-    tokenizer_vocab_size: Optional[int] = None  # its vocabulary and end-of-document id, as the index records them:
-    eod_id: Optional[int] = None  # what a tool checks other files against (tools/evaluate.py)
+    # its vocabulary and end-of-document id, as the index records them: what tools/evaluate.py checks other files by
+    tokenizer_vocab_size: Optional[int] = None
+    eod_id: Optional[int] = None
     training_content: Optional[str] = None  # of the training files (RunData.training_content; None: not recorded)
 
 
