@@ -33,8 +33,9 @@ def written_like(prefix: str, like: IndexedDataset, tokens: np.ndarray, tokenize
     return prefix
 
 
-def test_the_runs_own_validation_file_gives_its_validation_loss(trained_run, tmp_path, capsys):
+def test_the_runs_own_validation_file_gives_its_validation_loss(trained_run, tmp_path, capsys, monkeypatch):
     run, summary = trained_run
+    monkeypatch.setattr(evaluate_tool, "PROGRESS_EVERY_S", 0.0)  # a progress line after every micro-batch
     assert evaluate_tool.main(["--checkpoint", str(run), "--json", str(tmp_path / "eval.json")]) == 0
     out = capsys.readouterr().out
     (row,) = json.loads((tmp_path / "eval.json").read_text())["rows"]
@@ -44,6 +45,7 @@ def test_the_runs_own_validation_file_gives_its_validation_loss(trained_run, tmp
     assert row["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
     assert (f"{row['prefix']} {row['sequences']:>9} {row['loss']:>8.4f} {row['perplexity']:>11.3f}"
             f" {row['accuracy']:>9.2%}") in out
+    assert f"  [1/1] {row['prefix']}: 1/2 micro-batches" in out and "2/2 micro-batches" not in out
 
 
 def test_other_files_each_give_the_loss_a_run_validating_on_them_reports(trained_run, data_cache, tmp_path, tiny_config):

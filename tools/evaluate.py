@@ -36,6 +36,9 @@ from megatron_unipool.training.outputs import check_output_file, write_json_repo
 from megatron_unipool.training.probe import analysis_device, analysis_precision, next_token_scores  # noqa: E402
 
 
+PROGRESS_EVERY_S = 10.0
+
+
 def run_validation_prefixes(config: Config, train_state: dict) -> list[str]:
     """The run's validation files (a blend's each on its own); only they are read. A run that has read no
     training data (an import, or one upcycled from it) has a data section it never trained on: a DataError."""
@@ -111,9 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(device)
     rows = []
     for number, (prefix, batches) in enumerate(batches_of.items(), 1):
-        started = time.perf_counter()
+        started = last_report = time.perf_counter()
+
+        def progress(done: int) -> None:  # a large model's file takes minutes: a line every 10 s
+            nonlocal last_report
+            if (now := time.perf_counter()) - last_report >= PROGRESS_EVERY_S and done < len(batches):
+                print(f"  [{number}/{len(files)}] {prefix}: {done}/{len(batches)} micro-batches", flush=True)
+                last_report = now
+
         with analysis_precision(device, args.precision):
-            loss, accuracy = next_token_scores(model, batches, files[prefix].dataset.eod_id)
+            loss, accuracy = next_token_scores(model, batches, files[prefix].dataset.eod_id, progress)
         rows.append({"prefix": prefix, "sequences": sum(len(batch) for batch in batches),
                      "tokens": sum(batch[:, 1:].numel() for batch in batches), "loss": loss,
                      "perplexity": math.exp(min(loss, 50.0)), "accuracy": accuracy})

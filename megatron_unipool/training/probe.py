@@ -62,20 +62,23 @@ class Scores(NamedTuple):
 
 
 @torch.no_grad()
-def next_token_scores(model: LanguageModel, batches: list[torch.Tensor], eod_id: Optional[int] = None) -> Scores:
+def next_token_scores(model: LanguageModel, batches: list[torch.Tensor], eod_id: Optional[int] = None,
+                      progress: Optional[Callable[[int], None]] = None) -> Scores:
     """Mean token LM loss and next-token accuracy over the batches (each [B, S+1]), computed on the model's device;
     `eod_id`: the data's end-of-document id, which model.document_masking needs to keep attention within
-    documents as training did."""
+    documents as training did. `progress(batches done)` after each batch."""
     model.eval()
     device = model.embedding.weight.device
     loss, correct, count = 0.0, 0, 0
-    for batch in batches:
+    for done, batch in enumerate(batches, start=1):
         batch = batch.to(device)
         logits, _ = model(batch[:, :-1], model.documents_of(batch[:, :-1], eod_id))
         targets = batch[:, 1:].flatten()
         loss += lm_loss_sum(logits.flatten(0, 1).float(), targets).item()
         correct += int((logits.flatten(0, 1).argmax(dim=-1) == targets).sum())
         count += targets.numel()
+        if progress is not None:
+            progress(done)
     return Scores(loss / count, correct / count)
 
 
