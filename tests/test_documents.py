@@ -197,6 +197,7 @@ def test_the_routing_tools_read_a_document_masking_run_as_it_trained(short_docum
     from script_modules import load_script
 
     trainer = short_documents_trainer
+    trainer.train_step()  # a run that has read training data: the evaluate tool reads its validation file
     trainer.save()
     run = trainer.run_dir
     tools = Path(__file__).resolve().parents[1] / "tools"

@@ -2,6 +2,7 @@
 tokenizer, against the trainer's own evaluation of the same files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -133,3 +134,10 @@ def test_an_import_needs_the_files_named_and_says_when_their_ids_are_unchecked(t
     older = {**payload["train_state"], "tokenizer": None, "tokenizer_vocab_size": None, "eod_id": None}
     write_run_directory(tmp_path / "older", config, model.state_dict(), {}, older)
     assert evaluate_tool.main(["--checkpoint", str(tmp_path / "older")]) == 0
+    # a run on preprocessed files that moved since: said, with the way out
+    moved = dataclasses.replace(config, data=dataclasses.replace(config.data, corpus=None, train_prefix=str(tmp_path / "gone_train"),
+                                                                 valid_prefix=str(tmp_path / "gone_valid")))
+    write_run_directory(tmp_path / "moved", moved, model.state_dict(), {}, payload["train_state"])
+    capsys.readouterr()
+    assert evaluate_tool.main(["--checkpoint", str(tmp_path / "moved")]) == 2
+    assert "gone_valid is not there (moved?): name the files to evaluate with --data" in capsys.readouterr().err

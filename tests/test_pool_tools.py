@@ -508,9 +508,9 @@ def test_tool_dense_example_of_the_readme(data_cache, tmp_path):
 
 def test_dense_upcycling_keeps_reading_the_source_data_in_its_order(data_cache, tmp_path, capsys):
     """The checkpoint carries the dense run's position in its data (consumed samples), meaningful only in that
-    run's sample order and data: --to-config's seed and data are replaced by the source's (with a note), unless
-    a --set chooses them, or the source is at sample 0 (an imported model); a changed seq_len is named, as at a
-    resume."""
+    run's sample order and data: --to-config's seed, data and document masking are replaced by the source's (with
+    a note), unless a --set chooses them, or the source is at sample 0 (an imported model); a changed seq_len is
+    named, as at a resume."""
     from megatron_unipool.training.checkpoint import write_run_directory
     tool = tool_module("upcycle")
     dense = load_config(REPO / "configs/tiny_dense_cpu.json", [f"data.cache_dir={data_cache}", "train.seed=7"])
@@ -528,7 +528,7 @@ def test_dense_upcycling_keeps_reading_the_source_data_in_its_order(data_cache, 
         assert tool.main(["--checkpoint", str(tmp_path / source), "--to-config", str(to_config), "--set",
                           "moe.normalize_gates=true", *overrides, "--output", str(tmp_path / name)]) == 0
         payload = load_checkpoint(resolve_checkpoint(tmp_path / name))
-        assert payload["train_state"]["consumed_samples"] == (32 if source == "dense" else 0)
+        assert payload["train_state"]["consumed_samples"] == (0 if source in ("fresh", "imported") else 32)
         return config_from_dict(json.loads((tmp_path / name / "config.json").read_text()), world_size=None)
 
     fresh = written("from_fresh", source="fresh")
@@ -552,6 +552,14 @@ def test_dense_upcycling_keeps_reading_the_source_data_in_its_order(data_cache, 
     assert "keeps the source's" not in err
     assert (f"note: model.seq_len=32, the source's run had {dense.model.seq_len}: the run continues at sample 32 of 32-token samples, not"
             " at the token where the source's data stopped") in err
+    # a source that read its documents masked keeps doing so, unless --set says otherwise
+    masked = dataclasses.replace(dense, model=dataclasses.replace(dense.model, document_masking=True))
+    write_run_directory(tmp_path / "masked", masked, LanguageModel(masked.model, masked.moe).state_dict(), {},
+                        {"consumed_samples": 32})
+    assert written("from_masked", source="masked").model.document_masking
+    assert "model.document_masking=True (--to-config: False)" in capsys.readouterr().err
+    assert not written("unmasked", "--set", "model.document_masking=false", source="masked").model.document_masking
+    assert "document_masking" not in capsys.readouterr().err
 
 
 def test_tool_output_continues_with_the_launcher(trained, tmp_path):

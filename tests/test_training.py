@@ -56,6 +56,18 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_config, tmp_path):
     assert again.state.step == 6 and again.state.train_losses == full["train_losses"]
 
 
+def test_a_finished_run_extended_keeps_its_final_validation(tiny_config, tmp_path):
+    """The last checkpoint is saved before the final evaluation, so a run extended from it (train.max_steps
+    raised) evaluates that step again: its validation history is the uninterrupted longer run's."""
+    overrides = ["train.eval_interval=3", "checkpoint.save_interval=3"]
+    full = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides, "train.max_steps=6"), tmp_path / "full").train()
+    Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides, "train.max_steps=3"), tmp_path / "extended").train()
+    extended = Trainer(tiny_config("configs/tiny_unipool_cpu.json", *overrides, "train.max_steps=6"),
+                       tmp_path / "extended").train()
+    assert extended["val_losses"] == full["val_losses"] and [step for step, _ in full["val_losses"]] == [3, 6]
+    assert extended["train_losses"] == full["train_losses"]
+
+
 def test_a_blend_trains_on_its_files_by_weight_and_resumes_exactly(tiny_config, data_cache, tmp_path, capsys):
     """data.train_prefix as {prefix: weight}: samples are a function of the global index, so a resume (here with
     the blend's entries in the other order: the same weighted files) reads on where the run stopped."""

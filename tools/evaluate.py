@@ -48,7 +48,12 @@ def run_validation_prefixes(config: Config, train_state: dict) -> list[str]:
     data = config.data
     if data.corpus is not None:
         return [prepare_default_corpus(data.tokenizer, data.cache_dir)[1]]
-    return list(as_blend(data.valid_prefix))
+    prefixes = list(as_blend(data.valid_prefix))
+    for prefix in prefixes:
+        if not Path(f"{prefix}.idx").is_file():
+            raise DataError(f"the run's validation file {prefix} is not there (moved?): name the files to evaluate"
+                            " with --data")
+    return prefixes
 
 
 def sequences_of(prefixes: list[str], config: Config, train_state: dict) -> dict[str, Samples]:

@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def reading_the_source_data(source: Config, target: Config, overrides: list[str], consumed_samples: int,
                             tokenizer: Optional[str]) -> Config:
-    """The dense source's `train.seed` and `data` in place of --to-config's: the upcycled checkpoint continues at
-    the source's position in its data (consumed samples), which in another seed's order or in other data would
-    repeat some samples and skip others. A --set of either wins; what replaced --to-config's is said. A source
+    """The dense source's `train.seed`, `data` and `model.document_masking` in place of --to-config's: the upcycled
+    checkpoint continues at the source's position in its data (consumed samples), which in another seed's order or
+    in other data would repeat some samples and skip others, and reads its documents as the source did. A --set of either wins; what replaced --to-config's is said. A source
     at sample 0 (an import) has no position to keep, but one recording the `tokenizer` its ids mean keeps its
     data.tokenizer (the import's --set named it)."""
     chosen = overridden_fields(overrides)
@@ -175,18 +175,23 @@ def reading_the_source_data(source: Config, target: Config, overrides: list[str]
         return with_overrides(replace(target, data=replace(target.data, tokenizer=source.data.tokenizer)), [])
     kept = {name: getattr(source.data, name) for name in (f.name for f in fields(DataConfig)) if ("data", name) not in chosen}
     seed = target.train.seed if ("train", "seed") in chosen else source.train.seed
+    # how the source read its samples' documents (attention within each), as it read its data
+    masking = (target.model.document_masking if ("model", "document_masking") in chosen
+               else source.model.document_masking)
     replaced = [f"data.{name}={value!r} (--to-config: {getattr(target.data, name)!r})" for name, value in kept.items()
                 if value != getattr(target.data, name)]
     if seed != target.train.seed:
         replaced.insert(0, f"train.seed={seed} (--to-config: {target.train.seed})")
+    if masking != target.model.document_masking:
+        replaced.append(f"model.document_masking={masking} (--to-config: {target.model.document_masking})")
     if replaced:
         print(f"note: the upcycled run continues the source's data at sample {consumed_samples:,}, so it keeps the"
               f" source's {', '.join(replaced)}; --set them to read other data", file=sys.stderr)
     note = seq_len_note(target.model.seq_len, source.model.seq_len, "the source's", consumed_samples)
     if note:
         print(note, file=sys.stderr)
-    return with_overrides(replace(target, data=replace(target.data, **kept), train=replace(target.train, seed=seed)),
-                          [])
+    return with_overrides(replace(target, data=replace(target.data, **kept), train=replace(target.train, seed=seed),
+                                  model=replace(target.model, document_masking=masking)), [])
 
 
 def report(source: Config, result: Upcycled, written: Config) -> None:

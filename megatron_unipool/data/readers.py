@@ -41,7 +41,7 @@ def input_format(path: Path) -> str:
 def read_documents(
     path: str | os.PathLike, json_key: str = "text", split_on_blank_lines: bool = False, allow_empty: bool = False
 ) -> Iterator[str]:
-    """Documents of a ``.txt`` or ``.jsonl`` file, streamed; blank documents are skipped.
+    """Documents of a file in one of the FORMATS, streamed; blank documents are skipped.
 
     A ``.txt`` file is one document, or one per blank-line-separated block with
     ``split_on_blank_lines``; a ``.jsonl`` file holds one JSON object per line

@@ -130,6 +130,9 @@ class Trainer:
         self.state = TrainState(**read)
         self.checkpoints = checkpoints_dir(self.run_dir)
         payload, source = self._checkpoint_to_resume()
+        # the last checkpoint of its run, which is saved before that run's final evaluation (see _train)
+        self.resumed_at_its_runs_end = payload is not None and (
+            payload["train_state"]["step"] == payload["config"]["train"]["max_steps"])
         if payload is not None:
             payload["model"] = adopt_lock_change(model, payload["model"], payload["train_state"]["step"])
             restore_model(model, payload["model"], source)
@@ -422,6 +425,8 @@ class Trainer:
                       " time and tokens/s understate the run's", flush=True)
         if 0 < self.state.step < cfg.train.max_steps:
             self.state.resumed_at_steps.append(self.state.step + 1)
+            if self.resumed_at_its_runs_end and not self._evaluated_at(self.state.step):
+                self._record_evaluation(logger)  # that run's final evaluation: an extended run has it as the longer one
         while self.state.step < cfg.train.max_steps:
             started = time.perf_counter()
             metrics, routing = self.train_step()
