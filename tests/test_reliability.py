@@ -1247,7 +1247,7 @@ def test_a_resume_onto_rewritten_training_files_is_noted(tiny_config, tmp_path, 
     checkpoint's sample count in other data, so the resume says so; the same contents elsewhere, or read at another
     sample length, are the same data."""
     rng = np.random.default_rng(0)
-    documents = [[rng.integers(0, 255, 400).tolist() for _ in range(4)] for _ in range(2)]
+    documents = [[rng.integers(0, 255, 400).tolist() for _ in range(4)] for _ in range(3)]
     train, valid = write(tmp_path / "train", documents[0], 256, 255), write(tmp_path / "valid", documents[0][:2], 256, 255)
 
     def run(max_steps: int, train_prefix: str, *overrides: str) -> str:
@@ -1256,22 +1256,31 @@ def test_a_resume_onto_rewritten_training_files_is_noted(tiny_config, tmp_path, 
                 tmp_path / "run").train()
         return capsys.readouterr().out
 
-    assert "content hashes" not in run(1, train)
+    assert "by content hash" not in run(1, train)
     before = IndexedDataset(train).content_hash()
     moved = tmp_path / "moved" / "train"
     moved.parent.mkdir()
     for suffix in (".bin", ".idx"):
         shutil.copy(tmp_path / f"train{suffix}", moved.with_suffix(suffix))
     out = run(2, str(moved))  # the same contents elsewhere: a changed prefix, not other data
-    assert f"data.train_prefix={str(moved)!r} (was {train!r})" in out and "content hashes" not in out
+    assert f"data.train_prefix={str(moved)!r} (was {train!r})" in out and "by content hash" not in out
     write(tmp_path / "train", documents[1], 256, 255)  # preprocessed again, over the files the run trained on
     after = IndexedDataset(train).content_hash()
     assert after != before
-    assert (f"note: the training files hold other data than the checkpoint's run's (content hashes {after}; the"
-            f" checkpoint's: {before}): the run reads them from sample 16 on, where the checkpoint's data stopped,"
-            " not from their start") in run(3, train)
+    assert (f"note: {train} holds other data than the checkpoint's run read (by content hash): the run reads the"
+            " training files from sample 16 on, where the checkpoint's data stopped, not from their start") in run(3, train)
     out = run(4, train, "model.seq_len=32")  # its own note, for samples of another length in the same data
-    assert "model.seq_len=32, the checkpoint's run had 64" in out and "content hashes" not in out
+    assert "model.seq_len=32, the checkpoint's run had 64" in out and "by content hash" not in out
+    # in a blend, the note names the file that changed
+    other = write(tmp_path / "other", documents[0], 256, 255)
+    blend = f"data.train_prefix={json.dumps({train: 1, other: 1})}"
+    Trainer(tiny_config(UNIPOOL, "data.corpus=null", "train.eval_interval=0", "train.max_steps=1", blend,
+                        f"data.valid_prefix={valid}"), tmp_path / "blend").train()
+    write(tmp_path / "other", documents[2], 256, 255)
+    Trainer(tiny_config(UNIPOOL, "data.corpus=null", "train.eval_interval=0", "train.max_steps=2", blend,
+                        f"data.valid_prefix={valid}"), tmp_path / "blend").train()
+    out = capsys.readouterr().out
+    assert f"note: {other} holds other data than the checkpoint's run read" in out and f"{train}," not in out
 
 
 def test_resuming_at_max_steps_after_an_earlier_evaluation_evaluates_the_checkpoints_step(tiny_config, tmp_path):

@@ -24,11 +24,15 @@ class RunData:
         the built-in corpus, a stale copy of a preprocessed prefix) can differ."""
         return {"training split": _fingerprint(self.train), "validation split": _fingerprint(self.valid)}
 
+    def training_hashes(self) -> dict[str, str]:
+        """Each training file's content hash (IndexedDataset.content_hash), by prefix."""
+        files = self.train.sources if isinstance(self.train, BlendedSamples) else [self.train]
+        return {str(samples.dataset.bin_path.with_suffix("")): samples.dataset.content_hash() for samples in files}
+
     def training_content(self) -> str:
         """The training files' content hashes, sorted: what a resume compares to know that it reads on in the data
         its checkpoint stopped in, wherever the files lie now and at any sample length."""
-        files = self.train.sources if isinstance(self.train, BlendedSamples) else [self.train]
-        return ", ".join(sorted(samples.dataset.content_hash() for samples in files))
+        return ", ".join(sorted(self.training_hashes().values()))
 
 
 def build_datasets(config: Config) -> RunData:

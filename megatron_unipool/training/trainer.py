@@ -200,11 +200,11 @@ class Trainer:
         if saved_tokenizer and self.state.tokenizer and saved_tokenizer != self.state.tokenizer:  # retokenised
             print(f"note: the training data was written by tokenizer {self.state.tokenizer}, the checkpoint's run's by"
                   f" {saved_tokenizer}: its token ids mean other text than the ones the model learned", flush=True)
-        elif saved_content and saved_content != self.state.training_content:  # other files, or rewritten in place
-            print(f"note: the training files hold other data than the checkpoint's run's (content hashes"
-                  f" {self.state.training_content}; the checkpoint's: {saved_content}): the run reads them from sample"
-                  f" {self.state.consumed_samples:,} on, where the checkpoint's data stopped, not from their start",
-                  flush=True)
+        elif saved_content and (changed := [prefix for prefix, digest in self.data.training_hashes().items()
+                                             if digest not in saved_content.split(", ")]):  # other files, or rewritten
+            print(f"note: {', '.join(changed)} hold{'s' * (len(changed) == 1)} other data than the checkpoint's run read"
+                  f" (by content hash): the run reads the training files from sample {self.state.consumed_samples:,}"
+                  " on, where the checkpoint's data stopped, not from their start", flush=True)
 
     def _checkpoint_to_resume(self):
         """checkpoint.checkpoint_to_resume's choice and its payload. Rank 0 chooses for all, so no node
