@@ -1,5 +1,5 @@
-"""Validation loss, perplexity and next-token accuracy of a trained run on preprocessed files: the run's own validation files or any others of its
-tokenizer (held-out domains), each on its own, without training.
+"""Validation loss, perplexity and next-token accuracy of a trained run on preprocessed files: the run's own
+validation files or any others of its tokenizer (held-out domains), each on its own, without training.
 
     python tools/evaluate.py --checkpoint runs/tiny_unipool_cpu [--data data/code_valid data/web_valid]
                              [--eval-batches 4] [--device cuda] [--precision bf16] [--json eval.json]
@@ -9,7 +9,8 @@ Each file is read as training validates: `--eval-batches` global batches of mode
 within documents where the run trained so (model.document_masking). A file holding fewer sequences is read
 whole. Files of another tokenizer than the run's training data are refused; every file is read and checked
 before the first is evaluated. A run that has read no training data (an import) needs --data: its data
-section is defaults. Prints a table of loss, perplexity and accuracy per file; --json writes it (replaced whole, or not at all).
+section is defaults. Prints a table of loss, perplexity and accuracy per file; --json writes it (replaced
+whole, or not at all).
 """
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="preprocessed files to evaluate (default: the run's validation files)")
     parser.add_argument("--eval-batches", type=int, default=None,
                         help="global batches of sequences per file (default: the run's train.eval_batches)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where there is one)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda where there is one)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: the forward passes under bf16 autocast, as training computes them")
     parser.add_argument("--json", type=Path, help="write the table here")
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data and len({os.path.realpath(prefix) for prefix in args.data}) < len(args.data):
         parser.error("--data names a file twice")
     try:
-        device = analysis_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = analysis_device(args.device)
         if args.json is not None:
             check_output_file(args.json, f"--json {args.json}")
         print(f"loading {args.checkpoint} ...", flush=True)

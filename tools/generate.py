@@ -7,7 +7,8 @@ Each sample starts a new document (the prompt follows an end-of-document id, as 
 and ends at the model's end-of-document id or after --max-new-tokens. --temperature 0 takes the most likely
 token each time. The text is decoded by the tokenizer that wrote the run's training data: the built-in byte
 and GPT-2 tokenizers are found from the run, as is a tokenizer.json its data.tokenizer names; one that wrote
-preprocessed files is passed as --tokenizer. A tokenizer other than the run's is refused, and a run that records none (an import) needs --tokenizer.
+preprocessed files is passed as --tokenizer. A tokenizer other than the run's is refused, and a run that
+records none (an import) needs --tokenizer.
 """
 from __future__ import annotations
 

@@ -52,8 +52,8 @@ def _check_value(name: str, f: dataclasses.Field, annotation, value: Any) -> tup
     kinds, choices, optional = _allowed(annotation)
     if value is None:
         return (None, None) if optional else (None, f"{name}: null is not allowed")
-    if kinds == (float,) and isinstance(value, int) and not isinstance(value, bool):
-        value, error = _as_float(name, value)
+    if kinds == (float,) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value, error = _as_float(name, value)  # a finite float, or the error
         if error:
             return None, error
     if not isinstance(value, kinds) or (kinds == (int,) and isinstance(value, bool)):
@@ -63,8 +63,6 @@ def _check_value(name: str, f: dataclasses.Field, annotation, value: Any) -> tup
         weights = {key: _as_float(f"{name}[{key!r}]", weight) for key, weight in value.items()}
         errors = [error for _, error in weights.values() if error]
         return (None, "\n  ".join(errors)) if errors else ({key: w for key, (w, _) in weights.items()}, None)
-    if isinstance(value, float) and not math.isfinite(value):  # JSON NaN/Infinity: every range check passes them
-        return None, f"{name}: {value!r} is not a finite number"
     if choices is not None and value not in choices:
         return None, f"{name}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"
     low, high = f.metadata.get("min"), f.metadata.get("max")

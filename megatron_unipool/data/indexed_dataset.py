@@ -274,6 +274,7 @@ class IndexedDataset:
         # the writing tokenizer's name (version 2), None for a version 1 file
         self.tokenizer = tokenizer[0].rstrip(b"\0").decode("ascii", "replace") if tokenizer else None
         self._offsets = offsets
+        self._content_hash: str | None = None
 
     def _check_bin_size(self) -> None:
         actual = self.bin_path.stat().st_size
@@ -300,11 +301,15 @@ class IndexedDataset:
 
     def content_hash(self) -> str:
         """A hash of the document offsets (read in place) and of 4096 tokens each at the start, middle and end:
-        cheap at any size, and files with another text, another split or another tokenizer differ in it."""
-        digest = hashlib.blake2b(self._offsets, digest_size=8)
-        for start in (0, self.num_tokens // 2, max(0, self.num_tokens - 4096)):
-            digest.update(self.tokens(start, min(self.num_tokens, start + 4096)).tobytes())
-        return digest.hexdigest()
+        cheap at any size, and files with other document lengths, or other tokens there, differ in it (an edit
+        that keeps every length and falls elsewhere does not). Computed once per open file: a run's start reads
+        it for the ranks' agreement and for its checkpoints."""
+        if self._content_hash is None:
+            digest = hashlib.blake2b(self._offsets, digest_size=8)
+            for start in (0, self.num_tokens // 2, max(0, self.num_tokens - 4096)):
+                digest.update(self.tokens(start, min(self.num_tokens, start + 4096)).tobytes())
+            self._content_hash = digest.hexdigest()
+        return self._content_hash
 
     def __len__(self) -> int:
         return self.num_documents

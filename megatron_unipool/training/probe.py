@@ -139,7 +139,8 @@ def routing_batches(config: Config, eval_batches: Optional[int] = None) -> tuple
     """The run's validation sequences (`eval_batches` global batches of them, default the run's) and the data's
     end-of-document id, read after the tools have checked their other arguments against the config."""
     train, data = config.train, build_datasets(config)
-    return validation_batches(data.valid, train.micro_batch, (eval_batches or train.eval_batches) * train.global_batch), data.eod_id
+    sequences = (eval_batches or train.eval_batches) * train.global_batch
+    return validation_batches(data.valid, train.micro_batch, sequences), data.eod_id
 
 
 @torch.no_grad()

@@ -472,7 +472,7 @@ class Trainer:
         step, (loss, by_file) = self.state.step, self.evaluate()
         # a step evaluated again (a resume at the end that switched data.valid_per_file on or changed its files):
         # this evaluation is the step's, for what it evaluated
-        for history in [self.state.val_losses, *(self.state.val_losses_by_file.get(name, []) for name in by_file)]:
+        for history in self._validation_histories(by_file):
             if history and history[-1][0] == step:
                 history.pop()
         self.state.val_losses.append((step, loss))
@@ -484,8 +484,11 @@ class Trainer:
         """Whether the state holds `step`'s validation, each file's included under data.valid_per_file (a resume
         that switched it on finds only the blend's)."""
         files = self.data.valid.names if self.config.data.valid_per_file else []
-        histories = [self.state.val_losses, *(self.state.val_losses_by_file.get(name, []) for name in files)]
-        return all(history and history[-1][0] == step for history in histories)
+        return all(history and history[-1][0] == step for history in self._validation_histories(files))
+
+    def _validation_histories(self, files) -> list[list[tuple[int, float]]]:
+        """The validation losses, then those of each of `files` (empty for a file not evaluated yet)."""
+        return [self.state.val_losses, *(self.state.val_losses_by_file.get(name, []) for name in files)]
 
     def summary(self) -> dict:
         s, b = self.state, self.budget
